@@ -1,0 +1,35 @@
+"""gradclip: gradient clipping for PyTorch, done properly.
+
+A faster, safer drop-in for ``torch.nn.utils``' clipping functions, built on one pass that
+measures every gradient once (:func:`grad_norms`).
+
+Example:
+    >>> import torch, gradclip
+    >>> model = torch.nn.Linear(4, 2)
+    >>> model(torch.randn(8, 4)).pow(2).sum().backward()
+    >>> total = gradclip.clip_grad_norm_(model.parameters(), max_norm=1.0)
+"""
+
+from gradclip.functional import (
+    NotATensorError,
+    clip_grad_norm,
+    clip_grad_norm_,
+    clip_grad_value_,
+    clip_grads_with_norm_,
+    get_total_norm,
+)
+from gradclip.norms import GradNorms, grad_norms
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradNorms",
+    "NotATensorError",
+    "__version__",
+    "clip_grad_norm",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+    "grad_norms",
+]

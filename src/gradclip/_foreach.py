@@ -1,0 +1,89 @@
+"""The only code that touches ``torch._foreach_*`` and private torch helpers.
+
+Everything version-sensitive is wrapped here so that a torch upgrade that moves a private
+helper breaks one file, not the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils import _foreach_utils
+
+__all__ = [
+    "check_foreach",
+    "device_has_foreach",
+    "flatten",
+    "foreach_clamp_",
+    "foreach_mul_",
+    "foreach_norm",
+    "group_by_device_dtype",
+    "has_foreach_support",
+    "is_host_device",
+]
+
+Groups = dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]
+
+
+def is_host_device(device: torch.device) -> bool:
+    """True where reading a tensor's value on the host costs no device sync (the CPU).
+
+    Fast paths that branch on a computed value (skip a no-op multiply, recompute an
+    overflowed half-precision norm) run only where this is true. Tests patch it to
+    exercise the accelerator code path on CPU tensors.
+    """
+    return device.type == "cpu"
+
+
+def device_has_foreach(device: torch.device) -> bool:
+    """Whether torch has ``_foreach_*`` kernels for this device type (torch's own rule)."""
+    return _foreach_utils._device_has_foreach_support(device)
+
+
+def has_foreach_support(tensors: Sequence[Tensor], device: torch.device) -> bool:
+    """torch's ``foreach=None`` rule: a supported device and only plain ``torch.Tensor``."""
+    return _foreach_utils._has_foreach_support(list(tensors), device)
+
+
+def check_foreach(groups: Groups, foreach: bool | None) -> None:
+    """Raise as torch does when ``foreach=True`` meets a device without foreach kernels.
+
+    Called before anything is modified, so the error never leaves a half-applied clip.
+    """
+    if foreach:
+        for device, _ in groups:
+            if not device_has_foreach(device):
+                raise RuntimeError(
+                    f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
+                )
+
+
+def group_by_device_dtype(tensors: list[Tensor]) -> Groups:
+    """Group tensors by (device, dtype): ``{key: (tensors, indices into the input)}``."""
+    grouped = _foreach_utils._group_tensors_by_device_and_dtype([tensors], with_indices=True)
+    return {key: (lists[0], indices) for key, (lists, indices) in grouped.items()}
+
+
+def foreach_norm(tensors: list[Tensor], p: float, dtype: torch.dtype | None) -> list[Tensor]:
+    """Per-tensor p-norms in one multi-tensor call; ``dtype`` sets the accumulation/result dtype."""
+    if dtype is None:
+        return list(torch._foreach_norm(tensors, p))
+    return list(torch._foreach_norm(tensors, p, dtype=dtype))
+
+
+def foreach_mul_(tensors: list[Tensor], scale: Tensor) -> None:
+    """Multiply every tensor in place by a 0-dim tensor (never a Python float: see DESIGN §3)."""
+    torch._foreach_mul_(tensors, scale)
+
+
+def foreach_clamp_(tensors: list[Tensor], low: float, high: float) -> None:
+    """Clamp every tensor in place to ``[low, high]`` with torch's foreach order (min, then max)."""
+    torch._foreach_clamp_min_(tensors, low)
+    torch._foreach_clamp_max_(tensors, high)
+
+
+def flatten(tensors: list[Tensor]) -> Tensor:
+    """One new 1-D tensor holding every tensor's elements in order (a single C++ call)."""
+    return torch._utils._flatten_dense_tensors(tensors)

@@ -1,0 +1,369 @@
+"""Drop-ins for ``torch.nn.utils``' gradient-clipping functions, with torch's exact signatures.
+
+Same names, argument order, defaults, return values, warnings and exception types as
+torch 2.13, computed by one pass (:mod:`gradclip.norms`). Where torch silently corrupts
+gradients, these refuse or fix the input instead; the README's table "Differences from
+torch.nn.utils" lists each case:
+
+1. a negative or NaN ``max_norm`` / ``clip_value`` raises ``ValueError`` (torch flips the
+   sign of every gradient, or makes them all NaN);
+2. float16/bfloat16 gradients are measured with float32 accumulation, and the clip
+   coefficient is computed from that float32 norm, so finite gradients are never zeroed by
+   an overflowed norm (the returned norm keeps torch's dtype);
+3. a parameter or gradient listed twice is counted and scaled once;
+4. where knowing it costs no device sync (CPU), gradients that need no clipping are not
+   rewritten.
+
+Every argument is checked before any gradient is touched: a call that raises has changed
+nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from typing_extensions import deprecated
+
+from gradclip import _foreach, norms
+
+__all__ = [
+    "clip_grad_norm",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+]
+
+TensorOrTensors = Tensor | Iterable[Tensor]
+
+_EPS = 1e-6  # torch's: clip_coef = max_norm / (total_norm + 1e-6)
+
+
+class NotATensorError(TypeError, AttributeError, RuntimeError):
+    """An element of ``parameters``/``tensors`` is not a tensor.
+
+    It is a ``TypeError``; it also derives from the exceptions torch raises for the same
+    input (``AttributeError`` for a non-tensor parameter, ``RuntimeError`` for a ``None``
+    tensor in ``get_total_norm``), so code written against torch keeps catching it.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# argument checks: each names the argument, the value received and the fix
+
+
+def _as_tensor_list(parameters: TensorOrTensors, name: str) -> list[Tensor]:
+    if isinstance(parameters, Tensor):
+        return [parameters]
+    if isinstance(parameters, torch.nn.Module):
+        raise TypeError(
+            f"`{name}` must be a Tensor or an iterable of Tensors, got the module "
+            f"{type(parameters).__name__}; pass `model.parameters()`"
+        )
+    try:
+        items = list(parameters)
+    except TypeError:
+        raise TypeError(
+            f"`{name}` must be a Tensor or an iterable of Tensors, got "
+            f"{type(parameters).__name__} {parameters!r:.80}; pass e.g. `model.parameters()`"
+        ) from None
+    for i, item in enumerate(items):
+        if not isinstance(item, Tensor):
+            hint = (
+                "pass `model.parameters()`, not `model.named_parameters()`"
+                if isinstance(item, tuple)
+                else "pass tensors such as `model.parameters()`"
+            )
+            raise NotATensorError(
+                f"`{name}` must contain only Tensors, but element {i} is "
+                f"{type(item).__name__} {item!r:.80}; {hint}"
+            )
+    return items
+
+
+def _params_list(parameters: TensorOrTensors, *, warn_empty_generator: bool) -> list[Tensor]:
+    is_generator = isinstance(parameters, types.GeneratorType)
+    params = _as_tensor_list(parameters, "parameters")
+    if warn_empty_generator and is_generator and not params:
+        # stacklevel: this helper, the drop-in, then the user's line.
+        warnings.warn(
+            "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3
+        )
+    return params
+
+
+def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
+    """Distinct tensors (by identity), first occurrence order."""
+    return list({id(t): t for t in tensors}.values())
+
+
+def _unique_grads(params: list[Tensor]) -> list[Tensor]:
+    return _unique(p.grad for p in params if p.grad is not None)
+
+
+def _to_float(value: object, name: str, fix: str) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"`{name}` must be a real number, got {value!r:.80}; {fix}") from None
+
+
+def _check_threshold(value: object, name: str) -> float:
+    """``max_norm`` / ``clip_value``: a real number >= 0 (inf allowed: no clipping)."""
+    number = _to_float(value, name, f"pass a float such as `{name}=1.0`")
+    if math.isnan(number) or number < 0:
+        raise ValueError(
+            f"`{name}` must be >= 0, got {number}; torch.nn.utils would "
+            + ("turn every gradient into NaN" if math.isnan(number) else "flip every gradient's sign")
+            + f". Pass a non-negative float such as `{name}=1.0` (`inf` disables clipping)."
+        )
+    return number
+
+
+def _check_norm_type(norm_type: object) -> float:
+    return _to_float(norm_type, "norm_type", "pass a number such as 2.0, or 'inf'")
+
+
+def _raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
+    if total.isnan() or total.isinf():
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# the engine's scale step, shared by every function that clips by a norm
+
+
+def clip_coefficient(max_norm: float | Tensor, total: Tensor) -> Tensor:
+    """torch's coefficient, ``min(max_norm / (total + 1e-6), 1)``, as a 0-dim device tensor."""
+    return torch.clamp(max_norm / (total + _EPS), max=1.0)
+
+
+def scale_(groups: _foreach.Groups, coef: Tensor, foreach: bool | None) -> None:
+    """Multiply every grouped tensor in place by the 0-dim ``coef``.
+
+    On the CPU a coefficient of exactly 1 skips the multiply (x * 1 == x bit for bit; reading
+    the coefficient is free there). Elsewhere the multiply always runs: deciding would need
+    a host sync.
+    """
+    _foreach.check_foreach(groups, foreach)
+    for (device, _), (group, _) in groups.items():
+        scale = coef.to(device)
+        if _foreach.is_host_device(device) and scale.item() == 1.0:
+            continue
+        use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
+        if use_foreach:
+            _foreach.foreach_mul_(group, scale)
+        else:
+            for g in group:
+                g.mul_(scale)
+
+
+# ---------------------------------------------------------------------------------------
+# the drop-ins
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """Norm of the per-tensor norms of ``tensors``, as ``torch.nn.utils.get_total_norm``.
+
+    The total is ``‖(‖t₁‖ₚ, …, ‖tₙ‖ₚ)‖ₚ`` over the tensors themselves (not their ``.grad``),
+    each distinct tensor counted once.
+
+    Args:
+        tensors: a tensor or an iterable of tensors (usually gradients).
+        norm_type: p of the p-norm; ``'inf'`` or ``float('inf')`` for the max norm.
+        error_if_nonfinite: raise ``RuntimeError`` if the total is NaN or inf.
+        foreach: as in torch; ``True`` on a device without foreach kernels raises.
+
+    Returns:
+        A 0-dim tensor on the first tensor's device, in torch's dtype (type promotion of the
+        per-tensor norm dtypes); ``tensor(0.)`` when ``tensors`` is empty. float16/bfloat16
+        tensors are accumulated in float32.
+
+    Example:
+        >>> import torch, gradclip
+        >>> gradclip.get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+        tensor(5.)
+    """
+    p = _check_norm_type(norm_type)
+    result = norms.compute(_unique(_as_tensor_list(tensors, "tensors")), p, foreach)
+    if error_if_nonfinite:
+        _raise_if_nonfinite(result.total, p)
+    return result.result()
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    total_norm: Tensor,
+    foreach: bool | None = None,
+) -> None:
+    """Scale gradients by ``min(max_norm / (total_norm + 1e-6), 1)``, in place.
+
+    As ``torch.nn.utils.clip_grads_with_norm_``: ``total_norm`` is a 0-dim tensor, usually
+    from :func:`get_total_norm`; each distinct gradient is scaled once.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is scaled.
+        max_norm: the largest total norm to allow (>= 0).
+        total_norm: 0-dim tensor, the total norm of the gradients.
+        foreach: as in torch.
+
+    Example:
+        >>> import torch, gradclip
+        >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
+        >>> gradclip.clip_grads_with_norm_([p], 1.0, gradclip.get_total_norm([p.grad]))
+        >>> p.grad
+        tensor([0.6000, 0.8000])
+    """
+    max_norm = _check_threshold(max_norm, "max_norm")
+    grads = _unique_grads(_as_tensor_list(parameters, "parameters"))
+    if not grads:
+        return
+    if not isinstance(total_norm, Tensor):
+        raise TypeError(
+            f"`total_norm` must be a 0-dim Tensor, got {type(total_norm).__name__} "
+            f"{total_norm!r:.80}; pass the tensor returned by `get_total_norm`"
+        )
+    if total_norm.numel() != 1:
+        raise RuntimeError(
+            f"`total_norm` must be a 0-dim Tensor, got shape {tuple(total_norm.shape)}; "
+            "pass the tensor returned by `get_total_norm`"
+        )
+    groups = _foreach.group_by_device_dtype(grads)
+    _foreach.check_foreach(groups, foreach)
+    total = total_norm.reshape(()).to(torch.promote_types(total_norm.dtype, torch.float32))
+    scale_(groups, clip_coefficient(max_norm, total), foreach)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """Clip the gradients so that their total norm is at most ``max_norm``, in place.
+
+    As ``torch.nn.utils.clip_grad_norm_``: the total is the ``norm_type``-norm of the
+    per-gradient norms; every gradient is multiplied by
+    ``min(max_norm / (total + 1e-6), 1)``. Faster (one pass; on the CPU no rewrite when
+    nothing is clipped), more accurate (float32 accumulation, short runs) and never
+    silently wrong (see the module doc).
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
+        max_norm: the largest total norm to allow (>= 0; ``inf`` disables clipping).
+        norm_type: p of the p-norm; ``'inf'`` or ``float('inf')`` for the max norm.
+        error_if_nonfinite: raise ``RuntimeError``, before touching any gradient, if the
+            total norm is NaN or inf.
+        foreach: as in torch; ``True`` on a device without foreach kernels raises.
+
+    Returns:
+        The total norm before clipping: a 0-dim tensor on the first gradient's device, in
+        torch's dtype; ``tensor(0.)`` when no parameter has a gradient.
+
+    Example:
+        >>> import torch, gradclip
+        >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
+        >>> gradclip.clip_grad_norm_([p], max_norm=1.0)
+        tensor(5.)
+        >>> p.grad
+        tensor([0.6000, 0.8000])
+    """
+    params = _params_list(parameters, warn_empty_generator=True)
+    max_norm = _check_threshold(max_norm, "max_norm")
+    p = _check_norm_type(norm_type)
+    result = norms.compute(_unique_grads(params), p, foreach)
+    if not result.tensors:
+        return result.total
+    if error_if_nonfinite:
+        _raise_if_nonfinite(result.total, p)
+    scale_(result.groups, clip_coefficient(max_norm, result.total), foreach)
+    return result.result()
+
+
+@deprecated(
+    "`gradclip.clip_grad_norm` is now deprecated in favor of `gradclip.clip_grad_norm_`.",
+    category=FutureWarning,
+)
+def clip_grad_norm(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """Deprecated alias of :func:`clip_grad_norm_` (as in torch; warns ``FutureWarning``).
+
+    Example:
+        >>> import torch, gradclip, warnings
+        >>> p = torch.nn.Parameter(torch.zeros(1)); p.grad = torch.ones(1)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     gradclip.clip_grad_norm([p], 1.0)
+        tensor(1.)
+    """
+    return clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
+
+
+@torch.no_grad()
+def clip_grad_value_(
+    parameters: TensorOrTensors, clip_value: float, foreach: bool | None = None
+) -> None:
+    """Clamp every gradient element to ``[-clip_value, clip_value]``, in place.
+
+    As ``torch.nn.utils.clip_grad_value_``, each distinct gradient once. NaN elements stay
+    NaN; ``clip_value`` is rounded to each gradient's dtype.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is clamped.
+        clip_value: the largest magnitude to allow (>= 0; ``inf`` disables clipping).
+        foreach: as in torch.
+
+    Example:
+        >>> import torch, gradclip
+        >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([-3.0, 0.5])
+        >>> gradclip.clip_grad_value_([p], 1.0)
+        >>> p.grad
+        tensor([-1.0000,  0.5000])
+    """
+    clip_value = _check_threshold(clip_value, "clip_value")
+    grads = _unique_grads(_as_tensor_list(parameters, "parameters"))
+    if not grads:
+        raise RuntimeError(
+            "clip_grad_value_ found no gradients to clip (every `.grad` is None or "
+            "`parameters` is empty); torch.nn.utils.clip_grad_value_ raises here too. "
+            "Call it after `loss.backward()`."
+        )
+    groups = _foreach.group_by_device_dtype(grads)
+    _foreach.check_foreach(groups, foreach)
+    if any(dtype.is_complex for _, dtype in groups):
+        raise NotImplementedError(
+            "clamp is not supported for complex types: clip_grad_value_ cannot clip complex "
+            "gradients; use clip_grad_norm_ (nothing was changed)"
+        )
+    for (device, _), (group, _) in groups.items():
+        use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
+        if use_foreach:
+            _foreach.foreach_clamp_(group, -clip_value, clip_value)
+        else:
+            for g in group:
+                g.clamp_(min=-clip_value, max=clip_value)

@@ -1,0 +1,318 @@
+"""The one pass over the gradients: per-tensor norms and the total norm.
+
+Every feature of gradclip (the drop-ins, the clippers, the monitor, the recommendation)
+reads the :class:`GradNorms` this module produces; nothing else walks the gradients to
+measure them.
+
+How the pass runs, per (device, dtype) group:
+
+* On the CPU, for real floating dtypes and ``norm_type > 0``:
+  - tensors under ``SMALL_NUMEL`` elements are concatenated, in chunks that stay in cache,
+    into one buffer; tensors of equal size then form the rows of one 2-D view whose row
+    norms are a single kernel (per-tensor kernel overhead, ~2-3 µs, is what dominates
+    small tensors);
+  - larger tensors are viewed as rows of ``ROW_LENGTH`` elements: the row norms run on
+    every core and accumulate over short runs, so they are far more accurate than torch's
+    single-accumulator kernel (GPT-2: 5e-7 instead of 9e-4 relative error); the inf norm
+    uses ``aminmax``, one vectorised pass (about 10x faster than ``vector_norm(ord=inf)``);
+  - float16/bfloat16 gradients are measured with float32 accumulation and float32 results,
+    so finite gradients never give an infinite norm.
+* Elsewhere (accelerators, other norm types, tensor subclasses): torch's own multi-tensor
+  ``_foreach_norm`` (or per-tensor ``vector_norm`` where torch would loop), asking for
+  float32 results from low-precision gradients. No value is read on the host.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradclip import _foreach
+
+__all__ = ["GradNorms", "grad_norms"]
+
+SMALL_NUMEL = 32768
+"""Tensors below this many elements are concatenated before they are measured (CPU)."""
+CHUNK_NUMEL = 1 << 18
+"""Elements per concatenation chunk: 1 MiB of float32, resident in a core's L2 cache."""
+ROW_LENGTH = 8192
+"""Row length of the 2-D view used to measure a large tensor (CPU)."""
+_PLAN_CACHE_SIZE = 16
+
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype in which gradclip holds norms of ``dtype`` tensors: float64 for 64-bit, else float32."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+@dataclass(frozen=True)
+class GradNorms:
+    """What one pass over a set of tensors measured.
+
+    Attributes:
+        tensors: the tensors measured, in input order, each once (duplicates removed).
+        per_tensor: 1-D tensor, ``per_tensor[i]`` is the ``norm_type``-norm of
+            ``tensors[i]``; float32 (float64 if any tensor is 64-bit), on the device of
+            ``tensors[0]``. Half-precision tensors are measured with float32 accumulation.
+        total: 0-dim tensor, the norm of ``per_tensor`` (torch's definition of the total
+            norm), in the same dtype and device as ``per_tensor``.
+        norm_type: the ``p`` of the norms, as a float.
+        dtype: the dtype torch gives the total norm for these tensors (type promotion of
+            the per-tensor norm dtypes); :meth:`result` casts ``total`` to it.
+        groups: the tensors grouped by (device, dtype), with their indices into
+            ``tensors``; reused to scale them without grouping again.
+
+    Example:
+        >>> import torch, gradclip
+        >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
+        >>> gradclip.grad_norms([p]).total
+        tensor(5.)
+    """
+
+    tensors: list[Tensor]
+    per_tensor: Tensor
+    total: Tensor
+    norm_type: float
+    dtype: torch.dtype
+    groups: _foreach.Groups
+
+    def result(self) -> Tensor:
+        """The total norm as ``torch.nn.utils.get_total_norm`` types it (value, dtype, device)."""
+        return self.total.to(self.dtype)
+
+
+def grad_norms(
+    parameters: Tensor | Iterable[Tensor], norm_type: float | str = 2.0
+) -> GradNorms:
+    """Per-tensor and total gradient norms of ``parameters`` in one pass, without clipping.
+
+    Parameters whose ``.grad`` is None are left out; a gradient listed twice is measured
+    once. ``per_tensor[i]`` belongs to ``result.tensors[i]`` (the i-th distinct gradient in
+    parameter order).
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is measured.
+        norm_type: p of the p-norm, any value torch accepts (``'inf'`` included).
+
+    Returns:
+        A :class:`GradNorms`. With no gradients at all, ``per_tensor`` is empty and
+        ``total`` is ``tensor(0.)``.
+
+    Example:
+        >>> import torch, gradclip
+        >>> model = torch.nn.Linear(3, 2)
+        >>> model(torch.ones(1, 3)).sum().backward()
+        >>> norms = gradclip.grad_norms(model.parameters())
+        >>> norms.per_tensor.shape
+        torch.Size([2])
+    """
+    from gradclip.functional import _as_tensor_list, _check_norm_type, _unique_grads
+
+    p = _check_norm_type(norm_type)
+    grads = _unique_grads(_as_tensor_list(parameters, "parameters"))
+    with torch.no_grad():
+        return compute(grads, p, foreach=None)
+
+
+def empty_norms(p: float) -> GradNorms:
+    """The :class:`GradNorms` of nothing: torch returns ``tensor(0.)`` in the default dtype."""
+    zero = torch.tensor(0.0)
+    return GradNorms([], zero.new_zeros(0), zero, p, zero.dtype, {})
+
+
+def compute(tensors: list[Tensor], p: float, foreach: bool | None) -> GradNorms:
+    """Measure ``tensors`` (non-empty list of distinct tensors) in one pass; see the module doc."""
+    if not tensors:
+        return empty_norms(p)
+    groups = _foreach.group_by_device_dtype(tensors)
+    _foreach.check_foreach(groups, foreach)
+    first_device = tensors[0].device
+    vectors: list[Tensor] = []
+    result_dtype: torch.dtype | None = None
+    for (device, dtype), (group, _) in groups.items():
+        vectors.append(_group_norms(group, device, dtype, p, foreach))
+        real = dtype.to_real()
+        result_dtype = real if result_dtype is None else torch.promote_types(result_dtype, real)
+    assert result_dtype is not None  # non-empty input gives at least one group
+    if len(vectors) == 1:
+        per_tensor = vectors[0]
+    else:
+        acc = accumulation_dtype(result_dtype)
+        stacked = torch.cat([v.to(device=first_device, dtype=acc) for v in vectors])
+        order = [i for _, indices in groups.values() for i in indices]
+        per_tensor = torch.empty_like(stacked)
+        per_tensor[torch.tensor(order, device=first_device)] = stacked
+    total = torch.linalg.vector_norm(per_tensor, p)
+    return GradNorms(tensors, per_tensor, total, p, result_dtype, groups)
+
+
+def _group_norms(
+    group: list[Tensor], device: torch.device, dtype: torch.dtype, p: float, foreach: bool | None
+) -> Tensor:
+    """1-D per-tensor norms of one (device, dtype) group, in the group's order."""
+    acc = accumulation_dtype(dtype)
+    if (
+        _foreach.is_host_device(device)
+        and dtype in _FAST_DTYPES
+        and p > 0  # False for nan too
+        and all(type(t) is Tensor for t in group)
+    ):
+        return _host_norms(group, dtype, p, acc)
+    use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
+    norm_dtype = torch.float32 if dtype in _LOW_PRECISION else None
+    if use_foreach:
+        norms = _foreach.foreach_norm(group, p, norm_dtype)
+    else:
+        norms = [torch.linalg.vector_norm(g, p, dtype=norm_dtype) for g in group]
+    return torch.stack(norms).to(acc)
+
+
+# ---------------------------------------------------------------------------------------
+# CPU fast path
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    members: list[int]  # group indices, concatenated in this order
+    runs: list[tuple[int, int, int]]  # (offset, count, numel): equal-size members as rows
+    numel: int
+    flat_members: bool  # every member is 1-D: torch.cat(..., out=) needs no flattening
+
+
+@dataclass(frozen=True)
+class _Plan:
+    chunks: list[_Chunk]
+    large: list[int]  # measured one by one through a rows view
+    empty: list[int]  # 0-element tensors: torch's own kernel (it raises for inf norms)
+    inverse: Tensor | None  # puts the results back in group order (None: already in order)
+
+
+_plans: OrderedDict[tuple, _Plan] = OrderedDict()
+_plans_lock = threading.Lock()
+_buffers = threading.local()
+
+
+def _plan_for(group: list[Tensor], dtype: torch.dtype) -> _Plan:
+    """How to measure a group of this shape; cached, since the set of gradients rarely changes."""
+    numels = tuple(map(Tensor.numel, group))
+    ndims = tuple(map(Tensor.dim, group))
+    key = (dtype, numels, ndims)
+    with _plans_lock:
+        plan = _plans.get(key)
+        if plan is not None:
+            _plans.move_to_end(key)
+            return plan
+    plan = _build_plan(numels, ndims)
+    with _plans_lock:
+        _plans[key] = plan
+        while len(_plans) > _PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    return plan
+
+
+def _build_plan(numels: tuple[int, ...], ndims: tuple[int, ...]) -> _Plan:
+    small = sorted((i for i, n in enumerate(numels) if 0 < n < SMALL_NUMEL), key=numels.__getitem__)
+    large = [i for i, n in enumerate(numels) if n >= SMALL_NUMEL]
+    empty = [i for i, n in enumerate(numels) if n == 0]
+    chunks: list[_Chunk] = []
+    members: list[int] = []
+    size = 0
+    for i in [*small, None]:
+        if i is None or (members and size + numels[i] > CHUNK_NUMEL):
+            if members:
+                chunks.append(_make_chunk(members, numels, ndims))
+            members, size = [], 0
+        if i is not None:
+            members.append(i)
+            size += numels[i]
+    order = [*small, *large, *empty]
+    inverse = None
+    if order != list(range(len(numels))):
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+    return _Plan(chunks, large, empty, inverse)
+
+
+def _make_chunk(members: list[int], numels: tuple[int, ...], ndims: tuple[int, ...]) -> _Chunk:
+    runs: list[tuple[int, int, int]] = []
+    offset = 0
+    for i in members:
+        n = numels[i]
+        if runs and runs[-1][2] == n:
+            start, count, _ = runs[-1]
+            runs[-1] = (start, count + 1, n)
+        else:
+            runs.append((offset, 1, n))
+        offset += n
+    return _Chunk(list(members), runs, offset, all(ndims[i] == 1 for i in members))
+
+
+def _buffer(dtype: torch.dtype, numel: int) -> Tensor:
+    """A per-thread scratch buffer, reused across calls (a fresh one page-faults every call)."""
+    cache = getattr(_buffers, "by_dtype", None)
+    if cache is None:
+        cache = _buffers.by_dtype = {}
+    buf = cache.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = cache[dtype] = torch.empty(max(numel, CHUNK_NUMEL), dtype=dtype)
+    return buf[:numel]
+
+
+def _rows_norms(rows: Tensor, p: float, acc: torch.dtype) -> Tensor:
+    """Norm of each row of a 2-D view, as ``acc`` values."""
+    if math.isinf(p):
+        return torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg()).to(acc)
+    norm_dtype = acc if rows.dtype in _LOW_PRECISION else None
+    return torch.linalg.vector_norm(rows, p, dim=1, dtype=norm_dtype)
+
+
+def _large_norm(t: Tensor, p: float, acc: torch.dtype) -> Tensor:
+    """Norm of one large tensor as a 1-element ``acc`` tensor."""
+    if not t.is_contiguous():
+        norm_dtype = acc if t.dtype in _LOW_PRECISION else None
+        return torch.linalg.vector_norm(t, p, dtype=norm_dtype).to(acc).reshape(1)
+    flat = t.view(-1)
+    if math.isinf(p):
+        low, high = torch.aminmax(flat)
+        return torch.maximum(high, low.neg()).to(acc).reshape(1)
+    body = flat.numel() - flat.numel() % ROW_LENGTH
+    rows = torch.linalg.vector_norm(flat[:body].view(-1, ROW_LENGTH), p, dim=1)
+    if t.dtype == torch.float16 and bool(rows.isinf().any()):
+        # float16 row norms overflow at 65504 although every element is finite: redo the
+        # rows with float32 results (a slower kernel, paid only on this rare step).
+        rows = torch.linalg.vector_norm(
+            flat[:body].view(-1, ROW_LENGTH), p, dim=1, dtype=torch.float32
+        )
+    parts = [rows.to(acc)]
+    if body < flat.numel():
+        parts.append(_rows_norms(flat[body:].view(1, -1), p, acc))
+    return torch.linalg.vector_norm(torch.cat(parts), p).reshape(1)
+
+
+def _host_norms(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype) -> Tensor:
+    plan = _plan_for(group, dtype)
+    pieces: list[Tensor] = []
+    for chunk in plan.chunks:
+        tensors = [group[i] for i in chunk.members]
+        if chunk.flat_members:
+            flat = torch.cat(tensors, out=_buffer(dtype, chunk.numel))
+        else:
+            flat = _foreach.flatten(tensors)
+        for offset, count, numel in chunk.runs:
+            rows = flat[offset : offset + count * numel].view(count, numel)
+            pieces.append(_rows_norms(rows, p, acc))
+    pieces.extend(_large_norm(group[i], p, acc) for i in plan.large)
+    pieces.extend(
+        torch.linalg.vector_norm(group[i], p).to(acc).reshape(1) for i in plan.empty
+    )
+    norms = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    return norms if plan.inverse is None else norms[plan.inverse]
