@@ -10,6 +10,7 @@ Example:
     >>> total = gradclip.clip_grad_norm_(model.parameters(), max_norm=1.0)
 """
 
+from gradclip.clippers import Clipper, NormClip, ValueClip
 from gradclip.functional import (
     NotATensorError,
     clip_grad_norm,
@@ -18,13 +19,20 @@ from gradclip.functional import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from gradclip.nonfinite import NonFiniteGradientError
 from gradclip.norms import GradNorms, grad_norms
+from gradclip.stats import ClipStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClipStats",
+    "Clipper",
     "GradNorms",
+    "NonFiniteGradientError",
+    "NormClip",
     "NotATensorError",
+    "ValueClip",
     "__version__",
     "clip_grad_norm",
     "clip_grad_norm_",

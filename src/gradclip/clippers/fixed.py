@@ -1,0 +1,104 @@
+"""The fixed clippers: a total-norm threshold (torch's rule) and an element-value bound."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradclip import _foreach
+from gradclip.clippers.base import Clipper
+from gradclip.functional import _check_threshold, clip_coefficient
+from gradclip.nonfinite import NonFinitePolicy
+from gradclip.norms import GradNorms
+
+__all__ = ["NormClip", "ValueClip"]
+
+
+class NormClip(Clipper):
+    """Clip the total gradient norm to ``max_norm``: ``torch.nn.utils.clip_grad_norm_`` as a clipper.
+
+    Every gradient is multiplied by ``min(max_norm / (norm + 1e-6), 1)``; the gradients
+    after the call equal those of :func:`gradclip.clip_grad_norm_` exactly.
+
+    Args:
+        max_norm: the largest total norm to allow (>= 0).
+        norm_type: p of the total norm (default 2).
+        nonfinite: ``"propagate"``, ``"error"`` or ``"skip"``.
+
+    Example:
+        >>> import torch, gradclip
+        >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
+        >>> stats = gradclip.NormClip(max_norm=1.0)({"w": p})
+        >>> p.grad, bool(stats.clipped)
+        (tensor([0.6000, 0.8000]), True)
+    """
+
+    def __init__(
+        self,
+        max_norm: float,
+        norm_type: float | str = 2.0,
+        *,
+        nonfinite: NonFinitePolicy = "propagate",
+    ):
+        self.max_norm = _check_threshold(max_norm, "max_norm")
+        super().__init__(norm_type=norm_type, nonfinite=nonfinite)
+
+    def config(self) -> dict[str, Any]:
+        return {"max_norm": self.max_norm, **super().config()}
+
+    def _decide(
+        self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        threshold = torch.full((), self.max_norm, dtype=norms.total.dtype, device=norms.total.device)
+        return threshold, clip_coefficient(self.max_norm, norms.total)
+
+
+class ValueClip(Clipper):
+    """Clamp every gradient element to ``[-clip_value, clip_value]``: ``clip_grad_value_`` as a clipper.
+
+    Its norms are max-abs norms (``norm_type=inf``): ``stats.norm`` is the largest gradient
+    magnitude, ``stats.clipped`` says whether any element exceeded ``clip_value``, and on
+    the CPU the clamp is skipped when none did.
+
+    Args:
+        clip_value: the largest element magnitude to allow (>= 0).
+        nonfinite: ``"propagate"``, ``"error"`` or ``"skip"``.
+
+    Example:
+        >>> import torch, gradclip
+        >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([-3.0, 0.5])
+        >>> stats = gradclip.ValueClip(1.0)([p])
+        >>> p.grad
+        tensor([-1.0000,  0.5000])
+    """
+
+    folds_into_fused = False  # a clamp is not a scale
+
+    def __init__(self, clip_value: float, *, nonfinite: NonFinitePolicy = "propagate"):
+        self.clip_value = _check_threshold(clip_value, "clip_value")
+        super().__init__(norm_type=math.inf, nonfinite=nonfinite)
+
+    def config(self) -> dict[str, Any]:
+        return {"clip_value": self.clip_value, "nonfinite": self.nonfinite}
+
+    def _decide(
+        self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        total = norms.total
+        threshold = torch.full((), self.clip_value, dtype=total.dtype, device=total.device)
+        # The max-abs norm after clamping is min(norm, clip_value): coef = that / norm.
+        coef = torch.where(total <= threshold, torch.ones_like(total), threshold / total)
+        return threshold, coef
+
+    def _scale(self, norms: GradNorms, coef: Tensor) -> None:
+        for (device, dtype), (group, _) in norms.groups.items():
+            if dtype.is_complex:
+                raise NotImplementedError(
+                    "ValueClip cannot clamp complex gradients; use NormClip (nothing was changed)"
+                )
+            if _foreach.is_host_device(device) and coef.item() == 1.0:
+                continue
+            _foreach.foreach_clamp_(group, -self.clip_value, self.clip_value)
