@@ -1,0 +1,68 @@
+"""The clipper registry: how to build each clipper and which arguments it must refuse.
+
+One entry per public clipper drives the whole conformance suite (test_conformance.py):
+adding a clipper here runs it through every shared test.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradclip
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A clipper under test.
+
+    Attributes:
+        name: the public class name (``gradclip.<name>``).
+        kwargs: constructor arguments for the shared tests (chosen so the clipper is
+            active after ``warmup`` steps of norms near 1).
+        bad: ``(kwargs, exception type, argument name the message must contain)``.
+        warmup: steps before the adaptive statistics act.
+        scales_globally: one coefficient for every gradient (foldable into fused optimizers).
+    """
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    bad: tuple[tuple[dict[str, Any], type[Exception], str], ...] = ()
+    warmup: int = 0
+    scales_globally: bool = True
+
+    def cls(self) -> type[gradclip.Clipper]:
+        cls = getattr(gradclip, self.name, None)
+        if cls is None:  # not exported yet: look in gradclip.clippers.<module>
+            module = importlib.import_module(f"gradclip.clippers.{self.name.lower()}")
+            cls = getattr(module, self.name)
+        return cls
+
+    def make(self, **overrides: Any) -> gradclip.Clipper:
+        return self.cls()(**{**self.kwargs, **overrides})
+
+
+ENTRIES: tuple[Entry, ...] = (
+    Entry(
+        "NormClip",
+        {"max_norm": 1.0},
+        (
+            ({"max_norm": -1.0}, ValueError, "max_norm"),
+            ({"max_norm": float("nan")}, ValueError, "max_norm"),
+            ({"max_norm": "one"}, ValueError, "max_norm"),
+            ({"max_norm": 1.0, "norm_type": "fro"}, ValueError, "norm_type"),
+            ({"max_norm": 1.0, "nonfinite": "ignore"}, ValueError, "nonfinite"),
+        ),
+    ),
+    Entry(
+        "ValueClip",
+        {"clip_value": 0.05},
+        (
+            ({"clip_value": -0.1}, ValueError, "clip_value"),
+            ({"clip_value": float("nan")}, ValueError, "clip_value"),
+            ({"clip_value": 0.1, "nonfinite": "ignore"}, ValueError, "nonfinite"),
+        ),
+        scales_globally=False,
+    ),
+)

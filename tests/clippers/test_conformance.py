@@ -1,0 +1,299 @@
+"""Every clipper of the registry through the same contract (DESIGN.md §4, STYLE.md §3, §4, §9)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradclip
+from gradclip import _foreach
+
+from .registry import ENTRIES, Entry
+
+pytestmark = pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+
+
+def _model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Linear(16, 3)
+    ).to(dtype)
+
+
+def _scales(steps: int, seed: int = 1) -> list[float]:
+    """Norm scales near 1 with occasional x30 spikes (what adaptive clippers are for)."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.exp(0.3 * torch.randn(steps, generator=gen, dtype=torch.float64))
+    spikes = torch.rand(steps, generator=gen, dtype=torch.float64) < 0.1
+    return torch.where(spikes, scales * 30, scales).tolist()
+
+
+def _set_grads(model: torch.nn.Module, step: int, scale: float, poison: float | None = None) -> None:
+    gen = torch.Generator().manual_seed(1000 + step)
+    params = list(model.parameters())
+    raw = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    norm = math.sqrt(sum(float(r.pow(2).sum()) for r in raw))
+    for p, r in zip(params, raw, strict=True):
+        p.grad = (r * (scale / norm)).to(p.dtype)
+    if poison is not None:
+        params[1].grad.view(-1)[0] = poison
+
+
+def _run(clipper: gradclip.Clipper, model: torch.nn.Module, scales: list[float], start: int = 0,
+         poison: dict[int, float] | None = None) -> list[dict]:
+    """Clip a sequence of gradient steps; return per-step stats and clipped grads."""
+    out = []
+    for i, scale in enumerate(scales, start=start):
+        _set_grads(model, i, scale, (poison or {}).get(i))
+        stats = clipper(model)
+        out.append({"stats": stats.to_dict(), "grads": [p.grad.clone() for p in model.parameters()]})
+    return out
+
+
+def _assert_same_runs(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x["stats"] == y["stats"] or _nan_equal(x["stats"], y["stats"])
+        for g, h in zip(x["grads"], y["grads"], strict=True):
+            assert torch.equal(g, h)
+
+
+def _nan_equal(x: dict, y: dict) -> bool:
+    return all(
+        x[k] == y[k] or (isinstance(x[k], float) and math.isnan(x[k]) and math.isnan(y[k])) for k in x
+    )
+
+
+def _state_without_counters(clipper: gradclip.Clipper) -> dict:
+    sd = clipper.state_dict()
+    sd["state"].pop("nonfinite_steps")
+    return sd
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    def eq(x, y):
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        if isinstance(x, torch.Tensor):
+            return torch.equal(x, y) or bool(torch.isnan(x).all() and torch.isnan(y).all())
+        return x == y
+    return eq(a, b)
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(entry: Entry) -> None:
+    scales = _scales(2 * entry.warmup + 40)
+    half = len(scales) // 2
+    reference = _run(entry.make(), _model(), scales)
+
+    first = entry.make()
+    model = _model()
+    head = _run(first, model, scales[:half])
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = entry.make()
+    resumed.load_state_dict(torch.load(buffer))
+    tail = _run(resumed, model, scales[half:], start=half)
+    _assert_same_runs(reference, head + tail)
+
+
+def test_state_dict_round_trip_and_reset(entry: Entry) -> None:
+    clipper = entry.make()
+    _run(clipper, _model(), _scales(entry.warmup + 5))
+    saved = clipper.state_dict()
+    other = entry.make()
+    other.load_state_dict(saved)
+    assert _states_equal(other.state_dict(), saved)
+    assert saved["type"] == entry.name and isinstance(saved["version"], int)
+    clipper.reset()
+    assert _states_equal(clipper.state_dict(), entry.make().state_dict())
+
+
+def test_load_state_dict_rejects_mismatch(entry: Entry) -> None:
+    clipper = entry.make()
+    saved = clipper.state_dict()
+    foreign = next(e for e in ENTRIES if e.name != entry.name).make().state_dict()
+    with pytest.raises(ValueError, match=foreign["type"]):
+        clipper.load_state_dict(foreign)
+    with pytest.raises(ValueError, match="version"):
+        clipper.load_state_dict({**saved, "version": saved["version"] + 1})
+    broken = {**saved, "state": {k: v for k, v in saved["state"].items() if k != "steps"}}
+    with pytest.raises(ValueError, match="steps"):
+        clipper.load_state_dict(broken)
+    with pytest.raises(ValueError, match="missing"):
+        clipper.load_state_dict({"state": {}})
+
+
+# -- behaviour ---------------------------------------------------------------------------
+
+
+def test_small_gradients_are_not_touched(entry: Entry) -> None:
+    clipper = entry.make()
+    model = _model()
+    _run(clipper, model, [1.0] * (entry.warmup + 10))
+    _set_grads(model, 999, 1e-4)
+    before = [(p.grad.clone(), p.grad._version) for p in model.parameters()]
+    stats = clipper(model)
+    assert not bool(stats.clipped)
+    for p, (grad, version) in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.grad, grad)
+        assert p.grad._version == version  # CPU: not even rewritten
+
+
+def test_clipping_bounds_what_it_reports(entry: Entry) -> None:
+    clipper = entry.make()
+    model = _model()
+    for step, stats in enumerate(_run(clipper, model, _scales(entry.warmup + 30))):
+        post = math.sqrt(sum(float(g.double().pow(2).sum()) for g in stats["grads"]))
+        if clipper.norm_type == 2.0:
+            assert post == pytest.approx(stats["stats"]["post_norm"], rel=1e-5), step
+        assert stats["stats"]["post_norm"] <= stats["stats"]["norm"] * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_nonfinite_steps_never_enter_the_statistics(entry: Entry, poison: float) -> None:
+    scales = _scales(entry.warmup + 30)
+    bad_steps = {entry.warmup // 2, entry.warmup + 10}
+    clean = entry.make()
+    model = _model()
+    clean_run = _run(clean, model, [s for i, s in enumerate(scales) if i not in bad_steps])
+    poisoned = entry.make(nonfinite="skip")
+    poisoned_run = _run(poisoned, model, scales, poison=dict.fromkeys(bad_steps, poison))
+    kept = [r for i, r in enumerate(poisoned_run) if i not in bad_steps]
+    # Same thresholds on every clean step (gradients differ: the step index seeds them).
+    assert [r["stats"]["threshold"] for r in kept] == pytest.approx(
+        [r["stats"]["threshold"] for r in clean_run], rel=1e-6, nan_ok=True
+    )
+    assert int(poisoned.nonfinite_steps) == len(bad_steps)
+    assert int(poisoned.steps) == int(clean.steps)
+    for i in bad_steps:
+        assert poisoned_run[i]["stats"]["skipped"] and not poisoned_run[i]["stats"]["finite"]
+
+
+def test_propagate_matches_torch_on_nonfinite(entry: Entry) -> None:
+    clipper = entry.make()
+    model = _model()
+    _set_grads(model, 0, 50.0, poison=float("nan"))
+    stats = clipper(model)
+    assert not bool(stats.finite) and not bool(stats.skipped)
+    assert torch.isnan(list(model.parameters())[1].grad).any()
+
+
+def test_error_policy_raises_before_touching(entry: Entry) -> None:
+    clipper = entry.make(nonfinite="error")
+    model = _model()
+    _set_grads(model, 0, 50.0, poison=float("inf"))
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(gradclip.NonFiniteGradientError, match=r"0\.bias"):
+        clipper(model)
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert int(clipper.steps) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_gradients(entry: Entry, dtype: torch.dtype) -> None:
+    clipper = entry.make()
+    model = _model(dtype)
+    for r in _run(clipper, model, _scales(entry.warmup + 20)):
+        assert r["stats"]["finite"]
+        assert all(g.dtype == dtype and torch.isfinite(g).all() for g in r["grads"])
+
+
+@pytest.mark.parametrize("optimizer", ["fused", "foreach"])
+def test_skip_leaves_parameters_and_optimizer_untouched(entry: Entry, optimizer: str) -> None:
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **{optimizer: True})
+    clipper = entry.make(nonfinite="skip")
+    for i, scale in enumerate(_scales(entry.warmup + 5)):
+        _set_grads(model, i, scale)
+        clipper.step(model, opt)
+    params = [p.detach().clone() for p in model.parameters()]
+    opt_state = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    clipper_state = _state_without_counters(clipper)
+    _set_grads(model, 77, 1.0, poison=float("nan"))
+    stats = clipper.step(model, opt)
+    assert bool(stats.skipped)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    for p, saved in zip(model.parameters(), opt_state, strict=True):
+        assert opt.state[p].keys() == saved.keys()
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, saved[k]), k
+    assert _states_equal(_state_without_counters(clipper), clipper_state)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+
+
+def test_fused_fold_equals_clip_then_step(entry: Entry) -> None:
+    if not entry.scales_globally:
+        pytest.skip("only a single global coefficient folds into grad_scale")
+    models = [_model(), _model()]
+    opts = [torch.optim.AdamW(models[0].parameters(), lr=1e-2, fused=True),
+            torch.optim.AdamW(models[1].parameters(), lr=1e-2)]
+    clippers = [entry.make(), entry.make()]
+    for i, scale in enumerate(_scales(entry.warmup + 15)):
+        for model in models:
+            _set_grads(model, i, scale)
+        clippers[0].step(models[0], opts[0])  # folded into the fused kernel
+        clippers[1](models[1])
+        opts[1].step()
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_sync_on_accelerators(entry: Entry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_foreach, "is_host_device", lambda device: False)
+    clipper = entry.make()
+    model = _model()
+    steps = _scales(entry.warmup + 10)
+    for i, scale in enumerate(steps):
+        _set_grads(model, i, scale)
+        with _HostReads() as mode:
+            clipper(model)
+        assert mode.reads == [], (i, mode.reads)
+
+
+def test_host_read_detector_is_not_vacuous(entry: Entry) -> None:
+    clipper = entry.make(nonfinite="error")
+    model = _model()
+    _set_grads(model, 0, 1.0)
+    with _HostReads() as mode:
+        clipper(model)
+    assert mode.reads  # the error policy must read the finite flag
+
+
+def test_bad_arguments_name_the_argument(entry: Entry) -> None:
+    assert entry.bad, "every clipper must list arguments it refuses"
+    for kwargs, error, name in entry.bad:
+        with pytest.raises(error, match=name):
+            entry.cls()(**kwargs)
+
+
+def test_parameter_targets_agree(entry: Entry) -> None:
+    """A module, named pairs and a name->param mapping give the same clip."""
+    results = []
+    for make_target in (lambda m: m, lambda m: m.named_parameters(), lambda m: dict(m.named_parameters())):
+        model = _model()
+        clipper = entry.make()
+        for i, scale in enumerate(_scales(entry.warmup + 8)):
+            _set_grads(model, i, scale)
+            clipper(make_target(model))
+        results.append([p.grad.clone() for p in model.parameters()])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
