@@ -8,11 +8,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint bench install clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements-peers.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "gradclip needs Python >= 3.10"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt -r requirements-peers.txt
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -10,7 +10,7 @@ Example:
     >>> total = gradclip.clip_grad_norm_(model.parameters(), max_norm=1.0)
 """
 
-from gradclip.clippers import Clipper, NormClip, ValueClip
+from gradclip.clippers import AutoClip, Clipper, NormClip, ValueClip, ZClip
 from gradclip.functional import (
     NotATensorError,
     clip_grad_norm,
@@ -26,6 +26,7 @@ from gradclip.stats import ClipStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoClip",
     "ClipStats",
     "Clipper",
     "GradNorms",
@@ -33,6 +34,7 @@ __all__ = [
     "NormClip",
     "NotATensorError",
     "ValueClip",
+    "ZClip",
     "__version__",
     "clip_grad_norm",
     "clip_grad_norm_",

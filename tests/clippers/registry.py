@@ -65,4 +65,28 @@ ENTRIES: tuple[Entry, ...] = (
         ),
         scales_globally=False,
     ),
+    Entry(
+        "AutoClip",
+        {"percentile": 50.0, "window": 16},
+        (
+            ({"percentile": 0.0}, ValueError, "percentile"),
+            ({"percentile": 101.0}, ValueError, "percentile"),
+            ({"window": 0}, ValueError, "window"),
+            ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
+        ),
+        warmup=1,
+    ),
+    Entry(
+        "ZClip",
+        {"warmup_steps": 5},
+        (
+            ({"alpha": 1.0}, ValueError, "alpha"),
+            ({"alpha": 0.0}, ValueError, "alpha"),
+            ({"z_threshold": -1.0}, ValueError, "z_threshold"),
+            ({"warmup_steps": 0}, ValueError, "warmup_steps"),
+            ({"mode": "mean"}, ValueError, "mode"),
+            ({"max_norm": -1.0}, ValueError, "max_norm"),
+        ),
+        warmup=5,
+    ),
 )

@@ -1,0 +1,240 @@
+"""AutoClip: clip to a percentile of the recent gradient norms (Seetharaman et al., 2020)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradclip.clippers.base import Clipper, global_decision
+from gradclip.nonfinite import NonFinitePolicy
+from gradclip.norms import GradNorms
+
+__all__ = ["AutoClip"]
+
+GROW_START = 1024
+"""First capacity of the history when ``window=None``; it doubles whenever it could fill."""
+
+
+class AutoClip(Clipper):
+    """Clip the total norm to the ``percentile``-th percentile of the norms seen so far.
+
+    Algorithm 1 of the paper: on every step the current pre-clip norm is first appended to
+    the history, then the threshold is the percentile of the history, and the gradients are
+    clipped to it with torch's coefficient::
+
+        history <- history + [‖g_t‖]            (the last ``window`` finite norms)
+        c_t      = percentile(history, p)        (numpy's default 'linear' interpolation)
+        g_t     <- g_t * min(1, c_t / (‖g_t‖ + 1e-6))
+
+    So the first step's threshold is its own norm; ``percentile=100`` (the largest norm)
+    scales only by torch's 1e-6 in the denominator; a small percentile clips most steps to
+    a typical norm (the paper's choice, p=10, was tuned with Adam; with plain SGD it can
+    starve training: prefer a higher percentile there).
+
+    Differences from the paper, each deliberate:
+
+    * The history is a bounded ring buffer of the last ``window`` norms (the paper keeps
+      every norm forever, so its cost and memory grow with training). ``window=None`` keeps
+      the paper's full history in a buffer that doubles in size on the device; the doubling
+      is decided from the number of calls, a host-side count, so it needs no host sync.
+    * A NaN/inf norm is never written into the history (its slot is masked with
+      ``torch.where`` and the write position does not advance): one bad step cannot poison
+      every later threshold. The threshold of such a step is the percentile of the history
+      without it (``inf`` if the history is still empty); what happens to the gradients is
+      the ``nonfinite`` policy's business.
+
+    State (see :meth:`state_dict`), on the gradients' device after the first call:
+
+    * ``history``: float32, shape ``(window,)`` (``(capacity,)`` when ``window=None``), the
+      recorded norms in ring order; slots not yet written hold ``+inf``. Norms of float64
+      gradients are recorded in float32 (``stats.threshold`` and ``stats.coef`` still come
+      in the norm's dtype).
+    * ``count``: int64, 0-dim, the number of norms ever recorded (the next slot is
+      ``count % len(history)``).
+
+    Nothing in a step reads a device value on the host: the percentile is a sort of the
+    buffer (O(window log window) on the device) and an interpolation whose positions were
+    tabulated once on the host, in float64 as numpy computes them.
+
+    Args:
+        percentile: p in ``(0, 100]`` (default 10, the paper's recommendation).
+        window: how many recent norms the percentile looks at (int >= 1, default 1024), or
+            ``None`` for every norm since the start (the paper; memory grows with training).
+        norm_type: p of the norms (default 2).
+        nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
+
+    Example:
+        >>> import torch
+        >>> from gradclip.clippers.autoclip import AutoClip
+        >>> clipper = AutoClip(percentile=50, window=100)
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> for grad in ([3.0, 4.0], [0.6, 0.8], [30.0, 40.0]):   # norms 5, 1, 50
+        ...     p.grad = torch.tensor(grad)
+        ...     stats = clipper({"w": p})
+        >>> stats.threshold                # median of [5, 1, 50]
+        tensor(5.)
+        >>> p.grad                         # the norm-50 step clipped to ~5
+        tensor([3., 4.])
+
+    References:
+        Prem Seetharaman, Gordon Wichern, Bryan Pardo, Jonathan Le Roux. "AutoClip:
+        Adaptive Gradient Clipping for Source Separation Networks." IEEE MLSP 2020,
+        arXiv:2007.14469 (Algorithm 1).
+    """
+
+    def __init__(
+        self,
+        percentile: float = 10.0,
+        window: int | None = 1024,
+        *,
+        norm_type: float | str = 2.0,
+        nonfinite: NonFinitePolicy = "propagate",
+    ):
+        self.percentile = _check_percentile(percentile)
+        self.window = _check_window(window)
+        super().__init__(norm_type=norm_type, nonfinite=nonfinite)
+
+    def config(self) -> dict[str, Any]:
+        return {"percentile": self.percentile, "window": self.window, **super().config()}
+
+    def _init_state(self) -> dict[str, Tensor]:
+        capacity = GROW_START if self.window is None else self.window
+        return {
+            "history": torch.full((capacity,), math.inf, dtype=torch.float32),
+            "count": torch.zeros((), dtype=torch.long),
+        }
+
+    def reset(self) -> None:
+        super().reset()
+        # Calls so far: an upper bound of ``count`` known on the host, so that the growing
+        # history (window=None) can be enlarged before it fills without reading ``count``.
+        self._calls = 0
+        self._tables: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+        self._pending: tuple[Tensor, tuple[Tensor, Tensor]] | None = None
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        saved = state_dict.get("state")
+        history = saved.get("history") if isinstance(saved, Mapping) else None
+        shape = tuple(torch.as_tensor(history).shape) if history is not None else None
+        expected = (self.window,) if self.window is not None else None
+        if shape is not None and (len(shape) != 1 or (expected is not None and shape != expected)):
+            raise ValueError(
+                f"AutoClip state dict holds a history of shape {shape}, but window="
+                f"{self.window} needs {expected or '(n,)'}; build the clipper as "
+                "AutoClip(**state_dict['config'])"
+            )
+        super().load_state_dict(state_dict)
+        # Loading is outside the training step: reading two counters here costs no step a sync.
+        self._calls = int(self._state["steps"]) + int(self._state["nonfinite_steps"])
+
+    def _appended(self, total: Tensor) -> tuple[Tensor, Tensor]:
+        """The history with this step's norm written in (if finite), and the new ``count``.
+        Changes nothing."""
+        history, count = self._state["history"], self._state["count"]
+        norm = total.to(history.dtype)
+        recorded = norm < math.inf  # False for NaN and inf (norms are never negative)
+        slots = self._table(history)[0]
+        write = (slots == torch.remainder(count, history.numel())) & recorded
+        return torch.where(write, norm, history), count + recorded
+
+    def _table(self, history: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Slot indices, and :func:`_positions`, for this capacity and device (built on the
+        host once; log2 times for a growing history)."""
+        key = (history.numel(), history.device)
+        table = self._tables.get(key)
+        if table is None:
+            slots = torch.arange(key[0], device=key[1])
+            table = (slots, *_positions(self.percentile, *key))
+            self._tables = {key: table}  # a grown history never needs the smaller table again
+        return table
+
+    def _decide(
+        self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        appended, count = self._appended(norms.total)
+        # The same step's _update writes exactly this; keep it rather than compute it twice.
+        self._pending = (norms.total, (appended, count))
+        valid = torch.clamp(count, max=appended.numel())
+        threshold = _percentile(appended, valid, self._table(appended)[1:])
+        return global_decision(threshold.to(norms.total.dtype), norms.total)
+
+    def _update(self, norms: GradNorms, post_norm: Tensor, finite: Tensor) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is norms.total:
+            appended, count = pending[1]
+        else:
+            appended, count = self._appended(norms.total)
+        self._state["history"], self._state["count"] = appended, count
+        self._calls += 1
+        if self.window is None and self._calls >= appended.numel():
+            # count <= calls, so the buffer could fill on the next step: double it now.
+            self._state["history"] = torch.cat([appended, torch.full_like(appended, math.inf)])
+
+
+def _percentile(values: Tensor, valid: Tensor, positions: tuple[Tensor, Tensor]) -> Tensor:
+    """``numpy.percentile(values[valid entries], p)`` ('linear'), on the device.
+
+    Invalid entries hold ``+inf``, so after sorting the ``valid`` real ones come first.
+    ``positions`` is :func:`_positions` for ``p``. ``inf`` when there is no valid entry.
+    """
+    ordered = values.sort().values
+    last = torch.clamp(valid - 1, min=0).reshape(1)
+    index_table, weight_table = positions
+    below = index_table.gather(0, last)
+    pair = ordered.gather(0, torch.cat([below, torch.minimum(below + 1, last)]))
+    # torch.lerp and numpy's _lerp are the same two-sided formula (exact at both ends).
+    value = torch.lerp(pair[0], pair[1], weight_table.gather(0, last)[0])
+    return torch.where(valid > 0, value, math.inf)
+
+
+def _positions(percentile: float, capacity: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For n = 1..capacity valid norms: the index below numpy's virtual index (n-1)·p/100
+    and the interpolation weight, computed once on the host in float64 as numpy does (a
+    float32 product on the device would be off by up to 4e-7 of the gap between norms)."""
+    virtual = torch.arange(capacity, dtype=torch.float64) * (percentile / 100.0)
+    below = virtual.floor()
+    return below.long().to(device), (virtual - below).float().to(device)
+
+
+def _check_percentile(percentile: object) -> float:
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real):
+        raise ValueError(
+            f"`percentile` must be a number in (0, 100], got {percentile!r:.80}; pass e.g. "
+            "`percentile=10.0` (the paper's choice)"
+        )
+    value = float(percentile)
+    if value == 0:
+        raise ValueError(
+            "`percentile` must be in (0, 100], got 0: percentile=0 clips every step to the "
+            "smallest norm in the window (with window=None the smallest ever, so one tiny norm "
+            "pins the threshold for good). For the paper's p=0 behaviour pass a tiny positive "
+            "percentile such as `percentile=1e-6`: it interpolates to within 1e-5 of the gap "
+            "above the minimum for window=1024; the paper's recommendation is `percentile=10.0`"
+        )
+    if not 0 < value <= 100:
+        raise ValueError(
+            f"`percentile` must be in (0, 100], got {value}; it is a percentile (10 means "
+            "the 10th percentile), not a quantile in [0, 1]: pass e.g. `percentile=10.0`"
+        )
+    return value
+
+
+def _check_window(window: object) -> int | None:
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+        raise ValueError(
+            f"`window` must be an int >= 1 or None, got {window!r:.80}; pass e.g. "
+            "`window=1024` (or `window=None` to keep every norm, as the paper does)"
+        )
+    if window < 1:
+        raise ValueError(
+            f"`window` must be >= 1, got {window}; pass the number of recent norms the "
+            "percentile should look at, e.g. `window=1024`"
+        )
+    return int(window)
