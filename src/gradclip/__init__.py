@@ -10,7 +10,7 @@ Example:
     >>> total = gradclip.clip_grad_norm_(model.parameters(), max_norm=1.0)
 """
 
-from gradclip.clippers import AutoClip, Clipper, NormClip, ValueClip, ZClip
+from gradclip.clippers import AGC, AdaGC, AutoClip, Clipper, NormClip, ValueClip, ZClip
 from gradclip.functional import (
     NotATensorError,
     clip_grad_norm,
@@ -26,6 +26,8 @@ from gradclip.stats import ClipStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
+    "AdaGC",
     "AutoClip",
     "ClipStats",
     "Clipper",

@@ -60,25 +60,22 @@ class NotATensorError(TypeError, AttributeError, RuntimeError):
 def _as_tensor_list(parameters: TensorOrTensors, name: str) -> list[Tensor]:
     if isinstance(parameters, Tensor):
         return [parameters]
-    if isinstance(parameters, torch.nn.Module):
-        raise TypeError(
-            f"`{name}` must be a Tensor or an iterable of Tensors, got the module "
-            f"{type(parameters).__name__}; pass `model.parameters()`"
-        )
     try:
-        items = list(parameters)
+        items = list(parameters)  # type: ignore[arg-type]
     except TypeError:
+        shown = "the module" if isinstance(parameters, torch.nn.Module) else ""
         raise TypeError(
-            f"`{name}` must be a Tensor or an iterable of Tensors, got "
+            f"`{name}` must be a Tensor or an iterable of Tensors, got {shown} "
             f"{type(parameters).__name__} {parameters!r:.80}; pass e.g. `model.parameters()`"
         ) from None
     for i, item in enumerate(items):
         if not isinstance(item, Tensor):
-            hint = (
-                "pass `model.parameters()`, not `model.named_parameters()`"
-                if isinstance(item, tuple)
-                else "pass tensors such as `model.parameters()`"
-            )
+            if isinstance(item, tuple):
+                hint = "pass `model.parameters()`, not `model.named_parameters()`"
+            elif isinstance(item, torch.nn.Module):
+                hint = "pass `model.parameters()`, not the module"
+            else:
+                hint = "pass tensors such as `model.parameters()`"
             raise NotATensorError(
                 f"`{name}` must contain only Tensors, but element {i} is "
                 f"{type(item).__name__} {item!r:.80}; {hint}"
@@ -90,9 +87,9 @@ def _params_list(parameters: TensorOrTensors, *, warn_empty_generator: bool) -> 
     is_generator = isinstance(parameters, types.GeneratorType)
     params = _as_tensor_list(parameters, "parameters")
     if warn_empty_generator and is_generator and not params:
-        # stacklevel: this helper, the drop-in, then the user's line.
+        # stacklevel: this helper, the drop-in, torch.no_grad's wrapper, the user's line.
         warnings.warn(
-            "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3
+            "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4
         )
     return params
 
@@ -360,6 +357,18 @@ def clip_grad_value_(
             "clamp is not supported for complex types: clip_grad_value_ cannot clip complex "
             "gradients; use clip_grad_norm_ (nothing was changed)"
         )
+    if any(g.layout != torch.strided for g in grads):
+        raise NotImplementedError(
+            "clip_grad_value_ cannot clamp sparse gradients (torch cannot either); use "
+            "clip_grad_norm_ or dense gradients (nothing was changed)"
+        )
+    for _, dtype in groups:
+        if math.isfinite(clip_value) and clip_value > torch.finfo(dtype).max:
+            raise RuntimeError(
+                f"`clip_value`={clip_value} does not fit {dtype} gradients (max "
+                f"{torch.finfo(dtype).max}); torch raises here too. Pass a smaller value, or "
+                "`inf` to disable clipping (nothing was changed)"
+            )
     for (device, _), (group, _) in groups.items():
         use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
         if use_foreach:

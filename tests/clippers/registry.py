@@ -89,4 +89,33 @@ ENTRIES: tuple[Entry, ...] = (
         ),
         warmup=5,
     ),
+    Entry(
+        "AGC",
+        # Explicit patterns: the default LAST_LINEAR rule needs a module target, and
+        # test_parameter_targets_agree compares a module with name/param pairs.
+        {"clipping": 0.05, "exclude": ("3.*",)},
+        (
+            ({"clipping": 0.0}, ValueError, "clipping"),
+            ({"clipping": -1.0}, ValueError, "clipping"),
+            ({"clipping": float("nan")}, ValueError, "clipping"),
+            ({"eps": -1e-3}, ValueError, "eps"),
+            ({"exclude": 3}, TypeError, "exclude"),
+            ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
+        ),
+        scales_globally=False,
+    ),
+    Entry(
+        "AdaGC",
+        {"warmup_steps": 10},
+        (
+            ({"relative": 0.0}, ValueError, "relative"),
+            ({"beta": 0.0}, ValueError, "beta"),
+            ({"beta": 1.0}, ValueError, "beta"),
+            ({"warmup_steps": -1}, ValueError, "warmup_steps"),
+            ({"warmup_max_norm": 0.0}, ValueError, "warmup_max_norm"),
+            ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
+        ),
+        warmup=10,
+        scales_globally=False,
+    ),
 )

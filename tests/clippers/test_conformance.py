@@ -44,11 +44,13 @@ def _set_grads(model: torch.nn.Module, step: int, scale: float, poison: float | 
 
 
 def _run(clipper: gradclip.Clipper, model: torch.nn.Module, scales: list[float], start: int = 0,
-         poison: dict[int, float] | None = None) -> list[dict]:
-    """Clip a sequence of gradient steps; return per-step stats and clipped grads."""
+         poison: dict[int, float] | None = None, seeds: list[int] | None = None) -> list[dict]:
+    """Clip a sequence of gradient steps; return per-step stats and clipped grads.
+
+    Step i's gradient directions are seeded by ``seeds[i - start]`` (default: i)."""
     out = []
     for i, scale in enumerate(scales, start=start):
-        _set_grads(model, i, scale, (poison or {}).get(i))
+        _set_grads(model, seeds[i - start] if seeds else i, scale, (poison or {}).get(i))
         stats = clipper(model)
         out.append({"stats": stats.to_dict(), "grads": [p.grad.clone() for p in model.parameters()]})
     return out
@@ -165,7 +167,10 @@ def test_nonfinite_steps_never_enter_the_statistics(entry: Entry, poison: float)
     model = _model()
     clean_run = _run(clean, model, [s for i, s in enumerate(scales) if i not in bad_steps])
     poisoned = entry.make(nonfinite="skip")
-    poisoned_run = _run(poisoned, model, scales, poison=dict.fromkeys(bad_steps, poison))
+    # The clean steps of both runs see the same gradients.
+    clean_index = iter(range(len(scales)))
+    seeds = [10_000 + i if i in bad_steps else next(clean_index) for i in range(len(scales))]
+    poisoned_run = _run(poisoned, model, scales, poison=dict.fromkeys(bad_steps, poison), seeds=seeds)
     kept = [r for i, r in enumerate(poisoned_run) if i not in bad_steps]
     # Same thresholds on every clean step (gradients differ: the step index seeds them).
     assert [r["stats"]["threshold"] for r in kept] == pytest.approx(

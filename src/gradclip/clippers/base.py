@@ -101,6 +101,13 @@ class Clipper:
         per tensor of ``norms.tensors``), at most 1. Must not change any statistic."""
         raise NotImplementedError
 
+    def _measure(
+        self, names: tuple[str, ...], params: list[Tensor], grads: list[Tensor]
+    ) -> norms.GradNorms:
+        """The step's one norm pass. A clipper that needs finer norms overrides it and derives
+        the per-tensor norms from them (AGC: from unit norms), so gradients are read once."""
+        return norms.compute(grads, self.norm_type, foreach=None)
+
     def _update(self, norms: norms.GradNorms, post_norm: Tensor, finite: Tensor) -> None:
         """Learn from this step; every change must be masked by ``finite`` (``torch.where``)."""
 
@@ -254,7 +261,7 @@ class Clipper:
     ) -> ClipStats:
         names, params, grads = named_grads(parameters)
         with torch.no_grad():
-            measured = norms.compute(grads, self.norm_type, foreach=None)
+            measured = self._measure(names, params, grads)
             total = measured.total
             if not grads:
                 one = torch.ones(())

@@ -1,0 +1,533 @@
+"""AGC: unit-wise adaptive gradient clipping (Brock et al., 2021) in the PyTorch weight layout."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import torch
+from torch import Tensor
+
+from gradclip import _foreach
+from gradclip.clippers.base import Clipper, Parameters
+from gradclip.nonfinite import NonFinitePolicy
+from gradclip.norms import SMALL_NUMEL, GradNorms, accumulation_dtype, empty_norms
+from gradclip.stats import ClipStats
+
+__all__ = ["AGC", "LAST_LINEAR", "ExcludeRule"]
+
+
+class _LastLinear:
+    """The default head-exclusion rule of :class:`AGC` (see ``AGC``'s ``exclude``)."""
+
+    _instance: _LastLinear | None = None
+
+    def __new__(cls) -> _LastLinear:  # a singleton: survives copy and pickling by identity
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "LAST_LINEAR"
+
+    def __reduce__(self) -> str:
+        return "LAST_LINEAR"
+
+
+LAST_LINEAR: Final = _LastLinear()
+"""Default ``exclude`` of :class:`AGC`: the parameters of the last ``nn.Linear`` of the module."""
+
+ExcludeRule = _LastLinear | str | Iterable[str] | Callable[[str, Tensor], bool] | None
+"""What ``AGC(exclude=...)`` accepts: ``LAST_LINEAR``, fnmatch pattern(s), a predicate, None."""
+
+_PLAN_CACHE_SIZE = 8
+
+
+class AGC(Clipper):
+    """Adaptive gradient clipping: clip each unit's gradient relative to its weight norm.
+
+    A *unit* is a row along dim 0 of a parameter in the PyTorch layout: an output feature
+    of ``nn.Linear`` (weight ``(out, in)``), an output channel of ``nn.ConvNd`` (weight
+    ``(out, in/groups, *kernel)``), a token row of ``nn.Embedding`` (``(num, dim)``). The
+    norm of a unit reduces over dims ``1..n``. A 0-dim or 1-D tensor (bias, LayerNorm or
+    BatchNorm gain) is a single unit (its whole-tensor norm). For every unit i, with ``W_i``
+    the parameter rows and ``G_i`` the gradient rows::
+
+        max_norm_i = clipping · max(‖W_i‖₂, eps)
+        G_i ← G_i · max_norm_i / ‖G_i‖₂      if ‖G_i‖₂ > max_norm_i, else unchanged
+
+    This is the reference layout of the paper's JAX code (HWIO, reducing every axis but the
+    last) transposed to PyTorch's OI layout; ports that keep the JAX axis on PyTorch weights
+    normalise over the wrong dimension. Layers that store their weight as ``(in, out)``,
+    such as Hugging Face's GPT-2 ``Conv1D``, have *input* units along dim 0: AGC clips them
+    per input feature (exclude them if that is not what you want).
+
+    **λ = 0.01 is tuned for SGD** (with Nesterov momentum, NFNets at batch 4096; the paper
+    uses smaller λ for larger batches). With Adam, AdamW or Lion the update no longer scales
+    with the gradient, and λ=0.01 is far too aggressive: reports of AGC at 0.01 with AdamW
+    describe much worse training. Tune ``clipping`` (e.g. 0.05–0.5) before using it with an
+    adaptive optimizer, and look at ``stats.clipped`` / ``stats.coef`` to see how often and
+    how hard it fires. AGC clips by a *ratio*, so it also freezes learning where weights are
+    tiny relative to their gradients (our exploding-RNN pilot learned nothing at λ=0.05).
+
+    **The final classifier is not clipped** (the paper's ablation: clipping it hurts). Which
+    parameters are left alone is the visible rule ``exclude``:
+
+    * ``LAST_LINEAR`` (default): when you call the clipper on a module, the parameters of
+      its last ``nn.Linear`` in ``module.modules()`` order (registration order: ``fc``,
+      ``head``, ``classifier``, ``lm_head``) are excluded, matched by identity, so a head
+      tied to the input embedding excludes the shared weight too (its name in
+      ``named_parameters()`` is the embedding's). A module with no ``nn.Linear``, and a call
+      on plain parameters, a mapping or ``(name, param)`` pairs (no module to look at),
+      exclude nothing and warn once: pass the module, or name the head.
+    * a string or a collection of strings: ``fnmatch`` patterns matched against the
+      parameter names (``module.named_parameters()`` names; the mapping's keys; positions
+      ``"0"``, ``"1"``, ... for plain parameters), e.g. ``exclude=("fc.*",)``;
+    * a callable ``(name, param) -> bool``, called for every parameter on every call;
+    * ``None`` or ``()``: clip every parameter.
+
+    Excluded parameters keep their gradients, are still measured (``stats.norm`` is the
+    norm of every gradient) and are never read as weights.
+
+    Computation, per call, without a host sync: the unit norms of the gradients and of the
+    weights (float32 results; small tensors that share a row length are concatenated and
+    reduced by one kernel, larger ones by one row-norm kernel each), the coefficient of every
+    unit by ``torch.where``, and one multiply of each clipped gradient by its per-row
+    coefficient view (no full-size temporary). On the CPU, gradients with no clipped unit are
+    not rewritten. Low-precision gradients are multiplied by the coefficient in their own
+    dtype, rounded toward zero, so rounding never lifts a unit above its ``max_norm``.
+
+    :class:`~gradclip.ClipStats`: ``threshold`` is ``clipping`` (the ratio); ``coef`` is the
+    factor applied to the total norm, ``post_norm / norm``; ``clipped`` says whether any unit
+    was scaled. Per tensor, the effective factor ``‖clipped G‖ / ‖G‖`` comes from the unit
+    norms, without another pass. AGC keeps no statistics: its state is the base counters
+    (``steps``, ``nonfinite_steps``, int64, 0-dim).
+
+    Args:
+        clipping: λ > 0, the largest allowed ratio ‖G_i‖ / max(‖W_i‖, eps) (default 0.01,
+            the paper's for SGD at large batch; ``inf`` disables clipping).
+        eps: ε >= 0, the floor of the weight norm, so that zero-initialised units can still
+            move (default 1e-3, the paper's).
+        exclude: which parameters are never clipped (default ``LAST_LINEAR``; see above).
+        nonfinite: ``"propagate"`` (a NaN stays NaN; an infinite unit norm gives coefficient
+            0, as torch's ``clip_grad_norm_``), ``"error"`` or ``"skip"``.
+
+    Example:
+        >>> import torch
+        >>> from gradclip.clippers.agc import AGC
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> model(torch.randn(3, 4)).square().sum().backward()
+        >>> head = model[2].weight.grad.clone()
+        >>> stats = AGC(clipping=0.01)(model)      # the head, "2.weight" and "2.bias", is excluded
+        >>> bool(stats.clipped), torch.equal(model[2].weight.grad, head)
+        (True, True)
+
+    References:
+        Brock, De, Smith, Simonyan, "High-Performance Large-Scale Image Recognition Without
+        Normalization", ICML 2021 (arXiv 2102.06171), §4.1 and Appendix (``unitwise_norm``).
+    """
+
+    folds_into_fused = False  # one coefficient per unit, not one global scale
+
+    def __init__(
+        self,
+        clipping: float = 0.01,
+        eps: float = 1e-3,
+        *,
+        exclude: ExcludeRule = LAST_LINEAR,
+        nonfinite: NonFinitePolicy = "propagate",
+    ):
+        self.clipping = _check_real(clipping, "clipping", "> 0", lambda v: v > 0, "clipping=0.01")
+        self.eps = _check_real(eps, "eps", ">= 0", lambda v: v >= 0 and math.isfinite(v), "eps=1e-3")
+        self.exclude: ExcludeRule = _check_exclude(exclude)
+        self._patterns = _patterns(self.exclude)
+        self._plans: OrderedDict[tuple, _UnitPlan] = OrderedDict()
+        self._pattern_cache: OrderedDict[tuple[str, ...], tuple[bool, ...]] = OrderedDict()
+        self._head_ids: frozenset[int] = frozenset()
+        self._warned = False
+        self._work: _Work | None = None
+        super().__init__(norm_type=2.0, nonfinite=nonfinite)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "clipping": self.clipping,
+            "eps": self.eps,
+            "exclude": _describe_exclude(self.exclude, self._patterns),
+            "nonfinite": self.nonfinite,
+        }
+
+    # -- which parameters are clipped ---------------------------------------------------
+
+    def _clip(self, parameters: Parameters, fused: torch.optim.Optimizer | None) -> ClipStats:
+        # LAST_LINEAR needs the module, which the base resolves away into (names, params).
+        if self.exclude is LAST_LINEAR:
+            head = None
+            if isinstance(parameters, torch.nn.Module):
+                for module in parameters.modules():
+                    if isinstance(module, torch.nn.Linear):
+                        head = module
+            if head is None:
+                self._head_ids = frozenset()
+                self._warn_once(
+                    "the module has no nn.Linear"
+                    if isinstance(parameters, torch.nn.Module)
+                    else "it was called on parameters, not on a module"
+                )
+            else:
+                self._head_ids = frozenset(id(p) for p in head.parameters())
+        try:
+            return super()._clip(parameters, fused)
+        finally:
+            self._work = None  # scratch of this call only: never holds gradients afterwards
+
+    def _warn_once(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"AGC(exclude=LAST_LINEAR) excluded nothing because {why}: every parameter, "
+                "the classifier head included, is clipped (the paper leaves the head "
+                "unclipped). Call the clipper on the model itself, or name the head, e.g. "
+                "AGC(exclude=('fc.*',)); exclude=None clips everything without this warning.",
+                stacklevel=4,
+            )
+
+    def _excluded(self, names: tuple[str, ...], params: list[Tensor]) -> tuple[bool, ...]:
+        if self.exclude is LAST_LINEAR:
+            return tuple(id(p) in self._head_ids for p in params)
+        if self._patterns is None:  # a predicate
+            rule: Callable[[str, Tensor], bool] = self.exclude  # type: ignore[assignment]
+            return tuple(bool(rule(n, p)) for n, p in zip(names, params, strict=True))
+        if not self._patterns:
+            return (False,) * len(names)
+        mask = self._pattern_cache.get(names)
+        if mask is None:
+            mask = tuple(any(fnmatch.fnmatchcase(n, pat) for pat in self._patterns) for n in names)
+            self._pattern_cache[names] = mask
+            while len(self._pattern_cache) > _PLAN_CACHE_SIZE:
+                self._pattern_cache.popitem(last=False)
+        return mask
+
+    # -- the step -----------------------------------------------------------------------
+
+    def _measure(self, names: tuple[str, ...], params: list[Tensor], grads: list[Tensor]) -> GradNorms:
+        """The step's :class:`GradNorms`, derived from the gradients' unit norms (one pass).
+
+        For a base class that asks the clipper to measure (``Clipper._measure``): the
+        per-tensor norms are the norms of the unit norms, so AGC reads each gradient once
+        to measure it, instead of once for the per-tensor norms and once for the units.
+        """
+        if not grads:
+            return empty_norms(2.0)
+        plan = self._plan(grads, self._excluded(names, params))
+        units = plan.unit_norms(grads, grads[0].device)
+        sums = plan.per_tensor_sums(units.double().square().unsqueeze(1))[:, 0]
+        per_tensor = sums.sqrt().to(units.dtype)
+        groups = _foreach.group_by_device_dtype(grads)
+        measured = GradNorms(
+            grads, per_tensor, torch.linalg.vector_norm(per_tensor), 2.0, _result_dtype(groups),
+            groups,
+        )
+        self._work = _Work(measured, plan, units)
+        return measured
+
+    def _decide(
+        self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        work = self._work
+        if work is not None and work.norms is norms:  # measured by _measure: no second pass
+            plan, units = work.plan, work.units
+        else:
+            plan = self._plan(norms.tensors, self._excluded(names, params))
+            units = plan.unit_norms(norms.tensors, norms.per_tensor.device)
+        weights = plan.unit_norms(params, units.device, included_only=True)
+        max_norm = weights.clamp_min(self.eps).mul_(self.clipping)
+        if plan.excluded_units:
+            max_norm = torch.cat([max_norm, max_norm.new_full((plan.excluded_units,), math.inf)])
+        # NaN > x is False: a NaN unit keeps coefficient 1 and stays NaN ("propagate").
+        unit_coef = torch.where(units > max_norm, max_norm / units, torch.ones_like(units))
+        if self.nonfinite == "skip":
+            unit_coef = torch.where(torch.isfinite(norms.total), unit_coef, 1.0)
+        clipped_units = unit_coef < 1
+        post_units = torch.where(clipped_units, max_norm, units)
+        sums = plan.per_tensor_sums(
+            torch.stack([units.double().square(), post_units.double().square(),
+                         clipped_units.double()], dim=1)
+        )
+        any_clipped = sums[:, 2] > 0
+        effective = torch.where(
+            any_clipped, (sums[:, 1].sqrt() / sums[:, 0].sqrt().clamp_min(1e-300)), 1.0
+        ).to(norms.per_tensor.dtype)
+        self._work = _Work(norms, plan, units, unit_coef, any_clipped)
+        threshold = torch.full((), self.clipping, dtype=norms.total.dtype, device=units.device)
+        return threshold, effective
+
+    def _scale(self, measured: GradNorms, coef: Tensor) -> None:
+        work = self._work
+        if work is None or work.unit_coef is None or work.any_clipped is None:
+            raise RuntimeError("AGC._scale runs only after AGC._decide in the same call")
+        plan, unit_coef = work.plan, work.unit_coef
+        positions = range(plan.included)
+        if _foreach.is_host_device(unit_coef.device):
+            touched = work.any_clipped.tolist()  # free on the CPU: skip unclipped tensors
+            positions = [j for j in positions if touched[plan.order[j]]]
+            if not positions:
+                return
+        grads = measured.tensors
+        by_key: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, Tensor]]] = {}
+        pieces: dict[tuple[torch.device, torch.dtype], tuple[Tensor, ...]] = {}
+        for j in positions:
+            grad = grads[plan.order[j]]
+            key = (grad.device, grad.dtype)
+            if key not in pieces:
+                pieces[key] = _coef_as(unit_coef, grad.device, grad.dtype).split(plan.counts)
+            by_key.setdefault(key, []).append((grad, pieces[key][j].view(plan.coef_shapes[j])))
+        for (device, _), pairs in by_key.items():
+            group = [g for g, _ in pairs]
+            views = [c for _, c in pairs]
+            if _foreach.has_foreach_support(group, device):
+                _foreach.foreach_mul_(group, views)  # type: ignore[arg-type]
+            else:
+                for g, c in pairs:
+                    g.mul_(c)
+
+    def _plan(self, grads: list[Tensor], excluded: tuple[bool, ...]) -> _UnitPlan:
+        key = (
+            tuple((g.shape, g.dtype, g.device) for g in grads),
+            excluded,
+        )
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = _UnitPlan.build(grads, excluded)
+            self._plans[key] = plan
+            while len(self._plans) > _PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+
+# ---------------------------------------------------------------------------------------
+# unit norms
+
+
+@dataclass
+class _Work:
+    """Scratch of one call, from _measure/_decide to _scale (never statistics)."""
+
+    norms: GradNorms
+    plan: _UnitPlan
+    units: Tensor
+    unit_coef: Tensor | None = None
+    any_clipped: Tensor | None = None
+
+
+@dataclass
+class _UnitPlan:
+    """How to measure the units of a set of tensors (cached per shapes, dtypes, exclusion).
+
+    Tensors are measured in "unit order": included tensors first, excluded ones (a single
+    unit each, never read as weights) last; each tensor's units are contiguous.
+
+    Attributes:
+        order: base index of the tensor at each unit-order position.
+        counts: units of the tensor at each position.
+        coef_shapes: shape of the coefficient view that broadcasts over that tensor.
+        pieces: ``(positions, row_length)``: several small tensors concatenated and reduced
+            as rows of one matrix (row_length > 0), or one tensor on its own (row_length 0).
+        included: positions ``[0, included)`` are clipped.
+        included_pieces: the first ``included_pieces`` pieces cover exactly those.
+        excluded_units: units after the included ones.
+        acc: dtype of the unit norms (float64 if any tensor is 64-bit, else float32).
+    """
+
+    order: list[int]
+    counts: list[int]
+    coef_shapes: list[tuple[int, ...]]
+    pieces: list[tuple[list[int], int]]
+    included: int
+    included_pieces: int
+    excluded_units: int
+    acc: torch.dtype
+    _segments: dict[torch.device, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, tensors: list[Tensor], excluded: tuple[bool, ...]) -> _UnitPlan:
+        order: list[int] = []
+        pieces: list[tuple[list[int], int]] = []
+        included_pieces = 0
+        for want_excluded in (False, True):
+            batches: dict[tuple, list[int]] = {}
+            singles: list[int] = []
+            for i, t in enumerate(tensors):
+                if excluded[i] != want_excluded:
+                    continue
+                rows = _rows(t, whole=want_excluded)
+                numel = t.numel()
+                if 0 < numel < SMALL_NUMEL and rows > 0:
+                    batches.setdefault((t.device, t.dtype, numel // rows), []).append(i)
+                else:
+                    singles.append(i)
+            for (_, _, length), members in batches.items():
+                pieces.append((members, length if len(members) > 1 else 0))
+            pieces.extend(([i], 0) for i in singles)
+            if not want_excluded:
+                included_pieces = len(pieces)
+        remapped: list[tuple[list[int], int]] = []  # members as unit-order positions
+        for members, length in pieces:
+            remapped.append(([len(order) + k for k in range(len(members))], length))
+            order.extend(members)
+        included = sum(len(m) for m, _ in pieces[:included_pieces])
+        rows = [_rows(tensors[i], whole=j >= included) for j, i in enumerate(order)]
+        shapes = [
+            (r, *(1,) * (tensors[i].dim() - 1)) if j < included and tensors[i].dim() >= 2 else ()
+            for j, (i, r) in enumerate(zip(order, rows, strict=True))
+        ]
+        acc = torch.float32
+        for t in tensors:
+            if accumulation_dtype(t.dtype) == torch.float64:
+                acc = torch.float64
+        return cls(order, rows, shapes, remapped, included, included_pieces,
+                   sum(rows[included:]), acc)
+
+    def segments(self, device: torch.device) -> Tensor:
+        """Base index of the tensor owning each unit (for per-tensor sums), on ``device``."""
+        seg = self._segments.get(device)
+        if seg is None:
+            seg = torch.repeat_interleave(
+                torch.tensor(self.order, dtype=torch.long), torch.tensor(self.counts, dtype=torch.long)
+            ).to(device)
+            self._segments[device] = seg
+        return seg
+
+    def unit_norms(
+        self, tensors: list[Tensor], device: torch.device, included_only: bool = False
+    ) -> Tensor:
+        """1-D unit norms (``acc`` dtype, on ``device``) in unit order; ``tensors`` in base order."""
+        pieces = self.pieces[: self.included_pieces] if included_only else self.pieces
+        if not pieces:
+            return torch.zeros(0, dtype=self.acc, device=device)
+        out: list[Tensor] = []
+        for positions, length in pieces:
+            if length:
+                flat = torch.cat([tensors[self.order[j]].reshape(-1) for j in positions])
+                out.append(_row_norms(flat.view(-1, length)))
+            else:
+                j = positions[0]
+                out.append(_unit_norms(tensors[self.order[j]], whole=j >= self.included))
+        out = [u.to(device=device, dtype=self.acc) for u in out]
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def per_tensor_sums(self, values: Tensor) -> Tensor:
+        """Sum ``values`` (units x k, float64) per tensor: ``(n_tensors, k)`` in base order."""
+        seg = self.segments(values.device)
+        out = values.new_zeros((len(self.order), values.shape[1]))
+        return out.index_add_(0, seg, values)
+
+
+def _rows(t: Tensor, whole: bool) -> int:
+    """Units of ``t``: rows along dim 0, or 1 for a 0-dim/1-D tensor (or a whole excluded one)."""
+    return 1 if whole or t.dim() <= 1 else t.shape[0]
+
+
+def _row_norms(rows: Tensor) -> Tensor:
+    """L2 norm of each row of a 2-D tensor, with float32 (or wider) results."""
+    if rows.dtype == torch.bfloat16 and _foreach.is_host_device(rows.device):
+        # The CPU's float32-result kernel is ~15x slower for bfloat16; the bfloat16 result
+        # (float32 accumulation, rounded once) cannot overflow: bfloat16 has float32's range.
+        return torch.linalg.vector_norm(rows, dim=1).float()
+    if rows.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+    return torch.linalg.vector_norm(rows, dim=1)
+
+
+def _unit_norms(t: Tensor, whole: bool) -> Tensor:
+    """Unit norms of one tensor, without a copy for any memory layout."""
+    if t.numel() == 0:
+        return torch.zeros(_rows(t, whole), dtype=accumulation_dtype(t.dtype), device=t.device)
+    if whole or t.dim() <= 1:
+        if t.is_contiguous():
+            return _row_norms(t.view(1, -1))
+        low = t.dtype in (torch.float16, torch.bfloat16)
+        return torch.linalg.vector_norm(t, dtype=torch.float32 if low else None).reshape(1)
+    if t.is_contiguous():
+        return _row_norms(t.view(t.shape[0], -1))
+    low = t.dtype in (torch.float16, torch.bfloat16)  # e.g. channels_last convolution weights
+    return torch.linalg.vector_norm(
+        t, dim=tuple(range(1, t.dim())), dtype=torch.float32 if low else None
+    )
+
+
+def _coef_as(coef: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Unit coefficients in the gradients' dtype, rounded toward zero (never above the exact one).
+
+    Mixed-dtype broadcast multiplies are an order of magnitude slower on the CPU, so the
+    coefficient is converted once to the gradients' dtype instead.
+    """
+    coef = coef.to(device)
+    if dtype == coef.dtype or not dtype.is_floating_point:
+        return coef
+    low = coef.to(dtype)
+    return torch.where(low.to(coef.dtype) > coef, torch.nextafter(low, torch.zeros_like(low)), low)
+
+
+def _result_dtype(groups: _foreach.Groups) -> torch.dtype:
+    result: torch.dtype | None = None
+    for _, dtype in groups:
+        real = dtype.to_real()
+        result = real if result is None else torch.promote_types(result, real)
+    assert result is not None
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_real(value: object, name: str, rule: str, ok: Callable[[float], bool], fix: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"`{name}` must be a real number {rule}, got {value!r:.80}; pass e.g. `{fix}`")
+    number = float(value)
+    if math.isnan(number) or not ok(number):
+        raise ValueError(f"`{name}` must be {rule}, got {number}; pass e.g. `{fix}`")
+    return number
+
+
+def _check_exclude(exclude: object) -> ExcludeRule:
+    if exclude is None or exclude is LAST_LINEAR or callable(exclude):
+        return exclude  # type: ignore[return-value]
+    if isinstance(exclude, str):
+        return (exclude,)
+    try:
+        patterns = tuple(exclude)  # type: ignore[call-overload]
+    except TypeError:
+        patterns = None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"`exclude` must be LAST_LINEAR, a name pattern, a collection of name patterns, a "
+            f"callable (name, param) -> bool, or None; got {exclude!r:.80}"
+        )
+    return tuple(sorted(set(patterns)))  # order is irrelevant; sorted compares across runs
+
+
+def _patterns(exclude: ExcludeRule) -> tuple[str, ...] | None:
+    """The fnmatch patterns of the rule; None for LAST_LINEAR and predicates."""
+    if exclude is LAST_LINEAR or callable(exclude):
+        return None
+    return () if exclude is None else tuple(exclude)  # type: ignore[arg-type]
+
+
+def _describe_exclude(exclude: ExcludeRule, patterns: tuple[str, ...] | None) -> object:
+    """A picklable, comparable description of the rule, for ``config()`` / ``state_dict()``."""
+    if exclude is LAST_LINEAR:
+        return "LAST_LINEAR"
+    if patterns is not None:
+        return patterns
+    rule = exclude
+    return f"callable {getattr(rule, '__module__', '?')}.{getattr(rule, '__qualname__', repr(rule))}"
