@@ -164,22 +164,6 @@ def compute(tensors: list[Tensor], p: float, foreach: bool | None) -> GradNorms:
     return GradNorms(tensors, per_tensor, total, p, result_dtype, groups)
 
 
-_index_tensors: OrderedDict[tuple, Tensor] = OrderedDict()
-
-
-def _index_tensor(order: tuple[int, ...], device: torch.device) -> Tensor:
-    """``order`` as an index tensor on ``device``, cached: a fresh host-to-device copy per
-    call would block the host on accelerators."""
-    key = (order, device)
-    with _plans_lock:
-        index = _index_tensors.get(key)
-        if index is None:
-            index = _index_tensors[key] = torch.tensor(order, device=device)
-            while len(_index_tensors) > _PLAN_CACHE_SIZE:
-                _index_tensors.popitem(last=False)
-        return index
-
-
 def _group_norms(
     group: list[Tensor], device: torch.device, dtype: torch.dtype, p: float, foreach: bool | None
 ) -> Tensor:
@@ -214,29 +198,53 @@ class _Chunk:
 
 
 @dataclass(frozen=True)
+class _Large:
+    index: int  # in the group
+    rows: int  # the tensor's elements viewed as (rows, length), then a tail of `tail`
+    length: int
+    tail: int
+    slot: int  # its first row norm in the group's row-norm buffer
+
+
+@dataclass(frozen=True)
 class _Plan:
     chunks: list[_Chunk]
-    large: list[int]  # measured one by one through a rows view
+    large: list[_Large]
+    slots: int  # row norms of all large tensors (rows, plus one per tail)
+    segments: Tensor  # for each slot, the position of its tensor among the large ones
     empty: list[int]  # 0-element tensors: torch's own kernel (it raises for inf norms)
     inverse: Tensor | None  # puts the results back in group order (None: already in order)
 
 
 _plans: OrderedDict[tuple, _Plan] = OrderedDict()
+_index_tensors: OrderedDict[tuple, Tensor] = OrderedDict()
 _plans_lock = threading.Lock()
 _buffers = threading.local()
 
 
+def _index_tensor(order: tuple[int, ...], device: torch.device) -> Tensor:
+    """``order`` as an index tensor on ``device``, cached: a fresh host-to-device copy per
+    call would block the host on accelerators."""
+    key = (order, device)
+    with _plans_lock:
+        index = _index_tensors.get(key)
+        if index is None:
+            index = _index_tensors[key] = torch.tensor(order, device=device)
+            while len(_index_tensors) > _PLAN_CACHE_SIZE:
+                _index_tensors.popitem(last=False)
+        return index
+
+
 def _plan_for(group: list[Tensor], dtype: torch.dtype) -> _Plan:
-    """How to measure a group of this shape; cached, since the set of gradients rarely changes."""
-    numels = tuple(map(Tensor.numel, group))
-    ndims = tuple(map(Tensor.dim, group))
-    key = (dtype, numels, ndims)
+    """How to measure a group of these shapes; cached, since the gradients' shapes rarely change."""
+    shapes = tuple(t.shape for t in group)
+    key = (dtype, shapes)
     with _plans_lock:
         plan = _plans.get(key)
         if plan is not None:
             _plans.move_to_end(key)
             return plan
-    plan = _build_plan(numels, ndims)
+    plan = _build_plan(shapes, dtype)
     with _plans_lock:
         _plans[key] = plan
         while len(_plans) > _PLAN_CACHE_SIZE:
@@ -244,9 +252,9 @@ def _plan_for(group: list[Tensor], dtype: torch.dtype) -> _Plan:
     return plan
 
 
-def _build_plan(numels: tuple[int, ...], ndims: tuple[int, ...]) -> _Plan:
+def _build_plan(shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> _Plan:
+    numels = [s.numel() for s in shapes]
     small = sorted((i for i, n in enumerate(numels) if 0 < n < SMALL_NUMEL), key=numels.__getitem__)
-    large = [i for i, n in enumerate(numels) if n >= SMALL_NUMEL]
     empty = [i for i, n in enumerate(numels) if n == 0]
     chunks: list[_Chunk] = []
     members: list[int] = []
@@ -254,20 +262,41 @@ def _build_plan(numels: tuple[int, ...], ndims: tuple[int, ...]) -> _Plan:
     for i in [*small, None]:
         if i is None or (members and size + numels[i] > CHUNK_NUMEL):
             if members:
-                chunks.append(_make_chunk(members, numels, ndims))
+                chunks.append(_make_chunk(members, numels, shapes))
             members, size = [], 0
         if i is not None:
             members.append(i)
             size += numels[i]
-    order = [*small, *large, *empty]
+    large: list[_Large] = []
+    segments: list[int] = []
+    for i, shape in enumerate(shapes):
+        if numels[i] >= SMALL_NUMEL:
+            length = _row_length(shape, dtype)
+            rows, tail = divmod(numels[i], length)
+            large.append(_Large(i, rows, length, tail, len(segments)))
+            segments.extend([len(large) - 1] * (rows + (tail > 0)))
+    order = [*small, *(t.index for t in large), *empty]
     inverse = None
-    if order != list(range(len(numels))):
+    if order != list(range(len(shapes))):
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-    return _Plan(chunks, large, empty, inverse)
+    return _Plan(chunks, large, len(segments), torch.tensor(segments, dtype=torch.long), empty, inverse)
 
 
-def _make_chunk(members: list[int], numels: tuple[int, ...], ndims: tuple[int, ...]) -> _Chunk:
+def _row_length(shape: torch.Size, dtype: torch.dtype) -> int:
+    """Row length for a large tensor: its own trailing dims when they make rows of 512 to
+    65536 elements (no tail to measure apart), else ``ROW_LENGTH``-element rows."""
+    if dtype in _LOW_PRECISION:
+        return LOW_PRECISION_ROW_LENGTH
+    length = 1
+    for size in reversed(shape[1:]):
+        length *= size
+        if length >= 512:
+            return length if length <= 65536 else ROW_LENGTH
+    return ROW_LENGTH
+
+
+def _make_chunk(members: list[int], numels: list[int], shapes: tuple[torch.Size, ...]) -> _Chunk:
     runs: list[tuple[int, int, int]] = []
     offset = 0
     for i in members:
@@ -278,7 +307,7 @@ def _make_chunk(members: list[int], numels: tuple[int, ...], ndims: tuple[int, .
         else:
             runs.append((offset, 1, n))
         offset += n
-    return _Chunk(list(members), runs, offset, all(ndims[i] == 1 for i in members))
+    return _Chunk(list(members), runs, offset, all(len(shapes[i]) == 1 for i in members))
 
 
 def _buffer(dtype: torch.dtype, numel: int) -> Tensor:
@@ -310,28 +339,81 @@ def _flat_view(t: Tensor) -> Tensor | None:
     return permuted.view(-1) if permuted.is_contiguous() else None
 
 
-def _large_norm(t: Tensor, p: float, acc: torch.dtype) -> Tensor:
-    """Norm of one large tensor as a 1-element ``acc`` tensor."""
-    flat = _flat_view(t)
-    if flat is None:  # gaps between elements: reduce the trailing dims, then the rows
-        norm_dtype = acc if t.dtype in _LOW_PRECISION else None
-        dims = tuple(range(1, t.dim())) or None
-        rows = torch.linalg.vector_norm(t, p, dim=dims, dtype=norm_dtype).to(acc)
-        return torch.linalg.vector_norm(rows.reshape(-1), p).reshape(1)
-    if math.isinf(p):
-        low, high = torch.aminmax(flat)
-        return torch.maximum(high, low.neg()).to(acc).reshape(1)
-    length = LOW_PRECISION_ROW_LENGTH if t.dtype in _LOW_PRECISION else ROW_LENGTH
-    body = flat.numel() - flat.numel() % length
-    rows = torch.linalg.vector_norm(flat[:body].view(-1, length), p, dim=1)
-    if t.dtype == torch.float16 and bool(rows.isinf().any()):
-        # float16 row norms overflow at 65504 although every element is finite: redo the
-        # rows with float32 results (a slower kernel, paid only on this rare step).
-        rows = torch.linalg.vector_norm(flat[:body].view(-1, length), p, dim=1, dtype=acc)
-    parts = [rows.to(acc)]
-    if body < flat.numel():
-        parts.append(_rows_norms(flat[body:].view(1, -1), p, acc))
-    return torch.linalg.vector_norm(torch.cat(parts), p).reshape(1)
+def _strided_norm(t: Tensor, p: float, acc: torch.dtype) -> Tensor:
+    """Norm of a tensor with gaps between its elements (no flat view): the trailing dims
+    first, then the rows, so accumulation runs stay short without a copy. 0-dim, ``acc``."""
+    norm_dtype = acc if t.dtype in _LOW_PRECISION else None
+    dims = tuple(range(1, t.dim())) or None
+    rows = torch.linalg.vector_norm(t, p, dim=dims, dtype=norm_dtype).to(acc)
+    return torch.linalg.vector_norm(rows.reshape(-1), p)
+
+
+def _large_inf_norms(group: list[Tensor], plan: _Plan, acc: torch.dtype) -> Tensor:
+    """Max-abs norm of each large tensor: one vectorised ``aminmax`` pass each."""
+    low = torch.empty(len(plan.large), dtype=group[0].dtype)
+    high = torch.empty_like(low)
+    for k, item in enumerate(plan.large):
+        t = group[item.index]
+        flat = _flat_view(t)
+        torch.aminmax(t if flat is None else flat, out=(low[k], high[k]))
+    return torch.maximum(high, low.neg()).to(acc)
+
+
+def _row_slots(plan: _Plan, dtype: torch.dtype) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """This thread's row-norm buffer for ``plan`` and, per large tensor, the views that
+    receive its body's and its tail's row norms (built once, not per call)."""
+    cache = getattr(_buffers, "slots", None)
+    if cache is None:
+        cache = _buffers.slots = OrderedDict()
+    key = (id(plan), dtype)
+    entry = cache.get(key)
+    if entry is None or entry[0] is not plan:
+        buf = torch.empty(plan.slots, dtype=dtype)
+        views = [
+            (buf[i.slot : i.slot + i.rows], buf[i.slot + i.rows : i.slot + i.rows + (i.tail > 0)])
+            for i in plan.large
+        ]
+        entry = cache[key] = (plan, buf, views)
+        while len(cache) > _PLAN_CACHE_SIZE:
+            cache.popitem(last=False)
+    return entry[1], entry[2]
+
+
+def _large_norms(group: list[Tensor], plan: _Plan, p: float, acc: torch.dtype) -> Tensor:
+    """Finite-p norm of each large tensor.
+
+    Every tensor's row norms go into one buffer, one kernel per tensor (rows run on every
+    core, each over a short run); one ``index_add_`` then sums their p-th powers per tensor
+    in float64.
+    """
+    row_norms, views = _row_slots(plan, group[0].dtype)
+    strided: dict[int, Tensor] = {}
+    for k, (item, (body_out, tail_out)) in enumerate(zip(plan.large, views, strict=True)):
+        t = group[item.index]
+        if not item.tail and t.is_contiguous():
+            torch.linalg.vector_norm(t.view(item.rows, item.length), p, dim=1, out=body_out)
+            continue
+        flat = _flat_view(t)
+        if flat is None:  # gaps between elements: measured on its own
+            body_out.zero_()
+            tail_out.zero_()
+            strided[k] = _strided_norm(t, p, acc)
+            continue
+        body = item.rows * item.length
+        torch.linalg.vector_norm(flat[:body].view(item.rows, item.length), p, dim=1, out=body_out)
+        if item.tail:
+            torch.linalg.vector_norm(flat[body:], p, dim=0, keepdim=True, out=tail_out)
+    if row_norms.dtype == torch.float16 and bool(row_norms.isinf().any()):
+        # float16 row norms overflow at 65504 although every element is finite: measure
+        # again with float32 results (slower kernels, paid only on this rare step).
+        return torch.stack([_strided_norm(group[item.index], p, acc) for item in plan.large])
+    powers = row_norms.double()
+    powers = powers * powers if p == 2 else powers.pow(p)
+    sums = torch.zeros(len(plan.large), dtype=torch.float64).index_add_(0, plan.segments, powers)
+    norms = (sums.sqrt() if p == 2 else sums.pow(1.0 / p)).to(acc)
+    for k, norm in strided.items():
+        norms[k] = norm
+    return norms
 
 
 def _host_norms(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype) -> Tensor:
@@ -346,7 +428,10 @@ def _host_norms(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dt
         for offset, count, numel in chunk.runs:
             rows = flat[offset : offset + count * numel].view(count, numel)
             pieces.append(_rows_norms(rows, p, acc))
-    pieces.extend(_large_norm(group[i], p, acc) for i in plan.large)
+    if plan.large and math.isinf(p):
+        pieces.append(_large_inf_norms(group, plan, acc))
+    elif plan.large:
+        pieces.append(_large_norms(group, plan, p, acc))
     pieces.extend(
         torch.linalg.vector_norm(group[i], p).to(acc).reshape(1) for i in plan.empty
     )
