@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 import torch.nn.utils as tnu
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradclip
 from conftest import (
@@ -26,52 +25,9 @@ from conftest import (
     make_params,
     well_conditioned,
 )
+from host_reads import HostReadDetector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-HOST_READS = {
-    torch.ops.aten._local_scalar_dense.default,
-    torch.ops.aten.is_nonzero.default,
-    torch.ops.aten.equal.default,  # returns a Python bool
-}
-
-
-UNDISPATCHED_READS = ("tolist", "numpy")  # copy to the host without an aten op
-
-
-class HostReadDetector(TorchDispatchMode):
-    """Records every op that hands a tensor's value to Python.
-
-    Dispatched reads are caught by the mode; ``Tensor.tolist`` and ``Tensor.numpy`` never
-    reach the dispatcher, so they are wrapped for the duration of the mode.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.reads: list[str] = []
-        self._originals: dict[str, object] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in HOST_READS:
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-    def __enter__(self):
-        for name in UNDISPATCHED_READS:
-            original = self._originals[name] = getattr(torch.Tensor, name)
-
-            def recording(tensor, *args, _name=name, _original=original, **kwargs):
-                self.reads.append(f"Tensor.{_name}")
-                return _original(tensor, *args, **kwargs)
-
-            setattr(torch.Tensor, name, recording)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for name, original in self._originals.items():
-            setattr(torch.Tensor, name, original)
-        return super().__exit__(*exc)
-
 
 @pytest.fixture
 def accelerator_path(monkeypatch):

@@ -15,10 +15,10 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradclip import _foreach
 from gradclip.clippers.adagc import OFFICIAL_CODE, AdaGC
+from host_reads import HostReadDetector
 
 
 class ReferenceAdaGC:
@@ -310,33 +310,7 @@ def test_bad_arguments_name_the_argument(kwargs: dict, name: str) -> None:
         AdaGC(**kwargs)
 
 
-class _HostReads(TorchDispatchMode):
-    """Records host reads: ``_local_scalar_dense`` / ``is_nonzero`` and ``Tensor.tolist``."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-        self._tolist = torch.Tensor.tolist
-
-    def __enter__(self) -> _HostReads:
-        reads, tolist = self.reads, self._tolist
-
-        def recording_tolist(t: torch.Tensor) -> object:
-            reads.append("Tensor.tolist")
-            return tolist(t)
-
-        torch.Tensor.tolist = recording_tolist  # type: ignore[method-assign]
-        return super().__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
-        super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-                    torch.ops.aten.item.default):
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def test_no_host_sync_in_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -347,6 +321,6 @@ def test_no_host_sync_in_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
         if step < 6:
             grads["2.bias"] = None
         _set(model, grads)
-        with _HostReads() as mode:
+        with HostReadDetector() as mode:
             clipper(model)
         assert mode.reads == [], (step, mode.reads)

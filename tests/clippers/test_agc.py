@@ -17,11 +17,11 @@ from types import ModuleType
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradclip
 from gradclip import _foreach
 from gradclip.clippers.agc import AGC, LAST_LINEAR
+from host_reads import HostReadDetector
 
 
 def reference_agc(
@@ -342,34 +342,7 @@ def test_state_dict_round_trip_through_torch_save() -> None:
     assert "clipping=0.01" in repr(AGC()) and "LAST_LINEAR" in repr(AGC())
 
 
-class _HostReads(TorchDispatchMode):
-    """Records every read of a tensor value on the host: ``.item()``, ``bool()``, ``float()``
-    (``_local_scalar_dense`` / ``is_nonzero``) and ``.tolist()`` (which bypasses dispatch)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-        self._tolist = torch.Tensor.tolist
-
-    def __enter__(self) -> _HostReads:
-        reads, tolist = self.reads, self._tolist
-
-        def recording_tolist(t: torch.Tensor) -> object:
-            reads.append("Tensor.tolist")
-            return tolist(t)
-
-        torch.Tensor.tolist = recording_tolist  # type: ignore[method-assign]
-        return super().__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
-        super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-                    torch.ops.aten.item.default):
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("nonfinite", ["propagate", "skip"])
@@ -378,17 +351,17 @@ def test_no_host_sync_on_accelerators(monkeypatch: pytest.MonkeyPatch, nonfinite
     net = _net_with_grads()
     expected = reference_agc(_named(net), 0.01, 1e-3, exclude={"head.weight", "head.bias"})
     clipper = AGC(nonfinite=nonfinite)
-    with _HostReads() as mode:
+    with HostReadDetector() as mode:
         clipper(net)
     assert mode.reads == []
     _assert_grads_close(net, expected, rtol=2e-6)
-    with _HostReads() as mode:  # a second call: cached plan
+    with HostReadDetector() as mode:  # a second call: cached plan
         clipper(net)
     assert mode.reads == []
 
 
 def test_host_read_detector_is_not_vacuous() -> None:
     net = _net_with_grads()
-    with _HostReads() as mode:
+    with HostReadDetector() as mode:
         AGC(exclude=None)(net)  # on the CPU, unclipped tensors are found by a (free) read
     assert mode.reads

@@ -13,11 +13,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradclip import _foreach
 from gradclip.clippers import autoclip as autoclip_module
 from gradclip.clippers.autoclip import AutoClip
+from host_reads import HostReadDetector
 
 SHAPES = [(4, 3), (5,), (2, 2, 2)]
 NAN_STEP, INF_STEP = 17, 33
@@ -326,39 +326,7 @@ def test_good_edge_arguments():
 # no host sync
 
 
-class HostReads(TorchDispatchMode):
-    """Records every read of a tensor value on the host: the dispatched ones (``.item()``,
-    ``bool()``, ``float()``, ``torch.equal``) and ``.tolist()`` / ``.numpy()``, which copy
-    without an aten op and are wrapped while the mode is active."""
 
-    READS = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal")
-    UNDISPATCHED = ("tolist", "numpy")
-
-    def __init__(self):
-        super().__init__()
-        self.reads: list[str] = []
-        self._originals: dict[str, object] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func.overloadpacket) in self.READS:
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-    def __enter__(self):
-        for name in self.UNDISPATCHED:
-            original = self._originals[name] = getattr(torch.Tensor, name)
-
-            def wrapped(tensor, *args, _name=name, _original=original, **kwargs):
-                self.reads.append(f"Tensor.{_name}")
-                return _original(tensor, *args, **kwargs)
-
-            setattr(torch.Tensor, name, wrapped)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for name, original in self._originals.items():
-            setattr(torch.Tensor, name, original)
-        return super().__exit__(*exc)
 
 
 @pytest.mark.parametrize("window", [5, None])
@@ -370,14 +338,14 @@ def test_no_host_sync_in_the_step(window, monkeypatch):
     grads = [grads_with_norm(n, s) for s, n in enumerate(norms)]
 
     set_grads(params, grads[0])
-    with HostReads() as control:  # the recorder works: the CPU fast path reads the coefficient
+    with HostReadDetector() as control:  # the recorder works: the CPU fast path reads the coefficient
         clipper(params)
     assert control.reads
 
     monkeypatch.setattr(_foreach, "is_host_device", lambda device: False)
     for g in grads[1:]:
         set_grads(params, g)
-        with HostReads() as mode:
+        with HostReadDetector() as mode:
             clipper(params)
         assert mode.reads == []
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradclip
 from gradclip import _foreach
+from host_reads import HostReadDetector
 
 from .registry import ENTRIES, Entry
 
@@ -251,15 +251,7 @@ def test_fused_fold_equals_clip_then_step(entry: Entry) -> None:
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-class _HostReads(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def test_no_host_sync_on_accelerators(entry: Entry, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,7 +261,7 @@ def test_no_host_sync_on_accelerators(entry: Entry, monkeypatch: pytest.MonkeyPa
     steps = _scales(entry.warmup + 10)
     for i, scale in enumerate(steps):
         _set_grads(model, i, scale)
-        with _HostReads() as mode:
+        with HostReadDetector() as mode:
             clipper(model)
         assert mode.reads == [], (i, mode.reads)
 
@@ -278,7 +270,7 @@ def test_host_read_detector_is_not_vacuous(entry: Entry) -> None:
     clipper = entry.make(nonfinite="error")
     model = _model()
     _set_grads(model, 0, 1.0)
-    with _HostReads() as mode:
+    with HostReadDetector() as mode:
         clipper(model)
     assert mode.reads  # the error policy must read the finite flag
 

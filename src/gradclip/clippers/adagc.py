@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from gradclip.clippers.base import Clipper
+from gradclip.clippers.base import Clipper, check_real
 from gradclip.functional import clip_coefficient
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
@@ -119,9 +119,9 @@ class AdaGC(Clipper):
         *,
         nonfinite: NonFinitePolicy = "propagate",
     ):
-        self.relative = _check_real(relative, "relative", "> 0", lambda v: 0 < v < math.inf,
+        self.relative = check_real(relative, "relative", "> 0", lambda v: 0 < v < math.inf,
                                     "relative=1.05")
-        self.beta = _check_real(beta, "beta", "in (0, 1)", lambda v: 0 < v < 1, "beta=0.98")
+        self.beta = check_real(beta, "beta", "in (0, 1)", lambda v: 0 < v < 1, "beta=0.98")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or (
             warmup_steps < 0
         ):
@@ -130,7 +130,7 @@ class AdaGC(Clipper):
                 "`warmup_steps=100`"
             )
         self.warmup_steps = int(warmup_steps)
-        self.warmup_max_norm = _check_real(
+        self.warmup_max_norm = check_real(
             warmup_max_norm, "warmup_max_norm", "> 0", lambda v: v > 0, "warmup_max_norm=1.0"
         )
         self._bound: _Bound | None = None
@@ -235,11 +235,3 @@ class _Bound:
     gamma: Tensor
     steps: Tensor
 
-
-def _check_real(value: object, name: str, rule: str, ok: Callable[[float], bool], fix: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"`{name}` must be a real number {rule}, got {value!r:.80}; pass e.g. `{fix}`")
-    number = float(value)
-    if math.isnan(number) or not ok(number):
-        raise ValueError(f"`{name}` must be {rule}, got {number}; pass e.g. `{fix}`")
-    return number

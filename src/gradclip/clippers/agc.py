@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import numbers
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gradclip import _foreach
-from gradclip.clippers.base import Clipper, Parameters
+from gradclip.clippers.base import Clipper, Parameters, check_real
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import SMALL_NUMEL, GradNorms, accumulation_dtype, empty_norms
 from gradclip.stats import ClipStats
@@ -144,8 +143,8 @@ class AGC(Clipper):
         exclude: ExcludeRule = LAST_LINEAR,
         nonfinite: NonFinitePolicy = "propagate",
     ):
-        self.clipping = _check_real(clipping, "clipping", "> 0", lambda v: v > 0, "clipping=0.01")
-        self.eps = _check_real(eps, "eps", ">= 0", lambda v: v >= 0 and math.isfinite(v), "eps=1e-3")
+        self.clipping = check_real(clipping, "clipping", "> 0", lambda v: v > 0, "clipping=0.01")
+        self.eps = check_real(eps, "eps", ">= 0", lambda v: v >= 0 and math.isfinite(v), "eps=1e-3")
         self.exclude: ExcludeRule = _check_exclude(exclude)
         self._patterns = _patterns(self.exclude)
         self._plans: OrderedDict[tuple, _UnitPlan] = OrderedDict()
@@ -489,14 +488,6 @@ def _result_dtype(groups: _foreach.Groups) -> torch.dtype:
 # ---------------------------------------------------------------------------------------
 # argument checks
 
-
-def _check_real(value: object, name: str, rule: str, ok: Callable[[float], bool], fix: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"`{name}` must be a real number {rule}, got {value!r:.80}; pass e.g. `{fix}`")
-    number = float(value)
-    if math.isnan(number) or not ok(number):
-        raise ValueError(f"`{name}` must be {rule}, got {number}; pass e.g. `{fix}`")
-    return number
 
 
 def _check_exclude(exclude: object) -> ExcludeRule:

@@ -8,7 +8,9 @@ algorithm: resolving parameters and names, the one norm pass, the non-finite pol
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +21,7 @@ from gradclip.functional import _as_tensor_list, _check_norm_type, clip_coeffici
 from gradclip.nonfinite import NonFinitePolicy, check_policy, raise_nonfinite
 from gradclip.stats import ClipStats
 
-__all__ = ["Clipper", "Parameters", "named_grads"]
+__all__ = ["Clipper", "Parameters", "check_real", "named_grads"]
 
 Parameters = (
     torch.nn.Module | Tensor | Mapping[str, Tensor] | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
@@ -54,6 +56,16 @@ def named_grads(parameters: Parameters) -> tuple[tuple[str, ...], list[Tensor], 
             params.append(param)
             grads.append(grad)
     return tuple(names), params, grads
+
+
+def check_real(value: object, name: str, rule: str, ok: Callable[[float], bool], fix: str) -> float:
+    """A real-number constructor argument: ``ValueError`` naming it, the value and the fix."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"`{name}` must be a real number {rule}, got {value!r:.80}; pass e.g. `{fix}`")
+    number = float(value)
+    if math.isnan(number) or not ok(number):
+        raise ValueError(f"`{name}` must be {rule}, got {number}; pass e.g. `{fix}`")
+    return number
 
 
 def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
