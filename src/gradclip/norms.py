@@ -40,7 +40,11 @@ from gradclip import _foreach
 __all__ = ["GradNorms", "grad_norms"]
 
 SMALL_NUMEL = 32768
-"""Tensors below this many elements are concatenated before they are measured (CPU)."""
+"""Tensors below this many elements are not split into rows (CPU)."""
+TINY_NUMEL = 2048
+"""Tensors below this many elements are concatenated before they are measured (CPU); those
+from here to ``SMALL_NUMEL`` go through one ``_foreach_norm`` call (copying them would cost
+more than the ~2 µs per-tensor kernel overhead it saves)."""
 CHUNK_NUMEL = (1 << 15) - 1
 """Elements per concatenation chunk: under torch's OpenMP grain (32768), so each chunk is
 reduced on one thread. A parallel region on small data waits a whole scheduler slice (~8 ms)
@@ -209,6 +213,7 @@ class _Large:
 @dataclass(frozen=True)
 class _Plan:
     chunks: list[_Chunk]
+    mid: list[int]  # measured by one _foreach_norm call
     large: list[_Large]
     slots: int  # row norms of all large tensors (rows, plus one per tail)
     segments: Tensor  # for each slot, the position of its tensor among the large ones
@@ -254,7 +259,8 @@ def _plan_for(group: list[Tensor], dtype: torch.dtype) -> _Plan:
 
 def _build_plan(shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> _Plan:
     numels = [s.numel() for s in shapes]
-    small = sorted((i for i, n in enumerate(numels) if 0 < n < SMALL_NUMEL), key=numels.__getitem__)
+    small = sorted((i for i, n in enumerate(numels) if 0 < n < TINY_NUMEL), key=numels.__getitem__)
+    mid = [i for i, n in enumerate(numels) if TINY_NUMEL <= n < SMALL_NUMEL]
     empty = [i for i, n in enumerate(numels) if n == 0]
     chunks: list[_Chunk] = []
     members: list[int] = []
@@ -275,12 +281,13 @@ def _build_plan(shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> _Plan:
             rows, tail = divmod(numels[i], length)
             large.append(_Large(i, rows, length, tail, len(segments)))
             segments.extend([len(large) - 1] * (rows + (tail > 0)))
-    order = [*small, *(t.index for t in large), *empty]
+    order = [*small, *mid, *(t.index for t in large), *empty]
     inverse = None
     if order != list(range(len(shapes))):
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-    return _Plan(chunks, large, len(segments), torch.tensor(segments, dtype=torch.long), empty, inverse)
+    segments_tensor = torch.tensor(segments, dtype=torch.long)
+    return _Plan(chunks, mid, large, len(segments), segments_tensor, empty, inverse)
 
 
 def _row_length(shape: torch.Size, dtype: torch.dtype) -> int:
@@ -428,6 +435,10 @@ def _host_norms(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dt
         for offset, count, numel in chunk.runs:
             rows = flat[offset : offset + count * numel].view(count, numel)
             pieces.append(_rows_norms(rows, p, acc))
+    if plan.mid:
+        mid = [group[i] for i in plan.mid]
+        norm_dtype = acc if dtype in _LOW_PRECISION else None
+        pieces.append(torch.stack(_foreach.foreach_norm(mid, p, norm_dtype)).to(acc))
     if plan.large and math.isinf(p):
         pieces.append(_large_inf_norms(group, plan, acc))
     elif plan.large:
