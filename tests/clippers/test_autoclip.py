@@ -19,7 +19,8 @@ from gradclip.clippers import autoclip as autoclip_module
 from gradclip.clippers.autoclip import AutoClip
 from host_reads import HostReadDetector
 
-SHAPES = [(4, 3), (5,), (2, 2, 2)]
+from .steps import SHAPES, grads_with_norm, make_params, set_grads
+
 NAN_STEP, INF_STEP = 17, 33
 
 
@@ -34,25 +35,10 @@ def norm_sequence(steps: int = 60, seed: int = 0) -> list[float]:
     return out
 
 
-def grads_with_norm(norm: float, step: int) -> list[torch.Tensor]:
-    """float32 gradients whose total 2-norm is ``norm``; NaN/inf put one bad element in."""
-    gen = torch.Generator().manual_seed(step)
-    grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-    total = math.sqrt(sum(float(g.square().sum()) for g in grads))
-    scale = norm / total if math.isfinite(norm) else 1.0 / total
-    grads = [(g * scale).float() for g in grads]
-    if not math.isfinite(norm):
-        grads[1][2] = norm
-    return grads
 
 
-def make_params() -> dict[str, torch.nn.Parameter]:
-    return {f"p{i}": torch.nn.Parameter(torch.zeros(s)) for i, s in enumerate(SHAPES)}
 
 
-def set_grads(params: dict[str, torch.nn.Parameter], grads: list[torch.Tensor]) -> None:
-    for p, g in zip(params.values(), grads, strict=True):
-        p.grad = g.clone()
 
 
 def float64_norm(grads: list[torch.Tensor]) -> float:

@@ -1,0 +1,33 @@
+"""Synthetic gradient steps with a chosen total norm, shared by the per-algorithm tests."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+SHAPES = [(4, 3), (5,), (2, 2, 2)]
+
+
+def grads_with_norm(norm: float, step: int) -> list[torch.Tensor]:
+    """float32 gradients whose total 2-norm is ``norm``; NaN/inf put one bad element in."""
+    gen = torch.Generator().manual_seed(step)
+    grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    total = math.sqrt(sum(float(g.square().sum()) for g in grads))
+    scale = norm / total if math.isfinite(norm) else 1.0 / total
+    grads = [(g * scale).float() for g in grads]
+    if not math.isfinite(norm):
+        grads[1][2] = norm
+    return grads
+
+
+def make_params() -> dict[str, torch.nn.Parameter]:
+    return {f"p{i}": torch.nn.Parameter(torch.zeros(s)) for i, s in enumerate(SHAPES)}
+
+
+def set_grads(
+    params: dict[str, torch.nn.Parameter] | Iterable[torch.nn.Parameter], grads: list[torch.Tensor]
+) -> None:
+    for p, g in zip(params.values() if isinstance(params, dict) else params, grads, strict=True):
+        p.grad = g.clone()
