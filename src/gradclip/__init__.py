@@ -10,7 +10,16 @@ Example:
     >>> total = gradclip.clip_grad_norm_(model.parameters(), max_norm=1.0)
 """
 
-from gradclip.clippers import AGC, AdaGC, AutoClip, Clipper, NormClip, ValueClip, ZClip
+from gradclip.clippers import (
+    AGC,
+    AdaGC,
+    AdaptiveClip,
+    AutoClip,
+    Clipper,
+    NormClip,
+    ValueClip,
+    ZClip,
+)
 from gradclip.functional import (
     NotATensorError,
     clip_grad_norm,
@@ -28,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AGC",
     "AdaGC",
+    "AdaptiveClip",
     "AutoClip",
     "ClipStats",
     "Clipper",

@@ -118,4 +118,22 @@ ENTRIES: tuple[Entry, ...] = (
         warmup=10,
         scales_globally=False,
     ),
+    Entry(
+        "AdaptiveClip",
+        # A short window so that spikes are looked for after `warmup` steps; a warm-up ramp
+        # starting at half the first norm, so that the first steps are already clipped.
+        {"window": 8, "warmup_start": 0.5},
+        (
+            ({"relative": 0.0}, ValueError, "relative"),
+            ({"window": 0}, ValueError, "window"),
+            ({"growth": -1e-3}, ValueError, "growth"),
+            ({"warmup_start": 0.0}, ValueError, "warmup_start"),
+            ({"spike": 1.0}, ValueError, "spike"),
+            ({"backoff": 0.0}, ValueError, "backoff"),
+            ({"min_relative": 4.0}, ValueError, "min_relative"),
+            ({"max_norm": -1.0}, ValueError, "max_norm"),
+            ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
+        ),
+        warmup=8,
+    ),
 )

@@ -1,0 +1,373 @@
+"""Quality benchmark: does ``AdaptiveClip()`` match the best hand-tuned fixed threshold untuned?
+
+Every embedded task of :mod:`gradclip.demo.tasks` (full length by default) is trained under
+every strategy, ``--seeds`` seeds each (0, 1, ...):
+
+* ``none``: no clipping;
+* ``fixed C``: ``NormClip(C)`` (torch's ``clip_grad_norm_``) for C in 0.1, 0.3, 1, ..., 100;
+* the published adaptive methods at their papers' defaults: ``AutoClip()`` (p=10),
+  ``ZClip()``, ``AGC()`` (λ=0.01, called on the model so that its ``LAST_LINEAR`` rule
+  excludes the head) and ``AdaGC()``;
+* ``AdaptiveClip()`` with its defaults.
+
+A fresh clipper is built for every run and handed to :func:`gradclip.demo.tasks.run` as the
+clip function (its ``__call__`` returns the :class:`~gradclip.ClipStats` the runner records).
+The score of a strategy on a task is the median over seeds of the task's metric (lower is
+better; ``inf`` when the weights became non-finite).
+
+Acceptance rule (per task): ``AdaptiveClip()`` is within 1.5x of the best fixed threshold of
+the sweep, and better than no clipping. The report also says, for each published method,
+on which tasks it is more than 1.5x worse than the best fixed threshold or diverges.
+
+Data, rendering and command line stay apart: :func:`run_benchmark` returns records,
+:func:`summarize` turns them into a :class:`Summary`, :func:`render` prints it.
+
+Example:
+    python benchmarks/bench_quality.py --quick --seeds 1          # about a minute
+    python benchmarks/bench_quality.py --jobs 2 --json quality.json   # the full run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+import gradclip
+from gradclip.demo.tasks import TASKS, RunResult, run
+
+FIXED: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+"""The fixed thresholds of the sweep (each a ``NormClip``)."""
+
+RATIO_LIMIT = 1.5
+"""AdaptiveClip passes a task when its median metric is at most this times the best fixed one."""
+
+OURS = "AdaptiveClip"
+PUBLISHED: tuple[str, ...] = ("AutoClip p10", "ZClip", "AGC 0.01", "AdaGC")
+
+
+_MODULES = {"AdaptiveClip": "adaptive"}  # class -> module in gradclip.clippers, if not lower()
+
+
+def _clipper(name: str) -> gradclip.Clipper:
+    """A fresh ``gradclip.<name>()`` (from ``gradclip.clippers.<module>`` if not exported yet)."""
+    cls = getattr(gradclip, name, None)
+    if cls is None:
+        module = importlib.import_module(f"gradclip.clippers.{_MODULES.get(name, name.lower())}")
+        cls = getattr(module, name)
+    return cls()
+
+
+def strategies() -> dict[str, Callable[[], gradclip.Clipper] | None]:
+    """Strategy name -> factory of a fresh clipper (None: no clipping), in table order."""
+    table: dict[str, Callable[[], gradclip.Clipper] | None] = {"none": None}
+    for threshold in FIXED:
+        table[fixed_name(threshold)] = partial(gradclip.NormClip, threshold)
+    table["AutoClip p10"] = partial(_clipper, "AutoClip")
+    table["ZClip"] = partial(_clipper, "ZClip")
+    table["AGC 0.01"] = partial(_clipper, "AGC")
+    table["AdaGC"] = partial(_clipper, "AdaGC")
+    table[OURS] = partial(_clipper, OURS)
+    return table
+
+
+def fixed_name(threshold: float) -> str:
+    return f"fixed {threshold:g}"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training run: what the benchmark keeps of a :class:`RunResult`."""
+
+    task: str
+    strategy: str
+    seed: int
+    metric: float
+    diverged: bool
+    steps: int
+    nonfinite_steps: int
+    clip_rate: float
+    median_threshold: float
+    wall_time_s: float
+
+
+def run_one(task: str, strategy: str, seed: int, quick: bool) -> Record:
+    """Train ``task`` once under ``strategy`` (a key of :func:`strategies`)."""
+    factory = strategies()[strategy]
+    result: RunResult = run(task, None if factory is None else factory(), seed=seed, quick=quick)
+    thresholds = [t for t in result.thresholds if not math.isnan(t)]
+    return Record(
+        task=task,
+        strategy=strategy,
+        seed=seed,
+        metric=result.metric,
+        diverged=result.diverged,
+        steps=result.steps,
+        nonfinite_steps=result.nonfinite_steps,
+        clip_rate=sum(result.clipped) / max(1, len(result.clipped)),
+        median_threshold=statistics.median(thresholds) if thresholds else math.nan,
+        wall_time_s=result.wall_time_s,
+    )
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # the tasks' calibration; two workers share two cores
+
+
+def _run_job(job: tuple[str, str, int, bool]) -> Record:
+    return run_one(*job)
+
+
+def run_benchmark(
+    tasks: Iterable[str],
+    names: Iterable[str],
+    seeds: int,
+    quick: bool,
+    jobs: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> list[Record]:
+    """Every (task, strategy, seed) run, in ``jobs`` processes of one torch thread each."""
+    work = [(t, s, seed, quick) for t in tasks for s in names for seed in range(seeds)]
+    records: list[Record] = []
+
+    def note(record: Record) -> None:
+        records.append(record)
+        if progress is not None:
+            progress(
+                f"[{len(records)}/{len(work)}] {record.task} {record.strategy} seed "
+                f"{record.seed}: {record.metric:.4g} ({record.wall_time_s:.1f} s)"
+            )
+
+    if jobs <= 1:
+        threads = torch.get_num_threads()
+        _worker_init()
+        try:
+            for job in work:
+                note(_run_job(job))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        with get_context("fork").Pool(jobs, initializer=_worker_init) as pool:
+            for record in pool.imap_unordered(_run_job, work, chunksize=1):
+                note(record)
+    order = {job[:3]: i for i, job in enumerate(work)}
+    return sorted(records, key=lambda r: order[(r.task, r.strategy, r.seed)])
+
+
+@dataclass
+class TaskSummary:
+    """The scores of one task and the verdicts drawn from them."""
+
+    task: str
+    medians: dict[str, float]
+    diverged: dict[str, int]
+    runs: dict[str, int]
+    best_fixed: str
+    ratios: dict[str, float]
+    ours_passes: bool | None
+    why: str
+
+
+@dataclass
+class Summary:
+    tasks: list[TaskSummary]
+    strategies: list[str]
+    published_failures: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool | None:
+        verdicts = [t.ours_passes for t in self.tasks if t.ours_passes is not None]
+        return all(verdicts) if verdicts else None
+
+
+def _ratio(value: float, best: float) -> float:
+    if value == best:
+        return 1.0
+    return value / best if best > 0 else math.inf
+
+
+def summarize(records: list[Record]) -> Summary:
+    """Median metric per task x strategy, the best fixed threshold, and the verdicts."""
+    names = list(dict.fromkeys(r.strategy for r in records))
+    out: list[TaskSummary] = []
+    for task in dict.fromkeys(r.task for r in records):
+        mine = [r for r in records if r.task == task]
+        medians = {
+            s: statistics.median([r.metric for r in mine if r.strategy == s])
+            for s in names
+            if any(r.strategy == s for r in mine)
+        }
+        diverged = {s: sum(r.diverged for r in mine if r.strategy == s) for s in medians}
+        runs = {s: sum(r.strategy == s for r in mine) for s in medians}
+        fixed = [s for s in medians if s.startswith("fixed ")]
+        best = min(fixed, key=lambda s: medians[s]) if fixed else ""
+        ratios = {s: _ratio(m, medians[best]) for s, m in medians.items()} if best else {}
+        passes: bool | None = None
+        why = ""
+        if best and OURS in medians:
+            within = ratios[OURS] <= RATIO_LIMIT
+            beats_none = "none" not in medians or medians[OURS] < medians["none"]
+            passes = within and beats_none
+            why = (
+                f"{ratios[OURS]:.2f}x the best fixed ({best})"
+                + ("" if within else f" > {RATIO_LIMIT}x")
+                + ("" if beats_none else "; not better than no clipping")
+            )
+        out.append(TaskSummary(task, medians, diverged, runs, best, ratios, passes, why))
+    failures: dict[str, list[str]] = {}
+    for method in [*PUBLISHED, OURS]:
+        lines = []
+        for t in out:
+            if method not in t.medians or not t.best_fixed:
+                continue
+            div, n = t.diverged[method], t.runs[method]
+            if div * 2 > n:
+                lines.append(f"{t.task}: diverged on {div}/{n} seeds")
+            elif t.ratios[method] > RATIO_LIMIT:
+                extra = f", diverged on {div}/{n} seeds" if div else ""
+                r = t.ratios[method]
+                ratio = f"{r:.2f}" if r < 100 else _number(r, 2)
+                lines.append(f"{t.task}: {ratio}x the best fixed ({t.best_fixed}){extra}")
+        if any(method in t.medians for t in out):
+            failures[method] = lines
+    return Summary(out, names, failures)
+
+
+def _number(value: float, digits: int = 3) -> str:
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.1e}"
+
+
+def _cell(value: float, ratio: float | None) -> str:
+    if ratio is None:
+        return _number(value)
+    shown_ratio = f"{ratio:.2f}" if ratio < 100 else _number(ratio)
+    return f"{_number(value)} ({shown_ratio}x)"
+
+
+def render(summary: Summary, meta: str = "") -> str:
+    """The table (median metric and its ratio to the best fixed threshold) and the verdicts."""
+    tasks = summary.tasks
+    grid = [["strategy", *(t.task for t in tasks)]]
+    for s in summary.strategies:
+        row = [s]
+        for t in tasks:
+            if s not in t.medians:
+                row.append("-")
+                continue
+            cell = _cell(t.medians[s], t.ratios.get(s))
+            if t.diverged[s]:
+                cell += f" d{t.diverged[s]}/{t.runs[s]}"
+            row.append(cell)
+        grid.append(row)
+    grid.append(["best fixed", *(t.best_fixed for t in tasks)])
+    widths = [max(len(row[i]) for row in grid) + 2 for i in range(len(grid[0]))]
+    lines = [meta] if meta else []
+    lines.append(
+        "median metric over seeds (lower is better) and its ratio to the best fixed threshold"
+    )
+    lines += [
+        "".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in grid
+    ]
+    lines.append("(dK/N: the run diverged on K of N seeds)")
+    lines.append("")
+    lines.append(
+        f"{OURS}() acceptance: within {RATIO_LIMIT}x of the best fixed and better than none"
+    )
+    for t in tasks:
+        if t.ours_passes is not None:
+            lines.append(f"  {'PASS' if t.ours_passes else 'FAIL'}  {t.task}: {t.why}")
+    if summary.passed is not None:
+        lines.append(f"  overall: {'PASS' if summary.passed else 'FAIL'}")
+    lines.append("")
+    lines.append(f"where each method fails (> {RATIO_LIMIT}x the best fixed, or diverged):")
+    for method, where in summary.published_failures.items():
+        lines.append(f"  {method}: " + ("; ".join(where) if where else "nowhere"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the tasks' quick step counts")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per run (default 3)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument(
+        "--strategies", nargs="+", metavar="NAME", help="a subset of the strategies (by name)"
+    )
+    parser.add_argument(
+        "--render", type=Path, metavar="PATH", help="print the report of a saved --json result"
+    )
+    args = parser.parse_args(argv)
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        records = [Record(**r) for r in saved["records"]]
+        m = saved["meta"]
+        meta = (
+            f"{args.render}: {'quick' if m['quick'] else 'full'} length, {m['seeds']} seed(s), "
+            f"wall time {m['wall_time_s']:.0f} s"
+        )
+        print(render(summarize(records), meta))
+        return 0
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    names = list(strategies())
+    if args.strategies:
+        unknown = sorted(set(args.strategies) - set(names))
+        if unknown:
+            parser.error(f"unknown strategies {unknown}; choose from {names}")
+        names = [n for n in names if n in args.strategies]
+
+    start = time.perf_counter()
+    records = run_benchmark(
+        args.tasks,
+        names,
+        args.seeds,
+        args.quick,
+        args.jobs,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    wall = time.perf_counter() - start
+    summary = summarize(records)
+    meta = (
+        f"gradclip {gradclip.__version__}, torch {torch.__version__}; "
+        f"{'quick' if args.quick else 'full'} length, seeds 0-{args.seeds - 1}, "
+        f"{args.jobs} job(s), wall time {wall:.0f} s"
+    )
+    print(render(summary, meta))
+    if args.json is not None:
+        payload = {
+            "meta": {
+                "quick": args.quick,
+                "seeds": args.seeds,
+                "jobs": args.jobs,
+                "wall_time_s": wall,
+                "torch": torch.__version__,
+                "fixed": list(FIXED),
+                "ratio_limit": RATIO_LIMIT,
+            },
+            "records": [asdict(r) for r in records],
+            "summary": asdict(summary) | {"passed": summary.passed},
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

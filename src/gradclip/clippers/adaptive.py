@@ -1,0 +1,387 @@
+"""AdaptiveClip: gradclip's default adaptive clipper, a guarded multiple of the median recent norm."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gradclip.clippers.base import Clipper
+from gradclip.functional import _check_threshold, clip_coefficient
+from gradclip.nonfinite import NonFinitePolicy
+from gradclip.norms import GradNorms
+
+__all__ = ["AdaptiveClip"]
+
+
+class AdaptiveClip(Clipper):
+    """Clip to a guarded multiple of the median recent gradient norm: no threshold to tune.
+
+    With ``g`` the pre-clip total norm of this step, ``m`` the median of the last ``window``
+    recorded norms (the lower median; ``inf`` while none is recorded), ``c`` the previous
+    step's threshold and ``k`` the ceiling as a multiple of the median (``relative`` at
+    first)::
+
+        first norm:  c = warmup_start · g                                  the warm-up starts low
+        warm-up:     c = min(c · (1 + warmup_growth), min(k, warmup_relative) · m)
+                     until the ramp first reaches that cap
+        afterwards:  c = min(c · (1 + growth), k · m)          grows slowly, falls at once
+        spike:       if the window is full and g > spike · m:
+                     c = min(c, max(backoff · c, min_relative · m))        back off
+                     k = max(c / m, min_relative)                          and remember it
+        otherwise:   k = min(k · (1 + recovery), relative)                 (from the next step)
+        threshold  = min(c, max_norm)
+        g         ← g · min(1, threshold / (‖g‖ + 1e-6))                   torch's coefficient
+
+    A step is judged against the norms before it; its own norm is recorded afterwards. With
+    the defaults: the threshold starts at 1% of the first norm and ramps up by at most 1% a
+    step to half the median; from there it creeps toward twice the median by at most 0.05%
+    a step (x1.65 per 1000 steps). A norm above 6x the median halves it, down to 1/32 of the
+    median, and lowers the ceiling to match, which then recovers by 0.1% a step. In stable
+    training the threshold ends up clipping only outliers; in unstable training it stays
+    where the spikes stop. Each ingredient answers a failure of a published method, or of a
+    fixed threshold:
+
+    * **Scale-free.** Every quantity (but the optional ``max_norm``) is a multiple of recent
+      norms, so a loss scaled by 1e3 gives the same clipping decisions. A fixed ``max_norm``
+      that is 10x off is fatal.
+    * **A robust statistic of recent norms**: the median of a bounded window (AutoClip's
+      percentile of past norms, without its unbounded history; Pascanu et al.'s "statistics
+      of the average norm"). A spike moves the median by one rank, where it drags ZClip's
+      EMA mean and variance along.
+    * **Clip outliers, not typical steps** (``relative=2``): the threshold tops out at twice
+      the median. AutoClip's p=10 clips almost every step below the typical norm, which
+      with plain SGD lowers the learning rate and under-trains. (From half the median, the
+      creep takes ~2800 spike-free steps to get there.)
+    * **A bound on how fast the threshold may grow** (``growth``; AdaGC's threshold can grow
+      by about 0.1% a step): a gradient that grows steadily, as in an exploding RNN, raises
+      the median. ZClip's EMA follows it and never fires; here the threshold follows at most
+      ``(1 + growth)`` per step, so the explosion is clipped instead of followed. Falling
+      norms are followed at once.
+    * **A warm-up** (``warmup_start``, ``warmup_growth``, ``warmup_relative``): the first
+      norms of a network are often its largest (our RNNs start 15-30x above their settled
+      norm), and a statistic of them is meaningless. As a learning-rate warm-up does, the
+      threshold starts at a small fraction of the first norm and ramps up; the ramp stops at
+      half the median, below the typical norm, and the slow ``growth`` takes over from
+      there. AdaGC's warm-up needs an absolute threshold (1.0) instead.
+    * **Spike back-off** (``spike``, ``backoff``, ``min_relative``, ``recovery``), as the
+      dynamic loss scaling of ``torch.amp.GradScaler`` backs off on an overflow: a norm
+      above ``spike`` times the median (ZClip's spike idea, against a robust reference)
+      halves the threshold, and the ceiling ``k`` drops to the new threshold's multiple of
+      the median, so the back-off holds when the norms move. When the creep reaches a
+      threshold at which training turns unstable (a learning rate too high for it), the
+      spikes push it back below, and it returns only slowly. A single data glitch costs one
+      halving, regained in ~1400 steps. Spikes that keep coming, as with heavy-tailed
+      gradient noise, hold the threshold near ``min_relative`` times the median, where
+      clipped SGD does well under such noise (Zhang et al., 2020). That floor keeps the
+      back-off from freezing training, as AGC at λ = 0.01 freezes an RNN. Spikes are looked
+      for once the window is full.
+    * **An optional absolute ceiling** (``max_norm``), outside the statistics.
+    * **Non-finite steps never enter the statistics**: a NaN/inf norm changes no state
+      (every update is masked with ``torch.where``), whatever the ``nonfinite`` policy does
+      with the gradients; the packaged autoclip and zclip are poisoned for good by one NaN.
+      An all-zero gradient (norm 0) is not recorded either: it carries no scale, and a
+      median of zeros would clip every later step to nothing.
+
+    The defaults are round values, the same for every optimizer and task; the quality
+    benchmark (``benchmarks/bench_quality.py``) compares them with a hand-tuned fixed
+    threshold on the tasks of ``gradclip demo``. The threshold cannot know the learning
+    rate: when the rate is too high, the best fixed threshold clips every step, which
+    ``AdaptiveClip`` reaches only through the back-off.
+
+    State (see :meth:`state_dict`), on the gradients' device after the first call:
+
+    * ``history``: float32, shape ``(window,)``, the recorded norms in ring order; slots not
+      yet written hold ``+inf``.
+    * ``count``: int64, 0-dim, the number of norms ever recorded (next slot: ``count %
+      window``).
+    * ``threshold``: float32, 0-dim, ``c`` after the last recorded step, before ``max_norm``
+      (``inf`` before the first).
+    * ``warm``: bool, 0-dim, True until the warm-up ramp has reached its cap.
+    * ``multiple``: float32, 0-dim, the ceiling ``k`` for the next step.
+
+    A step sorts ``window`` floats and does about 40 operations on 0-dim tensors (0.1 ms on
+    a CPU), with no host sync. :class:`~gradclip.ClipStats` ``threshold`` is the threshold applied; on a step whose
+    norm is not recorded (NaN, inf or 0) it is the one the state gives without that norm
+    (``inf`` before the first recorded norm).
+
+    Args:
+        relative: the largest threshold, as a multiple of the median recent norm (> 0,
+            default 2).
+        window: how many recent norms the median looks at (int >= 1, default 128).
+        growth: after the warm-up the threshold grows by at most ``(1 + growth)`` per step
+            (>= 0, default 5e-4; 0 makes it a ratchet that only falls).
+        warmup_start: the first threshold, as a fraction of the first recorded norm (> 0,
+            default 0.01; ``inf`` skips the ramp: the first steps go unclipped and the
+            threshold then starts at ``warmup_relative · m``).
+        warmup_growth: the per-step growth bound of the warm-up ramp (>= 0, default 0.01).
+        warmup_relative: where the ramp ends, as a multiple of the median (in
+            (0, relative], default 0.5).
+        spike: a norm above ``spike`` times the median is a spike (> 1, default 6; None
+            disables the back-off).
+        backoff: the factor a spike applies to the threshold (in (0, 1], default 0.5).
+        min_relative: the lowest threshold the back-off reaches, as a multiple of the
+            median (in (0, relative], default 1/32).
+        recovery: after a back-off, the ceiling ``k`` regrows by ``(1 + recovery)`` per step
+            (>= 0, default 1e-3, AdaGC's rate; the threshold under it still grows by at
+            most ``growth``).
+        max_norm: an optional absolute ceiling on the threshold (>= 0); None (default) for
+            none.
+        norm_type: p of the norms (default 2).
+        nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
+
+    Example:
+        >>> import math, torch
+        >>> from gradclip.clippers.adaptive import AdaptiveClip
+        >>> clipper = AdaptiveClip(window=4, warmup_start=math.inf, growth=0.0)
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> for norm in (1.0, 2.0, 3.0, 4.0, 100.0):     # the last one is a spike
+        ...     p.grad = torch.tensor([norm])
+        ...     stats = clipper({"w": p})
+        >>> stats.threshold       # half the median of 1 (set at step 2), halved by the spike
+        tensor(0.2500)
+        >>> p.grad
+        tensor([0.2500])
+
+    References:
+        Pascanu, Mikolov, Bengio. "On the difficulty of training recurrent neural networks."
+        ICML 2013 (norm clipping; the threshold from statistics of the average norm).
+        Seetharaman, Wichern, Pardo, Le Roux. "AutoClip: Adaptive Gradient Clipping for
+        Source Separation Networks." IEEE MLSP 2020 (a percentile of past norms).
+        Kumar, Owen, Roy Chowdhury, Güra. "ZClip: Adaptive Spike Mitigation for LLM
+        Pre-Training." arXiv:2504.02507, 2025 (spikes measured against recent norms).
+        Wang et al. "AdaGC: Improving Training Stability for Large Language Model
+        Pretraining." arXiv:2502.11034 (a bounded growth rate of the threshold).
+        Zhang, Karimireddy, Veit, Kim, Reddi, Kumar, Sra. "Why are adaptive methods good for
+        attention models?" NeurIPS 2020 (clipping under heavy-tailed noise).
+    """
+
+    def __init__(
+        self,
+        relative: float = 2.0,
+        window: int = 128,
+        *,
+        growth: float = 5e-4,
+        warmup_start: float = 1e-2,
+        warmup_growth: float = 1e-2,
+        warmup_relative: float = 0.5,
+        spike: float | None = 6.0,
+        backoff: float = 0.5,
+        min_relative: float = 1 / 32,
+        recovery: float = 1e-3,
+        max_norm: float | None = None,
+        norm_type: float | str = 2.0,
+        nonfinite: NonFinitePolicy = "propagate",
+    ):
+        self.relative = _check(
+            relative, "relative", "finite and > 0", "relative=2.0", lambda v: 0 < v < math.inf
+        )
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+            raise ValueError(
+                f"`window` must be an int >= 1, got {window!r:.80}; pass the number of recent "
+                "norms the median looks at, e.g. `window=128`"
+            )
+        self.window = int(window)
+        self.growth = _check(
+            growth, "growth", "finite and >= 0", "growth=5e-4", lambda v: 0 <= v < math.inf
+        )
+        self.warmup_start = _check(
+            warmup_start, "warmup_start", "> 0 (inf: no ramp)", "warmup_start=0.01", lambda v: v > 0
+        )
+        self.warmup_growth = _check(
+            warmup_growth,
+            "warmup_growth",
+            "finite and >= 0",
+            "warmup_growth=0.01",
+            lambda v: 0 <= v < math.inf,
+        )
+        within = f"in (0, relative={self.relative:g}]"
+        self.warmup_relative = _check(
+            warmup_relative,
+            "warmup_relative",
+            within,
+            "warmup_relative=0.5",
+            lambda v: 0 < v <= self.relative,
+        )
+        self.spike = (
+            None
+            if spike is None
+            else _check(
+                spike, "spike", "finite and > 1 (or None)", "spike=6.0", lambda v: 1 < v < math.inf
+            )
+        )
+        self.backoff = _check(backoff, "backoff", "in (0, 1]", "backoff=0.5", lambda v: 0 < v <= 1)
+        self.min_relative = _check(
+            min_relative,
+            "min_relative",
+            within,
+            "min_relative=1/32",
+            lambda v: 0 < v <= self.relative,
+        )
+        self.recovery = _check(
+            recovery, "recovery", "finite and >= 0", "recovery=1e-3", lambda v: 0 <= v < math.inf
+        )
+        self.max_norm = None if max_norm is None else _check_threshold(max_norm, "max_norm")
+        super().__init__(norm_type=norm_type, nonfinite=nonfinite)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "relative": self.relative,
+            "window": self.window,
+            "growth": self.growth,
+            "warmup_start": self.warmup_start,
+            "warmup_growth": self.warmup_growth,
+            "warmup_relative": self.warmup_relative,
+            "spike": self.spike,
+            "backoff": self.backoff,
+            "min_relative": self.min_relative,
+            "recovery": self.recovery,
+            "max_norm": self.max_norm,
+            **super().config(),
+        }
+
+    def _init_state(self) -> dict[str, Tensor]:
+        return {
+            "history": torch.full((self.window,), math.inf, dtype=torch.float32),
+            "count": torch.zeros((), dtype=torch.long),
+            "threshold": torch.full((), math.inf, dtype=torch.float32),
+            "warm": torch.ones((), dtype=torch.bool),
+            "multiple": torch.full((), self.relative, dtype=torch.float32),
+        }
+
+    def reset(self) -> None:
+        super().reset()
+        self._constants: _Constants | None = None
+        self._pending: tuple[Tensor, _Step] | None = None
+
+    def _constants_on(self, device: torch.device) -> _Constants:
+        """The step's constants as device tensors, built once per device: an operation on a
+        Python number costs twice one on a tensor, and a step is mostly such operations."""
+        constants = self._constants
+        if constants is None or constants.slots.device != device:
+            window = self.window
+            # The lower median of n recorded norms sits at sorted index (n - 1) // 2.
+            middle = [(min(max(n - 1, 0), window - 1)) // 2 for n in range(window + 1)]
+
+            def f32(value: float) -> Tensor:
+                return torch.tensor(value, dtype=torch.float32, device=device)
+
+            constants = self._constants = _Constants(
+                slots=torch.arange(window, device=device),
+                window=torch.tensor(window, device=device),
+                middle=torch.tensor(middle, device=device),
+                zero=f32(0.0),
+                inf=f32(math.inf),
+                rate=f32(1 + self.growth),
+                warmup_rate=f32(1 + self.warmup_growth),
+                warmup_start=f32(self.warmup_start),
+                warmup_relative=f32(self.warmup_relative),
+                relative=f32(self.relative),
+                recovery_rate=f32(1 + self.recovery),
+                spike=f32(math.inf if self.spike is None else self.spike),
+                backoff=f32(self.backoff),
+                min_relative=f32(self.min_relative),
+            )
+        return constants
+
+    def _step(self, total: Tensor) -> _Step:
+        """This step's threshold and the state after it. Changes nothing."""
+        state = self._state
+        history, count, previous, warm, multiple = (
+            state["history"],
+            state["count"],
+            state["threshold"],
+            state["warm"],
+            state["multiple"],
+        )
+        k = self._constants_on(history.device)
+        norm = total.float()
+        recorded = (norm > k.zero) & (norm < k.inf)  # False for NaN, inf and a zero gradient
+        # Unwritten slots hold +inf and sort last: the lower median of the recorded norms,
+        # and inf while there is none.
+        middle = torch.take(k.middle, torch.minimum(count, k.window))  # no host read
+        median = torch.take(history.sort().values, middle)
+
+        first = count == 0
+        grown = previous * torch.where(warm, k.warmup_rate, k.rate)
+        cap = torch.where(warm, torch.minimum(multiple, k.warmup_relative), multiple) * median
+        # An unrecorded first norm (NaN, inf, 0) gives no threshold yet: inf.
+        start = k.warmup_start * torch.where(recorded, norm, k.inf)
+        threshold = torch.where(first, start, torch.minimum(grown, cap))
+        still_warm = warm & (first | (grown < cap))
+        multiple = torch.minimum(multiple * k.recovery_rate, k.relative)
+        # Never a spike with spike=None (k.spike is inf) or before the window is full.
+        spiked = (norm > k.spike * median) & (count >= k.window) & recorded
+        backed_off = torch.maximum(k.backoff * threshold, k.min_relative * median)
+        threshold = torch.where(spiked, torch.minimum(threshold, backed_off), threshold)
+        multiple = torch.where(spiked, torch.maximum(threshold / median, k.min_relative), multiple)
+        write = (k.slots == torch.remainder(count, k.window)) & recorded
+        return _Step(
+            threshold=threshold,
+            state={  # every entry masked by `recorded`, which implies a finite norm
+                "history": torch.where(write, norm, history),
+                "count": count + recorded,
+                "threshold": torch.where(recorded, threshold, previous),
+                "warm": torch.where(recorded, still_warm, warm),
+                "multiple": torch.where(recorded, multiple, state["multiple"]),
+            },
+        )
+
+    def _decide(
+        self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        total = norms.total
+        step = self._step(total)
+        self._pending = (total, step)  # the same call's _update keeps exactly this
+        threshold = step.threshold
+        if self.max_norm is not None:
+            threshold = torch.clamp(threshold, max=self.max_norm)
+        threshold = threshold.to(total.dtype)
+        return threshold, clip_coefficient(threshold, total)
+
+    def _update(self, norms: GradNorms, post_norm: Tensor, finite: Tensor) -> None:
+        pending, self._pending = self._pending, None
+        step = (
+            pending[1]
+            if pending is not None and pending[0] is norms.total
+            else self._step(norms.total)
+        )
+        # _step masked every entry with its own `recorded` (a finite, non-zero norm). `finite`
+        # is the base's verdict on the same norm, so they agree; the state is replaced as is.
+        self._state.update(step.state)
+
+
+class _Constants(NamedTuple):
+    slots: Tensor  # arange(window): the ring buffer's slot indices
+    window: Tensor  # int64 0-dim
+    middle: Tensor  # int64 (window + 1,): sorted index of the lower median of n norms
+    zero: Tensor  # the rest: float32 0-dim
+    inf: Tensor
+    rate: Tensor  # 1 + growth
+    warmup_rate: Tensor  # 1 + warmup_growth
+    warmup_start: Tensor
+    warmup_relative: Tensor
+    relative: Tensor
+    recovery_rate: Tensor  # 1 + recovery
+    spike: Tensor  # inf when spike=None
+    backoff: Tensor
+    min_relative: Tensor
+
+
+class _Step(NamedTuple):
+    threshold: Tensor  # float32 0-dim, before max_norm
+    state: dict[str, Tensor]  # the state after this step (unchanged if the norm is not recorded)
+
+
+def _check(value: object, name: str, rule: str, example: str, ok: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"`{name}` must be a real number {rule}, got {value!r:.80}; pass e.g. `{example}`"
+        )
+    number = float(value)
+    if math.isnan(number) or not ok(number):
+        raise ValueError(f"`{name}` must be {rule}, got {number}; pass e.g. `{example}`")
+    return number

@@ -1,0 +1,285 @@
+"""AdaptiveClip against an independent reference of its formulas, and its guards one by one."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import statistics
+
+import pytest
+import torch
+
+from gradclip.clippers.adaptive import AdaptiveClip
+from gradclip.demo.tasks import run
+
+DEFAULTS = {
+    "relative": 2.0,
+    "window": 128,
+    "growth": 5e-4,
+    "warmup_start": 1e-2,
+    "warmup_growth": 1e-2,
+    "warmup_relative": 0.5,
+    "spike": 6.0,
+    "backoff": 0.5,
+    "min_relative": 1 / 32,
+    "recovery": 1e-3,
+    "max_norm": None,
+}
+
+
+def reference(norms: list[float], **overrides: float | None) -> list[float]:
+    """The documented formulas in plain Python: the threshold applied at each step."""
+    cfg = {**DEFAULTS, **overrides}
+    history: list[float] = []  # recorded norms, oldest first
+    c: float | None = None  # threshold after the last recorded step
+    k = cfg["relative"]  # the ceiling, as a multiple of the median
+    warm = True
+    out = []
+    for g in norms:
+        recorded = math.isfinite(g) and g > 0
+        recent = history[-cfg["window"] :]
+        m = statistics.median_low(recent) if recent else math.inf
+        if c is None:
+            t = cfg["warmup_start"] * g if recorded else math.inf
+            still_warm = True
+        else:
+            grown = c * (1 + (cfg["warmup_growth"] if warm else cfg["growth"]))
+            cap = (min(k, cfg["warmup_relative"]) if warm else k) * m
+            t = min(grown, cap)
+            still_warm = warm and grown < cap
+        new_k = min(k * (1 + cfg["recovery"]), cfg["relative"])
+        full = len(history) >= cfg["window"]
+        if cfg["spike"] is not None and recorded and full and g > cfg["spike"] * m:
+            t = min(t, max(cfg["backoff"] * t, cfg["min_relative"] * m))
+            new_k = max(t / m, cfg["min_relative"])
+        out.append(t if cfg["max_norm"] is None else min(t, cfg["max_norm"]))
+        if recorded:
+            history.append(g)
+            c, warm, k = t, still_warm, new_k
+    return out
+
+
+def f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def norm_sequence(steps: int, seed: int = 0, bad: bool = True) -> list[float]:
+    """Log-normal norms around 1 with x20 spikes and, if ``bad``, NaN / inf / 0 steps."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(steps):
+        g = math.exp(rng.gauss(0.0, 0.4)) * (20.0 if rng.random() < 0.05 else 1.0)
+        if bad and i % 37 == 5:
+            g = (math.nan, math.inf, 0.0)[i % 3]
+        out.append(f32(g))
+    return out
+
+
+def clip_sequence(clipper: AdaptiveClip, norms: list[float]) -> tuple[list[float], list[float]]:
+    """Feed one-element gradients with these norms; return (thresholds, clipped norms)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    thresholds, clipped = [], []
+    for g in norms:
+        p.grad = torch.tensor([g], dtype=torch.float32)
+        stats = clipper({"w": p})
+        thresholds.append(float(stats.threshold))
+        clipped.append(float(p.grad[0]))
+    return thresholds, clipped
+
+
+CONFIGS = [
+    {},
+    {"window": 16},
+    {"window": 16, "growth": 0.01, "warmup_growth": 0.05, "max_norm": 0.8},
+    {"window": 8, "relative": 1.0, "warmup_relative": 1.0, "spike": None},
+    {"window": 8, "warmup_start": math.inf, "backoff": 0.25, "min_relative": 0.1, "spike": 3.0},
+    {"window": 8, "spike": 2.0, "recovery": 0.05},
+]
+
+
+@pytest.mark.parametrize("overrides", CONFIGS, ids=[str(c) for c in CONFIGS])
+def test_thresholds_match_the_reference(overrides: dict) -> None:
+    norms = norm_sequence(500)
+    got, _ = clip_sequence(AdaptiveClip(**overrides), norms)
+    want = reference(norms, **overrides)
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_gradients_are_scaled_by_torchs_coefficient() -> None:
+    norms = norm_sequence(200, seed=3, bad=False)
+    thresholds, clipped = clip_sequence(AdaptiveClip(window=16), norms)
+    for g, t, after in zip(norms, thresholds, clipped, strict=True):
+        assert after == pytest.approx(g * min(1.0, t / (g + 1e-6)), rel=1e-5)
+
+
+def test_growth_is_bounded_after_the_warm_up() -> None:
+    # Settled norms, then a steady explosion (x1.05 a step): the threshold must not follow.
+    settled = [1.0] * 500  # the ramp from 0.01 reaches 0.5 * median after 394 steps
+    exploding = [1.05**i for i in range(1, 200)]
+    clipper = AdaptiveClip(window=32, spike=None)
+    clip_sequence(clipper, settled[:450])
+    assert not bool(clipper.state_dict()["state"]["warm"])
+    more, clipped = clip_sequence(clipper, settled[450:] + exploding)
+    after = more[50:]
+    for before, now in itertools.pairwise(after):
+        assert now <= before * (1 + 5e-4) * (1 + 1e-6)
+    # The explosion grows the norm x1.6e4; the clipped norm by at most (1 + growth) a step.
+    assert max(clipped[50:]) <= more[49] * (1 + 5e-4) ** 200 * (1 + 1e-5)
+    assert clipped[-1] < 1.2
+
+
+def test_threshold_falls_at_once() -> None:
+    norms = [10.0] * 200 + [1.0] * 40
+    clipper = AdaptiveClip(window=32, spike=None, warmup_start=math.inf)  # no ramp
+    thresholds, _ = clip_sequence(clipper, norms)
+    assert thresholds[1] == pytest.approx(5.0)  # warmup_relative * 10: the warm-up is over
+    assert thresholds[215] > 5.0  # creeping up toward relative * 10
+    # Step 216 is judged against steps 184-215, 16 of which have norm 1: the lower median
+    # is 1, and the cap relative * m = 2 applies at once.
+    assert thresholds[216] == pytest.approx(2.0)
+
+
+def test_absolute_ceiling_caps_the_threshold_but_not_the_statistics() -> None:
+    norms = norm_sequence(300, seed=1)
+    capped = AdaptiveClip(window=16, max_norm=0.3)
+    free = AdaptiveClip(window=16)
+    got, clipped = clip_sequence(capped, norms)
+    free_thresholds, _ = clip_sequence(free, norms)
+    assert max(got) <= 0.3
+    assert got == pytest.approx([min(t, 0.3) for t in free_thresholds], rel=1e-6)
+    assert all(abs(x) <= 0.3 * (1 + 1e-6) for x in clipped if math.isfinite(x))
+    # The ceiling is outside the statistics: the state is the uncapped one.
+    assert torch.equal(
+        capped.state_dict()["state"]["threshold"], free.state_dict()["state"]["threshold"]
+    )
+
+
+def test_warm_up_ramp() -> None:
+    clipper = AdaptiveClip(window=64)
+    thresholds, _ = clip_sequence(clipper, [10.0] * 600)
+    assert thresholds[0] == pytest.approx(0.1)  # warmup_start * first norm
+    # Ramp: x1.01 per step up to warmup_relative * median = 5.
+    end = math.ceil(math.log(50) / math.log(1.01))
+    for i in range(1, end):
+        assert thresholds[i] == pytest.approx(0.1 * 1.01**i, rel=1e-4)
+    assert thresholds[end] == pytest.approx(5.0)
+    # Then the slow growth toward relative * median = 20.
+    assert thresholds[end + 100] == pytest.approx(5.0 * (1 + 5e-4) ** 100, rel=1e-4)
+    assert bool(clipper.state_dict()["state"]["warm"]) is False
+
+
+def test_warm_up_can_be_skipped() -> None:
+    thresholds, clipped = clip_sequence(
+        AdaptiveClip(window=8, warmup_start=math.inf), [4.0, 2.0, 2.0]
+    )
+    assert thresholds[0] == math.inf and clipped[0] == 4.0
+    assert thresholds[1] == pytest.approx(2.0)  # warmup_relative * median(4) at once
+
+
+def test_spike_halves_the_threshold_down_to_the_floor() -> None:
+    window = 16
+    clipper = AdaptiveClip(window=window, warmup_start=math.inf, growth=0.0)
+    base = [1.0] * (window + 1)
+    thresholds, clipped = clip_sequence(clipper, [*base, 100.0])
+    assert thresholds[-2] == pytest.approx(0.5)
+    assert thresholds[-1] == pytest.approx(0.25)  # halved by the spike
+    assert clipped[-1] == pytest.approx(0.25, rel=1e-5)
+    # Spikes that keep coming: halving stops at min_relative * median (1/32).
+    more, _ = clip_sequence(clipper, [1.0, 100.0] * 6)
+    assert more[-1] == pytest.approx(1 / 32)
+    assert min(more) >= 1 / 32 * (1 - 1e-6)
+
+
+def test_back_off_is_remembered_and_recovers_at_its_own_rate() -> None:
+    window = 16
+    clipper = AdaptiveClip(window=window, warmup_start=math.inf, growth=0.1, recovery=0.01)
+    thresholds, _ = clip_sequence(clipper, [1.0] * (window + 1) + [100.0] + [1.0] * 20)
+    spike = window + 1
+    assert thresholds[spike - 1] == pytest.approx(2.0)  # relative * median: growth is fast
+    assert thresholds[spike] == pytest.approx(1.0)  # halved
+    # The ceiling is now 1x the median (the spike is one rank of 16) and regrows by 1% per
+    # step from the next one on, though growth would allow 10%.
+    for i in range(1, 20):
+        assert thresholds[spike + i] == pytest.approx(1.01 ** (i - 1), rel=1e-5)
+
+
+def test_spikes_wait_for_a_full_window() -> None:
+    clipper = AdaptiveClip(window=16, warmup_start=math.inf, growth=0.0)
+    thresholds, _ = clip_sequence(clipper, [1.0] * 8 + [100.0])
+    assert thresholds[-1] == pytest.approx(0.5)  # no back-off: 8 < 16 norms recorded
+
+
+def test_a_spike_never_raises_the_threshold() -> None:
+    # In the warm-up the threshold can sit below the floor; a spike must leave it there.
+    clipper = AdaptiveClip(window=8)
+    thresholds, _ = clip_sequence(clipper, [1.0] * 9 + [100.0])
+    assert thresholds[-1] == pytest.approx(thresholds[-2] * 1.01)
+    assert thresholds[-1] < 1 / 32
+
+
+@pytest.mark.parametrize("policy", ["propagate", "skip"])
+def test_nan_inf_and_zero_never_enter_the_statistics(policy: str) -> None:
+    clean = norm_sequence(300, seed=2, bad=False)
+    dirty = list(clean)
+    bad_at = {0: math.nan, 40: math.inf, 41: 0.0, 150: math.nan, 151: math.inf, 299: 0.0}
+    for i, value in sorted(bad_at.items()):
+        dirty.insert(i, value)
+    a, b = AdaptiveClip(window=32), AdaptiveClip(window=32, nonfinite=policy)
+    ta, _ = clip_sequence(a, clean)
+    tb, _ = clip_sequence(b, dirty)
+    kept = [t for i, t in enumerate(tb) if i not in bad_at]
+    assert kept == ta
+    for key in ("history", "count", "threshold", "warm"):
+        assert torch.equal(a.state_dict()["state"][key], b.state_dict()["state"][key]), key
+    assert not any(math.isnan(t) for t in tb)
+    assert int(b.nonfinite_steps) == 4
+
+
+def test_threshold_of_an_unrecorded_step_is_the_states() -> None:
+    clipper = AdaptiveClip(window=8)
+    thresholds, _ = clip_sequence(clipper, [math.nan, 0.0, 2.0, math.inf, 2.0])
+    assert thresholds[:2] == [math.inf, math.inf]  # nothing recorded yet
+    assert thresholds[2] == pytest.approx(0.02)
+    assert thresholds[3] == pytest.approx(0.02 * 1.01)  # what a finite step would get
+    assert thresholds[4] == pytest.approx(0.02 * 1.01)  # the inf step changed nothing
+
+
+def test_scale_invariance() -> None:
+    norms = norm_sequence(300, seed=4, bad=False)
+    small, _ = clip_sequence(AdaptiveClip(window=32), norms)
+    large, _ = clip_sequence(AdaptiveClip(window=32), [f32(g * 1024.0) for g in norms])
+    assert [t * 1024.0 for t in small] == pytest.approx(large, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"relative": 0.0}, "relative"),
+        ({"relative": math.inf}, "relative"),
+        ({"window": 0}, "window"),
+        ({"window": 2.5}, "window"),
+        ({"growth": -1e-3}, "growth"),
+        ({"warmup_start": 0.0}, "warmup_start"),
+        ({"warmup_growth": math.nan}, "warmup_growth"),
+        ({"warmup_relative": 3.0}, "warmup_relative"),
+        ({"spike": 1.0}, "spike"),
+        ({"backoff": 0.0}, "backoff"),
+        ({"backoff": 1.5}, "backoff"),
+        ({"min_relative": 4.0}, "min_relative"),
+        ({"recovery": -1.0}, "recovery"),
+    ],
+)
+def test_bad_arguments_say_which_and_how_to_fix(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name) as info:
+        AdaptiveClip(**kwargs)
+    assert "got " in str(info.value) and "e.g. `" in str(info.value)
+
+
+@pytest.mark.parametrize("task", ["rnn-addition/violent", "sgd-heavy-tail"])
+def test_beats_no_clipping_on_quick_tasks(task: str) -> None:
+    unclipped = run(task, None, seed=0, quick=True)
+    ours = run(task, AdaptiveClip(), seed=0, quick=True)
+    assert math.isfinite(ours.metric) and not ours.diverged
+    assert ours.metric < unclipped.metric
+    assert ours.nonfinite_steps == 0
