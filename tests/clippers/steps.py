@@ -31,3 +31,7 @@ def set_grads(
 ) -> None:
     for p, g in zip(params.values() if isinstance(params, dict) else params, grads, strict=True):
         p.grad = g.clone()
+
+
+def float64_norm(grads: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(g.double().square().sum()) for g in grads))

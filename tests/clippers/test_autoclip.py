@@ -19,7 +19,7 @@ from gradclip.clippers import autoclip as autoclip_module
 from gradclip.clippers.autoclip import AutoClip
 from host_reads import HostReadDetector
 
-from .steps import SHAPES, grads_with_norm, make_params, set_grads
+from .steps import SHAPES, float64_norm, grads_with_norm, make_params, set_grads
 
 NAN_STEP, INF_STEP = 17, 33
 
@@ -33,16 +33,6 @@ def norm_sequence(steps: int = 60, seed: int = 0) -> list[float]:
     out = norms.tolist()
     out[NAN_STEP], out[INF_STEP] = math.nan, math.inf
     return out
-
-
-
-
-
-
-
-
-def float64_norm(grads: list[torch.Tensor]) -> float:
-    return math.sqrt(sum(float(g.double().square().sum()) for g in grads))
 
 
 def reference_thresholds(norms: list[float], percentile: float, window: int | None) -> list[float]:
@@ -312,9 +302,6 @@ def test_good_edge_arguments():
 # no host sync
 
 
-
-
-
 @pytest.mark.parametrize("window", [5, None])
 def test_no_host_sync_in_the_step(window, monkeypatch):
     monkeypatch.setattr(autoclip_module, "GROW_START", 4)
@@ -324,7 +311,9 @@ def test_no_host_sync_in_the_step(window, monkeypatch):
     grads = [grads_with_norm(n, s) for s, n in enumerate(norms)]
 
     set_grads(params, grads[0])
-    with HostReadDetector() as control:  # the recorder works: the CPU fast path reads the coefficient
+    with (
+        HostReadDetector() as control
+    ):  # the recorder works: the CPU fast path reads the coefficient
         clipper(params)
     assert control.reads
 

@@ -19,7 +19,7 @@ from gradclip import _foreach
 from gradclip.clippers.zclip import ZClip
 from host_reads import HostReadDetector
 
-from .steps import SHAPES, grads_with_norm, make_params, set_grads
+from .steps import SHAPES, float64_norm, grads_with_norm, make_params, set_grads
 
 NAN_STEP, INF_STEP = 7, 33  # one during the default warm-up, one after it
 EPS = 1e-6
@@ -34,16 +34,6 @@ def norm_sequence(steps: int = 60, seed: int = 1) -> list[float]:
     out = norms.tolist()
     out[NAN_STEP], out[INF_STEP] = math.nan, math.inf
     return out
-
-
-
-
-
-
-
-
-def float64_norm(grads: list[torch.Tensor]) -> float:
-    return math.sqrt(sum(float(g.double().square().sum()) for g in grads))
 
 
 def reference_zclip(
@@ -358,9 +348,6 @@ def test_good_edge_arguments():
 # no host sync
 
 
-
-
-
 @pytest.mark.parametrize(
     "kwargs", [{"warmup_steps": 5}, {"warmup_steps": 5, "max_norm": 1.2, "mode": "percentile"}]
 )
@@ -371,7 +358,9 @@ def test_no_host_sync_in_the_step(kwargs, monkeypatch):
     grads = [grads_with_norm(n, s) for s, n in enumerate(norms)]
 
     set_grads(params, grads[0])
-    with HostReadDetector() as control:  # the recorder works: the CPU fast path reads the coefficient
+    with (
+        HostReadDetector() as control
+    ):  # the recorder works: the CPU fast path reads the coefficient
         clipper(params)
     assert control.reads
 

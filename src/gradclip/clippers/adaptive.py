@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from gradclip.clippers.base import Clipper
+from gradclip.clippers.base import Clipper, check_real
 from gradclip.functional import _check_threshold, clip_coefficient
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
@@ -377,11 +377,4 @@ class _Step(NamedTuple):
 
 
 def _check(value: object, name: str, rule: str, example: str, ok: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"`{name}` must be a real number {rule}, got {value!r:.80}; pass e.g. `{example}`"
-        )
-    number = float(value)
-    if math.isnan(number) or not ok(number):
-        raise ValueError(f"`{name}` must be {rule}, got {number}; pass e.g. `{example}`")
-    return number
+    return check_real(value, name, rule, ok, example)
