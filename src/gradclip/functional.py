@@ -244,7 +244,6 @@ def clip_grads_with_norm_(
             "pass the tensor returned by `get_total_norm`"
         )
     groups = _foreach.group_by_device_dtype(grads)
-    _foreach.check_foreach(groups, foreach)
     total = total_norm.reshape(()).to(torch.promote_types(total_norm.dtype, torch.float32))
     scale_(groups, clip_coefficient(max_norm, total), foreach)
 
