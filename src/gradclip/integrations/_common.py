@@ -1,0 +1,164 @@
+"""What every integration shares: the install hint, which parameters to clip, unscaling once,
+the ``nonfinite="skip"`` decision, and the logged figures (device counters, one host read).
+
+Nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.amp.grad_scaler import OptState
+
+from gradclip.clippers.base import Clipper, Parameters
+from gradclip.stats import ClipStats
+
+__all__ = [
+    "FIGURES",
+    "ClipLog",
+    "clip_target",
+    "drop_grads_if_skipped",
+    "keyed",
+    "load_clipper",
+    "require",
+    "unscale_once",
+]
+
+FIGURES = ("grad_norm", "grad_norm_clipped", "threshold", "clip_rate", "nonfinite_steps")
+"""The logged figures, each under ``gradclip/``: pre- and post-clip total norm of the last step,
+its threshold, the fraction of optimizer steps clipped so far, non-finite steps so far."""
+
+
+def require(modules: tuple[str, ...], extra: str, what: str) -> ModuleType:
+    """The first of ``modules`` that imports; else ``ModuleNotFoundError`` with the pip command."""
+    for name in modules:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name is None or name.split(".")[0] != err.name.split(".")[0]:
+                raise  # the framework is there but something it needs is not: show that
+    raise ModuleNotFoundError(
+        f"{what} needs {modules[0].split('.')[0]}, which is not installed; install it with "
+        f"`pip install 'gradclip[{extra}]'`",
+        name=modules[0],
+    )
+
+
+def _parameters(optimizer: torch.optim.Optimizer) -> Iterator[Tensor]:
+    for group in optimizer.param_groups:
+        yield from group["params"]
+
+
+def clip_target(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> Parameters:
+    """What the clipper is called on for one optimizer's step.
+
+    The module itself when the optimizer holds all its trainable parameters (names from
+    ``named_parameters()``, and AGC finds the head); otherwise ``(name, parameter)`` pairs of
+    the optimizer's parameters only, so that another optimizer's gradients stay untouched.
+    """
+    if optimizer is None:
+        return module
+    held = {id(p) for p in _parameters(optimizer)}
+    named = list(module.named_parameters())
+    if all(id(p) in held for _, p in named if p.requires_grad):
+        return module
+    names = {id(p): n for n, p in named}
+    return [(names.get(id(p), f"optimizer.{i}"), p) for i, p in enumerate(_parameters(optimizer))]
+
+
+def unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """``scaler.unscale_(optimizer)`` unless it already ran since the last ``update()``.
+
+    A second ``unscale_`` raises in torch, and the frameworks unscale only on some paths (not
+    for fused optimizers; not before their own clip was turned off), so the integrations ask.
+    """
+    if not scaler.is_enabled():
+        return
+    # torch has no public query for the stage; it keeps it per optimizer here.
+    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+
+
+def drop_grads_if_skipped(clipper: Clipper, stats: ClipStats, target: Parameters) -> None:
+    """Under ``nonfinite="skip"``, a non-finite step must not update: the gradients of the
+    clipped parameters are set to ``None``, so the framework's ``optimizer.step()`` leaves them
+    alone. Costs one host read per step, only under that policy (free on the CPU)."""
+    if clipper.nonfinite != "skip" or not bool(stats.skipped):
+        return
+    if isinstance(target, torch.nn.Module):
+        params = list(target.parameters())
+    else:
+        params = [p for _, p in target]  # type: ignore[misc]
+    for p in params:
+        p.grad = None
+
+
+class ClipLog:
+    """The figures of one clipper: the last step's :class:`~gradclip.ClipStats` and the clip
+    rate, as device counters (no host read per step); :meth:`read` reads them in one go."""
+
+    def __init__(self, clipper: Clipper):
+        self.clipper = clipper
+        self.last: ClipStats | None = None
+        self.steps = torch.zeros((), dtype=torch.long)
+        self.clipped = torch.zeros((), dtype=torch.long)
+
+    def record(self, stats: ClipStats) -> None:
+        """Count one optimizer step (nothing when no parameter had a gradient)."""
+        if not stats.norms.tensors:
+            return
+        device = stats.clipped.device
+        self.steps = self.steps.to(device) + 1
+        self.clipped = self.clipped.to(device) + stats.clipped.long()
+        self.last = stats
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The figures as 0-dim device tensors (empty before the first clipped step)."""
+        if self.last is None:
+            return {}
+        last = self.last
+        values = (
+            last.norm.float(),
+            last.post_norm.float(),
+            last.threshold.float(),
+            self.clipped.float() / self.steps.clamp(min=1).float(),
+            self.clipper.nonfinite_steps.to(last.norm.device).float(),
+        )
+        return dict(zip(FIGURES, values, strict=True))
+
+    def read(self) -> dict[str, float]:
+        """The figures as Python floats: one host read."""
+        figures = self.tensors()
+        if not figures:
+            return {}
+        values = torch.stack(list(figures.values())).cpu().tolist()
+        return dict(zip(figures, values, strict=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": int(self.steps), "clipped": int(self.clipped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = torch.tensor(int(state["steps"]))
+        self.clipped = torch.tensor(int(state["clipped"]))
+        self.last = None
+
+
+def keyed(figures: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``figures`` under ``prefix`` (``"gradclip/"`` or ``"gradclip/opt1/"``)."""
+    return {prefix + k: v for k, v in figures.items()}
+
+
+def load_clipper(clipper: Clipper, state: dict[str, Any], where: str) -> None:
+    """``clipper.load_state_dict(state)`` with the checkpoint named in the error."""
+    try:
+        clipper.load_state_dict(state)
+    except ValueError as err:
+        raise ValueError(
+            f"cannot resume gradclip from {where}: {err}. Resume with the clipper the checkpoint "
+            f"was written with, or start the clipper afresh by leaving out its saved state"
+        ) from err

@@ -1,0 +1,216 @@
+"""PyTorch Lightning: a callback that clips with a gradclip clipper where Lightning says to.
+
+Needs ``lightning`` (``pip install 'gradclip[lightning]'``); the legacy ``pytorch_lightning``
+package is used when ``lightning`` is not installed. Importing this module without either
+raises ``ModuleNotFoundError`` with that command.
+
+Example:
+    >>> import gradclip, lightning.pytorch as pl
+    >>> from gradclip.integrations.lightning import GradClipCallback
+    >>> trainer = pl.Trainer(callbacks=[GradClipCallback(gradclip.ZClip())], max_steps=10)
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from gradclip.clippers.base import Clipper
+from gradclip.integrations._common import (
+    ClipLog,
+    clip_target,
+    drop_grads_if_skipped,
+    keyed,
+    load_clipper,
+    require,
+    unscale_once,
+)
+
+_pl = require(
+    ("lightning.pytorch", "pytorch_lightning"), "lightning", "gradclip.integrations.lightning"
+)
+
+__all__ = ["GradClipCallback"]
+
+_STATE_VERSION = 1
+_UNSUPPORTED = {
+    "DeepSpeedStrategy": "DeepSpeed clips inside its engine: set `gradient_clipping` in the "
+    "DeepSpeed config (or Trainer(gradient_clip_val=...)) instead of this callback",
+    "FSDPStrategy": "the gradients are sharded, so a clipper would see one shard's norm; use "
+    "strategy='ddp', or Trainer(gradient_clip_val=...) without this callback",
+    "ModelParallelStrategy": "the gradients are sharded DTensors, so a clipper would see one "
+    "shard's norm; use strategy='ddp'",
+    "XLAStrategy": "gradients are reduced after on_before_optimizer_step, so a clipper would see "
+    "local gradients",
+    "SingleDeviceXLAStrategy": "XLA is not supported",
+}
+
+
+class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
+    """Clip gradients with gradclip clippers in ``on_before_optimizer_step``.
+
+    That hook runs once per optimizer step, after gradient accumulation, after the
+    gradients were unscaled under fp16 mixed precision, and before ``optimizer.step()``;
+    Lightning calls it in automatic and in manual optimization (``opt.step()``). Under fp16
+    with a fused optimizer, which Lightning leaves scaled, the callback unscales first.
+
+    **One clipper per optimizer**: each optimizer's parameters are clipped by their own clipper
+    (an adaptive threshold learnt on a generator's norms means nothing to a discriminator).
+    Pass one clipper per optimizer, in ``configure_optimizers`` order, or a single clipper:
+    further optimizers then get a copy of it (same arguments, fresh statistics). They are in
+    :attr:`clippers`.
+
+    **Logging**: with ``log=True``, every optimizer step logs through ``pl_module.log_dict``
+    (so through the Trainer's logger, at its ``log_every_n_steps``) ``gradclip/grad_norm`` and
+    ``gradclip/grad_norm_clipped`` (total norm before and after clipping),
+    ``gradclip/threshold``, ``gradclip/clip_rate`` (fraction of optimizer steps clipped since
+    the run began) and ``gradclip/nonfinite_steps``; with several optimizers, under
+    ``gradclip/opt{i}/``. The values are device tensors: Lightning reads them only on
+    logging steps.
+
+    **Checkpoints**: the clippers' statistics and the counters are the callback's
+    ``state_dict``, saved in Lightning checkpoints; ``Trainer.fit(ckpt_path=...)`` resumes
+    them exactly. A checkpoint written with a different clipper raises ``ValueError`` naming
+    the difference.
+
+    **Refused**: ``Trainer(gradient_clip_val=...)`` (two clips stacked), two of these
+    callbacks, and strategies whose gradients a clipper cannot measure (DeepSpeed, FSDP,
+    ModelParallel, XLA); single-device and DDP strategies are supported.
+
+    With ``nonfinite="skip"``, a step with NaN/inf gradients sets the gradients of the
+    clipped parameters to ``None``, so the optimizer leaves them unchanged (one host read
+    per step, under that policy only).
+
+    Args:
+        clipper: a :class:`~gradclip.Clipper`, or one per optimizer.
+        log: log the figures above through the Trainer's logger.
+
+    Example:
+        >>> import gradclip, lightning.pytorch as pl
+        >>> from gradclip.integrations.lightning import GradClipCallback
+        >>> callback = GradClipCallback(gradclip.AutoClip(percentile=10))
+        >>> trainer = pl.Trainer(callbacks=[callback], precision="bf16-mixed", max_steps=10)
+    """
+
+    def __init__(self, clipper: Clipper | Sequence[Clipper], *, log: bool = True):
+        iterable = isinstance(clipper, Sequence) and not isinstance(clipper, str)
+        given = list(clipper) if iterable else [clipper]
+        for c in given:
+            if not isinstance(c, Clipper):
+                raise TypeError(
+                    f"`clipper` must be a gradclip Clipper or a sequence of them, got "
+                    f"{type(c).__name__} {c!r:.60}; pass e.g. gradclip.NormClip(1.0)"
+                )
+        if not given:
+            raise ValueError("`clipper` is an empty sequence; pass at least one gradclip Clipper")
+        self._fixed = iterable  # one clipper per optimizer, given by the user
+        self._template = copy.deepcopy(given[0])
+        self._template.reset()
+        self._logs = [ClipLog(c) for c in given]
+        self._log = log
+
+    @property
+    def clippers(self) -> list[Clipper]:
+        """The clipper of each optimizer, in ``trainer.optimizers`` order."""
+        return [entry.clipper for entry in self._logs]
+
+    def _entry(self, index: int) -> ClipLog:
+        while len(self._logs) <= index:
+            if self._fixed:
+                raise ValueError(
+                    f"optimizer {index} has no clipper: GradClipCallback got {len(self._logs)} "
+                    "clipper(s); pass one per optimizer, in configure_optimizers order, or a "
+                    "single clipper to copy for every optimizer"
+                )
+            self._logs.append(ClipLog(copy.deepcopy(self._template)))
+        return self._logs[index]
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        clip_val = trainer.gradient_clip_val
+        if clip_val is not None and clip_val > 0:
+            raise ValueError(
+                f"Trainer(gradient_clip_val={clip_val}) clips the gradients too, so they would "
+                "be clipped twice; remove gradient_clip_val from the Trainer: GradClipCallback "
+                f"does the clipping (gradclip.NormClip({clip_val}) is Lightning's rule)"
+            )
+        ours = [cb for cb in trainer.callbacks if isinstance(cb, GradClipCallback)]
+        if len(ours) > 1:
+            raise ValueError(
+                f"the Trainer has {len(ours)} GradClipCallbacks, which would clip each step "
+                "several times; keep one (it takes one clipper per optimizer)"
+            )
+        for cls in type(trainer.strategy).__mro__:
+            if cls.__name__ in _UNSUPPORTED:
+                raise ValueError(
+                    f"GradClipCallback does not support {type(trainer.strategy).__name__}: "
+                    f"{_UNSUPPORTED[cls.__name__]}"
+                )
+        supported = (_pl.strategies.SingleDeviceStrategy, _pl.strategies.DDPStrategy)
+        if not isinstance(trainer.strategy, supported):
+            raise ValueError(
+                f"GradClipCallback supports single-device and DDP strategies, not "
+                f"{type(trainer.strategy).__name__}; use strategy='auto' or 'ddp'"
+            )
+        hook = type(pl_module).configure_gradient_clipping
+        if hook is not _pl.LightningModule.configure_gradient_clipping:
+            warnings.warn(
+                f"{type(pl_module).__name__} overrides configure_gradient_clipping, which runs "
+                "after GradClipCallback has clipped; if it clips too, the gradients are clipped "
+                "twice: remove the override",
+                stacklevel=2,
+            )
+
+    # -- the step -------------------------------------------------------------------------
+
+    def on_before_optimizer_step(
+        self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer
+    ) -> None:
+        optimizers = trainer.optimizers
+        raw = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's own
+        index = next((i for i, o in enumerate(optimizers) if o is optimizer or o is raw), 0)
+        entry = self._entry(index)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if (
+            scaler is not None
+            and getattr(optimizer, "_step_supports_amp_scaling", False)
+            and any(p.grad is not None for g in optimizer.param_groups for p in g["params"])
+        ):
+            unscale_once(scaler, optimizer)  # Lightning does not unscale for fused optimizers
+        target = clip_target(pl_module, optimizer)
+        stats = entry.clipper(target)
+        entry.record(stats)
+        drop_grads_if_skipped(entry.clipper, stats, target)
+        if self._log and entry.last is not None:
+            prefix = "gradclip/" if len(optimizers) <= 1 else f"gradclip/opt{index}/"
+            pl_module.log_dict(keyed(entry.tensors(), prefix), on_step=True, on_epoch=False)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "clippers": [entry.clipper.state_dict() for entry in self._logs],
+            "counters": [entry.state_dict() for entry in self._logs],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        where = "the Lightning checkpoint's GradClipCallback state"
+        if state_dict.get("version") != _STATE_VERSION or "clippers" not in state_dict:
+            raise ValueError(
+                f"cannot resume gradclip from {where}: it is not a GradClipCallback state of "
+                f"version {_STATE_VERSION}; resume with the gradclip that wrote it"
+            )
+        for index, (clipper_state, counters) in enumerate(
+            zip(state_dict["clippers"], state_dict["counters"], strict=True)
+        ):
+            entry = self._entry(index)
+            load_clipper(entry.clipper, clipper_state, f"{where} (optimizer {index})")
+            entry.load_state_dict(counters)

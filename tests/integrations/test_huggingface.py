@@ -1,0 +1,323 @@
+"""GradClipCallback in real transformers Trainer runs, and clip_gradients in Accelerate loops."""
+
+from __future__ import annotations
+
+import shutil
+import types
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+import gradclip
+from gradclip.integrations.huggingface import CHECKPOINT_FILE, GradClipCallback, clip_gradients
+from host_reads import HostReadDetector
+
+from .helpers import RTOL, float64_norm, recording
+
+MAX_NORM = 0.5
+
+
+class Regressor(torch.nn.Module):
+    """A plain module the Trainer accepts: keyword inputs, a dict with "loss"."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+        )
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        return {"loss": torch.nn.functional.mse_loss(out.float(), labels), "logits": out}
+
+
+def _dataset(n: int = 24) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, generator=gen)
+    y = 5 * torch.randn(n, 1, generator=gen)  # large targets: norms well above MAX_NORM
+    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+
+
+class Probe(TrainerCallback):
+    """Placed before GradClipCallback: the pre-clip norm of each optimizer step, in float64."""
+
+    def __init__(self):
+        self.pre: list[float] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.pre.append(float64_norm(model.parameters()))
+
+
+def _args(tmp_path, **kwargs: Any) -> TrainingArguments:
+    options = {
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,
+        "max_grad_norm": 0.0,
+        "seed": 0,
+        **kwargs,
+    }
+    return TrainingArguments(**options)
+
+
+def _train(tmp_path, clipper, *, probe=None, resume=None, model=None, dataset=None, **kwargs):
+    model = Regressor() if model is None else model
+    optimizer = recording(torch.optim.AdamW)(model.parameters(), lr=1e-2)
+    callback = GradClipCallback(clipper)
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, **kwargs),
+        train_dataset=_dataset() if dataset is None else dataset,
+        callbacks=[cb for cb in (probe, callback) if cb is not None],
+        optimizers=(optimizer, None),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, callback, optimizer
+
+
+def _history(trainer: Trainer, key: str) -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def test_clips_before_the_step_and_logs_what_it_did(tmp_path) -> None:
+    probe = Probe()
+    trainer, _, optimizer = _train(tmp_path, gradclip.NormClip(MAX_NORM), probe=probe, max_steps=6)
+    seen = optimizer.seen
+    assert len(seen) == len(probe.pre) == 6
+    assert max(probe.pre) > MAX_NORM
+    for pre, post in zip(probe.pre, seen, strict=True):
+        assert post == pytest.approx(min(pre, MAX_NORM), rel=RTOL)
+    assert _history(trainer, "gradclip/grad_norm") == pytest.approx(probe.pre, rel=RTOL)
+    assert _history(trainer, "gradclip/grad_norm_clipped") == pytest.approx(seen, rel=RTOL)
+    assert _history(trainer, "gradclip/threshold") == pytest.approx([MAX_NORM] * 6)
+    clipped = [pre > MAX_NORM for pre in probe.pre]
+    rates = [sum(clipped[: i + 1]) / (i + 1) for i in range(6)]
+    assert _history(trainer, "gradclip/clip_rate") == pytest.approx(rates)
+    assert _history(trainer, "gradclip/nonfinite_steps") == [0.0] * 6
+    # The Trainer's own pre-clip grad_norm, computed with its clip off, agrees.
+    assert _history(trainer, "grad_norm") == pytest.approx(probe.pre, rel=RTOL)
+
+
+def test_the_trainers_own_clip_is_turned_off_with_a_warning(tmp_path) -> None:
+    probe = Probe()
+    with pytest.warns(
+        UserWarning, match=r"max_grad_norm=1.0\) makes the Trainer clip .* Pass max_grad_norm=0"
+    ):
+        trainer, _, optimizer = _train(
+            tmp_path, gradclip.NormClip(MAX_NORM), probe=probe, max_grad_norm=1.0
+        )
+    assert trainer.args.max_grad_norm == 0.0
+    assert max(probe.pre) > 1.0  # gradclip saw gradients the Trainer had not clipped to 1.0
+    assert all(s <= MAX_NORM * (1 + RTOL) for s in optimizer.seen)
+
+
+def test_gradient_accumulation_clips_once_per_optimizer_step(tmp_path) -> None:
+    probe = Probe()
+    clipper = gradclip.AutoClip(percentile=50.0)
+    _, _, optimizer = _train(
+        tmp_path,
+        clipper,
+        probe=probe,
+        max_steps=2,
+        gradient_accumulation_steps=3,
+        per_device_train_batch_size=2,
+    )
+    assert len(optimizer.seen) == len(probe.pre) == 2
+    assert int(clipper.steps) == 2
+
+
+def test_the_step_reads_nothing_on_the_host_and_a_log_reads_once(tmp_path, monkeypatch) -> None:
+    reads: dict[str, list[list[str]]] = {"step": [], "log": []}
+
+    class Detecting(GradClipCallback):
+        def on_pre_optimizer_step(self, *args, **kwargs):
+            with HostReadDetector() as detector:
+                super().on_pre_optimizer_step(*args, **kwargs)
+            reads["step"].append(detector.reads)
+
+        def on_log(self, *args, **kwargs):
+            with HostReadDetector() as detector:
+                super().on_log(*args, **kwargs)
+            reads["log"].append(detector.reads)
+
+    monkeypatch.setattr(gradclip._foreach, "is_host_device", lambda device: False)
+    model = Regressor()
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, logging_steps=2),
+        train_dataset=_dataset(),
+        callbacks=[Detecting(gradclip.ZClip(warmup_steps=2))],
+    )
+    trainer.train()
+    assert reads["step"] == [[]] * 4
+    # steps 2 and 4: one read each; the summary at the end of training: none
+    assert reads["log"] == [["Tensor.tolist"]] * 2 + [[]]
+
+
+def test_resumed_run_continues_with_the_same_clipper_state(tmp_path) -> None:
+    straight, callback, _ = _train(
+        tmp_path, gradclip.ZClip(warmup_steps=2), max_steps=6, save_strategy="steps", save_steps=3
+    )
+    expected = callback.clipper.state_dict()
+    expected_params = [p.detach().clone() for p in straight.model.parameters()]
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    assert (checkpoint / CHECKPOINT_FILE).is_file()
+
+    resumed, callback, _ = _train(
+        tmp_path,
+        gradclip.ZClip(warmup_steps=2),
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+        resume=str(checkpoint),
+    )
+    state = callback.clipper.state_dict()
+    assert int(state["state"]["steps"]) == 6
+    for key, value in expected["state"].items():
+        torch.testing.assert_close(state["state"][key], value, rtol=0, atol=0)
+    for p, q in zip(expected_params, resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert (
+        _history(resumed, "gradclip/clip_rate")[-1] == _history(straight, "gradclip/clip_rate")[-1]
+    )
+
+
+def test_checkpoint_elsewhere_warns_and_loads_when_asked(tmp_path) -> None:
+    _train(
+        tmp_path, gradclip.ZClip(warmup_steps=2), max_steps=3, save_strategy="steps", save_steps=3
+    )
+    elsewhere = tmp_path / "moved"
+    shutil.copytree(tmp_path / "out" / "checkpoint-3", elsewhere)
+    shutil.rmtree(tmp_path / "out")
+    with pytest.warns(
+        UserWarning, match=r"resuming at step 3, but no gradclip.pt .*callback.load_checkpoint"
+    ):
+        _, callback, _ = _train(
+            tmp_path, gradclip.ZClip(warmup_steps=2), max_steps=4, resume=str(elsewhere)
+        )
+    assert int(callback.clipper.steps) == 1  # started afresh
+    callback = GradClipCallback(gradclip.ZClip(warmup_steps=2))
+    callback.load_checkpoint(elsewhere)
+    assert int(callback.clipper.steps) == 3
+
+
+def test_checkpoint_of_a_different_clipper_is_refused(tmp_path) -> None:
+    _train(
+        tmp_path, gradclip.ZClip(warmup_steps=2), max_steps=3, save_strategy="steps", save_steps=3
+    )
+    checkpoint = str(tmp_path / "out" / "checkpoint-3")
+    with pytest.raises(
+        ValueError, match=r"cannot resume gradclip from .*gradclip.pt: .* a ZClip, not a AutoClip"
+    ):
+        _train(tmp_path, gradclip.AutoClip(), max_steps=4, resume=checkpoint)
+
+
+def test_unsupported_setups_are_refused() -> None:
+    callback = GradClipCallback(gradclip.NormClip(1.0))
+    state = types.SimpleNamespace(global_step=0)
+    for field, value, name in (
+        ("fsdp", "full_shard", "FSDP"),
+        ("deepspeed", "ds.json", "DEEPSPEED"),
+    ):
+        args = types.SimpleNamespace(max_grad_norm=0.0, deepspeed=None, fsdp=None)
+        setattr(args, field, value)
+        with pytest.raises(ValueError, match=rf"cannot clip under {name}: .* instead|use DDP"):
+            callback.on_train_begin(args, state, None)
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        accelerator = types.SimpleNamespace(distributed_type=kind, sync_gradients=True)
+        with pytest.raises(ValueError, match=rf"cannot clip under {kind.name}"):
+            clip_gradients(accelerator, Regressor(), gradclip.NormClip(1.0))
+    with pytest.raises(TypeError, match=r"`clipper` must be a gradclip Clipper, got float"):
+        GradClipCallback(1.0)  # type: ignore[arg-type]
+
+
+def test_tiny_gpt2_in_bf16(tmp_path) -> None:
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 64, (16, 16), generator=gen)
+    dataset = [{"input_ids": t, "labels": t} for t in tokens]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' notes about the tiny config
+        trainer, callback, optimizer = _train(
+            tmp_path, gradclip.ZClip(warmup_steps=2), model=model, dataset=dataset, bf16=True
+        )
+    thresholds = _history(trainer, "gradclip/threshold")
+    assert len(thresholds) == len(optimizer.seen) == 4
+    assert all(s <= t * (1 + 1e-3) for s, t in zip(optimizer.seen, thresholds, strict=True))
+    assert int(callback.clipper.steps) == 4
+
+
+def test_accelerate_loop_clips_once_per_optimizer_step() -> None:
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = Regressor()
+    optimizer = recording(torch.optim.SGD)(model.parameters(), lr=1e-2)
+    loader = torch.utils.data.DataLoader(_dataset(24), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    clipper = gradclip.NormClip(MAX_NORM)
+    results = []
+    for batch in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(model(**batch)["loss"])
+            stats = clip_gradients(accelerator, model, clipper)
+            results.append(stats)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert [s is not None for s in results] == [False, True] * 3
+    seen = optimizer.optimizer.seen
+    assert len(seen) == 3
+    for stats, post in zip([s for s in results if s is not None], seen, strict=True):
+        assert float(stats.post_norm) == pytest.approx(post, rel=RTOL)
+        assert post <= MAX_NORM * (1 + RTOL)
+
+
+def test_fp16_gradients_are_unscaled_once_before_clipping() -> None:
+    # accelerate keeps no scaler on the CPU, so the fp16 path runs with stand-ins holding a
+    # real GradScaler: an accelerator (clip_gradients) and an AcceleratedOptimizer (callback).
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    accelerator = types.SimpleNamespace(
+        distributed_type=DistributedType.NO,
+        sync_gradients=True,
+        scaler=scaler,
+        _optimizers=[optimizer],
+        unwrap_model=lambda m: m,
+    )
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    reference = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    true_norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in reference])
+    )
+    callback = GradClipCallback(gradclip.NormClip(1e9))
+    accelerated = types.SimpleNamespace(optimizer=optimizer, scaler=scaler)
+    for unscaled_before in (False, True):  # e.g. by the Trainer's own norm, or by the user
+        for via_callback in (False, True):
+            optimizer.zero_grad()
+            scaler.scale(loss).backward(retain_graph=True)
+            if unscaled_before:
+                scaler.unscale_(optimizer)
+            if via_callback:
+                callback.on_pre_optimizer_step(None, None, None, model=model, optimizer=accelerated)
+                stats = callback._log.last
+            else:
+                stats = clip_gradients(accelerator, model, gradclip.NormClip(1e9))
+            torch.testing.assert_close(stats.norm, true_norm, rtol=1e-5, atol=0)
+            scaler.step(optimizer)
+            scaler.update()

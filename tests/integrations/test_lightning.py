@@ -1,0 +1,356 @@
+"""GradClipCallback in real Lightning runs: tiny models, CPU, a few steps each."""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.utils.data import DataLoader, TensorDataset
+
+import gradclip
+from gradclip.integrations.lightning import GradClipCallback
+from host_reads import HostReadDetector
+
+from .helpers import RTOL, float64_norm, optimizer_params, recording
+
+MAX_NORM = 0.5
+
+# Lightning 2.6 on torch 2.13: a deprecation inside Lightning, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)")
+
+
+def _loader(batches: int = 4) -> DataLoader:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8 * batches, 4, generator=gen)
+    y = 5 * torch.randn(8 * batches, 1, generator=gen)  # large targets: norms well above MAX_NORM
+    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+
+
+class Net(pl.LightningModule):
+    def __init__(self, optimizer: type = torch.optim.SGD, **opt_kwargs: Any):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+        )
+        self.optimizer_cls = recording(optimizer)
+        self.opt_kwargs = {"lr": 0.05, **opt_kwargs}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x).float(), y)
+
+    def configure_optimizers(self):
+        self.opt = self.optimizer_cls(self.parameters(), **self.opt_kwargs)
+        return self.opt
+
+
+class Probe(pl.Callback):
+    """Placed before GradClipCallback: the pre-clip norm of each optimizer step, in float64."""
+
+    def __init__(self):
+        self.pre: list[float] = []
+        self.scales: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.pre.append(float64_norm(optimizer_params(optimizer)))
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.scales.append(float(scaler.get_scale()) if scaler is not None else 1.0)
+
+
+class MemoryLogger(Logger):
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def series(self, key: str) -> list[float]:
+        return [m[key] for _, m in self.rows if key in m]
+
+
+def _trainer(callbacks: list, **kwargs: Any) -> pl.Trainer:
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 4,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "logger": False,
+        **kwargs,
+    }
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        # Lightning's advice for this tiny CPU setup (workers, small log interval).
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
+        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+        yield
+
+
+def test_clips_before_the_step_and_logs_what_it_did() -> None:
+    probe, logger = Probe(), MemoryLogger()
+    callback = GradClipCallback(gradclip.NormClip(MAX_NORM))
+    model = Net()
+    _trainer([probe, callback], logger=logger, log_every_n_steps=1, max_steps=6).fit(
+        model, _loader(6)
+    )
+    seen = model.opt.seen
+    assert len(seen) == len(probe.pre) == 6
+    assert all(s <= MAX_NORM * (1 + RTOL) for s in seen)
+    assert max(probe.pre) > MAX_NORM  # the clip did something
+    for pre, post in zip(probe.pre, seen, strict=True):
+        assert post == pytest.approx(min(pre, MAX_NORM), rel=RTOL)
+    assert logger.series("gradclip/grad_norm") == pytest.approx(probe.pre, rel=RTOL)
+    assert logger.series("gradclip/grad_norm_clipped") == pytest.approx(seen, rel=RTOL)
+    assert logger.series("gradclip/threshold") == pytest.approx([MAX_NORM] * 6)
+    clipped = [pre > MAX_NORM for pre in probe.pre]
+    rates = [sum(clipped[: i + 1]) / (i + 1) for i in range(6)]
+    assert logger.series("gradclip/clip_rate") == pytest.approx(rates)
+    assert logger.series("gradclip/nonfinite_steps") == [0.0] * 6
+
+
+def test_the_step_reads_nothing_on_the_host(monkeypatch) -> None:
+    """Clipping and logging in the hook leave every value on the device (accelerator path)."""
+    reads: list[list[str]] = []
+
+    class Detecting(GradClipCallback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            with HostReadDetector() as detector:
+                super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            reads.append(detector.reads)
+
+    monkeypatch.setattr(gradclip._foreach, "is_host_device", lambda device: False)
+    callback = Detecting(gradclip.ZClip(warmup_steps=2))
+    _trainer([callback], logger=MemoryLogger(), log_every_n_steps=2).fit(Net(), _loader())
+    assert reads == [[]] * 4
+
+
+def test_gradient_accumulation_clips_once_per_optimizer_step() -> None:
+    probe = Probe()
+    clipper = gradclip.AutoClip(percentile=50.0)
+    model = Net()
+    _trainer([probe, GradClipCallback(clipper)], accumulate_grad_batches=3, max_steps=2).fit(
+        model, _loader(6)
+    )
+    assert len(model.opt.seen) == len(probe.pre) == 2
+    assert int(clipper.steps) == 2
+
+
+def test_bf16_mixed_precision() -> None:
+    probe = Probe()
+    model = Net()
+    _trainer([probe, GradClipCallback(gradclip.NormClip(MAX_NORM))], precision="bf16-mixed").fit(
+        model, _loader()
+    )
+    assert max(probe.pre) > MAX_NORM
+    assert all(s <= MAX_NORM * (1 + RTOL) for s in model.opt.seen)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fp16_with_a_scaler_clips_unscaled_gradients(fused: bool) -> None:
+    # Lightning unscales before the hook, except for fused optimizers: then the callback does.
+    # (Lightning turns precision="16-mixed" on the CPU into bf16, so the plugin is given.)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    plugin = MixedPrecision(precision="16-mixed", device="cpu", scaler=scaler)
+    probe, logger = Probe(), MemoryLogger()
+    model = Net(torch.optim.AdamW, fused=fused, lr=1e-3)
+    _trainer(
+        [probe, GradClipCallback(gradclip.NormClip(MAX_NORM))],
+        plugins=[plugin],
+        logger=logger,
+        log_every_n_steps=1,
+    ).fit(model, _loader())
+    # The probe runs before the callback: it sees scaled gradients only when fused.
+    unscale = probe.scales if fused else [1.0] * len(probe.pre)
+    true_pre = [pre / scale for pre, scale in zip(probe.pre, unscale, strict=True)]
+    logged = logger.series("gradclip/grad_norm")
+    assert len(logged) == 4
+    assert logged == pytest.approx(true_pre, rel=1e-3)
+    assert all(s <= MAX_NORM * (1 + RTOL) for s in model.opt.seen)
+
+
+class SpikesOnce(Net):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx == 1 else loss
+
+
+def test_nonfinite_skip_leaves_the_parameters_unchanged() -> None:
+    class Snapshots(pl.Callback):
+        def __init__(self):
+            self.params: list[list[torch.Tensor]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.params.append([p.detach().clone() for p in pl_module.parameters()])
+
+    snapshots, clipper = Snapshots(), gradclip.ZClip(warmup_steps=2, nonfinite="skip")
+    model = SpikesOnce(torch.optim.AdamW)
+    _trainer([GradClipCallback(clipper), snapshots]).fit(model, _loader())
+    before, after = snapshots.params[0], snapshots.params[1]
+    for p, q in zip(before, after, strict=True):
+        assert torch.equal(p, q)  # the NaN step did not update
+    assert not torch.equal(snapshots.params[1][0], snapshots.params[2][0])  # the next one did
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert (int(clipper.steps), int(clipper.nonfinite_steps)) == (3, 1)
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization, two optimizers (a GAN's pattern): both backward passes first."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(4, 1)
+        self.b = torch.nn.Linear(4, 1)
+        self.untouched: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        loss = torch.nn.functional.mse_loss(self.a(x), y) + torch.nn.functional.mse_loss(
+            self.b(x), y
+        )
+        self.manual_backward(loss)
+        b_grads = [p.grad.clone() for p in self.b.parameters()]
+        opt_a.step()  # clips a's gradients only
+        self.untouched.append(
+            all(torch.equal(g, p.grad) for g, p in zip(b_grads, self.b.parameters(), strict=True))
+        )
+        opt_b.step()
+
+    def configure_optimizers(self):
+        self.opts = [
+            recording(torch.optim.SGD)(self.a.parameters(), lr=0.01),
+            recording(torch.optim.SGD)(self.b.parameters(), lr=0.01),
+        ]
+        return self.opts
+
+
+def test_manual_optimization_with_two_optimizers() -> None:
+    logger = MemoryLogger()
+    callback = GradClipCallback(gradclip.ZClip(warmup_steps=2))
+    model = TwoOptimizers()
+    _trainer([callback], logger=logger, log_every_n_steps=1, max_steps=6).fit(model, _loader(3))
+    assert len(callback.clippers) == 2
+    assert callback.clippers[0] is not callback.clippers[1]
+    assert [int(c.steps) for c in callback.clippers] == [3, 3]  # 6 optimizer steps in all
+    assert model.untouched == [True] * 3
+    for i, opt in enumerate(model.opts):
+        thresholds = logger.series(f"gradclip/opt{i}/threshold")
+        assert len(thresholds) == 3
+        assert all(s <= t * (1 + RTOL) for s, t in zip(opt.seen, thresholds, strict=True))
+
+
+def _fit_epochs(
+    clipper: gradclip.Clipper, epochs: int, ckpt: str | None = None, save: str | None = None
+):
+    callback = GradClipCallback(clipper)
+    model = Net(torch.optim.AdamW, lr=1e-2)
+    trainer = _trainer([callback], max_steps=-1, max_epochs=epochs)
+    trainer.fit(model, _loader(3), ckpt_path=ckpt)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    return callback, model
+
+
+def test_resumed_run_continues_with_the_same_clipper_state(tmp_path) -> None:
+    straight, straight_model = _fit_epochs(gradclip.ZClip(warmup_steps=2), epochs=2)
+    ckpt = str(tmp_path / "epoch1.ckpt")
+    _fit_epochs(gradclip.ZClip(warmup_steps=2), epochs=1, save=ckpt)
+    resumed, resumed_model = _fit_epochs(gradclip.ZClip(warmup_steps=2), epochs=2, ckpt=ckpt)
+
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a["counters"] == b["counters"] == [{"steps": 6, "clipped": b["counters"][0]["clipped"]}]
+    for key, value in a["clippers"][0]["state"].items():
+        torch.testing.assert_close(b["clippers"][0]["state"][key], value, rtol=0, atol=0)
+    for p, q in zip(straight_model.parameters(), resumed_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_checkpoint_of_a_different_clipper_is_refused(tmp_path) -> None:
+    ckpt = str(tmp_path / "zclip.ckpt")
+    _fit_epochs(gradclip.ZClip(warmup_steps=2), epochs=1, save=ckpt)
+    with pytest.raises(ValueError, match=r"cannot resume gradclip .* from a ZClip, not a AutoClip"):
+        _fit_epochs(gradclip.AutoClip(), epochs=2, ckpt=ckpt)
+    with pytest.raises(ValueError, match=r"z_threshold=2.5 \(here 3.0\)"):
+        _fit_epochs(gradclip.ZClip(warmup_steps=2, z_threshold=3.0), epochs=2, ckpt=ckpt)
+
+
+def test_stacked_clipping_is_refused() -> None:
+    callback = GradClipCallback(gradclip.NormClip(1.0))
+    with pytest.raises(ValueError, match=r"remove gradient_clip_val from the Trainer"):
+        _trainer([callback], gradient_clip_val=1.0).fit(Net(), _loader())
+    two = [GradClipCallback(gradclip.NormClip(1.0)), GradClipCallback(gradclip.NormClip(2.0))]
+    with pytest.raises(
+        RuntimeError, match=r"more than one stateful callback of type `GradClipCallback`"
+    ):
+        _trainer(two)  # Lightning refuses two callbacks with one state key
+    trainer = _trainer([])
+    trainer.callbacks.extend(two)  # past that check: ours names the problem
+    with pytest.raises(
+        ValueError, match=r"2 GradClipCallbacks, which would clip each step several"
+    ):
+        two[0].setup(trainer, Net(), "fit")
+
+
+def test_configure_gradient_clipping_override_warns() -> None:
+    class Custom(Net):
+        def configure_gradient_clipping(
+            self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+        ):
+            pass
+
+    with pytest.warns(UserWarning, match=r"overrides configure_gradient_clipping"):
+        _trainer([GradClipCallback(gradclip.NormClip(1.0))], max_steps=1).fit(Custom(), _loader())
+
+
+def test_unsupported_strategy_is_refused() -> None:
+    # FSDP cannot be set up on this CPU-only machine; the check reads only the strategy's type.
+    trainer = types.SimpleNamespace(
+        gradient_clip_val=None, callbacks=[], strategy=object.__new__(FSDPStrategy)
+    )
+    callback = GradClipCallback(gradclip.NormClip(1.0))
+    with pytest.raises(ValueError, match=r"does not support FSDPStrategy: .* use strategy='ddp'"):
+        callback.setup(trainer, Net(), "fit")
+
+
+def test_more_optimizers_than_clippers_is_refused() -> None:
+    callback = GradClipCallback([gradclip.NormClip(1.0)])
+    with pytest.raises(ValueError, match=r"optimizer 1 has no clipper: .* pass one per optimizer"):
+        _trainer([callback], max_steps=2).fit(TwoOptimizers(), _loader())
+
+
+def test_not_a_clipper_is_refused() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"`clipper` must be a gradclip Clipper .*got float 1.0; pass e.g. gradclip.NormClip",
+    ):
+        GradClipCallback(1.0)  # type: ignore[arg-type]
