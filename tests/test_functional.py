@@ -107,11 +107,13 @@ def check_clip_parity(params, max_norm, p, *, foreach=None, rtol=None):
 
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_signature_matches_torch(name):
-    ours = inspect.signature(getattr(gradclip, name)).parameters
-    theirs = inspect.signature(getattr(tnu, name)).parameters
-    assert [(p.name, p.kind, p.default) for p in ours.values()] == [
-        (p.name, p.kind, p.default) for p in theirs.values()
+    """torch's parameters, in order, then only keyword-only extras (STYLE principle 1)."""
+    ours = list(inspect.signature(getattr(gradclip, name)).parameters.values())
+    theirs = list(inspect.signature(getattr(tnu, name)).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours[: len(theirs)]] == [
+        (p.name, p.kind, p.default) for p in theirs
     ]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs) :])
 
 
 def test_return_values_are_none_like_torch():

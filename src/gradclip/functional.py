@@ -24,12 +24,18 @@ import math
 import types
 import warnings
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from typing_extensions import deprecated
 
-from gradclip import _foreach, norms
+from gradclip import _foreach, distributed, norms
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from gradclip.distributed import GroupLike
 
 __all__ = [
     "clip_grad_norm",
@@ -136,6 +142,23 @@ def _raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
         )
 
 
+def _measure(
+    grads: list[Tensor],
+    p: float,
+    foreach: bool | None,
+    shard_group: object,
+    extra_groups: object,
+    params: list[Tensor] | tuple[()] = (),
+) -> norms.GradNorms:
+    """The one pass; under ``torch.distributed`` over the local shards, with the global total."""
+    if distributed.is_active() or shard_group is not None or extra_groups:
+        return distributed.global_norms(
+            grads, p, foreach, shard_group=shard_group, extra_groups=extra_groups,  # type: ignore[arg-type]
+            params=params,
+        )
+    return norms.compute(grads, p, foreach)
+
+
 # ---------------------------------------------------------------------------------------
 # the engine's scale step, shared by every function that clips by a norm
 
@@ -175,6 +198,9 @@ def get_total_norm(
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    shard_group: ProcessGroup | None = None,
+    extra_groups: Iterable[GroupLike] = (),
 ) -> Tensor:
     """Norm of the per-tensor norms of ``tensors``, as ``torch.nn.utils.get_total_norm``.
 
@@ -186,11 +212,18 @@ def get_total_norm(
         norm_type: p of the p-norm; ``'inf'`` or ``float('inf')`` for the max norm.
         error_if_nonfinite: raise ``RuntimeError`` if the total is NaN or inf.
         foreach: as in torch; ``True`` on a device without foreach kernels raises.
+        shard_group: keyword-only; under ``torch.distributed``, the plain tensors are shards
+            over this process group (FSDP1, ZeRO) and their norms are reduced over it.
+            DTensors need nothing: their placements say which mesh dimensions to reduce over.
+        extra_groups: keyword-only; process groups or device meshes the total is also reduced
+            over (pipeline stages, expert parallel). See the README, "Distributed training".
 
     Returns:
         A 0-dim tensor on the first tensor's device, in torch's dtype (type promotion of the
         per-tensor norm dtypes); ``tensor(0.)`` when ``tensors`` is empty. float16/bfloat16
-        tensors are accumulated in float32.
+        tensors are accumulated in float32. Under ``torch.distributed`` it is the norm of
+        every rank's tensors, a plain tensor identical on every rank (torch returns a
+        DTensor for DTensor inputs, rank-local for the inf norm).
 
     Example:
         >>> import torch, gradclip
@@ -198,7 +231,8 @@ def get_total_norm(
         tensor(5.)
     """
     p = _check_norm_type(norm_type)
-    result = norms.compute(_unique(_as_tensor_list(tensors, "tensors")), p, foreach)
+    tensors = _unique(_as_tensor_list(tensors, "tensors"))
+    result = _measure(tensors, p, foreach, shard_group, extra_groups)
     if error_if_nonfinite:
         _raise_if_nonfinite(result.total, p)
     return result.result()
@@ -243,6 +277,9 @@ def clip_grads_with_norm_(
             f"`total_norm` must be a 0-dim Tensor, got shape {tuple(total_norm.shape)}; "
             "pass the tensor returned by `get_total_norm`"
         )
+    if distributed.is_active():  # DTensor grads (and torch's DTensor norm): scale local shards
+        grads = distributed.local_tensors(grads)
+        total_norm = distributed.full_value(total_norm)
     groups = _foreach.group_by_device_dtype(grads)
     total = total_norm.reshape(()).to(torch.promote_types(total_norm.dtype, torch.float32))
     scale_(groups, clip_coefficient(max_norm, total), foreach)
@@ -255,6 +292,9 @@ def clip_grad_norm_(
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    shard_group: ProcessGroup | None = None,
+    extra_groups: Iterable[GroupLike] = (),
 ) -> Tensor:
     """Clip the gradients so that their total norm is at most ``max_norm``, in place.
 
@@ -271,10 +311,19 @@ def clip_grad_norm_(
         error_if_nonfinite: raise ``RuntimeError``, before touching any gradient, if the
             total norm is NaN or inf.
         foreach: as in torch; ``True`` on a device without foreach kernels raises.
+        shard_group: keyword-only; under ``torch.distributed``, plain-tensor gradients are
+            shards over this process group (FSDP1 ``FullyShardedDataParallel``, ZeRO).
+            Without it plain gradients are taken as replicated (DDP). DTensor gradients
+            (FSDP2, tensor parallel, HSDP) need nothing.
+        extra_groups: keyword-only; process groups or device meshes the total is also
+            reduced over: pipeline stages, expert parallel. See the README, "Distributed
+            training"; :func:`gradclip.distributed.check_layout` diagnoses mismatches.
 
     Returns:
         The total norm before clipping: a 0-dim tensor on the first gradient's device, in
-        torch's dtype; ``tensor(0.)`` when no parameter has a gradient.
+        torch's dtype; ``tensor(0.)`` when no parameter has a gradient. Under
+        ``torch.distributed``, the norm of the whole model: a plain tensor identical on
+        every rank; each rank scales its local shards by the same coefficient.
 
     Example:
         >>> import torch, gradclip
@@ -287,7 +336,7 @@ def clip_grad_norm_(
     params = _params_list(parameters, warn_empty_generator=True)
     max_norm = _check_threshold(max_norm, "max_norm")
     p = _check_norm_type(norm_type)
-    result = norms.compute(_unique_grads(params), p, foreach)
+    result = _measure(_unique_grads(params), p, foreach, shard_group, extra_groups, params)
     if not result.tensors:
         return result.total
     if error_if_nonfinite:
@@ -306,6 +355,9 @@ def clip_grad_norm(
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    shard_group: ProcessGroup | None = None,
+    extra_groups: Iterable[GroupLike] = (),
 ) -> Tensor:
     """Deprecated alias of :func:`clip_grad_norm_` (as in torch; warns ``FutureWarning``).
 
@@ -317,7 +369,10 @@ def clip_grad_norm(
         ...     gradclip.clip_grad_norm([p], 1.0)
         tensor(1.)
     """
-    return clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
+    return clip_grad_norm_(
+        parameters, max_norm, norm_type, error_if_nonfinite, foreach,
+        shard_group=shard_group, extra_groups=extra_groups,
+    )
 
 
 @torch.no_grad()
@@ -349,6 +404,8 @@ def clip_grad_value_(
             "`parameters` is empty); torch.nn.utils.clip_grad_value_ raises here too. "
             "Call it after `loss.backward()`."
         )
+    if distributed.is_active():  # DTensor grads: clamp the local shards (exact, elementwise)
+        grads = distributed.local_tensors(grads)
     groups = _foreach.group_by_device_dtype(grads)
     _foreach.check_foreach(groups, foreach)
     if any(dtype.is_complex for _, dtype in groups):

@@ -6,7 +6,7 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -15,6 +15,13 @@ from gradclip.clippers.base import Clipper, check_real
 from gradclip.functional import clip_coefficient
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from torch.distributed import ProcessGroup
+
+    from gradclip.distributed import GroupLike
 
 __all__ = ["OFFICIAL_CODE", "AdaGC"]
 
@@ -87,6 +94,8 @@ class AdaGC(Clipper):
         warmup_steps: T_start >= 0, finite steps of global clipping per tensor (default 100).
         warmup_max_norm: λ_abs > 0, the total-norm threshold of the warm-up (default 1.0).
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
+        shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
+            stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
 
     Example:
         >>> import torch
@@ -109,6 +118,7 @@ class AdaGC(Clipper):
 
     STATE_VERSION: ClassVar[int] = 1
     folds_into_fused = False  # one coefficient per tensor
+    needs_whole_tensors = True  # per-tensor norms need whole tensors: refuses FSDP/TP shards
 
     def __init__(
         self,
@@ -118,6 +128,8 @@ class AdaGC(Clipper):
         warmup_max_norm: float = 1.0,
         *,
         nonfinite: NonFinitePolicy = "propagate",
+        shard_group: ProcessGroup | None = None,
+        extra_groups: Iterable[GroupLike] = (),
     ):
         self.relative = check_real(relative, "relative", "> 0", lambda v: 0 < v < math.inf,
                                     "relative=1.05")
@@ -135,7 +147,9 @@ class AdaGC(Clipper):
         )
         self._bound: _Bound | None = None
         self._pending: tuple[Tensor, Tensor] | None = None
-        super().__init__(norm_type=2.0, nonfinite=nonfinite)
+        super().__init__(
+            norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+        )
 
     def config(self) -> dict[str, Any]:
         return {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -13,6 +13,13 @@ from gradclip.clippers.base import Clipper, check_real
 from gradclip.functional import _check_threshold, clip_coefficient
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from torch.distributed import ProcessGroup
+
+    from gradclip.distributed import GroupLike
 
 __all__ = ["AdaptiveClip"]
 
@@ -132,6 +139,8 @@ class AdaptiveClip(Clipper):
             none.
         norm_type: p of the norms (default 2).
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
+        shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
+            stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
 
     Example:
         >>> import math, torch
@@ -175,6 +184,8 @@ class AdaptiveClip(Clipper):
         max_norm: float | None = None,
         norm_type: float | str = 2.0,
         nonfinite: NonFinitePolicy = "propagate",
+        shard_group: ProcessGroup | None = None,
+        extra_groups: Iterable[GroupLike] = (),
     ):
         self.relative = _check(
             relative, "relative", "finite and > 0", "relative=2.0", lambda v: 0 < v < math.inf
@@ -225,7 +236,9 @@ class AdaptiveClip(Clipper):
             recovery, "recovery", "finite and >= 0", "recovery=1e-3", lambda v: 0 <= v < math.inf
         )
         self.max_norm = None if max_norm is None else _check_threshold(max_norm, "max_norm")
-        super().__init__(norm_type=norm_type, nonfinite=nonfinite)
+        super().__init__(
+            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+        )
 
     def config(self) -> dict[str, Any]:
         return {

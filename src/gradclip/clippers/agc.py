@@ -8,7 +8,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import torch
 from torch import Tensor
@@ -18,6 +18,11 @@ from gradclip.clippers.base import Clipper, Parameters, check_real
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import SMALL_NUMEL, GradNorms, accumulation_dtype, empty_norms
 from gradclip.stats import ClipStats
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from gradclip.distributed import GroupLike
 
 __all__ = ["AGC", "LAST_LINEAR", "ExcludeRule"]
 
@@ -116,6 +121,8 @@ class AGC(Clipper):
         exclude: which parameters are never clipped (default ``LAST_LINEAR``; see above).
         nonfinite: ``"propagate"`` (a NaN stays NaN; an infinite unit norm gives coefficient
             0, as torch's ``clip_grad_norm_``), ``"error"`` or ``"skip"``.
+        shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
+            stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
 
     Example:
         >>> import torch
@@ -134,6 +141,7 @@ class AGC(Clipper):
     """
 
     folds_into_fused = False  # one coefficient per unit, not one global scale
+    needs_whole_tensors = True  # unit norms need whole rows: refuses FSDP/TP shards
 
     def __init__(
         self,
@@ -142,6 +150,8 @@ class AGC(Clipper):
         *,
         exclude: ExcludeRule = LAST_LINEAR,
         nonfinite: NonFinitePolicy = "propagate",
+        shard_group: ProcessGroup | None = None,
+        extra_groups: Iterable[GroupLike] = (),
     ):
         self.clipping = check_real(clipping, "clipping", "> 0", lambda v: v > 0, "clipping=0.01")
         self.eps = check_real(eps, "eps", ">= 0", lambda v: v >= 0 and math.isfinite(v), "eps=1e-3")
@@ -152,7 +162,9 @@ class AGC(Clipper):
         self._head_ids: frozenset[int] = frozenset()
         self._warned = False
         self._work: _Work | None = None
-        super().__init__(norm_type=2.0, nonfinite=nonfinite)
+        super().__init__(
+            norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+        )
 
     def config(self) -> dict[str, Any]:
         return {

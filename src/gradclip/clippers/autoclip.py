@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -13,6 +13,13 @@ from torch import Tensor
 from gradclip.clippers.base import Clipper, global_decision
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from torch.distributed import ProcessGroup
+
+    from gradclip.distributed import GroupLike
 
 __all__ = ["AutoClip"]
 
@@ -67,6 +74,8 @@ class AutoClip(Clipper):
             ``None`` for every norm since the start (the paper; memory grows with training).
         norm_type: p of the norms (default 2).
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
+        shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
+            stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
 
     Example:
         >>> import torch
@@ -94,10 +103,14 @@ class AutoClip(Clipper):
         *,
         norm_type: float | str = 2.0,
         nonfinite: NonFinitePolicy = "propagate",
+        shard_group: ProcessGroup | None = None,
+        extra_groups: Iterable[GroupLike] = (),
     ):
         self.percentile = _check_percentile(percentile)
         self.window = _check_window(window)
-        super().__init__(norm_type=norm_type, nonfinite=nonfinite)
+        super().__init__(
+            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+        )
 
     def config(self) -> dict[str, Any]:
         return {"percentile": self.percentile, "window": self.window, **super().config()}

@@ -11,15 +11,25 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from gradclip import _foreach, norms
+from gradclip import _foreach, distributed, norms
 from gradclip.functional import _as_tensor_list, _check_norm_type, clip_coefficient, scale_
-from gradclip.nonfinite import NonFinitePolicy, check_policy, raise_nonfinite
+from gradclip.nonfinite import (
+    NonFiniteGradientError,
+    NonFinitePolicy,
+    check_policy,
+    raise_nonfinite,
+)
 from gradclip.stats import ClipStats
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from gradclip.distributed import GroupLike
 
 __all__ = ["Clipper", "Parameters", "check_real", "named_grads"]
 
@@ -82,18 +92,40 @@ class Clipper:
     0-dim or small device tensors, updated with ``torch.where`` so that no value is read on
     the host and a non-finite step never changes them.
 
+    Under ``torch.distributed`` the clipper reads the global norm (see
+    :mod:`gradclip.distributed`): its state and decisions are identical on every rank, and
+    each rank scales its local shards.
+
     Args:
         norm_type: p of the norms the clipper measures (default 2).
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``; see
             :mod:`gradclip.nonfinite`.
+        shard_group: plain-tensor gradients are shards over this process group (FSDP1, ZeRO);
+            DTensor gradients (FSDP2, TP) need nothing.
+        extra_groups: process groups or meshes the total norm is also reduced over
+            (pipeline stages, expert parallel).
     """
 
     STATE_VERSION: ClassVar[int] = 1
     folds_into_fused: ClassVar[bool] = True  # one global coefficient: foldable into grad_scale
+    # Decides per tensor or per row: refuses gradients split across ranks (their local norms
+    # are not the tensors' norms), see distributed.plan.
+    needs_whole_tensors: ClassVar[bool] = False
 
-    def __init__(self, *, norm_type: float | str = 2.0, nonfinite: NonFinitePolicy = "propagate"):
+    def __init__(
+        self,
+        *,
+        norm_type: float | str = 2.0,
+        nonfinite: NonFinitePolicy = "propagate",
+        shard_group: ProcessGroup | None = None,
+        extra_groups: Iterable[GroupLike] = (),
+    ):
         self.norm_type = _check_norm_type(norm_type)
         self.nonfinite = check_policy(nonfinite)
+        # Not in config(): process groups are neither comparable nor picklable, and a
+        # checkpoint written on one layout must load on another.
+        self.shard_group = shard_group
+        self.extra_groups: tuple[GroupLike, ...] = distributed.as_tuple(extra_groups)
         self.reset()
 
     # -- what a subclass provides -------------------------------------------------------
@@ -271,11 +303,26 @@ class Clipper:
     def _clip(
         self, parameters: Parameters, fused: torch.optim.Optimizer | None
     ) -> ClipStats:
-        names, params, grads = named_grads(parameters)
+        layout = None
+        if distributed.is_active() or self.shard_group is not None or self.extra_groups:
+            module_params = (
+                list(parameters.parameters()) if isinstance(parameters, torch.nn.Module) else ()
+            )
+            names, params, grads = named_grads(parameters)
+            layout = distributed.plan(
+                grads, shard_group=self.shard_group, extra_groups=self.extra_groups,
+                params=module_params,
+                whole_tensors=type(self).__name__ if self.needs_whole_tensors else None,
+            )
+            names, params, grads = tuple(layout.select(names)), layout.select(params), layout.local
+        else:
+            names, params, grads = named_grads(parameters)
         with torch.no_grad():
             measured = self._measure(names, params, grads)
+            if layout is not None:
+                measured = layout.reduce(measured)
             total = measured.total
-            if not grads:
+            if not grads and (layout is None or not layout.communicates):
                 one = torch.ones(())
                 false = torch.zeros((), dtype=torch.bool)
                 return ClipStats(total, total, total.new_full((), float("nan")), one, false,
@@ -284,6 +331,12 @@ class Clipper:
             finite = torch.isfinite(total)
             if self.nonfinite == "error" and not bool(finite):
                 raise_nonfinite(measured.per_tensor, names)
+            if self.nonfinite == "error" and layout is not None and not bool(finite):
+                raise NonFiniteGradientError(  # every rank raises, not only the one with NaN
+                    f"non-finite gradient norm {total.item()} on another rank (this rank's "
+                    "gradients are finite). Nothing was clipped. Use nonfinite='skip' to skip "
+                    "such steps."
+                )
             threshold, coef = self._decide(measured, names, params)
             if self.nonfinite == "skip":
                 coef = torch.where(finite, coef, torch.ones_like(coef))
@@ -292,6 +345,8 @@ class Clipper:
                 skipped = torch.zeros_like(finite)
             if coef.dim() == 0:
                 post_norm = total * coef
+            elif layout is not None:  # pipeline stages: the post-clip norm of every stage
+                post_norm = layout.total(measured.per_tensor * coef, self.norm_type)
             else:
                 post_norm = torch.linalg.vector_norm(measured.per_tensor * coef, self.norm_type)
             clipped = (coef < 1).any()

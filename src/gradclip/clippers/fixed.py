@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -13,6 +13,13 @@ from gradclip.clippers.base import Clipper
 from gradclip.functional import _check_threshold, clip_coefficient
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from torch.distributed import ProcessGroup
+
+    from gradclip.distributed import GroupLike
 
 __all__ = ["NormClip", "ValueClip"]
 
@@ -27,6 +34,8 @@ class NormClip(Clipper):
         max_norm: the largest total norm to allow (>= 0).
         norm_type: p of the total norm (default 2).
         nonfinite: ``"propagate"``, ``"error"`` or ``"skip"``.
+        shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
+            stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
 
     Example:
         >>> import torch, gradclip
@@ -42,9 +51,13 @@ class NormClip(Clipper):
         norm_type: float | str = 2.0,
         *,
         nonfinite: NonFinitePolicy = "propagate",
+        shard_group: ProcessGroup | None = None,
+        extra_groups: Iterable[GroupLike] = (),
     ):
         self.max_norm = _check_threshold(max_norm, "max_norm")
-        super().__init__(norm_type=norm_type, nonfinite=nonfinite)
+        super().__init__(
+            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+        )
 
     def config(self) -> dict[str, Any]:
         return {"max_norm": self.max_norm, **super().config()}
@@ -66,6 +79,8 @@ class ValueClip(Clipper):
     Args:
         clip_value: the largest element magnitude to allow (>= 0).
         nonfinite: ``"propagate"``, ``"error"`` or ``"skip"``.
+        shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
+            stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
 
     Example:
         >>> import torch, gradclip
@@ -77,9 +92,18 @@ class ValueClip(Clipper):
 
     folds_into_fused = False  # a clamp is not a scale
 
-    def __init__(self, clip_value: float, *, nonfinite: NonFinitePolicy = "propagate"):
+    def __init__(
+        self,
+        clip_value: float,
+        *,
+        nonfinite: NonFinitePolicy = "propagate",
+        shard_group: ProcessGroup | None = None,
+        extra_groups: Iterable[GroupLike] = (),
+    ):
         self.clip_value = _check_threshold(clip_value, "clip_value")
-        super().__init__(norm_type=math.inf, nonfinite=nonfinite)
+        super().__init__(
+            norm_type=math.inf, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+        )
 
     def config(self) -> dict[str, Any]:
         return {"clip_value": self.clip_value, "nonfinite": self.nonfinite}

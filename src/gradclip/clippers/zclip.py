@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -13,6 +13,13 @@ from gradclip.clippers.base import Clipper
 from gradclip.functional import _check_threshold, clip_coefficient
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from torch.distributed import ProcessGroup
+
+    from gradclip.distributed import GroupLike
 
 __all__ = ["ZClip"]
 
@@ -79,6 +86,8 @@ class ZClip(Clipper):
         mode: ``"zscore"`` (default, the reciprocal rule) or ``"percentile"``.
         norm_type: p of the norms (default 2).
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
+        shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
+            stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
 
     Example:
         >>> import torch
@@ -106,6 +115,8 @@ class ZClip(Clipper):
         mode: ZClipMode = "zscore",
         norm_type: float | str = 2.0,
         nonfinite: NonFinitePolicy = "propagate",
+        shard_group: ProcessGroup | None = None,
+        extra_groups: Iterable[GroupLike] = (),
     ):
         self.alpha = _check_open_unit(alpha, "alpha", "alpha=0.97")
         self.z_threshold = _check_positive(z_threshold, "z_threshold", "z_threshold=2.5")
@@ -117,7 +128,9 @@ class ZClip(Clipper):
                 "pass mode='zscore' (the paper's reciprocal rule) or mode='percentile'"
             )
         self.mode: ZClipMode = mode
-        super().__init__(norm_type=norm_type, nonfinite=nonfinite)
+        super().__init__(
+            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+        )
 
     def config(self) -> dict[str, Any]:
         return {

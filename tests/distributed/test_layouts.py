@@ -1,0 +1,243 @@
+"""Global gradient norms under every parallel layout, on 2 and 4 gloo processes (CPU).
+
+Two launches (one per world size) run every check of tests/distributed/cases.py; the
+tests below assert on what the ranks recorded. Each layout is compared with the
+single-process norm and clipped gradients of the same full batch, and each records what
+``torch.nn.utils.clip_grad_norm_`` does there (../shared/research/distributed.md): the
+assertions on torch document where it is wrong, raises or is rank-local.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_cases as cases
+import dist_launcher as launcher
+
+RTOL = 1e-5  # float32 totals (DESIGN §8)
+GRAD_RTOL = 1e-5
+
+pytestmark = pytest.mark.skipif(
+    sys.platform == "win32", reason="gloo on 127.0.0.1 with spawn is tested on Linux"
+)
+
+
+@pytest.fixture(scope="module")
+def two() -> list[list[dict]]:
+    start = time.monotonic()
+    ranks = launcher.launch(cases.suite_two, 2, deadline=150)
+    print(f"\n2-rank launch: {time.monotonic() - start:.1f} s")
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def four() -> list[list[dict]]:
+    start = time.monotonic()
+    ranks = launcher.launch(cases.suite_four, 4, deadline=150)
+    print(f"\n4-rank launch: {time.monotonic() - start:.1f} s")
+    return ranks
+
+
+def records(ranks: list[list[dict]], case: str) -> list[list[dict]]:
+    """Per rank, the records of ``case`` (in order)."""
+    out = [[e for e in rank if e["case"] == case] for rank in ranks]
+    assert all(out), f"no records for {case}"
+    return out
+
+
+def close(a: float, b: float, rtol: float = RTOL) -> bool:
+    return math.isclose(a, b, rel_tol=rtol, abs_tol=1e-12)
+
+
+def assert_ours_exact(ranks: list[list[dict]], case: str) -> list[list[dict]]:
+    """gradclip: the reference norm, bit-identical on every rank, and the reference clip."""
+    per_rank = records(ranks, case)
+    expected = {1.0, 2.0, 3.0} | ({math.inf} if case != "fsdp2_empty_torch_p" else set())
+    assert {e["p"] for e in per_rank[0]} == expected
+    for entries in zip(*per_rank, strict=True):
+        values = {e["ours"] for e in entries}
+        assert len(values) == 1, f"{case} p={entries[0]['p']}: ranks disagree {values}"
+        for e in entries:
+            assert e["ours_type"] == "Tensor"
+            assert close(e["ours"], e["ref"]), f"{case} p={e['p']}: {e['ours']} != {e['ref']}"
+            assert e["grad_err"] <= GRAD_RTOL, f"{case} p={e['p']}: clipped grads off {e['grad_err']}"
+    return per_rank
+
+
+def torch_wrong_somewhere(per_rank: list[list[dict]], p: float) -> bool:
+    entries = [e for rank in per_rank for e in rank if e["p"] == p]
+    return any(not close(e["torch"], e["ref"], 1e-3) for e in entries)
+
+
+# ---------------------------------------------------------------------------------------
+# 2 ranks
+
+
+def test_ddp(two):
+    per_rank = assert_ours_exact(two, "ddp")
+    for e in (e for rank in per_rank for e in rank):  # torch is right under DDP
+        assert close(e["torch"], e["ref"]) and e["torch_grad_err"] <= GRAD_RTOL
+
+
+def test_fsdp1_orig_params_with_shard_group(two):
+    missing = records(two, "fsdp1_orig_missing")
+    assert any(r[0]["grads"] for r in missing)  # some grads are None/empty on a rank
+    per_rank = assert_ours_exact(two, "fsdp1_orig")
+    for p in cases.P_VALUES:  # torch: each rank clips by its own shard's norm
+        assert torch_wrong_somewhere(per_rank, p)
+    assert any(e["torch_grad_err"] > 0.1 for rank in per_rank for e in rank)
+
+
+def test_fsdp1_flat_params_with_shard_group(two):
+    per_rank = records(two, "fsdp1_flat")
+    for entries in zip(*per_rank, strict=True):
+        assert len({e["ours"] for e in entries}) == 1
+        for e in entries:
+            assert close(e["ours"], e["ref"]) and close(e["fsdp_method"], e["ref"])
+            assert close(e["post"], e["want_post"], 1e-5)  # the gathered clipped shards
+    for p in cases.P_VALUES:  # torch: each rank's own shard norm (right only where the
+        assert torch_wrong_somewhere(per_rank, p)  # inf norm's max happens to live)
+    assert any(not close(e["torch_post"], e["want_post"], 1e-3) for r in per_rank for e in r)
+
+
+def test_fsdp2(two):
+    per_rank = assert_ours_exact(two, "fsdp2")
+    for e in (e for rank in per_rank for e in rank):
+        if math.isinf(e["p"]):  # torch: Partial(max); .item() is the rank-local max
+            assert e["torch_type"] == "DTensor(Partial)"
+        else:
+            assert e["torch_type"] == "DTensor(Replicate)" and close(e["torch"], e["ref"])
+    assert torch_wrong_somewhere(per_rank, math.inf)
+
+
+def test_fsdp2_empty_local_shards(two):
+    shards = records(two, "fsdp2_empty_shards")
+    assert shards[0][0]["empty"] == [] and shards[1][0]["empty"] == ["2.weight", "2.bias"]
+    # torch's inf norm raises on the empty rank alone (its peer would hang in the collective)
+    assert "empty tensor" in shards[1][0]["torch_local_inf"]
+    assert_ours_exact(two, "fsdp2_empty")
+    per_rank = assert_ours_exact(two, "fsdp2_empty_torch_p")
+    for e in (e for rank in per_rank for e in rank):  # torch's p-norms are right here
+        assert close(e["torch"], e["ref"])
+
+
+def test_dtensor_grad_missing_on_one_rank(two):
+    for (e,) in records(two, "dtensor_grad_missing_on_rank1"):
+        assert close(e["ours"], e["ref"])
+
+
+def test_tensor_parallel(two):
+    (placements,) = records(two, "tp_placements")[0]
+    assert placements["placements"]["2.bias"] == "(Replicate(),)"  # counted once, not twice
+    per_rank = assert_ours_exact(two, "tp")
+    for e in (e for rank in per_rank for e in rank):
+        expected = "DTensor(Partial)" if math.isinf(e["p"]) else "DTensor(Replicate)"
+        assert e["torch_type"] == expected and close(e["torch"], e["ref"])
+
+
+def test_mixed_tensor_and_dtensor(two):
+    per_rank = assert_ours_exact(two, "mixed")
+    for e in (e for rank in per_rank for e in rank):
+        assert "mixed torch.Tensor and DTensor" in e["torch_error"]
+
+
+def test_pipeline_stages_with_extra_groups(two):
+    per_rank = assert_ours_exact(two, "pp")
+    for p in (1.0, 2.0, 3.0, math.inf):  # torch: each stage clips by its own norm
+        assert torch_wrong_somewhere(per_rank, p)
+
+
+def test_nan_on_one_rank(two):
+    per_rank = records(two, "nan_rank1")
+    for rank in per_rank:
+        for e in rank:
+            assert math.isnan(e["ours"])  # NaN on every rank, also for inf (MAX drops NaN)
+    inf = [e for rank in per_rank for e in rank if math.isinf(e["p"])]
+    assert any(not math.isnan(e["torch"]) for e in inf)  # torch's MAX lost it on a rank
+    assert not any(e["torch_error_if_nonfinite"] for e in inf)  # and error_if_nonfinite misses it
+    for (e,) in records(two, "nan_policies"):
+        assert e["skipped"] and e["untouched"]  # the same skip decision on every rank
+        assert e["error"] is not None  # nonfinite="error" raises on every rank
+    assert "another rank" in records(two, "nan_policies")[0][0]["error"]
+
+
+def test_adaptive_clippers_identical_state_on_every_rank(two):
+    per_rank = records(two, "adaptive")
+    (reference,) = records(two, "adaptive_reference")[0]
+    for entries in zip(*per_rank, strict=True):
+        first = entries[0]
+        assert len(first["norms"]) == 50
+        assert close(first["norms"][0], reference["first_norm"])
+        for other in entries[1:]:
+            assert other["state"] == first["state"], f"{first['layout']} {first['clipper']}"
+            assert other["norms"] == first["norms"] and other["clipped"] == first["clipped"]
+    by = {(e["layout"], e["clipper"]): e for e in per_rank[0]}
+    assert by["ddp", "AutoClip"]["clipped"] > 0 and by["fsdp2", "ZClip"]["clipped"] > 0
+    for name in ("NormClip", "AutoClip", "ZClip", "AdaptiveClip"):  # DDP and FSDP2 agree
+        ddp, fsdp = by["ddp", name]["norms"], by["fsdp2", name]["norms"]
+        assert all(close(a, b, 1e-4) for a, b in zip(ddp, fsdp, strict=True))
+
+
+def test_per_tensor_clippers(two):
+    for entries in zip(*records(two, "per_tensor_ddp"), strict=True):
+        assert entries[0]["state"] == entries[1]["state"]
+    for rank in records(two, "per_tensor_fsdp2"):
+        for e in rank:  # a clear error, never a silent per-shard decision
+            assert "split across ranks" in e["error"] and e["clipper"] in e["error"]
+
+
+def test_bad_input(two):
+    non_member = records(two, "non_member")
+    assert non_member[0][0]["error"] is None  # rank 0 is the group
+    assert "not a member" in non_member[1][0]["error"] and "rank 1" in non_member[1][0]["error"]
+    for (e,) in records(two, "disagree"):
+        assert "rank 1 never reduces over it" in e["error"]
+    for (e,) in records(two, "agree"):
+        assert e["error"] is None
+    for (e,) in records(two, "plain_grad_missing"):
+        assert close(e["ours"], e["ref"])
+    for (e,) in records(two, "norm_type_0"):
+        assert "norm_type" in e["error"] and "positive" in e["error"]
+    for (e,) in records(two, "bad_type"):
+        assert "extra_groups[0]" in e["error"] and "'world'" in e["error"]
+
+
+def test_no_host_reads_in_the_reduction(two):
+    per_rank = records(two, "host_reads")
+    assert {e["call"] for e in per_rank[0]} == {"dtensor", "shard_group", "extra_groups", "clipper"}
+    for rank in per_rank:
+        for e in rank:
+            assert e["reads"] == [], f"{e['call']} p={e['p']}: {e['reads']}"
+
+
+# ---------------------------------------------------------------------------------------
+# 4 ranks
+
+
+def test_fsdp_x_tp_on_a_2d_mesh_and_a_second_mesh(four):
+    (placements,) = records(four, "fsdp_tp_placements")[0]
+    assert "_StridedShard" in placements["placements"]["0.weight"]
+    assert placements["placements"]["2.bias"] == "(Shard(dim=0), Replicate())"
+    per_rank = assert_ours_exact(four, "fsdp_tp")
+    for e in (e for rank in per_rank for e in rank):  # torch raises (two meshes / empty)
+        assert "torch_error" in e
+
+
+def test_hsdp(four):
+    per_rank = assert_ours_exact(four, "hsdp")
+    for e in (e for rank in per_rank for e in rank):
+        if not math.isinf(e["p"]):
+            assert close(e["torch"], e["ref"])
+    assert torch_wrong_somewhere(per_rank, math.inf)
+
+
+def test_pipeline_x_fsdp2(four):
+    per_rank = assert_ours_exact(four, "pp_fsdp")
+    for p in cases.P_VALUES:  # torch: a Replicate DTensor that looks global, per stage
+        assert torch_wrong_somewhere(per_rank, p)
