@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml constraints.txt requirements-peers.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt -r requirements-peers.txt
+	# the report's test opens its HTML in Debian's headless chromium (installable as root only)
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "chromium not installed (needs root and apt-get): the report's browser test will skip"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -28,8 +28,11 @@ from gradclip.functional import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from gradclip.monitor import GradMonitor, History, MonitorSummary, read_log
 from gradclip.nonfinite import NonFiniteGradientError
 from gradclip.norms import GradNorms, grad_norms
+from gradclip.recommend import Recommendation, recommend_max_norm
+from gradclip.sinks import CSVSink, JSONLSink, LogError, Sink, TensorBoardSink
 from gradclip.stats import ClipStats
 
 __version__ = "0.1.0"
@@ -39,12 +42,21 @@ __all__ = [
     "AdaGC",
     "AdaptiveClip",
     "AutoClip",
+    "CSVSink",
     "ClipStats",
     "Clipper",
+    "GradMonitor",
     "GradNorms",
+    "History",
+    "JSONLSink",
+    "LogError",
+    "MonitorSummary",
     "NonFiniteGradientError",
     "NormClip",
     "NotATensorError",
+    "Recommendation",
+    "Sink",
+    "TensorBoardSink",
     "ValueClip",
     "ZClip",
     "__version__",
@@ -54,4 +66,6 @@ __all__ = [
     "clip_grads_with_norm_",
     "get_total_norm",
     "grad_norms",
+    "read_log",
+    "recommend_max_norm",
 ]

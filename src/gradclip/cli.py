@@ -3,7 +3,14 @@
 Each subcommand is one entry of :data:`COMMANDS` (name, help, how to add its arguments,
 what to run); adding ``demo``, ``report`` or ``recommend`` means adding an entry.
 
+Exit status: 0 on success; 2 for a usage mistake or a log that cannot be used (missing,
+empty, nothing valid); 1 when ``recommend`` / ``report`` worked on part of a log (the bad
+lines are named on stderr).
+
 Example:
+    $ gradclip recommend run.jsonl
+    $ gradclip report run.jsonl -o report/
+    $ gradclip demo --quick
     $ gradclip bench --quick
     $ gradclip bench --cases gpt2 resnet50 --norm-types 2 --modes clip --reps 9 --json out.json
     $ python -m gradclip --help
@@ -12,11 +19,14 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradclip
 from gradclip import bench
@@ -41,6 +51,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _natural_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -100,12 +120,196 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error(command: str, message: str) -> int:
+    print(f"gradclip {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _problems(command: str, history: gradclip.History) -> int:
+    """Name the log's bad lines on stderr; the exit status: 1 if there were any."""
+    for problem in history.problems:
+        print(f"gradclip {command}: warning: {problem}", file=sys.stderr)
+    if history.problems:
+        print(
+            f"gradclip {command}: warning: results use the {len(history)} valid records only",
+            file=sys.stderr,
+        )
+    return 1 if history.problems else 0
+
+
+def _recommend_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("log", type=Path, help="a JSON lines log written by gradclip.GradMonitor")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run_recommend(args: argparse.Namespace) -> int:
+    from gradclip.recommend import render_text
+
+    try:
+        history = gradclip.read_log(args.log)
+    except gradclip.LogError as exc:
+        return _error("recommend", str(exc))
+    rec = gradclip.recommend_max_norm(history)
+    print(json.dumps(rec.to_dict(), indent=2) if args.json else render_text(rec))
+    return _problems("recommend", history)
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("log", type=Path, help="a JSON lines log written by gradclip.GradMonitor")
+    parser.add_argument(
+        "-o", "--out", type=Path, required=True, metavar="DIR",
+        help="directory for report.html and the PNG plots (created)",
+    )  # fmt: skip
+    parser.add_argument("--title", help="page title (default: from the log's name)")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from gradclip import report
+
+    try:
+        report.plots.require_matplotlib()
+    except ImportError as exc:
+        return _error("report", str(exc))
+    if args.out.exists() and not args.out.is_dir():
+        return _error("report", f"{args.out} exists and is not a directory; pass -o DIR")
+    try:
+        data = report.build_report(args.log, title=args.title)
+    except gradclip.LogError as exc:
+        return _error("report", str(exc))
+    try:
+        files = report.render_report(data, args.out)
+    except OSError as exc:
+        return _error("report", f"cannot write to {args.out}: {exc.strerror or exc}")
+    print(files.html)
+    return _problems("report", data.history)
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from gradclip.demo.compare import STRATEGIES
+    from gradclip.demo.tasks import TASKS
+
+    parser.add_argument("--task", default="rnn-addition/violent", choices=list(TASKS),
+                        metavar="TASK", help=f"one of {', '.join(TASKS)} (default: %(default)s)")
+    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), metavar="NAME",
+                        default=list(STRATEGIES),
+                        help=f"any of {', '.join(STRATEGIES)} (default: all, in that order)")
+    parser.add_argument("--steps", type=_positive_int, metavar="N",
+                        help="steps per run (default: the task's; with --quick its quick count)")
+    parser.add_argument("--seed", type=_natural_int, default=0, help="run seed (default 0)")
+    parser.add_argument("--out", type=Path, default=Path("gradclip-demo"), metavar="DIR",
+                        help="output folder, replaced if it holds an earlier demo "
+                        "(default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="short runs (under 20 s in all)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")  # fmt: skip
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from gradclip.demo import compare, render
+
+    try:
+        from tqdm import tqdm
+
+        from gradclip.report import build_report, plots, render_report
+
+        plots.require_matplotlib()
+    except ImportError as exc:
+        return _error("demo", f"{exc}; the demo needs pip install 'gradclip[demo]'")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        return _error("demo", f"--device {args.device!r} is not a device; pass cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _error("demo", "--device cuda: CUDA is not available here; pass --device cpu")
+    try:
+        stage = render.staging(args.out)
+    except ValueError as exc:
+        return _error("demo", str(exc))
+    except OSError as exc:
+        return _error("demo", f"cannot write --out {args.out}: {exc.strerror or exc}")
+    # One thread: the tasks' calibration, and the same numbers on every machine.
+    torch.set_num_threads(1)
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # the first optimizer imports for seconds
+    monitors: dict[str, gradclip.GradMonitor] = {}
+    (stage / "runs").mkdir()
+
+    def record(name: str, clipper: gradclip.Clipper | None) -> Callable[[object], object]:
+        if clipper is None:
+            return lambda stats: stats
+        monitor = monitors[name] = gradclip.GradMonitor(log=stage / "runs" / f"{name}.jsonl")
+
+        def keep(stats: object) -> object:
+            monitor.record(stats)  # type: ignore[arg-type]
+            return stats
+
+        return keep
+
+    bars: dict[str, Any] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        bar = bars.get(name)
+        if bar is None:
+            for earlier in bars.values():
+                earlier.close()  # a run that stopped early (non-finite weights) ends here
+            label = compare.STRATEGIES[name].describe(compare.resolve(args.task))
+            # disable=None: bars on a terminal only, not in logs
+            bar = bars[name] = tqdm(total=total, desc=f"{label:24}", unit="step", leave=True,
+                                    file=sys.stderr, disable=None)  # fmt: skip
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    try:
+        result = compare.compare(args.task, args.strategies, seed=args.seed, steps=args.steps,
+                                 quick=args.quick, device=str(device), progress=progress,
+                                 record=record)  # fmt: skip
+        for bar in bars.values():
+            bar.close()
+        for monitor in monitors.values():
+            monitor.close()
+        print(render.table(result))
+        for line in render.verdicts(result):
+            print(line)
+        diagnostics = None
+        if "adaptive" in monitors:
+            diagnostics = "adaptive-report"
+            render_report(build_report(stage / "runs" / "adaptive.jsonl",
+                                       title="gradclip demo: AdaptiveClip diagnostics"),
+                          stage / diagnostics)  # fmt: skip
+        render.write(result, stage, diagnostics=diagnostics)
+        out = render.publish(stage, args.out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    print(f"\nreport written to {out / 'index.html'}")
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
+    Command(
+        "demo",
+        "train an embedded task where gradients explode, under each clipping strategy",
+        _demo_arguments,
+        _run_demo,
+    ),
     Command(
         "bench",
         "time gradclip.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_",
         _bench_arguments,
         _run_bench,
+    ),
+    Command(
+        "recommend",
+        "recommend a max_norm from a GradMonitor log, with the evidence",
+        _recommend_arguments,
+        _run_recommend,
+    ),
+    Command(
+        "report",
+        "write an HTML report with plots of what clipping did, from a GradMonitor log",
+        _report_arguments,
+        _run_report,
     ),
 )
 """The subcommands, in the order ``--help`` lists them."""

@@ -172,17 +172,18 @@ def _addition_batch(n: int, length: int, gen: torch.Generator) -> tuple[Tensor, 
 
 
 class _AdditionProblem:
-    def __init__(self, cfg: AdditionConfig, seed: int, steps: int):
-        self.cfg = cfg
+    def __init__(self, cfg: AdditionConfig, seed: int, steps: int, device: torch.device):
+        self.cfg, self.device = cfg, device
         self.gen = torch.Generator().manual_seed(seed)
-        self.model = _AdditionRNN(cfg.hidden, cfg.rho, self.gen)
+        self.model = _AdditionRNN(cfg.hidden, cfg.rho, self.gen).to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         val_gen = torch.Generator().manual_seed(cfg.data_seed)
-        self.val_x, self.val_y = _addition_batch(cfg.val_size, cfg.length, val_gen)
+        val_x, val_y = _addition_batch(cfg.val_size, cfg.length, val_gen)
+        self.val_x, self.val_y = val_x.to(device), val_y.to(device)
 
     def loss(self, step: int) -> Tensor:
         x, y = _addition_batch(self.cfg.batch, self.cfg.length, self.gen)
-        return nn.functional.mse_loss(self.model(x), y)
+        return nn.functional.mse_loss(self.model(x.to(self.device)), y.to(self.device))
 
     def after_step(self, step: int) -> None:
         pass
@@ -241,19 +242,20 @@ def _mlp(sizes: tuple[int, ...], gen: torch.Generator) -> nn.Sequential:
 
 
 class _SpikesProblem:
-    def __init__(self, cfg: SpikesConfig, seed: int, steps: int):
-        self.cfg = cfg
+    def __init__(self, cfg: SpikesConfig, seed: int, steps: int, device: torch.device):
+        self.cfg, self.device = cfg, device
         data_gen = torch.Generator().manual_seed(cfg.data_seed)
-        self.teacher = _mlp((cfg.dim, cfg.teacher_hidden, 1), data_gen).requires_grad_(False)
-        self.test_x = torch.randn(cfg.test_size, cfg.dim, generator=data_gen)
+        teacher = _mlp((cfg.dim, cfg.teacher_hidden, 1), data_gen)
+        self.teacher = teacher.requires_grad_(False).to(device)
+        self.test_x = torch.randn(cfg.test_size, cfg.dim, generator=data_gen).to(device)
         self.test_y = self.teacher(self.test_x)
         self.gen = torch.Generator().manual_seed(seed)
-        self.model = _mlp((cfg.dim, cfg.hidden, cfg.hidden, 1), self.gen)
+        self.model = _mlp((cfg.dim, cfg.hidden, cfg.hidden, 1), self.gen).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.glitches = {round(f * steps) for f in cfg.glitch_at}
 
     def loss(self, step: int) -> Tensor:
-        x = torch.randn(self.cfg.batch, self.cfg.dim, generator=self.gen)
+        x = torch.randn(self.cfg.batch, self.cfg.dim, generator=self.gen).to(self.device)
         y = self.teacher(x)
         if step in self.glitches:
             y = y * self.cfg.glitch_scale
@@ -322,13 +324,14 @@ def _student_t(df: float, n: int, gen: torch.Generator) -> Tensor:
 
 
 class _HeavyTailProblem:
-    def __init__(self, cfg: HeavyTailConfig, seed: int, steps: int):
-        self.cfg = cfg
+    def __init__(self, cfg: HeavyTailConfig, seed: int, steps: int, device: torch.device):
+        self.cfg, self.device = cfg, device
         w_star = torch.randn(cfg.dim, generator=torch.Generator().manual_seed(cfg.data_seed))
-        self.w_star = w_star / w_star.norm()
+        self.w_star = (w_star / w_star.norm()).to(device)
         self.gen = torch.Generator().manual_seed(seed)
-        self.noise = _student_t(cfg.df, steps * cfg.batch, self.gen).view(steps, cfg.batch)
-        self.model = nn.utils.skip_init(nn.Linear, cfg.dim, 1, bias=False)
+        noise = _student_t(cfg.df, steps * cfg.batch, self.gen).view(steps, cfg.batch)
+        self.noise = noise.to(device)
+        self.model = nn.utils.skip_init(nn.Linear, cfg.dim, 1, bias=False).to(device)
         with torch.no_grad():
             self.model.weight.zero_()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr)
@@ -336,7 +339,7 @@ class _HeavyTailProblem:
         self.distances: list[float] = []
 
     def loss(self, step: int) -> Tensor:
-        x = torch.randn(self.cfg.batch, self.cfg.dim, generator=self.gen)
+        x = torch.randn(self.cfg.batch, self.cfg.dim, generator=self.gen).to(self.device)
         y = x @ self.w_star + self.noise[step]
         return 0.5 * nn.functional.mse_loss(self.model(x).squeeze(-1), y)
 
@@ -382,6 +385,8 @@ class Task:
             rnn-addition (six times the constant predictor), 1.0 for adam-spikes (over
             twice the 0.42 that predicting 0 scores), 10 for sgd-heavy-tail (ten times w = 0).
         reference: what trivial / unclipped / well-clipped runs score, for reports.
+        fixed: three fixed ``max_norm`` for ``gradclip demo``: too low, good (the best of the
+            quality benchmark's sweep 0.1, 0.3, ..., 100 at full length) and too high.
         config: the hyperparameters (:class:`AdditionConfig`, :class:`SpikesConfig` or
             :class:`HeavyTailConfig`); ``dataclasses.replace`` it to make a variant.
     """
@@ -394,6 +399,7 @@ class Task:
     metric_name: str
     failure_level: float
     reference: str
+    fixed: tuple[float, float, float]
     config: TaskConfig = field(repr=False)
 
     @property
@@ -422,6 +428,7 @@ TASKS: dict[str, Task] = {
                 "constant predictor 0.167; seeds 0-2: none inf (non-finite by step ~50), "
                 "fixed 100: 360-3200, fixed 1: 0.02-0.19, fixed 0.3: 0.012-0.015"
             ),
+            fixed=(0.03, 0.3, 10.0),
             config=AdditionConfig(lr=0.05, rho=1.2),
         ),
         Task(
@@ -436,6 +443,7 @@ TASKS: dict[str, Task] = {
                 "constant predictor 0.167; seeds 0-2: none 0.007-0.35 (seed lottery), "
                 "fixed 10: 0.01-0.21, fixed 1: 0.005-0.017"
             ),
+            fixed=(0.1, 1.0, 10.0),
             config=AdditionConfig(lr=0.02, rho=1.1),
         ),
         Task(
@@ -454,6 +462,7 @@ TASKS: dict[str, Task] = {
                 "none 0.039-0.054, fixed 100: 0.016-0.017, fixed 1: 0.0054-0.0057, "
                 "fixed 0.1: 0.0048-0.0050"
             ),
+            fixed=(0.003, 0.1, 100.0),
             config=SpikesConfig(),
         ),
         Task(
@@ -470,6 +479,7 @@ TASKS: dict[str, Task] = {
                 "w = 0 scores 1.0; seeds 0-2: none 1.4-2.0, fixed 50: 1.3-1.5, fixed 5: 0.70, "
                 "fixed 0.5: 0.22-0.24, fixed 0.1: 0.09-0.11, fixed 0.01: 0.67"
             ),
+            fixed=(0.01, 0.1, 10.0),
             config=HeavyTailConfig(),
         ),
     )
@@ -582,6 +592,7 @@ def run(
     steps: int | None = None,
     quick: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> RunResult:
     """Train ``task`` once with ``clip`` between ``backward()`` and ``optimizer.step()``.
 
@@ -600,6 +611,8 @@ def run(
         steps: steps to run; default ``task.steps`` (``task.quick_steps`` if ``quick``).
         quick: use the task's quick step count.
         progress: called as ``progress(done, total)`` after every step.
+        device: where the model and its data live (the data is generated on the CPU from
+            the seed and moved, so a seed means the same data on every device).
 
     Returns:
         A :class:`RunResult`. Identical seeds give identical results (for a given number
@@ -610,7 +623,7 @@ def run(
     if not isinstance(total, int) or isinstance(total, bool) or total < 1:
         raise ValueError(f"`steps` must be a positive int, got {total!r}")
     start = time.perf_counter()
-    problem = _PROBLEMS[type(spec.config)](spec.config, seed, total)
+    problem = _PROBLEMS[type(spec.config)](spec.config, seed, total, torch.device(device))
     model, optimizer = problem.model, problem.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
 

@@ -1,0 +1,303 @@
+"""What ``max_norm`` to use: a threshold from the norms a run produced, with its evidence.
+
+The rule (:func:`recommend_max_norm`), and why:
+
+* Clipping is for the rare steps whose gradient is far larger than usual; on typical steps
+  it should do nothing, or it acts as a hidden cut of the learning rate. So the threshold
+  must sit just above the *typical* pre-clip norms and below the spikes.
+* Gradient norms are positive and vary multiplicatively, so they are measured on a log
+  scale. There, the median and the MAD (median absolute deviation, x1.4826 to estimate a
+  standard deviation) describe the typical norms and are not moved by spikes, whatever
+  their size or number (up to half of the steps).
+* A *spike* is a norm more than ``SPIKE_Z`` (3.5, the usual outlier cut of modified z-scores,
+  Iglewicz & Hoaglin 1993) robust standard deviations above the median log-norm; the
+  deviation is floored at ``MIN_LOG_SPREAD`` so that very steady norms do not make a 10%
+  bump a spike.
+* The recommended ``max_norm`` is the smallest two-significant-digit number above the
+  ``QUANTILE`` (99th percentile) of the non-spike norms (a value people can type, never
+  below the quantile): on the recorded run it would have clipped at most about 1% of the
+  typical steps, and every spike.
+
+Only finite, non-skipped steps count. The norms a run records depend on how it was clipped;
+after changing ``max_norm``, record again and check.
+
+Example:
+    >>> import gradclip
+    >>> h = gradclip.History.from_norms([1.0, 1.1, 0.9, 1.2, 1.0, 50.0] * 10, threshold=0.1)
+    >>> rec = gradclip.recommend_max_norm(h)
+    >>> rec.max_norm, rec.spike_count, rec.projected_clip_rate
+    (1.3, 10, 0.16666666666666666)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradclip.monitor import GradMonitor, History, read_log
+
+__all__ = ["QUANTILE", "SPIKE_Z", "Recommendation", "recommend_max_norm", "render_text"]
+
+QUANTILE = 0.99
+"""Quantile of the typical (non-spike) pre-clip norms that becomes the threshold."""
+SPIKE_Z = 3.5
+"""Robust z-score (of the log-norm) above which a step is a spike."""
+MIN_LOG_SPREAD = 0.1
+"""Floor of the robust standard deviation of log-norms (a spike is then > 1.42x the median)."""
+FROZEN_COEF = 1e-3
+"""A step scaled by less than this barely moves the weights: its update is frozen."""
+MIN_STEPS = 50
+"""Fewer finite steps than this make a rough recommendation (a warning says so)."""
+_EPS = 1e-6  # torch's clip_coef = max_norm / (total + 1e-6)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """A ``max_norm`` and the evidence behind it.
+
+    Attributes:
+        max_norm: the recommended threshold (None when no finite norm was recorded).
+        norm_type: p of the norms (the threshold is for the same p).
+        rule: how ``max_norm`` was chosen, in words.
+        steps, finite_steps: steps seen / finite, non-skipped steps used.
+        quantiles: ``{"p10", "p50", "p90", "p99", "max"}`` of the pre-clip norms used.
+        spike_cut: norms above this are spikes (left out of the threshold).
+        spike_count: number of spikes; ``spikes``: the largest ones as ``(step, norm)``.
+        recorded_threshold: the median threshold the run used (None: none recorded).
+        recorded_clip_rate: fraction of steps the run clipped.
+        projected_clip_rate: fraction of the used steps ``max_norm`` would have clipped.
+        min_coef: smallest clip coefficient recorded; ``frozen_steps``: steps below 1e-3.
+        nonfinite_steps: steps whose gradients held NaN/inf.
+        warnings: plain-language findings, most serious first.
+    """
+
+    max_norm: float | None
+    norm_type: float
+    rule: str
+    steps: int
+    finite_steps: int
+    quantiles: dict[str, float]
+    spike_cut: float | None
+    spike_count: int
+    spikes: tuple[tuple[int, float], ...]
+    recorded_threshold: float | None
+    recorded_clip_rate: float | None
+    projected_clip_rate: float | None
+    min_coef: float | None
+    frozen_steps: int
+    nonfinite_steps: int
+    warnings: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (non-finite floats as strings)."""
+
+        def fix(v: Any) -> Any:
+            if isinstance(v, float) and not math.isfinite(v):
+                return str(v)
+            if isinstance(v, list | tuple):
+                return [fix(x) for x in v]
+            if isinstance(v, dict):
+                return {k: fix(x) for k, x in v.items()}
+            return v
+
+        return fix(asdict(self))  # type: ignore[no-any-return]
+
+
+def _history(history: History | GradMonitor | Sequence[float] | Tensor | str | os.PathLike[str]) -> History:
+    if isinstance(history, History):
+        return history
+    if isinstance(history, GradMonitor):
+        history.flush()
+        return history.history()
+    if isinstance(history, str | os.PathLike):
+        return read_log(history)
+    return History.from_norms(history)
+
+
+def recommend_max_norm(
+    history: History | GradMonitor | Sequence[float] | Tensor | str | os.PathLike[str],
+    *,
+    top_spikes: int = 5,
+) -> Recommendation:
+    """Recommend a fixed ``max_norm`` from a recorded run (see the module doc for the rule).
+
+    Args:
+        history: a :class:`~gradclip.History` (e.g. from :func:`~gradclip.read_log`), a
+            :class:`~gradclip.GradMonitor`, the path of a monitor log, or the pre-clip
+            total norms of each step (a sequence or 1-D tensor).
+        top_spikes: how many of the largest spikes to list.
+
+    Returns:
+        A :class:`Recommendation`: the threshold, the evidence, and warnings such as
+        "clipping fired on 100% of steps".
+
+    Example:
+        >>> import gradclip
+        >>> rec = gradclip.recommend_max_norm([2.0, 2.2, 1.8, 2.1] * 25)
+        >>> rec.max_norm, rec.projected_clip_rate
+        (2.3, 0.0)
+    """
+    h = _history(history)
+    steps = len(h)
+    used = h.finite & ~h.skipped & (h.norm > 0)
+    norms, at = h.norm[used], h.steps[used]
+    has_thr = torch.isfinite(h.threshold) & h.finite
+    recorded_thr = float(h.threshold[has_thr].median()) if has_thr.any() else None
+    recorded_rate = float(h.clipped.double().mean()) if steps else None
+    coefs = h.coef[torch.isfinite(h.coef)]
+    min_coef = float(coefs.min()) if coefs.numel() else None
+    frozen = int((coefs < FROZEN_COEF).sum())
+    nonfinite = int((~h.finite).sum())
+    if norms.numel() == 0:
+        return Recommendation(
+            None, h.norm_type, "no finite pre-clip norm was recorded", steps, 0, {}, None, 0,
+            (), recorded_thr, recorded_rate, None, min_coef, frozen, nonfinite,
+            ("no finite, non-skipped step with a non-zero norm was recorded: nothing to "
+             "recommend from", *_nonfinite_warning(h, nonfinite)),
+        )  # fmt: skip
+
+    logs = norms.log()
+    med = logs.median()
+    spread = max(1.4826 * float((logs - med).abs().median()), MIN_LOG_SPREAD)
+    spike_cut = math.exp(float(med) + SPIKE_Z * spread)
+    typical = norms[norms <= spike_cut]
+    max_norm = _round_up(float(torch.quantile(typical, QUANTILE)))
+    spike_mask = norms > spike_cut
+    order = norms[spike_mask].argsort(descending=True)[:top_spikes]
+    spikes = tuple(
+        (int(s), float(v))
+        for s, v in zip(at[spike_mask][order].tolist(), norms[spike_mask][order].tolist(), strict=True)
+    )
+    q = torch.quantile(norms, torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=norms.dtype)).tolist()
+    quantiles = {"p10": q[0], "p50": q[1], "p90": q[2], "p99": q[3], "max": float(norms.max())}
+    projected = float((norms + _EPS > max_norm).double().mean())
+    median = quantiles["p50"]
+    rule = (
+        f"just above the {QUANTILE:.0%} quantile of the {typical.numel()} typical pre-clip norms (the "
+        f"{int(spike_mask.sum())} spikes above {spike_cut:.4g}, i.e. more than {SPIKE_Z} robust "
+        "standard deviations of log-norm above the median, left out)"
+    )
+
+    warnings: list[str] = []
+    if recorded_rate is not None and recorded_thr is not None and recorded_rate >= 0.99:
+        warnings.append(
+            f"clipping fired on {recorded_rate:.0%} of steps: the threshold ({recorded_thr:.4g}) "
+            f"is below the typical norm (median {median:.4g}), updates are being shrunk every "
+            "step (clipping acts as a smaller learning rate)"
+        )
+    elif recorded_rate is not None and recorded_thr is not None and recorded_rate >= 0.5:
+        warnings.append(
+            f"clipping fired on {recorded_rate:.0%} of steps: more than spikes are being "
+            f"clipped; the threshold ({recorded_thr:.4g}) is near or below the typical norm"
+        )
+    if recorded_thr is not None and recorded_thr > 0 and median / recorded_thr >= 2:
+        warnings.append(
+            f"the threshold {recorded_thr:.4g} is {median / recorded_thr:.1f}x below the median "
+            f"pre-clip norm {median:.4g}: raise it to about {max_norm:.4g}"
+        )
+    if frozen:
+        warnings.append(
+            f"coefficient below {FROZEN_COEF:g} on {frozen} step(s) (smallest {min_coef:.2g}): "
+            "updates are frozen on those steps"
+        )
+    if recorded_thr is not None and recorded_rate == 0 and spikes:
+        warnings.append(
+            f"clipping never fired, yet {int(spike_mask.sum())} spike(s) went through (largest "
+            f"{spikes[0][1]:.4g}, {spikes[0][1] / median:.0f}x the median): the threshold "
+            f"{recorded_thr:.4g} is above them"
+        )
+    warnings += _nonfinite_warning(h, nonfinite)
+    drift = _drift(norms)
+    if drift is not None and (drift > 10 or drift < 0.1):
+        warnings.append(
+            f"the typical norm changed {drift:.3g}x from the first to the last tenth of the run: "
+            "one fixed threshold fits only part of it; consider gradclip.AdaptiveClip"
+        )
+    if norms.numel() < MIN_STEPS:
+        warnings.append(
+            f"only {norms.numel()} usable steps: the recommendation is rough; record a few "
+            "hundred steps"
+        )
+    return Recommendation(
+        max_norm=max_norm,
+        norm_type=h.norm_type,
+        rule=rule,
+        steps=steps,
+        finite_steps=int(norms.numel()),
+        quantiles=quantiles,
+        spike_cut=spike_cut,
+        spike_count=int(spike_mask.sum()),
+        spikes=spikes,
+        recorded_threshold=recorded_thr,
+        recorded_clip_rate=recorded_rate,
+        projected_clip_rate=projected,
+        min_coef=min_coef,
+        frozen_steps=frozen,
+        nonfinite_steps=nonfinite,
+        warnings=tuple(warnings),
+    )
+
+
+def _round_up(value: float) -> float:
+    """The smallest number with two significant digits that is greater than ``value`` > 0."""
+    exponent = math.floor(math.log10(value)) - 1
+    unit = 10.0**exponent
+    digits = math.floor(value / unit + 1e-9)  # 1.2 / 0.1 is 11.999...: it has two digits
+    return round((digits + 1) * unit, max(0, -exponent))
+
+
+def _nonfinite_warning(h: History, count: int) -> tuple[str, ...]:
+    if not count:
+        return ()
+    first = int(h.steps[~h.finite][0])
+    skipped = int((~h.finite & h.skipped).sum())
+    fix = (
+        "all were skipped"
+        if skipped == count
+        else "with nonfinite='propagate' they reach the weights: use nonfinite='skip'"
+    )
+    return (f"{count} step(s) had NaN/inf gradients (first at step {first}); {fix}",)
+
+
+def _drift(norms: Tensor) -> float | None:
+    """Median of the last tenth of the norms over that of the first tenth."""
+    tenth = norms.numel() // 10
+    if tenth < 5:
+        return None
+    return float(norms[-tenth:].median() / norms[:tenth].median())
+
+
+def render_text(rec: Recommendation) -> str:
+    """The recommendation, its evidence and warnings as plain text.
+
+    Example:
+        >>> import gradclip
+        >>> print(render_text(gradclip.recommend_max_norm([1.0] * 60)).splitlines()[0])
+        recommended max_norm: 1.1 (norm_type 2)
+    """
+    if rec.max_norm is None:
+        lines = ["no recommendation: " + rec.rule]
+    else:
+        lines = [f"recommended max_norm: {rec.max_norm:.4g} (norm_type {rec.norm_type:g})"]
+        lines.append(f"  rule: {rec.rule}")
+        q = ", ".join(f"{k} {v:.4g}" for k, v in rec.quantiles.items())
+        lines.append(f"  pre-clip norms over {rec.finite_steps} of {rec.steps} steps: {q}")
+        lines.append(
+            f"  it would have clipped {rec.projected_clip_rate:.1%} of those steps"
+            + (
+                f" (the recorded run: {rec.recorded_clip_rate:.1%} at threshold "
+                f"{rec.recorded_threshold:.4g})"
+                if rec.recorded_threshold is not None and rec.recorded_clip_rate is not None
+                else ""
+            )
+        )
+        spikes = ", ".join(f"step {s}: {v:.4g}" for s, v in rec.spikes)
+        lines.append(f"  spikes (> {rec.spike_cut:.4g}): {rec.spike_count}" + (f"; largest {spikes}" if spikes else ""))
+    lines += [f"warning: {w}" for w in rec.warnings]
+    return "\n".join(lines)

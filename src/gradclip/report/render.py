@@ -1,0 +1,112 @@
+"""The rendering step of a report: PNG plots and one self-contained HTML page."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradclip.recommend import render_text
+from gradclip.report import plots
+from gradclip.report.data import Report
+from gradclip.report.html import Section, page
+
+__all__ = ["ReportFiles", "render_report"]
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """What :func:`render_report` wrote: the HTML page and each PNG, by plot name."""
+
+    html: Path
+    images: dict[str, Path]
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def render_report(report: Report, out_dir: str | os.PathLike[str]) -> ReportFiles:
+    """Write ``report.html`` and the PNG plots of ``report`` into ``out_dir`` (created).
+
+    Plots: ``norms.png`` (total norm over time with threshold and clipped steps),
+    ``clip_rate.png``, ``layers.png`` (per-layer heatmap, when layers were recorded),
+    ``histogram.png`` (log scale), ``nonfinite.png`` (when any step was non-finite). The
+    HTML embeds the same images and shows the summary and the recommendation.
+
+    Example:
+        >>> import gradclip
+        >>> from gradclip.report import build_report, render_report
+        >>> r = build_report(gradclip.History.from_norms([1.0, 2.0] * 50, threshold=1.5))
+        >>> files = render_report(r, "report-dir")  # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    h, rec, summ = report.history, report.recommendation, report.summary
+    pngs: dict[str, bytes] = {}
+
+    fig, ax = plots.new_figure(height=3.6)
+    plots.plot_norms(ax, h.steps, h.norm, threshold=h.threshold, clipped=h.clipped,
+                     post_norm=h.post_norm, recommended=rec.max_norm,
+                     title="Total gradient norm: threshold and clipped steps")  # fmt: skip
+    pngs["norms"] = plots.save_png(fig)
+
+    fig, ax = plots.new_figure(height=2.6)
+    plots.plot_clip_rate(ax, h.steps, report.clip_rate, window=report.clip_rate_window,
+                         title="How often clipping fired")  # fmt: skip
+    pngs["clip_rate"] = plots.save_png(fig)
+
+    if report.heatmap_layers:
+        fig, ax = plots.new_figure(height=max(2.5, 0.16 * len(report.heatmap_layers) + 1.2))
+        plots.plot_layer_heatmap(ax, report.heatmap_steps, report.heatmap, report.heatmap_layers,
+                                 title="Per-layer pre-clip norm (red: non-finite)")  # fmt: skip
+        pngs["layers"] = plots.save_png(fig)
+
+    fig, ax = plots.new_figure(height=3.0)
+    plots.plot_histogram(ax, h.norm, threshold=summ.threshold, recommended=rec.max_norm,
+                         title="Pre-clip norms (log scale)")  # fmt: skip
+    pngs["histogram"] = plots.save_png(fig)
+
+    if report.nonfinite_events:
+        fig, ax = plots.new_figure(height=1.8)
+        plots.plot_nonfinite(ax, h.steps, h.finite, h.skipped, title="Non-finite gradients")
+        pngs["nonfinite"] = plots.save_png(fig)
+
+    images = {}
+    for name, data in pngs.items():
+        images[name] = out / f"{name}.png"
+        images[name].write_bytes(data)
+
+    sections = []
+    if h.problems:
+        sections.append(Section("Problems with the log", warnings=[
+            *h.problems, "the report shows the records that could be read"]))  # fmt: skip
+    pct = summ.norm_percentiles
+    sections.append(Section("Summary", table=[
+        ["steps", "clipped", "clip rate", "non-finite", "skipped", "threshold (last)",
+         "norm p50", "p90", "p99", "max"],
+        [summ.steps, summ.clipped_steps, f"{summ.clip_rate:.1%}", summ.nonfinite_steps,
+         summ.skipped_steps, _fmt(summ.threshold), *(_fmt(pct.get(k)) for k in
+         ("p50", "p90", "p99", "max"))],
+    ], paragraphs=[f"source: {h.source or '-'}; norm type: {h.norm_type:g}"]))  # fmt: skip
+    sections.append(Section("Recommended max_norm", warnings=rec.warnings,
+                            preformatted=render_text(rec).split("\nwarning:")[0]))  # fmt: skip
+    sections.append(Section("Total norm over time", images=[("total norm", pngs["norms"])]))
+    sections.append(Section("Clip rate over time", images=[("clip rate", pngs["clip_rate"])]))
+    if "layers" in pngs:
+        tops = [["layer", "largest norm", "mean norm"]] + [
+            [t.name, _fmt(t.max), _fmt(t.mean)] for t in summ.top_layers]  # fmt: skip
+        sections.append(Section("Per-layer norms", images=[("per-layer heatmap", pngs["layers"])],
+                                table=tops))  # fmt: skip
+    sections.append(Section("Norm histogram", images=[("histogram", pngs["histogram"])]))
+    if report.nonfinite_events:
+        rows = [["step", "skipped", "non-finite layers"]] + [
+            [e.step, e.skipped, ", ".join(e.layers) or "-"] for e in report.nonfinite_events]  # fmt: skip
+        sections.append(Section("Non-finite events", images=[("non-finite", pngs["nonfinite"])],
+                                table=rows))  # fmt: skip
+    else:
+        sections.append(Section("Non-finite events", paragraphs=[
+            f"none: every one of the {summ.steps} steps had finite gradients"]))  # fmt: skip
+    path = out / "report.html"
+    path.write_text(page(report.title, sections), encoding="utf-8")
+    return ReportFiles(path, images)

@@ -1,0 +1,123 @@
+"""`gradclip recommend` and `gradclip report`: output, and bad logs (missing, empty,
+truncated, corrupt, newer schema): a message naming the file and line, partial results where
+they can be trusted, a non-zero exit status, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gradclip import cli
+from test_report import synthetic_records, write_log
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def log(tmp_path):
+    return write_log(tmp_path / "run.jsonl", synthetic_records(n=120, nonfinite=()))
+
+
+def run(argv, capsys):
+    status = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return status, out, err
+
+
+def test_recommend_prints_the_threshold_and_warnings(log, capsys):
+    status, out, err = run(["recommend", log], capsys)
+    assert status == 0 and err == ""
+    assert out.startswith("recommended max_norm: ")
+    assert "warning: clipping fired on 100% of steps" in out
+
+
+def test_recommend_json(log, capsys):
+    status, out, _ = run(["recommend", log, "--json"], capsys)
+    data = json.loads(out)
+    assert status == 0 and data["max_norm"] >= 0.5 and data["steps"] == 120
+
+
+def test_report_writes_the_page(log, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    status, out, err = run(["report", log, "-o", tmp_path / "out"], capsys)
+    assert status == 0 and err == ""
+    assert out.strip() == str(tmp_path / "out" / "report.html")
+    assert (tmp_path / "out" / "norms.png").exists()
+
+
+def lines_of(records):
+    return [json.dumps(r) for r in records]
+
+
+BAD_LOGS = {
+    # name: (file content, exit status, words expected on stderr)
+    "missing": (None, 2, ["no such file"]),
+    "empty": ("", 2, ["empty log"]),
+    "garbage": ("hello\nworld\n", 2, [":1:", "not a JSON record", "no valid step record"]),
+    "newer": ('{"schema": 99, "step": 0}\n', 2, [":1:", "newer gradclip", "upgrade gradclip"]),
+    "truncated": (None, 1, [":41:", "truncated last line", "40 valid records"]),
+    "corrupt-middle": (None, 1, [":7:", "not a JSON record", "39 valid records"]),
+    "missing-field": (None, 1, [":3:", "missing field 'norm'"]),
+}
+
+
+def bad_log(tmp_path, name):
+    path = tmp_path / f"{name}.jsonl"
+    content = BAD_LOGS[name][0]
+    lines = lines_of(synthetic_records(n=40, nonfinite=()))
+    if name == "truncated":
+        content = "\n".join(lines) + "\n" + lines[0][:25]
+    elif name == "corrupt-middle":
+        lines[6] = lines[6][:-10] + "\x00garbage"
+        content = "\n".join(lines) + "\n"
+    elif name == "missing-field":
+        record = json.loads(lines[2])
+        del record["norm"]
+        lines[2] = json.dumps(record)
+        content = "\n".join(lines) + "\n"
+    if content is not None:
+        path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize("command", ["recommend", "report"])
+@pytest.mark.parametrize("name", list(BAD_LOGS))
+def test_bad_logs(name, command, tmp_path, capsys):
+    if command == "report":
+        pytest.importorskip("matplotlib")
+    path = bad_log(tmp_path, name)
+    argv = [command, path] + (["-o", tmp_path / "out"] if command == "report" else [])
+    status, out, err = run(argv, capsys)
+    assert status == BAD_LOGS[name][1]
+    assert str(path) in err
+    for word in BAD_LOGS[name][2]:
+        assert word in err, (word, err)
+    if status == 1:  # partial results were still produced
+        assert "recommended max_norm" in out or (tmp_path / "out" / "report.html").exists()
+    else:
+        assert out == "" and not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_is_a_file(log, tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("")
+    status, _, err = run(["report", log, "-o", target], capsys)
+    assert status == 2 and "not a directory" in err
+
+
+def test_report_requires_out(log, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["report", str(log)])
+    assert exc.value.code == 2 and "-o/--out" in capsys.readouterr().err
+
+
+def test_no_traceback_from_the_real_command(tmp_path):
+    path = bad_log(tmp_path, "truncated")
+    done = subprocess.run([sys.executable, "-m", "gradclip", "recommend", str(path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"{path}:41: truncated last line" in done.stderr

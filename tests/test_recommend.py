@@ -1,0 +1,166 @@
+"""recommend_max_norm: the threshold, its evidence and its warnings.
+
+Expected values are computed here from the norms themselves (NumPy quantiles, counts with
+torch's clip rule), never copied from gradclip's output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gradclip
+from gradclip.recommend import render_text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def clipped_by(norms, max_norm):
+    """Fraction of steps torch's rule scales down: max_norm / (norm + 1e-6) < 1."""
+    norms = np.asarray(norms, dtype=float)
+    return float(np.mean(max_norm / (norms + 1e-6) < 1))
+
+
+def noisy_problem(seed=0):
+    """Linear regression with label noise, the model started at the solution: the gradient
+    norms are noise, with the same distribution whether or not the run clips."""
+    torch.manual_seed(seed)
+    w = torch.randn(8, 1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(w.T)
+        model[0].bias.zero_()
+    x = torch.randn(1024, 8)
+    y = x @ w + 0.5 * torch.randn(1024, 1)
+    return model, x, y
+
+
+def run(max_norm, steps=200, log=None):
+    """SGD on the noisy problem; clips with NormClip(max_norm) under a GradMonitor when
+    logging, else returns torch's pre-clip norms of an unclipped run."""
+    model, x, y = noisy_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = gradclip.GradMonitor(gradclip.NormClip(max_norm), model, log=log, every=32)
+    norms = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (32,))
+        loss = (model(x[idx]) - y[idx]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        if log is None:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf).item())
+        else:
+            mon(loss=loss.detach())
+        opt.step()
+    mon.close()
+    return norms
+
+
+def test_threshold_10x_below_the_median_is_flagged_and_raised(tmp_path):
+    path = tmp_path / "run.jsonl"
+    threshold = float(np.median(run(math.inf))) / 10  # from a pilot run without clipping
+    run(threshold, log=path)
+    logged = [json.loads(line) for line in path.read_text().splitlines()]
+    norms = np.array([r["norm"] for r in logged])
+    assert 8 <= np.median(norms) / threshold <= 12  # the set-up: a threshold 10x too low
+
+    rec = gradclip.recommend_max_norm(path)
+    assert rec.max_norm >= 5 * threshold
+    assert rec.recorded_threshold == pytest.approx(threshold)
+    assert rec.recorded_clip_rate == 1.0
+    assert any("clipping fired on 100% of steps" in w and "below the typical norm" in w
+               for w in rec.warnings)  # fmt: skip
+    assert any("below the median pre-clip norm" in w for w in rec.warnings)
+    # the evidence, against NumPy on the logged norms
+    for key, q in (("p10", 10), ("p50", 50), ("p90", 90), ("p99", 99)):
+        assert rec.quantiles[key] == pytest.approx(np.percentile(norms, q), rel=1e-9)
+    assert rec.projected_clip_rate == pytest.approx(clipped_by(norms, rec.max_norm))
+    assert rec.projected_clip_rate <= 0.05
+    assert "recommended max_norm" in render_text(rec)
+
+
+def spiky_norms(n=2000, spike_every=50, factor=100.0, seed=0):
+    rng = np.random.default_rng(seed)
+    norms = np.exp(rng.normal(0.0, 0.3, n))
+    spikes = np.arange(7, n, spike_every)
+    norms[spikes] *= factor
+    return norms, spikes
+
+
+def test_spikes_are_left_out_of_the_threshold():
+    norms, spikes = spiky_norms()
+    typical = np.delete(norms, spikes)
+    rec = gradclip.recommend_max_norm(torch.tensor(norms))
+    assert np.percentile(typical, 99) <= rec.max_norm < norms[spikes].min()
+    assert rec.spike_count == len(spikes)
+    top = sorted(spikes, key=lambda i: -norms[i])[:5]
+    assert [s for s, _ in rec.spikes] == top
+    assert [v for _, v in rec.spikes] == pytest.approx(norms[top])
+    assert rec.projected_clip_rate == pytest.approx(clipped_by(norms, rec.max_norm))
+    # the rule is robust: a 100x larger spike does not move the threshold
+    bigger, _ = spiky_norms(factor=1e4)
+    assert gradclip.recommend_max_norm(bigger.tolist()).max_norm == rec.max_norm
+
+
+def test_threshold_is_just_above_the_typical_quantile():
+    norms = [2.0, 2.2, 1.8, 2.1] * 25
+    rec = gradclip.recommend_max_norm(norms)
+    assert rec.max_norm > max(norms)  # two significant digits, rounded up
+    assert rec.max_norm == pytest.approx(2.3)
+    assert rec.projected_clip_rate == 0.0 and rec.spike_count == 0
+
+
+def test_frozen_updates_are_flagged():
+    h = gradclip.History.from_norms([1.0, 2.0, 1.5] * 40, threshold=1e-4)
+    rec = gradclip.recommend_max_norm(h)
+    assert rec.frozen_steps == 120 and rec.min_coef < 1e-3
+    assert any("coefficient below 0.001" in w and "frozen" in w for w in rec.warnings)
+
+
+def test_clipping_that_never_fires_through_spikes_is_flagged():
+    norms, _ = spiky_norms(n=500)
+    rec = gradclip.recommend_max_norm(gradclip.History.from_norms(norms, threshold=1e6))
+    assert rec.recorded_clip_rate == 0.0
+    assert any(w.startswith("clipping never fired") for w in rec.warnings)
+
+
+def test_nonfinite_steps_are_left_out_and_reported():
+    norms = [1.0, 1.2, math.nan, 0.9, math.inf] * 20
+    rec = gradclip.recommend_max_norm(norms)
+    assert rec.finite_steps == 60 and rec.nonfinite_steps == 40
+    assert rec.quantiles["max"] == 1.2
+    assert any("NaN/inf gradients (first at step 2)" in w for w in rec.warnings)
+
+
+def test_nothing_finite_gives_no_threshold():
+    rec = gradclip.recommend_max_norm([math.nan] * 5)
+    assert rec.max_norm is None and rec.projected_clip_rate is None
+    assert "nothing to recommend" in rec.warnings[0]
+    assert render_text(rec).startswith("no recommendation")
+    json.dumps(rec.to_dict())
+
+
+def test_drift_and_few_steps_are_flagged():
+    growing = np.exp(np.linspace(0, np.log(1000), 400))
+    assert any("changed" in w and "AdaptiveClip" in w
+               for w in gradclip.recommend_max_norm(growing).warnings)  # fmt: skip
+    assert any("rough" in w for w in gradclip.recommend_max_norm([1.0, 2.0]).warnings)
+
+
+def test_accepts_a_monitor():
+    model = torch.nn.Linear(3, 1)
+    mon = gradclip.GradMonitor(gradclip.NormClip(1e-3), model, every=4)
+    norms = []
+    for i in range(10):
+        model.zero_grad()
+        model(torch.full((2, 3), float(i + 1))).sum().backward()
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
+        mon()
+    rec = gradclip.recommend_max_norm(mon)
+    assert rec.steps == 10 and rec.recorded_clip_rate == 1.0
+    assert rec.quantiles["p50"] == pytest.approx(np.median(norms), rel=1e-5)
+    json.dumps(rec.to_dict())
