@@ -5,13 +5,21 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: demo test lint bench install clean
 
-$(STAMP): pyproject.toml constraints.txt requirements-peers.txt
+$(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "gradclip needs Python >= 3.10"'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# the demo needs only torch, matplotlib and tqdm: a fresh machine runs it within minutes
+$(DEMO_STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[demo]'
+	touch $(DEMO_STAMP)
+
+$(STAMP): pyproject.toml constraints.txt requirements-peers.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt -r requirements-peers.txt
 	# the report's test opens its HTML in Debian's headless chromium (installable as root only)
@@ -22,8 +30,8 @@ $(STAMP): pyproject.toml constraints.txt requirements-peers.txt
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/gradclip bench --quick
+demo: $(DEMO_STAMP)
+	$(BIN)/gradclip demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -82,8 +82,9 @@ def verdicts(result: Comparison) -> list[str]:
                 out.append("Without clipping this run did not diverge or spike.")
         elif r.strategy == "fixed-high" and (r.diverged or (best and r.ratio_to_best > 1.5)):
             what = "diverged" if r.diverged else f"ended {_ratio(r)} worse than the best fixed"
-            out.append(f"A threshold that is too high ({r.label}) {what}: it rarely limits the "
-                       "updates that matter.")  # fmt: skip
+            largest = f" (the best fixed: {_number(best.max_update)})" if best else ""
+            out.append(f"A threshold that is too high ({r.label}) {what}: it let through updates "
+                       f"of up to {_number(r.max_update)}{largest}.")  # fmt: skip
         elif r.strategy == "fixed-low" and best and r.ratio_to_best > 1.5:
             out.append(f"A threshold that is too low ({r.label}) ended {_ratio(r)} worse: "
                        f"it clipped {r.clip_rate:.0%} of steps and shrank every update.")  # fmt: skip
