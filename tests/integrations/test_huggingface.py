@@ -11,7 +11,14 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainerState,
+    TrainingArguments,
+)
 
 import gradclip
 from gradclip.integrations.huggingface import CHECKPOINT_FILE, GradClipCallback, clip_gradients
@@ -74,10 +81,12 @@ def _args(tmp_path, **kwargs: Any) -> TrainingArguments:
     return TrainingArguments(**options)
 
 
-def _train(tmp_path, clipper, *, probe=None, resume=None, model=None, dataset=None, **kwargs):
+def _train(
+    tmp_path, clipper, *, probe=None, resume=None, model=None, dataset=None, monitor=None, **kwargs
+):
     model = Regressor() if model is None else model
     optimizer = recording(torch.optim.AdamW)(model.parameters(), lr=1e-2)
-    callback = GradClipCallback(clipper)
+    callback = GradClipCallback(clipper, monitor=monitor)
     trainer = Trainer(
         model=model,
         args=_args(tmp_path, **kwargs),
@@ -140,6 +149,41 @@ def test_gradient_accumulation_clips_once_per_optimizer_step(tmp_path) -> None:
     assert int(clipper.steps) == 2
 
 
+class LayerProbe(Probe):
+    """Also the float64 pre-clip norm of each of the Regressor's two linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers: list[list[float]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        super().on_pre_optimizer_step(args, state, control, model=model, **kwargs)
+        self.layers.append([float64_norm(model.net[i].parameters()) for i in (0, 2)])
+
+
+def test_monitor_records_each_optimizer_step(tmp_path) -> None:
+    probe = LayerProbe()
+    monitor = gradclip.GradMonitor(log=tmp_path / "grads.jsonl")
+    trainer, _, _ = _train(
+        tmp_path,
+        gradclip.NormClip(MAX_NORM),
+        probe=probe,
+        monitor=monitor,
+        max_steps=3,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+    )
+    log = gradclip.read_log(tmp_path / "grads.jsonl")  # flushed at the end; still open
+    assert log.steps.tolist() == [0, 1, 2]  # one record per optimizer step: state.global_step
+    assert log.norm.tolist() == _history(trainer, "gradclip/grad_norm")
+    assert log.post_norm.tolist() == _history(trainer, "gradclip/grad_norm_clipped")
+    assert log.norm.tolist() == pytest.approx(probe.pre, rel=RTOL)
+    assert log.layer_names == ("net.0", "net.2")
+    for row, expected in zip(log.layers.tolist(), probe.layers, strict=True):
+        assert row == pytest.approx(expected, rel=RTOL)
+    monitor.close()
+
+
 def test_the_step_reads_nothing_on_the_host_and_a_log_reads_once(tmp_path, monkeypatch) -> None:
     reads: dict[str, list[list[str]]] = {"step": [], "log": []}
 
@@ -160,10 +204,10 @@ def test_the_step_reads_nothing_on_the_host_and_a_log_reads_once(tmp_path, monke
         model=model,
         args=_args(tmp_path, logging_steps=2),
         train_dataset=_dataset(),
-        callbacks=[Detecting(gradclip.ZClip(warmup_steps=2))],
+        callbacks=[Detecting(gradclip.ZClip(warmup_steps=2), monitor=gradclip.GradMonitor())],
     )
     trainer.train()
-    assert reads["step"] == [[]] * 4
+    assert reads["step"] == [[]] * 4  # a monitor included: it reads only when it flushes
     # steps 2 and 4: one read each; the summary at the end of training: none
     assert reads["log"] == [["Tensor.tolist"]] * 2 + [[]]
 
@@ -243,6 +287,12 @@ def test_unsupported_setups_are_refused() -> None:
             clip_gradients(accelerator, Regressor(), gradclip.NormClip(1.0))
     with pytest.raises(TypeError, match=r"`clipper` must be a gradclip Clipper, got float"):
         GradClipCallback(1.0)  # type: ignore[arg-type]
+    bad = r"`monitor` must be a gradclip.GradMonitor or None, got str"
+    with pytest.raises(TypeError, match=bad):
+        GradClipCallback(gradclip.NormClip(1.0), monitor="grads.jsonl")  # type: ignore[arg-type]
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.NO, sync_gradients=True)
+    with pytest.raises(TypeError, match=bad):
+        clip_gradients(accelerator, Regressor(), gradclip.NormClip(1.0), monitor="grads.jsonl")
 
 
 def test_tiny_gpt2_in_bf16(tmp_path) -> None:
@@ -271,14 +321,18 @@ def test_accelerate_loop_clips_once_per_optimizer_step() -> None:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     clipper = gradclip.NormClip(MAX_NORM)
     results = []
-    for batch in loader:
-        with accelerator.accumulate(model):
-            accelerator.backward(model(**batch)["loss"])
-            stats = clip_gradients(accelerator, model, clipper)
-            results.append(stats)
-            optimizer.step()
-            optimizer.zero_grad()
+    records: list[dict] = []
+    with gradclip.GradMonitor(sinks=records.append) as monitor:
+        for batch in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(model(**batch)["loss"])
+                stats = clip_gradients(accelerator, model, clipper, monitor=monitor)
+                results.append(stats)
+                optimizer.step()
+                optimizer.zero_grad()
     assert [s is not None for s in results] == [False, True] * 3
+    steps = [s for s in results if s is not None]
+    assert [r["norm"] for r in records] == [float(s.norm) for s in steps]  # one per step
     seen = optimizer.optimizer.seen
     assert len(seen) == 3
     for stats, post in zip([s for s in results if s is not None], seen, strict=True):
@@ -296,6 +350,7 @@ def test_fp16_gradients_are_unscaled_once_before_clipping() -> None:
     accelerator = types.SimpleNamespace(
         distributed_type=DistributedType.NO,
         sync_gradients=True,
+        is_main_process=True,
         scaler=scaler,
         _optimizers=[optimizer],
         unwrap_model=lambda m: m,
@@ -314,7 +369,9 @@ def test_fp16_gradients_are_unscaled_once_before_clipping() -> None:
             if unscaled_before:
                 scaler.unscale_(optimizer)
             if via_callback:
-                callback.on_pre_optimizer_step(None, None, None, model=model, optimizer=accelerated)
+                callback.on_pre_optimizer_step(
+                    None, TrainerState(), None, model=model, optimizer=accelerated
+                )
                 stats = callback._log.last
             else:
                 stats = clip_gradients(accelerator, model, gradclip.NormClip(1e9))

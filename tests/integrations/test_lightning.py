@@ -145,9 +145,55 @@ def test_the_step_reads_nothing_on_the_host(monkeypatch) -> None:
             reads.append(detector.reads)
 
     monkeypatch.setattr(gradclip._foreach, "is_host_device", lambda device: False)
-    callback = Detecting(gradclip.ZClip(warmup_steps=2))
+    records: list[dict] = []
+    monitor = gradclip.GradMonitor(sinks=records.append)  # flushes every 100 steps
+    callback = Detecting(gradclip.ZClip(warmup_steps=2), monitor=monitor)
     _trainer([callback], logger=MemoryLogger(), log_every_n_steps=2).fit(Net(), _loader())
     assert reads == [[]] * 4
+    assert len(records) == 4  # recorded in the hook, written when training ended
+
+
+class LayerProbe(Probe):
+    """Also the float64 pre-clip norm of each of Net's two linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers: list[dict[str, float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        net = pl_module.net
+        self.layers.append({f"net.{i}": float64_norm(net[i].parameters()) for i in (0, 2)})
+
+
+def test_monitor_records_each_optimizer_step(tmp_path) -> None:
+    probe, logger = LayerProbe(), MemoryLogger()
+    monitor = gradclip.GradMonitor(log=tmp_path / "grads.jsonl")
+    callback = GradClipCallback(gradclip.NormClip(MAX_NORM), monitor=monitor)
+    trainer = _trainer(
+        [probe, callback],
+        logger=logger,
+        log_every_n_steps=1,
+        accumulate_grad_batches=2,
+        max_steps=3,
+    )
+    trainer.fit(Net(), _loader(6))
+    log = gradclip.read_log(tmp_path / "grads.jsonl")  # flushed at the end; still open
+    assert log.steps.tolist() == [0, 1, 2]  # one record per optimizer step: trainer.global_step
+    assert log.norm.tolist() == logger.series("gradclip/grad_norm")
+    assert log.post_norm.tolist() == logger.series("gradclip/grad_norm_clipped")
+    assert log.norm.tolist() == pytest.approx(probe.pre, rel=RTOL)
+    assert log.layer_names == ("net.0", "net.2")
+    for row, expected in zip(log.layers.tolist(), probe.layers, strict=True):
+        assert row == pytest.approx(list(expected.values()), rel=RTOL)
+    assert monitor.summary().steps == 3
+    monitor.close()
+
+
+def test_monitor_with_two_optimizers_is_refused() -> None:
+    callback = GradClipCallback(gradclip.NormClip(1.0), monitor=gradclip.GradMonitor())
+    with pytest.raises(ValueError, match=r"records one optimizer's steps, and this run has 2"):
+        _trainer([callback], max_steps=2).fit(TwoOptimizers(), _loader())
 
 
 def test_gradient_accumulation_clips_once_per_optimizer_step() -> None:
@@ -354,3 +400,7 @@ def test_not_a_clipper_is_refused() -> None:
         match=r"`clipper` must be a gradclip Clipper .*got float 1.0; pass e.g. gradclip.NormClip",
     ):
         GradClipCallback(1.0)  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError, match=r"`monitor` must be a gradclip.GradMonitor or None, got str"
+    ):
+        GradClipCallback(gradclip.NormClip(1.0), monitor="grads.jsonl")  # type: ignore[arg-type]

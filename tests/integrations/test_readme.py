@@ -1,4 +1,5 @@
-"""Every snippet of the README's "Integrations" section runs as written.
+"""Every marked snippet of the README runs as written: the "Integrations" section's, and
+the monitor's of "Seeing what clipping does".
 
 A snippet is the ```python block right after a ``<!-- readme-test: NAME -->`` line.
 """
@@ -6,6 +7,7 @@ A snippet is the ```python block right after a ``<!-- readme-test: NAME -->`` li
 from __future__ import annotations
 
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,7 @@ EXPECTED = {
     "accelerate",
     "torch-amp-fp16",
     "torch-amp-bf16-fused",
+    "monitor",
 }
 
 
@@ -33,6 +36,7 @@ def test_every_framework_has_a_snippet() -> None:
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_snippet_runs(name: str, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the Trainer writes into ./gradclip-out
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # and tempfile.mkdtemp() here
     code = compile(_snippets()[name], f"README.md:{name}", "exec")
     namespace: dict[str, object] = {"__name__": f"readme_{name.replace('-', '_')}"}
     with warnings.catch_warnings():

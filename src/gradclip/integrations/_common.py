@@ -1,5 +1,6 @@
 """What every integration shares: the install hint, which parameters to clip, unscaling once,
-the ``nonfinite="skip"`` decision, and the logged figures (device counters, one host read).
+the ``nonfinite="skip"`` decision, the logged figures (device counters, one host read) and
+the user's :class:`~gradclip.GradMonitor`.
 
 Nothing here imports a framework.
 """
@@ -16,15 +17,18 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
 from gradclip.clippers.base import Clipper, Parameters
+from gradclip.monitor import GradMonitor
 from gradclip.stats import ClipStats
 
 __all__ = [
     "FIGURES",
     "ClipLog",
+    "check_monitor",
     "clip_target",
     "drop_grads_if_skipped",
     "keyed",
     "load_clipper",
+    "record_step",
     "require",
     "unscale_once",
 ]
@@ -98,24 +102,48 @@ def drop_grads_if_skipped(clipper: Clipper, stats: ClipStats, target: Parameters
         p.grad = None
 
 
+def check_monitor(monitor: object) -> GradMonitor | None:
+    """``monitor`` if it is None or a :class:`~gradclip.GradMonitor`; else ``TypeError``."""
+    if monitor is not None and not isinstance(monitor, GradMonitor):
+        raise TypeError(
+            f"`monitor` must be a gradclip.GradMonitor or None, got {type(monitor).__name__} "
+            f"{monitor!r:.60}; pass e.g. gradclip.GradMonitor(log='grads.jsonl')"
+        )
+    return monitor
+
+
+def record_step(monitor: GradMonitor | None, stats: ClipStats, step: int | None = None) -> None:
+    """Hand one optimizer step's ClipStats to ``monitor`` (per-tensor norms included: no
+    second pass, and no host read outside the monitor's own flushes). Nothing when there is
+    no monitor, or when no parameter had a gradient."""
+    if monitor is not None and stats.norms.tensors:
+        monitor.record(stats, step=step)
+
+
 class ClipLog:
     """The figures of one clipper: the last step's :class:`~gradclip.ClipStats` and the clip
-    rate, as device counters (no host read per step); :meth:`read` reads them in one go."""
+    rate, as device counters (no host read per step); :meth:`read` reads them in one go.
+    Each step also goes to ``monitor``, the user's :class:`~gradclip.GradMonitor`, if any."""
 
-    def __init__(self, clipper: Clipper):
+    def __init__(self, clipper: Clipper, monitor: GradMonitor | None = None):
         self.clipper = clipper
+        self.monitor = monitor
         self.last: ClipStats | None = None
         self.steps = torch.zeros((), dtype=torch.long)
         self.clipped = torch.zeros((), dtype=torch.long)
 
-    def record(self, stats: ClipStats) -> None:
-        """Count one optimizer step (nothing when no parameter had a gradient)."""
+    def record(self, stats: ClipStats, *, step: int | None = None, main: bool = True) -> None:
+        """Count one optimizer step (nothing when no parameter had a gradient), and record it
+        in the monitor as training step ``step`` on the main process (``main``) only: every
+        rank sees the same norms, and one log needs one writer."""
         if not stats.norms.tensors:
             return
         device = stats.clipped.device
         self.steps = self.steps.to(device) + 1
         self.clipped = self.clipped.to(device) + stats.clipped.long()
         self.last = stats
+        if main:
+            record_step(self.monitor, stats, step)
 
     def tensors(self) -> dict[str, Tensor]:
         """The figures as 0-dim device tensors (empty before the first clipped step)."""

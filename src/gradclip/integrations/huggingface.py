@@ -20,13 +20,16 @@ import torch
 from gradclip.clippers.base import Clipper
 from gradclip.integrations._common import (
     ClipLog,
+    check_monitor,
     clip_target,
     drop_grads_if_skipped,
     keyed,
     load_clipper,
+    record_step,
     require,
     unscale_once,
 )
+from gradclip.monitor import GradMonitor
 from gradclip.stats import ClipStats
 
 _transformers = require(("transformers",), "huggingface", "gradclip.integrations.huggingface")
@@ -78,6 +81,13 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
     TensorBoard or W&B too, put this callback first:
     ``trainer.callback_handler.callbacks.insert(0, callback)``.
 
+    **Monitor**: with ``monitor=GradMonitor(...)``, each optimizer step's
+    :class:`~gradclip.ClipStats` is also recorded into it (per-layer norms, its log), as
+    training step ``state.global_step``, on the main process only (every process sees the
+    same norms); no second pass over the gradients and no host read besides the monitor's own
+    flushes. The callback flushes it when training ends; closing it is yours (use it as a
+    context manager), so a later ``trainer.train()`` can go on recording.
+
     **Checkpoints**: each Trainer checkpoint folder gets :data:`CHECKPOINT_FILE` with the
     clipper's state; ``trainer.train(resume_from_checkpoint=...)`` on a checkpoint of
     ``args.output_dir`` reloads it, so the resumed run has the clipper state it had (for a
@@ -93,6 +103,7 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
 
     Args:
         clipper: the :class:`~gradclip.Clipper` to clip with.
+        monitor: a :class:`~gradclip.GradMonitor` that records every clip step (None: none).
 
     Example:
         >>> import gradclip
@@ -103,14 +114,15 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
         >>> # trainer = Trainer(model, args, train_dataset=ds, callbacks=[callback])
     """
 
-    def __init__(self, clipper: Clipper):
+    def __init__(self, clipper: Clipper, *, monitor: GradMonitor | None = None):
         if not isinstance(clipper, Clipper):
             raise TypeError(
                 f"`clipper` must be a gradclip Clipper, got {type(clipper).__name__} "
                 f"{clipper!r:.60}; pass e.g. gradclip.NormClip(1.0)"
             )
         self.clipper = clipper
-        self._log = ClipLog(clipper)
+        self.monitor = check_monitor(monitor)
+        self._log = ClipLog(clipper, self.monitor)
         self._loaded_from: str | None = None
 
     # -- checks and resume ------------------------------------------------------------------
@@ -194,11 +206,13 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
             unscale_once(scaler, inner)
         target = clip_target(model, inner)
         stats = self.clipper(target)
-        self._log.record(stats)
+        self._log.record(stats, step=state.global_step, main=state.is_world_process_zero)
         drop_grads_if_skipped(self.clipper, stats, target)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._loaded_from = None  # a later trainer.train() looks for its own checkpoint
+        if self.monitor is not None:
+            self.monitor.flush()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         if logs is None or "loss" not in logs:
@@ -216,6 +230,7 @@ def clip_gradients(
     clipper: Clipper,
     *,
     optimizer: torch.optim.Optimizer | None = None,
+    monitor: GradMonitor | None = None,
 ) -> ClipStats | None:
     """Clip in a plain Accelerate loop: once per optimizer step, on unscaled gradients.
 
@@ -229,11 +244,16 @@ def clip_gradients(
     With ``nonfinite="skip"`` a step with NaN/inf gradients sets the gradients to ``None``,
     so ``optimizer.step()`` changes nothing.
 
+    With ``monitor``, each optimizer step's ClipStats is also recorded into it, on the main
+    process only (no second pass, no host read besides the monitor's flushes); close the
+    monitor after the loop (or use it as a context manager) so its last steps are written.
+
     Args:
         accelerator: the ``accelerate.Accelerator`` of the loop.
         model: the prepared model.
         clipper: the :class:`~gradclip.Clipper` to clip with.
         optimizer: the optimizer about to step (default: every prepared optimizer).
+        monitor: a :class:`~gradclip.GradMonitor` that records every clip step (None: none).
 
     Returns:
         The step's :class:`~gradclip.ClipStats`, or ``None`` between optimizer steps.
@@ -258,6 +278,7 @@ def clip_gradients(
             f"`clipper` must be a gradclip Clipper, got {type(clipper).__name__} "
             f"{clipper!r:.60}; pass e.g. gradclip.NormClip(1.0)"
         )
+    check_monitor(monitor)
     _check_distributed(accelerator.distributed_type)
     if not accelerator.sync_gradients:
         return None
@@ -272,5 +293,7 @@ def clip_gradients(
     unwrapped = accelerator.unwrap_model(model)
     target = clip_target(unwrapped, inner[0] if optimizer is not None else None)
     stats = clipper(target)
+    if accelerator.is_main_process:
+        record_step(monitor, stats)
     drop_grads_if_skipped(clipper, stats, target)
     return stats

@@ -22,6 +22,7 @@ import torch
 from gradclip.clippers.base import Clipper
 from gradclip.integrations._common import (
     ClipLog,
+    check_monitor,
     clip_target,
     drop_grads_if_skipped,
     keyed,
@@ -29,6 +30,7 @@ from gradclip.integrations._common import (
     require,
     unscale_once,
 )
+from gradclip.monitor import GradMonitor
 
 _pl = require(
     ("lightning.pytorch", "pytorch_lightning"), "lightning", "gradclip.integrations.lightning"
@@ -72,6 +74,13 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
     ``gradclip/opt{i}/``. The values are device tensors: Lightning reads them only on
     logging steps.
 
+    **Monitor**: with ``monitor=GradMonitor(...)``, each optimizer step's
+    :class:`~gradclip.ClipStats` is also recorded into it (per-layer norms, its log), as
+    training step ``trainer.global_step``, on global rank zero only (every rank sees the same
+    norms); no second pass over the gradients and no host read besides the monitor's own
+    flushes. The callback flushes it when training ends or raises; closing it is yours (use it
+    as a context manager), so a later ``fit`` can go on recording. One optimizer only.
+
     **Checkpoints**: the clippers' statistics and the counters are the callback's
     ``state_dict``, saved in Lightning checkpoints; ``Trainer.fit(ckpt_path=...)`` resumes
     them exactly. A checkpoint written with a different clipper raises ``ValueError`` naming
@@ -88,6 +97,7 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
     Args:
         clipper: a :class:`~gradclip.Clipper`, or one per optimizer.
         log: log the figures above through the Trainer's logger.
+        monitor: a :class:`~gradclip.GradMonitor` that records every clip step (None: none).
 
     Example:
         >>> import gradclip, lightning.pytorch as pl
@@ -96,7 +106,13 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
         >>> trainer = pl.Trainer(callbacks=[callback], precision="bf16-mixed", max_steps=10)
     """
 
-    def __init__(self, clipper: Clipper | Sequence[Clipper], *, log: bool = True):
+    def __init__(
+        self,
+        clipper: Clipper | Sequence[Clipper],
+        *,
+        log: bool = True,
+        monitor: GradMonitor | None = None,
+    ):
         iterable = isinstance(clipper, Sequence) and not isinstance(clipper, str)
         given = list(clipper) if iterable else [clipper]
         for c in given:
@@ -110,7 +126,9 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
         self._fixed = iterable  # one clipper per optimizer, given by the user
         self._template = copy.deepcopy(given[0])
         self._template.reset()
+        self.monitor = check_monitor(monitor)
         self._logs = [ClipLog(c) for c in given]
+        self._logs[0].monitor = self.monitor
         self._log = log
 
     @property
@@ -168,6 +186,14 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
                 stacklevel=2,
             )
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.monitor is not None and len(trainer.optimizers) > 1:
+            raise ValueError(
+                f"GradClipCallback(monitor=...) records one optimizer's steps, and this run has "
+                f"{len(trainer.optimizers)} optimizers; leave out `monitor` (each optimizer's "
+                "figures are still logged, under gradclip/opt{i}/)"
+            )
+
     # -- the step -------------------------------------------------------------------------
 
     def on_before_optimizer_step(
@@ -186,11 +212,19 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
             unscale_once(scaler, optimizer)  # Lightning does not unscale for fused optimizers
         target = clip_target(pl_module, optimizer)
         stats = entry.clipper(target)
-        entry.record(stats)
+        entry.record(stats, step=trainer.global_step, main=trainer.is_global_zero)
         drop_grads_if_skipped(entry.clipper, stats, target)
         if self._log and entry.last is not None:
             prefix = "gradclip/" if len(optimizers) <= 1 else f"gradclip/opt{index}/"
             pl_module.log_dict(keyed(entry.tensors(), prefix), on_step=True, on_epoch=False)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.monitor is not None:
+            self.monitor.flush()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if self.monitor is not None:
+            self.monitor.flush()  # the steps up to the failure reach the log
 
     # -- checkpoints ----------------------------------------------------------------------
 
