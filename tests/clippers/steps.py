@@ -5,7 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import pytest
 import torch
+
+from gradclip import _foreach
+from gradclip.clippers.base import Clipper
+from host_reads import HostReadDetector
 
 SHAPES = [(4, 3), (5,), (2, 2, 2)]
 
@@ -35,3 +40,22 @@ def set_grads(
 
 def float64_norm(grads: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+
+
+def assert_steps_read_nothing(
+    clipper: Clipper, norms: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run ``clipper`` on steps of these norms: the first on the CPU path (which reads the
+    coefficient: the detector works), the rest on the accelerator path with no host read."""
+    params = make_params()
+    grads = [grads_with_norm(n, s) for s, n in enumerate(norms)]
+    set_grads(params, grads[0])
+    with HostReadDetector() as control:
+        clipper(params)
+    assert control.reads
+    monkeypatch.setattr(_foreach, "is_host_device", lambda device: False)
+    for g in grads[1:]:
+        set_grads(params, g)
+        with HostReadDetector() as mode:
+            clipper(params)
+        assert mode.reads == []

@@ -14,12 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from gradclip import _foreach
 from gradclip.clippers import autoclip as autoclip_module
 from gradclip.clippers.autoclip import AutoClip
-from host_reads import HostReadDetector
 
-from .steps import SHAPES, float64_norm, grads_with_norm, make_params, set_grads
+from .steps import (
+    SHAPES,
+    assert_steps_read_nothing,
+    float64_norm,
+    grads_with_norm,
+    make_params,
+    set_grads,
+)
 
 NAN_STEP, INF_STEP = 17, 33
 
@@ -307,22 +312,7 @@ def test_no_host_sync_in_the_step(window, monkeypatch):
     monkeypatch.setattr(autoclip_module, "GROW_START", 4)
     norms = norm_sequence()[:20]  # wraps a window of 5, grows 4 -> 32, includes the NaN step
     clipper = AutoClip(10.0, window)
-    params = make_params()
-    grads = [grads_with_norm(n, s) for s, n in enumerate(norms)]
-
-    set_grads(params, grads[0])
-    with (
-        HostReadDetector() as control
-    ):  # the recorder works: the CPU fast path reads the coefficient
-        clipper(params)
-    assert control.reads
-
-    monkeypatch.setattr(_foreach, "is_host_device", lambda device: False)
-    for g in grads[1:]:
-        set_grads(params, g)
-        with HostReadDetector() as mode:
-            clipper(params)
-        assert mode.reads == []
+    assert_steps_read_nothing(clipper, norms, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from gradclip.clippers.base import Clipper, check_real
+from gradclip.clippers.base import Clipper, check_count, check_real
 from gradclip.functional import clip_coefficient
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
@@ -134,14 +133,7 @@ class AdaGC(Clipper):
         self.relative = check_real(relative, "relative", "> 0", lambda v: 0 < v < math.inf,
                                     "relative=1.05")
         self.beta = check_real(beta, "beta", "in (0, 1)", lambda v: 0 < v < 1, "beta=0.98")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or (
-            warmup_steps < 0
-        ):
-            raise ValueError(
-                f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r:.80}; pass e.g. "
-                "`warmup_steps=100`"
-            )
-        self.warmup_steps = int(warmup_steps)
+        self.warmup_steps = check_count(warmup_steps, "warmup_steps", 0, "warmup_steps=100")
         self.warmup_max_norm = check_real(
             warmup_max_norm, "warmup_max_norm", "> 0", lambda v: v > 0, "warmup_max_norm=1.0"
         )

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from gradclip.clippers.base import Clipper, check_real
+from gradclip.clippers.base import Clipper, check_count, check_real
 from gradclip.functional import _check_threshold, clip_coefficient
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
@@ -187,57 +186,57 @@ class AdaptiveClip(Clipper):
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
     ):
-        self.relative = _check(
-            relative, "relative", "finite and > 0", "relative=2.0", lambda v: 0 < v < math.inf
+        self.relative = check_real(
+            relative, "relative", "finite and > 0", lambda v: 0 < v < math.inf, "relative=2.0"
         )
-        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
-            raise ValueError(
-                f"`window` must be an int >= 1, got {window!r:.80}; pass the number of recent "
-                "norms the median looks at, e.g. `window=128`"
-            )
-        self.window = int(window)
-        self.growth = _check(
-            growth, "growth", "finite and >= 0", "growth=5e-4", lambda v: 0 <= v < math.inf
+        self.window = check_count(window, "window", 1, "window=128")
+        self.growth = check_real(
+            growth, "growth", "finite and >= 0", lambda v: 0 <= v < math.inf, "growth=5e-4"
         )
-        self.warmup_start = _check(
-            warmup_start, "warmup_start", "> 0 (inf: no ramp)", "warmup_start=0.01", lambda v: v > 0
+        self.warmup_start = check_real(
+            warmup_start, "warmup_start", "> 0 (inf: no ramp)", lambda v: v > 0, "warmup_start=0.01"
         )
-        self.warmup_growth = _check(
+        self.warmup_growth = check_real(
             warmup_growth,
             "warmup_growth",
             "finite and >= 0",
-            "warmup_growth=0.01",
             lambda v: 0 <= v < math.inf,
+            "warmup_growth=0.01",
         )
         within = f"in (0, relative={self.relative:g}]"
-        self.warmup_relative = _check(
+        self.warmup_relative = check_real(
             warmup_relative,
             "warmup_relative",
             within,
-            "warmup_relative=0.5",
             lambda v: 0 < v <= self.relative,
+            "warmup_relative=0.5",
         )
         self.spike = (
             None
             if spike is None
-            else _check(
-                spike, "spike", "finite and > 1 (or None)", "spike=6.0", lambda v: 1 < v < math.inf
+            else check_real(
+                spike, "spike", "finite and > 1 (or None)", lambda v: 1 < v < math.inf, "spike=6.0"
             )
         )
-        self.backoff = _check(backoff, "backoff", "in (0, 1]", "backoff=0.5", lambda v: 0 < v <= 1)
-        self.min_relative = _check(
+        self.backoff = check_real(
+            backoff, "backoff", "in (0, 1]", lambda v: 0 < v <= 1, "backoff=0.5"
+        )
+        self.min_relative = check_real(
             min_relative,
             "min_relative",
             within,
-            "min_relative=1/32",
             lambda v: 0 < v <= self.relative,
+            "min_relative=1/32",
         )
-        self.recovery = _check(
-            recovery, "recovery", "finite and >= 0", "recovery=1e-3", lambda v: 0 <= v < math.inf
+        self.recovery = check_real(
+            recovery, "recovery", "finite and >= 0", lambda v: 0 <= v < math.inf, "recovery=1e-3"
         )
         self.max_norm = None if max_norm is None else _check_threshold(max_norm, "max_norm")
         super().__init__(
-            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=norm_type,
+            nonfinite=nonfinite,
+            shard_group=shard_group,
+            extra_groups=extra_groups,
         )
 
     def config(self) -> dict[str, Any]:
@@ -387,7 +386,3 @@ class _Constants(NamedTuple):
 class _Step(NamedTuple):
     threshold: Tensor  # float32 0-dim, before max_norm
     state: dict[str, Tensor]  # the state after this step (unchanged if the norm is not recorded)
-
-
-def _check(value: object, name: str, rule: str, example: str, ok: Any) -> float:
-    return check_real(value, name, rule, ok, example)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from gradclip.clippers.base import Clipper, global_decision
+from gradclip.clippers.base import Clipper, check_count, global_decision
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
 
@@ -107,7 +107,9 @@ class AutoClip(Clipper):
         extra_groups: Iterable[GroupLike] = (),
     ):
         self.percentile = _check_percentile(percentile)
-        self.window = _check_window(window)
+        self.window = check_count(
+            window, "window", 1, "window=1024", none="keep every norm, as the paper does"
+        )
         super().__init__(
             norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
         )
@@ -235,19 +237,3 @@ def _check_percentile(percentile: object) -> float:
             "the 10th percentile), not a quantile in [0, 1]: pass e.g. `percentile=10.0`"
         )
     return value
-
-
-def _check_window(window: object) -> int | None:
-    if window is None:
-        return None
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
-        raise ValueError(
-            f"`window` must be an int >= 1 or None, got {window!r:.80}; pass e.g. "
-            "`window=1024` (or `window=None` to keep every norm, as the paper does)"
-        )
-    if window < 1:
-        raise ValueError(
-            f"`window` must be >= 1, got {window}; pass the number of recent norms the "
-            "percentile should look at, e.g. `window=1024`"
-        )
-    return int(window)

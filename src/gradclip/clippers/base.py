@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from gradclip.distributed import GroupLike
 
-__all__ = ["Clipper", "Parameters", "check_real", "named_grads"]
+__all__ = ["Clipper", "Parameters", "check_count", "check_real", "named_grads"]
 
 Parameters = (
     torch.nn.Module | Tensor | Mapping[str, Tensor] | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
@@ -76,6 +76,19 @@ def check_real(value: object, name: str, rule: str, ok: Callable[[float], bool],
     if math.isnan(number) or not ok(number):
         raise ValueError(f"`{name}` must be {rule}, got {number}; pass e.g. `{fix}`")
     return number
+
+
+def check_count(value: object, name: str, minimum: int, fix: str, *, none: str | None = None) -> int | None:
+    """An integer constructor argument ``>= minimum``: ``ValueError`` naming it, the value and
+    the fix. ``none`` says what ``None`` means where it is allowed (None is then returned)."""
+    if value is None and none is not None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        also = f" or None ({none})" if none is not None else ""
+        raise ValueError(
+            f"`{name}` must be an int >= {minimum}{also}, got {value!r:.80}; pass e.g. `{fix}`"
+        )
+    return int(value)
 
 
 def _is_fused(optimizer: torch.optim.Optimizer) -> bool:

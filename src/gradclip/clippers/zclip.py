@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from gradclip.clippers.base import Clipper
+from gradclip.clippers.base import Clipper, check_count, check_real
 from gradclip.functional import _check_threshold, clip_coefficient
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
@@ -118,9 +117,11 @@ class ZClip(Clipper):
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
     ):
-        self.alpha = _check_open_unit(alpha, "alpha", "alpha=0.97")
-        self.z_threshold = _check_positive(z_threshold, "z_threshold", "z_threshold=2.5")
-        self.warmup_steps = _check_count(warmup_steps, "warmup_steps", "warmup_steps=25")
+        self.alpha = check_real(alpha, "alpha", "in (0, 1) (an EMA smoothing factor; larger is "
+                                "smoother)", lambda v: 0 < v < 1, "alpha=0.97")  # fmt: skip
+        self.z_threshold = check_real(z_threshold, "z_threshold", "finite and > 0",
+                                      lambda v: 0 < v < math.inf, "z_threshold=2.5")  # fmt: skip
+        self.warmup_steps = check_count(warmup_steps, "warmup_steps", 1, "warmup_steps=25")
         self.max_norm = None if max_norm is None else _check_threshold(max_norm, "max_norm")
         if mode not in MODES:
             raise ValueError(
@@ -231,36 +232,3 @@ class _Rule(NamedTuple):
     ready: Tensor  # warm-up is over
     threshold: Tensor  # the adaptive threshold (inf during warm-up), float32
     fires: Tensor  # the z-score rule clips this step
-
-
-def _check_number(value: object, name: str, example: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"`{name}` must be a real number, got {value!r:.80}; pass e.g. `{example}`"
-        )
-    return float(value)
-
-
-def _check_open_unit(value: object, name: str, example: str) -> float:
-    number = _check_number(value, name, example)
-    if not 0 < number < 1:
-        raise ValueError(
-            f"`{name}` must be in (0, 1) (an EMA smoothing factor), got {number}; pass e.g. "
-            f"`{example}` (larger is smoother)"
-        )
-    return number
-
-
-def _check_positive(value: object, name: str, example: str) -> float:
-    number = _check_number(value, name, example)
-    if not 0 < number < math.inf:
-        raise ValueError(f"`{name}` must be finite and > 0, got {number}; pass e.g. `{example}`")
-    return number
-
-
-def _check_count(value: object, name: str, example: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r:.80}; pass e.g. `{example}`")
-    if value < 1:
-        raise ValueError(f"`{name}` must be >= 1, got {value}; pass e.g. `{example}`")
-    return int(value)
