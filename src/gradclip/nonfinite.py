@@ -37,13 +37,23 @@ def check_policy(nonfinite: object) -> NonFinitePolicy:
     return nonfinite  # type: ignore[return-value]
 
 
-def raise_nonfinite(per_tensor: Tensor, names: tuple[str, ...]) -> None:
-    """Raise :class:`NonFiniteGradientError` if any per-tensor norm is NaN/inf (a host read)."""
+def raise_nonfinite(total: Tensor, per_tensor: Tensor, names: tuple[str, ...]) -> None:
+    """Raise :class:`NonFiniteGradientError` if the total norm is NaN/inf (host reads), naming
+    the parameters whose norms are non-finite; when none is, the total itself overflowed or
+    (distributed) another rank holds the NaN/inf: every rank raises, not only that one."""
+    if bool(torch.isfinite(total)):
+        return
+    advice = (
+        "Nothing was clipped. Use nonfinite='skip' to skip such steps, or find the source (e.g. "
+        "the loss, a learning rate that is too high, or fp16 overflow without GradScaler)."
+    )
     bad = (~torch.isfinite(per_tensor)).nonzero().flatten().tolist()
-    if bad:
-        shown = ", ".join(names[i] for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    if not bad:
         raise NonFiniteGradientError(
-            f"non-finite gradient in {len(bad)} parameter(s): {shown}. Nothing was clipped. "
-            "Use nonfinite='skip' to skip such steps, or find the source (e.g. the loss, "
-            "a learning rate that is too high, or fp16 overflow without GradScaler)."
+            f"non-finite gradient norm {total.item()}: every gradient on this rank is finite, so "
+            f"another rank holds NaN/inf, or the total overflowed. {advice}"
         )
+    shown = ", ".join(names[i] for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    raise NonFiniteGradientError(
+        f"non-finite gradient in {len(bad)} parameter(s): {shown}. {advice}"
+    )

@@ -202,6 +202,22 @@ def test_error_policy_raises_before_touching(entry: Entry) -> None:
     assert int(clipper.steps) == 0
 
 
+def test_error_policy_raises_when_only_the_total_overflows(entry: Entry) -> None:
+    # Every gradient is finite, the float32 total is not: torch's coefficient would be 0 and
+    # would zero every gradient, which "error" must not let happen silently.
+    clipper = entry.make(nonfinite="error")
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.tensor([3e38])
+    total = torch.linalg.vector_norm(torch.tensor([3e38, 3e38]), clipper.norm_type)
+    if torch.isfinite(total):  # the inf norm (ValueClip) is a max: it cannot overflow
+        assert bool(clipper(params).finite)
+        return
+    with pytest.raises(gradclip.NonFiniteGradientError, match="the total overflowed"):
+        clipper(params)
+    assert all(torch.equal(p.grad, torch.tensor([3e38])) for p in params)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_gradients(entry: Entry, dtype: torch.dtype) -> None:
     clipper = entry.make()

@@ -19,7 +19,6 @@ from torch import Tensor
 from gradclip import _foreach, distributed, norms
 from gradclip.functional import _as_tensor_list, _check_norm_type, clip_coefficient, scale_
 from gradclip.nonfinite import (
-    NonFiniteGradientError,
     NonFinitePolicy,
     check_policy,
     raise_nonfinite,
@@ -317,19 +316,17 @@ class Clipper:
         self, parameters: Parameters, fused: torch.optim.Optimizer | None
     ) -> ClipStats:
         layout = None
+        names, params, grads = named_grads(parameters)
         if distributed.is_active() or self.shard_group is not None or self.extra_groups:
             module_params = (
                 list(parameters.parameters()) if isinstance(parameters, torch.nn.Module) else ()
             )
-            names, params, grads = named_grads(parameters)
             layout = distributed.plan(
                 grads, shard_group=self.shard_group, extra_groups=self.extra_groups,
                 params=module_params,
                 whole_tensors=type(self).__name__ if self.needs_whole_tensors else None,
             )
             names, params, grads = tuple(layout.select(names)), layout.select(params), layout.local
-        else:
-            names, params, grads = named_grads(parameters)
         with torch.no_grad():
             measured = self._measure(names, params, grads)
             if layout is not None:
@@ -342,14 +339,8 @@ class Clipper:
                                  ~false, false, measured, names)
             self._to_device(total.device)
             finite = torch.isfinite(total)
-            if self.nonfinite == "error" and not bool(finite):
-                raise_nonfinite(measured.per_tensor, names)
-            if self.nonfinite == "error" and layout is not None and not bool(finite):
-                raise NonFiniteGradientError(  # every rank raises, not only the one with NaN
-                    f"non-finite gradient norm {total.item()} on another rank (this rank's "
-                    "gradients are finite). Nothing was clipped. Use nonfinite='skip' to skip "
-                    "such steps."
-                )
+            if self.nonfinite == "error":
+                raise_nonfinite(total, measured.per_tensor, names)
             threshold, coef = self._decide(measured, names, params)
             if self.nonfinite == "skip":
                 coef = torch.where(finite, coef, torch.ones_like(coef))
