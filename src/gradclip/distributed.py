@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GroupLike",
     "Reduction",
+    "applies",
     "as_tuple",
     "check_layout",
     "full_value",
@@ -81,6 +82,12 @@ _MAX = dist.ReduceOp.MAX if dist.is_available() else None
 def is_active() -> bool:
     """True when ``torch.distributed`` is available and a default process group exists."""
     return dist.is_available() and dist.is_initialized()
+
+
+def applies(shard_group: object, extra_groups: object) -> bool:
+    """True when a norm must go through this module: a process group exists, or the caller
+    named groups (which then must exist). False costs nothing on the single-process path."""
+    return shard_group is not None or bool(extra_groups) or is_active()
 
 
 def _dtensor_type() -> type | None:

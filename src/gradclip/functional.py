@@ -151,7 +151,7 @@ def _measure(
     params: list[Tensor] | tuple[()] = (),
 ) -> norms.GradNorms:
     """The one pass; under ``torch.distributed`` over the local shards, with the global total."""
-    if distributed.is_active() or shard_group is not None or extra_groups:
+    if distributed.applies(shard_group, extra_groups):
         return distributed.global_norms(
             grads, p, foreach, shard_group=shard_group, extra_groups=extra_groups,  # type: ignore[arg-type]
             params=params,

@@ -317,7 +317,7 @@ class Clipper:
     ) -> ClipStats:
         layout = None
         names, params, grads = named_grads(parameters)
-        if distributed.is_active() or self.shard_group is not None or self.extra_groups:
+        if distributed.applies(self.shard_group, self.extra_groups):
             module_params = (
                 list(parameters.parameters()) if isinstance(parameters, torch.nn.Module) else ()
             )
