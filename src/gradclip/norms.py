@@ -31,11 +31,17 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from gradclip import _foreach
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from gradclip.distributed import GroupLike
 
 __all__ = ["GradNorms", "grad_norms"]
 
@@ -104,7 +110,11 @@ class GradNorms:
 
 
 def grad_norms(
-    parameters: Tensor | Iterable[Tensor], norm_type: float | str = 2.0
+    parameters: Tensor | Iterable[Tensor],
+    norm_type: float | str = 2.0,
+    *,
+    shard_group: ProcessGroup | None = None,
+    extra_groups: Iterable[GroupLike] = (),
 ) -> GradNorms:
     """Per-tensor and total gradient norms of ``parameters`` in one pass, without clipping.
 
@@ -115,6 +125,9 @@ def grad_norms(
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is measured.
         norm_type: p of the p-norm, any value torch accepts (``'inf'`` included).
+        shard_group, extra_groups: keyword-only, as in :func:`gradclip.clip_grad_norm_`:
+            under ``torch.distributed`` the total is the whole model's (``per_tensor`` holds
+            this rank's local tensors).
 
     Returns:
         A :class:`GradNorms`. With no gradients at all, ``per_tensor`` is empty and
@@ -128,12 +141,12 @@ def grad_norms(
         >>> norms.per_tensor.shape
         torch.Size([2])
     """
-    from gradclip.functional import _as_tensor_list, _check_norm_type, _unique_grads
+    from gradclip.functional import _as_tensor_list, _check_norm_type, _measure, _unique_grads
 
     p = _check_norm_type(norm_type)
-    grads = _unique_grads(_as_tensor_list(parameters, "parameters"))
+    params = _as_tensor_list(parameters, "parameters")
     with torch.no_grad():
-        return compute(grads, p, foreach=None)
+        return _measure(_unique_grads(params), p, None, shard_group, extra_groups, params)
 
 
 def empty_norms(p: float) -> GradNorms:

@@ -128,10 +128,11 @@ def check_layout_case(
         ref_clipped = {n: g * coef for n, g in ref.items()}
         # the reference restricted to what this rank's model holds (pipeline stages)
         saved.restore()
+        measured = float(gradclip.grad_norms(params, p, **kwargs).total)
         ours = gradclip.clip_grad_norm_(params, max_norm, p, **kwargs)
         got = gather()
         entry: dict[str, Any] = {
-            "case": case, "p": p, "ref": ref_total, "ours": float(ours),
+            "case": case, "p": p, "ref": ref_total, "ours": float(ours), "measured": measured,
             "ours_type": type(ours).__name__,
             "grad_err": grad_error(got, {n: ref_clipped[n] for n in got}) if got else 0.0,
             "names": sorted(got),

@@ -66,6 +66,7 @@ def assert_ours_exact(ranks: list[list[dict]], case: str) -> list[list[dict]]:
         for e in entries:
             assert e["ours_type"] == "Tensor"
             assert close(e["ours"], e["ref"]), f"{case} p={e['p']}: {e['ours']} != {e['ref']}"
+            assert e["measured"] == e["ours"], f"{case} p={e['p']}: grad_norms differs"
             assert e["grad_err"] <= GRAD_RTOL, f"{case} p={e['p']}: clipped grads off {e['grad_err']}"
     return per_rank
 

@@ -6,7 +6,6 @@ import inspect
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import gradclip
 from gradclip import distributed
@@ -24,6 +23,7 @@ def test_not_initialised_is_the_single_process_path(monkeypatch):
     monkeypatch.setattr(distributed, "plan", lambda *a, **k: calls.append(a))
     assert float(gradclip.clip_grad_norm_(_params(), 1.0)) == 5.0
     assert float(gradclip.get_total_norm([torch.tensor([3.0, 4.0])])) == 5.0
+    assert float(gradclip.grad_norms(_params()).total) == 5.0
     gradclip.NormClip(1.0)(_params())
     assert calls == []  # nothing distributed ran
 
@@ -33,6 +33,7 @@ def test_not_initialised_is_the_single_process_path(monkeypatch):
     [
         lambda: gradclip.clip_grad_norm_(_params(), 1.0, shard_group=object()),
         lambda: gradclip.get_total_norm([torch.ones(2)], extra_groups=[object()]),
+        lambda: gradclip.grad_norms(_params(), shard_group=object()),
         lambda: gradclip.NormClip(1.0, extra_groups=[object()])(_params()),
     ],
 )
@@ -50,16 +51,8 @@ def test_every_clipper_takes_the_keywords(name):
 
 
 def test_drop_ins_take_the_keywords():
-    for fn in (gradclip.clip_grad_norm_, gradclip.clip_grad_norm, gradclip.get_total_norm):
+    for fn in (gradclip.clip_grad_norm_, gradclip.clip_grad_norm, gradclip.get_total_norm,
+               gradclip.grad_norms):
         parameters = inspect.signature(fn).parameters
         assert parameters["shard_group"].default is None
         assert parameters["extra_groups"].default == ()
-
-
-def test_is_active_is_cheap():
-    """The only cost on the single-process path: two calls into torch.distributed."""
-    import timeit
-
-    per_call = min(timeit.repeat(distributed.is_active, number=10_000, repeat=3)) / 10_000
-    assert per_call < 5e-6
-    assert dist.is_available()
