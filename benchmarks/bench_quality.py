@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import statistics
@@ -61,28 +60,16 @@ OURS = "AdaptiveClip"
 PUBLISHED: tuple[str, ...] = ("AutoClip p10", "ZClip", "AGC 0.01", "AdaGC")
 
 
-_MODULES = {"AdaptiveClip": "adaptive"}  # class -> module in gradclip.clippers, if not lower()
-
-
-def _clipper(name: str) -> gradclip.Clipper:
-    """A fresh ``gradclip.<name>()`` (from ``gradclip.clippers.<module>`` if not exported yet)."""
-    cls = getattr(gradclip, name, None)
-    if cls is None:
-        module = importlib.import_module(f"gradclip.clippers.{_MODULES.get(name, name.lower())}")
-        cls = getattr(module, name)
-    return cls()
-
-
 def strategies() -> dict[str, Callable[[], gradclip.Clipper] | None]:
     """Strategy name -> factory of a fresh clipper (None: no clipping), in table order."""
     table: dict[str, Callable[[], gradclip.Clipper] | None] = {"none": None}
     for threshold in FIXED:
         table[fixed_name(threshold)] = partial(gradclip.NormClip, threshold)
-    table["AutoClip p10"] = partial(_clipper, "AutoClip")
-    table["ZClip"] = partial(_clipper, "ZClip")
-    table["AGC 0.01"] = partial(_clipper, "AGC")
-    table["AdaGC"] = partial(_clipper, "AdaGC")
-    table[OURS] = partial(_clipper, OURS)
+    table["AutoClip p10"] = gradclip.AutoClip
+    table["ZClip"] = gradclip.ZClip
+    table["AGC 0.01"] = gradclip.AGC
+    table["AdaGC"] = gradclip.AdaGC
+    table[OURS] = gradclip.AdaptiveClip
     return table
 
 

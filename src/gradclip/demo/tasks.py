@@ -443,7 +443,7 @@ TASKS: dict[str, Task] = {
                 "constant predictor 0.167; seeds 0-2: none 0.007-0.35 (seed lottery), "
                 "fixed 10: 0.01-0.21, fixed 1: 0.005-0.017"
             ),
-            fixed=(0.1, 1.0, 10.0),
+            fixed=(0.3, 3.0, 30.0),
             config=AdditionConfig(lr=0.02, rho=1.1),
         ),
         Task(
