@@ -15,7 +15,10 @@ repetition: ``clip_grad_norm_(max_norm=norm / 2)`` for a variant that clipped,
 Variants: ``NormClip`` clipping and not; ``AutoClip()`` (its p10 threshold is the steady
 norm itself: clips); ``ZClip()`` (steady norms: does not clip); ``AdaptiveClip()``;
 ``AGC`` at λ=0.01 (rows of weights ≈ 0.55, of gradients ≈ 0.03: clips every unit) and at
-λ=1e9 (reads the weights, clips nothing); ``AdaGC`` warmed up with thresholds below or
+λ=1e9 (reads the weights, clips nothing); the *AGC floor*, the memory traffic any AGC
+causes (``get_total_norm`` of the gradients and of the weights, then a ``_foreach_mul_``
+of the gradients when it clips; no per-unit work), against which each AGC
+row is also reported; ``AdaGC`` warmed up with thresholds below or
 above every tensor's norm. Peers where installed (``requirements-peers.txt``):
 ``autoclip.torch.QuantileClip(global, q=0.1)``, ``zclip.ZClip(max_grad_norm=None)``, timm's
 ``adaptive_clip_grad``, and ``pytorch_optimizer.AdaGC`` (an AdamW with AdaGC inside, so it
@@ -53,6 +56,7 @@ from gradclip import bench
 
 WEIGHT_STD = 0.02
 CLIP, NOCLIP = "clip_grad_norm_ (clips)", "clip_grad_norm_ (no clip)"
+AGC_FLOOR_CLIP, AGC_FLOOR_NOCLIP = "AGC floor (clips)", "AGC floor (no clip)"
 
 Variant = Callable[[], bool]
 """A timed call; it returns whether it clipped."""
@@ -106,6 +110,23 @@ def _clipper(clipper: gradclip.Clipper, model: torch.nn.Module) -> Variant:
     return lambda: bool(clipper(model).clipped)
 
 
+def _agc_floor(params: list[torch.nn.Parameter], clips: bool) -> Variant:
+    """The traffic any AGC must cause, with the baseline's own kernels: the norm pass of
+    ``clip_grad_norm_`` over the gradients and over the weights (no per-unit work), and its
+    multiply of the gradients when it clips."""
+    grads = [p.grad for p in params]
+    weights = [p.detach() for p in params]
+
+    def call() -> bool:
+        gradclip.get_total_norm(grads)
+        gradclip.get_total_norm(weights)
+        if clips:
+            torch._foreach_mul_(grads, 0.5)
+        return clips
+
+    return call
+
+
 def _peer(step: Callable[[], object], clipped: bool) -> Variant:
     """A peer's step, which does not say whether it clipped: ``clipped`` is what it does here."""
 
@@ -129,6 +150,8 @@ def clip_variants(model: torch.nn.Module, norm: float) -> dict[str, Variant]:
         "AdaptiveClip()": _clipper(gradclip.AdaptiveClip(), model),
         "AGC(0.01)": _clipper(gradclip.AGC(0.01, exclude=None), model),
         "AGC(1e9)": _clipper(gradclip.AGC(1e9, exclude=None), model),
+        AGC_FLOOR_CLIP: _agc_floor(params, clips=True),
+        AGC_FLOOR_NOCLIP: _agc_floor(params, clips=False),
         # warmup_max_norm: γ starts at half (clips) or at 100x (does not) each tensor's norm
         "AdaGC (clips)": _clipper(gradclip.AdaGC(warmup_steps=1, warmup_max_norm=low), model),
         "AdaGC (no clip)": _clipper(gradclip.AdaGC(warmup_steps=1, warmup_max_norm=1e9), model),
@@ -257,6 +280,9 @@ def run_case(case: str, reps: int, optimizer: bool) -> list[Record]:
     print(f"{case} clippers ...", file=sys.stderr)
     times, decisions, load = measure(clip_variants(model, norm), reps, restore)
     rows = records(case, times, decisions, load)
+    for agc, floor in (("AGC(0.01)", AGC_FLOOR_CLIP), ("AGC(1e9)", AGC_FLOOR_NOCLIP)):
+        pair = {agc: times[agc], floor: times[floor]}
+        rows += records(case, pair, decisions, load, baseline=floor)[:1]
     if optimizer and (variants := optimizer_variants(model, norm)) is not None:
         print(f"{case} optimizer step ...", file=sys.stderr)
         times, decisions, load = measure(variants, reps, restore)

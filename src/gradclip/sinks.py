@@ -197,8 +197,11 @@ def _flat(record: Mapping[str, Any]) -> dict[str, Any]:
 class CSVSink(Sink):
     """One CSV row per step: the record's fields, then ``layer:<name>`` and ``extra:<name>``.
 
-    The columns are fixed by the first batch written; a layer or extra name that appears
-    later is not written (use the JSON lines log when they change during a run).
+    The columns are those of every record written so far, in order of first appearance. A
+    layer or extra name that appears mid-run (a module added, a scalar attached on some
+    steps only) adds a column: the file is rewritten once with the wider header, the earlier
+    rows left empty there (atomically: a crash leaves the old file or the new one). A
+    missing value is an empty field.
 
     Args:
         path: the file to write (a new file; any previous content is replaced).
@@ -207,19 +210,38 @@ class CSVSink(Sink):
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self._file = open(self.path, "w", newline="")  # noqa: SIM115 (held open)
-        self._columns: list[str] | None = None
+        self._columns: list[str] = []
 
     def write(self, records: Sequence[Record]) -> None:
         rows = [_flat(r) for r in records]
         if not rows:
             return
+        known = set(self._columns)
+        new = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in known]
         text = io.StringIO()
-        if self._columns is None:
-            self._columns = list(rows[0])
-            csv.writer(text).writerow(self._columns)
-        csv.DictWriter(text, self._columns, extrasaction="ignore").writerows(rows)
+        if new:
+            self._columns += new
+            if self._file.tell():
+                self._widen()
+            else:
+                csv.writer(text).writerow(self._columns)
+        csv.DictWriter(text, self._columns, restval="").writerows(rows)
         self._file.write(text.getvalue())
         self._file.flush()
+
+    def _widen(self) -> None:
+        """Rewrite the file with the current header; earlier rows get empty new fields."""
+        self._file.close()
+        with open(self.path, newline="") as old:
+            written = list(csv.reader(old))[1:]
+        width = len(self._columns)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with open(temporary, "w", newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(self._columns)
+            writer.writerows(row + [""] * (width - len(row)) for row in written)
+        os.replace(temporary, self.path)
+        self._file = open(self.path, "a", newline="")  # noqa: SIM115 (held open)
 
     def close(self) -> None:
         self._file.close()
