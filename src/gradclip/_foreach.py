@@ -22,6 +22,7 @@ __all__ = [
     "group_by_device_dtype",
     "has_foreach_support",
     "is_host_device",
+    "named_parameters",
 ]
 
 Groups = dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]
@@ -87,3 +88,43 @@ def foreach_clamp_(tensors: list[Tensor], low: float, high: float) -> None:
 def flatten(tensors: list[Tensor]) -> Tensor:
     """One new 1-D tensor holding every tensor's elements in order (a single C++ call)."""
     return torch._utils._flatten_dense_tensors(tensors)
+
+
+_MODULE = torch.nn.Module
+
+
+def named_parameters(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    """``list(module.named_parameters())``, about twice as fast (read every training step).
+
+    The same walk as torch's (pre-order, a module or parameter met twice counted once,
+    names of the first occurrence), over ``_modules`` / ``_parameters`` without torch's
+    generator chain. A module tree that customises the walk (a wrapper overriding
+    ``named_parameters``, ``_named_members`` or ``named_modules``, as FSDP1 does to
+    clean its names) gets torch's own method.
+    """
+    root = type(module)
+    if (
+        root.named_parameters is not _MODULE.named_parameters
+        or root._named_members is not _MODULE._named_members
+    ):
+        return list(module.named_parameters())
+    out: list[tuple[str, Tensor]] = []
+    seen_params: set[int] = set()
+    seen_modules: set[int] = set()
+
+    def visit(prefix: str, m: torch.nn.Module) -> bool:
+        if id(m) in seen_modules:
+            return True
+        if type(m).named_modules is not _MODULE.named_modules:
+            return False
+        seen_modules.add(id(m))
+        for name, param in m._parameters.items():
+            if param is not None and id(param) not in seen_params:
+                seen_params.add(id(param))
+                out.append((prefix + name, param))
+        for name, child in m._modules.items():
+            if child is not None and not visit(prefix + name + ".", child):
+                return False
+        return True
+
+    return out if visit("", module) else list(module.named_parameters())
