@@ -427,12 +427,13 @@ class _UnitPlan:
         out: list[Tensor] = []
         for positions, length in pieces:
             if length:
-                flat = torch.cat([tensors[self.order[j]].reshape(-1) for j in positions])
+                flat = _foreach.flatten([tensors[self.order[j]] for j in positions])
                 out.append(_row_norms(flat.view(-1, length)))
             else:
                 j = positions[0]
                 out.append(_unit_norms(tensors[self.order[j]], whole=j >= self.included))
-        out = [u.to(device=device, dtype=self.acc) for u in out]
+        out = [u if u.dtype == self.acc and u.device == device else u.to(device, self.acc)
+               for u in out]
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def per_tensor_sums(self, values: Tensor) -> Tensor:
