@@ -870,6 +870,11 @@ def test_generated_clip_grad_norm_parity(grads, p, factor, foreach):
     ours = gradclip.clip_grad_norm_(mine, max_norm, p, foreach=foreach)
     assert_total_like(ours, theirs, present, p)
     rtol = RTOL[lowest_precision(g.dtype for g in present)] if present else 0.0
+    # where the totals differ (ours then the closer to float64, checked above), so do the
+    # coefficients: torch's float32 sum of p-th powers can be off by more than rtol (p=0.5)
+    a, b = float(ours), float(theirs)
+    if a != b and math.isfinite(a) and math.isfinite(b) and b != 0:
+        rtol = max(rtol, 1.01 * abs(a - b) / abs(b))
     assert_grads_like(grads_of(mine), grads_of(ref), rtol=rtol)
 
 

@@ -1,16 +1,20 @@
 """Global gradient norms across process groups and device meshes: the one distributed module.
 
 Under data, tensor, sharded or pipeline parallelism each rank holds part of the gradients.
-This module turns the engine's per-tensor norms of the *local* tensors into the norm of the
-whole model, identical on every rank, with one all-reduce per process group and no host
-sync:
+This module turns the engine's per-tensor norms of the *local* tensors into global ones,
+identical on every rank, with one all-reduce per process group and no host sync:
 
-* the local norms are raised to the p-th power and summed per *bucket*: the tensors that are
-  reduced over the same process groups (max instead of sum for ``p = inf``);
-* each process group all-reduces the partial sums of the buckets that reduce over it (one
-  collective per group, whatever the number of tensors);
-* the buckets are summed, the ``extra_groups`` all-reduce that total, and the p-th root is
-  taken.
+* each tensor split across ranks gets a *slot*: its local norm raised to the p-th power (the
+  norm itself for ``p = inf``, reduced with max instead of sum);
+* each process group all-reduces the slots of the tensors split over it (one collective per
+  group, whatever the number of tensors), so every rank ends with the p-th power of each
+  whole tensor's norm: its root is the whole tensor's norm (``GradNorms.per_tensor``);
+* the total is the norm of those per-tensor norms (and of the tensors that are whole on
+  this rank), as on one process; the ``extra_groups`` then all-reduce its p-th power.
+
+:func:`gradclip.get_total_norm` has no parameter list to align tensors by (its lists may
+differ between ranks), so it sends one slot per *bucket* instead, the sum over the tensors
+reduced over the same groups, and only its total is global.
 
 Which groups a gradient is reduced over:
 
@@ -29,12 +33,15 @@ next to each value and restores NaN after the collective: a NaN on one rank is N
 
 What every rank must agree on (as for any collective): the collectives a rank issues depend
 only on the process groups involved (``shard_group``, ``extra_groups``, and the meshes and
-placements of the DTensor gradients or parameters), never on the values, the sizes of the
-local shards, or which plain gradients are ``None``; groups are visited in one global order
-(mesh dimensions by mesh layout and index, other groups by their ranks), so ranks that share
-groups never wait on each other in a cycle and a bucket sharded over two mesh dimensions is
-summed over them in the same order on every rank. An empty local shard contributes zero. :func:`check_layout` verifies that agreement
-across ranks when in doubt (it communicates and syncs; use it once, not every step).
+placements of the DTensor gradients or parameters) and on the parameter list, never on the
+values, the sizes of the local shards, or which gradients are ``None`` or empty. The slots
+follow the parameter list, and a sharded parameter whose gradient is ``None`` on this rank
+keeps its slot (with 0), so a per-tensor vector indexes the same tensors on every rank of a
+group. Groups are visited in one global order (mesh dimensions by mesh layout and index,
+other groups by their ranks), so ranks that share groups never wait on each other in a cycle
+and a tensor sharded over two mesh dimensions is summed over them in the same order on
+every rank. :func:`check_layout` verifies that agreement across ranks when in doubt (it
+communicates and syncs; use it once, not every step).
 
 When ``torch.distributed`` is not initialised, nothing here runs: the drop-ins and clippers
 check :func:`is_active` once per call and take the single-process path.
@@ -69,6 +76,7 @@ __all__ = [
     "global_norms",
     "is_active",
     "local_tensors",
+    "nothing_measured",
     "plan",
 ]
 
@@ -158,7 +166,7 @@ def _order_key(group: ProcessGroup, mesh_keys: dict[int, tuple] | None = None) -
     """The group's place in the one order every rank visits groups in.
 
     Two requirements. Deadlock freedom: the key must be the same on all members of the
-    group (a global order). Correct sums: a bucket sharded over two mesh dimensions is
+    group (a global order). Correct sums: a slot sharded over two mesh dimensions is
     reduced over one, then the other, and the ranks that meet in the second must all have
     done the first, so every rank must visit a mesh's dimensions in the same order. Sorting
     by the groups' own ranks fails that ((dp=2, tp=2): rank 0 sees tp={0,1} < dp={0,2},
@@ -190,100 +198,202 @@ _MESH_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 @dataclass(frozen=True)
 class Reduction:
-    """How the per-tensor norms of one call combine into the global norm on this rank.
+    """How the per-tensor norms of one call become global norms on this rank.
 
     Built by :func:`plan`. The tensors to measure are :attr:`local` (plain tensors: the local
     shards of DTensors, and no empty tensors, whose norm is 0 and which need no scaling).
+    :meth:`reduce` turns their norms into global ones.
+
+    What crosses ranks are *slots*, one value each (a sum of p-th powers, or a max for the inf
+    norm), all-reduced over the process groups of the slot's key:
+
+    * ``per_tensor`` (the clippers, :func:`gradclip.grad_norms`, the clip drop-ins): one slot
+      per tensor split across ranks, so each tensor's norm becomes the whole tensor's;
+    * otherwise (:func:`gradclip.get_total_norm`): one slot per key, the sum over the tensors
+      reduced over the same groups (only the total becomes global).
+
+    Tensors whole on this rank (replicated ones, a stage's own under ``extra_groups``) are in
+    no slot: their norms are already global.
 
     Attributes:
-        local: the non-empty local tensors, in input order.
+        local: the non-empty local tensors, in parameter order.
         kept: for each of ``local``, its index in the input list.
-        bucket: for each of ``local``, its bucket (index into ``keys``).
-        keys: per bucket, the process groups its partial sum is reduced over (``()``: none).
-        schedule: ``(group, buckets)`` in the global group order: one all-reduce each.
+        slot: for each of ``local``, its slot, or -1 when it is whole on this rank.
+        schedule: ``(group, slots)`` in the global group order: one all-reduce each.
         extra: the groups the total is then reduced over, in the caller's order.
-        sharded: some bucket is split across ranks, so a per-tensor norm in
-            :attr:`GradNorms.per_tensor` is the norm of a *shard*, not of the tensor.
+        rows: what :meth:`reduce` reports a norm for, in order: an index in the input list,
+            or ``len(tensors) + j`` for ``params[j]``, a sharded parameter whose gradient is
+            None on this rank. With ``per_tensor``, every tensor split across ranks (the same
+            list on every rank of its groups) and every non-empty whole one; else ``kept``.
+        row_of: for each of ``local``, its row.
+        slot_rows: with ``per_tensor``, the row of each slot (a split tensor); else empty.
+        row_tensors: for each row, this rank's local tensor (empty where it holds none).
+        sharded: some tensor is split across ranks (or ``shard_group`` says so).
         order: the order keys of the mesh-dimension groups (see ``_order_key``).
+        slots: how many slots there are (on every rank of their groups alike).
     """
 
     local: list[Tensor]
     kept: list[int]
-    bucket: list[int]
-    keys: list[tuple[ProcessGroup, ...]]
+    slot: list[int]
     schedule: list[tuple[ProcessGroup, list[int]]]
     extra: list[ProcessGroup]
+    rows: list[int]
+    row_of: list[int]
+    slot_rows: list[int]
+    row_tensors: list[Tensor]
     sharded: bool
     order: dict[int, tuple]
+    slots: int
 
     @property
     def communicates(self) -> bool:
-        """Whether :meth:`total` issues any collective."""
+        """Whether :meth:`reduce` and :meth:`total` issue any collective."""
         return bool(self.schedule or self.extra)
 
-    def total(self, per_tensor: Tensor, p: float) -> Tensor:
-        """The global ``p``-norm from the per-tensor norms of :attr:`local` (0-dim tensor).
-
-        ``per_tensor`` is 1-D, float32 or float64, one norm per tensor of ``local``. Without
-        collectives this is ``vector_norm(per_tensor, p)``, the single-process total.
-        """
-        if not self.communicates:
-            return torch.linalg.vector_norm(per_tensor, p)
-        _check_norm_type(p)
-        is_max = math.isinf(p)
-        values = per_tensor if is_max else per_tensor.square() if p == 2 else per_tensor.pow(p)
-        parts = self._bucket_parts(values, is_max)
-        for group, buckets in self.schedule:
-            if len(buckets) == len(self.keys):
-                parts = _all_reduce(parts, is_max, group)
-            else:
-                index = _norms._index_tensor(tuple(buckets), parts.device)
-                parts = parts.index_copy(0, index, _all_reduce(parts[index], is_max, group))
-        if not len(parts):
-            total = parts.new_zeros(())
-        elif is_max:
-            total = parts.amax()  # propagates NaN
-        else:
-            total = parts.sum()
-        for group in self.extra:
-            total = _all_reduce(total, is_max, group)
-        if is_max or p == 1:
-            return total
-        return total.sqrt() if p == 2 else total.pow(1.0 / p)
-
-    def _bucket_parts(self, values: Tensor, is_max: bool) -> Tensor:
-        """Per-bucket sum (or NaN-propagating max) of ``values``: 1-D, one per key."""
-        n = len(self.keys)
-        if n == 0:  # nothing on this rank and no group: only extra_groups reduce (zeros)
-            return values.new_zeros(0)
-        if n == 1:
-            if not len(values):
-                return values.new_zeros(1)
-            return (values.amax() if is_max else values.sum()).reshape(1)
-        index = _norms._index_tensor(tuple(self.bucket), values.device)
-        if not is_max:
-            return values.new_zeros(n).index_add_(0, index, values)
-        nan = torch.isnan(values)
-        parts = values.new_zeros(n).scatter_reduce_(
-            0, index, torch.where(nan, 0.0, values), "amax", include_self=True
-        )
-        flags = values.new_zeros(n).index_add_(0, index, nan.to(values.dtype))
-        return torch.where(flags > 0, math.nan, parts)
+    @property
+    def whole(self) -> bool:
+        """Whether :meth:`reduce` reports whole-tensor norms per row (not the local ones)."""
+        return bool(self.slot_rows)
 
     def reduce(self, measured: _norms.GradNorms) -> _norms.GradNorms:
-        """``measured`` (the engine's pass over :attr:`local`) with its total made global.
+        """``measured`` (the engine's pass over :attr:`local`) made global.
 
-        ``per_tensor`` stays the norms of the local tensors. Returns ``measured`` itself when
-        nothing needs reducing (DDP), so the result is the single-process one bit for bit.
+        With ``per_tensor`` and tensors split across ranks, the result has one entry per row:
+        ``per_tensor`` the whole tensors' norms and ``tensors`` this rank's parts (identical
+        norms on every rank), ``total`` their norm over every rank. Otherwise only ``total``
+        changes, and when nothing needs reducing (DDP) ``measured`` itself is returned, so
+        the result is the single-process one bit for bit.
         """
         if not self.communicates:
             return measured
-        total = self.total(measured.per_tensor, measured.norm_type)
-        return replace(measured, total=total)
+        p = measured.norm_type
+        _check_norm_type(p)
+        is_max = math.isinf(p)
+        values = _powers(measured.per_tensor, p)
+        slots = self._exchange(values, is_max)
+        if not self.whole:
+            whole = _subset(values, self._unslotted())
+            total = self._finish(_combine(torch.cat([slots, whole]), is_max), is_max, p)
+            return replace(measured, total=total)
+        per_tensor = self._per_row(measured.per_tensor, _root(slots, p))
+        groups = measured.groups
+        if len(self.rows) != len(self.local):  # some rows are held by other ranks only
+            groups = {
+                key: (group, [self.row_of[i] for i in indices])
+                for key, (group, indices) in groups.items()
+            }
+        return replace(measured, tensors=self.row_tensors, per_tensor=per_tensor,
+                       total=self.total(per_tensor, p), groups=groups)
+
+    def total(self, per_tensor: Tensor, p: float) -> Tensor:
+        """The global ``p``-norm (0-dim) from norms parallel to what :meth:`reduce` returned.
+
+        With whole-tensor rows (:attr:`whole`) only ``extra_groups`` remain to reduce over;
+        otherwise ``per_tensor`` holds the norms of :attr:`local` and takes the whole
+        reduction. Without collectives this is ``vector_norm(per_tensor, p)``, the
+        single-process total.
+        """
+        if not self.communicates or (self.whole and not self.extra):
+            return torch.linalg.vector_norm(per_tensor, p)
+        _check_norm_type(p)
+        is_max = math.isinf(p)
+        values = _powers(per_tensor, p)
+        if not self.whole:
+            whole = _subset(values, self._unslotted())
+            values = torch.cat([self._exchange(values, is_max), whole])
+        return self._finish(_combine(values, is_max), is_max, p)
 
     def select(self, items: Sequence[Any]) -> list[Any]:
         """The entries of ``items`` (parallel to the input tensors) that :attr:`local` kept."""
         return [items[i] for i in self.kept]
+
+    def rows_of(self, items: Sequence[Any], param_items: Sequence[Any] = ()) -> list[Any]:
+        """The entries of ``items`` (parallel to the input tensors) and of ``param_items``
+        (parallel to ``params``) in the order of :attr:`rows`: what a name or parameter list
+        must be to match the result of :meth:`reduce`."""
+        n = len(items)
+        return [items[i] if i < n else param_items[i - n] for i in self.rows]
+
+    def _exchange(self, values: Tensor, is_max: bool) -> Tensor:
+        """The slots of this rank's ``values`` (p-th powers of :attr:`local`'s norms),
+        all-reduced: identical on every rank of each slot's groups (1-D)."""
+        vector = self._slot_values(values, is_max)
+        for group, slots in self.schedule:
+            if len(slots) == len(vector):
+                vector = _all_reduce(vector, is_max, group)
+            else:
+                index = _norms._index_tensor(tuple(slots), vector.device)
+                vector = vector.index_copy(0, index, _all_reduce(vector[index], is_max, group))
+        return vector
+
+    def _slot_values(self, values: Tensor, is_max: bool) -> Tensor:
+        """Per-slot sum (or NaN-propagating max) of ``values``: 1-D, zeros where this rank
+        holds nothing."""
+        if self.slots == len(values) and self.slot == list(range(self.slots)):
+            return values  # one slot per local tensor, in order (FSDP2 without empty shards)
+        taken = tuple(i for i, s in enumerate(self.slot) if s >= 0)
+        if not taken:
+            return values.new_zeros(self.slots)
+        values = _subset(values, taken)
+        index = _norms._index_tensor(tuple(self.slot[i] for i in taken), values.device)
+        if not is_max:
+            return values.new_zeros(self.slots).index_add_(0, index, values)
+        nan = torch.isnan(values)
+        parts = values.new_zeros(self.slots).scatter_reduce_(
+            0, index, torch.where(nan, 0.0, values), "amax", include_self=True
+        )
+        flags = values.new_zeros(self.slots).index_add_(0, index, nan.to(values.dtype))
+        return torch.where(flags > 0, math.nan, parts)
+
+    def _unslotted(self) -> tuple[int, ...]:
+        return tuple(i for i, s in enumerate(self.slot) if s < 0)
+
+    def _per_row(self, local_norms: Tensor, slot_norms: Tensor) -> Tensor:
+        """One norm per row: the whole tensors' from the slots, the others' as measured."""
+        if len(self.slot_rows) == len(self.rows):
+            return slot_norms  # every row is a split tensor, in slot order
+        out = local_norms.new_zeros(len(self.rows))
+        if len(local_norms):
+            out.index_copy_(0, _norms._index_tensor(tuple(self.row_of), out.device), local_norms)
+        index = _norms._index_tensor(tuple(self.slot_rows), out.device)
+        return out.index_copy_(0, index, slot_norms)
+
+    def _finish(self, total: Tensor, is_max: bool, p: float) -> Tensor:
+        """The p-th root of ``total`` after the ``extra_groups`` all-reduce."""
+        for group in self.extra:
+            total = _all_reduce(total, is_max, group)
+        return _root(total, p)
+
+
+def _subset(values: Tensor, positions: tuple[int, ...]) -> Tensor:
+    """``values[positions]`` for increasing ``positions``; no index tensor for all or none."""
+    if len(positions) == len(values):
+        return values
+    if not positions:
+        return values[:0]
+    return values[_norms._index_tensor(positions, values.device)]
+
+
+def _powers(norms: Tensor, p: float) -> Tensor:
+    """What adds up across ranks: ``norms ** p`` (the norms themselves for ``p = inf``)."""
+    if math.isinf(p) or p == 1:
+        return norms
+    return norms.square() if p == 2 else norms.pow(p)
+
+
+def _root(total: Tensor, p: float) -> Tensor:
+    """The inverse of :func:`_powers`."""
+    if math.isinf(p) or p == 1:
+        return total
+    return total.sqrt() if p == 2 else total.pow(1.0 / p)
+
+
+def _combine(values: Tensor, is_max: bool) -> Tensor:
+    """Sum (or NaN-propagating max) of 1-D ``values``; 0 when empty."""
+    if not len(values):
+        return values.new_zeros(())
+    return values.amax() if is_max else values.sum()
 
 
 def _check_norm_type(p: float) -> None:
@@ -339,6 +449,38 @@ def _localize(tensor: Any) -> Any:
     return tensor
 
 
+def _sources(tensors: Sequence[Tensor], params: list[Tensor]) -> list[int]:
+    """The input positions in parameter order, with ``len(tensors) + j`` for ``params[j]``
+    when it takes a gradient but has none on this rank; tensors no parameter holds come last.
+
+    Every rank of a group holds the same parameters, so this order is the same on all of them
+    whichever gradients exist: it is what a per-tensor all-reduce is aligned by.
+    """
+    n = len(tensors)
+    if not params:
+        return list(range(n))
+    at = {id(t): i for i, t in enumerate(tensors)}
+    order: list[int] = []
+    done: set[int] = set()
+    seen: set[int] = set()
+    for j, q in enumerate(params):
+        if id(q) in seen:
+            continue
+        seen.add(id(q))
+        grad = q.grad
+        if grad is None:
+            if q.requires_grad:
+                order.append(n + j)
+            continue
+        i = at.get(id(grad))
+        if i is not None and i not in done:
+            done.add(i)
+            order.append(i)
+    if len(done) < n:
+        order.extend(i for i in range(n) if i not in done)
+    return order
+
+
 def plan(
     tensors: Sequence[Tensor],
     *,
@@ -346,6 +488,7 @@ def plan(
     extra_groups: Iterable[GroupLike] | GroupLike = (),
     params: Iterable[Tensor] = (),
     whole_tensors: str | None = None,
+    per_tensor: bool = False,
 ) -> Reduction:
     """How this rank measures ``tensors`` and reduces their norms (see :class:`Reduction`).
 
@@ -353,11 +496,14 @@ def plan(
         tensors: the distinct gradients (plain tensors or DTensors).
         shard_group: plain tensors are shards over this group (FSDP1, ZeRO).
         extra_groups: groups (or meshes) the total is also reduced over (pipeline stages).
-        params: parameters whose gradient is ``None`` on this rank; a DTensor among them still
-            takes part in its mesh's collective (with 0), so that every rank issues the same
-            collectives when a gradient is missing on some ranks only.
-        whole_tensors: the name of a clipper that decides per tensor or per unit: raise if any
-            tensor is split across ranks, since its local norm is not the tensor's norm.
+        params: the parameters these gradients belong to, the same list on every rank (a
+            sharded parameter whose gradient is ``None`` on this rank still takes part in
+            its groups' collectives, with 0, so every rank issues the same collectives).
+        whole_tensors: the name of a clipper that decides per row of a tensor: raise if any
+            tensor is split across ranks, since no rank holds a whole row.
+        per_tensor: reduce each split tensor's norm, not only the total: one value per tensor
+            in the all-reduce. The per-tensor vector is aligned by ``params`` (or by
+            ``tensors`` when none are given), which must then be the same on every rank.
     """
     if not is_active():
         raise ValueError(
@@ -368,36 +514,57 @@ def plan(
     shard = _check_group(shard_group, "shard_group") if shard_group is not None else []
     extra = _extra(extra_groups)
     dtensor = _dtensor_type()
+    params = list(params)
+    n = len(tensors)
     cache: dict = {}
     mesh_keys: dict[int, tuple] = {}
     plain_key = tuple(shard)
-    key_index: dict[tuple, int] = {plain_key: 0} if shard else {}
+    # a bucket per key (without per_tensor); the plain shards' is there on every rank
+    buckets: dict[tuple, int] = {plain_key: 0} if shard and not per_tensor else {}
+    slot_keys: list[tuple] = list(buckets)
     local: list[Tensor] = []
     kept: list[int] = []
-    bucket: list[int] = []
-    for i, t in enumerate(tensors):
+    slot: list[int] = []
+    row_of: list[int] = []
+    rows: list[int] = []
+    slot_rows: list[int] = []
+    row_tensors: list[Tensor] = []
+    aligned = bool(shard) or dtensor is not None  # else nothing is split: input order will do
+    for source in _sources(tensors, params) if aligned else range(n):
+        t = tensors[source] if source < n else params[source - n]
         if dtensor is not None and isinstance(t, dtensor):
-            t = _localize(t)
+            if source < n:
+                t = _localize(t)
             key = _dtensor_groups(t, cache, mesh_keys)
             t = t.to_local()
         else:
             key = plain_key
-        b = key_index.setdefault(key, len(key_index))
+        if source >= n:  # no gradient on this rank
+            if not key:
+                continue
+            t = torch.empty(0, dtype=t.dtype, device=t.device)
+        s = -1  # its slot: its own with per_tensor, else its key's bucket
+        if key:
+            s = len(slot_keys) if per_tensor else buckets.setdefault(key, len(slot_keys))
+            if s == len(slot_keys):
+                slot_keys.append(key)
+        split = s >= 0 and per_tensor
+        if split or t.numel():
+            if split:
+                slot_rows.append(len(rows))
+            rows.append(source)
+            row_tensors.append(t)
         if t.numel():
             local.append(t)
-            kept.append(i)
-            bucket.append(b)
-    if dtensor is not None:
-        for q in params:
-            if q.grad is None and isinstance(q, dtensor):
-                key_index.setdefault(_dtensor_groups(q, cache, mesh_keys), len(key_index))
-    keys = list(key_index)
+            kept.append(source)
+            slot.append(s)
+            row_of.append(len(rows) - 1)
     members: dict[int, tuple[ProcessGroup, list[int]]] = {}
-    for b, key in enumerate(keys):
+    for s, key in enumerate(slot_keys):
         for group in key:
-            members.setdefault(id(group), (group, []))[1].append(b)
+            members.setdefault(id(group), (group, []))[1].append(s)
     schedule = sorted(members.values(), key=lambda item: _order_key(item[0], mesh_keys))
-    sharded = any(keys)
+    sharded = bool(slot_keys or shard)
     if whole_tensors is not None and sharded:
         raise NotImplementedError(
             f"{whole_tensors} decides per tensor (or per row of a tensor), but these gradients "
@@ -406,7 +573,8 @@ def plan(
             "DDP or pipeline stages (`extra_groups`), or a global-norm clipper (NormClip, "
             "AutoClip, ZClip, AdaptiveClip), which is exact under every layout."
         )
-    return Reduction(local, kept, bucket, keys, schedule, extra, sharded, mesh_keys)
+    return Reduction(local, kept, slot, schedule, extra, rows, row_of, slot_rows, row_tensors,
+                     sharded, mesh_keys, len(slot_keys))
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,30 +589,42 @@ def global_norms(
     shard_group: ProcessGroup | None = None,
     extra_groups: Iterable[GroupLike] | GroupLike = (),
     params: Iterable[Tensor] = (),
+    per_tensor: bool = False,
 ) -> _norms.GradNorms:
-    """The engine's pass over this rank's local tensors, with the global total.
+    """The engine's pass over this rank's local tensors, with global norms.
 
-    ``tensors``: distinct gradients (plain or DTensor). The result's ``tensors`` are the
-    non-empty local tensors (scale those to clip), ``per_tensor`` their local norms, and
-    ``total`` the norm of the whole model: a plain 0-dim tensor, identical on every rank.
+    ``tensors``: distinct gradients (plain or DTensor). ``total`` is the norm of the whole
+    model: a plain 0-dim tensor, identical on every rank. With ``per_tensor`` (aligned by
+    ``params``, the same list on every rank), ``per_tensor`` holds the norm of each whole
+    tensor, identical on every rank, and ``tensors`` this rank's part of each (empty where
+    it holds none; a sharded parameter whose gradient is None here still has its entry);
+    otherwise ``tensors`` are the non-empty local tensors and ``per_tensor`` their local
+    norms. Scale ``groups`` to clip.
 
     Example (on every rank of an FSDP1 job)::
 
         norms = global_norms(grads, 2.0, None, shard_group=dist.group.WORLD)
     """
-    reduction = plan(tensors, shard_group=shard_group, extra_groups=extra_groups, params=params)
+    params = list(params)
+    reduction = plan(tensors, shard_group=shard_group, extra_groups=extra_groups, params=params,
+                     per_tensor=per_tensor)
     if reduction.local:
         measured = _norms.compute(reduction.local, p, foreach)
     else:
-        measured = _norms.empty_norms(p)
-        device = _default_device(tensors, params)
-        if device is not None:
-            measured = replace(
-                measured,
-                per_tensor=measured.per_tensor.to(device),
-                total=measured.total.to(device),
-            )
+        measured = nothing_measured(p, tensors, params)
     return reduction.reduce(measured)
+
+
+def nothing_measured(p: float, tensors: Sequence[Tensor], params: Iterable[Tensor]) -> _norms.GradNorms:
+    """The norms of nothing, for a rank without local gradients that still takes part in the
+    collectives: zeros beside its tensors or parameters (an NCCL collective needs them on
+    the GPU), or on the CPU when it has neither."""
+    measured = _norms.empty_norms(p)
+    device = _default_device(tensors, params)
+    if device is None:
+        return measured
+    return replace(measured, per_tensor=measured.per_tensor.to(device),
+                   total=measured.total.to(device))
 
 
 def _default_device(tensors: Sequence[Tensor], params: Iterable[Tensor]) -> torch.device | None:
@@ -492,10 +672,13 @@ def check_layout(
     Every rank must call it (it gathers a short description of each rank's reductions with
     ``all_gather_object``: a host sync, and numpy is needed). It raises ``ValueError`` naming
     the ranks and the group when they disagree: a ``shard_group`` given on some ranks only or
-    naming different groups, different ``extra_groups``, or DTensor gradients on a mesh that
-    some ranks do not see. Run it once after building the model, not every step: a mismatch
-    in a clip call itself hangs (until the process-group timeout) like any mismatched
-    collective.
+    naming different groups, different ``extra_groups``, DTensor gradients on a mesh that
+    some ranks do not see, or ranks of one group holding different parameters (the clippers
+    and :func:`gradclip.grad_norms` reduce per-tensor norms tensor by tensor, aligned by the
+    parameter list; the drop-ins reduce only the total and, like torch's, accept different
+    tensors per rank, e.g. ZeRO-style partitions). Run it once after
+    building the model, not every step: a mismatch in a clip call itself hangs (until the
+    process-group timeout) like any mismatched collective.
 
     Example::
 
@@ -503,12 +686,16 @@ def check_layout(
     """
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
     grads = list({id(q.grad): q.grad for q in params if q.grad is not None}.values())
-    reduction = plan(grads, shard_group=shard_group, extra_groups=extra_groups, params=params)
+    reduction = plan(grads, shard_group=shard_group, extra_groups=extra_groups, params=params,
+                     per_tensor=True)
+    originals = reduction.rows_of(grads, params)
     wide = any(_norms.accumulation_dtype(t.dtype) == torch.float64 for t in reduction.local)
     dtype = (torch.float64 if wide else torch.float32) if reduction.local else None
     mine = {
-        "schedule": [((_ranks(g), _order_key(g, reduction.order)), len(b))
-                     for g, b in reduction.schedule],
+        "schedule": [
+            ((_ranks(g), _order_key(g, reduction.order)), _describe(reduction, originals, slots))
+            for g, slots in reduction.schedule
+        ],
         "extra": [(_ranks(g), _order_key(g)) for g in reduction.extra],
         "dtype": str(dtype),
     }
@@ -520,10 +707,10 @@ def check_layout(
             for other in key[0]:
                 entries = dict(everyone[other]["schedule"])
                 if entries.get(key) != n:
-                    found = f"{entries[key]}" if key in entries else "never reduces over it"
+                    found = _count(entries[key]) if key in entries else "never reduces over it"
                     problems.append(
-                        f"rank {rank} all-reduces {n} partial sum(s) over group "
-                        f"{list(key[0])}, rank {other} {found}"
+                        f"rank {rank} all-reduces {_count(n)} over group {list(key[0])}, "
+                        f"rank {other} {found}"
                     )
         for key in theirs["extra"]:
             for other in key[0]:
@@ -540,6 +727,22 @@ def check_layout(
         shown = "; ".join(dict.fromkeys(problems))
         raise ValueError(
             f"the ranks disagree on the gradient-norm reduction: {shown:.1500}. Every rank must "
-            "pass the same `shard_group` / `extra_groups` (with the same members) and hold "
-            "gradients on the same meshes; a clip call in this state would hang."
+            "pass the same `shard_group` / `extra_groups` (with the same members) and the same "
+            "parameters, with gradients on the same meshes; a clip call in this state would "
+            "hang."
         )
+
+
+def _describe(reduction: Reduction, originals: list[Tensor], slots: list[int]) -> tuple[str, ...]:
+    """What ``slots`` hold, comparable across ranks: a DTensor's global shape, else "shard"."""
+    dtensor = _dtensor_type()
+    held = (originals[reduction.slot_rows[s]] for s in slots)
+    return tuple(
+        str(tuple(t.shape)) if dtensor is not None and isinstance(t, dtensor) else "shard"
+        for t in held
+    )
+
+
+def _count(described: tuple[str, ...]) -> str:
+    shown = ", ".join(described[:6]) + (", ..." if len(described) > 6 else "")
+    return f"{len(described)} tensor norm(s) [{shown}]"

@@ -149,12 +149,17 @@ def _measure(
     shard_group: object,
     extra_groups: object,
     params: list[Tensor] | tuple[()] = (),
+    per_tensor: bool = False,
 ) -> norms.GradNorms:
-    """The one pass; under ``torch.distributed`` over the local shards, with the global total."""
+    """The one pass; under ``torch.distributed`` over the local shards, with the global total,
+    and global per-tensor norms when ``per_tensor`` (:func:`gradclip.grad_norms`: every rank
+    of a shard group must then pass the same parameter list, which aligns the per-tensor
+    all-reduce). The drop-ins reduce the total only, one value per group: like torch's, they
+    accept whatever tensors each rank holds (ZeRO-style partitions included)."""
     if distributed.applies(shard_group, extra_groups):
         return distributed.global_norms(
             grads, p, foreach, shard_group=shard_group, extra_groups=extra_groups,  # type: ignore[arg-type]
-            params=params,
+            params=params, per_tensor=per_tensor,
         )
     return norms.compute(grads, p, foreach)
 

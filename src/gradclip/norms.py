@@ -79,16 +79,19 @@ class GradNorms:
 
     Attributes:
         tensors: the tensors measured, in input order, each once (duplicates removed).
+            Under ``torch.distributed`` with gradients split across ranks: this rank's
+            part of each (see :func:`grad_norms`).
         per_tensor: 1-D tensor, ``per_tensor[i]`` is the ``norm_type``-norm of
             ``tensors[i]``; float32 (float64 if any tensor is 64-bit), on the device of
             ``tensors[0]``. Half-precision tensors are measured with float32 accumulation.
+            Under ``torch.distributed``, the norm of the whole tensor (all ranks' parts).
         total: 0-dim tensor, the norm of ``per_tensor`` (torch's definition of the total
             norm), in the same dtype and device as ``per_tensor``.
         norm_type: the ``p`` of the norms, as a float.
         dtype: the dtype torch gives the total norm for these tensors (type promotion of
             the per-tensor norm dtypes); :meth:`result` casts ``total`` to it.
-        groups: the tensors grouped by (device, dtype), with their indices into
-            ``tensors``; reused to scale them without grouping again.
+        groups: the non-empty tensors grouped by (device, dtype), with their indices
+            into ``tensors``; reused to scale them without grouping again.
 
     Example:
         >>> import torch, gradclip
@@ -126,8 +129,11 @@ def grad_norms(
         parameters: a tensor or an iterable of tensors whose ``.grad`` is measured.
         norm_type: p of the p-norm, any value torch accepts (``'inf'`` included).
         shard_group, extra_groups: keyword-only, as in :func:`gradclip.clip_grad_norm_`:
-            under ``torch.distributed`` the total is the whole model's (``per_tensor`` holds
-            this rank's local tensors).
+            under ``torch.distributed`` the total is the whole model's and ``per_tensor``
+            the whole tensors' norms, identical on every rank. With gradients split across
+            ranks (FSDP, TP), ``tensors`` are this rank's parts, an empty tensor where it
+            holds none, and a sharded parameter whose gradient is None on this rank only
+            keeps its entry: every rank lists the same tensors.
 
     Returns:
         A :class:`GradNorms`. With no gradients at all, ``per_tensor`` is empty and
@@ -146,7 +152,7 @@ def grad_norms(
     p = _check_norm_type(norm_type)
     params = _as_tensor_list(parameters, "parameters")
     with torch.no_grad():
-        return _measure(_unique_grads(params), p, None, shard_group, extra_groups, params)
+        return _measure(_unique_grads(params), p, None, shard_group, extra_groups, params, True)
 
 
 def empty_norms(p: float) -> GradNorms:

@@ -27,6 +27,7 @@ from torch import nn
 
 import gradclip
 from gradclip import distributed as gd
+from gradclip.monitor import layer_name
 
 P_VALUES = (1.0, 2.0, 3.0, math.inf)
 BATCH = 8
@@ -103,6 +104,16 @@ class Saved:
                 local(q.grad).copy_(v)
 
 
+def by_name(model: nn.Module, per_tensor: torch.Tensor) -> dict[str, float]:
+    """``grad_norms(model.parameters())``'s per-tensor norms by reference name: one per
+    parameter, on every rank, when each has a gradient on some rank (the layouts here)."""
+    names = [clean(n) for n, _ in model.named_parameters()]
+    values = per_tensor.tolist()
+    if len(values) != len(names):
+        return {"<rows>": float(len(values)), "<params>": float(len(names))}
+    return dict(zip(names, values, strict=True))
+
+
 def describe(value: Any) -> tuple[float | None, str]:
     """What torch returned on this rank: ``(value, type)``; a DTensor's local value."""
     if isinstance(value, _dtensor()):
@@ -128,14 +139,21 @@ def check_layout_case(
         ref_clipped = {n: g * coef for n, g in ref.items()}
         # the reference restricted to what this rank's model holds (pipeline stages)
         saved.restore()
-        measured = float(gradclip.grad_norms(params, p, **kwargs).total)
+        norms = gradclip.grad_norms(params, p, **kwargs)
+        # a clipper's per-tensor norms (max_norm=inf: nothing changes), by parameter name
+        stats = gradclip.NormClip(math.inf, p, **kwargs)(model)
         ours = gradclip.clip_grad_norm_(params, max_norm, p, **kwargs)
         got = gather()
         entry: dict[str, Any] = {
-            "case": case, "p": p, "ref": ref_total, "ours": float(ours), "measured": measured,
+            "case": case, "p": p, "ref": ref_total, "ours": float(ours),
+            "measured": float(norms.total), "clipper_total": float(stats.norm),
             "ours_type": type(ours).__name__,
             "grad_err": grad_error(got, {n: ref_clipped[n] for n in got}) if got else 0.0,
             "names": sorted(got),
+            "per_tensor": by_name(model, norms.per_tensor),
+            "clipper_per_tensor": dict(zip(map(clean, stats.names),
+                                           stats.norms.per_tensor.tolist(), strict=True)),
+            "ref_per_tensor": {n: float(torch.linalg.vector_norm(g, p)) for n, g in ref.items()},
         }
         saved.restore()
         if run_torch is True:
@@ -199,6 +217,8 @@ def fsdp1_cases(rank: int, world: int, rec: list[dict]) -> None:
     for p in P_VALUES:
         ref_total = float(tnu.get_total_norm(list(ref.values()), p))
         saved.restore()
+        whole = float(torch.linalg.vector_norm(gather_flat()["flat"], p))  # padding adds 0
+        per_tensor = gradclip.grad_norms(params, p, shard_group=dist.group.WORLD).per_tensor
         ours = gradclip.clip_grad_norm_(params, 0.5 * ref_total, p, shard_group=dist.group.WORLD)
         post = float(torch.linalg.vector_norm(gather_flat()["flat"], p))
         saved.restore()
@@ -209,7 +229,8 @@ def fsdp1_cases(rank: int, world: int, rec: list[dict]) -> None:
         saved.restore()
         rec.append({"case": "fsdp1_flat", "p": p, "ref": ref_total, "ours": float(ours),
                     "post": post, "want_post": 0.5 * ref_total, "torch": float(theirs),
-                    "torch_post": torch_post, "fsdp_method": own})
+                    "torch_post": torch_post, "fsdp_method": own,
+                    "per_tensor": per_tensor.tolist(), "whole": whole})
 
 
 def fsdp2_cases(rank: int, world: int, rec: list[dict]) -> None:
@@ -257,9 +278,12 @@ def fsdp2_cases(rank: int, world: int, rec: list[dict]) -> None:
     if rank == 1:
         model[2].bias.grad = None
     gd.check_layout(model.parameters())  # agrees: the parameters decide the collectives
+    per_tensor = by_name(model, gradclip.grad_norms(model.parameters()).per_tensor)
     total = gradclip.clip_grad_norm_(model.parameters(), math.inf)
     rec.append({"case": "dtensor_grad_missing_on_rank1", "ours": float(total),
-                "ref": float(tnu.get_total_norm(list(ref.values())))})
+                "ref": float(tnu.get_total_norm(list(ref.values()))),
+                "per_tensor": per_tensor,
+                "ref_per_tensor": {n: float(torch.linalg.vector_norm(g)) for n, g in ref.items()}})
 
 
 def tp_case(rank: int, world: int, rec: list[dict]) -> None:
@@ -349,8 +373,10 @@ def nan_case(rank: int, world: int, rec: list[dict]) -> None:
         except RuntimeError:
             torch_raised = True
         saved.restore()
+        per_tensor = by_name(model, gradclip.grad_norms(params, p).per_tensor)
         rec.append({"case": "nan_rank1", "p": p, "ours": ours, "torch": theirs,
-                    "torch_type": kind, "torch_error_if_nonfinite": torch_raised})
+                    "torch_type": kind, "torch_error_if_nonfinite": torch_raised,
+                    "per_tensor": per_tensor})
     saved.restore()
     stats = gradclip.NormClip(1.0, nonfinite="skip")(model)
     untouched = all(
@@ -430,16 +456,137 @@ def adaptive_cases(rank: int, world: int, rec: list[dict], steps: int = 50) -> N
         ref.append(float(tnu.get_total_norm([q.grad for q in model.parameters()])))
         break
     rec.append({"case": "adaptive_reference", "first_norm": ref[0]})
-    # per-tensor clippers: whole tensors under DDP; a clear error under FSDP2 shards
+    # per-tensor clippers: whole tensors under DDP; under FSDP2 shards AdaGC reads the
+    # whole tensors' norms, AGC (per row) refuses with a clear error
     for name in ("AdaGC", "AGC"):
         kwargs = {"warmup_steps": 2} if name == "AdaGC" else {"clipping": 0.05}
         out = _train("ddp", name, kwargs, rank, world, 5)
         rec.append({"case": "per_tensor_ddp", "clipper": name, **out})
         try:
-            _train("fsdp2", name, kwargs, rank, world, 1)
-            rec.append({"case": "per_tensor_fsdp2", "clipper": name, "error": None})
+            out = _train("fsdp2", name, kwargs, rank, world, 5)
+            rec.append({"case": "per_tensor_fsdp2", "clipper": name, "error": None, **out})
         except NotImplementedError as err:
             rec.append({"case": "per_tensor_fsdp2", "clipper": name, "error": str(err)})
+    model = mlp()  # plain shards (FSDP1, ZeRO): AGC refuses them too
+    loss_of(model, *data()).backward()
+    try:
+        gradclip.AGC(shard_group=dist.group.WORLD)(model)
+        rec.append({"case": "agc_shard_group", "error": None})
+    except NotImplementedError as err:
+        rec.append({"case": "agc_shard_group", "error": str(err)})
+
+
+# ---------------------------------------------------------------------------------------
+# AdaGC (per-tensor thresholds) under sharded layouts, against the single-process run
+
+
+ADAGC = {"warmup_steps": 3}
+ADAGC_STEPS = 12  # the x30 spike of step 7 comes after the warm-up
+
+
+def _layer_norms(grads: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-module 2-norms (the monitor's layers) of whole gradients by name."""
+    squares: dict[str, float] = {}
+    for n, g in grads.items():
+        layer = layer_name(n)
+        squares[layer] = squares.get(layer, 0.0) + float(torch.linalg.vector_norm(g)) ** 2
+    return {k: math.sqrt(v) for k, v in squares.items()}
+
+
+def _adagc_state(clipper: gradclip.AdaGC) -> dict[str, tuple[float, int]]:
+    """``(gamma, steps)`` by reference parameter name."""
+    entries = clipper.state_dict()["param_state"]
+    return {clean(n): (float(e["gamma"]), int(e["steps"])) for n, e in entries.items()}
+
+
+def adagc_reference(model: nn.Module, steps: int = ADAGC_STEPS) -> dict:
+    """The single-process run on the full batch: clipped gradients, pre-clip layer norms
+    and final state, step by step (AdaGC, then SGD)."""
+    clipper = gradclip.AdaGC(**ADAGC)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    clipped, layers, count = [], [], 0
+    out = model[-1].out_features
+    for step in range(steps):
+        x, y = data(step=step, out=out)
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        layers.append(_layer_norms({n: q.grad for n, q in model.named_parameters()}))
+        count += bool(clipper(model).clipped)
+        clipped.append({n: q.grad.detach().clone() for n, q in model.named_parameters()})
+        opt.step()
+    return {"clipped": clipped, "layers": layers, "state": _adagc_state(clipper), "count": count,
+            "out": out}
+
+
+def adagc_layout(
+    rec: list[dict], case: str, model: nn.Module, ref: dict, batch: Callable, *,
+    gather: Callable[[], dict[str, torch.Tensor]] | None = None, kwargs: dict | None = None,
+    monitor: bool = False, steps: int = ADAGC_STEPS,
+) -> None:
+    """AdaGC on one layout, each rank on ``batch(x, y)``: the clipped gradients (gathered
+    whole) and the state against the reference, and (``monitor``) a GradMonitor's layers."""
+    gather = gather or (lambda: full_grads(model))
+    clipper = gradclip.AdaGC(**ADAGC, **(kwargs or {}))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    records: list[dict] = []
+    mon = gradclip.GradMonitor(clipper, model, sinks=records.append, every=5) if monitor else None
+    errors, count = [], 0
+    for step in range(steps):
+        x, y = data(step=step, out=ref["out"])
+        opt.zero_grad()
+        loss_of(model, *batch(x, y)).backward()
+        stats = mon() if mon is not None else clipper(model)
+        count += bool(stats.clipped)
+        errors.append(grad_error(gather(), ref["clipped"][step]))
+        opt.step()
+    entry = {"case": "adagc", "layout": case, "grad_err": max(errors), "count": count,
+             "ref_count": ref["count"], "state": _adagc_state(clipper),
+             "ref_state": ref["state"], "bits": _state_values(clipper)}
+    if mon is not None:
+        mon.close()
+        entry["layers"] = [r["layers"] for r in records]
+        entry["ref_layers"] = ref["layers"]
+    rec.append(entry)
+
+
+def adagc_cases(rank: int, world: int, rec: list[dict]) -> None:
+    """AdaGC under FSDP2 (with a GradMonitor), tensor parallel and FSDP1 (2 ranks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (world,))
+    ref = adagc_reference(mlp())
+    split = lambda x, y: (x[rank::world], y[rank::world])  # noqa: E731
+
+    model = mlp()
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[2], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    adagc_layout(rec, "fsdp2", model, ref, split, monitor=True)
+
+    model = parallelize_module(mlp(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    adagc_layout(rec, "tp", model, ref, lambda x, y: (x, y))
+
+    model = FSDP(mlp(), device_id=torch.device("cpu"), use_orig_params=True)
+
+    def gather() -> dict[str, torch.Tensor]:
+        with FSDP.summon_full_params(model, with_grads=True):
+            return {clean(n): q.grad.clone() for n, q in model.named_parameters()}
+
+    adagc_layout(rec, "fsdp1_orig", model, ref, split, gather=gather,
+                 kwargs={"shard_group": dist.group.WORLD})
+
+    # FSDP2 with the last layer empty on rank 1: its gamma is still kept (and equal) there
+    model = mlp(1)
+    for module in (model[0], model[2], model):
+        fully_shard(module, mesh=mesh)
+    adagc_layout(rec, "fsdp2_empty", model, adagc_reference(mlp(1)), split)
 
 
 # ---------------------------------------------------------------------------------------
@@ -474,9 +621,26 @@ def bad_input_cases(rank: int, world: int, rec: list[dict]) -> None:
     b = nn.Parameter(torch.zeros(2))
     a.grad = torch.full((3,), float(rank + 1))
     b.grad = torch.full((2,), 2.0) if rank == 0 else None
+    per_tensor = {p: gradclip.grad_norms([a, b], p, shard_group=dist.group.WORLD).per_tensor.tolist()
+                  for p in (2.0, math.inf)}
     total = gradclip.clip_grad_norm_([a, b], math.inf, shard_group=dist.group.WORLD)
     want = math.sqrt(3 * 1 + 3 * 4 + 2 * 4)
-    rec.append({"case": "plain_grad_missing", "ours": float(total), "ref": want})
+    rec.append({"case": "plain_grad_missing", "ours": float(total), "ref": want,
+                "per_tensor": per_tensor[2.0], "ref_per_tensor": [math.sqrt(3 + 12), math.sqrt(8)],
+                "per_tensor_inf": per_tensor[math.inf], "ref_per_tensor_inf": [2.0, 2.0]})
+    # different parameter sets in one shard group: the per-tensor vectors would not align
+    try:
+        gd.check_layout([a, b] if rank == 0 else [a], shard_group=dist.group.WORLD)
+        rec.append({"case": "different_params", "error": None})
+    except ValueError as err:
+        rec.append({"case": "different_params", "error": str(err)})
+    # ZeRO-style partitions (each rank its own tensors): the drop-ins reduce the total only,
+    # so, as torch's, they take whatever each rank holds
+    mine = [nn.Parameter(torch.zeros(n)) for n in ((3, 2) if rank == 0 else (4,))]
+    for q in mine:
+        q.grad = torch.full_like(q, float(rank + 2))
+    total = gradclip.clip_grad_norm_(mine, 1e9, shard_group=dist.group.WORLD)
+    rec.append({"case": "zero_partitions", "ours": float(total), "ref": math.sqrt(5 * 4 + 4 * 9)})
     # norm_type 0 cannot be reduced across shards
     try:
         gradclip.clip_grad_norm_(params, 1.0, 0, shard_group=dist.group.WORLD)
@@ -494,7 +658,7 @@ def bad_input_cases(rank: int, world: int, rec: list[dict]) -> None:
 def suite_two(rank: int, world: int, rec: list[dict]) -> None:
     """Everything that runs on 2 ranks, in one launch."""
     for case in (ddp_case, fsdp1_cases, fsdp2_cases, tp_case, mixed_case, pp_case, nan_case,
-                 bad_input_cases, host_read_cases, adaptive_cases):
+                 bad_input_cases, host_read_cases, adaptive_cases, adagc_cases):
         case(rank, world, rec)
 
 
@@ -562,8 +726,38 @@ def pp_fsdp_case(rank: int, world: int, rec: list[dict]) -> None:
                       kwargs={"extra_groups": [mesh["pp"]]})
 
 
+def adagc_four_cases(rank: int, world: int, rec: list[dict]) -> None:
+    """AdaGC under FSDP2 x TP on a (dp=2, tp=2) mesh and under HSDP (4 ranks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
+                          nn.Linear(8, 3))
+    ref = adagc_reference(copy.deepcopy(model))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model[0], mesh=mesh["dp"])
+    fully_shard(model[2], mesh=mesh["dp"])
+    fully_shard(model[4], mesh=init_device_mesh("cpu", (world,)))  # another mesh
+    dp = mesh.get_local_rank("dp")
+    adagc_layout(rec, "fsdp_tp", model, ref, lambda x, y: (x[dp::2], y[dp::2]))
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = mlp()
+    for module in (model[0], model[2], model):
+        fully_shard(module, mesh=mesh)
+    adagc_layout(rec, "hsdp", model, adagc_reference(mlp()),
+                 lambda x, y: (x[rank::world], y[rank::world]))
+
+
 def suite_four(rank: int, world: int, rec: list[dict]) -> None:
-    for case in (fsdp_tp_case, hsdp_case, pp_fsdp_case):
+    for case in (fsdp_tp_case, hsdp_case, pp_fsdp_case, adagc_four_cases):
         case(rank, world, rec)
 
 
@@ -596,6 +790,7 @@ def host_read_cases(rank: int, world: int, rec: list[dict]) -> None:
     gradclip._foreach.is_host_device = lambda device: False
     try:
         clipper = gradclip.ZClip(warmup_steps=2, extra_groups=[dist.group.WORLD])
+        adagc = gradclip.AdaGC(warmup_steps=1)  # per-tensor norms and coefficients
         calls = {
             "dtensor": lambda p: gradclip.clip_grad_norm_(model.parameters(), 0.1, p),
             "shard_group": lambda p: gradclip.clip_grad_norm_(
@@ -603,6 +798,7 @@ def host_read_cases(rank: int, world: int, rec: list[dict]) -> None:
             "extra_groups": lambda p: gradclip.get_total_norm(
                 [q.grad for q in plain], p, extra_groups=[dist.group.WORLD]),
             "clipper": lambda p: clipper(model),
+            "adagc": lambda p: adagc(model),
         }
         for name, call in calls.items():
             for p in (2.0, math.inf):

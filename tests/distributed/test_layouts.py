@@ -56,19 +56,41 @@ def close(a: float, b: float, rtol: float = RTOL) -> bool:
 
 
 def assert_ours_exact(ranks: list[list[dict]], case: str) -> list[list[dict]]:
-    """gradclip: the reference norm, bit-identical on every rank, and the reference clip."""
+    """gradclip: the reference norm, bit-identical on every rank, and the reference clip;
+    the per-tensor norms of whole tensors, bit-identical on every rank holding them."""
     per_rank = records(ranks, case)
     expected = {1.0, 2.0, 3.0} | ({math.inf} if case != "fsdp2_empty_torch_p" else set())
     assert {e["p"] for e in per_rank[0]} == expected
     for entries in zip(*per_rank, strict=True):
-        values = {e["ours"] for e in entries}
-        assert len(values) == 1, f"{case} p={entries[0]['p']}: ranks disagree {values}"
+        for key in ("ours", "measured", "clipper_total"):
+            values = {e[key] for e in entries}
+            assert len(values) == 1, f"{case} p={entries[0]['p']}: ranks disagree on {key} {values}"
         for e in entries:
             assert e["ours_type"] == "Tensor"
             assert close(e["ours"], e["ref"]), f"{case} p={e['p']}: {e['ours']} != {e['ref']}"
-            assert e["measured"] == e["ours"], f"{case} p={e['p']}: grad_norms differs"
+            # grad_norms and the clippers add whole-tensor norms, the drop-ins one partial
+            # sum per group: the same total up to float32 rounding
+            assert close(e["measured"], e["ours"], 1e-6), f"{case} p={e['p']}: grad_norms differs"
+            assert close(e["clipper_total"], e["measured"], 1e-6), f"{case} p={e['p']}: a clipper's"
             assert e["grad_err"] <= GRAD_RTOL, f"{case} p={e['p']}: clipped grads off {e['grad_err']}"
+            assert_per_tensor(e, f"{case} p={e['p']}")
+        same_stage: dict[tuple, list[dict]] = {}
+        for e in entries:  # pipeline stages hold different tensors
+            same_stage.setdefault(tuple(e["names"]), []).append(e["per_tensor"])
+        for norms in same_stage.values():
+            assert all(n == norms[0] for n in norms), f"{case}: per-tensor norms differ by rank"
     return per_rank
+
+
+def assert_per_tensor(e: dict, what: str) -> None:
+    """Per-tensor norms (grad_norms and a clipper's) are those of the reference's whole
+    tensors, one for every tensor this rank's model holds (a part of, or none of)."""
+    per_tensor = e["per_tensor"]
+    assert sorted(per_tensor) == e["names"], f"{what}: rows {per_tensor}"
+    assert e["clipper_per_tensor"] == per_tensor, f"{what}: the clipper's differ"
+    for name, value in per_tensor.items():
+        want = e["ref_per_tensor"][name]
+        assert close(value, want), f"{what} {name}: {value} != {want}"
 
 
 def torch_wrong_somewhere(per_rank: list[list[dict]], p: float) -> bool:
@@ -102,6 +124,7 @@ def test_fsdp1_flat_params_with_shard_group(two):
         for e in entries:
             assert close(e["ours"], e["ref"]) and close(e["fsdp_method"], e["ref"])
             assert close(e["post"], e["want_post"], 1e-5)  # the gathered clipped shards
+            assert len(e["per_tensor"]) == 1 and close(e["per_tensor"][0], e["whole"])
     for p in cases.P_VALUES:  # torch: each rank's own shard norm (right only where the
         assert torch_wrong_somewhere(per_rank, p)  # inf norm's max happens to live)
     assert any(not close(e["torch_post"], e["want_post"], 1e-3) for r in per_rank for e in r)
@@ -129,8 +152,13 @@ def test_fsdp2_empty_local_shards(two):
 
 
 def test_dtensor_grad_missing_on_one_rank(two):
-    for (e,) in records(two, "dtensor_grad_missing_on_rank1"):
+    per_rank = records(two, "dtensor_grad_missing_on_rank1")
+    for (e,) in per_rank:
         assert close(e["ours"], e["ref"])
+        assert set(e["per_tensor"]) == set(e["ref_per_tensor"])  # 2.bias on rank 1 too
+        for name, value in e["per_tensor"].items():
+            assert close(value, e["ref_per_tensor"][name]), name
+    assert per_rank[0][0]["per_tensor"] == per_rank[1][0]["per_tensor"]
 
 
 def test_tensor_parallel(two):
@@ -159,13 +187,17 @@ def test_nan_on_one_rank(two):
     for rank in per_rank:
         for e in rank:
             assert math.isnan(e["ours"])  # NaN on every rank, also for inf (MAX drops NaN)
+            per_tensor = e["per_tensor"]  # and in the whole tensor's norm only
+            assert math.isnan(per_tensor.pop("0.weight")), e["p"]
+            assert all(math.isfinite(v) for v in per_tensor.values()), e["p"]
+    for entries in zip(*per_rank, strict=True):
+        assert entries[0]["per_tensor"] == entries[1]["per_tensor"]
     inf = [e for rank in per_rank for e in rank if math.isinf(e["p"])]
     assert any(not math.isnan(e["torch"]) for e in inf)  # torch's MAX lost it on a rank
     assert not any(e["torch_error_if_nonfinite"] for e in inf)  # and error_if_nonfinite misses it
     for (e,) in records(two, "nan_policies"):
         assert e["skipped"] and e["untouched"]  # the same skip decision on every rank
-        assert e["error"] is not None  # nonfinite="error" raises on every rank
-    assert "another rank" in records(two, "nan_policies")[0][0]["error"]
+        assert "0.weight" in e["error"]  # nonfinite="error" raises on every rank, naming it
 
 
 def test_adaptive_clippers_identical_state_on_every_rank(two):
@@ -188,9 +220,50 @@ def test_adaptive_clippers_identical_state_on_every_rank(two):
 def test_per_tensor_clippers(two):
     for entries in zip(*records(two, "per_tensor_ddp"), strict=True):
         assert entries[0]["state"] == entries[1]["state"]
-    for rank in records(two, "per_tensor_fsdp2"):
-        for e in rank:  # a clear error, never a silent per-shard decision
-            assert "split across ranks" in e["error"] and e["clipper"] in e["error"]
+    ddp = {e["clipper"]: e for e in records(two, "per_tensor_ddp")[0]}
+    per_rank = records(two, "per_tensor_fsdp2")
+    for entries in zip(*per_rank, strict=True):
+        for e in entries:
+            if e["clipper"] == "AdaGC":  # whole tensors' norms: the DDP state, on every rank
+                assert e["error"] is None and e["state"] == entries[0]["state"]
+                assert all(close(a, b, 1e-4)
+                           for a, b in zip(e["state"], ddp["AdaGC"]["state"], strict=True))
+            else:  # AGC decides per row: a clear error, never a silent per-shard decision
+                assert "split across ranks" in e["error"] and e["clipper"] in e["error"]
+    for (e,) in records(two, "agc_shard_group"):
+        assert "split across ranks" in e["error"] and "AGC" in e["error"]
+
+
+def assert_adagc(ranks: list[list[dict]], layouts: set[str]) -> None:
+    """AdaGC: the single-process run's clipped gradients and state, bit-identical state on
+    every rank."""
+    per_rank = records(ranks, "adagc")
+    assert {e["layout"] for e in per_rank[0]} == layouts
+    for entries in zip(*per_rank, strict=True):
+        for e in entries:
+            what = e["layout"]
+            assert e["grad_err"] <= 1e-5, f"{what}: clipped grads off {e['grad_err']}"
+            assert e["count"] == e["ref_count"] and e["count"] > 3, what
+            assert set(e["state"]) == set(e["ref_state"]), what
+            for name, (gamma, steps) in e["state"].items():
+                ref_gamma, ref_steps = e["ref_state"][name]
+                assert steps == ref_steps and close(gamma, ref_gamma), f"{what} {name}"
+            assert e["bits"] == entries[0]["bits"], f"{what}: state differs by rank"
+
+
+def test_adagc_matches_single_process(two):
+    assert_adagc(two, {"fsdp2", "tp", "fsdp1_orig", "fsdp2_empty"})
+
+
+def test_monitor_layers_are_whole_tensors_under_fsdp2(two):
+    per_rank = [[e for e in rank if e["layout"] == "fsdp2"] for rank in records(two, "adagc")]
+    for ((e,), other) in zip(per_rank, per_rank[::-1], strict=True):
+        assert e["layers"] == other[0]["layers"]  # the same on every rank
+        assert len(e["layers"]) == len(e["ref_layers"]) == cases.ADAGC_STEPS
+        for got, want in zip(e["layers"], e["ref_layers"], strict=True):
+            assert set(got) == set(want) == {"0", "2"}
+            for layer, value in got.items():
+                assert close(value, want[layer], 1e-5), layer
 
 
 def test_bad_input(two):
@@ -201,7 +274,13 @@ def test_bad_input(two):
         assert "rank 1 never reduces over it" in e["error"]
     for (e,) in records(two, "agree"):
         assert e["error"] is None
-    for (e,) in records(two, "plain_grad_missing"):
+    for (e,) in records(two, "plain_grad_missing"):  # per-tensor: aligned by parameter
+        assert close(e["ours"], e["ref"])
+        assert all(map(close, e["per_tensor"], e["ref_per_tensor"]))
+        assert e["per_tensor_inf"] == e["ref_per_tensor_inf"]
+    for (e,) in records(two, "different_params"):
+        assert "rank 0 all-reduces 2 tensor norm(s)" in e["error"] and "rank 1 1" in e["error"]
+    for e in (r for rank in records(two, "zero_partitions") for r in rank):
         assert close(e["ours"], e["ref"])
     for (e,) in records(two, "norm_type_0"):
         assert "norm_type" in e["error"] and "positive" in e["error"]
@@ -211,7 +290,8 @@ def test_bad_input(two):
 
 def test_no_host_reads_in_the_reduction(two):
     per_rank = records(two, "host_reads")
-    assert {e["call"] for e in per_rank[0]} == {"dtensor", "shard_group", "extra_groups", "clipper"}
+    assert {e["call"] for e in per_rank[0]} == {"dtensor", "shard_group", "extra_groups", "clipper",
+                                                "adagc"}
     for rank in per_rank:
         for e in rank:
             assert e["reads"] == [], f"{e['call']} p={e['p']}: {e['reads']}"
@@ -242,3 +322,7 @@ def test_pipeline_x_fsdp2(four):
     per_rank = assert_ours_exact(four, "pp_fsdp")
     for p in cases.P_VALUES:  # torch: a Replicate DTensor that looks global, per stage
         assert torch_wrong_somewhere(per_rank, p)
+
+
+def test_adagc_matches_single_process_on_four_ranks(four):
+    assert_adagc(four, {"fsdp_tp", "hsdp"})

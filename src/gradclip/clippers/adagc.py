@@ -79,6 +79,15 @@ class AdaGC(Clipper):
     Internally the entries of the current parameters are views into one vector each, so a
     step is a handful of vectorised operations over the per-tensor norms, with no host sync.
 
+    **Distributed training.** ``n_i`` is the norm of the whole tensor under every layout
+    (DDP, FSDP1 with ``shard_group``, FSDP2, tensor parallel, HSDP, 2-D meshes, pipeline
+    stages with ``extra_groups``): the per-tensor norms are all-reduced with the total, in
+    the same collective. Every rank therefore holds the same γ for every parameter name,
+    including the tensors of which it holds no part (an empty FSDP shard, or a gradient that
+    is None on this rank only), and scales its own shards; a sharded parameter that takes
+    gradients but has none on any rank gets an entry that stays at ``inf`` / 0, as if
+    absent. Under FSDP1 with ``use_orig_params=False`` a "tensor" is a flat parameter.
+
     Differences from the reference code, each deliberate: the official Megatron patch syncs
     the host once per parameter per step and never checkpoints γ (a resumed run warms up
     again); ``pytorch_optimizer.AdaGC`` is an AdamW with the clip inside and floors γ and
@@ -117,7 +126,6 @@ class AdaGC(Clipper):
 
     STATE_VERSION: ClassVar[int] = 1
     folds_into_fused = False  # one coefficient per tensor
-    needs_whole_tensors = True  # per-tensor norms need whole tensors: refuses FSDP/TP shards
 
     def __init__(
         self,

@@ -252,7 +252,7 @@ class AGC(Clipper):
         self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
     ) -> tuple[Tensor, Tensor]:
         work = self._work
-        if work is not None and work.norms is norms:  # measured by _measure: no second pass
+        if work is not None and work.norms.tensors is norms.tensors:  # measured in _measure
             plan, units, squares = work.plan, work.units, work.squares
         else:
             plan = self._plan(norms.tensors, self._excluded(names, params))

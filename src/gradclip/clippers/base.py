@@ -44,8 +44,13 @@ def named_grads(parameters: Parameters) -> tuple[tuple[str, ...], list[Tensor], 
     A module gives its ``named_parameters()`` names; a mapping its keys; ``(name, tensor)``
     pairs their names; plain tensors their position (``"0"``, ``"1"``, ...).
     """
+    return _with_grads(*_named_params(parameters))
+
+
+def _named_params(parameters: Parameters) -> tuple[list[str], list[Tensor]]:
+    """Every parameter and its name (see :func:`named_grads`), with a gradient or not."""
     if isinstance(parameters, torch.nn.Module):
-        pairs = list(parameters.named_parameters())
+        pairs = _foreach.named_parameters(parameters)
     elif isinstance(parameters, Mapping):
         pairs = list(parameters.items())
     else:
@@ -54,10 +59,15 @@ def named_grads(parameters: Parameters) -> tuple[tuple[str, ...], list[Tensor], 
             pairs = [(str(n), t) for n, t in items]
         else:
             pairs = list(zip(map(str, range(len(items))), items, strict=True))
-    tensors = _as_tensor_list([t for _, t in pairs], "parameters")
+    return [n for n, _ in pairs], _as_tensor_list([t for _, t in pairs], "parameters")
+
+
+def _with_grads(
+    all_names: list[str], all_params: list[Tensor]
+) -> tuple[tuple[str, ...], list[Tensor], list[Tensor]]:
     seen: set[int] = set()
     names, params, grads = [], [], []
-    for (name, _), param in zip(pairs, tensors, strict=True):
+    for name, param in zip(all_names, all_params, strict=True):
         grad = param.grad
         if grad is not None and id(grad) not in seen:
             seen.add(id(grad))
@@ -104,9 +114,10 @@ class Clipper:
     0-dim or small device tensors, updated with ``torch.where`` so that no value is read on
     the host and a non-finite step never changes them.
 
-    Under ``torch.distributed`` the clipper reads the global norm (see
-    :mod:`gradclip.distributed`): its state and decisions are identical on every rank, and
-    each rank scales its local shards.
+    Under ``torch.distributed`` the clipper reads global norms (see
+    :mod:`gradclip.distributed`): the total of the whole model and, for tensors split across
+    ranks (FSDP, TP), the norm of each whole tensor. Its state and decisions are identical on
+    every rank, and each rank scales its local shards.
 
     Args:
         norm_type: p of the norms the clipper measures (default 2).
@@ -120,8 +131,8 @@ class Clipper:
 
     STATE_VERSION: ClassVar[int] = 1
     folds_into_fused: ClassVar[bool] = True  # one global coefficient: foldable into grad_scale
-    # Decides per tensor or per row: refuses gradients split across ranks (their local norms
-    # are not the tensors' norms), see distributed.plan.
+    # Decides per row of a tensor (AGC): refuses gradients split across ranks, since only
+    # whole tensors' norms are reduced across ranks, not rows' (see distributed.plan).
     needs_whole_tensors: ClassVar[bool] = False
 
     def __init__(
@@ -316,21 +327,28 @@ class Clipper:
         self, parameters: Parameters, fused: torch.optim.Optimizer | None
     ) -> ClipStats:
         layout = None
-        names, params, grads = named_grads(parameters)
+        all_names, all_params = _named_params(parameters)
+        names, params, grads = _with_grads(all_names, all_params)
+        rows = names, params
         if distributed.applies(self.shard_group, self.extra_groups):
-            module_params = (
-                list(parameters.parameters()) if isinstance(parameters, torch.nn.Module) else ()
-            )
             layout = distributed.plan(
                 grads, shard_group=self.shard_group, extra_groups=self.extra_groups,
-                params=module_params,
+                params=all_params, per_tensor=True,
                 whole_tensors=type(self).__name__ if self.needs_whole_tensors else None,
             )
+            # what the reduced norms are parallel to: under sharding, every sharded tensor
+            # (the same names on every rank), whichever of them this rank holds part of
+            rows = tuple(layout.rows_of(names, all_names)), layout.rows_of(params, all_params)
             names, params, grads = tuple(layout.select(names)), layout.select(params), layout.local
         with torch.no_grad():
-            measured = self._measure(names, params, grads)
-            if layout is not None:
-                measured = layout.reduce(measured)
+            if layout is not None and not grads:  # no local part, but in the collectives
+                measured = layout.reduce(distributed.nothing_measured(
+                    self.norm_type, [p.grad for p in all_params if p.grad is not None], all_params))
+            else:
+                measured = self._measure(names, params, grads)
+                if layout is not None:
+                    measured = layout.reduce(measured)
+            names, params = rows
             total = measured.total
             if not grads and (layout is None or not layout.communicates):
                 one = torch.ones(())
@@ -349,7 +367,7 @@ class Clipper:
                 skipped = torch.zeros_like(finite)
             if coef.dim() == 0:
                 post_norm = total * coef
-            elif layout is not None:  # pipeline stages: the post-clip norm of every stage
+            elif layout is not None:  # the post-clip norm of every shard and stage
                 post_norm = layout.total(measured.per_tensor * coef, self.norm_type)
             else:
                 post_norm = torch.linalg.vector_norm(measured.per_tensor * coef, self.norm_type)
