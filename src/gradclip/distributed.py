@@ -78,6 +78,9 @@ __all__ = [
     "local_tensors",
     "nothing_measured",
     "plan",
+    "row_groups",
+    "schedule",
+    "sum_over",
 ]
 
 GroupLike = Union["ProcessGroup", "DeviceMesh"]
@@ -499,8 +502,8 @@ def plan(
         params: the parameters these gradients belong to, the same list on every rank (a
             sharded parameter whose gradient is ``None`` on this rank still takes part in
             its groups' collectives, with 0, so every rank issues the same collectives).
-        whole_tensors: the name of a clipper that decides per row of a tensor: raise if any
-            tensor is split across ranks, since no rank holds a whole row.
+        whole_tensors: the name of a clipper that decides per row of a tensor (AGC): raise
+            for plain shards (``shard_group``), whose rows cannot be told apart.
         per_tensor: reduce each split tensor's norm, not only the total: one value per tensor
             in the all-reduce. The per-tensor vector is aligned by ``params`` (or by
             ``tensors`` when none are given), which must then be the same on every rank.
@@ -565,13 +568,13 @@ def plan(
             members.setdefault(id(group), (group, []))[1].append(s)
     schedule = sorted(members.values(), key=lambda item: _order_key(item[0], mesh_keys))
     sharded = bool(slot_keys or shard)
-    if whole_tensors is not None and sharded:
+    if whole_tensors is not None and shard:
         raise NotImplementedError(
-            f"{whole_tensors} decides per tensor (or per row of a tensor), but these gradients "
-            "are split across ranks (DTensor shards under FSDP2/TP, or `shard_group` under "
-            f"FSDP1/ZeRO), so no rank holds a whole tensor's norm. Use {whole_tensors} with "
-            "DDP or pipeline stages (`extra_groups`), or a global-norm clipper (NormClip, "
-            "AutoClip, ZClip, AdaptiveClip), which is exact under every layout."
+            f"{whole_tensors} decides per row of a tensor, but with `shard_group` the plain "
+            "gradients are flat shards (FSDP1, ZeRO) whose rows no rank can tell apart. Use "
+            f"{whole_tensors} with DDP, FSDP2 / tensor parallel (DTensor parameters), or "
+            "pipeline stages (`extra_groups`); or a clipper that works on flat shards (NormClip, "
+            "AutoClip, ZClip, AdaptiveClip, AdaGC)."
         )
     return Reduction(local, kept, slot, schedule, extra, rows, row_of, slot_rows, row_tensors,
                      sharded, mesh_keys, len(slot_keys))
@@ -634,6 +637,62 @@ def _default_device(tensors: Sequence[Tensor], params: Iterable[Tensor]) -> torc
     for q in params:
         return q.device
     return None
+
+
+Schedule = list[tuple["ProcessGroup", Tensor | None]]
+"""What :func:`sum_over` runs: per process group, in the global order, the entries to sum
+over it (an index tensor, or None for all of them)."""
+
+
+def row_groups(param: Tensor, whole: bool, order: dict[int, tuple]) -> tuple[tuple, tuple]:
+    """For a clipper that decides per row along dim 0 (AGC): ``(split, spread)``, the process
+    groups over which each row of ``param`` is cut in pieces (their sums must be added) and
+    those over which its rows are dealt out (each rank holds other rows). ``whole``: the
+    tensor is one unit (0-/1-D, or excluded), cut by every shard. A plain tensor: neither.
+    Records each group's order key in ``order`` (see :func:`schedule`)."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(param, dtensor):
+        return (), ()
+    mesh = param.device_mesh
+    split, spread = [], []
+    for i, placement in enumerate(param.placements):
+        if placement.is_replicate():  # Shard and _StridedShard (whose is_shard() is False)
+            continue
+        group = mesh.get_group(i)
+        key = _mesh_key(mesh, i)
+        if id(group) not in order or key < order[id(group)]:
+            order[id(group)] = key
+        rows = not whole and placement.dim % param.dim() == 0
+        (spread if rows else split).append(group)
+    return tuple(split), tuple(spread)
+
+
+def schedule(
+    keys: Sequence[tuple], entries: Sequence[Sequence[int]], n: int, device: torch.device,
+    order: dict[int, tuple],
+) -> Schedule:
+    """The :func:`sum_over` schedule of ``n`` entries: ``entries[k]`` are summed over each
+    process group of ``keys[k]``. Groups are visited in the global order of
+    ``_order_key``, the same on every rank, so no two ranks wait on each other in a cycle."""
+    members: dict[int, tuple[ProcessGroup, list[int]]] = {}
+    for key, positions in zip(keys, entries, strict=True):
+        for group in key:
+            members.setdefault(id(group), (group, []))[1].extend(positions)
+    out: Schedule = []
+    for group, positions in sorted(members.values(), key=lambda m: _order_key(m[0], order)):
+        index = None if len(positions) == n else torch.tensor(sorted(positions), device=device)
+        out.append((group, index))
+    return out
+
+
+def sum_over(values: Tensor, plan: Schedule) -> Tensor:
+    """``values`` (entries along dim 0) with each entry summed over its groups (a new tensor)."""
+    for group, index in plan:
+        if index is None:
+            values = _all_reduce(values, False, group)
+        else:
+            values = values.index_copy(0, index, _all_reduce(values[index], False, group))
+    return values
 
 
 def local_tensors(tensors: list[Tensor]) -> list[Tensor]:

@@ -499,10 +499,14 @@ def _adagc_state(clipper: gradclip.AdaGC) -> dict[str, tuple[float, int]]:
     return {clean(n): (float(e["gamma"]), int(e["steps"])) for n, e in entries.items()}
 
 
-def adagc_reference(model: nn.Module, steps: int = ADAGC_STEPS) -> dict:
+def _adagc(**kwargs: Any) -> gradclip.Clipper:
+    return gradclip.AdaGC(**ADAGC, **kwargs)
+
+
+def adagc_reference(model: nn.Module, steps: int = ADAGC_STEPS, make: Callable = _adagc) -> dict:
     """The single-process run on the full batch: clipped gradients, pre-clip layer norms
-    and final state, step by step (AdaGC, then SGD)."""
-    clipper = gradclip.AdaGC(**ADAGC)
+    and final state, step by step (the clipper ``make()``, AdaGC by default, then SGD)."""
+    clipper = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     clipped, layers, count = [], [], 0
     out = model[-1].out_features
@@ -521,12 +525,13 @@ def adagc_reference(model: nn.Module, steps: int = ADAGC_STEPS) -> dict:
 def adagc_layout(
     rec: list[dict], case: str, model: nn.Module, ref: dict, batch: Callable, *,
     gather: Callable[[], dict[str, torch.Tensor]] | None = None, kwargs: dict | None = None,
-    monitor: bool = False, steps: int = ADAGC_STEPS,
+    monitor: bool = False, steps: int = ADAGC_STEPS, make: Callable = _adagc, tag: str = "adagc",
 ) -> None:
-    """AdaGC on one layout, each rank on ``batch(x, y)``: the clipped gradients (gathered
-    whole) and the state against the reference, and (``monitor``) a GradMonitor's layers."""
+    """A clipper (``make(**kwargs)``, AdaGC by default) on one layout, each rank on
+    ``batch(x, y)``: the clipped gradients (gathered whole) and the state against the
+    reference, and (``monitor``) a GradMonitor's layers. Recorded as case ``tag``."""
     gather = gather or (lambda: full_grads(model))
-    clipper = gradclip.AdaGC(**ADAGC, **(kwargs or {}))
+    clipper = make(**(kwargs or {}))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     records: list[dict] = []
     mon = gradclip.GradMonitor(clipper, model, sinks=records.append, every=5) if monitor else None
@@ -539,7 +544,7 @@ def adagc_layout(
         count += bool(stats.clipped)
         errors.append(grad_error(gather(), ref["clipped"][step]))
         opt.step()
-    entry = {"case": "adagc", "layout": case, "grad_err": max(errors), "count": count,
+    entry = {"case": tag, "layout": case, "grad_err": max(errors), "count": count,
              "ref_count": ref["count"], "state": _adagc_state(clipper),
              "ref_state": ref["state"], "bits": _state_values(clipper)}
     if mon is not None:
@@ -587,6 +592,42 @@ def adagc_cases(rank: int, world: int, rec: list[dict]) -> None:
     for module in (model[0], model[2], model):
         fully_shard(module, mesh=mesh)
     adagc_layout(rec, "fsdp2_empty", model, adagc_reference(mlp(1)), split)
+
+
+def _agc(**kwargs: Any) -> gradclip.Clipper:
+    return gradclip.AGC(**{"clipping": 0.05, **kwargs})
+
+
+def agc_cases(rank: int, world: int, rec: list[dict]) -> None:
+    """AGC (per row) under FSDP2, with an empty shard, and tensor parallel (2 ranks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (world,))
+    split = lambda x, y: (x[rank::world], y[rank::world])  # noqa: E731
+    # rows dealt out (Shard(0) weights), biases cut in pieces; the head excluded (LAST_LINEAR)
+    model = mlp()
+    for module in (model[0], model[2], model):
+        fully_shard(module, mesh=mesh)
+    adagc_layout(rec, "fsdp2", model, adagc_reference(mlp(), make=_agc), split, make=_agc,
+                 tag="agc")
+    # every parameter clipped; the last layer's single row lives on rank 0 only
+    everything = {"exclude": None}
+    model = mlp(1)
+    for module in (model[0], model[2], model):
+        fully_shard(module, mesh=mesh)
+    ref = adagc_reference(mlp(1), make=lambda: _agc(**everything))
+    adagc_layout(rec, "fsdp2_empty", model, ref, split, make=_agc, kwargs=everything, tag="agc")
+    # column-parallel rows (Shard(0)) and row-parallel rows cut in pieces (Shard(1))
+    model = parallelize_module(mlp(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    ref = adagc_reference(mlp(), make=lambda: _agc(**everything))
+    adagc_layout(rec, "tp", model, ref, lambda x, y: (x, y), make=_agc, kwargs=everything,
+                 tag="agc")
 
 
 # ---------------------------------------------------------------------------------------
@@ -658,7 +699,7 @@ def bad_input_cases(rank: int, world: int, rec: list[dict]) -> None:
 def suite_two(rank: int, world: int, rec: list[dict]) -> None:
     """Everything that runs on 2 ranks, in one launch."""
     for case in (ddp_case, fsdp1_cases, fsdp2_cases, tp_case, mixed_case, pp_case, nan_case,
-                 bad_input_cases, host_read_cases, adaptive_cases, adagc_cases):
+                 bad_input_cases, host_read_cases, adaptive_cases, adagc_cases, agc_cases):
         case(rank, world, rec)
 
 
@@ -747,6 +788,18 @@ def adagc_four_cases(rank: int, world: int, rec: list[dict]) -> None:
     fully_shard(model[4], mesh=init_device_mesh("cpu", (world,)))  # another mesh
     dp = mesh.get_local_rank("dp")
     adagc_layout(rec, "fsdp_tp", model, ref, lambda x, y: (x[dp::2], y[dp::2]))
+    # AGC on the same layout, every parameter: rows dealt out over dp (and tp), cut over tp
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
+                          nn.Linear(8, 3))
+    everything = {"exclude": None}
+    ref = adagc_reference(copy.deepcopy(model), make=lambda: _agc(**everything))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model[0], mesh=mesh["dp"])
+    fully_shard(model[2], mesh=mesh["dp"])
+    fully_shard(model[4], mesh=init_device_mesh("cpu", (world,)))
+    adagc_layout(rec, "fsdp_tp", model, ref, lambda x, y: (x[dp::2], y[dp::2]), make=_agc,
+                 kwargs=everything, tag="agc")
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     model = mlp()
@@ -791,6 +844,7 @@ def host_read_cases(rank: int, world: int, rec: list[dict]) -> None:
     try:
         clipper = gradclip.ZClip(warmup_steps=2, extra_groups=[dist.group.WORLD])
         adagc = gradclip.AdaGC(warmup_steps=1)  # per-tensor norms and coefficients
+        agc = gradclip.AGC(0.05, exclude=None)  # rows cut in pieces (biases) and dealt out
         calls = {
             "dtensor": lambda p: gradclip.clip_grad_norm_(model.parameters(), 0.1, p),
             "shard_group": lambda p: gradclip.clip_grad_norm_(
@@ -799,6 +853,7 @@ def host_read_cases(rank: int, world: int, rec: list[dict]) -> None:
                 [q.grad for q in plain], p, extra_groups=[dist.group.WORLD]),
             "clipper": lambda p: clipper(model),
             "adagc": lambda p: adagc(model),
+            "agc": lambda p: agc(model),
         }
         for name, call in calls.items():
             for p in (2.0, math.inf):

@@ -224,20 +224,22 @@ def test_per_tensor_clippers(two):
     per_rank = records(two, "per_tensor_fsdp2")
     for entries in zip(*per_rank, strict=True):
         for e in entries:
-            if e["clipper"] == "AdaGC":  # whole tensors' norms: the DDP state, on every rank
-                assert e["error"] is None and e["state"] == entries[0]["state"]
-                assert all(close(a, b, 1e-4)
-                           for a, b in zip(e["state"], ddp["AdaGC"]["state"], strict=True))
-            else:  # AGC decides per row: a clear error, never a silent per-shard decision
-                assert "split across ranks" in e["error"] and e["clipper"] in e["error"]
-    for (e,) in records(two, "agc_shard_group"):
-        assert "split across ranks" in e["error"] and "AGC" in e["error"]
+            # whole tensors' (AdaGC) and whole rows' (AGC) norms: the DDP run, on every rank
+            name = e["clipper"]
+            assert e["error"] is None and e["state"] == entries[0]["state"], name
+            assert all(close(a, b, 1e-4)
+                       for a, b in zip(e["state"], ddp[name]["state"], strict=True)), name
+            assert all(close(a, b, 1e-5)
+                       for a, b in zip(e["norms"], ddp[name]["norms"], strict=True)), name
+            assert e["clipped"] == ddp[name]["clipped"], name
+    for (e,) in records(two, "agc_shard_group"):  # flat shards: rows cannot be told apart
+        assert "shard_group" in e["error"] and "AGC" in e["error"] and "flat" in e["error"]
 
 
-def assert_adagc(ranks: list[list[dict]], layouts: set[str]) -> None:
-    """AdaGC: the single-process run's clipped gradients and state, bit-identical state on
-    every rank."""
-    per_rank = records(ranks, "adagc")
+def assert_adagc(ranks: list[list[dict]], layouts: set[str], tag: str = "adagc") -> None:
+    """AdaGC (or the clipper of ``tag``): the single-process run's clipped gradients and
+    state, bit-identical state on every rank."""
+    per_rank = records(ranks, tag)
     assert {e["layout"] for e in per_rank[0]} == layouts
     for entries in zip(*per_rank, strict=True):
         for e in entries:
@@ -253,6 +255,10 @@ def assert_adagc(ranks: list[list[dict]], layouts: set[str]) -> None:
 
 def test_adagc_matches_single_process(two):
     assert_adagc(two, {"fsdp2", "tp", "fsdp1_orig", "fsdp2_empty"})
+
+
+def test_agc_matches_single_process(two):
+    assert_adagc(two, {"fsdp2", "fsdp2_empty", "tp"}, "agc")
 
 
 def test_monitor_layers_are_whole_tensors_under_fsdp2(two):
@@ -291,7 +297,7 @@ def test_bad_input(two):
 def test_no_host_reads_in_the_reduction(two):
     per_rank = records(two, "host_reads")
     assert {e["call"] for e in per_rank[0]} == {"dtensor", "shard_group", "extra_groups", "clipper",
-                                                "adagc"}
+                                                "adagc", "agc"}
     for rank in per_rank:
         for e in rank:
             assert e["reads"] == [], f"{e['call']} p={e['p']}: {e['reads']}"
@@ -326,3 +332,7 @@ def test_pipeline_x_fsdp2(four):
 
 def test_adagc_matches_single_process_on_four_ranks(four):
     assert_adagc(four, {"fsdp_tp", "hsdp"})
+
+
+def test_agc_matches_single_process_on_four_ranks(four):
+    assert_adagc(four, {"fsdp_tp"}, "agc")

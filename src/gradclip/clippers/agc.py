@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Final
 import torch
 from torch import Tensor
 
-from gradclip import _foreach
+from gradclip import _foreach, distributed
 from gradclip.clippers.base import Clipper, Parameters, check_real
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import SMALL_NUMEL, GradNorms, accumulation_dtype, empty_norms
@@ -113,6 +113,15 @@ class AGC(Clipper):
     norms, without another pass. AGC keeps no statistics: its state is the base counters
     (``steps``, ``nonfinite_steps``, int64, 0-dim).
 
+    **Distributed training.** Under DDP and pipeline stages each rank holds whole rows. With
+    DTensor parameters (FSDP2 ``fully_shard``, tensor parallel, 2-D meshes, HSDP) a rank
+    holds some rows (``Shard(0)``) or pieces of every row (``Shard(1)``, a sharded bias or
+    gain, which is one unit): the squared norms of the pieces of each gradient and weight
+    row are summed over the groups that cut it (one all-reduce per group), and the
+    per-tensor sums behind ``stats`` over the groups that deal rows out (another). Every
+    rank then clips its own rows with the single-process coefficients; no host sync. Under
+    these layouts AGC reads each gradient twice (once for the totals, once for its rows).
+
     Args:
         clipping: λ > 0, the largest allowed ratio ‖G_i‖ / max(‖W_i‖, eps) (default 0.01,
             the paper's for SGD at large batch; ``inf`` disables clipping).
@@ -121,8 +130,10 @@ class AGC(Clipper):
         exclude: which parameters are never clipped (default ``LAST_LINEAR``; see above).
         nonfinite: ``"propagate"`` (a NaN stays NaN; an infinite unit norm gives coefficient
             0, as torch's ``clip_grad_norm_``), ``"error"`` or ``"skip"``.
-        shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
-            stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        shard_group, extra_groups: distributed training (pipeline stages with
+            ``extra_groups``); see :class:`~gradclip.Clipper` and the README, "Distributed
+            training". ``shard_group`` (flat FSDP1/ZeRO shards) raises ``NotImplementedError``:
+            a flat shard's rows cannot be told apart.
 
     Example:
         >>> import torch
@@ -141,7 +152,7 @@ class AGC(Clipper):
     """
 
     folds_into_fused = False  # one coefficient per unit, not one global scale
-    needs_whole_tensors = True  # unit norms need whole rows: refuses FSDP/TP shards
+    needs_whole_tensors = True  # rows of flat shards (shard_group) are unknowable: refused
 
     def __init__(
         self,
@@ -158,6 +169,7 @@ class AGC(Clipper):
         self.exclude: ExcludeRule = _check_exclude(exclude)
         self._patterns = _patterns(self.exclude)
         self._plans: OrderedDict[tuple, _UnitPlan] = OrderedDict()
+        self._shard_schedules: OrderedDict[tuple, tuple] = OrderedDict()
         self._pattern_cache: OrderedDict[tuple[str, ...], tuple[bool, ...]] = OrderedDict()
         self._head_ids: frozenset[int] = frozenset()
         self._warned = False
@@ -252,13 +264,22 @@ class AGC(Clipper):
         self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
     ) -> tuple[Tensor, Tensor]:
         work = self._work
+        spread: distributed.Schedule = []
         if work is not None and work.norms.tensors is norms.tensors:  # measured in _measure
-            plan, units, squares = work.plan, work.units, work.squares
-        else:
-            plan = self._plan(norms.tensors, self._excluded(names, params))
-            units = plan.unit_norms(norms.tensors, norms.per_tensor.device)
+            plan, grads, units, squares = work.plan, norms.tensors, work.units, work.squares
+            weights = plan.unit_norms(params, units.device, included_only=True)
+        else:  # the rows of a sharded layout (FSDP2, TP): rows cut in pieces or dealt out
+            grads, local_params = _local_parts(norms.tensors, params, names)
+            plan = self._plan(grads, self._excluded(names, params))
+            device = norms.per_tensor.device
+            units = plan.unit_norms(grads, device)
+            weights = plan.unit_norms(local_params, device, included_only=True)
+            split, spread = self._schedules(plan, params, device)
+            if split:  # a row's pieces: add their squares (gradient and weight in one vector)
+                n = len(weights)
+                both = distributed.sum_over(torch.cat([units[:n], weights]).square(), split).sqrt()
+                units, weights = torch.cat([both[:n], units[n:]]), both[n:]
             squares = plan.per_tensor_sums(units.double().square())
-        weights = plan.unit_norms(params, units.device, included_only=True)
         max_norm = weights.clamp_min(self.eps).mul_(self.clipping)
         if plan.excluded_units:
             max_norm = torch.cat([max_norm, max_norm.new_full((plan.excluded_units,), math.inf)])
@@ -267,16 +288,53 @@ class AGC(Clipper):
         if self.nonfinite == "skip":
             unit_coef = torch.where(torch.isfinite(norms.total), unit_coef, 1.0)
         clipped_units = unit_coef < 1
-        # Two 1-D sums, not one (units x 3) matrix: a fresh ~1 MB-per-column float64 matrix
-        # cost ~10 ms per call on GPT-2 (page faults of the new allocation), the sums ~1 ms.
+        # Per-tensor 1-D sums, not one (units x 3) matrix: a fresh ~1 MB-per-column float64
+        # matrix cost ~10 ms per call on GPT-2 (page faults of the new allocation), sums ~1 ms.
         post = plan.per_tensor_sums(torch.where(clipped_units, max_norm, units).double().square())
-        any_clipped = plan.per_tensor_sums(clipped_units.float()) > 0
+        count = plan.per_tensor_sums(clipped_units.double())
+        any_clipped = count > 0  # on this rank: what _scale must touch
+        if spread:  # rows dealt out over ranks: the whole tensor's sums, same on every rank
+            squares, post, count = distributed.sum_over(
+                torch.stack([squares, post, count], 1), spread).unbind(1)
         effective = torch.where(
-            any_clipped, (post.sqrt() / squares.sqrt().clamp_min(1e-300)), 1.0
+            count > 0, (post.sqrt() / squares.sqrt().clamp_min(1e-300)), 1.0
         ).to(norms.per_tensor.dtype)
-        self._work = _Work(norms, plan, units, squares, unit_coef, any_clipped)
+        self._work = _Work(norms, plan, units, squares, grads, unit_coef, any_clipped)
         threshold = torch.full((), self.clipping, dtype=norms.total.dtype, device=units.device)
         return threshold, effective
+
+    def _schedules(
+        self, plan: _UnitPlan, params: list[Tensor], device: torch.device
+    ) -> tuple[distributed.Schedule, distributed.Schedule]:
+        """How to sum, over ranks, the units cut in pieces and the sums of tensors whose rows
+        are dealt out (cached per plan and parameter layout)."""
+        included = [plan.order[j] for j in range(plan.included)]
+        key = (id(plan), device, tuple(_layout_of(params[i]) for i in included))
+        cached = self._shard_schedules.get(key)
+        if cached is not None:
+            return cached
+        order: dict[int, tuple] = {}
+        n = sum(plan.counts[: plan.included])
+        split_keys, split_entries, spread_keys, spread_entries = [], [], [], []
+        start = 0
+        for j, i in enumerate(included):
+            split, spread = distributed.row_groups(params[i], plan.coef_shapes[j] == (), order)
+            units = range(start, start + plan.counts[j])
+            start += plan.counts[j]
+            if split:
+                split_keys.append(split)
+                split_entries.append([*units, *(u + n for u in units)])
+            if spread:
+                spread_keys.append(spread)
+                spread_entries.append([i])
+        cached = (
+            distributed.schedule(split_keys, split_entries, 2 * n, device, order),
+            distributed.schedule(spread_keys, spread_entries, len(plan.order), device, order),
+        )
+        self._shard_schedules[key] = cached
+        while len(self._shard_schedules) > _PLAN_CACHE_SIZE:
+            self._shard_schedules.popitem(last=False)
+        return cached
 
     def _scale(self, measured: GradNorms, coef: Tensor) -> None:
         work = self._work
@@ -289,7 +347,7 @@ class AGC(Clipper):
             positions = [j for j in positions if touched[plan.order[j]]]
             if not positions:
                 return
-        grads = measured.tensors
+        grads = work.grads
         by_key: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, Tensor]]] = {}
         pieces: dict[tuple[torch.device, torch.dtype], tuple[Tensor, ...]] = {}
         for j in positions:
@@ -335,8 +393,9 @@ class _Work:
     plan: _UnitPlan
     units: Tensor
     squares: Tensor  # per tensor (base order): the sum of its squared unit norms, float64
+    grads: list[Tensor] | None = None  # what the plan measured (base order)
     unit_coef: Tensor | None = None
-    any_clipped: Tensor | None = None
+    any_clipped: Tensor | None = None  # per tensor: a unit of this rank's part clipped
 
 
 @dataclass
@@ -473,6 +532,33 @@ def _unit_norms(t: Tensor, whole: bool) -> Tensor:
     return torch.linalg.vector_norm(
         t, dim=tuple(range(1, t.dim())), dtype=torch.float32 if low else None
     )
+
+
+def _local_parts(
+    tensors: list[Tensor], params: list[Tensor], names: tuple[str, ...]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """This rank's part of each gradient and parameter, rows matched: a gradient it holds no
+    part of (None here, a part elsewhere) becomes zeros shaped like its parameter's part."""
+    weights = distributed.local_tensors(list(params))
+    grads = []
+    for grad, weight, param, name in zip(tensors, weights, params, names, strict=True):
+        if grad.shape != weight.shape:
+            if param.grad is not None:
+                raise NotImplementedError(
+                    f"AGC: on this rank the gradient of {name!r} is laid out as "
+                    f"{tuple(grad.shape)} and its parameter as {tuple(weight.shape)}, so their "
+                    "rows cannot be matched; give the gradient the parameter's placements, or "
+                    "exclude it (AGC(exclude=...))"
+                )
+            grad = weight.new_zeros(weight.shape)
+        grads.append(grad)
+    return grads, weights
+
+
+def _layout_of(param: Tensor) -> tuple | None:
+    """What decides a parameter's row groups: its mesh and placements (None: a plain tensor)."""
+    mesh = getattr(param, "device_mesh", None)
+    return None if mesh is None else (id(mesh), tuple(param.placements))
 
 
 def _coef_as(coef: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -131,8 +131,8 @@ class Clipper:
 
     STATE_VERSION: ClassVar[int] = 1
     folds_into_fused: ClassVar[bool] = True  # one global coefficient: foldable into grad_scale
-    # Decides per row of a tensor (AGC): refuses gradients split across ranks, since only
-    # whole tensors' norms are reduced across ranks, not rows' (see distributed.plan).
+    # Decides per row of a tensor (AGC): refuses flat shards (`shard_group`: FSDP1, ZeRO),
+    # whose rows no rank can tell apart (see distributed.plan); DTensor rows are fine.
     needs_whole_tensors: ClassVar[bool] = False
 
     def __init__(
