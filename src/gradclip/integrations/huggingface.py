@@ -49,7 +49,9 @@ _STATE_VERSION = 1
 _UNSUPPORTED = {
     "DEEPSPEED": "DeepSpeed clips inside its engine: set `gradient_clipping` in the DeepSpeed "
     "config (TrainingArguments(max_grad_norm=...)) instead",
-    "FSDP": "the gradients are sharded, so a clipper would see one shard's norm; use DDP, or "
+    "FSDP": "this integration is tested with single-device and DDP training only (the "
+    "clippers themselves are exact on FSDP shards: FSDP2 DTensors as they are, FSDP1 with "
+    "`shard_group=...`; call `clipper(model)` yourself after the backward pass); use DDP, or "
     "the Trainer's own max_grad_norm",
     "MEGATRON_LM": "Megatron-LM clips inside its own optimizer; use its clip_grad setting",
     "XLA": "XLA is not supported",

@@ -42,10 +42,13 @@ _STATE_VERSION = 1
 _UNSUPPORTED = {
     "DeepSpeedStrategy": "DeepSpeed clips inside its engine: set `gradient_clipping` in the "
     "DeepSpeed config (or Trainer(gradient_clip_val=...)) instead of this callback",
-    "FSDPStrategy": "the gradients are sharded, so a clipper would see one shard's norm; use "
-    "strategy='ddp', or Trainer(gradient_clip_val=...) without this callback",
-    "ModelParallelStrategy": "the gradients are sharded DTensors, so a clipper would see one "
-    "shard's norm; use strategy='ddp'",
+    "FSDPStrategy": "the callback is tested with single-device and DDP training only; the "
+    "clippers themselves are exact on FSDP1 shards when told the shard group: call "
+    "`clipper(self, ...)` built with `shard_group=...` from configure_gradient_clipping, or use "
+    "strategy='ddp'",
+    "ModelParallelStrategy": "the callback is tested with single-device and DDP training only; "
+    "the clippers themselves are exact on FSDP2/TP DTensor gradients: call `clipper(self)` from "
+    "configure_gradient_clipping, or use strategy='ddp'",
     "XLAStrategy": "gradients are reduced after on_before_optimizer_step, so a clipper would see "
     "local gradients",
     "SingleDeviceXLAStrategy": "XLA is not supported",
