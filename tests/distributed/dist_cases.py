@@ -616,6 +616,22 @@ def agc_cases(rank: int, world: int, rec: list[dict]) -> None:
         fully_shard(module, mesh=mesh)
     adagc_layout(rec, "fsdp2", model, adagc_reference(mlp(), make=_agc), split, make=_agc,
                  tag="agc")
+    # one pass over the gradients: the rows' norms come from the measuring pass
+    from gradclip.clippers import agc as agc_module
+
+    passes = []
+    original = agc_module._UnitPlan.unit_norms
+    agc_module._UnitPlan.unit_norms = lambda plan, tensors, *a, **k: (  # type: ignore[method-assign]
+        passes.append({t.data_ptr() for t in tensors}) or original(plan, tensors, *a, **k))
+    try:
+        model.zero_grad()
+        loss_of(model, *split(*data())).backward()
+        grads = {q.grad.to_local().data_ptr() for q in model.parameters()}
+        _agc()(model)
+    finally:
+        agc_module._UnitPlan.unit_norms = original  # type: ignore[method-assign]
+    rec.append({"case": "agc_passes", "grad_passes": sum(bool(ptrs & grads) for ptrs in passes),
+                "passes": len(passes)})
     # every parameter clipped; the last layer's single row lives on rank 0 only
     everything = {"exclude": None}
     model = mlp(1)

@@ -259,6 +259,8 @@ def test_adagc_matches_single_process(two):
 
 def test_agc_matches_single_process(two):
     assert_adagc(two, {"fsdp2", "fsdp2_empty", "tp"}, "agc")
+    for (e,) in records(two, "agc_passes"):  # gradients once (rows), weights once
+        assert (e["grad_passes"], e["passes"]) == (1, 2), e
 
 
 def test_monitor_layers_are_whole_tensors_under_fsdp2(two):

@@ -119,8 +119,8 @@ class AGC(Clipper):
     gain, which is one unit): the squared norms of the pieces of each gradient and weight
     row are summed over the groups that cut it (one all-reduce per group), and the
     per-tensor sums behind ``stats`` over the groups that deal rows out (another). Every
-    rank then clips its own rows with the single-process coefficients; no host sync. Under
-    these layouts AGC reads each gradient twice (once for the totals, once for its rows).
+    rank then clips its own rows with the single-process coefficients; no host sync. A rank
+    whose part of some gradient is empty (fewer rows than ranks) reads its gradients twice.
 
     Args:
         clipping: λ > 0, the largest allowed ratio ‖G_i‖ / max(‖W_i‖, eps) (default 0.01,
@@ -270,9 +270,12 @@ class AGC(Clipper):
             weights = plan.unit_norms(params, units.device, included_only=True)
         else:  # the rows of a sharded layout (FSDP2, TP): rows cut in pieces or dealt out
             grads, local_params = _local_parts(norms.tensors, params, names)
-            plan = self._plan(grads, self._excluded(names, params))
             device = norms.per_tensor.device
-            units = plan.unit_norms(grads, device)
+            if work is not None and _same(work.norms.tensors, grads):  # this rank holds a
+                plan, units = work.plan, work.units  # part of every row: measured already
+            else:  # some rows are empty here: measure again, with them
+                plan = self._plan(grads, self._excluded(names, params))
+                units = plan.unit_norms(grads, device)
             weights = plan.unit_norms(local_params, device, included_only=True)
             split, spread = self._schedules(plan, params, device)
             if split:  # a row's pieces: add their squares (gradient and weight in one vector)
@@ -553,6 +556,11 @@ def _local_parts(
             grad = weight.new_zeros(weight.shape)
         grads.append(grad)
     return grads, weights
+
+
+def _same(a: list[Tensor], b: list[Tensor]) -> bool:
+    """The same tensor objects in the same order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _layout_of(param: Tensor) -> tuple | None:
