@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import types
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -386,6 +391,49 @@ def test_unsupported_strategy_is_refused() -> None:
     callback = GradClipCallback(gradclip.NormClip(1.0))
     with pytest.raises(ValueError, match=r"does not support FSDPStrategy: .* use strategy='ddp'"):
         callback.setup(trainer, Net(), "fit")
+
+
+FSDP2_SCRIPT = Path(__file__).with_name("lightning_fsdp2.py")
+
+
+def _fsdp2_run(tmp_path: Path, mode: str) -> list[dict]:
+    """Run lightning_fsdp2.py (2 processes, gloo); each rank's record."""
+    out = tmp_path / mode
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
+    done = subprocess.run([sys.executable, str(FSDP2_SCRIPT), str(out), mode], env=env,
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _grad_error(got: dict[str, list], want: dict[str, list]) -> float:
+    return max(float((torch.tensor(got[n]) - torch.tensor(want[n])).abs().max())
+               / float(torch.tensor(want[n]).abs().max()) for n in want)
+
+
+def test_model_parallel_fsdp2_clips_like_one_process(tmp_path) -> None:
+    ranks = _fsdp2_run(tmp_path, "run")
+    ref = ranks[0]["reference"]
+    assert [r["steps"] for r in ranks] == [8, 8]
+    assert ranks[0]["state"] == ranks[1]["state"]  # the same statistics on every rank
+    assert set(ranks[0]["state"]) == set(ref["state"])
+    for key, values in ranks[0]["state"].items():
+        assert values == pytest.approx(ref["state"][key], rel=1e-6), key
+    assert ranks[0]["clip_steps"] == ref["clip_steps"] > 0
+    assert len(ranks[0]["clipped"]) == len(ref["clipped"]) == 8
+    for got, want in zip(ranks[0]["clipped"], ref["clipped"], strict=True):
+        assert _grad_error(got, want) <= 1e-5
+
+
+def test_model_parallel_fsdp2_resumes_the_clipper(tmp_path) -> None:
+    ranks = _fsdp2_run(tmp_path, "resume")
+    ref = ranks[0]["reference"]
+    for r in ranks:  # every rank loads exactly what was saved
+        assert r["loaded"] == r["saved"] and r["saved"]["steps"] == [4]
+    # the first resumed step clips as the uninterrupted run's fifth step
+    assert _grad_error(ranks[0]["clipped"][0], ref["clipped"][4]) <= 1e-5
 
 
 def test_more_optimizers_than_clippers_is_refused() -> None:

@@ -46,9 +46,6 @@ _UNSUPPORTED = {
     "clippers themselves are exact on FSDP1 shards when told the shard group: call "
     "`clipper(self, ...)` built with `shard_group=...` from configure_gradient_clipping, or use "
     "strategy='ddp'",
-    "ModelParallelStrategy": "the callback is tested with single-device and DDP training only; "
-    "the clippers themselves are exact on FSDP2/TP DTensor gradients: call `clipper(self)` from "
-    "configure_gradient_clipping, or use strategy='ddp'",
     "XLAStrategy": "gradients are reduced after on_before_optimizer_step, so a clipper would see "
     "local gradients",
     "SingleDeviceXLAStrategy": "XLA is not supported",
@@ -89,9 +86,11 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
     them exactly. A checkpoint written with a different clipper raises ``ValueError`` naming
     the difference.
 
-    **Refused**: ``Trainer(gradient_clip_val=...)`` (two clips stacked), two of these
-    callbacks, and strategies whose gradients a clipper cannot measure (DeepSpeed, FSDP,
-    ModelParallel, XLA); single-device and DDP strategies are supported.
+    **Strategies**: single device, DDP and ``ModelParallelStrategy`` (FSDP2 / tensor
+    parallel: the clippers read the whole model's norms from the DTensor shards, and every
+    rank clips its own). **Refused**: ``Trainer(gradient_clip_val=...)`` (two clips stacked),
+    two of these callbacks, DeepSpeed (it clips in its engine), ``FSDPStrategy`` (untested
+    here) and XLA.
 
     With ``nonfinite="skip"``, a step with NaN/inf gradients sets the gradients of the
     clipped parameters to ``None``, so the optimizer leaves them unchanged (one host read
@@ -174,11 +173,16 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
                     f"GradClipCallback does not support {type(trainer.strategy).__name__}: "
                     f"{_UNSUPPORTED[cls.__name__]}"
                 )
-        supported = (_pl.strategies.SingleDeviceStrategy, _pl.strategies.DDPStrategy)
+        supported = (
+            _pl.strategies.SingleDeviceStrategy,
+            _pl.strategies.DDPStrategy,
+            _pl.strategies.ModelParallelStrategy,
+        )
         if not isinstance(trainer.strategy, supported):
             raise ValueError(
-                f"GradClipCallback supports single-device and DDP strategies, not "
-                f"{type(trainer.strategy).__name__}; use strategy='auto' or 'ddp'"
+                f"GradClipCallback supports single-device, DDP and ModelParallel (FSDP2 / "
+                f"tensor parallel) strategies, not {type(trainer.strategy).__name__}; use "
+                "strategy='auto', 'ddp' or ModelParallelStrategy(...)"
             )
         hook = type(pl_module).configure_gradient_clipping
         if hook is not _pl.LightningModule.configure_gradient_clipping:
