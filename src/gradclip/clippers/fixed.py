@@ -118,11 +118,11 @@ class ValueClip(Clipper):
         return threshold, coef
 
     def _scale(self, norms: GradNorms, coef: Tensor) -> None:
-        for (device, dtype), (group, _) in norms.groups.items():
-            if dtype.is_complex:
-                raise NotImplementedError(
-                    "ValueClip cannot clamp complex gradients; use NormClip (nothing was changed)"
-                )
+        if any(dtype.is_complex for _, dtype in norms.groups):  # before any group is clamped
+            raise NotImplementedError(
+                "ValueClip cannot clamp complex gradients; use NormClip (nothing was changed)"
+            )
+        for (device, _), (group, _) in norms.groups.items():
             if _foreach.is_host_device(device) and coef.item() == 1.0:
                 continue
             _foreach.foreach_clamp_(group, -self.clip_value, self.clip_value)
