@@ -231,7 +231,6 @@ class Reduction:
         row_of: for each of ``local``, its row.
         slot_rows: with ``per_tensor``, the row of each slot (a split tensor); else empty.
         row_tensors: for each row, this rank's local tensor (empty where it holds none).
-        sharded: some tensor is split across ranks (or ``shard_group`` says so).
         order: the order keys of the mesh-dimension groups (see ``_order_key``).
         slots: how many slots there are (on every rank of their groups alike).
     """
@@ -245,7 +244,6 @@ class Reduction:
     row_of: list[int]
     slot_rows: list[int]
     row_tensors: list[Tensor]
-    sharded: bool
     order: dict[int, tuple]
     slots: int
 
@@ -562,12 +560,7 @@ def plan(
             kept.append(source)
             slot.append(s)
             row_of.append(len(rows) - 1)
-    members: dict[int, tuple[ProcessGroup, list[int]]] = {}
-    for s, key in enumerate(slot_keys):
-        for group in key:
-            members.setdefault(id(group), (group, []))[1].append(s)
-    schedule = sorted(members.values(), key=lambda item: _order_key(item[0], mesh_keys))
-    sharded = bool(slot_keys or shard)
+    schedule = _by_group(slot_keys, [[s] for s in range(len(slot_keys))], mesh_keys)
     if whole_tensors is not None and shard:
         raise NotImplementedError(
             f"{whole_tensors} decides per row of a tensor, but with `shard_group` the plain "
@@ -577,7 +570,7 @@ def plan(
             "AutoClip, ZClip, AdaptiveClip, AdaGC)."
         )
     return Reduction(local, kept, slot, schedule, extra, rows, row_of, slot_rows, row_tensors,
-                     sharded, mesh_keys, len(slot_keys))
+                     mesh_keys, len(slot_keys))
 
 
 # ---------------------------------------------------------------------------------------
@@ -674,15 +667,23 @@ def schedule(
     """The :func:`sum_over` schedule of ``n`` entries: ``entries[k]`` are summed over each
     process group of ``keys[k]``. Groups are visited in the global order of
     ``_order_key``, the same on every rank, so no two ranks wait on each other in a cycle."""
+    return [
+        (group, None if len(positions) == n else torch.tensor(positions, device=device))
+        for group, positions in _by_group(keys, entries, order)
+    ]
+
+
+def _by_group(
+    keys: Sequence[tuple], entries: Sequence[Sequence[int]], order: dict[int, tuple]
+) -> list[tuple[ProcessGroup, list[int]]]:
+    """Per process group, in the global order (``_order_key``), the sorted positions of the
+    ``entries`` whose key holds it."""
     members: dict[int, tuple[ProcessGroup, list[int]]] = {}
     for key, positions in zip(keys, entries, strict=True):
         for group in key:
             members.setdefault(id(group), (group, []))[1].extend(positions)
-    out: Schedule = []
-    for group, positions in sorted(members.values(), key=lambda m: _order_key(m[0], order)):
-        index = None if len(positions) == n else torch.tensor(sorted(positions), device=device)
-        out.append((group, index))
-    return out
+    ordered = sorted(members.values(), key=lambda m: _order_key(m[0], order))
+    return [(group, sorted(positions)) for group, positions in ordered]
 
 
 def sum_over(values: Tensor, plan: Schedule) -> Tensor:

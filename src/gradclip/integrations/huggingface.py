@@ -96,8 +96,9 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
     checkpoint elsewhere, call :meth:`load_checkpoint` first). A checkpoint written with a
     different clipper raises ``ValueError`` naming the difference.
 
-    **Refused**: DeepSpeed, FSDP, Megatron-LM and XLA (their gradients are sharded or clipped
-    inside the engine); single-device and DDP runs are supported.
+    **Refused**: DeepSpeed and Megatron-LM (they clip inside their engines), FSDP (untested
+    here: the clippers themselves are exact on FSDP shards) and XLA; single-device and DDP
+    runs are supported.
 
     With ``nonfinite="skip"``, a step with NaN/inf gradients sets the gradients to ``None``,
     so the optimizer leaves the parameters unchanged (one host read per step, under that
