@@ -482,6 +482,7 @@ def _sources(tensors: Sequence[Tensor], params: list[Tensor]) -> list[int]:
     return order
 
 
+@torch.no_grad()  # DTensor.to_local() is an autograd op otherwise: ~6 µs a tensor
 def plan(
     tensors: Sequence[Tensor],
     *,
@@ -696,6 +697,7 @@ def sum_over(values: Tensor, plan: Schedule) -> Tensor:
     return values
 
 
+@torch.no_grad()  # see plan
 def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
     """``tensors`` with each DTensor replaced by its local shard (to scale or clamp in place).
 
