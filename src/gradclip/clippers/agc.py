@@ -169,7 +169,6 @@ class AGC(Clipper):
         self.exclude: ExcludeRule = _check_exclude(exclude)
         self._patterns = _patterns(self.exclude)
         self._plans: OrderedDict[tuple, _UnitPlan] = OrderedDict()
-        self._shard_schedules: OrderedDict[tuple, tuple] = OrderedDict()
         self._pattern_cache: OrderedDict[tuple[str, ...], tuple[bool, ...]] = OrderedDict()
         self._head_ids: frozenset[int] = frozenset()
         self._warned = False
@@ -310,12 +309,12 @@ class AGC(Clipper):
         self, plan: _UnitPlan, params: list[Tensor], device: torch.device
     ) -> tuple[distributed.Schedule, distributed.Schedule]:
         """How to sum, over ranks, the units cut in pieces and the sums of tensors whose rows
-        are dealt out (cached per plan and parameter layout)."""
+        are dealt out (kept in the plan, per device and parameter layout)."""
         included = [plan.order[j] for j in range(plan.included)]
-        key = (id(plan), device, tuple(_layout_of(params[i]) for i in included))
-        cached = self._shard_schedules.get(key)
+        key = (device, tuple(_layout_of(params[i]) for i in included))
+        cached = plan.schedules.get(key)
         if cached is not None:
-            return cached
+            return cached[0], cached[1]
         order: dict[int, tuple] = {}
         n = sum(plan.counts[: plan.included])
         split_keys, split_entries, spread_keys, spread_entries = [], [], [], []
@@ -330,14 +329,13 @@ class AGC(Clipper):
             if spread:
                 spread_keys.append(spread)
                 spread_entries.append([i])
-        cached = (
-            distributed.schedule(split_keys, split_entries, 2 * n, device, order),
-            distributed.schedule(spread_keys, spread_entries, len(plan.order), device, order),
-        )
-        self._shard_schedules[key] = cached
-        while len(self._shard_schedules) > _PLAN_CACHE_SIZE:
-            self._shard_schedules.popitem(last=False)
-        return cached
+        split_schedule = distributed.schedule(split_keys, split_entries, 2 * n, device, order)
+        spread_schedule = distributed.schedule(spread_keys, spread_entries, len(plan.order),
+                                               device, order)
+        # the key holds mesh ids: keep the meshes alive with it, so that no id is reused
+        meshes = [getattr(params[i], "device_mesh", None) for i in included]
+        plan.schedules[key] = (split_schedule, spread_schedule, meshes)
+        return split_schedule, spread_schedule
 
     def _scale(self, measured: GradNorms, coef: Tensor) -> None:
         work = self._work
@@ -429,6 +427,7 @@ class _UnitPlan:
     excluded_units: int
     acc: torch.dtype
     _segments: dict[torch.device, Tensor] = field(default_factory=dict)
+    schedules: dict[tuple, tuple] = field(default_factory=dict)  # see AGC._schedules
 
     @classmethod
     def build(cls, tensors: list[Tensor], excluded: tuple[bool, ...]) -> _UnitPlan:
