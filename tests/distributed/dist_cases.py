@@ -639,6 +639,24 @@ def agc_cases(rank: int, world: int, rec: list[dict]) -> None:
         fully_shard(module, mesh=mesh)
     ref = adagc_reference(mlp(1), make=lambda: _agc(**everything))
     adagc_layout(rec, "fsdp2_empty", model, ref, split, make=_agc, kwargs=everything, tag="agc")
+    # replicated DTensor parameters (nothing split): whole rows on every rank
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+
+    errors = {}
+    for name in ("AGC", "AdaGC"):
+        make = ((lambda: _agc(exclude=None)) if name == "AGC"
+                else (lambda: gradclip.AdaGC(warmup_steps=1, warmup_max_norm=0.01)))
+        ref, model = mlp(), mlp()
+        distribute_module(model, mesh)
+        x, y = data()
+        loss_of(ref, x, y).backward()
+        out = model(DTensor.from_local(x, mesh, [Replicate()])).to_local()
+        ((out - y) ** 2).mean().backward()
+        stats = make()(model)
+        make()(ref)
+        want = {n: q.grad for n, q in ref.named_parameters()}
+        errors[name] = (grad_error(full_grads(model), want), bool(stats.clipped))
+    rec.append({"case": "replicated", "errors": errors})
     # column-parallel rows (Shard(0)) and row-parallel rows cut in pieces (Shard(1))
     model = parallelize_module(mlp(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
     ref = adagc_reference(mlp(), make=lambda: _agc(**everything))

@@ -259,6 +259,9 @@ def test_adagc_matches_single_process(two):
 
 def test_agc_matches_single_process(two):
     assert_adagc(two, {"fsdp2", "fsdp2_empty", "tp"}, "agc")
+    for (e,) in records(two, "replicated"):  # Replicate DTensors: plain local tensors
+        for name, (error, clipped) in e["errors"].items():
+            assert error <= 1e-6 and clipped, name
     for (e,) in records(two, "agc_passes"):  # gradients once (rows), weights once
         assert (e["grad_passes"], e["passes"]) == (1, 2), e
 

@@ -266,7 +266,8 @@ class AGC(Clipper):
         spread: distributed.Schedule = []
         if work is not None and work.norms.tensors is norms.tensors:  # measured in _measure
             plan, grads, units, squares = work.plan, norms.tensors, work.units, work.squares
-            weights = plan.unit_norms(params, units.device, included_only=True)
+            local_params = distributed.local_tensors(params)  # replicated DTensors: plain
+            weights = plan.unit_norms(local_params, units.device, included_only=True)
         else:  # the rows of a sharded layout (FSDP2, TP): rows cut in pieces or dealt out
             grads, local_params = _local_parts(norms.tensors, params, names)
             device = norms.per_tensor.device
