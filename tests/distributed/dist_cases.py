@@ -664,6 +664,67 @@ def agc_cases(rank: int, world: int, rec: list[dict]) -> None:
                  tag="agc")
 
 
+def more_clipper_cases(rank: int, world: int, rec: list[dict]) -> None:
+    """ValueClip, clip_grad_value_, the skip policy and Clipper.step (fused and not) under
+    FSDP2 and TP, against the single-process run (2 ranks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def sharded(layout: str) -> tuple[nn.Module, Callable]:
+        if layout == "fsdp2":
+            model = mlp()
+            for module in (model[0], model[2], model):
+                fully_shard(module, mesh=mesh)
+            return model, lambda x, y: (x[rank::world], y[rank::world])
+        tp = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+        return parallelize_module(mlp(), mesh, tp), lambda x, y: (x, y)
+
+    clips: dict[str, Callable[[nn.Module], object]] = {
+        "ValueClip": lambda m: gradclip.ValueClip(0.01)(m),
+        "clip_grad_value_": lambda m: gradclip.clip_grad_value_(m.parameters(), 0.01),
+        "NormClip skip": lambda m: gradclip.NormClip(0.1, nonfinite="skip")(m),
+        "AGC skip": lambda m: gradclip.AGC(0.05, exclude=None, nonfinite="skip")(m),
+    }
+    for layout in ("fsdp2", "tp"):
+        for name, clip in clips.items():
+            ref, (model, batch) = mlp(), sharded(layout)
+            x, y = data()
+            loss_of(ref, x, y).backward()
+            loss_of(model, *batch(x, y)).backward()
+            clip(model)
+            clip(ref)
+            want = {n: q.grad for n, q in ref.named_parameters()}
+            rec.append({"case": "more_clippers", "what": f"{layout} {name}",
+                        "err": grad_error(full_grads(model), want)})
+    steps = {
+        "NormClip": lambda: gradclip.NormClip(0.1),  # folds into the fused kernel
+        "AGC": lambda: gradclip.AGC(0.05, exclude=None),
+        "ZClip skip": lambda: gradclip.ZClip(warmup_steps=2, nonfinite="skip"),
+    }
+    for name, make in steps.items():
+        for fused in (True, False):
+            ref, (model, batch) = mlp(), sharded("fsdp2")
+            opts = [torch.optim.AdamW(m.parameters(), lr=0.01, fused=fused) for m in (ref, model)]
+            clippers = [make(), make()]
+            for step in range(4):
+                x, y = data(step=step)
+                for m, opt, clipper, xy in zip((ref, model), opts, clippers,
+                                              ((x, y), batch(x, y)), strict=True):
+                    opt.zero_grad()
+                    loss_of(m, *xy).backward()
+                    clipper.step(m, opt)
+            got = {clean(n): q.full_tensor().detach() for n, q in model.named_parameters()}
+            err = max(float((got[n] - q).abs().max()) for n, q in ref.named_parameters())
+            rec.append({"case": "more_clippers", "what": f"step {name} fused={fused}", "err": err})
+
+
 # ---------------------------------------------------------------------------------------
 # bad input
 
@@ -733,7 +794,8 @@ def bad_input_cases(rank: int, world: int, rec: list[dict]) -> None:
 def suite_two(rank: int, world: int, rec: list[dict]) -> None:
     """Everything that runs on 2 ranks, in one launch."""
     for case in (ddp_case, fsdp1_cases, fsdp2_cases, tp_case, mixed_case, pp_case, nan_case,
-                 bad_input_cases, host_read_cases, adaptive_cases, adagc_cases, agc_cases):
+                 bad_input_cases, host_read_cases, adaptive_cases, adagc_cases, agc_cases,
+                 more_clipper_cases):
         case(rank, world, rec)
 
 

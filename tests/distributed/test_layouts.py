@@ -266,6 +266,15 @@ def test_agc_matches_single_process(two):
         assert (e["grad_passes"], e["passes"]) == (1, 2), e
 
 
+def test_more_clippers_under_fsdp2_and_tp(two):
+    """ValueClip, clip_grad_value_, the skip policy, and Clipper.step with fused and foreach
+    AdamW (4 steps): the single-process run's gradients and parameters."""
+    for rank in records(two, "more_clippers"):
+        assert len(rank) == 14
+        for e in rank:
+            assert e["err"] <= 1e-5, f"{e['what']}: off by {e['err']}"
+
+
 def test_monitor_layers_are_whole_tensors_under_fsdp2(two):
     per_rank = [[e for e in rank if e["layout"] == "fsdp2"] for rank in records(two, "adagc")]
     for ((e,), other) in zip(per_rank, per_rank[::-1], strict=True):
