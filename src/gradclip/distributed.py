@@ -199,6 +199,11 @@ _MESH_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # the plan: which tensors this rank measures and how their norms combine
 
 
+Schedule = list[tuple["ProcessGroup", Tensor | None]]
+"""What :func:`sum_over` runs: per process group, in the global order, the entries to sum
+over it (an index tensor, or None for all of them)."""
+
+
 @dataclass(frozen=True)
 class Reduction:
     """How the per-tensor norms of one call become global norms on this rank.
@@ -222,7 +227,8 @@ class Reduction:
         local: the non-empty local tensors, in parameter order.
         kept: for each of ``local``, its index in the input list.
         slot: for each of ``local``, its slot, or -1 when it is whole on this rank.
-        schedule: ``(group, slots)`` in the global group order: one all-reduce each.
+        schedule: ``(group, slots)`` in the global group order, one all-reduce each (see
+            :func:`sum_over`; ``slots`` an index tensor, or None for every slot).
         extra: the groups the total is then reduced over, in the caller's order.
         rows: what :meth:`reduce` reports a norm for, in order: an index in the input list,
             or ``len(tensors) + j`` for ``params[j]``, a sharded parameter whose gradient is
@@ -233,12 +239,13 @@ class Reduction:
         row_tensors: for each row, this rank's local tensor (empty where it holds none).
         order: the order keys of the mesh-dimension groups (see ``_order_key``).
         slots: how many slots there are (on every rank of their groups alike).
+        device: where the norms are: this rank's first tensor's, else its parameters'.
     """
 
     local: list[Tensor]
     kept: list[int]
     slot: list[int]
-    schedule: list[tuple[ProcessGroup, list[int]]]
+    schedule: Schedule
     extra: list[ProcessGroup]
     rows: list[int]
     row_of: list[int]
@@ -246,6 +253,7 @@ class Reduction:
     row_tensors: list[Tensor]
     order: dict[int, tuple]
     slots: int
+    device: torch.device
 
     @property
     def communicates(self) -> bool:
@@ -319,14 +327,7 @@ class Reduction:
     def _exchange(self, values: Tensor, is_max: bool) -> Tensor:
         """The slots of this rank's ``values`` (p-th powers of :attr:`local`'s norms),
         all-reduced: identical on every rank of each slot's groups (1-D)."""
-        vector = self._slot_values(values, is_max)
-        for group, slots in self.schedule:
-            if len(slots) == len(vector):
-                vector = _all_reduce(vector, is_max, group)
-            else:
-                index = _norms._index_tensor(tuple(slots), vector.device)
-                vector = vector.index_copy(0, index, _all_reduce(vector[index], is_max, group))
-        return vector
+        return sum_over(self._slot_values(values, is_max), self.schedule, is_max)
 
     def _slot_values(self, values: Tensor, is_max: bool) -> Tensor:
         """Per-slot sum (or NaN-propagating max) of ``values``: 1-D, zeros where this rank
@@ -561,7 +562,9 @@ def plan(
             kept.append(source)
             slot.append(s)
             row_of.append(len(rows) - 1)
-    schedule = _by_group(slot_keys, [[s] for s in range(len(slot_keys))], mesh_keys)
+    device = local[0].device if local else _default_device(tensors, params) or torch.device("cpu")
+    slots = schedule(slot_keys, [[s] for s in range(len(slot_keys))], len(slot_keys), device,
+                     mesh_keys)
     if whole_tensors is not None and shard:
         raise NotImplementedError(
             f"{whole_tensors} decides per row of a tensor, but with `shard_group` the plain "
@@ -570,8 +573,8 @@ def plan(
             "pipeline stages (`extra_groups`); or a clipper that works on flat shards (NormClip, "
             "AutoClip, ZClip, AdaptiveClip, AdaGC)."
         )
-    return Reduction(local, kept, slot, schedule, extra, rows, row_of, slot_rows, row_tensors,
-                     mesh_keys, len(slot_keys))
+    return Reduction(local, kept, slot, slots, extra, rows, row_of, slot_rows, row_tensors,
+                     mesh_keys, len(slot_keys), device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -608,18 +611,14 @@ def global_norms(
     if reduction.local:
         measured = _norms.compute(reduction.local, p, foreach)
     else:
-        measured = nothing_measured(p, tensors, params)
+        measured = nothing_measured(p, reduction.device)
     return reduction.reduce(measured)
 
 
-def nothing_measured(p: float, tensors: Sequence[Tensor], params: Iterable[Tensor]) -> _norms.GradNorms:
-    """The norms of nothing, for a rank without local gradients that still takes part in the
-    collectives: zeros beside its tensors or parameters (an NCCL collective needs them on
-    the GPU), or on the CPU when it has neither."""
+def nothing_measured(p: float, device: torch.device) -> _norms.GradNorms:
+    """The norms of nothing on ``device`` (:attr:`Reduction.device`), for a rank without
+    local gradients that still takes part in the collectives (NCCL needs them on the GPU)."""
     measured = _norms.empty_norms(p)
-    device = _default_device(tensors, params)
-    if device is None:
-        return measured
     return replace(measured, per_tensor=measured.per_tensor.to(device),
                    total=measured.total.to(device))
 
@@ -631,11 +630,6 @@ def _default_device(tensors: Sequence[Tensor], params: Iterable[Tensor]) -> torc
     for q in params:
         return q.device
     return None
-
-
-Schedule = list[tuple["ProcessGroup", Tensor | None]]
-"""What :func:`sum_over` runs: per process group, in the global order, the entries to sum
-over it (an index tensor, or None for all of them)."""
 
 
 def row_groups(param: Tensor, whole: bool, order: dict[int, tuple]) -> tuple[tuple, tuple]:
@@ -669,7 +663,7 @@ def schedule(
     process group of ``keys[k]``. Groups are visited in the global order of
     ``_order_key``, the same on every rank, so no two ranks wait on each other in a cycle."""
     return [
-        (group, None if len(positions) == n else torch.tensor(positions, device=device))
+        (group, None if len(positions) == n else _norms._index_tensor(tuple(positions), device))
         for group, positions in _by_group(keys, entries, order)
     ]
 
@@ -687,13 +681,14 @@ def _by_group(
     return [(group, sorted(positions)) for group, positions in ordered]
 
 
-def sum_over(values: Tensor, plan: Schedule) -> Tensor:
-    """``values`` (entries along dim 0) with each entry summed over its groups (a new tensor)."""
+def sum_over(values: Tensor, plan: Schedule, is_max: bool = False) -> Tensor:
+    """``values`` (entries along dim 0) with each entry summed (``is_max``: NaN-keeping max)
+    over its groups: a new tensor."""
     for group, index in plan:
         if index is None:
-            values = _all_reduce(values, False, group)
+            values = _all_reduce(values, is_max, group)
         else:
-            values = values.index_copy(0, index, _all_reduce(values[index], False, group))
+            values = values.index_copy(0, index, _all_reduce(values[index], is_max, group))
     return values
 
 
@@ -755,7 +750,8 @@ def check_layout(
     dtype = (torch.float64 if wide else torch.float32) if reduction.local else None
     mine = {
         "schedule": [
-            ((_ranks(g), _order_key(g, reduction.order)), _describe(reduction, originals, slots))
+            ((_ranks(g), _order_key(g, reduction.order)), _describe(
+                reduction, originals, range(reduction.slots) if slots is None else slots.tolist()))
             for g, slots in reduction.schedule
         ],
         "extra": [(_ranks(g), _order_key(g)) for g in reduction.extra],
@@ -795,7 +791,7 @@ def check_layout(
         )
 
 
-def _describe(reduction: Reduction, originals: list[Tensor], slots: list[int]) -> tuple[str, ...]:
+def _describe(reduction: Reduction, originals: list[Tensor], slots: Iterable[int]) -> tuple[str, ...]:
     """What ``slots`` hold, comparable across ranks: a DTensor's global shape, else "shard"."""
     dtensor = _dtensor_type()
     held = (originals[reduction.slot_rows[s]] for s in slots)

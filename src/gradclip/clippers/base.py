@@ -342,8 +342,7 @@ class Clipper:
             names, params, grads = tuple(layout.select(names)), layout.select(params), layout.local
         with torch.no_grad():
             if layout is not None and not grads:  # no local part, but in the collectives
-                measured = layout.reduce(distributed.nothing_measured(
-                    self.norm_type, [p.grad for p in all_params if p.grad is not None], all_params))
+                measured = layout.reduce(distributed.nothing_measured(self.norm_type, layout.device))
             else:
                 measured = self._measure(names, params, grads)
                 if layout is not None:
