@@ -477,11 +477,11 @@ def adaptive_cases(rank: int, world: int, rec: list[dict], steps: int = 50) -> N
 
 
 # ---------------------------------------------------------------------------------------
-# AdaGC (per-tensor thresholds) under sharded layouts, against the single-process run
+# AdaGC (per tensor) and AGC (per row) under sharded layouts, against the single-process run
 
 
 ADAGC = {"warmup_steps": 3}
-ADAGC_STEPS = 12  # the x30 spike of step 7 comes after the warm-up
+CLIP_STEPS = 12  # the x30 spike of step 7 comes after the warm-up
 
 
 def _layer_norms(grads: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -503,7 +503,7 @@ def _adagc(**kwargs: Any) -> gradclip.Clipper:
     return gradclip.AdaGC(**ADAGC, **kwargs)
 
 
-def adagc_reference(model: nn.Module, steps: int = ADAGC_STEPS, make: Callable = _adagc) -> dict:
+def clip_reference(model: nn.Module, steps: int = CLIP_STEPS, make: Callable = _adagc) -> dict:
     """The single-process run on the full batch: clipped gradients, pre-clip layer norms
     and final state, step by step (the clipper ``make()``, AdaGC by default, then SGD)."""
     clipper = make()
@@ -522,10 +522,10 @@ def adagc_reference(model: nn.Module, steps: int = ADAGC_STEPS, make: Callable =
             "out": out}
 
 
-def adagc_layout(
+def clip_layout(
     rec: list[dict], case: str, model: nn.Module, ref: dict, batch: Callable, *,
     gather: Callable[[], dict[str, torch.Tensor]] | None = None, kwargs: dict | None = None,
-    monitor: bool = False, steps: int = ADAGC_STEPS, make: Callable = _adagc, tag: str = "adagc",
+    monitor: bool = False, steps: int = CLIP_STEPS, make: Callable = _adagc, tag: str = "adagc",
 ) -> None:
     """A clipper (``make(**kwargs)``, AdaGC by default) on one layout, each rank on
     ``batch(x, y)``: the clipped gradients (gathered whole) and the state against the
@@ -566,17 +566,17 @@ def adagc_cases(rank: int, world: int, rec: list[dict]) -> None:
     )
 
     mesh = init_device_mesh("cpu", (world,))
-    ref = adagc_reference(mlp())
+    ref = clip_reference(mlp())
     split = lambda x, y: (x[rank::world], y[rank::world])  # noqa: E731
 
     model = mlp()
     fully_shard(model[0], mesh=mesh)
     fully_shard(model[2], mesh=mesh)
     fully_shard(model, mesh=mesh)
-    adagc_layout(rec, "fsdp2", model, ref, split, monitor=True)
+    clip_layout(rec, "fsdp2", model, ref, split, monitor=True)
 
     model = parallelize_module(mlp(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    adagc_layout(rec, "tp", model, ref, lambda x, y: (x, y))
+    clip_layout(rec, "tp", model, ref, lambda x, y: (x, y))
 
     model = FSDP(mlp(), device_id=torch.device("cpu"), use_orig_params=True)
 
@@ -584,14 +584,14 @@ def adagc_cases(rank: int, world: int, rec: list[dict]) -> None:
         with FSDP.summon_full_params(model, with_grads=True):
             return {clean(n): q.grad.clone() for n, q in model.named_parameters()}
 
-    adagc_layout(rec, "fsdp1_orig", model, ref, split, gather=gather,
+    clip_layout(rec, "fsdp1_orig", model, ref, split, gather=gather,
                  kwargs={"shard_group": dist.group.WORLD})
 
     # FSDP2 with the last layer empty on rank 1: its gamma is still kept (and equal) there
     model = mlp(1)
     for module in (model[0], model[2], model):
         fully_shard(module, mesh=mesh)
-    adagc_layout(rec, "fsdp2_empty", model, adagc_reference(mlp(1)), split)
+    clip_layout(rec, "fsdp2_empty", model, clip_reference(mlp(1)), split)
 
 
 def _agc(**kwargs: Any) -> gradclip.Clipper:
@@ -614,7 +614,7 @@ def agc_cases(rank: int, world: int, rec: list[dict]) -> None:
     model = mlp()
     for module in (model[0], model[2], model):
         fully_shard(module, mesh=mesh)
-    adagc_layout(rec, "fsdp2", model, adagc_reference(mlp(), make=_agc), split, make=_agc,
+    clip_layout(rec, "fsdp2", model, clip_reference(mlp(), make=_agc), split, make=_agc,
                  tag="agc")
     # one pass over the gradients: the rows' norms come from the measuring pass
     from gradclip.clippers import agc as agc_module
@@ -637,8 +637,8 @@ def agc_cases(rank: int, world: int, rec: list[dict]) -> None:
     model = mlp(1)
     for module in (model[0], model[2], model):
         fully_shard(module, mesh=mesh)
-    ref = adagc_reference(mlp(1), make=lambda: _agc(**everything))
-    adagc_layout(rec, "fsdp2_empty", model, ref, split, make=_agc, kwargs=everything, tag="agc")
+    ref = clip_reference(mlp(1), make=lambda: _agc(**everything))
+    clip_layout(rec, "fsdp2_empty", model, ref, split, make=_agc, kwargs=everything, tag="agc")
     # replicated DTensor parameters (nothing split): whole rows on every rank
     from torch.distributed.tensor import DTensor, Replicate, distribute_module
 
@@ -659,8 +659,8 @@ def agc_cases(rank: int, world: int, rec: list[dict]) -> None:
     rec.append({"case": "replicated", "errors": errors})
     # column-parallel rows (Shard(0)) and row-parallel rows cut in pieces (Shard(1))
     model = parallelize_module(mlp(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    ref = adagc_reference(mlp(), make=lambda: _agc(**everything))
-    adagc_layout(rec, "tp", model, ref, lambda x, y: (x, y), make=_agc, kwargs=everything,
+    ref = clip_reference(mlp(), make=lambda: _agc(**everything))
+    clip_layout(rec, "tp", model, ref, lambda x, y: (x, y), make=_agc, kwargs=everything,
                  tag="agc")
 
 
@@ -877,31 +877,31 @@ def adagc_four_cases(rank: int, world: int, rec: list[dict]) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
                           nn.Linear(8, 3))
-    ref = adagc_reference(copy.deepcopy(model))
+    ref = clip_reference(copy.deepcopy(model))
     parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
     fully_shard(model[0], mesh=mesh["dp"])
     fully_shard(model[2], mesh=mesh["dp"])
     fully_shard(model[4], mesh=init_device_mesh("cpu", (world,)))  # another mesh
     dp = mesh.get_local_rank("dp")
-    adagc_layout(rec, "fsdp_tp", model, ref, lambda x, y: (x[dp::2], y[dp::2]))
+    clip_layout(rec, "fsdp_tp", model, ref, lambda x, y: (x[dp::2], y[dp::2]))
     # AGC on the same layout, every parameter: rows dealt out over dp (and tp), cut over tp
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
                           nn.Linear(8, 3))
     everything = {"exclude": None}
-    ref = adagc_reference(copy.deepcopy(model), make=lambda: _agc(**everything))
+    ref = clip_reference(copy.deepcopy(model), make=lambda: _agc(**everything))
     parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
     fully_shard(model[0], mesh=mesh["dp"])
     fully_shard(model[2], mesh=mesh["dp"])
     fully_shard(model[4], mesh=init_device_mesh("cpu", (world,)))
-    adagc_layout(rec, "fsdp_tp", model, ref, lambda x, y: (x[dp::2], y[dp::2]), make=_agc,
+    clip_layout(rec, "fsdp_tp", model, ref, lambda x, y: (x[dp::2], y[dp::2]), make=_agc,
                  kwargs=everything, tag="agc")
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     model = mlp()
     for module in (model[0], model[2], model):
         fully_shard(module, mesh=mesh)
-    adagc_layout(rec, "hsdp", model, adagc_reference(mlp()),
+    clip_layout(rec, "hsdp", model, clip_reference(mlp()),
                  lambda x, y: (x[rank::world], y[rank::world]))
 
 

@@ -236,7 +236,7 @@ def test_per_tensor_clippers(two):
         assert "shard_group" in e["error"] and "AGC" in e["error"] and "flat" in e["error"]
 
 
-def assert_adagc(ranks: list[list[dict]], layouts: set[str], tag: str = "adagc") -> None:
+def assert_like_reference(ranks: list[list[dict]], layouts: set[str], tag: str = "adagc") -> None:
     """AdaGC (or the clipper of ``tag``): the single-process run's clipped gradients and
     state, bit-identical state on every rank."""
     per_rank = records(ranks, tag)
@@ -254,11 +254,11 @@ def assert_adagc(ranks: list[list[dict]], layouts: set[str], tag: str = "adagc")
 
 
 def test_adagc_matches_single_process(two):
-    assert_adagc(two, {"fsdp2", "tp", "fsdp1_orig", "fsdp2_empty"})
+    assert_like_reference(two, {"fsdp2", "tp", "fsdp1_orig", "fsdp2_empty"})
 
 
 def test_agc_matches_single_process(two):
-    assert_adagc(two, {"fsdp2", "fsdp2_empty", "tp"}, "agc")
+    assert_like_reference(two, {"fsdp2", "fsdp2_empty", "tp"}, "agc")
     for (e,) in records(two, "replicated"):  # Replicate DTensors: plain local tensors
         for name, (error, clipped) in e["errors"].items():
             assert error <= 1e-6 and clipped, name
@@ -279,7 +279,7 @@ def test_monitor_layers_are_whole_tensors_under_fsdp2(two):
     per_rank = [[e for e in rank if e["layout"] == "fsdp2"] for rank in records(two, "adagc")]
     for ((e,), other) in zip(per_rank, per_rank[::-1], strict=True):
         assert e["layers"] == other[0]["layers"]  # the same on every rank
-        assert len(e["layers"]) == len(e["ref_layers"]) == cases.ADAGC_STEPS
+        assert len(e["layers"]) == len(e["ref_layers"]) == cases.CLIP_STEPS
         for got, want in zip(e["layers"], e["ref_layers"], strict=True):
             assert set(got) == set(want) == {"0", "2"}
             for layer, value in got.items():
@@ -345,8 +345,8 @@ def test_pipeline_x_fsdp2(four):
 
 
 def test_adagc_matches_single_process_on_four_ranks(four):
-    assert_adagc(four, {"fsdp_tp", "hsdp"})
+    assert_like_reference(four, {"fsdp_tp", "hsdp"})
 
 
 def test_agc_matches_single_process_on_four_ranks(four):
-    assert_adagc(four, {"fsdp_tp"}, "agc")
+    assert_like_reference(four, {"fsdp_tp"}, "agc")
