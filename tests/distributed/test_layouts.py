@@ -28,20 +28,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _launch(suite, world: int) -> list[list[dict]]:
+    start = time.monotonic()
+    ranks = launcher.launch(suite, world, deadline=150)
+    print(f"\n{world}-rank launch: {time.monotonic() - start:.1f} s")
+    return ranks
+
+
 @pytest.fixture(scope="module")
 def two() -> list[list[dict]]:
-    start = time.monotonic()
-    ranks = launcher.launch(cases.suite_two, 2, deadline=150)
-    print(f"\n2-rank launch: {time.monotonic() - start:.1f} s")
-    return ranks
+    return _launch(cases.suite_two, 2)
 
 
 @pytest.fixture(scope="module")
 def four() -> list[list[dict]]:
-    start = time.monotonic()
-    ranks = launcher.launch(cases.suite_four, 4, deadline=150)
-    print(f"\n4-rank launch: {time.monotonic() - start:.1f} s")
-    return ranks
+    return _launch(cases.suite_four, 4)
 
 
 def records(ranks: list[list[dict]], case: str) -> list[list[dict]]:
