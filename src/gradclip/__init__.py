@@ -27,10 +27,11 @@ from gradclip.functional import (
     clip_grad_value_,
     clip_grads_with_norm_,
     get_total_norm,
+    grad_norms,
 )
 from gradclip.monitor import GradMonitor, History, MonitorSummary, read_log
 from gradclip.nonfinite import NonFiniteGradientError
-from gradclip.norms import GradNorms, grad_norms
+from gradclip.norms import GradNorms
 from gradclip.recommend import Recommendation, recommend_max_norm
 from gradclip.sinks import CSVSink, JSONLSink, LogError, Sink, TensorBoardSink
 from gradclip.stats import ClipStats

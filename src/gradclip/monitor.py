@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradclip.clippers.base import Clipper, Parameters
+from gradclip.clippers import Clipper, Parameters
 from gradclip.sinks import (
     SCHEMA_VERSION,
     LogError,

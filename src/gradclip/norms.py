@@ -29,21 +29,14 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from gradclip import _foreach
 
-if TYPE_CHECKING:
-    from torch.distributed import ProcessGroup
-
-    from gradclip.distributed import GroupLike
-
-__all__ = ["GradNorms", "grad_norms"]
+__all__ = ["GradNorms", "accumulation_dtype", "compute", "empty_norms"]
 
 SMALL_NUMEL = 32768
 """Tensors below this many elements are not split into rows (CPU)."""
@@ -110,49 +103,6 @@ class GradNorms:
     def result(self) -> Tensor:
         """The total norm as ``torch.nn.utils.get_total_norm`` types it (value, dtype, device)."""
         return self.total.to(self.dtype)
-
-
-def grad_norms(
-    parameters: Tensor | Iterable[Tensor],
-    norm_type: float | str = 2.0,
-    *,
-    shard_group: ProcessGroup | None = None,
-    extra_groups: Iterable[GroupLike] = (),
-) -> GradNorms:
-    """Per-tensor and total gradient norms of ``parameters`` in one pass, without clipping.
-
-    Parameters whose ``.grad`` is None are left out; a gradient listed twice is measured
-    once. ``per_tensor[i]`` belongs to ``result.tensors[i]`` (the i-th distinct gradient in
-    parameter order).
-
-    Args:
-        parameters: a tensor or an iterable of tensors whose ``.grad`` is measured.
-        norm_type: p of the p-norm, any value torch accepts (``'inf'`` included).
-        shard_group, extra_groups: keyword-only, as in :func:`gradclip.clip_grad_norm_`:
-            under ``torch.distributed`` the total is the whole model's and ``per_tensor``
-            the whole tensors' norms, identical on every rank. With gradients split across
-            ranks (FSDP, TP), ``tensors`` are this rank's parts, an empty tensor where it
-            holds none, and a sharded parameter whose gradient is None on this rank only
-            keeps its entry: every rank lists the same tensors.
-
-    Returns:
-        A :class:`GradNorms`. With no gradients at all, ``per_tensor`` is empty and
-        ``total`` is ``tensor(0.)``.
-
-    Example:
-        >>> import torch, gradclip
-        >>> model = torch.nn.Linear(3, 2)
-        >>> model(torch.ones(1, 3)).sum().backward()
-        >>> norms = gradclip.grad_norms(model.parameters())
-        >>> norms.per_tensor.shape
-        torch.Size([2])
-    """
-    from gradclip.functional import _as_tensor_list, _check_norm_type, _measure, _unique_grads
-
-    p = _check_norm_type(norm_type)
-    params = _as_tensor_list(parameters, "parameters")
-    with torch.no_grad():
-        return _measure(_unique_grads(params), p, None, shard_group, extra_groups, params, True)
 
 
 def empty_norms(p: float) -> GradNorms:

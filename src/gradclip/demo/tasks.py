@@ -58,7 +58,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from gradclip.norms import grad_norms
+from gradclip.functional import grad_norms
 
 __all__ = [
     "REFERENCES",

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
-from gradclip.clippers.base import Clipper, Parameters
+from gradclip.clippers import Clipper, Parameters
 from gradclip.monitor import GradMonitor
 from gradclip.stats import ClipStats
 
