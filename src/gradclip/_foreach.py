@@ -21,6 +21,7 @@ __all__ = [
     "foreach_norm",
     "group_by_device_dtype",
     "has_foreach_support",
+    "is_compiling",
     "is_host_device",
     "named_parameters",
 ]
@@ -36,6 +37,12 @@ def is_host_device(device: torch.device) -> bool:
     exercise the accelerator code path on CPU tensors.
     """
     return device.type == "cpu"
+
+
+def is_compiling() -> bool:
+    """True while ``torch.compile`` (dynamo) traces the caller: value reads, locks and
+    caches must then be skipped, and tensors built as graph constants."""
+    return torch.compiler.is_compiling()
 
 
 def device_has_foreach(device: torch.device) -> bool:
@@ -74,8 +81,9 @@ def foreach_norm(tensors: list[Tensor], p: float, dtype: torch.dtype | None) -> 
     return list(torch._foreach_norm(tensors, p, dtype=dtype))
 
 
-def foreach_mul_(tensors: list[Tensor], scale: Tensor) -> None:
-    """Multiply every tensor in place by a 0-dim tensor (never a Python float: see DESIGN §3)."""
+def foreach_mul_(tensors: list[Tensor], scale: Tensor | list[Tensor]) -> None:
+    """Multiply every tensor in place by a 0-dim tensor, or each by its own 0-dim tensor
+    (never a Python float: a float would be a graph constant and a host value)."""
     torch._foreach_mul_(tensors, scale)
 
 

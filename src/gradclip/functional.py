@@ -31,6 +31,8 @@ from torch import Tensor
 from typing_extensions import deprecated
 
 from gradclip import _foreach, distributed, norms
+from gradclip._checks import NotATensorError, check_norm_type, check_threshold, tensor_list
+from gradclip.scale import clip_coefficient, scale_
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from gradclip.distributed import GroupLike
 
 __all__ = [
+    "NotATensorError",
     "clip_grad_norm",
     "clip_grad_norm_",
     "clip_grad_value_",
@@ -48,51 +51,10 @@ __all__ = [
 
 TensorOrTensors = Tensor | Iterable[Tensor]
 
-_EPS = 1e-6  # torch's: clip_coef = max_norm / (total_norm + 1e-6)
-
-
-class NotATensorError(TypeError, AttributeError, RuntimeError):
-    """An element of ``parameters``/``tensors`` is not a tensor.
-
-    It is a ``TypeError``; it also derives from the exceptions torch raises for the same
-    input (``AttributeError`` for a non-tensor parameter, ``RuntimeError`` for a ``None``
-    tensor in ``get_total_norm``), so code written against torch keeps catching it.
-    """
-
-
-# ---------------------------------------------------------------------------------------
-# argument checks: each names the argument, the value received and the fix
-
-
-def _as_tensor_list(parameters: TensorOrTensors, name: str) -> list[Tensor]:
-    if isinstance(parameters, Tensor):
-        return [parameters]
-    try:
-        items = list(parameters)  # type: ignore[arg-type]
-    except TypeError:
-        shown = "the module" if isinstance(parameters, torch.nn.Module) else ""
-        raise TypeError(
-            f"`{name}` must be a Tensor or an iterable of Tensors, got {shown} "
-            f"{type(parameters).__name__} {parameters!r:.80}; pass e.g. `model.parameters()`"
-        ) from None
-    for i, item in enumerate(items):
-        if not isinstance(item, Tensor):
-            if isinstance(item, tuple):
-                hint = "pass `model.parameters()`, not `model.named_parameters()`"
-            elif isinstance(item, torch.nn.Module):
-                hint = "pass `model.parameters()`, not the module"
-            else:
-                hint = "pass tensors such as `model.parameters()`"
-            raise NotATensorError(
-                f"`{name}` must contain only Tensors, but element {i} is "
-                f"{type(item).__name__} {item!r:.80}; {hint}"
-            )
-    return items
-
 
 def _params_list(parameters: TensorOrTensors, *, warn_empty_generator: bool) -> list[Tensor]:
     is_generator = isinstance(parameters, types.GeneratorType)
-    params = _as_tensor_list(parameters, "parameters")
+    params = tensor_list(parameters, "parameters")
     if warn_empty_generator and is_generator and not params:
         # stacklevel: this helper, the drop-in, torch.no_grad's wrapper, the user's line.
         warnings.warn(
@@ -108,29 +70,6 @@ def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
 
 def _unique_grads(params: list[Tensor]) -> list[Tensor]:
     return _unique(p.grad for p in params if p.grad is not None)
-
-
-def _to_float(value: object, name: str, fix: str) -> float:
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"`{name}` must be a real number, got {value!r:.80}; {fix}") from None
-
-
-def _check_threshold(value: object, name: str) -> float:
-    """``max_norm`` / ``clip_value``: a real number >= 0 (inf allowed: no clipping)."""
-    number = _to_float(value, name, f"pass a float such as `{name}=1.0`")
-    if math.isnan(number) or number < 0:
-        raise ValueError(
-            f"`{name}` must be >= 0, got {number}; torch.nn.utils would "
-            + ("turn every gradient into NaN" if math.isnan(number) else "flip every gradient's sign")
-            + f". Pass a non-negative float such as `{name}=1.0` (`inf` disables clipping)."
-        )
-    return number
-
-
-def _check_norm_type(norm_type: object) -> float:
-    return _to_float(norm_type, "norm_type", "pass a number such as 2.0, or 'inf'")
 
 
 def _raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
@@ -163,35 +102,6 @@ def _measure(
             params=params, per_tensor=per_tensor,
         )
     return norms.compute(grads, p, foreach)
-
-
-# ---------------------------------------------------------------------------------------
-# the engine's scale step, shared by every function that clips by a norm
-
-
-def clip_coefficient(max_norm: float | Tensor, total: Tensor) -> Tensor:
-    """torch's coefficient, ``min(max_norm / (total + 1e-6), 1)``, as a 0-dim device tensor."""
-    return torch.clamp(max_norm / (total + _EPS), max=1.0)
-
-
-def scale_(groups: _foreach.Groups, coef: Tensor, foreach: bool | None) -> None:
-    """Multiply every grouped tensor in place by the 0-dim ``coef``.
-
-    On the CPU a coefficient of exactly 1 skips the multiply (x * 1 == x bit for bit; reading
-    the coefficient is free there). Elsewhere the multiply always runs: deciding would need
-    a host sync.
-    """
-    _foreach.check_foreach(groups, foreach)
-    for (device, _), (group, _) in groups.items():
-        scale = coef.to(device)
-        if _foreach.is_host_device(device) and scale.item() == 1.0:
-            continue
-        use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
-        if use_foreach:
-            _foreach.foreach_mul_(group, scale)
-        else:
-            for g in group:
-                g.mul_(scale)
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,8 +143,8 @@ def grad_norms(
         >>> norms.per_tensor.shape
         torch.Size([2])
     """
-    p = _check_norm_type(norm_type)
-    params = _as_tensor_list(parameters, "parameters")
+    p = check_norm_type(norm_type)
+    params = tensor_list(parameters, "parameters")
     with torch.no_grad():
         return _measure(_unique_grads(params), p, None, shard_group, extra_groups, params, True)
 
@@ -278,8 +188,8 @@ def get_total_norm(
         >>> gradclip.get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
     """
-    p = _check_norm_type(norm_type)
-    tensors = _unique(_as_tensor_list(tensors, "tensors"))
+    p = check_norm_type(norm_type)
+    tensors = _unique(tensor_list(tensors, "tensors"))
     result = _measure(tensors, p, foreach, shard_group, extra_groups)
     if error_if_nonfinite:
         _raise_if_nonfinite(result.total, p)
@@ -311,8 +221,8 @@ def clip_grads_with_norm_(
         >>> p.grad
         tensor([0.6000, 0.8000])
     """
-    max_norm = _check_threshold(max_norm, "max_norm")
-    grads = _unique_grads(_as_tensor_list(parameters, "parameters"))
+    max_norm = check_threshold(max_norm, "max_norm")
+    grads = _unique_grads(tensor_list(parameters, "parameters"))
     if not grads:
         return
     if not isinstance(total_norm, Tensor):
@@ -382,8 +292,8 @@ def clip_grad_norm_(
         tensor([0.6000, 0.8000])
     """
     params = _params_list(parameters, warn_empty_generator=True)
-    max_norm = _check_threshold(max_norm, "max_norm")
-    p = _check_norm_type(norm_type)
+    max_norm = check_threshold(max_norm, "max_norm")
+    p = check_norm_type(norm_type)
     result = _measure(_unique_grads(params), p, foreach, shard_group, extra_groups, params)
     if not result.tensors:
         return result.total
@@ -444,8 +354,8 @@ def clip_grad_value_(
         >>> p.grad
         tensor([-1.0000,  0.5000])
     """
-    clip_value = _check_threshold(clip_value, "clip_value")
-    grads = _unique_grads(_as_tensor_list(parameters, "parameters"))
+    clip_value = check_threshold(clip_value, "clip_value")
+    grads = _unique_grads(tensor_list(parameters, "parameters"))
     if not grads:
         raise RuntimeError(
             "clip_grad_value_ found no gradients to clip (every `.grad` is None or "

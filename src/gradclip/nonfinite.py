@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from gradclip._checks import check_choice
+
 __all__ = ["POLICIES", "NonFiniteGradientError", "NonFinitePolicy", "check_policy"]
 
 NonFinitePolicy = Literal["propagate", "error", "skip"]
@@ -30,11 +32,7 @@ class NonFiniteGradientError(RuntimeError):
 
 def check_policy(nonfinite: object) -> NonFinitePolicy:
     """Validate a ``nonfinite=`` argument."""
-    if nonfinite not in POLICIES:
-        raise ValueError(
-            f"`nonfinite` must be one of {', '.join(map(repr, POLICIES))}, got {nonfinite!r}"
-        )
-    return nonfinite  # type: ignore[return-value]
+    return check_choice(nonfinite, "nonfinite", POLICIES, "nonfinite='skip'")  # type: ignore[return-value]
 
 
 def raise_nonfinite(total: Tensor, per_tensor: Tensor, names: tuple[str, ...]) -> None:

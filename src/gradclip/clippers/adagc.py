@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from gradclip.clippers.base import Clipper, check_count, check_real
-from gradclip.functional import clip_coefficient
+from gradclip._checks import check_count, check_real
+from gradclip.clippers.base import Clipper
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
+from gradclip.scale import clip_coefficient
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

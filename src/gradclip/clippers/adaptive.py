@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from gradclip.clippers.base import Clipper, check_count, check_real
-from gradclip.functional import _check_threshold, clip_coefficient
+from gradclip._checks import check_count, check_real, check_threshold
+from gradclip.clippers.base import Clipper
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
+from gradclip.scale import clip_coefficient
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -231,7 +232,7 @@ class AdaptiveClip(Clipper):
         self.recovery = check_real(
             recovery, "recovery", "finite and >= 0", lambda v: 0 <= v < math.inf, "recovery=1e-3"
         )
-        self.max_norm = None if max_norm is None else _check_threshold(max_norm, "max_norm")
+        self.max_norm = None if max_norm is None else check_threshold(max_norm, "max_norm")
         super().__init__(
             norm_type=norm_type,
             nonfinite=nonfinite,

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from gradclip import _foreach, distributed
-from gradclip.clippers.base import Clipper, Parameters, check_real
+from gradclip._checks import check_real
+from gradclip.clippers.base import Clipper, Parameters
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import SMALL_NUMEL, GradNorms, accumulation_dtype, empty_norms
 from gradclip.stats import ClipStats

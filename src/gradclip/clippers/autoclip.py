@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from gradclip.clippers.base import Clipper, check_count, global_decision
+from gradclip._checks import check_count
+from gradclip.clippers.base import Clipper, global_decision
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
 

@@ -8,21 +8,20 @@ algorithm: resolving parameters and names, the one norm pass, the non-finite pol
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from gradclip import _foreach, distributed, norms
-from gradclip.functional import _as_tensor_list, _check_norm_type, clip_coefficient, scale_
+from gradclip._checks import check_norm_type, tensor_list
 from gradclip.nonfinite import (
     NonFinitePolicy,
     check_policy,
     raise_nonfinite,
 )
+from gradclip.scale import clip_coefficient, scale_, scale_each_
 from gradclip.stats import ClipStats
 
 if TYPE_CHECKING:
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
 
     from gradclip.distributed import GroupLike
 
-__all__ = ["Clipper", "Parameters", "check_count", "check_real", "named_grads"]
+__all__ = ["Clipper", "Parameters", "named_grads"]
 
 Parameters = (
     torch.nn.Module | Tensor | Mapping[str, Tensor] | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
@@ -59,7 +58,7 @@ def _named_params(parameters: Parameters) -> tuple[list[str], list[Tensor]]:
             pairs = [(str(n), t) for n, t in items]
         else:
             pairs = list(zip(map(str, range(len(items))), items, strict=True))
-    return [n for n, _ in pairs], _as_tensor_list([t for _, t in pairs], "parameters")
+    return [n for n, _ in pairs], tensor_list([t for _, t in pairs], "parameters")
 
 
 def _with_grads(
@@ -75,29 +74,6 @@ def _with_grads(
             params.append(param)
             grads.append(grad)
     return tuple(names), params, grads
-
-
-def check_real(value: object, name: str, rule: str, ok: Callable[[float], bool], fix: str) -> float:
-    """A real-number constructor argument: ``ValueError`` naming it, the value and the fix."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"`{name}` must be a real number {rule}, got {value!r:.80}; pass e.g. `{fix}`")
-    number = float(value)
-    if math.isnan(number) or not ok(number):
-        raise ValueError(f"`{name}` must be {rule}, got {number}; pass e.g. `{fix}`")
-    return number
-
-
-def check_count(value: object, name: str, minimum: int, fix: str, *, none: str | None = None) -> int | None:
-    """An integer constructor argument ``>= minimum``: ``ValueError`` naming it, the value and
-    the fix. ``none`` says what ``None`` means where it is allowed (None is then returned)."""
-    if value is None and none is not None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        also = f" or None ({none})" if none is not None else ""
-        raise ValueError(
-            f"`{name}` must be an int >= {minimum}{also}, got {value!r:.80}; pass e.g. `{fix}`"
-        )
-    return int(value)
 
 
 def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
@@ -143,7 +119,7 @@ class Clipper:
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
     ):
-        self.norm_type = _check_norm_type(norm_type)
+        self.norm_type = check_norm_type(norm_type)
         self.nonfinite = check_policy(nonfinite)
         # Not in config(): process groups are neither comparable nor picklable, and a
         # checkpoint written on one layout must load on another.
@@ -388,16 +364,8 @@ class Clipper:
     def _scale(self, measured: norms.GradNorms, coef: Tensor) -> None:
         if coef.dim() == 0:
             scale_(measured.groups, coef, foreach=None)
-            return
-        for (device, _), (group, indices) in measured.groups.items():
-            coefs = coef[torch.tensor(indices, device=coef.device)].to(device)
-            if _foreach.is_host_device(device):
-                keep = (coefs != 1).tolist()
-                group = [g for g, k in zip(group, keep, strict=True) if k]
-                coefs = coefs[torch.tensor(keep)]
-                if not group:
-                    continue
-            _foreach.foreach_mul_(group, list(coefs.unbind()))
+        else:
+            scale_each_(measured.groups, coef)
 
 
 def _steps_only(optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> bool:

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from gradclip import _foreach
+from gradclip._checks import check_threshold
 from gradclip.clippers.base import Clipper
-from gradclip.functional import _check_threshold, clip_coefficient
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
+from gradclip.scale import clip_coefficient
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -54,7 +55,7 @@ class NormClip(Clipper):
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
     ):
-        self.max_norm = _check_threshold(max_norm, "max_norm")
+        self.max_norm = check_threshold(max_norm, "max_norm")
         super().__init__(
             norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
         )
@@ -100,7 +101,7 @@ class ValueClip(Clipper):
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
     ):
-        self.clip_value = _check_threshold(clip_value, "clip_value")
+        self.clip_value = check_threshold(clip_value, "clip_value")
         super().__init__(
             norm_type=math.inf, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
         )

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from gradclip.clippers.base import Clipper, check_count, check_real
-from gradclip.functional import _check_threshold, clip_coefficient
+from gradclip._checks import check_count, check_real, check_threshold
+from gradclip.clippers.base import Clipper
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
+from gradclip.scale import clip_coefficient
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -122,7 +123,7 @@ class ZClip(Clipper):
         self.z_threshold = check_real(z_threshold, "z_threshold", "finite and > 0",
                                       lambda v: 0 < v < math.inf, "z_threshold=2.5")  # fmt: skip
         self.warmup_steps = check_count(warmup_steps, "warmup_steps", 1, "warmup_steps=25")
-        self.max_norm = None if max_norm is None else _check_threshold(max_norm, "max_norm")
+        self.max_norm = None if max_norm is None else check_threshold(max_norm, "max_norm")
         if mode not in MODES:
             raise ValueError(
                 f"`mode` must be one of {', '.join(map(repr, MODES))}, got {mode!r:.80}; "
