@@ -26,8 +26,8 @@ from torch import Tensor
 
 __all__ = [
     "ArgumentTypeError",
-    "NotATensorError",
     "NotAScalarError",
+    "NotATensorError",
     "check_choice",
     "check_count",
     "check_norm_type",
