@@ -6,6 +6,8 @@ helper breaks one file, not the package.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -13,18 +15,25 @@ from torch import Tensor
 from torch.utils import _foreach_utils
 
 __all__ = [
+    "TORCH_VERSION",
     "check_foreach",
     "device_has_foreach",
     "flatten",
     "foreach_clamp_",
     "foreach_mul_",
     "foreach_norm",
+    "fused_handles",
     "group_by_device_dtype",
     "has_foreach_support",
     "is_compiling",
     "is_host_device",
     "named_parameters",
 ]
+
+TORCH_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
+    int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups()  # type: ignore[union-attr]
+)
+"""(major, minor) of the installed torch: what the version shims below compare against."""
 
 Groups = dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]
 
@@ -87,8 +96,13 @@ def foreach_mul_(tensors: list[Tensor], scale: Tensor | list[Tensor]) -> None:
     torch._foreach_mul_(tensors, scale)
 
 
-def foreach_clamp_(tensors: list[Tensor], low: float, high: float) -> None:
-    """Clamp every tensor in place to ``[low, high]`` with torch's foreach order (min, then max)."""
+def foreach_clamp_(tensors: list[Tensor], low: float | Tensor, high: float | Tensor) -> None:
+    """Clamp every tensor in place to ``[low, high]`` with torch's foreach order (min, then
+    max); 0-dim tensor bounds are read on the device, not on the host."""
+    if isinstance(low, Tensor):
+        torch._foreach_clamp_min_(tensors, [low] * len(tensors))
+        torch._foreach_clamp_max_(tensors, [high] * len(tensors))
+        return
     torch._foreach_clamp_min_(tensors, low)
     torch._foreach_clamp_max_(tensors, high)
 
@@ -136,3 +150,37 @@ def named_parameters(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
         return True
 
     return out if visit("", module) else list(module.named_parameters())
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_warned_fused_sgd = False
+
+
+def fused_handles(optimizer: torch.optim.Optimizer, grad: Tensor) -> bool:
+    """Whether the optimizer's fused kernel updates a parameter with this gradient correctly,
+    so that a clip may be folded into it.
+
+    torch < 2.14: the fused CPU ``SGD`` and ``Adagrad`` kernels skip the vectorised part of
+    float16/bfloat16 updates (pytorch/pytorch#191763, fixed in 2.14 by #192545, not
+    backported). The clip is then applied by a plain multiply, and a warning (once) says the
+    optimizer itself is affected.
+    """
+    global _warned_fused_sgd
+    if (
+        TORCH_VERSION < (2, 14)
+        and grad.device.type == "cpu"
+        and grad.dtype in _LOW_PRECISION
+        and isinstance(optimizer, (torch.optim.SGD, torch.optim.Adagrad))
+    ):
+        if not _warned_fused_sgd:
+            _warned_fused_sgd = True
+            warnings.warn(
+                f"torch {torch.__version__}: fused CPU {type(optimizer).__name__} skips most "
+                "float16/bfloat16 parameter updates (pytorch/pytorch#191763, fixed in torch "
+                "2.14). gradclip clips these gradients by a plain multiply instead of folding "
+                "the clip into the optimizer, but the optimizer's own step is still affected: "
+                "use fused=False, float32 parameters, or torch>=2.14.",
+                stacklevel=4,
+            )
+        return False
+    return True

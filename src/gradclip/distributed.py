@@ -61,6 +61,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gradclip import norms as _norms
+from gradclip._cache import index_tensor
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -338,7 +339,7 @@ class Reduction:
         if not taken:
             return values.new_zeros(self.slots)
         values = _subset(values, taken)
-        index = _norms._index_tensor(tuple(self.slot[i] for i in taken), values.device)
+        index = index_tensor(tuple(self.slot[i] for i in taken), values.device)
         if not is_max:
             return values.new_zeros(self.slots).index_add_(0, index, values)
         nan = torch.isnan(values)
@@ -357,8 +358,8 @@ class Reduction:
             return slot_norms  # every row is a split tensor, in slot order
         out = local_norms.new_zeros(len(self.rows))
         if len(local_norms):
-            out.index_copy_(0, _norms._index_tensor(tuple(self.row_of), out.device), local_norms)
-        index = _norms._index_tensor(tuple(self.slot_rows), out.device)
+            out.index_copy_(0, index_tensor(tuple(self.row_of), out.device), local_norms)
+        index = index_tensor(tuple(self.slot_rows), out.device)
         return out.index_copy_(0, index, slot_norms)
 
     def _finish(self, total: Tensor, is_max: bool, p: float) -> Tensor:
@@ -374,7 +375,7 @@ def _subset(values: Tensor, positions: tuple[int, ...]) -> Tensor:
         return values
     if not positions:
         return values[:0]
-    return values[_norms._index_tensor(positions, values.device)]
+    return values[index_tensor(positions, values.device)]
 
 
 def _powers(norms: Tensor, p: float) -> Tensor:
@@ -663,7 +664,7 @@ def schedule(
     process group of ``keys[k]``. Groups are visited in the global order of
     ``_order_key``, the same on every rank, so no two ranks wait on each other in a cycle."""
     return [
-        (group, None if len(positions) == n else _norms._index_tensor(tuple(positions), device))
+        (group, None if len(positions) == n else index_tensor(tuple(positions), device))
         for group, positions in _by_group(keys, entries, order)
     ]
 

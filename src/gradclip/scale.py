@@ -14,7 +14,7 @@ from torch import Tensor
 from gradclip import _foreach
 from gradclip._cache import index_tensor
 
-__all__ = ["TORCH_EPS", "clip_coefficient", "scale_", "scale_each_"]
+__all__ = ["TORCH_EPS", "clip_coefficient", "noop_on_host", "scale_", "scale_each_"]
 
 TORCH_EPS = 1e-6
 """torch's ``clip_coef = max_norm / (total_norm + 1e-6)``: the eps decides whether a norm
@@ -33,7 +33,7 @@ def clip_coefficient(max_norm: float | Tensor, total: Tensor) -> Tensor:
     return torch.clamp(max_norm / (total + TORCH_EPS), max=1.0)
 
 
-def _skip_on_host(device: torch.device, coef: Tensor) -> bool:
+def noop_on_host(device: torch.device, coef: Tensor) -> bool:
     """On the CPU a coefficient of exactly 1 makes the multiply a no-op (x * 1 == x bit for
     bit), and reading it costs no device sync. Elsewhere, and while compiling (a value read
     would break the graph), the multiply always runs."""
@@ -56,7 +56,7 @@ def scale_(groups: _foreach.Groups, coef: Tensor, foreach: bool | None) -> None:
     _foreach.check_foreach(groups, foreach)
     for (device, _), (group, _) in groups.items():
         scale = coef.to(device)
-        if _skip_on_host(device, scale):
+        if noop_on_host(device, scale):
             continue
         use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
         if use_foreach:
@@ -81,7 +81,7 @@ def scale_each_(groups: _foreach.Groups, coefs: Tensor) -> None:
     """
     for (device, _), (group, indices) in groups.items():
         mine = coefs.index_select(0, index_tensor(tuple(indices), coefs.device)).to(device)
-        if _foreach.is_host_device(device) and not _foreach.is_compiling():
+        if _foreach.is_host_device(device) and not _foreach.is_compiling():  # see noop_on_host
             keep = (mine != 1).tolist()
             if not any(keep):
                 continue

@@ -71,8 +71,8 @@ def run(clipper: AutoClip, norms: list[float], steps: range | None = None):
 
 
 def valid_history(clipper: AutoClip) -> np.ndarray:
-    history = clipper._state["history"]
-    filled = min(int(clipper._state["count"]), history.numel())
+    history = clipper.state.history
+    filled = min(int(clipper.state.count), history.numel())
     return history[:filled].double().numpy()
 
 
@@ -113,9 +113,9 @@ def test_matches_algorithm_1_step_by_step(percentile, window, monkeypatch):
     assert int(clipper.steps) == len(norms) - 2
     assert int(clipper.nonfinite_steps) == 2
     if window is None:
-        assert clipper._state["history"].numel() == 64  # 4 -> 64 as calls reached 4, 8, 16, 32
+        assert clipper.state.history.numel() == 64  # 4 -> 64 as calls reached 4, 8, 16, 32
     else:
-        assert clipper._state["history"].numel() == window
+        assert clipper.state.history.numel() == window
 
 
 def test_first_step_threshold_is_its_own_norm():
@@ -152,8 +152,8 @@ def test_window_wraps_around_as_a_ring():
         stats = clipper([p])
     # the 5 and the 1 left the window: max of [2, 3, 4]; norms 4 and 5 overwrote slots 0, 1
     assert float(stats.threshold) == 4.0
-    assert clipper._state["history"].tolist() == [3.0, 4.0, 2.0]
-    assert int(clipper._state["count"]) == 5
+    assert clipper.state.history.tolist() == [3.0, 4.0, 2.0]
+    assert int(clipper.state.count) == 5
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def test_nonfinite_first_step_leaves_history_empty():
     p.grad = torch.tensor([math.nan, 1.0])
     stats = clipper([p])
     assert float(stats.threshold) == math.inf and not bool(stats.finite)
-    assert int(clipper._state["count"]) == 0
+    assert int(clipper.state.count) == 0
     p.grad = torch.tensor([3.0, 4.0])
     assert float(clipper([p]).threshold) == 5.0
 
@@ -337,7 +337,7 @@ def test_peer_autoclip_nan_poisons_its_history_not_ours():
             assert all(bool(p.grad.isnan().all()) for p in theirs), "peer no longer poisoned?"
             assert all(bool(p.grad.isfinite().all()) for p in ours_params.values())
     assert bool(clipper.state["global_history"].isnan().any())
-    assert bool(ours._state["history"].isfinite().sum() == len(norms) - 1)
+    assert bool(ours.state.history.isfinite().sum() == len(norms) - 1)
     # and our last step is the paper's: the median of the 9 finite norms, the current one included
     want = float(np.percentile([n for n in norms if math.isfinite(n)], 50))
     got = float64_norm([p.grad for p in ours_params.values()])
@@ -348,15 +348,15 @@ def test_peer_autoclip_nan_poisons_its_history_not_ours():
 # protocol details
 
 
-def test_decide_alone_changes_nothing():
+def test_step_is_pure():
     norms = norm_sequence()[:12]
     probed, plain = AutoClip(50.0, window=5), AutoClip(50.0, window=5)
     stray = gradclip_norms(grads_with_norm(1e6, 999))
     for (_, a, ga), (_, b, gb) in zip(run(probed, norms), run(plain, norms), strict=True):
-        before = {k: v.clone() for k, v in probed._state.items()}
-        probed._decide(stray, (), [])  # e.g. a dry run: must not leak into the next step
-        for k, v in probed._state.items():
-            assert_identical(v, before[k])
+        before = [v.clone() for v in probed.state]
+        probed._step(stray, probed.state)  # e.g. a dry run: must not leak into the next step
+        for v, w in zip(probed.state, before, strict=True):
+            assert_identical(v, w)
         assert_identical(a.threshold, b.threshold)
         for x, y in zip(ga, gb, strict=True):
             assert_identical(x, y)

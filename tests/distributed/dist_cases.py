@@ -617,11 +617,11 @@ def agc_cases(rank: int, world: int, rec: list[dict]) -> None:
     clip_layout(rec, "fsdp2", model, clip_reference(mlp(), make=_agc), split, make=_agc,
                  tag="agc")
     # one pass over the gradients: the rows' norms come from the measuring pass
-    from gradclip.clippers import agc as agc_module
+    from gradclip.norms.units import UnitPlan
 
     passes = []
-    original = agc_module._UnitPlan.unit_norms
-    agc_module._UnitPlan.unit_norms = lambda plan, tensors, *a, **k: (  # type: ignore[method-assign]
+    original = UnitPlan.unit_norms
+    UnitPlan.unit_norms = lambda plan, tensors, *a, **k: (  # type: ignore[method-assign]
         passes.append({t.data_ptr() for t in tensors}) or original(plan, tensors, *a, **k))
     try:
         model.zero_grad()
@@ -629,7 +629,7 @@ def agc_cases(rank: int, world: int, rec: list[dict]) -> None:
         grads = {q.grad.to_local().data_ptr() for q in model.parameters()}
         _agc()(model)
     finally:
-        agc_module._UnitPlan.unit_norms = original  # type: ignore[method-assign]
+        UnitPlan.unit_norms = original  # type: ignore[method-assign]
     rec.append({"case": "agc_passes", "grad_passes": sum(bool(ptrs & grads) for ptrs in passes),
                 "passes": len(passes)})
     # every parameter clipped; the last layer's single row lives on rank 0 only

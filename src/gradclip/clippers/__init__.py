@@ -1,23 +1,29 @@
 """Clippers: stateful objects that choose the threshold and clip (see :class:`Clipper`)."""
 
-from gradclip.clippers.adagc import AdaGC
-from gradclip.clippers.adaptive import AdaptiveClip
+from gradclip.clippers.adagc import AdaGC, AdaGCState
+from gradclip.clippers.adaptive import AdaptiveClip, AdaptiveClipState
 from gradclip.clippers.agc import AGC, LAST_LINEAR
-from gradclip.clippers.autoclip import AutoClip
-from gradclip.clippers.base import Clipper, Parameters, named_grads
+from gradclip.clippers.autoclip import AutoClip, AutoClipState
+from gradclip.clippers.base import Clipper, Step
 from gradclip.clippers.fixed import NormClip, ValueClip
-from gradclip.clippers.zclip import ZClip
+from gradclip.clippers.targets import Parameters, named_grads
+from gradclip.clippers.zclip import ZClip, ZClipState
 
 __all__ = [
     "AGC",
     "LAST_LINEAR",
     "AdaGC",
+    "AdaGCState",
     "AdaptiveClip",
+    "AdaptiveClipState",
     "AutoClip",
+    "AutoClipState",
     "Clipper",
     "NormClip",
     "Parameters",
+    "Step",
     "ValueClip",
     "ZClip",
+    "ZClipState",
     "named_grads",
 ]

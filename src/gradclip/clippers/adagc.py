@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from gradclip._checks import check_count, check_real
-from gradclip.clippers.base import Clipper
+from gradclip.clippers.base import Clipper, Step
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
 from gradclip.scale import clip_coefficient
@@ -23,16 +21,29 @@ if TYPE_CHECKING:
 
     from gradclip.distributed import GroupLike
 
-__all__ = ["OFFICIAL_CODE", "AdaGC"]
+__all__ = ["OFFICIAL_CODE", "AdaGC", "AdaGCState"]
 
 OFFICIAL_CODE: dict[str, float] = {"relative": 1.04, "beta": 0.99}
 """The values of the authors' Megatron patch (``clip_ratio``, ``clip_beta``); the paper's,
 which are the defaults, are 1.05 and 0.98. Use as ``AdaGC(**OFFICIAL_CODE)``."""
 
-_PARAM_KEYS = frozenset({"gamma", "steps"})
 
 
-class AdaGC(Clipper):
+class AdaGCState(NamedTuple):
+    """:class:`AdaGC`'s per-parameter statistics, one entry per parameter tensor (vectors
+    over the parameters of the call; saved by parameter name in
+    ``state_dict()["param_state"][name]``).
+
+    Attributes:
+        gamma: float32, γ_i (``inf`` until the tensor's first finite step).
+        steps: int64, finite steps with a non-zero gradient seen by the tensor.
+    """
+
+    gamma: Tensor
+    steps: Tensor
+
+
+class AdaGC(Clipper[AdaGCState]):
     """Clip each tensor's gradient against an EMA of its own past clipped norms.
 
     Per parameter tensor i, with ``n_i = ‖g_i‖₂`` its gradient norm this step::
@@ -71,13 +82,8 @@ class AdaGC(Clipper):
     per-tensor thresholds ``‖(λ_rel · γ_i)_i‖₂`` (the total norm if every tensor sat exactly
     at its threshold).
 
-    State (see :meth:`state_dict`), on the gradients' device after the first call, keyed by
-    parameter name in ``state_dict()["param_state"][name]``:
-
-    * ``gamma``: float32, 0-dim, γ_i (``inf`` until the tensor's first finite step);
-    * ``steps``: int64, 0-dim, finite steps with a non-zero gradient seen by this tensor.
-
-    Internally the entries of the current parameters are views into one vector each, so a
+    State: :class:`AdaGCState`, per parameter name, on the gradients' device after the first
+    call. The entries of the current parameters are views into one vector per field, so a
     step is a handful of vectorised operations over the per-tensor norms, with no host sync.
 
     **Distributed training.** ``n_i`` is the norm of the whole tensor under every layout
@@ -126,6 +132,8 @@ class AdaGC(Clipper):
     """
 
     STATE_VERSION: ClassVar[int] = 1
+    State = AdaGCState
+    per_tensor_state = True
     folds_into_fused = False  # one coefficient per tensor
 
     def __init__(
@@ -146,8 +154,6 @@ class AdaGC(Clipper):
         self.warmup_max_norm = check_real(
             warmup_max_norm, "warmup_max_norm", "> 0", lambda v: v > 0, "warmup_max_norm=1.0"
         )
-        self._bound: _Bound | None = None
-        self._pending: tuple[Tensor, Tensor] | None = None
         super().__init__(
             norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
         )
@@ -161,55 +167,18 @@ class AdaGC(Clipper):
             "nonfinite": self.nonfinite,
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        entries = state_dict.get("param_state", {})
-        bad = [name for name, entry in entries.items() if set(entry) != _PARAM_KEYS]
-        if bad:
-            raise ValueError(
-                f"AdaGC state dict does not match: param_state entries {bad[:5]} must hold "
-                f"exactly {sorted(_PARAM_KEYS)}; pass the value of `AdaGC.state_dict()`"
-            )
-        super().load_state_dict(state_dict)
+    def _init_state(self, tensors: int) -> AdaGCState:
+        return AdaGCState(
+            gamma=torch.full((tensors,), math.inf, dtype=torch.float32),
+            steps=torch.zeros(tensors, dtype=torch.long),
+        )
 
-    # -- the per-tensor vectors ------------------------------------------------------------
-
-    def _vectors(self, names: tuple[str, ...], device: torch.device) -> _Bound:
-        """γ and counts of ``names`` as two vectors whose elements are the per-name entries.
-
-        Rebuilt only when the names change or the base replaced the per-name state (reset,
-        load_state_dict, a move to another device); otherwise the vectors of the last step
-        are reused, and their in-place updates are what ``state_dict()`` reads.
-        """
-        bound = self._bound
-        if bound is not None and bound.names == names and bound.state is self._param_state:
-            return bound
-        state = self._param_state
-        gammas, counts = [], []
-        for name in names:
-            entry = state.get(name)
-            if entry is None:
-                gammas.append(torch.full((), math.inf, dtype=torch.float32, device=device))
-                counts.append(torch.zeros((), dtype=torch.long, device=device))
-            else:
-                gammas.append(entry["gamma"].to(device=device, dtype=torch.float32))
-                counts.append(entry["steps"].to(device=device, dtype=torch.long))
-        gamma = torch.stack(gammas)
-        steps = torch.stack(counts)
-        for i, name in enumerate(names):
-            state[name] = {"gamma": gamma[i], "steps": steps[i]}
-        self._bound = _Bound(names, state, gamma, steps)
-        return self._bound
-
-    # -- the step ----------------------------------------------------------------------------
-
-    def _decide(
-        self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
-    ) -> tuple[Tensor, Tensor]:
+    def _step(self, norms: GradNorms, state: AdaGCState) -> Step:
         norm = norms.per_tensor
-        bound = self._vectors(names, norm.device)
-        warm = bound.steps < self.warmup_steps
+        gamma, steps = state
+        warm = steps < self.warmup_steps
         global_coef = clip_coefficient(self.warmup_max_norm, norms.total)
-        limit = (self.relative * bound.gamma).to(norm.dtype)
+        limit = (self.relative * gamma).to(norm.dtype)
         # n > λγ is False for NaN norms and for a first step with γ = inf: h = 1 there.
         relative_coef = torch.where(norm > limit, limit / norm, torch.ones_like(norm))
         coef = torch.where(warm, global_coef, relative_coef)
@@ -218,35 +187,12 @@ class AdaGC(Clipper):
             torch.full((), self.warmup_max_norm, dtype=norms.total.dtype, device=norm.device),
             torch.linalg.vector_norm(limit).to(norms.total.dtype),
         )
-        self._pending = (coef, warm)
-        return threshold, coef
-
-    def _update(self, norms: GradNorms, post_norm: Tensor, finite: Tensor) -> None:
-        if self._pending is None or self._bound is None:
-            raise RuntimeError("AdaGC._update runs only after AdaGC._decide in the same call")
-        coef, warm = self._pending
-        self._pending = None
-        bound = self._bound
-        norm = norms.per_tensor
         clipped = (coef * norm).float()
         # a zero gradient is an absent one: γ would decay toward 0 and freeze the tensor.
-        active = finite & (norm > 0)
-        first = warm | (bound.steps == 0)  # steps == 0: warmup_steps=0 starts γ at n_i
-        gamma = torch.where(
-            first,
-            torch.minimum(bound.gamma, clipped),
-            self.beta * bound.gamma + (1 - self.beta) * clipped,
+        active = torch.isfinite(norms.total) & (norm > 0)
+        first = warm | (steps == 0)  # steps == 0: warmup_steps=0 starts γ at n_i
+        new_gamma = torch.where(
+            first, torch.minimum(gamma, clipped), self.beta * gamma + (1 - self.beta) * clipped
         )
-        bound.gamma.copy_(torch.where(active, gamma, bound.gamma))
-        bound.steps.add_(active.long())
-
-
-@dataclass(frozen=True)
-class _Bound:
-    """The per-tensor vectors of one parameter set; ``state`` is the dict they are bound to."""
-
-    names: tuple[str, ...]
-    state: dict[str, dict[str, Tensor]]
-    gamma: Tensor
-    steps: Tensor
-
+        new_state = AdaGCState(torch.where(active, new_gamma, gamma), steps + active.long())
+        return Step(threshold, coef, new_state)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gradclip._checks import check_count, check_real, check_threshold
-from gradclip.clippers.base import Clipper
+from gradclip.clippers.base import Clipper, Step
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
 from gradclip.scale import clip_coefficient
@@ -21,10 +21,30 @@ if TYPE_CHECKING:
 
     from gradclip.distributed import GroupLike
 
-__all__ = ["AdaptiveClip"]
+__all__ = ["AdaptiveClip", "AdaptiveClipState"]
 
 
-class AdaptiveClip(Clipper):
+class AdaptiveClipState(NamedTuple):
+    """:class:`AdaptiveClip`'s statistics (on the gradients' device after the first call).
+
+    Attributes:
+        history: float32, shape ``(window,)``, the recorded norms in ring order; slots not
+            yet written hold ``+inf``.
+        count: int64, 0-dim, the number of norms ever recorded (next slot: ``count % window``).
+        threshold: float32, 0-dim, ``c`` after the last recorded step, before ``max_norm``
+            (``inf`` before the first).
+        warm: bool, 0-dim, True until the warm-up ramp has reached its cap.
+        multiple: float32, 0-dim, the ceiling ``k`` for the next step.
+    """
+
+    history: Tensor
+    count: Tensor
+    threshold: Tensor
+    warm: Tensor
+    multiple: Tensor
+
+
+class AdaptiveClip(Clipper[AdaptiveClipState]):
     """Clip to a guarded multiple of the median recent gradient norm: no threshold to tune.
 
     With ``g`` the pre-clip total norm of this step, ``m`` the median of the last ``window``
@@ -99,16 +119,7 @@ class AdaptiveClip(Clipper):
     rate: when the rate is too high, the best fixed threshold clips every step, which
     ``AdaptiveClip`` reaches only through the back-off.
 
-    State (see :meth:`state_dict`), on the gradients' device after the first call:
-
-    * ``history``: float32, shape ``(window,)``, the recorded norms in ring order; slots not
-      yet written hold ``+inf``.
-    * ``count``: int64, 0-dim, the number of norms ever recorded (next slot: ``count %
-      window``).
-    * ``threshold``: float32, 0-dim, ``c`` after the last recorded step, before ``max_norm``
-      (``inf`` before the first).
-    * ``warm``: bool, 0-dim, True until the warm-up ramp has reached its cap.
-    * ``multiple``: float32, 0-dim, the ceiling ``k`` for the next step.
+    State: :class:`AdaptiveClipState` (``clipper.state``, and in :meth:`state_dict`).
 
     A step sorts ``window`` floats and does about 40 operations on 0-dim tensors (0.1 ms on
     a CPU), with no host sync. :class:`~gradclip.ClipStats` ``threshold`` is the threshold applied; on a step whose
@@ -233,6 +244,7 @@ class AdaptiveClip(Clipper):
             recovery, "recovery", "finite and >= 0", lambda v: 0 <= v < math.inf, "recovery=1e-3"
         )
         self.max_norm = None if max_norm is None else check_threshold(max_norm, "max_norm")
+        self._constants: _Constants | None = None
         super().__init__(
             norm_type=norm_type,
             nonfinite=nonfinite,
@@ -256,19 +268,24 @@ class AdaptiveClip(Clipper):
             **super().config(),
         }
 
-    def _init_state(self) -> dict[str, Tensor]:
-        return {
-            "history": torch.full((self.window,), math.inf, dtype=torch.float32),
-            "count": torch.zeros((), dtype=torch.long),
-            "threshold": torch.full((), math.inf, dtype=torch.float32),
-            "warm": torch.ones((), dtype=torch.bool),
-            "multiple": torch.full((), self.relative, dtype=torch.float32),
-        }
+    State = AdaptiveClipState
 
-    def reset(self) -> None:
-        super().reset()
-        self._constants: _Constants | None = None
-        self._pending: tuple[Tensor, _Step] | None = None
+    def _init_state(self, tensors: int) -> AdaptiveClipState:
+        return AdaptiveClipState(
+            history=torch.full((self.window,), math.inf, dtype=torch.float32),
+            count=torch.zeros((), dtype=torch.long),
+            threshold=torch.full((), math.inf, dtype=torch.float32),
+            warm=torch.ones((), dtype=torch.bool),
+            multiple=torch.full((), self.relative, dtype=torch.float32),
+        )
+
+    def _check_state(self, state: AdaptiveClipState) -> None:
+        multiple = float(state.multiple)
+        if not 0 < multiple <= self.relative or bool((state.history <= 0).any()):
+            raise ValueError(
+                f"AdaptiveClip state dict holds multiple={multiple} (must be in (0, "
+                f"relative={self.relative:g}]) or a recorded norm <= 0; the checkpoint is corrupt"
+            )
 
     def _constants_on(self, device: torch.device) -> _Constants:
         """The step's constants as device tensors, built once per device: an operation on a
@@ -300,16 +317,10 @@ class AdaptiveClip(Clipper):
             )
         return constants
 
-    def _step(self, total: Tensor) -> _Step:
-        """This step's threshold and the state after it. Changes nothing."""
-        state = self._state
-        history, count, previous, warm, multiple = (
-            state["history"],
-            state["count"],
-            state["threshold"],
-            state["warm"],
-            state["multiple"],
-        )
+    def _step(self, norms: GradNorms, state: AdaptiveClipState) -> Step:
+        """This step's threshold and the state after it (see the class doc); pure."""
+        total = norms.total
+        history, count, previous, warm, multiple = state
         k = self._constants_on(history.device)
         norm = total.float()
         recorded = (norm > k.zero) & (norm < k.inf)  # False for NaN, inf and a zero gradient
@@ -325,46 +336,25 @@ class AdaptiveClip(Clipper):
         start = k.warmup_start * torch.where(recorded, norm, k.inf)
         threshold = torch.where(first, start, torch.minimum(grown, cap))
         still_warm = warm & (first | (grown < cap))
-        multiple = torch.minimum(multiple * k.recovery_rate, k.relative)
+        new_multiple = torch.minimum(multiple * k.recovery_rate, k.relative)
         # Never a spike with spike=None (k.spike is inf) or before the window is full.
         spiked = (norm > k.spike * median) & (count >= k.window) & recorded
         backed_off = torch.maximum(k.backoff * threshold, k.min_relative * median)
         threshold = torch.where(spiked, torch.minimum(threshold, backed_off), threshold)
-        multiple = torch.where(spiked, torch.maximum(threshold / median, k.min_relative), multiple)
+        new_multiple = torch.where(
+            spiked, torch.maximum(threshold / median, k.min_relative), new_multiple
+        )
         write = (k.slots == torch.remainder(count, k.window)) & recorded
-        return _Step(
-            threshold=threshold,
-            state={  # every entry masked by `recorded`, which implies a finite norm
-                "history": torch.where(write, norm, history),
-                "count": count + recorded,
-                "threshold": torch.where(recorded, threshold, previous),
-                "warm": torch.where(recorded, still_warm, warm),
-                "multiple": torch.where(recorded, multiple, state["multiple"]),
-            },
+        new_state = AdaptiveClipState(  # every entry masked by `recorded` (a finite norm)
+            history=torch.where(write, norm, history),
+            count=count + recorded,
+            threshold=torch.where(recorded, threshold, previous),
+            warm=torch.where(recorded, still_warm, warm),
+            multiple=torch.where(recorded, new_multiple, multiple),
         )
-
-    def _decide(
-        self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
-    ) -> tuple[Tensor, Tensor]:
-        total = norms.total
-        step = self._step(total)
-        self._pending = (total, step)  # the same call's _update keeps exactly this
-        threshold = step.threshold
-        if self.max_norm is not None:
-            threshold = torch.clamp(threshold, max=self.max_norm)
-        threshold = threshold.to(total.dtype)
-        return threshold, clip_coefficient(threshold, total)
-
-    def _update(self, norms: GradNorms, post_norm: Tensor, finite: Tensor) -> None:
-        pending, self._pending = self._pending, None
-        step = (
-            pending[1]
-            if pending is not None and pending[0] is norms.total
-            else self._step(norms.total)
-        )
-        # _step masked every entry with its own `recorded` (a finite, non-zero norm). `finite`
-        # is the base's verdict on the same norm, so they agree; the state is replaced as is.
-        self._state.update(step.state)
+        applied = threshold if self.max_norm is None else torch.clamp(threshold, max=self.max_norm)
+        applied = applied.to(total.dtype)
+        return Step(applied, clip_coefficient(applied, total), new_state)
 
 
 class _Constants(NamedTuple):
@@ -382,8 +372,3 @@ class _Constants(NamedTuple):
     spike: Tensor  # inf when spike=None
     backoff: Tensor
     min_relative: Tensor
-
-
-class _Step(NamedTuple):
-    threshold: Tensor  # float32 0-dim, before max_norm
-    state: dict[str, Tensor]  # the state after this step (unchanged if the norm is not recorded)

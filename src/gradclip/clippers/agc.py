@@ -5,27 +5,28 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import torch
 from torch import Tensor
 
 from gradclip import _foreach, distributed
+from gradclip._cache import LRU
 from gradclip._checks import check_real
-from gradclip.clippers.base import Clipper, Parameters
+from gradclip.clippers.base import Clipper, Step
+from gradclip.clippers.targets import Parameters, Target
 from gradclip.nonfinite import NonFinitePolicy
-from gradclip.norms import SMALL_NUMEL, GradNorms, accumulation_dtype, empty_norms
-from gradclip.stats import ClipStats
+from gradclip.norms import GradNorms, empty_norms, result_dtype
+from gradclip.norms.units import UnitPlan
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
     from gradclip.distributed import GroupLike
 
-__all__ = ["AGC", "LAST_LINEAR", "ExcludeRule"]
+__all__ = ["AGC", "LAST_LINEAR", "ExcludeRule", "UnitNorms"]
 
 
 class _LastLinear:
@@ -50,9 +51,6 @@ LAST_LINEAR: Final = _LastLinear()
 
 ExcludeRule = _LastLinear | str | Iterable[str] | Callable[[str, Tensor], bool] | None
 """What ``AGC(exclude=...)`` accepts: ``LAST_LINEAR``, fnmatch pattern(s), a predicate, None."""
-
-_PLAN_CACHE_SIZE = 8
-
 
 class AGC(Clipper):
     """Adaptive gradient clipping: clip each unit's gradient relative to its weight norm.
@@ -169,11 +167,9 @@ class AGC(Clipper):
         self.eps = check_real(eps, "eps", ">= 0", lambda v: v >= 0 and math.isfinite(v), "eps=1e-3")
         self.exclude: ExcludeRule = _check_exclude(exclude)
         self._patterns = _patterns(self.exclude)
-        self._plans: OrderedDict[tuple, _UnitPlan] = OrderedDict()
-        self._pattern_cache: OrderedDict[tuple[str, ...], tuple[bool, ...]] = OrderedDict()
-        self._head_ids: frozenset[int] = frozenset()
+        self._plans: LRU[tuple, UnitPlan] = LRU(8)
+        self._pattern_cache: LRU[tuple[str, ...], tuple[bool, ...]] = LRU(8)
         self._warned = False
-        self._work: _Work | None = None
         super().__init__(
             norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
         )
@@ -188,27 +184,24 @@ class AGC(Clipper):
 
     # -- which parameters are clipped ---------------------------------------------------
 
-    def _clip(self, parameters: Parameters, fused: torch.optim.Optimizer | None) -> ClipStats:
-        # LAST_LINEAR needs the module, which the base resolves away into (names, params).
-        if self.exclude is LAST_LINEAR:
-            head = None
-            if isinstance(parameters, torch.nn.Module):
-                for module in parameters.modules():
-                    if isinstance(module, torch.nn.Linear):
-                        head = module
-            if head is None:
-                self._head_ids = frozenset()
-                self._warn_once(
-                    "the module has no nn.Linear"
-                    if isinstance(parameters, torch.nn.Module)
-                    else "it was called on parameters, not on a module"
-                )
-            else:
-                self._head_ids = frozenset(id(p) for p in head.parameters())
-        try:
-            return super()._clip(parameters, fused)
-        finally:
-            self._work = None  # scratch of this call only: never holds gradients afterwards
+    def _resolve(self, parameters: Parameters) -> Target:
+        target = super()._resolve(parameters)
+        if self.exclude is not LAST_LINEAR:
+            return target
+        # LAST_LINEAR needs the module the clipper was called on.
+        head = None
+        if target.module is not None:
+            for module in target.module.modules():
+                if isinstance(module, torch.nn.Linear):
+                    head = module
+        if head is None:
+            self._warn_once(
+                "it was called on parameters, not on a module"
+                if target.module is None
+                else "the module has no nn.Linear"
+            )
+            return _HeadTarget(**vars(target), head=frozenset())
+        return _HeadTarget(**vars(target), head=frozenset(id(p) for p in head.parameters()))
 
     def _warn_once(self, why: str) -> None:
         if not self._warned:
@@ -221,94 +214,136 @@ class AGC(Clipper):
                 stacklevel=4,
             )
 
-    def _excluded(self, names: tuple[str, ...], params: list[Tensor]) -> tuple[bool, ...]:
+    def _excluded(self, target: Target, names: tuple[str, ...], params: list[Tensor]) -> tuple[bool, ...]:
         if self.exclude is LAST_LINEAR:
-            return tuple(id(p) in self._head_ids for p in params)
+            head = target.head if isinstance(target, _HeadTarget) else frozenset()
+            return tuple(id(p) in head for p in params)
         if self._patterns is None:  # a predicate
             rule: Callable[[str, Tensor], bool] = self.exclude  # type: ignore[assignment]
             return tuple(bool(rule(n, p)) for n, p in zip(names, params, strict=True))
         if not self._patterns:
             return (False,) * len(names)
-        mask = self._pattern_cache.get(names)
-        if mask is None:
-            mask = tuple(any(fnmatch.fnmatchcase(n, pat) for pat in self._patterns) for n in names)
-            self._pattern_cache[names] = mask
-            while len(self._pattern_cache) > _PLAN_CACHE_SIZE:
-                self._pattern_cache.popitem(last=False)
-        return mask
+        return self._pattern_cache.get_or_build(names, lambda: tuple(
+            any(fnmatch.fnmatchcase(n, pat) for pat in self._patterns) for n in names  # type: ignore[union-attr]
+        ))
 
     # -- the step -----------------------------------------------------------------------
 
-    def _measure(self, names: tuple[str, ...], params: list[Tensor], grads: list[Tensor]) -> GradNorms:
-        """The step's :class:`GradNorms`, derived from the gradients' unit norms (one pass).
-
-        For a base class that asks the clipper to measure (``Clipper._measure``): the
-        per-tensor norms are the norms of the unit norms, so AGC reads each gradient once
-        to measure it, instead of once for the per-tensor norms and once for the units.
-        """
-        if not grads:
-            return empty_norms(2.0)
-        plan = self._plan(grads, self._excluded(names, params))
-        units = plan.unit_norms(grads, grads[0].device)
-        squares = plan.per_tensor_sums(units.double().square())
-        per_tensor = squares.sqrt().to(units.dtype)
-        groups = _foreach.group_by_device_dtype(grads)
-        measured = GradNorms(
-            grads, per_tensor, torch.linalg.vector_norm(per_tensor), 2.0, _result_dtype(groups),
-            groups,
+    def _measure(self, target: Target) -> UnitNorms:
+        """The step's norms, derived from the unit norms of the gradients (each gradient is
+        read once), with the unit norms of the weights and the per-unit limits."""
+        grads = target.grads
+        local = None
+        if grads:
+            local = self._units(grads, self._excluded(target, target.local_names, target.local_params))
+        layout = target.layout
+        if layout is None or not layout.communicates:  # whole rows here (one process, DDP)
+            if local is None:
+                empty = empty_norms(2.0)
+                return UnitNorms(**vars(empty), plan=UnitPlan.build([], ()),
+                                 units=empty.per_tensor, limits=empty.per_tensor,
+                                 squares=empty.per_tensor.double(), spread=[], unit_grads=[])
+            plan, units, measured = local
+            weights = plan.unit_norms(  # replicated DTensors: their local (full) tensors
+                distributed.local_tensors(target.local_params), units.device, included_only=True
+            )
+            return self._with_limits(measured, plan, units, weights, [], grads)
+        # A distributed layout: whole-tensor norms, then the rows of this rank's parts.
+        reduced = layout.reduce(
+            local[2] if local is not None
+            else distributed.nothing_measured(2.0, layout.device)
         )
-        self._work = _Work(measured, plan, units, squares)
-        return measured
+        names, params = target.names, target.params
+        grads, local_params = _local_parts(reduced.tensors, params, names)
+        device = reduced.per_tensor.device
+        if local is not None and _same(local[2].tensors, grads):  # a part of every row here:
+            plan, units = local[0], local[1]  # measured already
+        else:  # some rows are empty here: measure again, with them
+            plan = self._plan(grads, self._excluded(target, names, params))
+            units = plan.unit_norms(grads, device)
+        weights = plan.unit_norms(local_params, device, included_only=True)
+        split, spread = self._schedules(plan, params, device)
+        if split:  # a row's pieces: add their squares (gradient and weight in one vector)
+            n = len(weights)
+            both = distributed.sum_over(torch.cat([units[:n], weights]).square(), split).sqrt()
+            units, weights = torch.cat([both[:n], units[n:]]), both[n:]
+        return self._with_limits(reduced, plan, units, weights, spread, grads)
 
-    def _decide(
-        self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
-    ) -> tuple[Tensor, Tensor]:
-        work = self._work
-        spread: distributed.Schedule = []
-        if work is not None and work.norms.tensors is norms.tensors:  # measured in _measure
-            plan, grads, units, squares = work.plan, norms.tensors, work.units, work.squares
-            local_params = distributed.local_tensors(params)  # replicated DTensors: plain
-            weights = plan.unit_norms(local_params, units.device, included_only=True)
-        else:  # the rows of a sharded layout (FSDP2, TP): rows cut in pieces or dealt out
-            grads, local_params = _local_parts(norms.tensors, params, names)
-            device = norms.per_tensor.device
-            if work is not None and _same(work.norms.tensors, grads):  # this rank holds a
-                plan, units = work.plan, work.units  # part of every row: measured already
-            else:  # some rows are empty here: measure again, with them
-                plan = self._plan(grads, self._excluded(names, params))
-                units = plan.unit_norms(grads, device)
-            weights = plan.unit_norms(local_params, device, included_only=True)
-            split, spread = self._schedules(plan, params, device)
-            if split:  # a row's pieces: add their squares (gradient and weight in one vector)
-                n = len(weights)
-                both = distributed.sum_over(torch.cat([units[:n], weights]).square(), split).sqrt()
-                units, weights = torch.cat([both[:n], units[n:]]), both[n:]
-            squares = plan.per_tensor_sums(units.double().square())
-        max_norm = weights.clamp_min(self.eps).mul_(self.clipping)
+    def _units(
+        self, grads: list[Tensor], excluded: tuple[bool, ...]
+    ) -> tuple[UnitPlan, Tensor, GradNorms]:
+        """The unit norms of ``grads`` and the per-tensor norms derived from them."""
+        plan = self._plan(grads, excluded)
+        units = plan.unit_norms(grads, grads[0].device)
+        per_tensor = plan.per_tensor_sums(units.double().square()).sqrt().to(units.dtype)
+        groups = _foreach.group_by_device_dtype(grads)
+        measured = GradNorms(grads, per_tensor, torch.linalg.vector_norm(per_tensor), 2.0,
+                             result_dtype(groups), groups)
+        return plan, units, measured
+
+    def _with_limits(
+        self, measured: GradNorms, plan: UnitPlan, units: Tensor, weights: Tensor,
+        spread: distributed.Schedule, unit_grads: list[Tensor],
+    ) -> UnitNorms:
+        limits = weights.clamp_min(self.eps).mul_(self.clipping)
         if plan.excluded_units:
-            max_norm = torch.cat([max_norm, max_norm.new_full((plan.excluded_units,), math.inf)])
+            limits = torch.cat([limits, limits.new_full((plan.excluded_units,), math.inf)])
+        squares = plan.per_tensor_sums(units.double().square())
+        return UnitNorms(**vars(measured), plan=plan, units=units, limits=limits,
+                         squares=squares, spread=spread, unit_grads=unit_grads)
+
+    def _step(self, norms: UnitNorms, state: None) -> Step:  # type: ignore[override]
+        units, limits = norms.units, norms.limits
         # NaN > x is False: a NaN unit keeps coefficient 1 and stays NaN ("propagate").
-        unit_coef = torch.where(units > max_norm, max_norm / units, torch.ones_like(units))
-        if self.nonfinite == "skip":
-            unit_coef = torch.where(torch.isfinite(norms.total), unit_coef, 1.0)
-        clipped_units = unit_coef < 1
+        unit_coef = torch.where(units > limits, limits / units, torch.ones_like(units))
+        threshold = torch.full((), self.clipping, dtype=norms.total.dtype, device=units.device)
+        return Step(threshold, unit_coef, None)
+
+    def _factors(self, norms: UnitNorms, coef: Tensor) -> Tensor:  # type: ignore[override]
+        """Per tensor, ``‖clipped G‖ / ‖G‖`` from the unit norms (no pass over the gradients)."""
+        plan, squares = norms.plan, norms.squares
+        clipped_units = coef < 1
         # Per-tensor 1-D sums, not one (units x 3) matrix: a fresh ~1 MB-per-column float64
         # matrix cost ~10 ms per call on GPT-2 (page faults of the new allocation), sums ~1 ms.
-        post = plan.per_tensor_sums(torch.where(clipped_units, max_norm, units).double().square())
+        post = plan.per_tensor_sums(torch.where(clipped_units, norms.limits, norms.units).double().square())
         count = plan.per_tensor_sums(clipped_units.double())
-        any_clipped = count > 0  # on this rank: what _scale must touch
-        if spread:  # rows dealt out over ranks: the whole tensor's sums, same on every rank
+        if norms.spread:  # rows dealt out over ranks: the whole tensor's sums, same on every rank
             squares, post, count = distributed.sum_over(
-                torch.stack([squares, post, count], 1), spread).unbind(1)
-        effective = torch.where(
+                torch.stack([squares, post, count], 1), norms.spread).unbind(1)
+        return torch.where(
             count > 0, (post.sqrt() / squares.sqrt().clamp_min(1e-300)), 1.0
         ).to(norms.per_tensor.dtype)
-        self._work = _Work(norms, plan, units, squares, grads, unit_coef, any_clipped)
-        threshold = torch.full((), self.clipping, dtype=norms.total.dtype, device=units.device)
-        return threshold, effective
+
+    def _apply(self, norms: UnitNorms, coef: Tensor) -> None:  # type: ignore[override]
+        """Multiply each clipped gradient by its per-row coefficient view (no full-size
+        temporary); on the CPU, tensors with no clipped unit here are not rewritten."""
+        plan = norms.plan
+        positions = range(plan.included)
+        if _foreach.is_host_device(coef.device) and not _foreach.is_compiling():
+            touched = (plan.per_tensor_sums((coef < 1).double()) > 0).tolist()
+            positions = [j for j in positions if touched[plan.order[j]]]
+            if not positions:
+                return
+        grads = norms.unit_grads
+        by_key: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, Tensor]]] = {}
+        pieces: dict[tuple[torch.device, torch.dtype], tuple[Tensor, ...]] = {}
+        for j in positions:
+            grad = grads[plan.order[j]]
+            key = (grad.device, grad.dtype)
+            if key not in pieces:
+                pieces[key] = _coef_as(coef, grad.device, grad.dtype).split(plan.counts)
+            by_key.setdefault(key, []).append((grad, pieces[key][j].view(plan.coef_shapes[j])))
+        for (device, _), pairs in by_key.items():
+            group = [g for g, _ in pairs]
+            views = [c for _, c in pairs]
+            if _foreach.has_foreach_support(group, device):
+                _foreach.foreach_mul_(group, views)
+            else:
+                for g, c in pairs:
+                    g.mul_(c)
 
     def _schedules(
-        self, plan: _UnitPlan, params: list[Tensor], device: torch.device
+        self, plan: UnitPlan, params: list[Tensor], device: torch.device
     ) -> tuple[distributed.Schedule, distributed.Schedule]:
         """How to sum, over ranks, the units cut in pieces and the sums of tensors whose rows
         are dealt out (kept in the plan, per device and parameter layout)."""
@@ -339,203 +374,40 @@ class AGC(Clipper):
         plan.schedules[key] = (split_schedule, spread_schedule, meshes)
         return split_schedule, spread_schedule
 
-    def _scale(self, measured: GradNorms, coef: Tensor) -> None:
-        work = self._work
-        if work is None or work.unit_coef is None or work.any_clipped is None:
-            raise RuntimeError("AGC._scale runs only after AGC._decide in the same call")
-        plan, unit_coef = work.plan, work.unit_coef
-        positions = range(plan.included)
-        if _foreach.is_host_device(unit_coef.device):
-            touched = work.any_clipped.tolist()  # free on the CPU: skip unclipped tensors
-            positions = [j for j in positions if touched[plan.order[j]]]
-            if not positions:
-                return
-        grads = work.grads
-        by_key: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, Tensor]]] = {}
-        pieces: dict[tuple[torch.device, torch.dtype], tuple[Tensor, ...]] = {}
-        for j in positions:
-            grad = grads[plan.order[j]]
-            key = (grad.device, grad.dtype)
-            if key not in pieces:
-                pieces[key] = _coef_as(unit_coef, grad.device, grad.dtype).split(plan.counts)
-            by_key.setdefault(key, []).append((grad, pieces[key][j].view(plan.coef_shapes[j])))
-        for (device, _), pairs in by_key.items():
-            group = [g for g, _ in pairs]
-            views = [c for _, c in pairs]
-            if _foreach.has_foreach_support(group, device):
-                _foreach.foreach_mul_(group, views)  # type: ignore[arg-type]
-            else:
-                for g, c in pairs:
-                    g.mul_(c)
-
-    def _plan(self, grads: list[Tensor], excluded: tuple[bool, ...]) -> _UnitPlan:
-        key = (
-            tuple((g.shape, g.dtype, g.device) for g in grads),
-            excluded,
-        )
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = _UnitPlan.build(grads, excluded)
-            self._plans[key] = plan
-            while len(self._plans) > _PLAN_CACHE_SIZE:
-                self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
-        return plan
+    def _plan(self, grads: list[Tensor], excluded: tuple[bool, ...]) -> UnitPlan:
+        key = (tuple((g.shape, g.dtype, g.device) for g in grads), excluded)
+        return self._plans.get_or_build(key, lambda: UnitPlan.build(grads, excluded))
 
 
-# ---------------------------------------------------------------------------------------
-# unit norms
+@dataclass(frozen=True)
+class _HeadTarget(Target):
+    """A :class:`Target` with the ids of the last ``nn.Linear``'s parameters (LAST_LINEAR)."""
+
+    head: frozenset[int] = frozenset()
 
 
-@dataclass
-class _Work:
-    """Scratch of one call, from _measure/_decide to _scale (never statistics)."""
-
-    norms: GradNorms
-    plan: _UnitPlan
-    units: Tensor
-    squares: Tensor  # per tensor (base order): the sum of its squared unit norms, float64
-    grads: list[Tensor] | None = None  # what the plan measured (base order)
-    unit_coef: Tensor | None = None
-    any_clipped: Tensor | None = None  # per tensor: a unit of this rank's part clipped
-
-
-@dataclass
-class _UnitPlan:
-    """How to measure the units of a set of tensors (cached per shapes, dtypes, exclusion).
-
-    Tensors are measured in "unit order": included tensors first, excluded ones (a single
-    unit each, never read as weights) last; each tensor's units are contiguous.
+@dataclass(frozen=True)
+class UnitNorms(GradNorms):
+    """AGC's measurement: :class:`~gradclip.GradNorms` derived from unit norms, with what
+    the step and the scaling need (this rank's view; see :class:`AGC`).
 
     Attributes:
-        order: base index of the tensor at each unit-order position.
-        counts: units of the tensor at each position.
-        coef_shapes: shape of the coefficient view that broadcasts over that tensor.
-        pieces: ``(positions, row_length)``: several small tensors concatenated and reduced
-            as rows of one matrix (row_length > 0), or one tensor on its own (row_length 0).
-        included: positions ``[0, included)`` are clipped.
-        included_pieces: the first ``included_pieces`` pieces cover exactly those.
-        excluded_units: units after the included ones.
-        acc: dtype of the unit norms (float64 if any tensor is 64-bit, else float32).
+        plan: how the units were measured (:class:`~gradclip.norms.units.UnitPlan`).
+        units: 1-D, the norm of every unit of the gradients, in the plan's unit order
+            (pieces of a row summed over the ranks that cut it).
+        limits: 1-D, the largest allowed norm of each unit, ``clipping · max(‖W_i‖, eps)``
+            (``inf`` for excluded units).
+        squares: float64, per tensor, the sum of its squared unit norms (this rank's rows).
+        spread: the groups over which tensors' rows are dealt out (their sums are added).
+        unit_grads: the gradients the plan measured (this rank's part of each row tensor).
     """
 
-    order: list[int]
-    counts: list[int]
-    coef_shapes: list[tuple[int, ...]]
-    pieces: list[tuple[list[int], int]]
-    included: int
-    included_pieces: int
-    excluded_units: int
-    acc: torch.dtype
-    _segments: dict[torch.device, Tensor] = field(default_factory=dict)
-    schedules: dict[tuple, tuple] = field(default_factory=dict)  # see AGC._schedules
-
-    @classmethod
-    def build(cls, tensors: list[Tensor], excluded: tuple[bool, ...]) -> _UnitPlan:
-        order: list[int] = []
-        pieces: list[tuple[list[int], int]] = []
-        included_pieces = 0
-        for want_excluded in (False, True):
-            batches: dict[tuple, list[int]] = {}
-            singles: list[int] = []
-            for i, t in enumerate(tensors):
-                if excluded[i] != want_excluded:
-                    continue
-                rows = _rows(t, whole=want_excluded)
-                numel = t.numel()
-                if 0 < numel < SMALL_NUMEL and rows > 0:
-                    batches.setdefault((t.device, t.dtype, numel // rows), []).append(i)
-                else:
-                    singles.append(i)
-            for (_, _, length), members in batches.items():
-                pieces.append((members, length if len(members) > 1 else 0))
-            pieces.extend(([i], 0) for i in singles)
-            if not want_excluded:
-                included_pieces = len(pieces)
-        remapped: list[tuple[list[int], int]] = []  # members as unit-order positions
-        for members, length in pieces:
-            remapped.append(([len(order) + k for k in range(len(members))], length))
-            order.extend(members)
-        included = sum(len(m) for m, _ in pieces[:included_pieces])
-        rows = [_rows(tensors[i], whole=j >= included) for j, i in enumerate(order)]
-        shapes = [
-            (r, *(1,) * (tensors[i].dim() - 1)) if j < included and tensors[i].dim() >= 2 else ()
-            for j, (i, r) in enumerate(zip(order, rows, strict=True))
-        ]
-        acc = torch.float32
-        for t in tensors:
-            if accumulation_dtype(t.dtype) == torch.float64:
-                acc = torch.float64
-        return cls(order, rows, shapes, remapped, included, included_pieces,
-                   sum(rows[included:]), acc)
-
-    def segments(self, device: torch.device) -> Tensor:
-        """Base index of the tensor owning each unit (for per-tensor sums), on ``device``."""
-        seg = self._segments.get(device)
-        if seg is None:
-            seg = torch.repeat_interleave(
-                torch.tensor(self.order, dtype=torch.long), torch.tensor(self.counts, dtype=torch.long)
-            ).to(device)
-            self._segments[device] = seg
-        return seg
-
-    def unit_norms(
-        self, tensors: list[Tensor], device: torch.device, included_only: bool = False
-    ) -> Tensor:
-        """1-D unit norms (``acc`` dtype, on ``device``) in unit order; ``tensors`` in base order."""
-        pieces = self.pieces[: self.included_pieces] if included_only else self.pieces
-        if not pieces:
-            return torch.zeros(0, dtype=self.acc, device=device)
-        out: list[Tensor] = []
-        for positions, length in pieces:
-            if length:
-                flat = _foreach.flatten([tensors[self.order[j]] for j in positions])
-                out.append(_row_norms(flat.view(-1, length)))
-            else:
-                j = positions[0]
-                out.append(_unit_norms(tensors[self.order[j]], whole=j >= self.included))
-        out = [u if u.dtype == self.acc and u.device == device else u.to(device, self.acc)
-               for u in out]
-        return torch.cat(out) if len(out) > 1 else out[0]
-
-    def per_tensor_sums(self, values: Tensor) -> Tensor:
-        """Sum ``values`` (one per unit, in unit order) per tensor: ``(n_tensors,)``, base order."""
-        seg = self.segments(values.device)
-        return values.new_zeros(len(self.order)).index_add_(0, seg, values)
-
-
-def _rows(t: Tensor, whole: bool) -> int:
-    """Units of ``t``: rows along dim 0, or 1 for a 0-dim/1-D tensor (or a whole excluded one)."""
-    return 1 if whole or t.dim() <= 1 else t.shape[0]
-
-
-def _row_norms(rows: Tensor) -> Tensor:
-    """L2 norm of each row of a 2-D tensor, with float32 (or wider) results."""
-    if rows.dtype == torch.bfloat16 and _foreach.is_host_device(rows.device):
-        # The CPU's float32-result kernel is ~15x slower for bfloat16; the bfloat16 result
-        # (float32 accumulation, rounded once) cannot overflow: bfloat16 has float32's range.
-        return torch.linalg.vector_norm(rows, dim=1).float()
-    if rows.dtype in (torch.float16, torch.bfloat16):
-        return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
-    return torch.linalg.vector_norm(rows, dim=1)
-
-
-def _unit_norms(t: Tensor, whole: bool) -> Tensor:
-    """Unit norms of one tensor, without a copy for any memory layout."""
-    if t.numel() == 0:
-        return torch.zeros(_rows(t, whole), dtype=accumulation_dtype(t.dtype), device=t.device)
-    if whole or t.dim() <= 1:
-        if t.is_contiguous():
-            return _row_norms(t.view(1, -1))
-        low = t.dtype in (torch.float16, torch.bfloat16)
-        return torch.linalg.vector_norm(t, dtype=torch.float32 if low else None).reshape(1)
-    if t.is_contiguous():
-        return _row_norms(t.view(t.shape[0], -1))
-    low = t.dtype in (torch.float16, torch.bfloat16)  # e.g. channels_last convolution weights
-    return torch.linalg.vector_norm(
-        t, dim=tuple(range(1, t.dim())), dtype=torch.float32 if low else None
-    )
+    plan: UnitPlan
+    units: Tensor
+    limits: Tensor
+    squares: Tensor
+    spread: distributed.Schedule
+    unit_grads: list[Tensor]
 
 
 def _local_parts(
@@ -581,15 +453,6 @@ def _coef_as(coef: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
         return coef
     low = coef.to(dtype)
     return torch.where(low.to(coef.dtype) > coef, torch.nextafter(low, torch.zeros_like(low)), low)
-
-
-def _result_dtype(groups: _foreach.Groups) -> torch.dtype:
-    result: torch.dtype | None = None
-    for _, dtype in groups:
-        real = dtype.to_real()
-        result = real if result is None else torch.promote_types(result, real)
-    assert result is not None
-    return result
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from gradclip._checks import check_count
-from gradclip.clippers.base import Clipper, global_decision
+from gradclip._checks import ArgumentTypeError, check_count
+from gradclip.clippers.base import Clipper, Step
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
+from gradclip.scale import clip_coefficient
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -22,13 +22,28 @@ if TYPE_CHECKING:
 
     from gradclip.distributed import GroupLike
 
-__all__ = ["AutoClip"]
+__all__ = ["AutoClip", "AutoClipState"]
 
 GROW_START = 1024
 """First capacity of the history when ``window=None``; it doubles whenever it could fill."""
 
 
-class AutoClip(Clipper):
+class AutoClipState(NamedTuple):
+    """:class:`AutoClip`'s statistics (on the gradients' device after the first call).
+
+    Attributes:
+        history: float32, shape ``(window,)`` (``(capacity,)`` when ``window=None``), the
+            recorded norms in ring order; slots not yet written hold ``+inf``. Norms of
+            float64 gradients are recorded in float32.
+        count: int64, 0-dim, the number of norms ever recorded (the next slot is
+            ``count % len(history)``).
+    """
+
+    history: Tensor
+    count: Tensor
+
+
+class AutoClip(Clipper[AutoClipState]):
     """Clip the total norm to the ``percentile``-th percentile of the norms seen so far.
 
     Algorithm 1 of the paper: on every step the current pre-clip norm is first appended to
@@ -56,14 +71,8 @@ class AutoClip(Clipper):
       without it (``inf`` if the history is still empty); what happens to the gradients is
       the ``nonfinite`` policy's business.
 
-    State (see :meth:`state_dict`), on the gradients' device after the first call:
-
-    * ``history``: float32, shape ``(window,)`` (``(capacity,)`` when ``window=None``), the
-      recorded norms in ring order; slots not yet written hold ``+inf``. Norms of float64
-      gradients are recorded in float32 (``stats.threshold`` and ``stats.coef`` still come
-      in the norm's dtype).
-    * ``count``: int64, 0-dim, the number of norms ever recorded (the next slot is
-      ``count % len(history)``).
+    State: :class:`AutoClipState` (``clipper.state``, and in :meth:`state_dict`);
+    ``stats.threshold`` and ``stats.coef`` come in the norm's dtype.
 
     Nothing in a step reads a device value on the host: the percentile is a sort of the
     buffer (O(window log window) on the device) and an interpolation whose positions were
@@ -111,52 +120,43 @@ class AutoClip(Clipper):
         self.window = check_count(
             window, "window", 1, "window=1024", none="keep every norm, as the paper does"
         )
+        self._growable_fields = ("history",) if self.window is None else ()
+        self._tables: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
         super().__init__(
             norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
         )
 
+    State = AutoClipState
+
     def config(self) -> dict[str, Any]:
         return {"percentile": self.percentile, "window": self.window, **super().config()}
 
-    def _init_state(self) -> dict[str, Tensor]:
+    def _init_state(self, tensors: int) -> AutoClipState:
         capacity = GROW_START if self.window is None else self.window
-        return {
-            "history": torch.full((capacity,), math.inf, dtype=torch.float32),
-            "count": torch.zeros((), dtype=torch.long),
-        }
+        return AutoClipState(
+            history=torch.full((capacity,), math.inf, dtype=torch.float32),
+            count=torch.zeros((), dtype=torch.long),
+        )
 
-    def reset(self) -> None:
-        super().reset()
-        # Calls so far: an upper bound of ``count`` known on the host, so that the growing
-        # history (window=None) can be enlarged before it fills without reading ``count``.
-        self._calls = 0
-        self._tables: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
-        self._pending: tuple[Tensor, tuple[Tensor, Tensor]] | None = None
+    def _prepare(self, state: AutoClipState, calls: int) -> AutoClipState:
+        # window=None: count <= calls, so the buffer could fill on this step: double it now,
+        # decided from the host's count of calls (no device read).
+        if self.window is None and calls >= state.history.numel():
+            grown = torch.cat([state.history, torch.full_like(state.history, math.inf)])
+            return state._replace(history=grown)
+        return state
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        saved = state_dict.get("state")
-        history = saved.get("history") if isinstance(saved, Mapping) else None
-        shape = tuple(torch.as_tensor(history).shape) if history is not None else None
-        expected = (self.window,) if self.window is not None else None
-        if shape is not None and (len(shape) != 1 or (expected is not None and shape != expected)):
-            raise ValueError(
-                f"AutoClip state dict holds a history of shape {shape}, but window="
-                f"{self.window} needs {expected or '(n,)'}; build the clipper as "
-                "AutoClip(**state_dict['config'])"
-            )
-        super().load_state_dict(state_dict)
-        # Loading is outside the training step: reading two counters here costs no step a sync.
-        self._calls = int(self._state["steps"]) + int(self._state["nonfinite_steps"])
-
-    def _appended(self, total: Tensor) -> tuple[Tensor, Tensor]:
-        """The history with this step's norm written in (if finite), and the new ``count``.
-        Changes nothing."""
-        history, count = self._state["history"], self._state["count"]
+    def _step(self, norms: GradNorms, state: AutoClipState) -> Step:
+        history, count, total = state.history, state.count, norms.total
         norm = total.to(history.dtype)
         recorded = norm < math.inf  # False for NaN and inf (norms are never negative)
-        slots = self._table(history)[0]
+        slots, *positions = self._table(history)
         write = (slots == torch.remainder(count, history.numel())) & recorded
-        return torch.where(write, norm, history), count + recorded
+        appended = torch.where(write, norm, history)
+        count = count + recorded
+        valid = torch.clamp(count, max=appended.numel())
+        threshold = _percentile(appended, valid, tuple(positions)).to(total.dtype)  # type: ignore[arg-type]
+        return Step(threshold, clip_coefficient(threshold, total), AutoClipState(appended, count))
 
     def _table(self, history: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Slot indices, and :func:`_positions`, for this capacity and device (built on the
@@ -168,28 +168,6 @@ class AutoClip(Clipper):
             table = (slots, *_positions(self.percentile, *key))
             self._tables = {key: table}  # a grown history never needs the smaller table again
         return table
-
-    def _decide(
-        self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
-    ) -> tuple[Tensor, Tensor]:
-        appended, count = self._appended(norms.total)
-        # The same step's _update writes exactly this; keep it rather than compute it twice.
-        self._pending = (norms.total, (appended, count))
-        valid = torch.clamp(count, max=appended.numel())
-        threshold = _percentile(appended, valid, self._table(appended)[1:])
-        return global_decision(threshold.to(norms.total.dtype), norms.total)
-
-    def _update(self, norms: GradNorms, post_norm: Tensor, finite: Tensor) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[0] is norms.total:
-            appended, count = pending[1]
-        else:
-            appended, count = self._appended(norms.total)
-        self._state["history"], self._state["count"] = appended, count
-        self._calls += 1
-        if self.window is None and self._calls >= appended.numel():
-            # count <= calls, so the buffer could fill on the next step: double it now.
-            self._state["history"] = torch.cat([appended, torch.full_like(appended, math.inf)])
 
 
 def _percentile(values: Tensor, valid: Tensor, positions: tuple[Tensor, Tensor]) -> Tensor:
@@ -219,7 +197,7 @@ def _positions(percentile: float, capacity: int, device: torch.device) -> tuple[
 
 def _check_percentile(percentile: object) -> float:
     if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real):
-        raise ValueError(
+        raise ArgumentTypeError(
             f"`percentile` must be a number in (0, 100], got {percentile!r:.80}; pass e.g. "
             "`percentile=10.0` (the paper's choice)"
         )

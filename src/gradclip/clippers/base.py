@@ -1,94 +1,72 @@
 """The Clipper protocol: a small stateful object called after ``backward()``, before ``step()``.
 
-A subclass says how it chooses the threshold (:meth:`Clipper._decide`) and how its statistics
-learn from a step (:meth:`Clipper._update`); the base class does the rest once for every
-algorithm: resolving parameters and names, the one norm pass, the non-finite policy, scaling
-(or folding the scale into a fused optimizer), :class:`~gradclip.ClipStats`, and checkpoints.
+An algorithm is a pure tensor function, its **step**::
+
+    _step(norms, state) -> Step(threshold, coef, new_state)
+
+``norms`` is the step's one measurement (:class:`~gradclip.GradNorms`), ``state`` the
+clipper's typed ``State`` NamedTuple (None for a clipper without statistics). The step reads
+no value on the host, branches on no tensor value and changes nothing: it returns the new
+state, which the base commits (masked so that a non-finite step never changes a statistic).
+Everything else is done once, for every algorithm, by :mod:`gradclip.clippers.pipeline`:
+resolving parameters and names, the norm pass, the non-finite policy, scaling or folding the
+coefficient into a fused optimizer (:mod:`gradclip.clippers.fold`), :class:`ClipStats`, and
+checkpoints (:mod:`gradclip.clippers.state`).
+
+To write a clipper: subclass :class:`Clipper`, set ``State`` to a documented NamedTuple of
+tensors, and implement ``_init_state`` and ``_step``; ``config`` returns the constructor
+arguments. A clipper that measures something finer than per-tensor norms (AGC's rows)
+overrides ``_measure``, ``_factors`` and ``_apply``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
-from gradclip import _foreach, distributed, norms
-from gradclip._checks import check_norm_type, tensor_list
-from gradclip.nonfinite import (
-    NonFinitePolicy,
-    check_policy,
-    raise_nonfinite,
-)
-from gradclip.scale import clip_coefficient, scale_, scale_each_
-from gradclip.stats import ClipStats
+from gradclip import distributed, norms
+from gradclip._checks import check_norm_type
+from gradclip.clippers import fold, pipeline
+from gradclip.clippers.state import StateStore
+from gradclip.clippers.targets import Parameters, Target, resolve
+from gradclip.nonfinite import NonFinitePolicy, check_policy
+from gradclip.scale import scale_, scale_each_
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
     from gradclip.distributed import GroupLike
+    from gradclip.stats import ClipStats
 
-__all__ = ["Clipper", "Parameters", "named_grads"]
+__all__ = ["Clipper", "Step"]
 
-Parameters = (
-    torch.nn.Module | Tensor | Mapping[str, Tensor] | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
-)
+S = TypeVar("S")
 StateDict = dict[str, Any]
 
 
-def named_grads(parameters: Parameters) -> tuple[tuple[str, ...], list[Tensor], list[Tensor]]:
-    """``(names, params, grads)`` of the parameters that have a gradient, each gradient once.
+class Step(NamedTuple):
+    """What a clipper's pure step decides.
 
-    A module gives its ``named_parameters()`` names; a mapping its keys; ``(name, tensor)``
-    pairs their names; plain tensors their position (``"0"``, ``"1"``, ...).
+    Attributes:
+        threshold: 0-dim, the threshold of this step (reported in ``ClipStats.threshold``).
+        coef: the multiplier of the gradients, at most 1: 0-dim (every gradient), 1-D with
+            one entry per measured tensor, or whatever the clipper's ``_apply`` takes.
+        state: the clipper's state after this step (committed only if the step is finite).
     """
-    return _with_grads(*_named_params(parameters))
+
+    threshold: Tensor
+    coef: Tensor
+    state: Any
 
 
-def _named_params(parameters: Parameters) -> tuple[list[str], list[Tensor]]:
-    """Every parameter and its name (see :func:`named_grads`), with a gradient or not."""
-    if isinstance(parameters, torch.nn.Module):
-        pairs = _foreach.named_parameters(parameters)
-    elif isinstance(parameters, Mapping):
-        pairs = list(parameters.items())
-    else:
-        items = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-        if items and all(isinstance(i, tuple) and len(i) == 2 for i in items):
-            pairs = [(str(n), t) for n, t in items]
-        else:
-            pairs = list(zip(map(str, range(len(items))), items, strict=True))
-    return [n for n, _ in pairs], tensor_list([t for _, t in pairs], "parameters")
-
-
-def _with_grads(
-    all_names: list[str], all_params: list[Tensor]
-) -> tuple[tuple[str, ...], list[Tensor], list[Tensor]]:
-    seen: set[int] = set()
-    names, params, grads = [], [], []
-    for name, param in zip(all_names, all_params, strict=True):
-        grad = param.grad
-        if grad is not None and id(grad) not in seen:
-            seen.add(id(grad))
-            names.append(name)
-            params.append(param)
-            grads.append(grad)
-    return tuple(names), params, grads
-
-
-def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and bool(
-        optimizer.defaults.get("fused")
-    )
-
-
-class Clipper:
+class Clipper(Generic[S]):
     """Base class of every clipper. Call it on a module or parameters after ``backward()``.
 
-    Subclasses implement :meth:`_decide` (the threshold and coefficient of this step) and,
-    when they learn from the norms, :meth:`_init_state` and :meth:`_update`. Statistics are
-    0-dim or small device tensors, updated with ``torch.where`` so that no value is read on
-    the host and a non-finite step never changes them.
+    Statistics are 0-dim or small device tensors (see each clipper's ``State``), updated
+    without reading a value on the host; a non-finite step never changes them.
 
     Under ``torch.distributed`` the clipper reads global norms (see
     :mod:`gradclip.distributed`): the total of the whole model and, for tensors split across
@@ -106,10 +84,16 @@ class Clipper:
     """
 
     STATE_VERSION: ClassVar[int] = 1
-    folds_into_fused: ClassVar[bool] = True  # one global coefficient: foldable into grad_scale
-    # Decides per row of a tensor (AGC): refuses flat shards (`shard_group`: FSDP1, ZeRO),
-    # whose rows no rank can tell apart (see distributed.plan); DTensor rows are fine.
+    State: ClassVar[Any] = None
+    """The NamedTuple type of the clipper's statistics, or None when it keeps none."""
+    per_tensor_state: ClassVar[bool] = False
+    """``State`` holds one row per parameter, saved by parameter name (AdaGC)."""
+    folds_into_fused: ClassVar[bool] = True
+    """One global coefficient: foldable into a fused optimizer's ``grad_scale``."""
     needs_whole_tensors: ClassVar[bool] = False
+    """Decides per row of a tensor (AGC): refuses flat shards (``shard_group``: FSDP1,
+    ZeRO), whose rows no rank can tell apart; DTensor rows are fine."""
+    _growable_fields: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -133,48 +117,67 @@ class Clipper:
         """The constructor arguments: saved in ``state_dict()`` and checked on load."""
         return {"norm_type": self.norm_type, "nonfinite": self.nonfinite}
 
-    def _init_state(self) -> dict[str, Tensor]:
-        """Fresh global statistics (CPU tensors; moved to the gradients' device on first use)."""
-        return {}
-
-    def _decide(
-        self, norms: norms.GradNorms, names: tuple[str, ...], params: list[Tensor]
-    ) -> tuple[Tensor, Tensor]:
-        """``(threshold, coef)`` for this step: ``coef`` is 0-dim (every gradient) or 1-D (one
-        per tensor of ``norms.tensors``), at most 1. Must not change any statistic."""
+    def _init_state(self, tensors: int) -> S:
+        """The ``State`` before the first step (CPU tensors); with ``per_tensor_state``, the
+        state of ``tensors`` parameters never seen (one row each)."""
         raise NotImplementedError
 
-    def _measure(
-        self, names: tuple[str, ...], params: list[Tensor], grads: list[Tensor]
-    ) -> norms.GradNorms:
-        """The step's one norm pass. A clipper that needs finer norms overrides it and derives
-        the per-tensor norms from them (AGC: from unit norms), so gradients are read once."""
-        return norms.compute(grads, self.norm_type, foreach=None)
+    def _step(self, norms: norms.GradNorms, state: S) -> Step:
+        """This step's threshold, coefficient and new state; a pure tensor function."""
+        raise NotImplementedError
 
-    def _update(self, norms: norms.GradNorms, post_norm: Tensor, finite: Tensor) -> None:
-        """Learn from this step; every change must be masked by ``finite`` (``torch.where``)."""
+    def _prepare(self, state: S, calls: int) -> S:
+        """The state before a step, given the number of earlier calls (a host count): a
+        clipper whose buffers grow returns a larger state here. Default: unchanged."""
+        return state
+
+    def _check_state(self, state: S) -> None:
+        """Raise ``ValueError`` if a loaded ``state`` breaks a rule of the algorithm beyond
+        the dtype, shape and NaN checks every state gets (called by ``load_state_dict``)."""
+
+    def _measure(self, target: Target) -> norms.GradNorms:
+        """The step's one norm pass over ``target.grads`` (global under a layout)."""
+        layout = target.layout
+        if layout is not None and not target.grads:  # no local part, but in the collectives
+            return layout.reduce(distributed.nothing_measured(self.norm_type, layout.device))
+        measured = norms.compute(target.grads, self.norm_type, foreach=None)
+        return measured if layout is None else layout.reduce(measured)
+
+    def _factors(self, measured: norms.GradNorms, coef: Tensor) -> Tensor:
+        """The factor by which each tensor's norm shrinks under ``coef`` (1-D, one per entry
+        of ``measured.per_tensor``), for a ``coef`` that is not 0-dim."""
+        return coef
+
+    def _apply(self, measured: norms.GradNorms, coef: Tensor) -> None:
+        """Scale the measured gradients in place by ``coef`` (see :class:`Step`)."""
+        if coef.dim() == 0:
+            scale_(measured.groups, coef, foreach=None)
+        else:
+            scale_each_(measured.groups, coef)
 
     # -- state ----------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget every statistic: the clipper behaves as if just constructed."""
-        self._state: dict[str, Tensor] = {
-            "steps": torch.zeros((), dtype=torch.long),
-            "nonfinite_steps": torch.zeros((), dtype=torch.long),
-            **self._init_state(),
-        }
-        self._param_state: dict[str, dict[str, Tensor]] = {}
-        self._device: torch.device | None = None
+        self._store = StateStore(self)
+
+    @property
+    def state(self) -> S:
+        """The clipper's statistics as its ``State`` NamedTuple (the live tensors; for
+        per-tensor state, the rows of the parameters of the last call)."""
+        store = self._store
+        names = store._bound.names if store._bound is not None else ()
+        return store.current(names)
 
     @property
     def steps(self) -> Tensor:
-        """Number of finite steps seen (0-dim device tensor)."""
-        return self._state["steps"]
+        """Number of finite steps seen (0-dim int64 device tensor)."""
+        return self._store.values["steps"]
 
     @property
     def nonfinite_steps(self) -> Tensor:
-        """Number of steps whose gradients held NaN/inf (0-dim device tensor)."""
-        return self._state["nonfinite_steps"]
+        """Number of steps whose gradients held NaN/inf (0-dim int64 device tensor)."""
+        return self._store.values["nonfinite_steps"]
 
     def state_dict(self) -> StateDict:
         """A checkpointable copy of the clipper: type, version, config and statistics.
@@ -186,16 +189,17 @@ class Clipper:
             "type": type(self).__name__,
             "version": self.STATE_VERSION,
             "config": self.config(),
-            "state": {k: v.detach().clone() for k, v in self._state.items()},
-            "param_state": {
-                name: {k: v.detach().clone() for k, v in entry.items()}
-                for name, entry in self._param_state.items()
-            },
+            **self._store.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; a mismatch raises ``ValueError`` naming it."""
+        """Restore a :meth:`state_dict`. Every tensor is checked (dtype, shape, no NaN, the
+        algorithm's own rules) before anything is replaced; a mismatch raises ``ValueError``
+        naming it."""
         own = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"`state_dict` must be a mapping, got {type(state_dict).__name__}; "
+                            f"pass the value returned by `{own}.state_dict()`")
         missing = {"type", "version", "config", "state", "param_state"} - set(state_dict)
         if missing:
             raise ValueError(
@@ -213,43 +217,17 @@ class Clipper:
                 f"gradclip writes version {self.STATE_VERSION}); save it again with a "
                 "matching gradclip"
             )
+        theirs = state_dict["config"]
         differing = {
-            k: (v, state_dict["config"].get(k))
-            for k, v in self.config().items()
-            if state_dict["config"].get(k) != v
-        }
+            k: (v, theirs.get(k)) for k, v in self.config().items() if theirs.get(k) != v
+        } if isinstance(theirs, Mapping) else {"config": (self.config(), theirs)}
         if differing:
-            shown = ", ".join(f"{k}={theirs!r} (here {ours!r})" for k, (ours, theirs) in differing.items())
+            shown = ", ".join(f"{k}={t!r} (here {o!r})" for k, (o, t) in differing.items())
             raise ValueError(
                 f"the {own} state dict was saved with different arguments: {shown}; build "
                 f"the clipper as gradclip.{own}(**state_dict['config'])"
             )
-        fresh = self._init_state() | {"steps": None, "nonfinite_steps": None}
-        saved = state_dict["state"]
-        if set(saved) != set(fresh):
-            raise ValueError(
-                f"{own} state dict does not match: missing {sorted(set(fresh) - set(saved))}, "
-                f"unexpected {sorted(set(saved) - set(fresh))}"
-            )
-        device = self._device
-        self._state = {k: torch.as_tensor(v).clone() for k, v in saved.items()}
-        self._param_state = {
-            name: {k: torch.as_tensor(v).clone() for k, v in entry.items()}
-            for name, entry in state_dict["param_state"].items()
-        }
-        self._device = None
-        if device is not None:
-            self._to_device(device)
-
-    def _to_device(self, device: torch.device) -> None:
-        if self._device == device:
-            return
-        self._state = {k: v.to(device) for k, v in self._state.items()}
-        self._param_state = {
-            name: {k: v.to(device) for k, v in entry.items()}
-            for name, entry in self._param_state.items()
-        }
-        self._device = device
+        self._store.load(state_dict["state"], state_dict["param_state"])
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -267,13 +245,13 @@ class Clipper:
         Returns:
             :class:`~gradclip.ClipStats` of this step (device tensors, no host sync).
         """
-        return self._clip(parameters, fused=None)
+        return pipeline.clip(self, self._resolve(parameters), fold=None)
 
     def step(self, parameters: Parameters, optimizer: torch.optim.Optimizer) -> ClipStats:
         """Clip, then ``optimizer.step()``, honouring ``nonfinite="skip"``.
 
         With a torch fused optimizer (``Adam``, ``AdamW``, ``SGD``, ``Adagrad`` with
-        ``fused=True``) that updates only these parameters, the clip coefficient and the
+        ``fused=True``) that updates exactly these gradients, the clip coefficient and the
         skip decision are handed to the optimizer's fused kernel (``grad_scale``,
         ``found_inf``): no separate multiply, no host sync. Otherwise the gradients are
         clipped first; a skipped step then costs one host read (free on the CPU).
@@ -285,97 +263,19 @@ class Clipper:
             >>> model(torch.ones(1, 2)).sum().backward()
             >>> stats = gradclip.NormClip(1.0).step(model, opt)
         """
-        fused = optimizer if self.folds_into_fused and _is_fused(optimizer) else None
-        stats = self._clip(parameters, fused=fused)
-        if stats.norms.tensors and fused is not None and getattr(fused, "grad_scale", None) is not None:
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.grad_scale  # type: ignore[attr-defined]
-                del optimizer.found_inf  # type: ignore[attr-defined]
+        target = self._resolve(parameters)
+        folded = fold.plan(optimizer, target.grads) if self.folds_into_fused else None
+        stats = pipeline.clip(self, target, fold=folded)
+        if folded is not None and folded.armed:
+            folded.step()
             return stats
         if self.nonfinite == "skip" and bool(stats.skipped):
             return stats
         optimizer.step()
         return stats
 
-    def _clip(
-        self, parameters: Parameters, fused: torch.optim.Optimizer | None
-    ) -> ClipStats:
-        layout = None
-        all_names, all_params = _named_params(parameters)
-        names, params, grads = _with_grads(all_names, all_params)
-        rows = names, params
-        if distributed.applies(self.shard_group, self.extra_groups):
-            layout = distributed.plan(
-                grads, shard_group=self.shard_group, extra_groups=self.extra_groups,
-                params=all_params, per_tensor=True,
-                whole_tensors=type(self).__name__ if self.needs_whole_tensors else None,
-            )
-            # what the reduced norms are parallel to: under sharding, every sharded tensor
-            # (the same names on every rank), whichever of them this rank holds part of
-            rows = tuple(layout.rows_of(names, all_names)), layout.rows_of(params, all_params)
-            names, params, grads = tuple(layout.select(names)), layout.select(params), layout.local
-        with torch.no_grad():
-            if layout is not None and not grads:  # no local part, but in the collectives
-                measured = layout.reduce(distributed.nothing_measured(self.norm_type, layout.device))
-            else:
-                measured = self._measure(names, params, grads)
-                if layout is not None:
-                    measured = layout.reduce(measured)
-            names, params = rows
-            total = measured.total
-            if not grads and (layout is None or not layout.communicates):
-                one = torch.ones(())
-                false = torch.zeros((), dtype=torch.bool)
-                return ClipStats(total, total, total.new_full((), float("nan")), one, false,
-                                 ~false, false, measured, names)
-            self._to_device(total.device)
-            finite = torch.isfinite(total)
-            if self.nonfinite == "error":
-                raise_nonfinite(total, measured.per_tensor, names)
-            threshold, coef = self._decide(measured, names, params)
-            if self.nonfinite == "skip":
-                coef = torch.where(finite, coef, torch.ones_like(coef))
-                skipped = ~finite
-            else:
-                skipped = torch.zeros_like(finite)
-            if coef.dim() == 0:
-                post_norm = total * coef
-            elif layout is not None:  # the post-clip norm of every shard and stage
-                post_norm = layout.total(measured.per_tensor * coef, self.norm_type)
-            else:
-                post_norm = torch.linalg.vector_norm(measured.per_tensor * coef, self.norm_type)
-            clipped = (coef < 1).any()
-            self._update(measured, post_norm, finite)
-            self._state["steps"] += finite.long()
-            self._state["nonfinite_steps"] += (~finite).long()
-            if fused is not None and coef.dim() == 0 and _steps_only(fused, grads):
-                fused.grad_scale = coef.reciprocal().float()  # type: ignore[attr-defined]
-                fused.found_inf = skipped.float()  # type: ignore[attr-defined]
-            else:
-                self._scale(measured, coef)
-            effective = coef if coef.dim() == 0 else torch.where(
-                total == 0, torch.ones_like(total), post_norm / total
-            )
-            return ClipStats(total, post_norm, threshold, effective, clipped, finite, skipped,
-                             measured, names)
-
-    def _scale(self, measured: norms.GradNorms, coef: Tensor) -> None:
-        if coef.dim() == 0:
-            scale_(measured.groups, coef, foreach=None)
-        else:
-            scale_each_(measured.groups, coef)
-
-
-def _steps_only(optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> bool:
-    """True when every gradient the optimizer would use is one this clipper measured."""
-    ours = {id(g) for g in grads}
-    return all(
-        p.grad is None or id(p.grad) in ours for group in optimizer.param_groups for p in group["params"]
-    )
-
-
-def global_decision(threshold: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
-    """``(threshold, coef)`` of a clipper with one total-norm threshold (torch's coefficient)."""
-    return threshold, clip_coefficient(threshold.to(total.dtype), total)
+    def _resolve(self, parameters: Parameters) -> Target:
+        return resolve(
+            parameters, shard_group=self.shard_group, extra_groups=self.extra_groups,
+            whole_tensors=type(self).__name__ if self.needs_whole_tensors else None,
+        )

@@ -10,10 +10,10 @@ from torch import Tensor
 
 from gradclip import _foreach
 from gradclip._checks import check_threshold
-from gradclip.clippers.base import Clipper
+from gradclip.clippers.base import Clipper, Step
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
-from gradclip.scale import clip_coefficient
+from gradclip.scale import clip_coefficient, noop_on_host
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -25,11 +25,12 @@ if TYPE_CHECKING:
 __all__ = ["NormClip", "ValueClip"]
 
 
-class NormClip(Clipper):
+class NormClip(Clipper[None]):
     """Clip the total gradient norm to ``max_norm``: ``torch.nn.utils.clip_grad_norm_`` as a clipper.
 
     Every gradient is multiplied by ``min(max_norm / (norm + 1e-6), 1)``; the gradients
-    after the call equal those of :func:`gradclip.clip_grad_norm_` exactly.
+    after the call equal those of :func:`gradclip.clip_grad_norm_` exactly. It keeps no
+    statistics beyond the base counters.
 
     Args:
         max_norm: the largest total norm to allow (>= 0).
@@ -63,14 +64,13 @@ class NormClip(Clipper):
     def config(self) -> dict[str, Any]:
         return {"max_norm": self.max_norm, **super().config()}
 
-    def _decide(
-        self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
-    ) -> tuple[Tensor, Tensor]:
-        threshold = torch.full((), self.max_norm, dtype=norms.total.dtype, device=norms.total.device)
-        return threshold, clip_coefficient(self.max_norm, norms.total)
+    def _step(self, norms: GradNorms, state: None) -> Step:
+        total = norms.total
+        threshold = torch.full((), self.max_norm, dtype=total.dtype, device=total.device)
+        return Step(threshold, clip_coefficient(self.max_norm, total), None)
 
 
-class ValueClip(Clipper):
+class ValueClip(Clipper[None]):
     """Clamp every gradient element to ``[-clip_value, clip_value]``: ``clip_grad_value_`` as a clipper.
 
     Its norms are max-abs norms (``norm_type=inf``): ``stats.norm`` is the largest gradient
@@ -109,21 +109,25 @@ class ValueClip(Clipper):
     def config(self) -> dict[str, Any]:
         return {"clip_value": self.clip_value, "nonfinite": self.nonfinite}
 
-    def _decide(
-        self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
-    ) -> tuple[Tensor, Tensor]:
+    def _step(self, norms: GradNorms, state: None) -> Step:
         total = norms.total
         threshold = torch.full((), self.clip_value, dtype=total.dtype, device=total.device)
         # The max-abs norm after clamping is min(norm, clip_value): coef = that / norm.
         coef = torch.where(total <= threshold, torch.ones_like(total), threshold / total)
-        return threshold, coef
+        return Step(threshold, coef, None)
 
-    def _scale(self, norms: GradNorms, coef: Tensor) -> None:
+    def _apply(self, norms: GradNorms, coef: Tensor) -> None:
         if any(dtype.is_complex for _, dtype in norms.groups):  # before any group is clamped
             raise NotImplementedError(
                 "ValueClip cannot clamp complex gradients; use NormClip (nothing was changed)"
             )
         for (device, _), (group, _) in norms.groups.items():
-            if _foreach.is_host_device(device) and coef.item() == 1.0:
+            if noop_on_host(device, coef):
                 continue
-            _foreach.foreach_clamp_(group, -self.clip_value, self.clip_value)
+            if _foreach.is_host_device(device) and not _foreach.is_compiling():
+                _foreach.foreach_clamp_(group, -self.clip_value, self.clip_value)
+                continue
+            # No host read: a coefficient of 1 (nothing above clip_value, or a skipped step)
+            # clamps to an infinite bound, which changes nothing.
+            bound = torch.where(coef.to(device) < 1, self.clip_value, math.inf)
+            _foreach.foreach_clamp_(group, -bound, bound)

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from gradclip._checks import check_count, check_real, check_threshold
-from gradclip.clippers.base import Clipper
+from gradclip._checks import check_choice, check_count, check_real, check_threshold
+from gradclip.clippers.base import Clipper, Step
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
 from gradclip.scale import clip_coefficient
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from gradclip.distributed import GroupLike
 
-__all__ = ["ZClip"]
+__all__ = ["ZClip", "ZClipState"]
 
 EPS = 1e-6
 """Added to σ in the z-score (the paper's and the reference code's value)."""
@@ -30,7 +30,24 @@ ZClipMode = Literal["zscore", "percentile"]
 MODES: tuple[str, ...] = ("zscore", "percentile")
 
 
-class ZClip(Clipper):
+class ZClipState(NamedTuple):
+    """:class:`ZClip`'s statistics (on the gradients' device after the first call).
+
+    Attributes:
+        warmup_norms: float32, shape ``(warmup_steps,)``, the norms collected in warm-up.
+        warmup_count: int64, 0-dim, how many were collected (warm-up ends at
+            ``warmup_steps``).
+        mean: float32, 0-dim, μ (0 until warm-up ends).
+        var: float32, 0-dim, σ² (0 until warm-up ends).
+    """
+
+    warmup_norms: Tensor
+    warmup_count: Tensor
+    mean: Tensor
+    var: Tensor
+
+
+class ZClip(Clipper[ZClipState]):
     """Clip gradient-norm spikes detected by a z-score against an EMA of past norms.
 
     **Warm-up.** The first ``warmup_steps`` finite norms are collected (on the device) and
@@ -72,11 +89,7 @@ class ZClip(Clipper):
     * The package's ``clip_option="mean"``, ``clip_factor`` and ``skip_update_on_spike``
       options are not offered.
 
-    State (see :meth:`state_dict`), on the gradients' device after the first call:
-
-    * ``warmup_norms``: float32, shape ``(warmup_steps,)``, the norms collected in warm-up.
-    * ``warmup_count``: int64, 0-dim, how many were collected (warm-up ends at ``warmup_steps``).
-    * ``mean``, ``var``: float32, 0-dim, μ and σ² (0 until warm-up ends).
+    State: :class:`ZClipState` (``clipper.state``, and in :meth:`state_dict`).
 
     Args:
         alpha: EMA smoothing α in (0, 1) (default 0.97, the paper's).
@@ -124,12 +137,8 @@ class ZClip(Clipper):
                                       lambda v: 0 < v < math.inf, "z_threshold=2.5")  # fmt: skip
         self.warmup_steps = check_count(warmup_steps, "warmup_steps", 1, "warmup_steps=25")
         self.max_norm = None if max_norm is None else check_threshold(max_norm, "max_norm")
-        if mode not in MODES:
-            raise ValueError(
-                f"`mode` must be one of {', '.join(map(repr, MODES))}, got {mode!r:.80}; "
-                "pass mode='zscore' (the paper's reciprocal rule) or mode='percentile'"
-            )
-        self.mode: ZClipMode = mode
+        self.mode: ZClipMode = check_choice(mode, "mode", MODES, "mode='zscore'")  # type: ignore[assignment]
+        self._slots: Tensor | None = None
         super().__init__(
             norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
         )
@@ -144,25 +153,28 @@ class ZClip(Clipper):
             **super().config(),
         }
 
-    def _init_state(self) -> dict[str, Tensor]:
-        return {
-            "warmup_norms": torch.zeros(self.warmup_steps, dtype=torch.float32),
-            "warmup_count": torch.zeros((), dtype=torch.long),
-            "mean": torch.zeros((), dtype=torch.float32),
-            "var": torch.zeros((), dtype=torch.float32),
-        }
+    State = ZClipState
 
-    def reset(self) -> None:
-        super().reset()
-        self._slots: Tensor | None = None
-        self._pending: tuple[Tensor, _Rule] | None = None
+    def _init_state(self, tensors: int) -> ZClipState:
+        return ZClipState(
+            warmup_norms=torch.zeros(self.warmup_steps, dtype=torch.float32),
+            warmup_count=torch.zeros((), dtype=torch.long),
+            mean=torch.zeros((), dtype=torch.float32),
+            var=torch.zeros((), dtype=torch.float32),
+        )
 
-    def _rule(self, total: Tensor) -> _Rule:
+    def _check_state(self, state: ZClipState) -> None:
+        if bool((state.var < 0).any()) or not bool(torch.isfinite(state.mean)):
+            raise ValueError(
+                f"ZClip state dict holds mean={float(state.mean)}, var={float(state.var)}: the "
+                "mean must be finite and the variance >= 0; the checkpoint is corrupt"
+            )
+
+    def _rule(self, total: Tensor, state: ZClipState) -> _Rule:
         """What the z-score rule says about this step's norm, from the current statistics."""
-        state = self._state
         norm = total.float()
-        ready = state["warmup_count"] >= self.warmup_steps
-        mean, std = state["mean"], state["var"].sqrt()
+        ready = state.warmup_count >= self.warmup_steps
+        mean, std = state.mean, state.var.sqrt()
         z_thr = self.z_threshold
         if self.mode == "zscore":
             z = (norm - mean) / (std + EPS)
@@ -180,31 +192,23 @@ class ZClip(Clipper):
             fires=spike & ready,
         )
 
-    def _decide(
-        self, norms: GradNorms, names: tuple[str, ...], params: list[Tensor]
-    ) -> tuple[Tensor, Tensor]:
+    def _step(self, norms: GradNorms, state: ZClipState) -> Step:
         total = norms.total
-        rule = self._rule(total)
-        self._pending = (total, rule)  # the same step's _update reuses it
+        rule = self._rule(total, state)
         adaptive = rule.threshold.to(total.dtype)
         # Unclipped steps get exactly 1. A non-finite norm flows into the coefficient (NaN,
         # or 0 for inf) as in torch, so that nonfinite="propagate" means what it says.
         coef = torch.where(rule.finite & ~rule.fires, 1.0, clip_coefficient(adaptive, total))
-        if self.max_norm is None:
-            return adaptive, coef
-        cap = clip_coefficient(self.max_norm, total)
-        return torch.clamp(adaptive, max=self.max_norm), torch.minimum(coef, cap)
+        if self.max_norm is not None:
+            adaptive = torch.clamp(adaptive, max=self.max_norm)
+            coef = torch.minimum(coef, clip_coefficient(self.max_norm, total))
+        return Step(adaptive, coef, self._learn(rule, state))
 
-    def _update(self, norms: GradNorms, post_norm: Tensor, finite: Tensor) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[0] is norms.total:
-            rule = pending[1]
-        else:
-            rule = self._rule(norms.total)
-        state, norm = self._state, rule.norm
-
+    def _learn(self, rule: _Rule, state: ZClipState) -> ZClipState:
+        """The statistics after this step's norm (unchanged for a non-finite one)."""
+        norm = rule.norm
         # Warm-up: write the norm into the next slot; the step that fills the buffer sets μ, σ².
-        count, buffer = state["warmup_count"], state["warmup_norms"]
+        count, buffer = state.warmup_count, state.warmup_norms
         if self._slots is None or self._slots.device != buffer.device:
             self._slots = torch.arange(self.warmup_steps, device=buffer.device)
         collect = rule.finite & ~rule.ready
@@ -217,14 +221,15 @@ class ZClip(Clipper):
         # After warm-up: EMA of the z-score-clipped norm g*, variance with the updated mean.
         clipped = torch.where(rule.fires, rule.threshold, norm)
         alpha = self.alpha
-        ema_mean = alpha * state["mean"] + (1 - alpha) * clipped
-        ema_var = alpha * state["var"] + (1 - alpha) * (clipped - ema_mean).square()
+        ema_mean = alpha * state.mean + (1 - alpha) * clipped
+        ema_var = alpha * state.var + (1 - alpha) * (clipped - ema_mean).square()
         learn = rule.finite & rule.ready
-
-        state["warmup_norms"] = buffer
-        state["warmup_count"] = count
-        state["mean"] = torch.where(learn, ema_mean, torch.where(filled, warm_mean, state["mean"]))
-        state["var"] = torch.where(learn, ema_var, torch.where(filled, warm_var, state["var"]))
+        return ZClipState(
+            warmup_norms=buffer,
+            warmup_count=count,
+            mean=torch.where(learn, ema_mean, torch.where(filled, warm_mean, state.mean)),
+            var=torch.where(learn, ema_var, torch.where(filled, warm_var, state.var)),
+        )
 
 
 class _Rule(NamedTuple):

@@ -1,0 +1,78 @@
+"""One clip step, the same for every clipper.
+
+1. measure (the clipper's ``_measure``: one pass, global under a distributed layout);
+2. apply the non-finite policy (``error`` raises before anything changed);
+3. the clipper's pure ``_step`` on its current state;
+4. mask the coefficient of a skipped step, compute what the clip does to the norm;
+5. commit the new state, masked by finiteness (:class:`~gradclip.clippers.state.StateStore`);
+6. scale the gradients, or hand the coefficient to a fused optimizer
+   (:mod:`gradclip.clippers.fold`);
+7. return :class:`~gradclip.ClipStats`.
+
+No step reads a device value on the host, except the ``error`` policy's check and, on the
+CPU only, the skip of a multiply by exactly 1.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from gradclip.nonfinite import raise_nonfinite
+from gradclip.stats import ClipStats
+
+if TYPE_CHECKING:
+    from gradclip.clippers.base import Clipper
+    from gradclip.clippers.fold import Fold
+    from gradclip.clippers.targets import Target
+
+__all__ = ["clip"]
+
+
+@torch.no_grad()
+def clip(clipper: Clipper, target: Target, fold: Fold | None) -> ClipStats:
+    """Clip ``target``'s gradients with ``clipper`` (see the module doc); with ``fold``, a
+    global coefficient is armed into the fused optimizer instead of multiplied."""
+    measured = clipper._measure(target)
+    total, names = measured.total, target.names
+    if not target.grads and not target.communicates:  # nothing to clip, nobody to wait for
+        one = torch.ones(())
+        false = torch.zeros((), dtype=torch.bool)
+        nan = total.new_full((), float("nan"))
+        return ClipStats(total, total, nan, one, false, ~false, false, measured, names)
+    store = clipper._store
+    store.to(total.device)
+    finite = torch.isfinite(total)
+    if clipper.nonfinite == "error":
+        raise_nonfinite(total, measured.per_tensor, names)
+    state = store.prepare(names)
+    step = clipper._step(measured, state)
+    coef = step.coef
+    if clipper.nonfinite == "skip":
+        coef = torch.where(finite, coef, torch.ones_like(coef))
+        skipped = ~finite
+    else:
+        skipped = torch.zeros_like(finite)
+    if coef.dim() == 0:
+        post_norm = total * coef
+        clipped = coef < 1
+    else:
+        factors = clipper._factors(measured, coef)
+        after = measured.per_tensor * factors
+        layout = target.layout
+        if layout is not None:  # the post-clip norm of every shard and stage
+            post_norm = layout.total(after, clipper.norm_type)
+        else:
+            post_norm = torch.linalg.vector_norm(after, clipper.norm_type)
+        clipped = (factors < 1).any()
+    store.commit(state, step.state, finite)
+    if fold is not None and coef.dim() == 0:
+        fold.arm(coef, skipped)
+    else:
+        clipper._apply(measured, coef)
+    effective = coef if coef.dim() == 0 else torch.where(
+        total == 0, torch.ones_like(total), post_norm / total
+    )
+    return ClipStats(total, post_norm, step.threshold, effective, clipped, finite, skipped,
+                     measured, names)
