@@ -1,4 +1,4 @@
-"""The four deliberate differences from torch.nn.utils (DESIGN.md §2), side by side.
+"""The four deliberate differences from torch.nn.utils (README, "Differences from torch.nn.utils"), side by side.
 
 Each test runs torch and gradclip on exact clones of the same input, asserts what torch does
 (so the test notices if torch changes) and what gradclip does instead.

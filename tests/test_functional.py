@@ -1,6 +1,6 @@
 """Parity of gradclip's drop-ins with torch.nn.utils, on exact clones of the same inputs.
 
-The four deliberate differences (DESIGN.md §2) are in test_differences.py; inputs are chosen
+The deliberate differences (README, "Differences from torch.nn.utils") are in test_differences.py; inputs are chosen
 here so that none of them applies (no negative max_norm, no duplicated gradients, no
 low-precision norm that overflows its dtype; the CPU "no rewrite" difference changes no
 value, only version counters, which are not compared here).

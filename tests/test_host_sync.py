@@ -1,4 +1,4 @@
-"""The step path never reads a device value on the host (DESIGN.md §3).
+"""The step path never reads a device value on the host (README, "What you get": no host sync on accelerators).
 
 Nothing here has a GPU, so the accelerator code path is forced onto CPU tensors by patching
 ``gradclip._foreach.is_host_device``; a dispatch mode records every op that copies a tensor

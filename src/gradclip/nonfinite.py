@@ -20,7 +20,7 @@ from torch import Tensor
 
 from gradclip._checks import check_choice
 
-__all__ = ["POLICIES", "NonFiniteGradientError", "NonFinitePolicy", "check_policy"]
+__all__ = ["POLICIES", "NonFiniteGradientError", "NonFinitePolicy", "check_policy", "raise_nonfinite"]
 
 NonFinitePolicy = Literal["propagate", "error", "skip"]
 POLICIES: tuple[str, ...] = ("propagate", "error", "skip")

@@ -1,4 +1,5 @@
-"""Every clipper of the registry through the same contract (DESIGN.md §4, STYLE.md §3, §4, §9)."""
+"""Every clipper of the registry through the same contract (README, "Clippers"; the
+protocol in ``gradclip.clippers.base``)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import dist_cases as cases
 import dist_launcher as launcher
 
-RTOL = 1e-5  # float32 totals (DESIGN §8)
+RTOL = 1e-5  # float32 totals: torch's own summation error reaches 2e-6
 GRAD_RTOL = 1e-5
 
 pytestmark = pytest.mark.skipif(
