@@ -40,8 +40,10 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+# the development benchmarks (benchmarks/README.md); users run `gradclip bench`
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_clip.py
+	$(BIN)/python benchmarks/bench_small.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

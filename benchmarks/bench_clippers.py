@@ -1,7 +1,7 @@
 """Per-step cost of every gradclip clipper over ``gradclip.clip_grad_norm_``, and of the peers.
 
 One process, the same gradients, interleaved: GPT-2 small and ResNet-50 gradient sets from
-:mod:`gradclip.bench` (gradients N(0, 1e-3²), weights N(0, 0.02²), which AGC reads), held
+:mod:`cases` (gradients N(0, 1e-3²), weights N(0, 0.02²), which AGC reads), held
 by an ``nn.Module`` whose parameter names are the architecture's, and every clipper is
 called on that module (so the name walk is timed too).
 
@@ -52,7 +52,8 @@ from types import ModuleType
 import torch
 
 import gradclip
-from gradclip import bench
+from cases import CASES, GradSet, NamedShapes, make_grad_set
+from harness import ForeignLoad
 
 WEIGHT_STD = 0.02
 CLIP, NOCLIP = "clip_grad_norm_ (clips)", "clip_grad_norm_ (no clip)"
@@ -78,7 +79,7 @@ class Record:
     load: float
 
 
-def named_module(gs: bench.GradSet, shapes: bench.NamedShapes) -> torch.nn.Module:
+def named_module(gs: GradSet, shapes: NamedShapes) -> torch.nn.Module:
     """A module holding ``gs.params`` under their architecture names (``h.0.attn.c_attn.weight``)."""
     root = torch.nn.Module()
     for (name, _), param in zip(shapes, gs.params, strict=True):
@@ -230,7 +231,7 @@ def measure(variants: dict[str, Variant], reps: int, restore: Callable[[], None]
         decisions = {name: set() for name in names}
         times: dict[str, list[float]] = {name: [] for name in names}
         loads = []
-        load = bench._ForeignLoad()
+        load = ForeignLoad()
         for rep in range(reps):
             order = names[rep % len(names):] + names[: rep % len(names)]
             load.start()
@@ -268,12 +269,12 @@ def render(rows: list[Record]) -> str:
 
 
 def run_case(case: str, reps: int, optimizer: bool) -> list[Record]:
-    gs = bench.make_grad_set(case)
+    gs = make_grad_set(case)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in gs.params:
             p.normal_(0.0, WEIGHT_STD, generator=generator)
-    model = named_module(gs, bench.CASES[case].shapes())
+    model = named_module(gs, CASES[case].shapes())
     grads = [p.grad for p in gs.params]
     norm = float(gradclip.get_total_norm(grads))
     restore = _restorer(grads)

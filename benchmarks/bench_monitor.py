@@ -1,8 +1,8 @@
 """Cost of monitoring: ``GradMonitor(NormClip)`` vs the same ``NormClip`` unmonitored, and the
 time of ``gradclip report`` on a 10,000-step log.
 
-The step benchmark reuses :func:`gradclip.bench.run_grad_set` (GPT-2 and ResNet-50 gradient
-sets from :data:`gradclip.bench.CASES`; both variants on the same gradients, interleaved, in
+The step benchmark reuses :func:`harness.run_grad_set` (GPT-2 and ResNet-50 gradient
+sets from :data:`cases.CASES`; both variants on the same gradients, interleaved, in
 alternating order; quiet repetitions; median of per-repetition ratios). Its "ours" is the
 monitored clipper (per-layer norms at the owning module, a JSON lines log in a temporary
 directory, a flush every 100 steps), its "torch" column the plain clipper. Target: ratio
@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 
 import gradclip
-from gradclip import bench
+import harness
+from cases import CASES, gpt2_shapes, make_grad_set
 from gradclip.sinks import encode_record
+from render import jsonable
 
 TARGET = 1.10
 
@@ -55,19 +57,19 @@ def clip_fn(names: list[str], log_dir: str | None, every: int):
     return fn
 
 
-def bench_steps(args: argparse.Namespace) -> list[bench.BenchRecord]:
-    cfg = bench.BenchConfig(cases=tuple(args.cases), norm_types=tuple(args.norm_types),
+def bench_steps(args: argparse.Namespace) -> list[harness.BenchRecord]:
+    cfg = harness.BenchConfig(cases=tuple(args.cases), norm_types=tuple(args.norm_types),
                             reps=args.reps)  # fmt: skip
     records = []
     with tempfile.TemporaryDirectory() as log_dir:
         for case in args.cases:
-            print(f"building {case}: {bench.CASES[case].description}", file=sys.stderr)
-            names = [name for name, _ in bench.CASES[case].shapes()]
-            gs = bench.make_grad_set(case)
+            print(f"building {case}: {CASES[case].description}", file=sys.stderr)
+            names = [name for name, _ in CASES[case].shapes()]
+            gs = make_grad_set(case)
             monitored = clip_fn(names, log_dir, args.every)
             plain = clip_fn(names, None, args.every)
             progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-            recs, _ = bench.run_grad_set(gs, cfg, progress, ours=monitored, theirs=plain)
+            recs, _ = harness.run_grad_set(gs, cfg, progress, ours=monitored, theirs=plain)
             records += recs
             del gs
     return records
@@ -76,8 +78,8 @@ def bench_steps(args: argparse.Namespace) -> list[bench.BenchRecord]:
 def time_record(case: str, every: int, calls: int = 500) -> tuple[float, float]:
     """Mean time of one ``GradMonitor.record`` alone (flushes included) and of one plain
     clip, in ms, on the same gradients: the monitor's absolute cost, less exposed to noise."""
-    names = [name for name, _ in bench.CASES[case].shapes()]
-    gs = bench.make_grad_set(case)
+    names = [name for name, _ in CASES[case].shapes()]
+    gs = make_grad_set(case)
     named = list(zip(names, gs.params, strict=True))
     clipper = gradclip.NormClip(1e9)
     clips = []
@@ -98,7 +100,7 @@ def time_record(case: str, every: int, calls: int = 500) -> tuple[float, float]:
 
 
 def layer_names() -> list[str]:
-    return sorted({gradclip.monitor.layer_name(n) for n, _ in bench.gpt2_shapes()})
+    return sorted({gradclip.monitor.layer_name(n) for n, _ in gpt2_shapes()})
 
 
 def time_report(steps: int) -> float:
@@ -130,7 +132,7 @@ def time_report(steps: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", default=["gpt2", "resnet50"], choices=list(bench.CASES))
+    parser.add_argument("--cases", nargs="+", default=["gpt2", "resnet50"], choices=list(CASES))
     parser.add_argument("--norm-types", nargs="+", type=float, default=[2.0, math.inf])
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--every", type=int, default=100, help="monitor flush interval")
@@ -150,7 +152,7 @@ def main() -> int:
     print("-" * len(header))
     for r in records:
         verdict = "ok" if r.ratio <= TARGET else "MISS"
-        print(f"{r.case:<10} {bench._fmt_p(r.norm_type):>4} {r.mode:<7} {r.torch_ms:>9.2f} "
+        print(f"{r.case:<10} {harness.fmt_p(r.norm_type):>4} {r.mode:<7} {r.torch_ms:>9.2f} "
               f"{r.ours_ms:>13.2f} {f'{r.ratio:.3f} [{r.ratio_min:.2f}-{r.ratio_max:.2f}]':>22}  "
               f"{r.reps_used}/{r.reps_run}{'' if r.quiet else ' noisy'}  <={TARGET} {verdict}")  # fmt: skip
     for case in args.cases:
@@ -160,7 +162,7 @@ def main() -> int:
     report_s = time_report(args.report_steps) if args.report_steps else None
     if args.json is not None:
         args.json.write_text(json.dumps({
-            "records": [bench._jsonable(vars(r)) for r in records], "report_seconds": report_s,
+            "records": [jsonable(vars(r)) for r in records], "report_seconds": report_s,
         }, indent=2) + "\n")  # fmt: skip
     return 0
 

@@ -1,288 +1,242 @@
-"""Smoke tests of gradclip.bench: gradient sets, the harness's records, rendering.
+"""gradclip._bench, the module behind ``gradclip bench``: its gradient sets, the interleaved
+measurement, the rendering (times, ratios and a reading; no development targets) and the JSON
+file it writes (only ever replacing its own).
 
-No timing assertions: the machine is shared, and the harness is tested for well-formed data.
+No timing assertions: the machine is shared; the records are tested for well-formed data and
+the measurement for what it calls, in which order, with which ``max_norm``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
 from torch import nn
 
-from gradclip import bench
+from gradclip import _bench
 
-# --- GPT-2 small -----------------------------------------------------------------------
+# --- the gradient sets: against the modules they stand for ------------------------------
+
+
+def shapes_of(module: nn.Module) -> list[tuple[int, ...]]:
+    return [tuple(p.shape) for p in module.parameters()]
 
 
 def gpt2_param_count(vocab: int, positions: int, d: int, layers: int) -> int:
-    """Closed form from the architecture: embeddings, per block 12d² + 13d, final LayerNorm.
-
-    Per block: c_attn 3d² + 3d, attn c_proj d² + d, c_fc 4d² + 4d, mlp c_proj 4d² + d, two
-    LayerNorms 4d.
-    """
+    """Closed form from the architecture: embeddings, per block 12d² + 13d, final LayerNorm."""
     return vocab * d + positions * d + layers * (12 * d * d + 13 * d) + 2 * d
 
 
-def test_gpt2_shapes_match_the_architecture():
-    shapes = bench.gpt2_shapes()
-    numel = sum(math.prod(s) for _, s in shapes)
+def test_mlp_cases_match_nn_sequential():
+    with torch.device("meta"):
+        tiny = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+        mnist = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+    assert _bench.CASES["tiny"].shapes() == shapes_of(tiny)
+    assert _bench.CASES["mnist"].shapes() == shapes_of(mnist)
+    assert sum(math.prod(s) for s in shapes_of(mnist)) == 203_530
+
+
+def test_gpt2_case_matches_the_architecture():
+    shapes = _bench.CASES["gpt2"].shapes()
     assert len(shapes) == 2 + 12 * 12 + 2 == 148
-    assert numel == gpt2_param_count(50257, 1024, 768, 12)
-    assert numel == 124_439_808  # the published GPT-2 small count (lm_head tied to wte)
-    named = dict(shapes)
-    assert len(named) == len(shapes)  # names are unique
-    assert named["wte.weight"] == (50257, 768)
-    assert named["h.11.attn.c_attn.weight"] == (768, 2304)  # Conv1D layout: (in, out)
-    assert named["h.0.mlp.c_proj.weight"] == (3072, 768)
-    assert "lm_head.weight" not in named
+    assert sum(math.prod(s) for s in shapes) == gpt2_param_count(50257, 1024, 768, 12)
+    assert sum(math.prod(s) for s in shapes) == 124_439_808  # published, lm_head tied to wte
+    assert shapes[:2] == [(50257, 768), (1024, 768)]
+    assert shapes[4] == (768, 2304) and shapes[12] == (3072, 768)  # Conv1D layout: (in, out)
 
 
-def test_gpt2_shapes_scale_with_the_config():
-    shapes = bench.gpt2_shapes(vocab_size=100, n_positions=16, n_embd=8, n_layer=2)
-    assert len(shapes) == 2 + 2 * 12 + 2
-    assert sum(math.prod(s) for _, s in shapes) == gpt2_param_count(100, 16, 8, 2)
+def test_many_case_and_order():
+    assert _bench.CASES["many"].shapes() == [(1000,)] * 2000
+    sizes = [sum(math.prod(s) for s in c.shapes()) for c in _bench.CASES.values()]
+    assert sizes == sorted(sizes)  # smallest first, as the help and the table list them
 
 
-# --- ResNet-50: an independent nn.Module definition (torchvision's), built on "meta" ------
+# --- the measurement ---------------------------------------------------------------------
 
 
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int, downsample: bool) -> None:
-        super().__init__()
-        width = planes * self.expansion
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, width, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width)
-        self.downsample = (
-            nn.Sequential(nn.Conv2d(inplanes, width, 1, stride, bias=False), nn.BatchNorm2d(width))
-            if downsample
-            else None
-        )
-
-
-class ResNet(nn.Module):
-    def __init__(self, layers: tuple[int, ...], num_classes: int = 1000) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        inplanes = 64
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
-            stride = 1 if i == 0 else 2
-            stage = []
-            for b in range(blocks):
-                downsample = b == 0 and (stride != 1 or inplanes != planes * 4)
-                stage.append(Bottleneck(inplanes, planes, stride if b == 0 else 1, downsample))
-                inplanes = planes * 4
-            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
-        self.fc = nn.Linear(512 * 4, num_classes)
-
-
-@pytest.mark.parametrize("layers", [(3, 4, 6, 3), (3, 4, 23, 3), (1, 1, 1, 1)])
-def test_resnet_shapes_match_the_module(layers):
-    with torch.device("meta"):
-        model = ResNet(layers)
-    expected = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-    assert bench.resnet50_shapes(layers) == expected
-
-
-def test_resnet50_counts():
-    with torch.device("meta"):
-        model = ResNet((3, 4, 6, 3))
-    shapes = bench.resnet50_shapes()
-    numel = sum(math.prod(s) for _, s in shapes)
-    assert len(shapes) == len(list(model.parameters())) == 161
-    assert numel == sum(p.numel() for p in model.parameters()) == 25_557_032
-
-
-# --- gradient sets ---------------------------------------------------------------------
-
-
-def test_case_registry_and_quick_cases():
-    assert set(bench.CASES) == {"gpt2", "gpt2-bf16", "resnet50", "tiny2000", "huge100M"}
-    assert bench.CASES["gpt2-bf16"].dtype == torch.bfloat16
-    assert set(bench.QUICK_CASES) <= set(bench.CASES)
-    assert [math.prod(s) for _, s in bench.CASES["huge100M"].shapes()] == [100_000_000]
-
-
-def test_make_grad_set_tiny2000():
-    gs = bench.make_grad_set("tiny2000")
-    assert (gs.n_tensors, gs.numel, gs.dtype) == (2000, 2_000_000, torch.float32)
-    assert all(isinstance(p, nn.Parameter) and p.grad.shape == p.shape for p in gs.params)
-    std = torch.cat([p.grad for p in gs.params]).std().item()
-    assert std == pytest.approx(1e-3, rel=0.01)
-
-
-def test_make_grad_set_custom_and_seeded():
-    shapes = [("w", (5, 7)), ("b", (7,))]
-    a = bench.make_grad_set("x", shapes, torch.bfloat16, seed=3)
-    b = bench.make_grad_set("x", shapes, torch.bfloat16, seed=3)
-    assert [p.grad.dtype for p in a.params] == [torch.bfloat16] * 2
-    assert [tuple(p.shape) for p in a.params] == [(5, 7), (7,)]
-    assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.params, b.params, strict=True))
-
-
-def test_make_grad_set_unknown_case():
-    with pytest.raises(ValueError, match="tiny2000"):
-        bench.make_grad_set("gpt3")
-
-
-@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
-def test_reference_norm_matches_float64(p):
-    tensors = [torch.randn(1000), torch.randn(7, 13), torch.randn(3).to(torch.bfloat16)]
-    expected = torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in tensors]), p)
-    got = bench.reference_norm(tensors, p, chunk=64)  # many chunks per tensor
-    assert got == pytest.approx(expected.item(), rel=1e-12)
-
-
-# --- the harness -----------------------------------------------------------------------
-
-
-def small_config(**kwargs):
-    return bench.BenchConfig(reps=2, min_rep_seconds=0.0, **kwargs)
-
-
-def test_run_grad_set_records_are_well_formed():
-    gs = bench.make_grad_set("small", [("w", (64, 48)), ("b", (48,)), ("e", (300,))])
-    records, accuracy = bench.run_grad_set(gs, small_config())
-    assert [(r.norm_type, r.mode) for r in records] == [
-        (2.0, "noclip"),
-        (2.0, "clip"),
-        (math.inf, "noclip"),
-        (math.inf, "clip"),
+def test_rows_are_well_formed():
+    result = _bench.run(["tiny", "mnist"], reps=2, rep_seconds=0.001)
+    assert [(r.case, r.norm_type, r.mode) for r in result.rows] == [
+        (case, p, mode)
+        for case in ("tiny", "mnist")
+        for p in (2.0, math.inf)
+        for mode in ("noclip", "clip")
     ]
-    for r in records:
-        assert (r.case, r.dtype, r.n_tensors, r.numel) == ("small", "float32", 3, 3420)
-        assert min(r.ours_ms, r.torch_ms, r.floor_ms) > 0
+    for r in result.rows:
+        expected = {"tiny": (4, 25), "mnist": (4, 203_530)}[r.case]
+        assert (r.n_tensors, r.numel) == expected
+        assert r.gradclip_s > 0 and r.torch_s > 0
         assert r.ratio_min <= r.ratio <= r.ratio_max
-        assert r.ours_x_floor > 0 and r.torch_x_floor > 0
-        assert 1 <= r.reps_used <= r.reps_run <= 4  # max_reps defaults to 2 x reps
-        assert r.calls_per_rep >= 1
+        assert r.reps == 2 and r.calls_per_rep >= 1
         assert r.clipped == (1.0 if r.mode == "clip" else 0.0)
-    assert [a.norm_type for a in accuracy] == [2.0, math.inf]
-    for a in accuracy:
-        assert a.ours_rel_err < 1e-5 and a.torch_rel_err < 1e-5
-    # clip mode shrinks the gradients, but the harness keeps them in a sane range
-    norm = bench.reference_norm([p.grad for p in gs.params], 2.0)
-    assert accuracy[0].reference / 4 <= norm <= accuracy[0].reference
+    assert result.env["torch"] == torch.__version__
+    assert result.env["threads"] == str(torch.get_num_threads())
 
 
-@pytest.mark.parametrize(("max_seconds", "runs"), [(None, 8), (0.0, 3)])
-def test_noisy_repetitions_are_retried_then_all_used(max_seconds, runs):
-    cfg = bench.BenchConfig(
-        norm_types=(2.0,),
-        modes=("noclip",),
-        reps=4,
-        max_reps=8,
-        max_seconds=max_seconds,
-        min_rep_seconds=0.0,
-        max_foreign_cores=-1.0,  # no repetition counts as quiet
-    )
-    gs = bench.make_grad_set("small", [("w", (8, 8))])
-    (record,), _ = bench.run_grad_set(gs, cfg)
-    assert (record.reps_run, record.reps_used, record.quiet) == (runs, runs, False)
+def spy(name, calls):
+    """A clip function that records what it was given, then clips as torch does."""
+
+    def clip(params, max_norm, norm_type):
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.double().flatten() for g in grads])
+        norm = torch.linalg.vector_norm(flat, norm_type).item()
+        calls.append((name, tuple(id(g) for g in grads), max_norm / norm, norm))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+
+    return clip
 
 
-def test_both_implementations_see_the_same_gradients():
-    gs = bench.make_grad_set("small", [("w", (10, 10))] * 3)
-    seen: dict[str, set[tuple[int, ...]]] = {"ours": set(), "torch": set()}
-
-    def spy(name):
-        def clip(params, max_norm, norm_type):
-            seen[name].add(tuple(id(p.grad) for p in params))
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
-
-        return clip
-
-    cfg = small_config(norm_types=(2.0,), modes=("clip",))
-    bench.run_grad_set(gs, cfg, ours=spy("ours"), theirs=spy("torch"))
-    assert seen["ours"] == seen["torch"] == {tuple(id(p.grad) for p in gs.params)}
-
-
-def test_run_with_progress(monkeypatch):
-    monkeypatch.setitem(
-        bench.CASES,
-        "tiny2000",
-        bench.Case("tiny2000", lambda: [("t", (100,))] * 5, torch.float32, "5 x 100"),
-    )
-    lines: list[str] = []
-    cfg = small_config(cases=("tiny2000",), norm_types=(2.0,), modes=("noclip",))
-    result = bench.run(cfg, progress=lines.append)
-    assert [r.case for r in result.records] == ["tiny2000"]
-    assert lines[0].startswith("building tiny2000") and "p=2 noclip" in lines[1]
-    assert result.wall_seconds > 0 and result.env["torch"] == torch.__version__
+@pytest.mark.parametrize(("mode", "factor"), [("noclip", 10.0), ("clip", 0.98)])
+@pytest.mark.parametrize("p", [2.0, math.inf])
+def test_same_gradients_interleaved_max_norm_anchored(mode, factor, p):
+    calls = []
+    _bench.run(["mnist"], [p], [mode], reps=4, rep_seconds=0.0,
+               ours=spy("ours", calls), theirs=spy("torch", calls))  # fmt: skip
+    # 3 warm-up pairs, then one call of each per repetition, who goes first alternating
+    assert [c[0] for c in calls] == ["ours", "torch"] * 3 + [
+        "ours", "torch", "torch", "ours", "ours", "torch", "torch", "ours",
+    ]  # fmt: skip
+    assert len({c[1] for c in calls}) == 1  # both see the very same gradient tensors
+    for c in calls:  # max_norm follows the gradients' current norm (float64)
+        assert c[2] == pytest.approx(factor, rel=1e-5)
 
 
-def test_config():
-    quick = bench.config(quick=True)
-    assert quick.cases == bench.QUICK_CASES and "huge100M" not in quick.cases
-    assert quick.max_seconds is not None
-    full = bench.config()
-    assert full.cases == tuple(bench.CASES) and full.reps > quick.reps
-    custom = bench.config(quick=True, cases=["gpt2"], norm_types=[math.inf], reps=3)
-    assert (custom.cases, custom.norm_types, custom.reps, custom.max_reps) == (
-        ("gpt2",),
-        (math.inf,),
-        3,
-        6,
-    )
+def test_clipping_never_lets_the_gradients_vanish():
+    calls = []
+    spied = spy("both", calls)
+    _bench.run(["tiny"], [2.0], ["clip"], reps=200, rep_seconds=0.0, ours=spied, theirs=spied)
+    # 406 calls that each scale by 0.98 would leave 0.98**406 = 3e-4 of the first norm
+    norms = [c[3] for c in calls]
+    assert len(norms) == 406
+    assert min(norms) >= norms[0] / 4 * 0.98 and max(norms) <= norms[0] * (1 + 1e-6)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"cases": ("gpt3",)}, "valid cases"),
-        ({"modes": ("sometimes",)}, "valid modes"),
-        ({"reps": 0}, "reps"),
-        ({"reps": 5, "max_reps": 2}, "max_reps"),
+        ({"cases": ["gpt3"]}, "unknown case 'gpt3' in `cases`; choose from tiny, mnist"),
+        ({"modes": ["sometimes"]}, "unknown mode 'sometimes' in `modes`; choose from noclip"),
+        ({"norm_types": [0.0]}, "`norm_types` must be > 0"),
+        ({"norm_types": [-2.0]}, "`norm_types` must be > 0"),
+        ({"norm_types": [float("nan")]}, "`norm_types` must be > 0"),
+        ({"reps": 0}, "`reps` must be >= 1, got 0"),
     ],
 )
-def test_config_rejects_bad_values(kwargs, match):
+def test_bad_values_raise_before_anything_runs(kwargs, match):
+    calls = []
     with pytest.raises(ValueError, match=match):
-        bench.BenchConfig(**kwargs)
+        _bench.run(**{"cases": ["tiny"], **kwargs}, ours=spy("ours", calls))
+    assert calls == []
 
 
-# --- targets and rendering ---------------------------------------------------------------
+def test_a_case_that_does_not_fit_raises_memory_error(monkeypatch):
+    huge = _bench.Case("huge", "4 PB: more than any address space", lambda: [(10**15,)])
+    monkeypatch.setitem(_bench.CASES, "huge", huge)
+    with pytest.raises(MemoryError, match="case 'huge'"):
+        _bench.run(["huge"])
 
 
-def fake_record(case, p, mode, ratio):
-    return bench.BenchRecord(
-        case=case, dtype="float32", n_tensors=1, numel=1, norm_type=p, mode=mode,
-        ours_ms=1.0, torch_ms=1.0 / ratio, floor_ms=0.5, ratio=ratio, ratio_min=ratio,
-        ratio_max=ratio, ours_x_floor=2.0, torch_x_floor=2.0 / ratio, reps_used=3,
-        reps_run=3, calls_per_rep=1, quiet=True, clipped=float(mode == "clip"),
+# --- rendering: times, ratios and an honest reading; never a pass/fail verdict -------------
+
+
+def row(case="tiny", p=2.0, mode="noclip", ratio=1.0, spread=0.05, gradclip_s=50e-6):
+    return _bench.Row(
+        case=case, n_tensors=4, numel=25, norm_type=p, mode=mode, gradclip_s=gradclip_s,
+        torch_s=gradclip_s / ratio, ratio=ratio, ratio_min=ratio - spread,
+        ratio_max=ratio + spread, reps=11, calls_per_rep=100, clipped=float(mode == "clip"),
     )  # fmt: skip
 
 
-def fake_result():
-    records = [fake_record("gpt2", 2.0, "noclip", 0.4), fake_record("gpt2", 2.0, "clip", 0.95)]
-    accuracy = [bench.AccuracyRecord("gpt2", "float32", 2.0, 1.0, 1.0, 1.001, 0.0, 1e-3)]
-    return bench.BenchResult(records, accuracy, bench.BenchConfig(), {"torch": "x"}, 1.0)
+ENV = {"gradclip": "0.1.0", "torch": "2.13.0", "threads": "2", "cpus": "2", "cpu": "x86"}
 
 
-def test_check_targets():
-    checks = {
-        (c.target.case, c.target.norm_type, c.target.mode, c.target.metric): c
-        for c in bench.check_targets(fake_result())
-    }
-    assert checks["gpt2", 2.0, "noclip", "ratio"].met is True
-    assert checks["gpt2", 2.0, "clip", "ratio"].met is False
-    assert checks["gpt2", 2.0, None, "rel_err"].met is True
-    assert checks["resnet50", 2.0, "noclip", "ratio"].met is None
+def test_render_reads_faster_slower_and_unclear_rows():
+    rows = [
+        row("gpt2", math.inf, "noclip", 0.10, gradclip_s=0.020),
+        row("many", 2.0, "clip", 0.60, gradclip_s=0.008),
+        row("tiny", 2.0, "noclip", 1.44),
+        row("mnist", 2.0, "clip", 1.02, spread=0.1),  # its range spans 1
+    ]
+    text = _bench.render(_bench.BenchResult(rows, ENV))
+    reading = [line for line in text.splitlines() if line.startswith("Reading:")]
+    assert reading == [
+        "Reading: gradclip took less time than torch in 2 of 4 rows (down to 0.10x: gpt2 p=inf "
+        "noclip); more time than torch in 1 of 4 rows (up to 1.44x: tiny p=2 noclip); no clear "
+        "difference in 1 of 4 (their [min-max] spans 1)."
+    ]
+    assert "0.10 [0.05-0.15]" in text and "1.44 [1.39-1.49]" in text
+    assert "20.00 ms" in text and "50.0 us" in text and "200.00 ms" in text  # both, per call
+    assert "2 threads" in text and "torch 2.13.0" in text
+    for word in ("MISS", "target", "FAIL", " ok"):
+        assert word not in text
 
 
-def test_render_and_json():
-    result = fake_result()
-    text = bench.render(result)
-    assert "gpt2" in text and "MISS gpt2 p=2 clip" in text
-    data = json.loads(bench.to_json(result))
-    assert data["records"][0]["ratio"] == 0.4
-    assert data["config"]["norm_types"] == [2.0, "inf"]
-    assert any(t["met"] is False for t in data["targets"])
+def test_render_lists_only_the_cases_it_measured():
+    text = _bench.render(_bench.BenchResult([row("tiny")], ENV))
+    assert _bench.CASES["tiny"].description in text
+    assert _bench.CASES["gpt2"].description not in text
+
+
+def test_to_dict_is_json():
+    data = _bench.to_dict(_bench.BenchResult([row(p=math.inf)], ENV))
+    again = json.loads(json.dumps(data, allow_nan=False))
+    assert again["kind"] == "gradclip bench" and again["env"] == ENV
+    assert again["rows"][0]["norm_type"] == "inf" and again["rows"][0]["ratio"] == 1.0
+
+
+# --- the JSON file: new, or one this command wrote; nothing else is touched ---------------
+
+
+def result():
+    return _bench.BenchResult([row()], ENV)
+
+
+def test_write_json_creates_then_replaces_its_own_file(tmp_path):
+    path = tmp_path / "bench.json"
+    _bench.write_json(result(), path)
+    assert json.loads(path.read_text())["rows"][0]["case"] == "tiny"
+    _bench.write_json(_bench.BenchResult([row("mnist")], ENV), path)
+    assert json.loads(path.read_text())["rows"][0]["case"] == "mnist"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        ("my thesis\n", "text"),
+        ('{"kind": "something else"}', "another JSON"),
+        ('[1, 2, 3]', "a JSON list"),
+        (b"\xff\xfe\x00", "binary"),
+    ],
+)
+def test_a_file_it_did_not_write_is_refused_and_untouched(tmp_path, content, what):
+    path = tmp_path / "precious.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="not written by gradclip bench; it is left untouched"):
+        _bench.write_json(result(), path)
+    assert path.read_bytes() == before, what
+    assert [p.name for p in tmp_path.iterdir()] == ["precious.json"]
+
+
+def test_links_folders_and_missing_folders_are_refused(tmp_path):
+    target = tmp_path / "elsewhere.json"
+    _bench.write_json(result(), target)  # even a link to a file of ours is not followed
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    with pytest.raises(ValueError, match="symbolic link"):
+        _bench.check_json_path(link)
+    with pytest.raises(ValueError, match="not a regular file"):
+        _bench.check_json_path(tmp_path)
+    with pytest.raises(ValueError, match="does not exist; create it"):
+        _bench.check_json_path(tmp_path / "missing" / "out.json")
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):  # and it does not hang
+        _bench.check_json_path(fifo)

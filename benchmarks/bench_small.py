@@ -1,0 +1,266 @@
+"""Small models: is ``gradclip.clip_grad_norm_`` ever slower than torch's? A ladder of sizes.
+
+A ladder of gradient sets from a 4-4-1 MLP to GPT-2 small (:data:`LADDER`), led by two
+overhead rows (one tensor of one element: the cost of a call; 100 such tensors: plus the
+cost per tensor). For each model, norm type (2, inf), mode (``noclip``: ``max_norm`` 10x the
+norm; ``clip``: 0.98x, every call clips) and ``foreach`` (None, False, True: the argument is
+passed to both functions) the harness (:func:`harness.run_grad_set`) times both functions
+on the same gradients, interleaved in one process, in an order that alternates which goes
+first, with repetitions during foreign CPU load dropped. One thread
+(``torch.set_num_threads(1)``) unless ``--threads`` says otherwise: small models are
+where the Python around the kernels shows, and one thread keeps the kernels comparable.
+
+Printed: per row the median time per call of each (µs) and gradclip/torch as median
+[min-max] over repetitions; then per model the worst and best ratio, and the per-call and
+per-tensor overhead from the two overhead rows. ``--out DIR`` also writes
+``DIR/small-<date>.txt`` and ``.json`` (a suffix ``-2``, ``-3``, ... when they exist).
+
+Example:
+    python benchmarks/bench_small.py --out benchmarks/results          # ~5 min, one thread
+    python benchmarks/bench_small.py --models mlp-4-4-1 mnist-mlp --foreach none --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import gradclip
+import harness
+from cases import GradSet, NamedShapes, gpt2_shapes, make_grad_set, mlp_shapes
+from render import jsonable, table
+
+__all__ = ["FOREACH", "LADDER", "Model", "SmallRecord", "main", "render", "run"]
+
+
+@dataclass(frozen=True)
+class Model:
+    """A rung of the ladder: a name, what it is, its parameter shapes."""
+
+    name: str
+    description: str
+    shapes: NamedShapes
+
+
+def _overhead(n: int) -> NamedShapes:
+    return [(f"t{i}", (1,)) for i in range(n)]
+
+
+LADDER: tuple[Model, ...] = (
+    Model("overhead-1", "1 tensor of 1 element: the cost of a call", _overhead(1)),
+    Model("overhead-100", "100 tensors of 1 element: + the cost per tensor", _overhead(100)),
+    Model("mlp-4-4-1", "MLP 4-4-1", mlp_shapes(4, 4, 1)),
+    Model("mlp-6x128", "six Linear(128, 128) layers", mlp_shapes(*[128] * 7)),
+    Model("mnist-mlp", "MNIST MLP 784-256-10", mlp_shapes(784, 256, 10)),
+    Model("gpt-128x2", "GPT-2 layout, d=128, 2 layers, vocab 1000", gpt2_shapes(1000, 128, 128, 2)),
+    Model("gpt-256x4", "GPT-2 layout, d=256, 4 layers, vocab 8192", gpt2_shapes(8192, 256, 256, 4)),
+    Model("gpt2", "GPT-2 small", gpt2_shapes()),
+)
+"""The gradient sets, smallest first; float32 gradients ~ N(0, 1e-3²), seeded."""
+
+FOREACH: dict[str, bool | None] = {"none": None, "false": False, "true": True}
+
+
+@dataclass(frozen=True)
+class SmallRecord:
+    """One harness record and the ``foreach`` both functions were called with."""
+
+    foreach: bool | None
+    record: harness.BenchRecord
+
+
+def _with_foreach(fn: harness.ClipFn, foreach: bool | None) -> harness.ClipFn:
+    return functools.partial(fn, foreach=foreach)
+
+
+def _foreach_works(foreach: bool | None, gs: GradSet) -> bool:
+    """``foreach=True`` raises where the device has no foreach kernels: skip it there."""
+    try:
+        torch.nn.utils.clip_grad_norm_(gs.params, 1e9, foreach=foreach)
+    except RuntimeError:
+        return False
+    return True
+
+
+def run(models: list[Model], foreach: list[bool | None], cfg: harness.BenchConfig,
+        progress: harness.Progress) -> list[SmallRecord]:  # fmt: skip
+    """Every model x foreach x norm type x mode of ``cfg``, in that order."""
+    out = []
+    for model in models:
+        gs = make_grad_set(model.name, model.shapes, torch.float32)
+        for f in foreach:
+            if not _foreach_works(f, gs):
+                progress(f"{model.name}: foreach={f} unsupported here, skipped")
+                continue
+            records, _ = harness.run_grad_set(
+                gs, cfg, lambda line, f=f: progress(f"{line} foreach={f}"),
+                ours=_with_foreach(gradclip.clip_grad_norm_, f),
+                theirs=_with_foreach(torch.nn.utils.clip_grad_norm_, f),
+            )  # fmt: skip
+            out += [SmallRecord(f, r) for r in records]
+    return out
+
+
+def _us(ms: float) -> str:
+    return f"{ms * 1e3:,.1f}"
+
+
+def _overheads(records: list[SmallRecord]) -> list[str]:
+    """Per-call and per-tensor cost of each, from the two overhead rows (p=2, noclip)."""
+    pick = {
+        r.record.case: r.record
+        for r in records
+        if r.foreach is None and r.record.norm_type == 2.0 and r.record.mode == "noclip"
+    }
+    one, many = pick.get("overhead-1"), pick.get("overhead-100")
+    if one is None:
+        return []
+    lines = [
+        f"Per call (1 tensor of 1 element, p=2, no clip, foreach=None): torch "
+        f"{_us(one.torch_ms)} us, gradclip {_us(one.ours_ms)} us "
+        f"({_us(one.ours_ms - one.torch_ms)} us more)."
+    ]
+    if many is not None:
+        per = [(m - o) / 99 for m, o in ((many.torch_ms, one.torch_ms), (many.ours_ms, one.ours_ms))]
+        lines.append(
+            f"Per extra tensor (100 tensors vs 1): torch {_us(per[0])} us, "
+            f"gradclip {_us(per[1])} us."
+        )
+    return lines
+
+
+_HEADER = ["model", "p", "mode", "foreach", "tensors", "params", "torch us", "gradclip us",
+           "gradclip/torch [min-max]", "reps"]  # fmt: skip
+
+
+def render(records: list[SmallRecord], env: dict[str, str], models: list[Model]) -> str:
+    """The table of every row, a per-model summary and the overhead lines."""
+    rows = []
+    for s in records:
+        r = s.record
+        rows.append([
+            r.case, harness.fmt_p(r.norm_type), r.mode, str(s.foreach), f"{r.n_tensors:,}",
+            f"{r.numel:,}", _us(r.torch_ms), _us(r.ours_ms),
+            f"{r.ratio:.2f} [{r.ratio_min:.2f}-{r.ratio_max:.2f}]",
+            f"{r.reps_used}/{r.reps_run}" + ("" if r.quiet else " noisy"),
+        ])  # fmt: skip
+    out = [
+        "gradclip.clip_grad_norm_ vs torch.nn.utils.clip_grad_norm_ on small to GPT-2-small "
+        "gradient sets (same gradients, interleaved)",
+        f"gradclip {env['gradclip']} ({env.get('commit', '?')}), torch {env['torch']}, "
+        f"{env['threads']} thread(s), {env['cpus']} CPUs ({env['cpu']}), wall {env['wall']} s",
+        "",
+        *table(_HEADER, rows),
+        "",
+        "Per model, over its rows: the largest and smallest median gradclip/torch.",
+    ]
+    summary = []
+    for model in models:
+        mine = [s for s in records if s.record.case == model.name]
+        if not mine:
+            continue
+        worst = max(mine, key=lambda s: s.record.ratio)
+        best = min(mine, key=lambda s: s.record.ratio)
+        summary.append([
+            model.name, f"{mine[0].record.numel:,}", model.description,
+            f"{worst.record.ratio:.2f} ({_variant(worst)})",
+            f"{best.record.ratio:.2f} ({_variant(best)})",
+        ])  # fmt: skip
+    out += table(["model", "params", "what", "largest", "smallest"], summary)
+    slower = [s for s in records if s.record.ratio > 1]
+    out += [
+        "",
+        f"Median gradclip/torch above 1 (gradclip slower) in {len(slower)} of {len(records)} "
+        f"rows; their [min-max] lies wholly above 1 in "
+        f"{sum(s.record.ratio_min > 1 for s in slower)}.",
+        *_overheads(records),
+        "Times: median per call, in microseconds; ratios: median [min-max] of per-repetition "
+        "pairs; reps: used/run (repetitions under foreign CPU load dropped; 'noisy': too few "
+        "quiet ones, all used).",
+    ]
+    return "\n".join(out)
+
+
+def _variant(s: SmallRecord) -> str:
+    return f"p={harness.fmt_p(s.record.norm_type)} {s.record.mode} foreach={s.foreach}"
+
+
+def _commit() -> str:
+    """The git commit the run measured (``+dirty`` with uncommitted changes), or "?"."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                              capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _free_prefix(folder: Path, stem: str) -> Path:
+    """``folder/stem``, or ``stem-2``, ``stem-3``, ...: never an existing result file."""
+    n = 1
+    while True:
+        prefix = folder / (stem if n == 1 else f"{stem}-{n}")
+        if not any(Path(f"{prefix}{ext}").exists() for ext in (".txt", ".json")):
+            return prefix
+        n += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=[m.name for m in LADDER], metavar="M",
+                        help=f"any of {', '.join(m.name for m in LADDER)} (default: all)")
+    parser.add_argument("--foreach", nargs="+", choices=list(FOREACH), default=list(FOREACH),
+                        help="foreach values passed to both (default: none false true)")
+    parser.add_argument("--norm-types", nargs="+", type=float, choices=[2.0, math.inf],
+                        default=[2.0, math.inf], metavar="P", help="2 and/or inf (default: both)")
+    parser.add_argument("--modes", nargs="+", choices=list(harness.MODES),
+                        default=list(harness.MODES), help="default: both")
+    parser.add_argument("--reps", type=int, default=7, help="quiet repetitions per row (>= 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--rep-seconds", type=float, default=0.1,
+                        help="a repetition repeats short calls until it lasts this long")  # fmt: skip
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="also write DIR/small-<date>.txt and .json")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.reps < 1 or args.threads < 1:
+        parser.error(f"--reps and --threads must be >= 1, got {args.reps} and {args.threads}")
+    if args.out is not None and not args.out.is_dir():
+        parser.error(f"--out {args.out}: not a folder; create it or pass another")
+    torch.set_num_threads(args.threads)
+    models = [m for m in LADDER if args.models is None or m.name in args.models]
+    foreach = [FOREACH[f] for f in args.foreach]
+    # short calls repeat until a repetition lasts --rep-seconds, so the load accounting sees it
+    cfg = harness.BenchConfig(cases=(), norm_types=tuple(args.norm_types),
+                              modes=tuple(args.modes), reps=args.reps,
+                              min_rep_seconds=args.rep_seconds, max_calls_per_rep=5000)  # fmt: skip
+    start = time.perf_counter()
+    records = run(models, foreach, cfg, lambda line: print(line, file=sys.stderr, flush=True))
+    env = {**harness.env(), "commit": _commit(), "wall": f"{time.perf_counter() - start:.0f}"}
+    text = render(records, env, models)
+    print(text)
+    if args.out is not None:
+        prefix = _free_prefix(args.out, f"small-{datetime.date.today().isoformat()}")
+        Path(f"{prefix}.txt").write_text(text + "\n")
+        described = [{"name": m.name, "description": m.description} for m in models]
+        data = {"env": env, "config": asdict(cfg), "models": described,
+                "records": [{"foreach": s.foreach, **asdict(s.record)} for s in records]}  # fmt: skip
+        Path(f"{prefix}.json").write_text(json.dumps(jsonable(data), indent=1) + "\n")
+        print(f"wrote {prefix}.txt and .json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
