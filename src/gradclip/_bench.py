@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 import gradclip
+from gradclip.scale import TORCH_EPS
 
 __all__ = [
     "CASES",
@@ -58,7 +59,6 @@ ClipFn = Callable[..., Tensor]
 
 MODES = ("noclip", "clip")
 _MAX_NORM_FACTOR = {"noclip": 10.0, "clip": 0.98}
-_TORCH_EPS = 1e-6  # torch's clip_coef = max_norm / (total + 1e-6)
 _KIND = "gradclip bench"  # marks the JSON files this command writes: the only ones it replaces
 
 
@@ -160,7 +160,7 @@ def _measure(params: list[torch.nn.Parameter], p: float, mode: str, reps: int,
         start = time.perf_counter()
         returned = fn(params, max_norm, p)
         elapsed = time.perf_counter() - start
-        coef = min(1.0, max_norm / (float(returned) + _TORCH_EPS))
+        coef = min(1.0, max_norm / (float(returned) + TORCH_EPS))
         clipped.append(coef < 1.0)
         norm = float(returned) * coef
         if norm < initial / 4:  # each clipping call shrinks them 2%: scale back up, untimed
