@@ -153,7 +153,6 @@ def named_parameters(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_warned_fused_sgd = False
 
 
 def fused_handles(optimizer: torch.optim.Optimizer, grad: Tensor) -> bool:
@@ -162,25 +161,22 @@ def fused_handles(optimizer: torch.optim.Optimizer, grad: Tensor) -> bool:
 
     torch < 2.14: the fused CPU ``SGD`` and ``Adagrad`` kernels skip the vectorised part of
     float16/bfloat16 updates (pytorch/pytorch#191763, fixed in 2.14 by #192545, not
-    backported). The clip is then applied by a plain multiply, and a warning (once) says the
-    optimizer itself is affected.
+    backported). The clip is then applied by a plain multiply, and a warning (shown once,
+    by Python's default filter) says that the optimizer itself is affected.
     """
-    global _warned_fused_sgd
     if (
         TORCH_VERSION < (2, 14)
         and grad.device.type == "cpu"
         and grad.dtype in _LOW_PRECISION
         and isinstance(optimizer, (torch.optim.SGD, torch.optim.Adagrad))
     ):
-        if not _warned_fused_sgd:
-            _warned_fused_sgd = True
-            warnings.warn(
-                f"torch {torch.__version__}: fused CPU {type(optimizer).__name__} skips most "
-                "float16/bfloat16 parameter updates (pytorch/pytorch#191763, fixed in torch "
-                "2.14). gradclip clips these gradients by a plain multiply instead of folding "
-                "the clip into the optimizer, but the optimizer's own step is still affected: "
-                "use fused=False, float32 parameters, or torch>=2.14.",
-                stacklevel=4,
-            )
+        warnings.warn(
+            f"torch {torch.__version__}: fused CPU {type(optimizer).__name__} skips most "
+            "float16/bfloat16 parameter updates (pytorch/pytorch#191763, fixed in torch "
+            "2.14). gradclip clips these gradients by a plain multiply instead of folding "
+            "the clip into the optimizer, but the optimizer's own step is still affected: "
+            "use fused=False, float32 parameters, or torch>=2.14.",
+            stacklevel=4,
+        )
         return False
     return True

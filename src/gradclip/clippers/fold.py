@@ -8,9 +8,11 @@ not taken (the step counters are put back). A clipper with one global coefficien
 
 The fold is used only where it is exactly equivalent to clipping and then stepping: the
 optimizer updates exactly the gradients the clipper measured (a fused optimizer that holds
-part of the model would leave the rest unclipped), and the kernel handles every dtype it is
-given (see :func:`gradclip._foreach.fused_handles`). Otherwise the clipper scales the
-gradients and the optimizer steps as usual.
+part of the model would leave the rest unclipped), it holds no ``grad_scale`` of someone
+else's, and its kernel handles every dtype it is given (see
+:func:`gradclip._foreach.fused_handles`). Otherwise the clipper scales the gradients and the
+optimizer steps as usual. Optimizer state created lazily on the first step comes out the
+same either way (the kernels divide by ``grad_scale`` before anything else).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def plan(optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> Fold | None:
         and optimizer.defaults.get("fused")
     ):
         return None
+    if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
+        return None  # someone else's (a GradScaler's): never overwritten
     ours = {id(g) for g in grads}
     theirs: set[int] = set()
     for group in optimizer.param_groups:

@@ -1,0 +1,120 @@
+"""The fused fold is used only where it equals clipping then stepping (issue: a fused
+optimizer holding part of the model left the rest unclipped while ClipStats said clipped)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import gradclip
+from gradclip import _foreach
+from gradclip.clippers import fold
+
+FUSED = [
+    (torch.optim.SGD, {"lr": 0.1}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.1, "maximize": True}),
+    (torch.optim.Adam, {"lr": 1e-2}),
+    (torch.optim.Adam, {"lr": 1e-2, "amsgrad": True}),
+    (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    (torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.1}),
+]
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+
+
+def _backward(model: torch.nn.Module, step: int, scale: float = 30.0) -> None:
+    model.zero_grad()
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(step))
+    (model(x).pow(2).sum() * scale).backward()
+
+
+def _total(model: torch.nn.Module) -> float:
+    return math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), FUSED, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_fold_equals_clip_then_step_from_the_first_step(cls, kwargs) -> None:
+    """Lazily created optimizer state (momentum buffers, Adam moments) comes out the same."""
+    folded, plain = _model(), _model()
+    opt_f = cls(folded.parameters(), fused=True, **kwargs)
+    opt_p = cls(plain.parameters(), fused=True, **kwargs)
+    clip_f, clip_p = gradclip.NormClip(0.05), gradclip.NormClip(0.05)
+    for step in range(4):
+        _backward(folded, step)
+        _backward(plain, step)
+        assert fold.plan(opt_f, [p.grad for p in folded.parameters()]) is not None
+        clip_f.step(folded, opt_f)
+        clip_p(plain)
+        opt_p.step()
+        for p, q in zip(folded.parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for p, q in zip(folded.parameters(), plain.parameters(), strict=True):
+            for key, value in opt_f.state[p].items():
+                torch.testing.assert_close(value, opt_p.state[q][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("part", ["first layer", "last layer", "one tensor"])
+def test_an_optimizer_holding_part_of_the_model_gets_every_gradient_clipped(part) -> None:
+    model, reference = _model(), _model()
+    params = list(model.parameters())
+    held = {"first layer": params[:2], "last layer": params[2:], "one tensor": params[1:2]}[part]
+    index = [i for i, p in enumerate(params) if any(p is q for q in held)]
+    opt = torch.optim.AdamW(held, lr=1e-2, fused=True)
+    opt_ref = torch.optim.AdamW([list(reference.parameters())[i] for i in index], lr=1e-2)
+    _backward(model, 0)
+    _backward(reference, 0)
+    assert _total(model) > 100  # far above the threshold
+    stats = gradclip.NormClip(1.0).step(model, opt)
+    assert _total(model) <= 1.0 + 1e-5  # every gradient, not only the optimizer's
+    assert math.isclose(float(stats.post_norm), _total(model), rel_tol=1e-5)
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    opt_ref.step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_an_optimizer_holding_more_than_the_clipper_measured_is_not_folded() -> None:
+    model, extra = _model(), torch.nn.Linear(4, 4)
+    opt = torch.optim.Adam([*model.parameters(), *extra.parameters()], lr=1e-2, fused=True)
+    _backward(model, 0)
+    extra(torch.ones(1, 4)).sum().mul(1e3).backward()
+    before = extra.weight.grad.clone()
+    assert fold.plan(opt, [p.grad for p in model.parameters()]) is None
+    gradclip.NormClip(1.0).step(model, opt)
+    assert _total(model) <= 1.0 + 1e-5
+    assert torch.equal(extra.weight.grad, before)  # not the clipper's: untouched
+
+
+def test_a_grad_scale_of_someone_else_is_never_overwritten() -> None:
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    _backward(model, 0)
+    theirs = torch.tensor(1.0)
+    opt.grad_scale = theirs
+    assert fold.plan(opt, [p.grad for p in model.parameters()]) is None
+    del opt.grad_scale
+
+
+def test_fused_cpu_sgd_on_half_precision_is_folded_only_where_torch_is_fixed() -> None:
+    """torch < 2.14: fused CPU SGD/Adagrad skip most fp16/bf16 updates (pytorch#191763)."""
+    p = torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
+    p.grad = torch.ones(1000, dtype=torch.bfloat16)
+    opt = torch.optim.SGD([p], lr=0.1, fused=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folds = fold.plan(opt, [p.grad]) is not None
+    broken = _foreach.TORCH_VERSION < (2, 14)
+    assert folds is not broken
+    assert any("191763" in str(w.message) for w in caught) is broken
+    # the kernel itself: element 0 is in the vectorised part
+    opt.step()
+    assert (float(p.detach()[0]) == 1.0) is broken
