@@ -328,3 +328,59 @@ def test_clipping_still_writes():
     before = mine[0].grad._version
     gradclip.clip_grad_norm_(mine, 0.1)
     assert mine[0].grad._version == before + 1
+
+
+# ---------------------------------------------------------------------------------------
+# 5. a NaN norm_type, and float32 norms that overflow float32's range
+
+
+NAN_NORM_CALLS = {
+    "clip_grad_norm_": lambda mod, ps: mod.clip_grad_norm_(ps, 1.0, math.nan),
+    "get_total_norm": lambda mod, ps: mod.get_total_norm(grads_of(ps), math.nan),
+}
+
+
+@pytest.mark.parametrize("name", NAN_NORM_CALLS)
+def test_nan_norm_type_raises_where_torch_nans_every_result(name):
+    params = params_with_grads([make_grad((4, 3), torch.float32), make_grad((5,), torch.float32)])
+    theirs = clone_params(params)
+    total = NAN_NORM_CALLS[name](tnu, theirs)
+    assert math.isnan(float(total))  # torch: a NaN norm ...
+    if name == "clip_grad_norm_":  # ... and every gradient NaN
+        assert all(bool(torch.isnan(g).all()) for g in grads_of(theirs))
+    snap = Snapshot(params)
+    with pytest.raises(ValueError, match="norm_type"):
+        NAN_NORM_CALLS[name](gradclip, params)
+    snap.assert_unchanged()
+    with pytest.raises(ValueError, match="norm_type"):
+        gradclip.NormClip(1.0, norm_type=math.nan)
+
+
+OVERFLOWING = {
+    # one tensor: its float32 sum of squares passes float32's range (elements of 1e20)
+    "one-tensor": lambda: [torch.full((100,), 1e20)],
+    "large-tensor": lambda: [torch.full((50_000,), 3e19)],
+    # every tensor's norm fits float32, their float32 sum of squares does not
+    "two-tensors": lambda: [torch.tensor([3e19]), torch.tensor([-4e19])],
+    "many": lambda: [torch.full((7,), 2e19 * (i + 1)) for i in range(40)],
+}
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+@pytest.mark.parametrize("case", OVERFLOWING)
+def test_float32_norm_overflow_is_measured_not_zeroed(case, foreach):
+    params = params_with_grads(OVERFLOWING[case]())
+    theirs = clone_params(params)
+    exact = f64_norm(grads_of(params))
+    assert exact < torch.finfo(torch.float32).max  # finite, and representable
+    their_total = tnu.clip_grad_norm_(theirs, 1.0, foreach=foreach)
+    assert math.isinf(float(their_total))  # torch: inf, and every gradient zeroed
+    assert all(bool((g == 0).all()) for g in grads_of(theirs))
+    before = [g.double().clone() for g in grads_of(params)]
+    ours = gradclip.clip_grad_norm_(params, 1.0, foreach=foreach, error_if_nonfinite=True)
+    assert ours.dtype == torch.float32
+    assert math.isclose(float(ours), exact, rel_tol=1e-5)
+    coef = 1.0 / (float(ours) + 1e-6)
+    for g, b in zip(grads_of(params), before, strict=True):
+        torch.testing.assert_close(g.double(), b * coef, rtol=1e-5, atol=0)
+    assert math.isclose(f64_norm(grads_of(params)), 1.0, rel_tol=1e-5)

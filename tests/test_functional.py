@@ -163,11 +163,6 @@ def test_negative_p_zero_entry_gives_zero_total(p):
     assert ours.item() == 0.0
 
 
-def test_nan_norm_type():
-    params = make_params([((4,), torch.float32), ((3,), torch.float64)])
-    check_clip_parity(params, 1.0, math.nan)
-
-
 # ---------------------------------------------------------------------------------------
 # dtypes and the result dtype
 

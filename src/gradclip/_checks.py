@@ -148,13 +148,20 @@ def check_threshold(value: object, name: str) -> float:
 
 
 def check_norm_type(value: object) -> float:
-    """``norm_type``: any order torch accepts (``'inf'`` included).
+    """``norm_type``: any order torch accepts (``'inf'`` included), but not NaN, which torch
+    accepts and which turns every gradient into NaN.
 
     Example:
         >>> check_norm_type("inf")
         inf
     """
-    return to_float(value, "norm_type", "pass a number such as 2.0, or 'inf'")
+    number = to_float(value, "norm_type", "pass a number such as 2.0, or 'inf'")
+    if math.isnan(number):
+        raise ValueError(
+            "`norm_type` must be a number, got nan; torch.nn.utils would turn every gradient "
+            "into NaN. Pass e.g. `norm_type=2.0`, or 'inf' for the max norm (nothing was changed)."
+        )
+    return number
 
 
 def check_count(

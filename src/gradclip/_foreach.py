@@ -28,6 +28,7 @@ __all__ = [
     "is_compiling",
     "is_host_device",
     "named_parameters",
+    "wide_dtype",
 ]
 
 TORCH_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
@@ -52,6 +53,13 @@ def is_compiling() -> bool:
     """True while ``torch.compile`` (dynamo) traces the caller: value reads, locks and
     caches must then be skipped, and tensors built as graph constants."""
     return torch.compiler.is_compiling()
+
+
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The widest float a device computes in: float64, except on Apple's MPS (no float64),
+    where float32 is all there is. Sums of squared norms are taken in it, so that finite
+    float32 norms up to float32's largest value never overflow into ``inf``."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def device_has_foreach(device: torch.device) -> bool:

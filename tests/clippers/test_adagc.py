@@ -324,3 +324,24 @@ def test_no_host_sync_in_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
         with HostReadDetector() as mode:
             clipper(model)
         assert mode.reads == [], (step, mode.reads)
+
+
+def test_loaded_state_matching_no_parameter_is_refused_not_restarted() -> None:
+    """Per-name state never silently starts from scratch: a checkpoint whose names match none
+    of the parameters of the next call raises there, before anything changes."""
+    torch.manual_seed(0)
+    saved_from = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    saved_from(torch.ones(1, 3)).sum().backward()
+    first = AdaGC(warmup_steps=1)
+    first(saved_from)
+    other = torch.nn.Module()
+    other.proj = torch.nn.Linear(3, 2)  # names "proj.weight", "proj.bias": no "0.weight"
+    other.proj(torch.ones(1, 3)).sum().backward()
+    before = [p.grad.clone() for p in other.parameters()]
+    resumed = AdaGC(warmup_steps=1)
+    resumed.load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match="none match"):
+        resumed(other)
+    assert all(torch.equal(p.grad, b) for p, b in zip(other.parameters(), before, strict=True))
+    resumed(saved_from)  # the right model resumes; a partial match later is fine
+    resumed(other)

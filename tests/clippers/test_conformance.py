@@ -311,3 +311,132 @@ def test_parameter_targets_agree(entry: Entry) -> None:
         results.append([p.grad.clone() for p in model.parameters()])
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+@pytest.mark.parametrize("huge", [1e20, 3e30, 1e37])
+def test_huge_finite_gradients_are_measured_and_clipped(entry: Entry, huge: float) -> None:
+    """Finite float32 gradients whose float32 sum of squares overflows: measured (not inf),
+    clipped (not zeroed), never called non-finite (nonfinite="error" does not raise)."""
+    clipper = entry.make(nonfinite="error")
+    model = _model()
+    _run(clipper, model, _scales(entry.warmup + 3))
+    _set_grads(model, 99, huge)
+    p = clipper.norm_type
+
+    def norm() -> float:
+        flat = torch.cat([q.grad.double().flatten() for q in model.parameters()])
+        return float(torch.linalg.vector_norm(flat, p))
+
+    expected = norm()
+    stats = clipper(model)
+    assert bool(stats.finite) and not bool(stats.skipped)
+    assert math.isclose(float(stats.norm), expected, rel_tol=1e-4)
+    grads = [q.grad for q in model.parameters()]
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    assert any(bool((g != 0).any()) for g in grads)
+    assert math.isclose(float(stats.post_norm), norm(), rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("huge", [3e19, 1e30, 3e38])
+def test_statistics_survive_huge_finite_norms(entry: Entry, huge: float) -> None:
+    """A huge finite norm (in warm-up, where nothing is clipped yet) poisons no statistic:
+    the state stays free of NaN, every threshold stays finite, and spikes are clipped again
+    once the statistics have forgotten it (ZClip's EMA takes about 2 ln(norm) / (1 - alpha)
+    steps: 5,800 for 3e38 at alpha 0.97; a float32 variance overflowed to inf forever)."""
+    clipper = entry.make()
+    p = torch.nn.Parameter(torch.zeros(10))
+    gen = torch.Generator().manual_seed(0)
+
+    def step(scale: float):
+        direction = torch.randn(10, generator=gen, dtype=torch.float64)
+        p.grad = (direction * (scale / float(direction.norm()))).float()
+        return clipper({"w": p})
+
+    step(1.0)
+    step(huge)
+    recovered = None
+    scales = [s for s in _scales(8000, seed=3) if s < 10]  # no spikes but the probes
+    for i, scale in enumerate(scales):
+        stats = step(30.0 if i % 250 == 249 else scale)
+        if i > entry.warmup + 10:
+            threshold = float(stats.threshold)
+            assert math.isfinite(threshold) or math.isnan(threshold), (i, threshold)
+        if i % 250 == 249 and bool(stats.clipped):
+            recovered = i
+            break
+    for name, value in clipper.state_dict()["state"].items():
+        if value.is_floating_point():
+            assert not bool(torch.isnan(value).any()), name
+    if entry.name not in ("NormClip", "ValueClip", "AGC"):  # those hold no statistic
+        assert recovered is not None, "a x30 spike is clipped again"
+
+
+def _float_state_keys(clipper: gradclip.Clipper) -> list[tuple[str, str | None]]:
+    """(key, parameter name or None) of every floating-point tensor in the state dict."""
+    saved = clipper.state_dict()
+    keys = [(k, None) for k, v in saved["state"].items() if v.is_floating_point()]
+    for name, entry in saved["param_state"].items():
+        keys += [(k, name) for k, v in entry.items() if v.is_floating_point()]
+    return keys
+
+
+@pytest.mark.parametrize("corruption", ["nan", "shape", "dtype", "not a tensor"])
+def test_load_state_dict_refuses_corrupt_tensors(entry: Entry, corruption: str) -> None:
+    """A checkpoint is validated when loaded, not at the next step; nothing is replaced."""
+    clipper, model = entry.make(), _model()
+    _run(clipper, model, _scales(entry.warmup + 3))
+    saved = clipper.state_dict()
+    targets = [*_float_state_keys(clipper), ("steps", None)]
+    for key, name in targets:
+        if corruption == "nan" and key == "steps":
+            continue
+        bad = clipper.state_dict()
+        where = bad["state"] if name is None else bad["param_state"][name]
+        value = where[key]
+        where[key] = {
+            "nan": lambda v: torch.full_like(v, math.nan),
+            "shape": lambda v: torch.zeros(*v.shape, 2, dtype=v.dtype),
+            "dtype": lambda v: v.to(torch.float16 if v.dtype != torch.float16 else torch.float64),
+            "not a tensor": lambda v: "corrupt",
+        }[corruption](value)
+        fresh = entry.make()
+        fresh.load_state_dict(saved)
+        before = fresh.state_dict()
+        with pytest.raises(ValueError, match=repr(key)):
+            fresh.load_state_dict(bad)
+        assert _states_equal(fresh.state_dict(), before), key
+
+
+@pytest.mark.parametrize("wrap", ["compile", "DataParallel", "both"])
+def test_state_by_name_survives_model_wrappers(entry: Entry, wrap: str) -> None:
+    """A state saved from the plain model resumes exactly on the wrapped one (names leave out
+    torch.compile's `_orig_mod.` and DataParallel's / DDP's `module.`)."""
+    scales = _scales(entry.warmup + 12)
+    split = entry.warmup + 4
+    straight = _run(entry.make(), _model(), scales)
+    first, model = entry.make(), _model()
+    head = _run(first, model, scales[:split])
+    wrapped: torch.nn.Module = model
+    if wrap in ("DataParallel", "both"):
+        wrapped = torch.nn.DataParallel(wrapped)
+    if wrap in ("compile", "both"):
+        wrapped = torch.compile(wrapped)
+    resumed = entry.make()
+    resumed.load_state_dict(first.state_dict())
+    tail = []
+    for i, scale in enumerate(scales[split:], start=split):
+        _set_grads(model, i, scale)
+        stats = resumed(wrapped)
+        assert all("_orig_mod" not in n and not n.startswith("module.") for n in stats.names)
+        tail.append({"stats": stats.to_dict(), "grads": [p.grad.clone() for p in model.parameters()]})
+    _assert_same_runs(straight, head + tail)
+
+
+def test_names_that_collide_are_refused(entry: Entry) -> None:
+    model = _model()
+    _set_grads(model, 0, 1.0)
+    params = list(model.parameters())
+    snap = [p.grad.clone() for p in params]
+    with pytest.raises(ValueError, match="named"):
+        entry.make()([("w", params[0]), ("w", params[1])])
+    assert all(torch.equal(p.grad, s) for p, s in zip(params, snap, strict=True))

@@ -18,7 +18,7 @@ from gradclip._checks import check_real
 from gradclip.clippers.base import Clipper, Step
 from gradclip.clippers.targets import Parameters, Target
 from gradclip.nonfinite import NonFinitePolicy
-from gradclip.norms import GradNorms, empty_norms, result_dtype
+from gradclip.norms import GradNorms, empty_norms, result_dtype, total_norm
 from gradclip.norms.units import UnitPlan
 
 if TYPE_CHECKING:
@@ -277,7 +277,7 @@ class AGC(Clipper):
         units = plan.unit_norms(grads, grads[0].device)
         per_tensor = plan.per_tensor_sums(units.double().square()).sqrt().to(units.dtype)
         groups = _foreach.group_by_device_dtype(grads)
-        measured = GradNorms(grads, per_tensor, torch.linalg.vector_norm(per_tensor), 2.0,
+        measured = GradNorms(grads, per_tensor, total_norm(per_tensor, 2.0), 2.0,
                              result_dtype(groups), groups)
         return plan, units, measured
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from gradclip.nonfinite import raise_nonfinite
+from gradclip.norms import total_norm
 from gradclip.stats import ClipStats
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None) -> ClipStats:
         if layout is not None:  # the post-clip norm of every shard and stage
             post_norm = layout.total(after, clipper.norm_type)
         else:
-            post_norm = torch.linalg.vector_norm(after, clipper.norm_type)
+            post_norm = total_norm(after, clipper.norm_type)
         clipped = (factors < 1).any()
     store.commit(state, step.state, finite)
     if fold is not None and coef.dim() == 0:

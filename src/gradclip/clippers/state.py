@@ -59,6 +59,7 @@ class StateStore:
         self.device: torch.device | None = None
         self.calls = 0  # calls since reset or load: a host count, read by `prepare`
         self._bound: _Bound | None = None
+        self._loaded: frozenset[str] = frozenset()  # per-name entries not yet matched
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -98,6 +99,18 @@ class StateStore:
         if bound is not None and bound.names == names and bound.entries is self.per_name:
             return bound
         clipper, entries = self.clipper, self.per_name
+        if self._loaded and names:
+            if self._loaded.isdisjoint(names):
+                raise ValueError(
+                    f"the loaded {type(clipper).__name__} state holds entries for the parameters "
+                    f"{sorted(self._loaded)[:4]}, but this call's parameters are named "
+                    f"{list(names[:4])}: none match, so every statistic would silently start "
+                    "from scratch. Load the state into a clipper called on the same model (names "
+                    "come from named_parameters(); torch.compile's `_orig_mod.` and DDP's "
+                    "`module.` are left out), or rename the keys of state_dict['param_state']. "
+                    "Nothing was changed."
+                )
+            self._loaded = frozenset()
         fresh = clipper._init_state(1)
         columns: dict[str, list[Tensor]] = {f: [] for f in clipper.State._fields}
         for name in names:
@@ -170,6 +183,7 @@ class StateStore:
             values = {k: v.to(self.device) for k, v in values.items()}
             per_name = {n: {k: v.to(self.device) for k, v in e.items()} for n, e in per_name.items()}
         self.values, self.per_name, self._bound = values, per_name, None
+        self._loaded = frozenset(per_name)
         # Outside the training step: reading the counters here costs no step a sync.
         self.calls = int(values["steps"]) + int(values["nonfinite_steps"])
         if clipper.State is not None and not clipper.per_tensor_state:

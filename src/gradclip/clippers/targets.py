@@ -8,6 +8,7 @@ the measured norms are parallel to, under ``torch.distributed`` through the layo
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,7 +24,15 @@ if TYPE_CHECKING:
 
     from gradclip.distributed import GroupLike, Reduction
 
-__all__ = ["Parameters", "Target", "named_grads", "named_params", "resolve"]
+__all__ = [
+    "WRAPPER_SEGMENTS",
+    "Parameters",
+    "Target",
+    "named_grads",
+    "named_params",
+    "resolve",
+    "unwrapped",
+]
 
 Parameters = (
     torch.nn.Module | Tensor | Mapping[str, Tensor] | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
@@ -32,19 +41,64 @@ Parameters = (
 pairs, or parameters."""
 
 
+WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+"""Name segments that wrappers insert (``torch.compile``'s ``OptimizedModule``, activation
+checkpointing, FSDP1) and that gradclip leaves out of parameter names, so that names, and the
+state keyed by them, are the same for the plain and the wrapped model."""
+
+
+def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The module a wrapper holds: ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``),
+    ``DistributedDataParallel`` and ``DataParallel`` (``module``); others as they are."""
+    while True:
+        if isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            module = module.module
+        elif type(module).__name__ == "OptimizedModule" and isinstance(
+            getattr(module, "_orig_mod", None), torch.nn.Module
+        ):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _clean(name: str) -> str:
+    for segment in WRAPPER_SEGMENTS:
+        if segment in name:
+            name = name.replace(segment, "")
+    return name
+
+
 def named_params(parameters: Parameters) -> tuple[list[str], list[Tensor]]:
-    """Every parameter and its name, with a gradient or not (see :func:`named_grads`)."""
+    """Every parameter and its name, with a gradient or not (see :func:`named_grads`).
+
+    A module's names are those of the model inside its wrappers (see :func:`unwrapped` and
+    :data:`WRAPPER_SEGMENTS`). Two parameters with one name raise ``ValueError``: state and
+    logs keyed by name would mix them up.
+    """
     if isinstance(parameters, torch.nn.Module):
-        pairs = _foreach.named_parameters(parameters)
+        pairs = _foreach.named_parameters(unwrapped(parameters))
+        if any(segment in name for name, _ in pairs for segment in WRAPPER_SEGMENTS):
+            pairs = [(_clean(n), t) for n, t in pairs]
+            _check_unique([n for n, _ in pairs])
     elif isinstance(parameters, Mapping):
         pairs = list(parameters.items())
     else:
         items = [parameters] if isinstance(parameters, Tensor) else list(parameters)
         if items and all(isinstance(i, tuple) and len(i) == 2 for i in items):
             pairs = [(str(n), t) for n, t in items]
+            _check_unique([n for n, _ in pairs])
         else:
             pairs = list(zip(map(str, range(len(items))), items, strict=True))
     return [n for n, _ in pairs], tensor_list([t for _, t in pairs], "parameters")
+
+
+def _check_unique(names: list[str]) -> None:
+    if len(set(names)) != len(names):
+        twice = sorted(n for n, count in Counter(names).items() if count > 1)
+        raise ValueError(
+            f"two parameters are named {twice[:5]}: the clipper keys its state and its records "
+            "by parameter name; pass distinct names (e.g. `model.named_parameters()`)"
+        )
 
 
 def named_grads(parameters: Parameters) -> tuple[tuple[str, ...], list[Tensor], list[Tensor]]:
@@ -118,7 +172,7 @@ def resolve(
     """The :class:`Target` of a call on ``parameters``; under ``torch.distributed``, with the
     layout's plan (``whole_tensors``: the name of a clipper that decides per row, which
     refuses flat shards)."""
-    module = parameters if isinstance(parameters, torch.nn.Module) else None
+    module = unwrapped(parameters) if isinstance(parameters, torch.nn.Module) else None
     all_names, all_params = named_params(parameters)
     names, params, grads = _with_grads(all_names, all_params)
     if not distributed.applies(shard_group, extra_groups):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from gradclip import _foreach
 from gradclip._checks import check_choice, check_count, check_real, check_threshold
 from gradclip.clippers.base import Clipper, Step
 from gradclip.nonfinite import NonFinitePolicy
@@ -215,21 +216,31 @@ class ZClip(Clipper[ZClipState]):
         buffer = torch.where((self._slots == count) & collect, norm, buffer)
         count = count + collect
         filled = collect & (count == self.warmup_steps)
-        warm_mean = buffer.mean()
-        warm_var = (buffer - warm_mean).square().mean()
+        # Moments in float64, stored within float32's range: one finite norm of 3e19 would
+        # overflow a float32 variance to inf, and an inf variance never decays (no clip again).
+        wide = _foreach.wide_dtype(buffer.device)
+        warm_mean = buffer.to(wide).mean()
+        warm_var = (buffer.to(wide) - warm_mean).square().mean()
 
         # After warm-up: EMA of the z-score-clipped norm g*, variance with the updated mean.
-        clipped = torch.where(rule.fires, rule.threshold, norm)
-        alpha = self.alpha
-        ema_mean = alpha * state.mean + (1 - alpha) * clipped
-        ema_var = alpha * state.var + (1 - alpha) * (clipped - ema_mean).square()
+        clipped = torch.where(rule.fires, rule.threshold, norm).to(wide)
+        alpha, old_mean, old_var = self.alpha, state.mean.to(wide), state.var.to(wide)
+        ema_mean = alpha * old_mean + (1 - alpha) * clipped
+        ema_var = alpha * old_var + (1 - alpha) * (clipped - ema_mean).square()
         learn = rule.finite & rule.ready
+        mean = torch.where(learn, ema_mean, torch.where(filled, warm_mean, old_mean))
+        var = torch.where(learn, ema_var, torch.where(filled, warm_var, old_var))
         return ZClipState(
             warmup_norms=buffer,
             warmup_count=count,
-            mean=torch.where(learn, ema_mean, torch.where(filled, warm_mean, state.mean)),
-            var=torch.where(learn, ema_var, torch.where(filled, warm_var, state.var)),
+            mean=_fit(mean),
+            var=_fit(var),
         )
+
+
+def _fit(value: Tensor) -> Tensor:
+    """A float64 statistic as float32, capped at float32's largest value instead of inf."""
+    return value.clamp(max=torch.finfo(torch.float32).max).float()
 
 
 class _Rule(NamedTuple):

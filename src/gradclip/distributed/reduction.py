@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from gradclip import _foreach
 from gradclip import norms as _norms
 from gradclip._cache import index_tensor
 from gradclip.distributed.groups import (
@@ -108,13 +109,14 @@ class Reduction:
         p = measured.norm_type
         _check_norm_type(p)
         is_max = math.isinf(p)
+        dtype = measured.per_tensor.dtype
         values = _powers(measured.per_tensor, p)
         slots = self._exchange(values, is_max)
         if not self.whole:
             whole = _subset(values, self._unslotted())
             total = self._finish(_combine(torch.cat([slots, whole]), is_max), is_max, p)
-            return replace(measured, total=total)
-        per_tensor = self._per_row(measured.per_tensor, _root(slots, p))
+            return replace(measured, total=total.to(dtype))
+        per_tensor = self._per_row(measured.per_tensor, _root(slots, p).to(dtype))
         groups = measured.groups
         if len(self.rows) != len(self.local):  # some rows are held by other ranks only
             groups = {
@@ -133,14 +135,14 @@ class Reduction:
         single-process total.
         """
         if not self.communicates or (self.whole and not self.extra):
-            return torch.linalg.vector_norm(per_tensor, p)
+            return _norms.total_norm(per_tensor, p)
         _check_norm_type(p)
         is_max = math.isinf(p)
         values = _powers(per_tensor, p)
         if not self.whole:
             whole = _subset(values, self._unslotted())
             values = torch.cat([self._exchange(values, is_max), whole])
-        return self._finish(_combine(values, is_max), is_max, p)
+        return self._finish(_combine(values, is_max), is_max, p).to(per_tensor.dtype)
 
     def select(self, items: Sequence[Any]) -> list[Any]:
         """The entries of ``items`` (parallel to the input tensors) that :attr:`local` kept."""
@@ -207,8 +209,13 @@ def _subset(values: Tensor, positions: tuple[int, ...]) -> Tensor:
 
 
 def _powers(norms: Tensor, p: float) -> Tensor:
-    """What adds up across ranks: ``norms ** p`` (the norms themselves for ``p = inf``)."""
-    if math.isinf(p) or p == 1:
+    """What adds up across ranks: ``norms ** p`` (the norms themselves for ``p = inf``), in
+    float64 (see :func:`gradclip.norms.total_norm`: float32 powers overflow for norms near
+    1e19)."""
+    if math.isinf(p):
+        return norms
+    norms = norms.to(_foreach.wide_dtype(norms.device))
+    if p == 1:
         return norms
     return norms.square() if p == 2 else norms.pow(p)
 

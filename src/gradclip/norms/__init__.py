@@ -26,6 +26,7 @@ How the pass runs, per (device, dtype) group:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ __all__ = [
     "compute",
     "empty_norms",
     "result_dtype",
+    "total_norm",
 ]
 
 
@@ -108,8 +110,39 @@ def compute(tensors: list[Tensor], p: float, foreach: bool | None) -> GradNorms:
         order = tuple(i for _, indices in groups.values() for i in indices)
         per_tensor = torch.empty_like(stacked)
         per_tensor[index_tensor(order, first_device)] = stacked
-    total = torch.linalg.vector_norm(per_tensor, p)
-    return GradNorms(tensors, per_tensor, total, p, dtype, groups)
+    return GradNorms(tensors, per_tensor, total_norm(per_tensor, p), p, dtype, groups)
+
+
+def total_norm(per_tensor: Tensor, p: float) -> Tensor:
+    """The ``p``-norm of ``per_tensor``, accumulated in float64 (a float32 sum of squares
+    overflows once a norm passes 1.8e19, and finite gradients would then be zeroed); in the
+    dtype of ``per_tensor``.
+
+    Example:
+        >>> total_norm(torch.tensor([3e30, 4e30]), 2.0)
+        tensor(5.0000e+30)
+    """
+    wide = _foreach.wide_dtype(per_tensor.device)
+    if not 0 < p < math.inf or per_tensor.dtype == wide:  # max and p <= 0 cannot overflow
+        return torch.linalg.vector_norm(per_tensor, p)
+    return torch.linalg.vector_norm(per_tensor, p, dtype=wide).to(per_tensor.dtype)
+
+
+def _rescue_overflow(group: list[Tensor], norms: Tensor, p: float) -> Tensor:
+    """``norms`` with the infinite ones of finite tensors measured again in float64.
+
+    A float32 norm whose sum of squares passes float32's range (elements near 1e19) reads
+    ``inf`` although every element is finite; finite gradients would then be zeroed by the
+    clip. On the CPU, looking is free: the rare tensor is measured again, exactly.
+    """
+    if not bool(torch.isinf(norms).any()):
+        return norms
+    norms = norms.clone()
+    for i in torch.isinf(norms).nonzero().flatten().tolist():
+        t = group[i]
+        wide = t.to(torch.complex128 if t.is_complex() else torch.float64)
+        norms[i] = torch.linalg.vector_norm(wide, p).to(norms.dtype)
+    return norms
 
 
 def result_dtype(groups: _foreach.Groups) -> torch.dtype:
@@ -127,17 +160,21 @@ def _group_norms(
 ) -> Tensor:
     """1-D per-tensor norms of one (device, dtype) group, in the group's order."""
     acc = accumulation_dtype(dtype)
+    # While compiling, the plain multi-tensor path: it traces into one graph.
+    host = _foreach.is_host_device(device) and not _foreach.is_compiling()
     if (
-        _foreach.is_host_device(device)
+        host
         and dtype in FAST_DTYPES
         and p > 0  # False for nan too
         and all(type(t) is Tensor and t.layout == torch.strided for t in group)
     ):
-        return _host.norms(group, dtype, p, acc)
-    use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
-    norm_dtype = torch.float32 if dtype in LOW_PRECISION else None
-    if use_foreach:
-        norms = _foreach.foreach_norm(group, p, norm_dtype)
+        norms = _host.norms(group, dtype, p, acc)
     else:
-        norms = [torch.linalg.vector_norm(g, p, dtype=norm_dtype) for g in group]
-    return torch.stack(norms).to(acc)
+        use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
+        norm_dtype = torch.float32 if dtype in LOW_PRECISION else None
+        if use_foreach:
+            listed = _foreach.foreach_norm(group, p, norm_dtype)
+        else:
+            listed = [torch.linalg.vector_norm(g, p, dtype=norm_dtype) for g in group]
+        norms = torch.stack(listed).to(acc)
+    return _rescue_overflow(group, norms, p) if host and 0 < p < math.inf else norms

@@ -107,17 +107,33 @@ class UnitPlan:
         pieces = self.pieces[: self.included_pieces] if included_only else self.pieces
         if not pieces:
             return torch.zeros(0, dtype=self.acc, device=device)
-        out: list[Tensor] = []
-        for positions, length in pieces:
-            if length:
-                flat = _foreach.flatten([tensors[self.order[j]] for j in positions])
-                out.append(row_norms(flat.view(-1, length)))
-            else:
-                j = positions[0]
-                out.append(unit_norms(tensors[self.order[j]], whole=j >= self.included))
+        out = [self._piece(tensors, positions, length) for positions, length in pieces]
         out = [u if u.dtype == self.acc and u.device == device else u.to(device, self.acc)
                for u in out]
-        return torch.cat(out) if len(out) > 1 else out[0]
+        units = torch.cat(out) if len(out) > 1 else out[0]
+        if (
+            _foreach.is_host_device(device)
+            and not _foreach.is_compiling()
+            and bool(torch.isinf(units).any())
+        ):
+            # Finite rows whose float32 sum of squares overflows read inf; on the CPU,
+            # looking is free: measure those pieces again in float64 (see norms.total_norm).
+            out = [u if not bool(torch.isinf(u).any()) else
+                   self._piece(tensors, positions, length, wide=True).to(device, self.acc)
+                   for u, (positions, length) in zip(out, pieces, strict=True)]
+            units = torch.cat(out) if len(out) > 1 else out[0]
+        return units
+
+    def _piece(
+        self, tensors: list[Tensor], positions: list[int], length: int, wide: bool = False
+    ) -> Tensor:
+        """The unit norms of one piece (see ``pieces``); ``wide``: from float64 copies."""
+        members = [tensors[self.order[j]] for j in positions]
+        if wide:
+            members = [t.double() for t in members]
+        if length:
+            return row_norms(_foreach.flatten(members).view(-1, length))
+        return unit_norms(members[0], whole=positions[0] >= self.included)
 
     def per_tensor_sums(self, values: Tensor) -> Tensor:
         """Sum ``values`` (one per unit, in unit order) per tensor: ``(n_tensors,)``, base order."""
