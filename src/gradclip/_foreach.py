@@ -98,9 +98,9 @@ def foreach_norm(tensors: list[Tensor], p: float, dtype: torch.dtype | None) -> 
     return list(torch._foreach_norm(tensors, p, dtype=dtype))
 
 
-def foreach_mul_(tensors: list[Tensor], scale: Tensor | list[Tensor]) -> None:
-    """Multiply every tensor in place by a 0-dim tensor, or each by its own 0-dim tensor
-    (never a Python float: a float would be a graph constant and a host value)."""
+def foreach_mul_(tensors: list[Tensor], scale: Tensor | list[Tensor] | float) -> None:
+    """Multiply every tensor in place by a 0-dim tensor, or each by its own 0-dim tensor, or
+    (on the CPU only, where the host decided it) by a Python number."""
     torch._foreach_mul_(tensors, scale)
 
 

@@ -32,7 +32,7 @@ from typing_extensions import deprecated
 
 from gradclip import _foreach, distributed, norms
 from gradclip._checks import NotATensorError, check_norm_type, check_threshold, tensor_list
-from gradclip.scale import clip_coefficient, scale_
+from gradclip.scale import clip_
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -240,7 +240,7 @@ def clip_grads_with_norm_(
         total_norm = distributed.full_value(total_norm)
     groups = _foreach.group_by_device_dtype(grads)
     total = total_norm.reshape(()).to(torch.promote_types(total_norm.dtype, torch.float32))
-    scale_(groups, clip_coefficient(max_norm, total), foreach)
+    clip_(groups, max_norm, total, foreach)
 
 
 @torch.no_grad()
@@ -299,7 +299,7 @@ def clip_grad_norm_(
         return result.total
     if error_if_nonfinite:
         _raise_if_nonfinite(result.total, p)
-    scale_(result.groups, clip_coefficient(max_norm, result.total), foreach)
+    clip_(result.groups, max_norm, result.total, foreach)
     return result.result()
 
 

@@ -8,13 +8,24 @@ coefficient) or :func:`scale_each_` (one per tensor).
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 from torch import Tensor
 
 from gradclip import _foreach
 from gradclip._cache import index_tensor
 
-__all__ = ["TORCH_EPS", "clip_coefficient", "noop_on_host", "scale_", "scale_each_"]
+__all__ = [
+    "TORCH_EPS",
+    "clip_",
+    "clip_coefficient",
+    "host_coefficient",
+    "noop_on_host",
+    "scale_",
+    "scale_each_",
+]
 
 TORCH_EPS = 1e-6
 """torch's ``clip_coef = max_norm / (total_norm + 1e-6)``: the eps decides whether a norm
@@ -31,6 +42,79 @@ def clip_coefficient(max_norm: float | Tensor, total: Tensor) -> Tensor:
         tensor(0.2500)
     """
     return torch.clamp(max_norm / (total + TORCH_EPS), max=1.0)
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (round to nearest even; overflow to inf), as torch rounds."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def host_coefficient(max_norm: float, total: float, dtype: torch.dtype) -> float:
+    """:func:`clip_coefficient` of a 0-dim ``dtype`` total equal to ``total``, computed on
+    the host with torch's rounding: the same number, bit for bit (float32 and float64).
+
+    torch evaluates ``max_norm / (total + 1e-6)`` as ``(total + eps).reciprocal() *
+    max_norm`` in the tensor's dtype (``Tensor.__rtruediv__``), the scalars rounded to it;
+    each float32 step is emulated exactly by rounding its float64 result (one float32
+    operation computed in float64 and rounded is the float32 result). Then ``clamp(max=1)``:
+    NaN stays NaN.
+
+    Example:
+        >>> host_coefficient(1.0, 1.0, torch.float32)  # a norm equal to max_norm is scaled
+        0.9999990463256836
+        >>> host_coefficient(1.0, 0.5, torch.float32)
+        1.0
+    """
+    if dtype == torch.float64:
+        shifted = total + TORCH_EPS  # norms are never < 0: shifted > 0 or NaN
+        coef = (1.0 / shifted) * max_norm if shifted else math.inf
+    else:
+        shifted = _f32(total + _f32(TORCH_EPS))
+        coef = _f32(_f32(1.0 / shifted) * _f32(max_norm)) if shifted else math.inf
+    return 1.0 if coef >= 1.0 else coef
+
+
+def clip_(groups: _foreach.Groups, max_norm: float, total: Tensor, foreach: bool | None) -> None:
+    """Scale every grouped tensor in place by ``clip_coefficient(max_norm, total)``.
+
+    On the CPU (reading the total costs no device sync there) the coefficient is computed
+    on the host, bit for bit as torch computes it (:func:`host_coefficient`): no tensor
+    operation builds it, and when it is exactly 1 nothing is written.
+
+    Example:
+        >>> g = [torch.tensor([3.0, 4.0])]
+        >>> clip_(_foreach.group_by_device_dtype(g), 1.0, torch.tensor(5.0), None)
+        >>> g[0]
+        tensor([0.6000, 0.8000])
+    """
+    if not (
+        _foreach.is_host_device(total.device)
+        and not _foreach.is_compiling()
+        and total.dtype in (torch.float32, torch.float64)
+        and all(_foreach.is_host_device(device) and dtype.is_floating_point for device, dtype in groups)
+    ):
+        scale_(groups, clip_coefficient(max_norm, total), foreach)
+        return
+    _foreach.check_foreach(groups, foreach)
+    coef = host_coefficient(max_norm, total.item(), total.dtype)
+    if coef == 1.0:
+        return
+    for (device, dtype), (group, _) in groups.items():
+        # float32/float64 gradients: a Python number is rounded to their compute type exactly
+        # as the 0-dim coefficient tensor would be, so the products are the same. float16/
+        # bfloat16 ones round a 0-dim tensor to their own dtype first: they get the tensor.
+        scale: float | Tensor = coef
+        if dtype not in (torch.float32, torch.float64):
+            scale = torch.tensor(coef, dtype=total.dtype)
+        use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
+        if use_foreach:
+            _foreach.foreach_mul_(group, scale)
+        else:
+            for g in group:
+                g.mul_(scale)
 
 
 def noop_on_host(device: torch.device, coef: Tensor) -> bool:

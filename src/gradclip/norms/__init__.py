@@ -110,7 +110,20 @@ def compute(tensors: list[Tensor], p: float, foreach: bool | None) -> GradNorms:
         order = tuple(i for _, indices in groups.values() for i in indices)
         per_tensor = torch.empty_like(stacked)
         per_tensor[index_tensor(order, first_device)] = stacked
-    return GradNorms(tensors, per_tensor, total_norm(per_tensor, p), p, dtype, groups)
+    if not all(_on_host(device) for device, _ in groups):
+        return GradNorms(tensors, per_tensor, total_norm(per_tensor, p), p, dtype, groups)
+    # On the CPU, reading the total is free: the float32 total, measured again (exactly)
+    # only in the rare case of an overflow.
+    total = torch.linalg.vector_norm(per_tensor, p)
+    if 0 < p < math.inf and math.isinf(total.item()):
+        per_tensor = _rescue_overflow(tensors, per_tensor, p)
+        total = total_norm(per_tensor, p)
+    return GradNorms(tensors, per_tensor, total, p, dtype, groups)
+
+
+def _on_host(device: torch.device) -> bool:
+    """The CPU outside compilation: where branching on a measured value is free."""
+    return _foreach.is_host_device(device) and not _foreach.is_compiling()
 
 
 def total_norm(per_tensor: Tensor, p: float) -> Tensor:
@@ -128,18 +141,16 @@ def total_norm(per_tensor: Tensor, p: float) -> Tensor:
     return torch.linalg.vector_norm(per_tensor, p, dtype=wide).to(per_tensor.dtype)
 
 
-def _rescue_overflow(group: list[Tensor], norms: Tensor, p: float) -> Tensor:
-    """``norms`` with the infinite ones of finite tensors measured again in float64.
+def _rescue_overflow(tensors: list[Tensor], norms: Tensor, p: float) -> Tensor:
+    """``norms`` (of ``tensors``) with the infinite ones measured again in float64.
 
     A float32 norm whose sum of squares passes float32's range (elements near 1e19) reads
     ``inf`` although every element is finite; finite gradients would then be zeroed by the
     clip. On the CPU, looking is free: the rare tensor is measured again, exactly.
     """
-    if not bool(torch.isinf(norms).any()):
-        return norms
     norms = norms.clone()
     for i in torch.isinf(norms).nonzero().flatten().tolist():
-        t = group[i]
+        t = tensors[i]
         wide = t.to(torch.complex128 if t.is_complex() else torch.float64)
         norms[i] = torch.linalg.vector_norm(wide, p).to(norms.dtype)
     return norms
@@ -161,20 +172,19 @@ def _group_norms(
     """1-D per-tensor norms of one (device, dtype) group, in the group's order."""
     acc = accumulation_dtype(dtype)
     # While compiling, the plain multi-tensor path: it traces into one graph.
-    host = _foreach.is_host_device(device) and not _foreach.is_compiling()
     if (
-        host
+        _on_host(device)
         and dtype in FAST_DTYPES
         and p > 0  # False for nan too
         and all(type(t) is Tensor and t.layout == torch.strided for t in group)
     ):
-        norms = _host.norms(group, dtype, p, acc)
+        if _host.few(group, dtype):
+            return _host.few_norms(group, p)
+        return _host.norms(group, dtype, p, acc)
+    use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
+    norm_dtype = torch.float32 if dtype in LOW_PRECISION else None
+    if use_foreach:
+        listed = _foreach.foreach_norm(group, p, norm_dtype)
     else:
-        use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
-        norm_dtype = torch.float32 if dtype in LOW_PRECISION else None
-        if use_foreach:
-            listed = _foreach.foreach_norm(group, p, norm_dtype)
-        else:
-            listed = [torch.linalg.vector_norm(g, p, dtype=norm_dtype) for g in group]
-        norms = torch.stack(listed).to(acc)
-    return _rescue_overflow(group, norms, p) if host and 0 < p < math.inf else norms
+        listed = [torch.linalg.vector_norm(g, p, dtype=norm_dtype) for g in group]
+    return torch.stack(listed).to(acc)

@@ -21,12 +21,15 @@ from gradclip._cache import LRU
 __all__ = [
     "CHUNK_NUMEL",
     "FAST_DTYPES",
+    "FEW_TENSORS",
     "LOW_PRECISION",
     "LOW_PRECISION_ROW_LENGTH",
+    "MIN_CONCAT",
     "ROW_LENGTH",
     "SMALL_NUMEL",
     "TINY_NUMEL",
     "accumulation_dtype",
+    "few",
     "norms",
 ]
 
@@ -101,6 +104,8 @@ def _build_plan(shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> _Plan:
     numels = [s.numel() for s in shapes]
     small = sorted((i for i, n in enumerate(numels) if 0 < n < TINY_NUMEL), key=numels.__getitem__)
     mid = [i for i, n in enumerate(numels) if TINY_NUMEL <= n < SMALL_NUMEL]
+    if len(small) < MIN_CONCAT:  # too few to pay for concatenating them
+        mid, small = sorted(mid + small), []
     empty = [i for i, n in enumerate(numels) if n == 0]
     chunks: list[_Chunk] = []
     members: list[int] = []
@@ -259,6 +264,50 @@ def _large_norms(group: list[Tensor], plan: _Plan, p: float, acc: torch.dtype) -
     for k, norm in strided.items():
         norms[k] = norm
     return norms
+
+
+MIN_CONCAT = 12
+"""Tiny tensors are concatenated only when there are at least this many (each saves ~1.5 µs
+of per-tensor kernel overhead; the concatenation and reordering cost ~15 µs)."""
+FEW_TENSORS = 8
+"""float32/float64 groups of at most this many tensors skip the plan (:func:`few_norms`):
+its fixed cost (concatenation, reordering, batched row sums) is more than it saves."""
+
+
+def few(group: list[Tensor], dtype: torch.dtype) -> bool:
+    """Whether ``group`` is measured by :func:`few_norms` rather than a plan."""
+    return len(group) <= FEW_TENSORS and dtype in (torch.float32, torch.float64)
+
+
+def few_norms(group: list[Tensor], p: float) -> Tensor:
+    """Per-tensor norms of a few float32/float64 tensors in their own dtype: torch's
+    ``_foreach_norm`` for the small ones, and for each large contiguous one its row norms
+    and their norm (two kernels, as accurate as the plan's rows)."""
+    small = [t for t in group if t.numel() < SMALL_NUMEL]
+    measured = iter(_foreach.foreach_norm(small, p, None) if small else ())
+    out = [next(measured) if t.numel() < SMALL_NUMEL else _large_norm(t, p) for t in group]
+    return torch.stack(out)
+
+
+def _large_norm(t: Tensor, p: float) -> Tensor:
+    """0-dim norm of one large float32/float64 tensor through short rows (see the plan)."""
+    flat = _flat_view(t)
+    if flat is None:  # gaps between elements
+        return _strided_norm(t, p, t.dtype)
+    length = _row_length(t.shape, t.dtype)
+    rows, tail = divmod(t.numel(), length)
+    row_norms = torch.linalg.vector_norm(flat[: rows * length].view(rows, length), p, dim=1)
+    if tail:
+        end = torch.linalg.vector_norm(flat[rows * length :], p, dim=0, keepdim=True)
+        row_norms = torch.cat([row_norms, end])
+    return _rows_norm(row_norms, p)
+
+
+def _rows_norm(row_norms: Tensor, p: float) -> Tensor:
+    """The norm of a tensor from its rows' norms (the norm of norms), 0-dim."""
+    if math.isinf(p):
+        return row_norms.amax()
+    return torch.linalg.vector_norm(row_norms, p)
 
 
 def norms(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype) -> Tensor:
