@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 import gradclip
-from gradclip.demo.tasks import RunResult, Task, resolve, run
+from gradclip.demo.runner import RunResult, run
+from gradclip.demo.tasks import Task, resolve
 
 __all__ = ["STRATEGIES", "Comparison", "Row", "Strategy", "compare", "spike_steps"]
 

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gradclip.demo.compare import Comparison, Row
-from gradclip.demo.tasks import RunResult
+from gradclip.demo.runner import RunResult
 
 __all__ = ["MARKER", "publish", "staging", "table", "verdicts", "write"]
 
