@@ -171,30 +171,33 @@ def _failed(command: str, message: str) -> int:
 
 def _run_report(args: argparse.Namespace) -> int:
     from gradclip import report
-    from gradclip._files import OutputError, check_output, default_report_folder
+    from gradclip._files import OutputError, OutputFolder, default_report_folder
 
     try:
         report.plots.require_matplotlib()
     except ImportError as exc:
         return _error("report", str(exc))
     out = args.out if args.out is not None else default_report_folder(args.log)
-    try:  # refuse the folder before reading the log
-        check_output(out, producer=report.PRODUCER)
+    try:  # the folder is refused before the log is read
+        folder = OutputFolder(out, producer=report.PRODUCER)
     except OutputError as exc:
         return _error("report", str(exc))
     except OSError as exc:
         return _error("report", f"cannot write to {out}: {exc.strerror or exc}")
-    try:
-        data = report.build_report(args.log, title=args.title)
-    except gradclip.LogError as exc:
-        return _error("report", str(exc))
-    try:
-        files = report.render_report(data, out)
-    except OutputError as exc:
-        return _failed("report", str(exc))
-    except OSError as exc:
-        return _failed("report", f"cannot write to {out}: {exc.strerror or exc}")
-    print(files.html)
+    with folder:  # an exception removes the unfinished folder
+        try:
+            data = report.build_report(args.log, title=args.title)
+        except gradclip.LogError as exc:
+            folder.discard()
+            return _error("report", str(exc))
+        report.write_report(data, folder.stage)
+        try:
+            folder.commit()
+        except OutputError as exc:
+            return _failed("report", str(exc))
+        except OSError as exc:
+            return _failed("report", f"cannot write to {out}: {exc.strerror or exc}")
+    print(out / "report.html")
     return _problems("report", data.history)
 
 

@@ -67,7 +67,7 @@ def write_demo(
 
     Needs matplotlib (``pip install 'gradclip[plot]'``) for the plots.
     """
-    from gradclip.report import build_report, render_report
+    from gradclip.report import build_report, write_report
 
     out = Path(folder)
     monitors: dict[str, gradclip.GradMonitor] = {}
@@ -98,7 +98,8 @@ def write_demo(
         # the page names the log as it will be found in the published folder
         history = dataclasses.replace(history, source=f"{RUNS}/adaptive.jsonl")
         report = build_report(history, title="gradclip demo: diagnostics of the AdaptiveClip run")
-        render_report(report, out / DIAGNOSTICS)
+        (out / DIAGNOSTICS).mkdir()
+        write_report(report, out / DIAGNOSTICS)
         diagnostics = DIAGNOSTICS
     render.write(result, out, diagnostics=diagnostics)
     return result

@@ -24,7 +24,7 @@ Example:
 """
 
 from gradclip.report.data import Report, bin_max, build_report, rolling_mean
-from gradclip.report.render import PRODUCER, ReportFiles, render_report
+from gradclip.report.render import PRODUCER, ReportFiles, render_report, write_report
 
 __all__ = [
     "PRODUCER",
@@ -34,4 +34,5 @@ __all__ = [
     "build_report",
     "render_report",
     "rolling_mean",
+    "write_report",
 ]

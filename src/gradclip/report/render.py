@@ -13,7 +13,7 @@ from gradclip.report import plots
 from gradclip.report.data import Report
 from gradclip.report.html import Section, page
 
-__all__ = ["PRODUCER", "ReportFiles", "render_report"]
+__all__ = ["PRODUCER", "ReportFiles", "render_report", "write_report"]
 
 PRODUCER = "gradclip report"
 """The name a report folder's manifest records: only a folder of this name is replaced."""
@@ -55,14 +55,16 @@ def render_report(report: Report, out_dir: str | os.PathLike[str]) -> ReportFile
         ('report.html', ['clip_rate', 'histogram', 'norms'])
     """
     with OutputFolder(out_dir, producer=PRODUCER) as folder:
-        names = _write(report, folder.stage)
+        staged = write_report(report, folder.stage)
         folder.commit()
     dest = Path(out_dir)  # as the caller wrote it
-    return ReportFiles(dest / "report.html", {name: dest / f"{name}.png" for name in names})
+    return ReportFiles(dest / staged.html.name, {k: dest / p.name for k, p in staged.images.items()})
 
 
-def _write(report: Report, out: Path) -> list[str]:
-    """Write the page and the plots into ``out``; the names of the plots."""
+def write_report(report: Report, folder: str | os.PathLike[str]) -> ReportFiles:
+    """Write the files of :func:`render_report` into ``folder``, an existing folder the
+    caller owns (a staging folder): no check, no publishing. Returns where they are."""
+    out = Path(folder)
     h, rec, summ = report.history, report.recommendation, report.summary
     pngs: dict[str, bytes] = {}
 
@@ -93,8 +95,10 @@ def _write(report: Report, out: Path) -> list[str]:
         plots.plot_nonfinite(ax, h.steps, h.finite, h.skipped, title="Non-finite gradients")
         pngs["nonfinite"] = plots.save_png(fig)
 
+    images = {}
     for name, data in pngs.items():
-        (out / f"{name}.png").write_bytes(data)
+        images[name] = out / f"{name}.png"
+        images[name].write_bytes(data)
 
     sections = []
     if h.problems:
@@ -126,5 +130,6 @@ def _write(report: Report, out: Path) -> list[str]:
     else:
         sections.append(Section("Non-finite events", paragraphs=[
             f"none: every one of the {summ.steps} steps had finite gradients"]))  # fmt: skip
-    (out / "report.html").write_text(page(report.title, sections), encoding="utf-8")
-    return list(pngs)
+    html = out / "report.html"
+    html.write_text(page(report.title, sections), encoding="utf-8")
+    return ReportFiles(html, images)
