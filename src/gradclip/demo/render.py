@@ -19,11 +19,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from gradclip.demo.compare import STRATEGIES, Comparison, Row
 from gradclip.demo.runner import RunResult
 
-__all__ = ["DATA", "SPIKE_FACTOR", "definitions", "table", "verdicts", "write"]
+__all__ = ["DATA", "SPIKE_FACTOR", "definitions", "figures", "table", "verdicts", "write"]
 
 DATA = "demo.json"
 """The file of a demo folder holding every number of the run (rows and per-step series)."""
@@ -181,13 +182,16 @@ def _panel_title(label: str, run: RunResult, ratio: bool) -> str:
     return f"{label}: clipped {sum(run.clipped) / max(1, len(run.clipped)):.0%}"
 
 
-def _plots(result: Comparison, out: Path) -> dict[str, bytes]:
+def figures(result: Comparison) -> dict[str, Any]:
+    """The page's matplotlib figures by name: ``loss`` (every strategy's training loss, the
+    legend beside the axes), ``norms`` and ``updates`` (one small panel per strategy, one
+    legend below them all; AGC's ratio threshold is not drawn on its norm axis)."""
     from gradclip.report import plots
 
     labels = {r.strategy: r.label for r in result.rows}
     runs = result.runs
     window = max(1, result.steps // 100)
-    images: dict[str, bytes] = {}
+    figs: dict[str, Any] = {}
 
     fig, ax = plots.new_figure(1, 1, height=4.5)
     first = [r.losses[0] for r in runs.values() if r.losses and math.isfinite(r.losses[0])]
@@ -197,7 +201,7 @@ def _plots(result: Comparison, out: Path) -> dict[str, bytes]:
     if first:
         ax.set_ylim(top=100 * max(first))  # a diverging run would flatten the others
     ax.set_title(f"training loss: {result.task.key}", fontsize=10)
-    images["loss"] = plots.save_png(fig, out / "loss.png")
+    figs["loss"] = fig
 
     cols = min(3, len(runs))
     rows = math.ceil(len(runs) / cols)
@@ -220,13 +224,24 @@ def _plots(result: Comparison, out: Path) -> dict[str, bytes]:
                                   legend=None)  # fmt: skip
         for ax in list(axes.flat)[len(runs):]:
             ax.set_visible(False)
+        for (row, col), ax in _panels(axes):
+            # axis titles on the outer panels only (every panel keeps its own y scale)
+            if row < rows - 1 and (row + 1) * cols + col < len(runs):
+                ax.set_xlabel("")
+            if col > 0:
+                ax.set_ylabel("")
         fig.suptitle(title, fontsize=11)
-        if key == "norms":
+        if key == "norms":  # one legend for every panel, below them: none covers the data
             handles = _norm_legend()
-            fig.legend(handles=handles, loc="outside upper center", ncols=len(handles),
+            fig.legend(handles=handles, loc="outside lower center", ncols=len(handles),
                        fontsize=9, frameon=False)  # fmt: skip
-        images[key] = plots.save_png(fig, out / f"{key}.png")
-    return images
+        figs[key] = fig
+    return figs
+
+
+def _panels(axes: object) -> list[tuple[tuple[int, int], object]]:
+    """``((row, col), ax)`` for each panel of a 2-D array of axes."""
+    return [((i, j), ax) for i, line in enumerate(axes) for j, ax in enumerate(line)]  # type: ignore[attr-defined]
 
 
 def _norm_legend() -> list[object]:
@@ -249,8 +264,9 @@ def write(result: Comparison, out: Path, *, diagnostics: str | None = None) -> P
     inside ``out``, when given). Returns the HTML path. Needs matplotlib
     (``pip install 'gradclip[plot]'``)."""
     from gradclip.report.html import Section, page
+    from gradclip.report.plots import save_png
 
-    images = _plots(result, out)
+    images = {name: save_png(fig, out / f"{name}.png") for name, fig in figures(result).items()}
     cells = [_cells(r) for r in result.rows]
     verdict = verdicts(result)
     caution = _too_short(result)
@@ -263,12 +279,14 @@ def write(result: Comparison, out: Path, *, diagnostics: str | None = None) -> P
                           "exceeds the ratio times the row's weight norm: its threshold is "
                           "that ratio, not a gradient norm, so no line is drawn; red marks "
                           "are the steps where it scaled some row.")  # fmt: skip
+    report_link = [] if diagnostics is None else [
+        ("Diagnostics report of the AdaptiveClip run", f"{diagnostics}/report.html")]  # fmt: skip
     sections = [
         Section("What ran", paragraphs=[
             f"{result.task.description}. Every strategy trained the same model from the same "
             f"initialisation on the same batches (seed {result.seed}, {result.steps} steps, "
             f"{result.device}). Lower {result.task.metric_name} is better.",
-        ]),
+        ], links=report_link),
         Section("Results", warnings=[caution] if caution else (), paragraphs=said,
                 table=[_header(result), *cells], definitions=definitions(result)),
         Section("Training loss", images=[("training loss per strategy", images["loss"])]),
@@ -280,16 +298,14 @@ def write(result: Comparison, out: Path, *, diagnostics: str | None = None) -> P
                             "gradient becomes an exploding step."]),
     ]  # fmt: skip
     links = [("demo.json: every number on this page, per step and per strategy", DATA)]
-    paragraphs = []
     if diagnostics is not None:
-        links.insert(0, ("the diagnostics report of the AdaptiveClip run: per-layer norms, "
-                         "clip rate, norm histogram and a max_norm recommendation",
+        links.insert(0, ("Diagnostics report of the AdaptiveClip run: per-layer norms, clip "
+                         "rate, norm histogram and a max_norm recommendation",
                          f"{diagnostics}/report.html"))  # fmt: skip
     if (out / "runs").is_dir():
-        links.append(("runs/: each clipper's log, one JSON record per step", "runs/"))
-        paragraphs.append("Render any of them with `gradclip report runs/NAME.jsonl` (it "
-                          "writes runs/NAME-report/report.html).")  # fmt: skip
-    sections.append(Section("Diagnostics and data", links=links, paragraphs=paragraphs))
+        links.append(("runs/: each clipper's log, one JSON record per step (`gradclip report "
+                      "runs/NAME.jsonl` renders one into runs/NAME-report/)", "runs/"))  # fmt: skip
+    sections.append(Section("Diagnostics and data", links=links))
     (out / DATA).write_text(json.dumps(_data(result)) + "\n")
     html = out / "index.html"
     html.write_text(page(f"gradclip demo: {result.task.key}", sections), encoding="utf-8")

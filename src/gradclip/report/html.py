@@ -28,8 +28,8 @@ table { border-collapse: collapse; font-size: 0.9em; }
 td, th { border: 1px solid #ddd; padding: 0.2em 0.6em; text-align: left; }
 .warning { background: #fff3cd; border-left: 4px solid #e0a800; padding: 0.4em 0.8em; }
 pre { background: #f6f6f6; padding: 0.6em; white-space: pre-wrap; }
-dl { font-size: 0.9em; margin: 0.8em 0; } dt { font-weight: 600; float: left; clear: left;
-     width: 9em; } dd { margin: 0 0 0.3em 9.5em; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: 0.25em 1em;
+     font-size: 0.9em; margin: 0.8em 0; } dt { font-weight: 600; } dd { margin: 0; }
 """
 
 
