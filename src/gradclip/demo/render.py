@@ -195,11 +195,16 @@ def figures(result: Comparison) -> dict[str, Any]:
 
     fig, ax = plots.new_figure(1, 1, height=4.5)
     first = [r.losses[0] for r in runs.values() if r.losses and math.isfinite(r.losses[0])]
+    lowest = math.inf
     for name, run in runs.items():
-        plots.plot_series(ax, range(len(run.losses)), _smooth(run.losses, window), label=labels[name],
-                          logy=True, ylabel="training loss (running median)")  # fmt: skip
+        smooth = _smooth(run.losses, window)
+        lowest = min([lowest, *(v for v in smooth if math.isfinite(v) and v > 0)])
+        plots.plot_series(ax, range(len(run.losses)), smooth, label=labels[name], logy=True,
+                          ylabel="training loss (running median)")  # fmt: skip
     if first:
         ax.set_ylim(top=100 * max(first))  # a diverging run would flatten the others
+    if math.isfinite(lowest):
+        ax.set_ylim(bottom=lowest / 2)  # nothing below the best curve but a margin
     ax.set_title(f"training loss: {result.task.key}", fontsize=10)
     figs["loss"] = fig
 
