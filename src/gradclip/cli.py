@@ -3,12 +3,15 @@
 Each subcommand is one entry of :data:`COMMANDS` (name, help, how to add its arguments,
 what to run); adding ``demo``, ``report`` or ``recommend`` means adding an entry.
 
-Exit status: 0 on success; 2 for a usage mistake or a log that cannot be used (missing,
-empty, nothing valid); 1 when ``recommend`` / ``report`` worked on part of a log (the bad
-lines are named on stderr).
+Exit status: 0 on success; 2 for a usage mistake, a log that cannot be used (missing,
+empty, nothing valid) or an output folder that is refused (see :mod:`gradclip._files`); 1
+when ``recommend`` / ``report`` worked on part of a log (the bad lines are named on stderr),
+or when the output folder changed while ``demo`` / ``report`` ran (the finished output is
+kept in the staging folder the message names).
 
 Example:
     $ gradclip recommend run.jsonl
+    $ gradclip report run.jsonl               # into run-report/, beside the log
     $ gradclip report run.jsonl -o report/
     $ gradclip demo --quick
     $ gradclip bench --quick
