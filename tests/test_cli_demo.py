@@ -212,3 +212,12 @@ def test_refusals_from_the_real_command(tmp_path):
         done = run_gradclip(["demo", "--steps", "3", "--out", str(parent / "demo")])
         assert done.returncode == 2 and "Traceback" not in done.stderr
         assert "cannot write --out" in done.stderr and snapshot(tmp_path) == before
+
+
+def test_a_report_written_beside_a_demos_log_goes_with_the_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert _demo("--strategies", "fixed-good", "--steps", "5", "--out", str(out)) == 0
+    assert cli.main(["report", str(out / "runs" / "fixed-good.jsonl")]) == 0
+    assert (out / "runs" / "fixed-good-report" / "report.html").exists()
+    assert _demo("--strategies", "none", "--steps", "4", "--out", str(out)) == 0  # not refused
+    assert not (out / "runs").exists()

@@ -8,6 +8,7 @@ types, bytes, link targets) and checks that a refusal leaves the snapshot identi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -148,6 +149,28 @@ def test_a_file_added_or_edited_in_a_previous_output_is_refused(tmp_path):
     (dest / "index.html").write_text("page")  # restored: ours again
     publish(dest, {"index.html": "new"})
     assert listing(dest) == {"index.html": "new"}
+
+
+def test_a_gradclip_output_nested_in_a_previous_one_is_replaced_with_it(tmp_path):
+    dest = tmp_path / "demo"
+    publish(dest, {"index.html": "page", "runs/a.jsonl": "log"})
+    publish(dest / "runs" / "a-report", {"report.html": "r"}, producer="gradclip report")
+    publish(dest, {"index.html": "new"})
+    assert listing(dest) == {"index.html": "new"} and not (dest / "runs").exists()
+
+
+def test_a_nested_manifest_speaks_only_for_its_own_folder(tmp_path):
+    dest = tmp_path / "demo"
+    publish(dest, {"index.html": "page", "runs/a.jsonl": "log"})
+    (dest / "thesis.txt").write_text("three years")
+    nested = tmp_path / "elsewhere" / "x"
+    publish(nested, {"report.html": "r"}, producer="gradclip report")
+    manifest = json.loads((nested / MANIFEST).read_text())
+    digest = hashlib.sha256(b"three years").hexdigest()
+    manifest["files"]["../../thesis.txt"] = [digest]  # a claim outside its folder
+    (dest / "runs" / "x").mkdir()
+    (dest / "runs" / "x" / MANIFEST).write_text(json.dumps(manifest))
+    refused(dest, tmp_path, "thesis.txt", "which gradclip did not write")
 
 
 def test_another_commands_output_is_refused(tmp_path):

@@ -5,7 +5,8 @@ The rule every command that writes a folder follows (``gradclip demo --out``,
 
 * it only ever replaces what it provably wrote itself: a folder it wrote holds a manifest
   (:data:`MANIFEST`) naming the command and every file with its SHA-256; a file is replaced
-  only while its content is still exactly what the command wrote;
+  only while its content is still exactly what gradclip wrote (a gradclip output nested in
+  it, such as ``gradclip report`` of one of a demo's logs, proves itself the same way);
 * it never follows a symbolic link, neither the destination nor anything inside it (it
   never writes one, so a link is always someone else's);
 * it never deletes a folder it did not create: an existing folder is kept and only its
@@ -191,19 +192,40 @@ def _inspect(dest: Path, producer: str, shown: str) -> _Plan:
     if links:
         raise OutputError(f"{not_ours}: it holds the symbolic link(s) {_names(links)}, which "
                           f"gradclip never writes; {fix}")  # fmt: skip
+    claims = _claims(dest, entries, manifest)
     foreign = [e.rel for e in entries if
-               (e.kind == "dir" and e.rel not in manifest.dirs)
-               or (e.kind == "file" and e.rel not in manifest.files) or e.kind == "other"]  # fmt: skip
+               (e.kind == "dir" and e.rel not in claims.dirs)
+               or (e.kind == "file" and e.rel not in claims.files) or e.kind == "other"]  # fmt: skip
     if foreign:
         raise OutputError(f"{not_ours}: it holds {_names(foreign)}, which gradclip did not "
                           f"write; move them out, or {fix}")  # fmt: skip
     changed = [e.rel for e in entries
-               if e.kind == "file" and _sha256(dest / e.rel) not in manifest.files[e.rel]]  # fmt: skip
+               if e.kind == "file" and _sha256(dest / e.rel) not in claims.files[e.rel]]  # fmt: skip
     if changed:
         raise OutputError(f"{shown}: {_names(changed)} changed since {producer} wrote "
                           f"{'it' if len(changed) == 1 else 'them'}; move "
                           f"{'it' if len(changed) == 1 else 'them'} out, or {fix}")  # fmt: skip
-    return _Plan(exists=True, manifest=manifest, entries=tuple(entries))
+    return _Plan(exists=True, manifest=claims, entries=tuple(entries))
+
+
+def _claims(dest: Path, entries: list[_Entry], manifest: _Manifest) -> _Manifest:
+    """Everything under ``dest`` gradclip claims to have written: the files and folders of
+    its manifest, and those of any gradclip output nested in it (a report written beside a
+    demo's log: ``gradclip report runs/NAME.jsonl``), each claim relative to its own folder
+    so that a nested manifest speaks only for what lies below it."""
+    claims = _Manifest(manifest.producer, dict(manifest.files), set(manifest.dirs))
+    for entry in entries:
+        if entry.kind != "file" or not entry.rel.endswith("/" + MANIFEST):
+            continue
+        nested = _read_manifest(dest / entry.rel)
+        if nested is None:
+            continue
+        prefix = entry.rel[: -len(MANIFEST)]
+        claims.files[entry.rel] = [_sha256(dest / entry.rel)]
+        claims.dirs.add(prefix.rstrip("/"))
+        claims.dirs.update(prefix + d for d in nested.dirs)
+        claims.files.update({prefix + rel: digests for rel, digests in nested.files.items()})
+    return claims
 
 
 def _read_manifest(path: Path) -> _Manifest | None:
