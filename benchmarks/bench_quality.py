@@ -10,7 +10,7 @@ every strategy, ``--seeds`` seeds each (0, 1, ...):
   excludes the head) and ``AdaGC()``;
 * ``AdaptiveClip()`` with its defaults.
 
-A fresh clipper is built for every run and handed to :func:`gradclip.demo.tasks.run` as the
+A fresh clipper is built for every run and handed to :func:`gradclip.demo.runner.run` as the
 clip function (its ``__call__`` returns the :class:`~gradclip.ClipStats` the runner records).
 The score of a strategy on a task is the median over seeds of the task's metric (lower is
 better; ``inf`` when the weights became non-finite).
@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 
 import gradclip
-from gradclip.demo.tasks import TASKS, RunResult, run
+from gradclip.demo.runner import RunResult, run
+from gradclip.demo.tasks import TASKS
 
 SEEDS = 6
 """Default seeds per run. The RNN tasks are a seed lottery for every strategy (AdaptiveClip

@@ -11,6 +11,7 @@ from gradclip import cli
 from gradclip.demo import compare
 from gradclip.demo.compare import STRATEGIES
 from gradclip.demo.tasks import TASKS
+from output_cases import CASES, read_only_folder, run_gradclip, snapshot
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
@@ -121,3 +122,102 @@ def test_an_interrupted_demo_leaves_nothing_that_looks_complete(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         _demo("--strategies", "none", "--out", str(tmp_path / "demo"))
     assert calls and list(tmp_path.iterdir()) == []
+
+
+def test_a_rerun_replaces_its_own_files_and_leaves_none_stale(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert _demo("--strategies", "fixed-good", "adaptive", "--steps", "5", "--out", str(out)) == 0
+    assert (out / "adaptive-report" / "report.html").exists()
+    inode = out.stat().st_ino
+    assert _demo("--strategies", "none", "--steps", "4", "--out", str(out)) == 0
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert names == [".gradclip-output.json", "demo.json", "index.html", "loss.png", "norms.png",
+                     "updates.png"]  # fmt: skip
+    assert out.stat().st_ino == inode  # the folder itself is kept, never deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_a_folder_it_did_not_write_is_refused_untouched(case, tmp_path, capsys):
+    """Exit 2 before any training, the reason on stderr, and not a byte changed around it."""
+    dest = case.build(tmp_path, "gradclip demo")
+    before = snapshot(tmp_path)
+    assert _demo("--strategies", "none", "--steps", "3", "--out", str(dest)) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("gradclip demo: error: ") and str(dest) in err
+    for word in case.words:
+        assert word.format(producer="gradclip demo") in err, (word, err)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_read_only_parent_exits_2_and_writes_nothing(tmp_path, capsys):
+    with read_only_folder(tmp_path / "ro") as parent:
+        before = snapshot(tmp_path)
+        assert _demo("--strategies", "none", "--steps", "3", "--out", str(parent / "d")) == 2
+        assert f"cannot write --out {parent / 'd'}" in capsys.readouterr().err
+        assert snapshot(tmp_path) == before
+
+
+def test_a_folder_that_changes_during_the_run_exits_1_and_keeps_the_results(
+    tmp_path, capsys, monkeypatch
+):
+    from gradclip.demo import folder
+
+    real, out = folder.write_demo, tmp_path / "demo"
+
+    def meanwhile(*args, **kwargs):
+        result = real(*args, **kwargs)
+        out.mkdir()
+        (out / "notes.txt").write_text("written while the demo ran")
+        return result
+
+    monkeypatch.setattr(folder, "write_demo", meanwhile)
+    assert _demo("--strategies", "none", "--steps", "3", "--out", str(out)) == 1
+    err = capsys.readouterr().err
+    assert "gradclip demo: error:" in err and "changed while gradclip ran" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (kept,) = tmp_path.glob(".demo.partial-*")
+    assert f"the finished output was left in {kept}" in err
+    assert (kept / "index.html").exists()
+
+
+def test_an_interrupted_demo_leaves_an_earlier_one_as_it_was(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "demo"
+    assert _demo("--strategies", "none", "--steps", "3", "--out", str(out)) == 0
+    before = snapshot(tmp_path)
+
+    def interrupted(*args, progress, **kwargs):
+        progress("none", 1, 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "compare", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _demo("--strategies", "none", "--out", str(out))
+    assert snapshot(tmp_path) == before
+
+
+def test_refusals_from_the_real_command(tmp_path):
+    """The installed command's path: exit 2, a message, no traceback, nothing changed."""
+    for case in (CASES[0], CASES[2]):  # foreign files; an earlier demo with a link inside
+        root = tmp_path / case.name
+        root.mkdir()
+        dest = case.build(root, "gradclip demo")
+        before = snapshot(tmp_path)
+        done = run_gradclip(["demo", "--strategies", "none", "--steps", "3", "--out", str(dest)])
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        assert done.stderr.startswith("gradclip demo: error:") and "Traceback" not in done.stderr
+        assert snapshot(tmp_path) == before
+    with read_only_folder(tmp_path / "ro") as parent:
+        before = snapshot(tmp_path)
+        done = run_gradclip(["demo", "--steps", "3", "--out", str(parent / "demo")])
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert "cannot write --out" in done.stderr and snapshot(tmp_path) == before
+
+
+def test_a_report_written_beside_a_demos_log_goes_with_the_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert _demo("--strategies", "fixed-good", "--steps", "5", "--out", str(out)) == 0
+    assert cli.main(["report", str(out / "runs" / "fixed-good.jsonl")]) == 0
+    assert (out / "runs" / "fixed-good-report" / "report.html").exists()
+    assert _demo("--strategies", "none", "--steps", "4", "--out", str(out)) == 0  # not refused
+    assert not (out / "runs").exists()

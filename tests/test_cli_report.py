@@ -5,12 +5,14 @@ they can be trusted, a non-zero exit status, never a traceback."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from gradclip import cli
+from output_cases import CASES, read_only_folder, run_gradclip, snapshot
 from test_report import synthetic_records, write_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,10 +111,81 @@ def test_output_dir_that_is_a_file(log, tmp_path, capsys):
     assert status == 2 and "not a directory" in err
 
 
-def test_report_requires_out(log, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["report", str(log)])
-    assert exc.value.code == 2 and "-o/--out" in capsys.readouterr().err
+def test_report_writes_beside_the_log_by_default(log, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    status, out, err = run(["report", log], capsys)
+    assert status == 0 and err == ""
+    assert out.strip() == str(tmp_path / "run-report" / "report.html")
+    assert (tmp_path / "run-report" / "norms.png").exists()
+    status, out, _ = run(["report", log], capsys)  # again: its own earlier report is replaced
+    assert status == 0 and out.strip() == str(tmp_path / "run-report" / "report.html")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_a_folder_it_did_not_write_is_refused_untouched(case, log, tmp_path, capsys):
+    """-o DIR, or the default folder beside the log: exit 2, the reason, nothing changed."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    dest = case.build(tmp_path / "a", "gradclip report")
+    default = log.with_name("run-report")
+    os.rename(case.build(tmp_path / "b", "gradclip report"), default)
+    for argv, target in ((["report", log, "-o", dest], dest), (["report", log], default)):
+        before = snapshot(tmp_path)
+        status, out, err = run(argv, capsys)
+        assert status == 2 and out == ""
+        assert err.startswith("gradclip report: error: ") and str(target) in err
+        for word in case.words:
+            assert word.format(producer="gradclip report") in err, (word, err)
+        assert snapshot(tmp_path) == before
+
+
+def test_a_read_only_parent_exits_2_and_writes_nothing(log, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    with read_only_folder(tmp_path / "ro") as parent:
+        before = snapshot(tmp_path)
+        status, out, err = run(["report", log, "-o", parent / "report"], capsys)
+        assert status == 2 and out == ""
+        assert f"gradclip report: error: cannot write to {parent / 'report'}" in err
+        assert snapshot(tmp_path) == before
+
+
+def test_a_folder_that_changes_while_rendering_exits_1(log, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gradclip import report
+
+    real = report.write_report
+    dest = tmp_path / "out"
+
+    def meanwhile(data, out):  # someone writes into the destination during the render
+        dest.mkdir()
+        (dest / "notes.txt").write_text("mine")
+        return real(data, out)
+
+    monkeypatch.setattr(report, "write_report", meanwhile)
+    status, out, err = run(["report", log, "-o", dest], capsys)
+    assert status == 1 and out == ""
+    assert "gradclip report: error:" in err and "changed while gradclip ran" in err
+    assert sorted(p.name for p in dest.iterdir()) == ["notes.txt"]
+
+
+def test_refusals_from_the_real_command(log, tmp_path):
+    """The installed command's path: exit 2, a message, no traceback, nothing changed."""
+    pytest.importorskip("matplotlib")
+    for case in (CASES[1], CASES[3]):  # a forged demo.json, a destination that is a link
+        root = tmp_path / case.name
+        root.mkdir()
+        dest = case.build(root, "gradclip report")
+        before = snapshot(tmp_path)
+        done = run_gradclip(["report", str(log), "-o", str(dest)])
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        assert "Traceback" not in done.stderr and done.stderr.startswith("gradclip report: error:")
+        assert snapshot(tmp_path) == before
+    with read_only_folder(tmp_path / "ro") as parent:
+        before = snapshot(tmp_path)
+        done = run_gradclip(["report", str(log), "-o", str(parent / "report")])
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert "cannot write to" in done.stderr and snapshot(tmp_path) == before
 
 
 def test_no_traceback_from_the_real_command(tmp_path):

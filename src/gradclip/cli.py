@@ -3,12 +3,15 @@
 Each subcommand is one entry of :data:`COMMANDS` (name, help, how to add its arguments,
 what to run); adding ``demo``, ``report`` or ``recommend`` means adding an entry.
 
-Exit status: 0 on success; 2 for a usage mistake or a log that cannot be used (missing,
-empty, nothing valid); 1 when ``recommend`` / ``report`` worked on part of a log (the bad
-lines are named on stderr).
+Exit status: 0 on success; 2 for a usage mistake, a log that cannot be used (missing,
+empty, nothing valid) or an output folder that is refused (see :mod:`gradclip._files`); 1
+when ``recommend`` / ``report`` worked on part of a log (the bad lines are named on stderr),
+or when the output folder changed while ``demo`` / ``report`` ran (the finished output is
+kept in the staging folder the message names).
 
 Example:
     $ gradclip recommend run.jsonl
+    $ gradclip report run.jsonl               # into run-report/, beside the log
     $ gradclip report run.jsonl -o report/
     $ gradclip demo --quick
     $ gradclip bench --quick
@@ -21,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -155,30 +157,49 @@ def _run_recommend(args: argparse.Namespace) -> int:
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("log", type=Path, help="a JSON lines log written by gradclip.GradMonitor")
     parser.add_argument(
-        "-o", "--out", type=Path, required=True, metavar="DIR",
-        help="directory for report.html and the PNG plots (created)",
+        "-o", "--out", type=Path, metavar="DIR",
+        help="folder for report.html and the PNG plots (default: LOGNAME-report/ beside the "
+        "log); created, or replaced if it holds an earlier report, never if it holds "
+        "anything else",
     )  # fmt: skip
     parser.add_argument("--title", help="page title (default: from the log's name)")
 
 
+def _failed(command: str, message: str) -> int:
+    """A runtime failure after the work started: exit status 1."""
+    print(f"gradclip {command}: error: {message}", file=sys.stderr)
+    return 1
+
+
 def _run_report(args: argparse.Namespace) -> int:
     from gradclip import report
+    from gradclip._files import OutputError, OutputFolder, default_report_folder
 
     try:
         report.plots.require_matplotlib()
     except ImportError as exc:
         return _error("report", str(exc))
-    if args.out.exists() and not args.out.is_dir():
-        return _error("report", f"{args.out} exists and is not a directory; pass -o DIR")
-    try:
-        data = report.build_report(args.log, title=args.title)
-    except gradclip.LogError as exc:
+    out = args.out if args.out is not None else default_report_folder(args.log)
+    try:  # the folder is refused before the log is read
+        folder = OutputFolder(out, producer=report.PRODUCER)
+    except OutputError as exc:
         return _error("report", str(exc))
-    try:
-        files = report.render_report(data, args.out)
     except OSError as exc:
-        return _error("report", f"cannot write to {args.out}: {exc.strerror or exc}")
-    print(files.html)
+        return _error("report", f"cannot write to {out}: {exc.strerror or exc}")
+    with folder:  # an exception removes the unfinished folder
+        try:
+            data = report.build_report(args.log, title=args.title)
+        except gradclip.LogError as exc:
+            folder.discard()
+            return _error("report", str(exc))
+        report.write_report(data, folder.stage)
+        try:
+            folder.commit()
+        except OutputError as exc:
+            return _failed("report", str(exc))
+        except OSError as exc:
+            return _failed("report", f"cannot write to {out}: {exc.strerror or exc}")
+    print(out / "report.html")
     return _problems("report", data.history)
 
 
@@ -195,21 +216,24 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps per run (default: the task's; with --quick its quick count)")
     parser.add_argument("--seed", type=_natural_int, default=0, help="run seed (default 0)")
     parser.add_argument("--out", type=Path, default=Path("gradclip-demo"), metavar="DIR",
-                        help="output folder, replaced if it holds an earlier demo "
-                        "(default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="short runs (under 20 s in all)")
+                        help="output folder (default: %(default)s): created, or replaced if it "
+                        "holds an earlier demo, never if it holds anything else")
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs (under 20 s in all): a smoke test, too short to rank "
+                        "the clippers")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")  # fmt: skip
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from gradclip.demo import compare, render
+    from gradclip._files import OutputError, OutputFolder
+    from gradclip.demo import compare, folder, render
 
     try:
         from tqdm import tqdm
 
-        from gradclip.report import build_report, plots, render_report
+        from gradclip.report import plots
 
         plots.require_matplotlib()
     except ImportError as exc:
@@ -221,28 +245,14 @@ def _run_demo(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         return _error("demo", "--device cuda: CUDA is not available here; pass --device cpu")
     try:
-        stage = render.staging(args.out)
-    except ValueError as exc:
+        out = OutputFolder(args.out, producer=folder.PRODUCER)
+    except OutputError as exc:
         return _error("demo", str(exc))
     except OSError as exc:
         return _error("demo", f"cannot write --out {args.out}: {exc.strerror or exc}")
     # One thread: the tasks' calibration, and the same numbers on every machine.
     torch.set_num_threads(1)
     torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # the first optimizer imports for seconds
-    monitors: dict[str, gradclip.GradMonitor] = {}
-    (stage / "runs").mkdir()
-
-    def record(name: str, clipper: gradclip.Clipper | None) -> Callable[[object], object]:
-        if clipper is None:
-            return lambda stats: stats
-        monitor = monitors[name] = gradclip.GradMonitor(log=stage / "runs" / f"{name}.jsonl")
-
-        def keep(stats: object) -> object:
-            monitor.record(stats)  # type: ignore[arg-type]
-            return stats
-
-        return keep
-
     bars: dict[str, Any] = {}
 
     def progress(name: str, done: int, total: int) -> None:
@@ -258,29 +268,23 @@ def _run_demo(args: argparse.Namespace) -> int:
         if done == total:
             bar.close()
 
-    try:
-        result = compare.compare(args.task, args.strategies, seed=args.seed, steps=args.steps,
-                                 quick=args.quick, device=str(device), progress=progress,
-                                 record=record)  # fmt: skip
+    with out:  # an exception, ^C included, removes the unfinished folder
+        result = folder.write_demo(out.stage, args.task, args.strategies, seed=args.seed,
+                                   steps=args.steps, quick=args.quick, device=str(device),
+                                   progress=progress)  # fmt: skip
         for bar in bars.values():
             bar.close()
-        for monitor in monitors.values():
-            monitor.close()
         print(render.table(result))
+        print()
         for line in render.verdicts(result):
             print(line)
-        diagnostics = None
-        if "adaptive" in monitors:
-            diagnostics = "adaptive-report"
-            render_report(build_report(stage / "runs" / "adaptive.jsonl",
-                                       title="gradclip demo: AdaptiveClip diagnostics"),
-                          stage / diagnostics)  # fmt: skip
-        render.write(result, stage, diagnostics=diagnostics)
-        out = render.publish(stage, args.out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    print(f"\nreport written to {out / 'index.html'}")
+        try:
+            out.commit()
+        except OutputError as exc:
+            return _failed("demo", str(exc))
+        except OSError as exc:
+            return _failed("demo", f"cannot write --out {args.out}: {exc.strerror or exc}")
+    print(f"\nreport written to {args.out / 'index.html'}")
     return 0
 
 

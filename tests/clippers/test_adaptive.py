@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gradclip.clippers.adaptive import AdaptiveClip
-from gradclip.demo.tasks import run
+from gradclip.demo.runner import run
 
 DEFAULTS = {
     "relative": 2.0,

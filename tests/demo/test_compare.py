@@ -10,7 +10,8 @@ import torch
 import gradclip
 from gradclip.demo import render
 from gradclip.demo.compare import STRATEGIES, compare, spike_steps
-from gradclip.demo.tasks import TASKS, run
+from gradclip.demo.runner import run
+from gradclip.demo.tasks import TASKS
 
 
 @pytest.fixture(autouse=True)

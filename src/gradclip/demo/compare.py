@@ -20,13 +20,23 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 import gradclip
-from gradclip.demo.tasks import RunResult, Task, resolve, run
+from gradclip.demo.runner import RunResult, run
+from gradclip.demo.tasks import Task, resolve
 
-__all__ = ["STRATEGIES", "Comparison", "Row", "Strategy", "compare", "spike_steps"]
+__all__ = [
+    "STRATEGIES",
+    "Comparison",
+    "Row",
+    "Strategy",
+    "check_strategies",
+    "compare",
+    "spike_steps",
+]
 
 
 @dataclass(frozen=True)
@@ -37,11 +47,15 @@ class Strategy:
         name: the name on the command line (``--strategies``).
         describe: the label of the strategy on ``task`` (``"fixed 0.3 (good)"``).
         build: a fresh clipper for ``task``, or None for no clipping.
+        threshold: what the clipper's reported threshold measures: ``"norm"`` (a threshold
+            on the total gradient norm, comparable with it) or ``"ratio"`` (AGC's bound on
+            each row's gradient-to-weight norm ratio, not a norm).
     """
 
     name: str
     describe: Callable[[Task], str]
     build: Callable[[Task], gradclip.Clipper | None]
+    threshold: Literal["norm", "ratio"] = "norm"
 
 
 def _fixed(index: int, word: str) -> Strategy:
@@ -52,8 +66,14 @@ def _fixed(index: int, word: str) -> Strategy:
     )
 
 
-def _clipper(name: str, label: str, cls: Callable[[], gradclip.Clipper]) -> Strategy:
-    return Strategy(name=name, describe=lambda task: label, build=lambda task: cls())
+def _clipper(
+    name: str,
+    label: str,
+    cls: Callable[[], gradclip.Clipper],
+    threshold: Literal["norm", "ratio"] = "norm",
+) -> Strategy:
+    return Strategy(name=name, describe=lambda task: label, build=lambda task: cls(),
+                    threshold=threshold)  # fmt: skip
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -65,7 +85,7 @@ STRATEGIES: dict[str, Strategy] = {
         _fixed(2, "high"),
         _clipper("autoclip", "AutoClip (p=10)", gradclip.AutoClip),
         _clipper("zclip", "ZClip", gradclip.ZClip),
-        _clipper("agc", "AGC (0.01)", gradclip.AGC),
+        _clipper("agc", "AGC (0.01)", gradclip.AGC, threshold="ratio"),
         _clipper("adagc", "AdaGC", gradclip.AdaGC),
         _clipper("adaptive", "AdaptiveClip (default)", gradclip.AdaptiveClip),
     )

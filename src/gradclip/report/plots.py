@@ -6,10 +6,12 @@ Needs matplotlib (``pip install 'gradclip[plot]'``).
 
 Example:
     >>> from gradclip.report import plots
-    >>> fig, axes = plots.new_figure(1, 2)  # doctest: +SKIP
-    >>> for ax, (name, norms) in zip(axes, runs.items()):  # doctest: +SKIP
-    ...     plots.plot_norms(ax, range(len(norms)), norms, threshold=1.0, title=name)
-    >>> png = plots.save_png(fig, "norms.png")  # doctest: +SKIP
+    >>> runs = {"run a": [1.0, 3.0, 2.0, 0.5], "run b": [2.0, 0.5, 4.0, 1.0]}
+    >>> fig, axes = plots.new_figure(1, 2, width=4.0)
+    >>> for ax, (name, norms) in zip(axes, runs.items()):
+    ...     plots.plot_norms(ax, range(len(norms)), norms, threshold=1.5, title=name)
+    >>> plots.save_png(fig)[:4]  # also written to a file when given a path
+    b'\x89PNG'
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "COLORS",
+    "Legend",
     "new_figure",
     "plot_clip_rate",
     "plot_histogram",
@@ -73,7 +76,8 @@ def new_figure(
     figure = require_matplotlib()
     fig = figure.Figure(figsize=(width * ncols if ncols > 1 else width, height * nrows),
                         layout="constrained")  # fmt: skip
-    return fig, fig.subplots(nrows, ncols, squeeze=True, **kwargs)
+    kwargs.setdefault("squeeze", True)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def save_png(fig: Any, path: str | os.PathLike[str] | None = None, *, dpi: int = 100) -> bytes:
@@ -86,15 +90,29 @@ def save_png(fig: Any, path: str | os.PathLike[str] | None = None, *, dpi: int =
     return data
 
 
-def _finish(ax: Axes, title: str | None, xlabel: str | None, ylabel: str | None) -> None:
+Legend = Literal["outside", "inside"] | None
+"""Where a plot puts its legend: ``"outside"`` the axes on the right (it never covers the
+data; the figure's constrained layout makes room), ``"inside"`` at matplotlib's best spot
+(compact, may cover some data), or None (no legend: put one on the figure yourself, e.g.
+one legend for a grid of small panels)."""
+
+
+def _finish(
+    ax: Axes, title: str | None, xlabel: str | None, ylabel: str | None, legend: Legend
+) -> None:
+    if legend not in ("outside", "inside", None):
+        raise ValueError(f"`legend` must be 'outside', 'inside' or None, got {legend!r}")
     if title:
         ax.set_title(title, fontsize=10)
     if xlabel:
         ax.set_xlabel(xlabel)
     if ylabel:
         ax.set_ylabel(ylabel)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="best")
+    if legend is not None and ax.get_legend_handles_labels()[0]:
+        if legend == "outside":
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        else:
+            ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
 
 
@@ -108,6 +126,7 @@ def plot_series(
     title: str | None = None,
     xlabel: str | None = "step",
     ylabel: str | None = None,
+    legend: Legend = "outside",
     **line_kwargs: Any,
 ) -> None:
     """One line of ``values`` over ``steps`` (loss, update size, ...); call again to overlay
@@ -115,7 +134,7 @@ def plot_series(
     ax.plot(_array(steps), _array(values), label=label, lw=1.0, **line_kwargs)
     if logy:
         ax.set_yscale("log")
-    _finish(ax, title, xlabel, ylabel)
+    _finish(ax, title, xlabel, ylabel, legend)
 
 
 def plot_norms(
@@ -130,6 +149,7 @@ def plot_norms(
     label: str = "pre-clip norm",
     title: str | None = None,
     logy: bool = True,
+    legend: Legend = "outside",
 ) -> None:
     """The total gradient norm over time, with the threshold and the clipped steps marked.
 
@@ -139,6 +159,9 @@ def plot_norms(
         clipped: (N,) bool; clipped steps get a red mark on their norm.
         post_norm: (N,) post-clip norms, drawn faintly.
         recommended: a recommended ``max_norm``, drawn as a green dotted line.
+        legend: where the legend goes (see :data:`Legend`).
+
+    Draw only thresholds on the norm itself here (a ratio such as AGC's is not a norm).
     """
     np = _np()
     x, y = _array(steps), _array(norm)
@@ -159,7 +182,7 @@ def plot_norms(
                    label=f"recommended max_norm {recommended:.3g}")  # fmt: skip
     if logy and (y[np.isfinite(y)] > 0).any():
         ax.set_yscale("log")
-    _finish(ax, title, "step", "gradient norm")
+    _finish(ax, title, "step", "gradient norm", legend)
 
 
 def plot_clip_rate(
@@ -170,12 +193,13 @@ def plot_clip_rate(
     window: int | None = None,
     label: str | None = None,
     title: str | None = None,
+    legend: Legend = "outside",
 ) -> None:
     """The fraction of steps clipped over time (``rate`` in [0, 1], e.g. a rolling mean)."""
     ax.plot(_array(steps), 100 * _array(rate), lw=1.0, label=label)
     ax.set_ylim(-3, 103)
     ylabel = "% steps clipped" + (f" (last {window})" if window else "")
-    _finish(ax, title, "step", ylabel)
+    _finish(ax, title, "step", ylabel, legend)
 
 
 def plot_layer_heatmap(
@@ -216,7 +240,7 @@ def plot_layer_heatmap(
     ax.set_yticklabels(list(names)[::every], fontsize=7)
     if colorbar:
         ax.figure.colorbar(image, ax=ax, label="log10 layer norm", pad=0.01)
-    _finish(ax, title, "step", None)
+    _finish(ax, title, "step", None, None)
     ax.grid(False)
 
 
@@ -229,6 +253,7 @@ def plot_histogram(
     bins: int = 60,
     label: str | None = None,
     title: str | None = None,
+    legend: Legend = "outside",
 ) -> None:
     """Histogram of the finite, positive norms on log-spaced bins (log x axis), with the
     threshold (dashed) and the recommended ``max_norm`` (green dotted) as vertical lines."""
@@ -245,7 +270,7 @@ def plot_histogram(
     if recommended is not None:
         ax.axvline(recommended, color=COLORS["recommended"], ls=":", lw=1.5,
                    label=f"recommended {recommended:.3g}")  # fmt: skip
-    _finish(ax, title, "pre-clip norm", "steps")
+    _finish(ax, title, "pre-clip norm", "steps", legend)
 
 
 def plot_nonfinite(
@@ -255,6 +280,7 @@ def plot_nonfinite(
     skipped: Sequence[bool] | None = None,
     *,
     title: str | None = None,
+    legend: Legend = "outside",
 ) -> None:
     """Steps with NaN/inf gradients as vertical marks (orange: skipped, red: applied)."""
     np = _np()
@@ -270,4 +296,4 @@ def plot_nonfinite(
     if x.size:
         ax.set_xlim(x[0], x[-1] if x[-1] > x[0] else x[0] + 1)
     ax.set_yticks([])
-    _finish(ax, title, "step", None)
+    _finish(ax, title, "step", None, legend)

@@ -1,4 +1,5 @@
-"""The rendering step of a report: PNG plots and one self-contained HTML page."""
+"""The rendering step of a report: PNG plots and one self-contained HTML page, published as a
+folder that replaces only an earlier report (:class:`gradclip._files.OutputFolder`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from gradclip._files import OutputFolder
 from gradclip.recommend import render_text
 from gradclip.report import plots
 from gradclip.report.data import Report
 from gradclip.report.html import Section, page
 
-__all__ = ["ReportFiles", "render_report"]
+__all__ = ["PRODUCER", "ReportFiles", "render_report", "write_report"]
+
+PRODUCER = "gradclip report"
+"""The name a report folder's manifest records: only a folder of this name is replaced."""
 
 
 @dataclass(frozen=True)
@@ -27,21 +32,39 @@ def _fmt(value: float | None) -> str:
 
 
 def render_report(report: Report, out_dir: str | os.PathLike[str]) -> ReportFiles:
-    """Write ``report.html`` and the PNG plots of ``report`` into ``out_dir`` (created).
+    """Write ``report.html`` and the PNG plots of ``report`` into the folder ``out_dir``.
 
     Plots: ``norms.png`` (total norm over time with threshold and clipped steps),
     ``clip_rate.png``, ``layers.png`` (per-layer heatmap, when layers were recorded),
     ``histogram.png`` (log scale), ``nonfinite.png`` (when any step was non-finite). The
     HTML embeds the same images and shows the summary and the recommendation.
 
+    ``out_dir`` is created (with its parents), or filled if it is an empty folder, or
+    replaced if it holds an earlier report whose files are unchanged. Anything else (a
+    file, a link, a folder with other files) raises :class:`gradclip._files.OutputError`
+    (a ``ValueError``) and nothing is written. The folder appears complete or not at all.
+
     Example:
+        >>> import tempfile
+        >>> from pathlib import Path
         >>> import gradclip
         >>> from gradclip.report import build_report, render_report
         >>> r = build_report(gradclip.History.from_norms([1.0, 2.0] * 50, threshold=1.5))
-        >>> files = render_report(r, "report-dir")  # doctest: +SKIP
+        >>> files = render_report(r, Path(tempfile.mkdtemp()) / "report")
+        >>> files.html.name, sorted(files.images)
+        ('report.html', ['clip_rate', 'histogram', 'norms'])
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with OutputFolder(out_dir, producer=PRODUCER) as folder:
+        staged = write_report(report, folder.stage)
+        folder.commit()
+    dest = Path(out_dir)  # as the caller wrote it
+    return ReportFiles(dest / staged.html.name, {k: dest / p.name for k, p in staged.images.items()})
+
+
+def write_report(report: Report, folder: str | os.PathLike[str]) -> ReportFiles:
+    """Write the files of :func:`render_report` into ``folder``, an existing folder the
+    caller owns (a staging folder): no check, no publishing. Returns where they are."""
+    out = Path(folder)
     h, rec, summ = report.history, report.recommendation, report.summary
     pngs: dict[str, bytes] = {}
 
@@ -107,6 +130,6 @@ def render_report(report: Report, out_dir: str | os.PathLike[str]) -> ReportFile
     else:
         sections.append(Section("Non-finite events", paragraphs=[
             f"none: every one of the {summ.steps} steps had finite gradients"]))  # fmt: skip
-    path = out / "report.html"
-    path.write_text(page(report.title, sections), encoding="utf-8")
-    return ReportFiles(path, images)
+    html = out / "report.html"
+    html.write_text(page(report.title, sections), encoding="utf-8")
+    return ReportFiles(html, images)

@@ -1,0 +1,245 @@
+"""One runner for every task: train once with a clip function, record every step.
+
+:func:`run` builds the task's problem from a seed, trains it with the clip function called
+between ``backward()`` and ``optimizer.step()``, and returns a :class:`RunResult`: per step,
+the training loss, the gradient norm before and after clipping, the threshold, the size of
+the update and whether the step was clipped; and the task's final metric.
+
+Example:
+    >>> import gradclip
+    >>> from gradclip.demo.runner import run
+    >>> result = run("sgd-heavy-tail", lambda m: gradclip.clip_grad_norm_(m.parameters(), 0.5),
+    ...              steps=50)
+    >>> len(result.losses), result.diverged
+    (50, False)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gradclip.demo.problems import build_problem
+from gradclip.demo.tasks import Task, resolve
+from gradclip.functional import grad_norms
+
+__all__ = ["ClipFn", "RunResult", "run"]
+
+ClipFn = Callable[[nn.Module], object]
+"""Called with the model after ``backward()`` and before ``optimizer.step()``.
+
+It may clip the gradients in place, and may return ``None``, a 0-dim tensor (the pre-clip
+total norm, as ``clip_grad_norm_`` returns) or an object with a ``norm`` attribute (the
+pre-clip total norm) and optionally ``post_norm``, ``threshold``, ``clipped``, ``finite``
+and ``skipped`` (a :class:`gradclip.ClipStats` has all of them). When ``skipped`` is true
+the runner does not call ``optimizer.step()``, as :meth:`gradclip.Clipper.step` does.
+"""
+
+
+@dataclass
+class RunResult:
+    """What one run of a task did, step by step.
+
+    Per-step lists hold one entry per step actually run (a run stops early once the
+    parameters are non-finite). NaN marks a value the clip function did not report.
+
+    Attributes:
+        task: the task key.
+        seed: the run seed.
+        steps: steps actually run.
+        planned_steps: steps the run was asked for.
+        losses: training loss per step (corrupted batches included).
+        metric: the task's final metric (lower is better); ``inf`` when the parameters
+            became non-finite.
+        diverged: the metric is non-finite or above the task's ``failure_level``.
+        nonfinite_steps: steps whose loss, pre-clip gradient norm or update was NaN/inf
+            (or that the clip function reported as not ``finite``).
+        skipped_steps: steps where the clip function asked to skip the optimizer step.
+        pre_norms: total gradient 2-norm before clipping.
+        post_norms: total norm after clipping (``pre_norms`` without a clip function).
+        thresholds: the clipping threshold (NaN without a clip function or when unreported).
+        update_norms: ``||theta_after - theta_before||`` of the optimizer step (0 if skipped).
+        clipped: whether the step was clipped (reported ``clipped``, else
+            ``post_norm < pre_norm``; False when unknown).
+        wall_time_s: wall time of the whole run, metric included.
+    """
+
+    task: str
+    seed: int
+    steps: int
+    planned_steps: int
+    losses: list[float]
+    metric: float
+    diverged: bool
+    nonfinite_steps: int
+    skipped_steps: int
+    pre_norms: list[float]
+    post_norms: list[float]
+    thresholds: list[float]
+    update_norms: list[float]
+    clipped: list[bool]
+    wall_time_s: float
+
+
+_NAN = float("nan")
+
+
+def _as_float(value: object) -> float:
+    if value is None:
+        return _NAN
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            return _NAN
+        return float(value.detach().reshape(()).item())
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return _NAN
+
+
+def _as_bool(value: object) -> bool | None:
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        return bool(value.detach().reshape(-1).any().item()) if value.numel() else None
+    return bool(value)
+
+
+def _flat(params: list[nn.Parameter]) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def run(
+    task: str | Task,
+    clip: ClipFn | None,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    quick: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    device: str | torch.device = "cpu",
+) -> RunResult:
+    """Train ``task`` once with ``clip`` between ``backward()`` and ``optimizer.step()``.
+
+    The pre-clip norm comes from the clip function when it reports one (a returned 0-dim
+    tensor or ``.norm``); otherwise the runner measures it with :func:`gradclip.grad_norms`
+    before calling ``clip`` (on the first step it always does, since it cannot know yet;
+    from then on only while the clip function reports nothing). Non-finite losses and
+    gradients do not stop the run, as in unprotected training; once the parameters are
+    non-finite it stops early, with ``metric = inf`` and ``diverged = True``.
+
+    Args:
+        task: a key of :data:`gradclip.demo.tasks.TASKS` or a :class:`Task`.
+        clip: the clip function (see :data:`ClipFn`), or None for no clipping.
+        seed: seeds the initialisation and the training batches (the validation / test
+            data and the teacher are fixed per task).
+        steps: steps to run; default ``task.steps`` (``task.quick_steps`` if ``quick``).
+        quick: use the task's quick step count.
+        progress: called as ``progress(done, total)`` after every step.
+        device: where the model and its data live (the data is generated on the CPU from
+            the seed and moved, so a seed means the same data on every device).
+
+    Returns:
+        A :class:`RunResult`. Identical seeds give identical results (for a given number
+        of torch threads).
+    """
+    spec = resolve(task)
+    total = steps if steps is not None else (spec.quick_steps if quick else spec.steps)
+    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+        raise ValueError(f"`steps` must be a positive int, got {total!r}")
+    start = time.perf_counter()
+    problem = build_problem(spec.config, seed, total, torch.device(device))
+    model, optimizer = problem.model, problem.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    losses: list[float] = []
+    pre_norms: list[float] = []
+    post_norms: list[float] = []
+    thresholds: list[float] = []
+    update_norms: list[float] = []
+    clipped: list[bool] = []
+    nonfinite = skipped_steps = 0
+    measure = True
+    exploded = False
+    before = _flat(params)
+    for step in range(total):
+        optimizer.zero_grad(set_to_none=True)
+        loss = problem.loss(step)
+        loss.backward()
+        measured = grad_norms(params).total.item() if (clip is None or measure) else _NAN
+        out = clip(model) if clip is not None else None
+
+        norm = post = threshold = _NAN
+        was_clipped = finite = skip = None
+        if isinstance(out, Tensor):
+            norm = _as_float(out)
+        elif out is not None:
+            norm = _as_float(getattr(out, "norm", None))
+            post = _as_float(getattr(out, "post_norm", None))
+            threshold = _as_float(getattr(out, "threshold", None))
+            was_clipped = _as_bool(getattr(out, "clipped", None))
+            finite = _as_bool(getattr(out, "finite", None))
+            skip = _as_bool(getattr(out, "skipped", None))
+        reported = not math.isnan(norm) or (finite is not None and not finite)
+        if not reported:
+            norm = measured
+        measure = not reported
+        if clip is None:
+            post = norm
+        if was_clipped is None:
+            was_clipped = bool(post < norm)
+
+        loss_value = loss.item()
+        if finite is None:
+            finite = math.isfinite(norm)
+
+        if skip:
+            skipped_steps += 1
+            update = 0.0
+        else:
+            optimizer.step()
+            after = _flat(params)
+            update = (after - before).norm().item()
+            if not math.isfinite(update) and not bool(torch.isfinite(after).all()):
+                exploded = True
+            before = after
+        if not (finite and math.isfinite(loss_value) and math.isfinite(update)):
+            nonfinite += 1
+        problem.after_step(step)
+
+        losses.append(loss_value)
+        pre_norms.append(norm)
+        post_norms.append(post)
+        thresholds.append(threshold)
+        update_norms.append(update)
+        clipped.append(was_clipped)
+        if progress is not None:
+            progress(step + 1, total)
+        if exploded:
+            break
+
+    metric = math.inf if exploded else problem.metric()
+    if not math.isfinite(metric):
+        metric = math.inf
+    return RunResult(
+        task=spec.key,
+        seed=seed,
+        steps=len(losses),
+        planned_steps=total,
+        losses=losses,
+        metric=metric,
+        diverged=not metric <= spec.failure_level,
+        nonfinite_steps=nonfinite,
+        skipped_steps=skipped_steps,
+        pre_norms=pre_norms,
+        post_norms=post_norms,
+        thresholds=thresholds,
+        update_norms=update_norms,
+        clipped=clipped,
+        wall_time_s=time.perf_counter() - start,
+    )
