@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import gradclip
-from gradclip.monitor import layer_name, read_log
+from gradclip.history import read_log
+from gradclip.monitor import layer_name
 from host_reads import HostReadDetector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -360,20 +361,3 @@ def test_empty_summary():
     s = gradclip.GradMonitor().summary()
     assert (s.steps, s.clip_rate, s.norm_percentiles, s.top_layers) == (0, 0.0, {}, ())
     assert s.first_nonfinite is None and s.threshold is None
-
-
-def test_csv_sink_keeps_columns_that_appear_later(tmp_path):
-    path = tmp_path / "run.csv"
-    sink = gradclip.sinks.CSVSink(path)
-    base = {"step": 0, "norm": 1.0, "layers": {"a": 0.5}, "extra": {}}
-    sink.write([base, {**base, "step": 1, "extra": {"loss": 2.0}}])  # new key inside a batch
-    sink.write([{**base, "step": 2, "layers": {"a": 0.25, "b": 3.0}}])  # new key later
-    sink.write([{**base, "step": 3}])
-    sink.close()
-    rows = list(csv.DictReader(path.open()))
-    assert list(rows[0]) == ["step", "norm", "layer:a", "extra:loss", "layer:b"]
-    assert [r["step"] for r in rows] == ["0", "1", "2", "3"]
-    assert [r["extra:loss"] for r in rows] == ["", "2.0", "", ""]
-    assert [r["layer:b"] for r in rows] == ["", "", "3.0", ""]
-    assert [r["layer:a"] for r in rows] == ["0.5", "0.5", "0.25", "0.5"]
-    assert not (tmp_path / "run.csv.tmp").exists()

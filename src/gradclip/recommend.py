@@ -40,7 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradclip.monitor import GradMonitor, History, read_log
+from gradclip.history import History, read_log
+from gradclip.monitor import GradMonitor
+from gradclip.scale import TORCH_EPS
 
 __all__ = ["QUANTILE", "SPIKE_Z", "Recommendation", "recommend_max_norm", "render_text"]
 
@@ -54,7 +56,6 @@ FROZEN_COEF = 1e-3
 """A step scaled by less than this barely moves the weights: its update is frozen."""
 MIN_STEPS = 50
 """Fewer finite steps than this make a rough recommendation (a warning says so)."""
-_EPS = 1e-6  # torch's clip_coef = max_norm / (total + 1e-6)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def recommend_max_norm(
     )
     q = torch.quantile(norms, torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=norms.dtype)).tolist()
     quantiles = {"p10": q[0], "p50": q[1], "p90": q[2], "p99": q[3], "max": float(norms.max())}
-    projected = float((norms + _EPS > max_norm).double().mean())
+    projected = float((norms + TORCH_EPS > max_norm).double().mean())
     median = quantiles["p50"]
     rule = (
         f"just above the {QUANTILE:.0%} quantile of the {typical.numel()} typical pre-clip norms (the "
