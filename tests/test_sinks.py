@@ -262,7 +262,7 @@ def test_a_failing_sink_does_not_starve_the_others(tmp_path):
 
 
 def test_nonfinite_numbers_are_strict_json_and_csv_reads_back(tmp_path):
-    values = [math.nan, math.inf, -math.inf, 1e308, 5e-324]
+    values = [math.nan, math.inf, -math.inf, 1e300, -1e300, 5e-324]
     for suffix in (".jsonl", ".csv"):
         path = tmp_path / f"v{suffix}"
         sink = JSONLSink(path) if suffix == ".jsonl" else CSVSink(path)

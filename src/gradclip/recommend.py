@@ -166,7 +166,7 @@ def recommend_max_norm(
     logs = norms.log()
     med = logs.median()
     spread = max(1.4826 * float((logs - med).abs().median()), MIN_LOG_SPREAD)
-    spike_cut = math.exp(float(med) + SPIKE_Z * spread)
+    spike_cut = _exp(float(med) + SPIKE_Z * spread)
     typical = norms[norms <= spike_cut]
     max_norm = _round_up(float(torch.quantile(typical, QUANTILE)))
     spike_mask = norms > spike_cut
@@ -199,7 +199,7 @@ def recommend_max_norm(
         )
     if recorded_thr is not None and recorded_thr > 0 and median / recorded_thr >= 2:
         warnings.append(
-            f"the threshold {recorded_thr:.4g} is {median / recorded_thr:.1f}x below the median "
+            f"the threshold {recorded_thr:.4g} is {median / recorded_thr:.3g}x below the median "
             f"pre-clip norm {median:.4g}: raise it to about {max_norm:.4g}"
         )
     if frozen:
@@ -210,7 +210,7 @@ def recommend_max_norm(
     if recorded_thr is not None and recorded_rate == 0 and spikes:
         warnings.append(
             f"clipping never fired, yet {int(spike_mask.sum())} spike(s) went through (largest "
-            f"{spikes[0][1]:.4g}, {spikes[0][1] / median:.0f}x the median): the threshold "
+            f"{spikes[0][1]:.4g}, {spikes[0][1] / median:.3g}x the median): the threshold "
             f"{recorded_thr:.4g} is above them"
         )
     warnings += _nonfinite_warning(h, nonfinite)
@@ -246,11 +246,23 @@ def recommend_max_norm(
 
 
 def _round_up(value: float) -> float:
-    """The smallest number with two significant digits that is greater than ``value`` > 0."""
+    """The smallest number with two significant digits that is greater than ``value`` > 0
+    (``value`` itself where no such float exists: next to float64's limits)."""
     exponent = math.floor(math.log10(value)) - 1
+    if not -300 < exponent < 300:  # 10**exponent would underflow to 0 or overflow
+        return value
     unit = 10.0**exponent
     digits = math.floor(value / unit + 1e-9)  # 1.2 / 0.1 is 11.999...: it has two digits
-    return round((digits + 1) * unit, max(0, -exponent))
+    rounded = round((digits + 1) * unit, max(0, -exponent))
+    return rounded if math.isfinite(rounded) and rounded > value else value
+
+
+def _exp(x: float) -> float:
+    """``math.exp`` that saturates to inf instead of raising past float64's range."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def _nonfinite_warning(h: History, count: int) -> tuple[str, ...]:

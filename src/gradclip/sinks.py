@@ -69,6 +69,8 @@ except ImportError:  # Windows: no advisory locks; O_APPEND alone keeps writes w
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "MAX_ABS",
+    "MAX_STEP",
     "RECORD_FIELDS",
     "SCHEMA_VERSION",
     "CSVSink",
@@ -93,6 +95,11 @@ first columns of a CSV log."""
 
 MAX_STEP = 2**63
 """Steps are int64: a record's step must be in ``[0, MAX_STEP)``."""
+
+MAX_ABS = 1e300
+"""Largest finite magnitude a record may hold. No gradient norm comes near it (a norm that
+overflows is ``inf``), and summing, squaring or plotting numbers near float64's limit
+(1.8e308) overflows: a line holding one is refused instead of breaking every reader."""
 
 Record = dict[str, Any]
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -140,15 +147,30 @@ def encode_record(record: Mapping[str, Any]) -> str:
     return json.dumps({k: fix(v) for k, v in record.items()}, allow_nan=False) + "\n"
 
 
+class _Constant(float):
+    """A bare ``NaN``/``Infinity``/``-Infinity`` of the JSON text (Python's json writes them),
+    told apart from a literal such as ``1e400`` that json silently turns into inf."""
+
+
+_CONSTANTS = {k: _Constant(v) for k, v in _NONFINITE.items()}
+
+
 def _as_float(value: Any, name: str) -> float:
+    if type(value) is float and -MAX_ABS <= value <= MAX_ABS:  # the common case, at once
+        return value
     if isinstance(value, str) and value in _NONFINITE:
         return _NONFINITE[value]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"field {name!r} should be a number, got {_short(value)}")
     try:
-        return float(value)
+        number = float(value)
     except OverflowError:  # an integer of hundreds of digits
         raise ValueError(f"field {name!r} is out of float64's range ({len(str(value))} digits)") from None
+    if math.isinf(number) and type(value) is float:  # not a _Constant: an overflowed literal
+        raise ValueError(f"field {name!r} is out of float64's range")
+    if math.isfinite(number) and abs(number) > MAX_ABS:
+        raise ValueError(f"field {name!r} is {number:.4g}, beyond the +-{MAX_ABS:g} a log may hold")
+    return number
 
 
 def _check_name(name: str, group: str) -> str:
@@ -161,10 +183,11 @@ def _check_name(name: str, group: str) -> str:
     return name
 
 
-def decode_record(obj: Any) -> Record:
+def decode_record(obj: Any, *, check_names: bool = True) -> Record:
     """Check one parsed record against the schema; returns it with Python floats.
 
-    Raises ``ValueError`` saying what is wrong (a newer schema included).
+    Raises ``ValueError`` saying what is wrong (a newer schema included). ``check_names``:
+    refuse layer and extra names that are not valid Unicode (lone surrogates).
 
     Example:
         >>> r = decode_record({"schema": 1, "step": 0, "norm": "NaN", "post_norm": 1,
@@ -202,17 +225,11 @@ def decode_record(obj: Any) -> Record:
         values = obj.get(group, {})
         if not isinstance(values, dict):
             raise ValueError(f"field {group!r} should be an object, got {_short(values)}")
-        out[group] = {
-            _check_name(k, group): _as_float(v, f"{group}.{k}") for k, v in values.items()
-        }
+        if check_names:
+            for k in values:
+                _check_name(k, group)
+        out[group] = {k: _as_float(v, f"{group}.{k}") for k, v in values.items()}
     return out
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):  # json would silently turn 1e400 into inf
-        raise ValueError(f"the number {text[:24]}... is out of float64's range")
-    return value
 
 
 def decode_line(line: bytes | str) -> Record:
@@ -225,7 +242,10 @@ def decode_line(line: bytes | str) -> Record:
         ...             b' "coef": 0.5, "clipped": true, "finite": true, "skipped": false}')["coef"]
         0.5
     """
-    return decode_record(json.loads(line, parse_float=_finite_float))
+    # A lone surrogate can only come from a \uD800-\uDFFF escape: names are checked then.
+    data = line if isinstance(line, bytes) else line.encode("utf-8", "surrogatepass")
+    escaped = b"\\ud" in data or b"\\uD" in data
+    return decode_record(json.loads(line, parse_constant=_CONSTANTS.__getitem__), check_names=escaped)
 
 
 def _csv_float(cell: str, name: str) -> float:
@@ -233,8 +253,10 @@ def _csv_float(cell: str, name: str) -> float:
         value = float(cell)
     except ValueError:
         raise ValueError(f"field {name!r} should be a number, got {_short(cell)}") from None
-    if math.isinf(value) and cell.strip().lstrip("+-").lower() not in _INF_SPELLINGS:
-        raise ValueError(f"field {name!r} is out of float64's range: {_short(cell)}")
+    if math.isinf(value):
+        if cell.strip().lstrip("+-").lower() not in _INF_SPELLINGS:
+            raise ValueError(f"field {name!r} is out of float64's range: {_short(cell)}")
+        return _Constant(value)  # an inf spelled out, not an overflowed literal
     return value
 
 
