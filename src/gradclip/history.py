@@ -449,8 +449,8 @@ def read_log(path: str | os.PathLike[str], *, layers: bool = True) -> History:
     float64's range, names that are not valid Unicode, a newer schema) are left out, each
     named in ``History.problems`` as ``"file:line: what"``; the rest is still read, since
     every line is a self-contained record. The format is recognised from the content: a
-    first line beginning with ``schema,`` is CSV (every section of it, see
-    :mod:`gradclip.sinks`), anything else JSON lines.
+    first line that is not a JSON object but has commas is CSV (every section of it, see
+    :mod:`gradclip.sinks`); anything else is read as JSON lines.
 
     Args:
         path: the log file.
@@ -484,8 +484,8 @@ def read_log(path: str | os.PathLike[str], *, layers: bool = True) -> History:
             if not line.strip():
                 continue
             blank = False
-            if is_csv is None:
-                is_csv = line.startswith(b"schema,")
+            if is_csv is None:  # the first line decides: JSON objects, or comma-separated
+                is_csv = line.lstrip()[:1] not in (b"{", b"[") and b"," in line
             record: Record | None = None
             try:
                 if not is_csv:
