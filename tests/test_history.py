@@ -21,7 +21,7 @@ import torch
 import gradclip
 from gradclip import cli, history
 from gradclip.history import History, HistoryBuilder, read_log
-from gradclip.sinks import LogError
+from gradclip.records import LogError, decode_line
 from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS, STEP_FIELDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,7 +149,7 @@ def test_nonfinite_spellings_that_writers_use_are_read():
         "gradclip's strict JSON": ('"NaN"', '"Infinity"', '"-Infinity"'),
     }
     for texts in spellings.values():
-        records = [history.decode_line(base(norm=t, layers=f'{{"h.0": {t}}}')) for t in texts]
+        records = [decode_line(base(norm=t, layers=f'{{"h.0": {t}}}')) for t in texts]
         got = [r["norm"] for r in records]
         assert math.isnan(got[0]) and got[1:] == [math.inf, -math.inf]
         assert [r["layers"]["h.0"] for r in records][1:] == [math.inf, -math.inf]

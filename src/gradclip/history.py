@@ -28,8 +28,8 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from gradclip.records import LogError, Record, decode_csv_row, decode_line
 from gradclip.scale import clip_coefficient
-from gradclip.sinks import LogError, Record, decode_csv_row, decode_line
 from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS
 
 __all__ = [
@@ -224,7 +224,7 @@ class History:
         problems: Sequence[str] = (),
     ) -> History:
         """Columns from step records (the dicts a monitor writes, or those of
-        :func:`gradclip.sinks.decode_record`)."""
+        :func:`gradclip.records.decode_record`)."""
         builder = HistoryBuilder()
         for r in records:
             builder.add(r)
@@ -299,7 +299,7 @@ class HistoryBuilder:
         return len(self._steps)
 
     def add(self, record: Mapping[str, Any]) -> None:
-        """Append one step record (a checked one: see :func:`gradclip.sinks.decode_record`)."""
+        """Append one step record (a checked one: see :func:`gradclip.records.decode_record`)."""
         # every value read before anything is appended: a bad record changes nothing
         step = int(record["step"])
         scalars = [float(record[k]) for k in self._scalars]
@@ -464,7 +464,7 @@ def read_log(path: str | os.PathLike[str], *, layers: bool = True) -> History:
         >>> read_log("no/such/file.jsonl")
         Traceback (most recent call last):
         ...
-        gradclip.sinks.LogError: no/such/file.jsonl: no such file
+        gradclip.records.LogError: no/such/file.jsonl: no such file
     """
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")

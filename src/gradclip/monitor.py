@@ -49,8 +49,9 @@ from gradclip._cache import LRU
 from gradclip._checks import ArgumentTypeError, check_count, check_real
 from gradclip.clippers import Clipper, Parameters
 from gradclip.history import History, HistoryBuilder, LayerStat, MonitorSummary, NonFiniteEvent
+from gradclip.records import RECORD_FIELDS, SCHEMA_VERSION, Record
 from gradclip.scale import clip_coefficient
-from gradclip.sinks import RECORD_FIELDS, SCHEMA_VERSION, Record, Sink, SinkLike, as_sinks
+from gradclip.sinks import Sink, SinkLike, as_sinks
 from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS, ClipStats
 
 __all__ = ["GradMonitor", "layer_name"]
