@@ -45,11 +45,11 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from gradclip._cache import LRU
 from gradclip._checks import ArgumentTypeError, check_count, check_real
 from gradclip.clippers import Clipper, Parameters
 from gradclip.history import History, HistoryBuilder, LayerStat, MonitorSummary, NonFiniteEvent
-from gradclip.records import RECORD_FIELDS, SCHEMA_VERSION, Record
+from gradclip.recorder import Scalar, StepRecorder, layer_name
+from gradclip.records import Record
 from gradclip.scale import clip_coefficient
 from gradclip.sinks import Sink, SinkLike, as_sinks
 from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS, ClipStats
@@ -59,30 +59,10 @@ __all__ = ["GradMonitor", "layer_name"]
 MAX_STEP = 2**53
 """Steps travel to the host as float64, exact below this."""
 
-_Scalar = float | Tensor
-
-
-def layer_name(param_name: str, depth: int | None = None) -> str:
-    """The module a parameter belongs to, cut to its first ``depth`` components.
-
-    A parameter directly on the root module (no dot in its name) is its own layer.
-
-    Example:
-        >>> layer_name("h.0.attn.c_attn.weight"), layer_name("h.0.attn.c_attn.weight", 2)
-        ('h.0.attn.c_attn', 'h.0')
-        >>> layer_name("bias")
-        'bias'
-    """
-    parts = param_name.split(".")[:-1]
-    if depth is not None:
-        parts = parts[:depth]
-    return ".".join(parts) or param_name
-
-
 # -- argument checks: everything is checked (and converted) before a buffer is written --
 
 
-def _check_scalar(name: str, value: object) -> _Scalar:
+def _check_scalar(name: str, value: object) -> Scalar:
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex():
             raise ValueError(
@@ -168,11 +148,11 @@ def _setup_while_tracing(
     monitor: GradMonitor, names: tuple[str, ...], device: torch.device, p: float,
     extra_names: tuple[str, ...],
 ) -> tuple[int, ...]:
-    # Dynamo runs this for real while it traces (and bakes the returned positions into the
+    # Dynamo runs this for real while it traces (and bakes the returned columns into the
     # graph as a constant): new layers and buffers are registered before the traced code
     # reads them, so no guard sees them change and the next call does not recompile. It is
     # idempotent, as a trace may be restarted.
-    return monitor._setup(names, device, p, extra_names, tracing=True)
+    return monitor._prepare(names, device, p, extra_names, tracing=True)
 
 
 class GradMonitor:
@@ -231,12 +211,7 @@ class GradMonitor:
         self._closed = False
         self._pending = 0  # eager records since the last flush (compiled ones are not counted)
         self._traced = False  # a compiled record() may have written: flushes always read
-        # device state, built by _allocate on the first record
-        self._device: torch.device | None = None
-        self._p = math.nan
-        self._slots: dict[str, int] = {}  # layer name -> column, stable for the monitor's life
-        self._index: LRU[tuple[str, ...], Tensor] = LRU(64)  # names -> column of each tensor
-        self._extras: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (values, present)
+        self._steps = StepRecorder(self.every, self.depth)  # the device buffers
         # the flushed steps, on the host: compact columns and per-layer aggregates
         self._kept = HistoryBuilder(layers=False)
         self._layer_max: dict[str, float] = {}
@@ -307,35 +282,15 @@ class GradMonitor:
         device = fields[0].device
         tracing = torch.compiler.is_compiling()
         if tracing:
-            positions = _setup_while_tracing(self, names, device, p, tuple(extras))
-            index = torch.tensor(positions, dtype=torch.long, device=device) if positions else None
+            columns = _setup_while_tracing(self, names, device, p, tuple(extras))
+            index = torch.tensor(columns, dtype=torch.long, device=device) if columns else None
         else:
             if self._pending >= self.every:
                 self.flush()
-            self._setup(names, device, p, tuple(extras), tracing=False)
-            index = self._index_of(names, device)
-        # everything this step writes, computed before the first write
-        f64 = torch.float64
-        row = torch.remainder(self._cursor, self.every).reshape(1)
-        scalar_row = torch.stack([f.to(device, f64).reshape(()) for f in fields])[None]
-        flag_row = torch.stack([f.to(device, torch.bool).reshape(()) for f in flags])[None]
-        layer_row, present_row = self._layer_row(per_tensor, index)
-        extra_rows = {k: v.to(device, f64).reshape(1) if isinstance(v, Tensor) else v
-                      for k, v in extras.items()}  # fmt: skip
-
-        self._scalars.index_copy_(0, row, scalar_row)
-        self._flags.index_copy_(0, row, flag_row)
-        self._layers.index_copy_(0, row, layer_row)
-        self._present.index_copy_(0, row, present_row)
-        self._put_extras(row, extra_rows, clear_others=True)
-        if isinstance(step, Tensor):
-            self._next_step.copy_(step)
-        elif step is not None:
-            self._next_step.fill_(step)
-        self._steps.index_copy_(0, row, self._next_step.reshape(1))
-        self._next_step.add_(1)
-        self._times.index_fill_(0, row, math.nan if tracing else time.time())
-        self._cursor.add_(1)
+            self._prepare(names, device, p, tuple(extras), tracing=False)
+            index = self._steps.index_of(names)
+        self._steps.write(index, fields, flags, per_tensor, step, extras,
+                          math.nan if tracing else time.time())  # no clock in a graph
         if not tracing:
             self._pending += 1
 
@@ -343,127 +298,32 @@ class GradMonitor:
         """Attach ``scalars`` to the last recorded step (e.g. the update size after step())."""
         extras = {name: _check_scalar(name, value) for name, value in scalars.items()}
         tracing = torch.compiler.is_compiling()
-        if not tracing and self._pending == 0 and not self._traced:
+        device, p = self._steps.device, self._steps.p
+        if device is None or (not tracing and self._pending == 0 and not self._traced):
             raise RuntimeError("log() attaches scalars to the last recorded step: record one first")
         if tracing:
-            _setup_while_tracing(self, (), self._device, self._p, tuple(extras))
+            _setup_while_tracing(self, (), device, p, tuple(extras))
         else:
-            self._setup((), self._device, self._p, tuple(extras), tracing=False)
-        device = self._cursor.device
-        last = torch.remainder(self._cursor - 1, self.every).reshape(1)
-        recorded = self._cursor > 0  # after a flush there is no last step to attach to
-        rows = {}
-        for name, value in extras.items():
-            values = self._extras[name][0]
-            new = value.to(device, torch.float64).reshape(1) if isinstance(value, Tensor) else value
-            rows[name] = torch.where(recorded, new, values.index_select(0, last))
-        self._put_extras(last, rows, clear_others=False, gate=recorded)
+            self._prepare((), device, p, tuple(extras), tracing=False)
+        self._steps.attach(extras)
 
-    def _layer_row(self, per_tensor: Tensor | None, index: Tensor | None) -> tuple[Tensor, Tensor]:
-        """This step's per-layer values (sums of p-th powers, finished at flush) and which
-        layers it has, as (1, G) rows."""
-        g = self._layers.shape[1]
-        present = torch.zeros(1, g, dtype=torch.bool, device=self._layers.device)
-        values = torch.zeros(1, g, dtype=torch.float64, device=self._layers.device)
-        if index is None or per_tensor is None:
-            return values, present
-        norms = per_tensor.to(values.device, torch.float64)
-        p = self._p
-        if math.isinf(p):
-            values[0].scatter_reduce_(0, index, norms, "amax")
-        elif p in (0.0, 1.0):  # p=0: counts add up; p=1: norms add up
-            values[0].index_add_(0, index, norms)
-        else:  # a p-norm of a union is the p-th root of the sum of p-th powers
-            values[0].index_add_(0, index, norms.pow(p))
-        present[0].index_fill_(0, index, True)
-        return values, present
-
-    def _put_extras(
-        self, row: Tensor, rows: dict[str, _Scalar], *, clear_others: bool, gate: Tensor | None = None
-    ) -> None:
-        for name, (values, present) in self._extras.items():
-            value = rows.get(name)
-            if value is None:
-                if clear_others:  # a reused row must not show an older step's scalar
-                    present.index_fill_(0, row, False)
-                continue
-            if isinstance(value, Tensor):
-                values.index_copy_(0, row, value)
-            else:
-                values.index_fill_(0, row, value)
-            if gate is None:
-                present.index_fill_(0, row, True)
-            else:
-                present.index_copy_(0, row, present.index_select(0, row) | gate.reshape(1))
-
-    # -- buffers ----------------------------------------------------------------------------
-
-    def _setup(
-        self, names: tuple[str, ...], device: torch.device | None, p: float,
+    def _prepare(
+        self, names: tuple[str, ...], device: torch.device, p: float,
         extra_names: tuple[str, ...], *, tracing: bool,
     ) -> tuple[int, ...]:
-        """Buffers for ``device`` and ``p``, a column for every new layer and scalar; returns
-        the column of each of ``names``."""
+        """Buffers for this step's device and p (flushing those of another first), columns
+        for its layers and scalars; returns the column of each of ``names``."""
         traced_before, self._traced = self._traced, self._traced or tracing
-        if device is None:  # log() before any record: nothing to attach to
-            raise RuntimeError("log() attaches scalars to the last recorded step: record one first")
-        if device != self._device or not (p == self._p or (math.isnan(p) and math.isnan(self._p))):
-            if self._device is not None and (self._pending or traced_before):
-                if tracing:
-                    raise RuntimeError(
-                        f"the monitor's buffers hold steps on {self._device} with norm_type "
-                        f"{self._p}, and this compiled record() has {device}, {p}: call "
-                        "monitor.flush() before changing device or norm type"
-                    )
-                self.flush()
-            self._allocate(device, p)
-        for name in extra_names:
-            if name not in self._extras:
-                self._extras[name] = (
-                    torch.full((self.every,), math.nan, dtype=torch.float64, device=device),
-                    torch.zeros(self.every, dtype=torch.bool, device=device),
+        steps = self._steps
+        if not steps.matches(device, p) and steps.device is not None and (self._pending or traced_before):
+            if tracing:
+                raise RuntimeError(
+                    f"the monitor's buffers hold steps on {steps.device} with norm_type "
+                    f"{steps.p}, and this compiled record() has {device}, {p}: call "
+                    "monitor.flush() before changing device or norm type"
                 )
-        columns = [self._slots.setdefault(layer_name(n, self.depth), len(self._slots)) for n in names]
-        if len(self._slots) > self._layers.shape[1]:
-            self._grow()
-        return tuple(columns)
-
-    def _index_of(self, names: tuple[str, ...], device: torch.device) -> Tensor | None:
-        """The cached column index of ``names`` (built once per parameter set: a
-        host-to-device copy, never a read)."""
-        if not names:
-            return None
-        index = self._index.get(names)
-        if index is None:
-            columns = tuple(self._slots[layer_name(n, self.depth)] for n in names)
-            index = self._index.put(names, torch.tensor(columns, dtype=torch.long, device=device))
-        return index
-
-    def _allocate(self, device: torch.device, p: float) -> None:
-        n, g = self.every, len(self._slots)
-        self._device, self._p = device, p
-        self._index.clear()
-        self._cursor = torch.zeros((), dtype=torch.int64, device=device)
-        if not hasattr(self, "_next_step"):
-            self._next_step = torch.zeros((), dtype=torch.int64, device=device)
-        else:  # the step count goes on across a change of device
-            self._next_step = self._next_step.to(device)
-        self._steps = torch.zeros(n, dtype=torch.int64, device=device)
-        self._times = torch.full((n,), math.nan, dtype=torch.float64, device=device)
-        self._scalars = torch.zeros(n, len(SCALAR_FIELDS), dtype=torch.float64, device=device)
-        self._flags = torch.zeros(n, len(FLAG_FIELDS), dtype=torch.bool, device=device)
-        self._layers = torch.zeros(n, g, dtype=torch.float64, device=device)
-        self._present = torch.zeros(n, g, dtype=torch.bool, device=device)
-        self._extras = {}
-
-    def _grow(self) -> None:
-        """New layers: wider buffers, the recorded columns copied over (on the device)."""
-        g = len(self._slots)
-        old_layers, old_present = self._layers, self._present
-        self._layers = old_layers.new_zeros(self.every, g)
-        self._present = old_present.new_zeros(self.every, g)
-        self._layers[:, : old_layers.shape[1]] = old_layers
-        self._present[:, : old_present.shape[1]] = old_present
+            self.flush()
+        return steps.setup(names, device, p, extra_names)
 
     # -- flushing ---------------------------------------------------------------------------
 
@@ -473,62 +333,19 @@ class GradMonitor:
         Call it from eager code (not inside a compiled function); under ``torch.compile``
         call it at least every ``every`` steps (see the module doc).
         """
-        if self._device is None or (self._pending == 0 and not self._traced):
+        if self._steps.device is None or (self._pending == 0 and not self._traced):
             return
-        n_rows, g = self.every, self._layers.shape[1]
-        names = list(self._extras)
-        cursor = self._cursor
-        ar = torch.arange(n_rows, device=cursor.device)
-        start = torch.where(cursor > n_rows, torch.remainder(cursor, n_rows), 0)
-        order = torch.remainder(start + ar, n_rows)  # oldest first, also after a wrap-around
-        valid = (ar < cursor.clamp(max=n_rows))[:, None]
-        layers = self._layers.index_select(0, order)
-        if not (math.isinf(self._p) or self._p in (0.0, 1.0)):
-            layers = layers.pow(1.0 / self._p)
-        present = self._present.index_select(0, order) & valid
-        # Per-layer aggregates for the summary, computed here on the device: a Python loop
-        # over steps x layers would cost more than the monitored steps themselves.
-        ok = present & torch.isfinite(layers)
-        bad = present & ~torch.isfinite(layers)
-        aggregates = torch.stack([
-            torch.where(ok, layers, -math.inf).amax(0),
-            torch.where(ok, layers, 0.0).sum(0),
-            ok.sum(0).double(),
-            torch.where(bad.any(0), bad.double().argmax(0).double(), -1.0),
-        ]) if g else layers.new_zeros(4, 0)  # fmt: skip
-        columns = [
-            self._steps.index_select(0, order).double()[:, None],
-            self._times.index_select(0, order)[:, None],
-            self._scalars.index_select(0, order),
-            self._flags.index_select(0, order).double(),
-            layers,
-            present.double(),
-        ]
-        for k in names:
-            values, flags = self._extras[k]
-            columns += [values.index_select(0, order)[:, None], flags.index_select(0, order)[:, None].double()]
-        table = torch.cat(columns, dim=1)
-        flat = torch.cat([cursor.double().reshape(1), table.flatten(), aggregates.flatten()])
-        flat = flat.cpu().tolist()  # the one host read
-        total = int(flat[0])
-        n = min(total, n_rows)
-        width = table.shape[1]
-        layer_names = list(self._slots)[:g]
-        records = [self._record(flat[1 + j * width : 1 + (j + 1) * width], layer_names, names)
-                   for j in range(n)]  # fmt: skip
-        self._cursor.zero_()
-        self._present.zero_()
-        for _, flags in self._extras.values():
-            flags.zero_()
+        written, records, layer_names, aggregates = self._steps.read()
         self._pending = 0
-        if total > n_rows:
+        if written > self.every:
             warnings.warn(
-                f"GradMonitor: {total} steps were recorded since the last flush, more than "
-                f"every={n_rows}: the oldest {total - n_rows} were overwritten and are not in the "
-                f"log. Inside torch.compile, call monitor.flush() at least every {n_rows} steps",
+                f"GradMonitor: {written} steps were recorded since the last flush, more than "
+                f"every={self.every}: the oldest {written - self.every} were overwritten and are "
+                f"not in the log. Inside torch.compile, call monitor.flush() at least every "
+                f"{self.every} steps",
                 stacklevel=2,
             )
-        self._remember(records, flat[1 + n_rows * width :], layer_names)
+        self._remember(records, aggregates, layer_names)
         errors = []
         for sink in self.sinks:  # every sink gets the records, even if one fails
             try:
@@ -537,19 +354,6 @@ class GradMonitor:
                 errors.append(exc)
         if errors:
             raise errors[0]
-
-    def _record(self, row: list[float], layer_names: list[str], extra_names: list[str]) -> Record:
-        """One step record from one row of the flushed table (columns as in flush)."""
-        s, f, g = len(SCALAR_FIELDS), len(FLAG_FIELDS), len(layer_names)
-        head = [SCHEMA_VERSION, int(row[0]), row[1], self._p, *row[2 : 2 + s]]
-        flags = [bool(v) for v in row[2 + s : 2 + s + f]]
-        record: Record = dict(zip(RECORD_FIELDS, head + flags, strict=True))
-        at = 2 + s + f
-        values, present = row[at : at + g], row[at + g : at + 2 * g]
-        record["layers"] = {k: v for k, v, here in zip(layer_names, values, present, strict=True) if here}
-        extras = row[at + 2 * g :]
-        record["extra"] = {k: extras[2 * i] for i, k in enumerate(extra_names) if extras[2 * i + 1]}
-        return record
 
     def _remember(self, records: list[Record], aggregates: list[float], layer_names: list[str]) -> None:
         for r in records:

@@ -1,0 +1,285 @@
+"""The device side of :class:`~gradclip.GradMonitor`: recorded steps as rows of preallocated
+device buffers, one stable column per layer, and the one read that turns rows into records.
+
+Writing a step never reads a device value: the write position and the step counter are
+device tensors (so that a compiled step writes the same way as an eager one), the row is a
+ring (more steps than rows overwrite the oldest; :meth:`StepRecorder.read` says how many
+were written), and a layer seen for the first time adds a column on the device.
+
+Example:
+    >>> import torch
+    >>> steps = StepRecorder(rows=4)
+    >>> steps.setup(("h.0.weight", "h.1.weight"), torch.device("cpu"), 2.0, ())
+    (0, 1)
+    >>> total, coef, yes, no = torch.tensor(5.0), torch.tensor(0.2), torch.tensor(True), torch.tensor(False)
+    >>> steps.write(steps.index_of(("h.0.weight", "h.1.weight")), [total, total * coef, total,
+    ...             coef], [yes, yes, no], torch.tensor([3.0, 4.0]), None, {}, 0.0)
+    >>> written, records, layers, _ = steps.read()
+    >>> written, records[0]["layers"]
+    (1, {'h.0': 3.0, 'h.1': 4.0})
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from gradclip._cache import LRU
+from gradclip.records import RECORD_FIELDS, SCHEMA_VERSION, Record
+from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS
+
+__all__ = ["StepRecorder", "layer_name"]
+
+Scalar = float | Tensor
+
+
+def layer_name(param_name: str, depth: int | None = None) -> str:
+    """The module a parameter belongs to, cut to its first ``depth`` components.
+
+    A parameter directly on the root module (no dot in its name) is its own layer.
+
+    Example:
+        >>> layer_name("h.0.attn.c_attn.weight"), layer_name("h.0.attn.c_attn.weight", 2)
+        ('h.0.attn.c_attn', 'h.0')
+        >>> layer_name("bias")
+        'bias'
+    """
+    parts = param_name.split(".")[:-1]
+    if depth is not None:
+        parts = parts[:depth]
+    return ".".join(parts) or param_name
+
+
+class StepRecorder:
+    """Rows of step records on one device, for one norm type.
+
+    Args:
+        rows: steps held between two reads (more are a ring: the oldest are overwritten).
+        depth: layers are modules cut to this many name components (see :func:`layer_name`).
+    """
+
+    def __init__(self, rows: int, depth: int | None = None):
+        self.rows, self.depth = rows, depth
+        self.device: torch.device | None = None
+        self.p = math.nan
+        self._slots: dict[str, int] = {}  # layer name -> column, stable for the recorder's life
+        self._index: LRU[tuple[str, ...], Tensor] = LRU(64)  # names -> column of each tensor
+        self._extras: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (values, present)
+        self._next_step = torch.zeros((), dtype=torch.int64)  # moves to the buffers' device
+
+    def matches(self, device: torch.device | None, p: float) -> bool:
+        """Whether the buffers are for ``device`` and ``p`` (else :meth:`setup` rebuilds them,
+        losing what they hold: read them first)."""
+        return device == self.device and (p == self.p or (math.isnan(p) and math.isnan(self.p)))
+
+    def setup(
+        self, names: tuple[str, ...], device: torch.device, p: float, extra_names: tuple[str, ...]
+    ) -> tuple[int, ...]:
+        """Buffers for ``device`` and ``p``, a column for each new layer and scalar; returns
+        the column of each of ``names``. Idempotent."""
+        if not self.matches(device, p):
+            self._allocate(device, p)
+        for name in extra_names:
+            if name not in self._extras:
+                self._extras[name] = (
+                    torch.full((self.rows,), math.nan, dtype=torch.float64, device=device),
+                    torch.zeros(self.rows, dtype=torch.bool, device=device),
+                )
+        columns = [self._slots.setdefault(layer_name(n, self.depth), len(self._slots)) for n in names]
+        if len(self._slots) > self._layers.shape[1]:
+            self._grow()
+        return tuple(columns)
+
+    def index_of(self, names: tuple[str, ...]) -> Tensor | None:
+        """The column of each of ``names`` (set up before) as a device tensor, built once per
+        parameter set: a host-to-device copy then, never a read."""
+        if not names:
+            return None
+        index = self._index.get(names)
+        if index is None:
+            columns = tuple(self._slots[layer_name(n, self.depth)] for n in names)
+            index = self._index.put(names, torch.tensor(columns, dtype=torch.long, device=self.device))
+        return index
+
+    def _allocate(self, device: torch.device, p: float) -> None:
+        n, g = self.rows, len(self._slots)
+        self.device, self.p = device, p
+        self._index.clear()
+        self._cursor = torch.zeros((), dtype=torch.int64, device=device)
+        self._next_step = self._next_step.to(device)  # the step count goes on
+        self._steps = torch.zeros(n, dtype=torch.int64, device=device)
+        self._times = torch.full((n,), math.nan, dtype=torch.float64, device=device)
+        self._scalars = torch.zeros(n, len(SCALAR_FIELDS), dtype=torch.float64, device=device)
+        self._flags = torch.zeros(n, len(FLAG_FIELDS), dtype=torch.bool, device=device)
+        self._layers = torch.zeros(n, g, dtype=torch.float64, device=device)
+        self._present = torch.zeros(n, g, dtype=torch.bool, device=device)
+        self._extras = {}
+
+    def _grow(self) -> None:
+        """New layers: wider buffers, the recorded columns copied over (on the device)."""
+        g = len(self._slots)
+        old_layers, old_present = self._layers, self._present
+        self._layers = old_layers.new_zeros(self.rows, g)
+        self._present = old_present.new_zeros(self.rows, g)
+        self._layers[:, : old_layers.shape[1]] = old_layers
+        self._present[:, : old_present.shape[1]] = old_present
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def write(
+        self,
+        index: Tensor | None,
+        fields: list[Tensor],
+        flags: list[Tensor],
+        per_tensor: Tensor | None,
+        step: int | Tensor | None,
+        extras: dict[str, Scalar],
+        time: float,
+    ) -> None:
+        """Store one step in the next row: the scalar ``fields`` and ``flags`` of the schema
+        (0-dim tensors), the per-tensor norms of the columns ``index``, the step (None: one
+        more than the last), the scalars (set up before) and the wall-clock time."""
+        device, f64 = self.device, torch.float64
+        # everything this step writes, computed before the first write
+        row = torch.remainder(self._cursor, self.rows).reshape(1)
+        scalar_row = torch.stack([f.to(device, f64).reshape(()) for f in fields])[None]
+        flag_row = torch.stack([f.to(device, torch.bool).reshape(()) for f in flags])[None]
+        layer_row, present_row = self._layer_row(per_tensor, index)
+        extra_rows = {k: v.to(device, f64).reshape(1) if isinstance(v, Tensor) else v
+                      for k, v in extras.items()}  # fmt: skip
+
+        self._scalars.index_copy_(0, row, scalar_row)
+        self._flags.index_copy_(0, row, flag_row)
+        self._layers.index_copy_(0, row, layer_row)
+        self._present.index_copy_(0, row, present_row)
+        self._put_extras(row, extra_rows, clear_others=True)
+        if isinstance(step, Tensor):
+            self._next_step.copy_(step)
+        elif step is not None:
+            self._next_step.fill_(step)
+        self._steps.index_copy_(0, row, self._next_step.reshape(1))
+        self._next_step.add_(1)
+        self._times.index_fill_(0, row, time)
+        self._cursor.add_(1)
+
+    def attach(self, extras: dict[str, Scalar]) -> None:
+        """Add scalars (set up before) to the last written step; nothing if none was written
+        since the last read (decided on the device: no read)."""
+        last = torch.remainder(self._cursor - 1, self.rows).reshape(1)
+        written = self._cursor > 0
+        rows = {}
+        for name, value in extras.items():
+            values = self._extras[name][0]
+            new = value.to(self.device, torch.float64).reshape(1) if isinstance(value, Tensor) else value
+            rows[name] = torch.where(written, new, values.index_select(0, last))
+        self._put_extras(last, rows, clear_others=False, gate=written)
+
+    def _layer_row(self, per_tensor: Tensor | None, index: Tensor | None) -> tuple[Tensor, Tensor]:
+        """This step's per-layer values (sums of p-th powers, finished when read) and which
+        layers it has, as (1, G) rows."""
+        g = self._layers.shape[1]
+        present = torch.zeros(1, g, dtype=torch.bool, device=self.device)
+        values = torch.zeros(1, g, dtype=torch.float64, device=self.device)
+        if index is None or per_tensor is None:
+            return values, present
+        norms = per_tensor.to(self.device, torch.float64)
+        p = self.p
+        if math.isinf(p):
+            values[0].scatter_reduce_(0, index, norms, "amax")
+        elif p in (0.0, 1.0):  # p=0: counts add up; p=1: norms add up
+            values[0].index_add_(0, index, norms)
+        else:  # a p-norm of a union is the p-th root of the sum of p-th powers
+            values[0].index_add_(0, index, norms.pow(p))
+        present[0].index_fill_(0, index, True)
+        return values, present
+
+    def _put_extras(
+        self, row: Tensor, rows: dict[str, Scalar], *, clear_others: bool, gate: Tensor | None = None
+    ) -> None:
+        for name, (values, present) in self._extras.items():
+            value = rows.get(name)
+            if value is None:
+                if clear_others:  # a reused row must not show an older step's scalar
+                    present.index_fill_(0, row, False)
+                continue
+            if isinstance(value, Tensor):
+                values.index_copy_(0, row, value)
+            else:
+                values.index_fill_(0, row, value)
+            if gate is None:
+                present.index_fill_(0, row, True)
+            else:
+                present.index_copy_(0, row, present.index_select(0, row) | gate.reshape(1))
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read(self) -> tuple[int, list[Record], list[str], list[float]]:
+        """Copy the rows to the host (one read) and start over.
+
+        Returns ``(steps written since the last read, their records oldest first -- the
+        last ``rows`` of them --, the layer names, per-layer aggregates)``; the aggregates
+        are four runs of G numbers: the largest finite norm, the sum and the count of finite
+        norms, and the index in the records of the first non-finite one (-1: none).
+        """
+        n_rows, g = self.rows, self._layers.shape[1]
+        extra_names = list(self._extras)
+        cursor = self._cursor
+        ar = torch.arange(n_rows, device=cursor.device)
+        start = torch.where(cursor > n_rows, torch.remainder(cursor, n_rows), 0)
+        order = torch.remainder(start + ar, n_rows)  # oldest first, also after a wrap-around
+        valid = (ar < cursor.clamp(max=n_rows))[:, None]
+        layers = self._layers.index_select(0, order)
+        if not (math.isinf(self.p) or self.p in (0.0, 1.0)):
+            layers = layers.pow(1.0 / self.p)
+        present = self._present.index_select(0, order) & valid
+        # Per-layer aggregates for a summary, computed here on the device: a Python loop
+        # over steps x layers would cost more than the recorded steps themselves.
+        ok = present & torch.isfinite(layers)
+        bad = present & ~torch.isfinite(layers)
+        aggregates = torch.stack([
+            torch.where(ok, layers, -math.inf).amax(0),
+            torch.where(ok, layers, 0.0).sum(0),
+            ok.sum(0).double(),
+            torch.where(bad.any(0), bad.double().argmax(0).double(), -1.0),
+        ]) if g else layers.new_zeros(4, 0)  # fmt: skip
+        columns = [
+            self._steps.index_select(0, order).double()[:, None],
+            self._times.index_select(0, order)[:, None],
+            self._scalars.index_select(0, order),
+            self._flags.index_select(0, order).double(),
+            layers,
+            present.double(),
+        ]
+        for k in extra_names:
+            values, flags = self._extras[k]
+            columns += [values.index_select(0, order)[:, None], flags.index_select(0, order)[:, None].double()]
+        table = torch.cat(columns, dim=1)
+        flat = torch.cat([cursor.double().reshape(1), table.flatten(), aggregates.flatten()])
+        flat = flat.cpu().tolist()  # the one host read
+        written = int(flat[0])
+        width = table.shape[1]
+        layer_names = list(self._slots)[:g]
+        records = [
+            self._record(flat[1 + j * width : 1 + (j + 1) * width], layer_names, extra_names)
+            for j in range(min(written, n_rows))
+        ]
+        self._cursor.zero_()
+        self._present.zero_()
+        for _, flags in self._extras.values():
+            flags.zero_()
+        return written, records, layer_names, flat[1 + n_rows * width :]
+
+    def _record(self, row: list[float], layer_names: list[str], extra_names: list[str]) -> Record:
+        """One step record from one row of the read table (columns as in :meth:`read`)."""
+        s, f, g = len(SCALAR_FIELDS), len(FLAG_FIELDS), len(layer_names)
+        head = [SCHEMA_VERSION, int(row[0]), row[1], self.p, *row[2 : 2 + s]]
+        flags = [bool(v) for v in row[2 + s : 2 + s + f]]
+        record: Record = dict(zip(RECORD_FIELDS, head + flags, strict=True))
+        at = 2 + s + f
+        values, present = row[at : at + g], row[at + g : at + 2 * g]
+        record["layers"] = {k: v for k, v, here in zip(layer_names, values, present, strict=True) if here}
+        extras = row[at + 2 * g :]
+        record["extra"] = {k: extras[2 * i] for i, k in enumerate(extra_names) if extras[2 * i + 1]}
+        return record
