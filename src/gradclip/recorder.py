@@ -65,7 +65,8 @@ class StepRecorder:
         self.device: torch.device | None = None
         self.p = math.nan
         self._slots: dict[str, int] = {}  # layer name -> column, stable for the recorder's life
-        self._index: LRU[tuple[str, ...], Tensor] = LRU(64)  # names -> column of each tensor
+        self._columns: LRU[tuple[str, ...], tuple[int, ...]] = LRU(64)  # names -> their columns
+        self._index: LRU[tuple[str, ...], Tensor] = LRU(64)  # the same, as device tensors
         self._extras: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (values, present)
         self._next_step = torch.zeros((), dtype=torch.int64)  # moves to the buffers' device
 
@@ -87,10 +88,14 @@ class StepRecorder:
                     torch.full((self.rows,), math.nan, dtype=torch.float64, device=device),
                     torch.zeros(self.rows, dtype=torch.bool, device=device),
                 )
-        columns = [self._slots.setdefault(layer_name(n, self.depth), len(self._slots)) for n in names]
+        columns = self._columns.get(names)
+        if columns is None:
+            slots = self._slots
+            columns = tuple(slots.setdefault(layer_name(n, self.depth), len(slots)) for n in names)
+            self._columns.put(names, columns)
         if len(self._slots) > self._layers.shape[1]:
             self._grow()
-        return tuple(columns)
+        return columns
 
     def index_of(self, names: tuple[str, ...]) -> Tensor | None:
         """The column of each of ``names`` (set up before) as a device tensor, built once per
@@ -99,7 +104,7 @@ class StepRecorder:
             return None
         index = self._index.get(names)
         if index is None:
-            columns = tuple(self._slots[layer_name(n, self.depth)] for n in names)
+            columns = self._columns.get(names) or self.setup(names, self.device, self.p, ())
             index = self._index.put(names, torch.tensor(columns, dtype=torch.long, device=self.device))
         return index
 
@@ -111,8 +116,8 @@ class StepRecorder:
         self._next_step = self._next_step.to(device)  # the step count goes on
         self._steps = torch.zeros(n, dtype=torch.int64, device=device)
         self._times = torch.full((n,), math.nan, dtype=torch.float64, device=device)
-        self._scalars = torch.zeros(n, len(SCALAR_FIELDS), dtype=torch.float64, device=device)
-        self._flags = torch.zeros(n, len(FLAG_FIELDS), dtype=torch.bool, device=device)
+        # the schema's fields, flags as 0/1: one write per step
+        self._fields = torch.zeros(n, len(SCALAR_FIELDS) + len(FLAG_FIELDS), dtype=torch.float64, device=device)
         self._layers = torch.zeros(n, g, dtype=torch.float64, device=device)
         self._present = torch.zeros(n, g, dtype=torch.bool, device=device)
         self._extras = {}
@@ -144,14 +149,12 @@ class StepRecorder:
         device, f64 = self.device, torch.float64
         # everything this step writes, computed before the first write
         row = torch.remainder(self._cursor, self.rows).reshape(1)
-        scalar_row = torch.stack([f.to(device, f64).reshape(()) for f in fields])[None]
-        flag_row = torch.stack([f.to(device, torch.bool).reshape(()) for f in flags])[None]
+        field_row = torch.cat([f.reshape(1) for f in (*fields, *flags)]).to(device, f64)[None]
         layer_row, present_row = self._layer_row(per_tensor, index)
         extra_rows = {k: v.to(device, f64).reshape(1) if isinstance(v, Tensor) else v
                       for k, v in extras.items()}  # fmt: skip
 
-        self._scalars.index_copy_(0, row, scalar_row)
-        self._flags.index_copy_(0, row, flag_row)
+        self._fields.index_copy_(0, row, field_row)
         self._layers.index_copy_(0, row, layer_row)
         self._present.index_copy_(0, row, present_row)
         self._put_extras(row, extra_rows, clear_others=True)
@@ -247,8 +250,7 @@ class StepRecorder:
         columns = [
             self._steps.index_select(0, order).double()[:, None],
             self._times.index_select(0, order)[:, None],
-            self._scalars.index_select(0, order),
-            self._flags.index_select(0, order).double(),
+            self._fields.index_select(0, order),
             layers,
             present.double(),
         ]
