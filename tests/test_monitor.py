@@ -483,6 +483,13 @@ def stats_from(per_tensor, max_norm):
     )  # fmt: skip
 
 
+def record_and_log(monitor, stats, step, loss):
+    """One training step's monitoring: the clip's stats with the step and loss, then the
+    update size attached after the optimizer step."""
+    monitor.record(stats, step=step, loss=loss)
+    monitor.log(update=loss * 2)
+
+
 def test_a_compiled_record_writes_the_eager_log_and_compiles_once():
     from torch._dynamo.utils import counters
 
@@ -492,6 +499,7 @@ def test_a_compiled_record_writes_the_eager_log_and_compiles_once():
     eager = gradclip.GradMonitor(sinks=eager_records.append, every=3)
     compiled = gradclip.GradMonitor(sinks=compiled_records.append, every=3)
     record = torch.compile(compiled.record, fullgraph=True)
+    step_fn = torch.compile(record_and_log, fullgraph=True)
     gen = torch.Generator().manual_seed(0)
     for step in range(8):
         stats = stats_from(torch.rand(5, generator=gen) * 10.0 ** (step % 3 - 1), 1.0)
@@ -500,14 +508,36 @@ def test_a_compiled_record_writes_the_eager_log_and_compiles_once():
         record(stats, loss=loss)
         if step % 3 == 2:
             compiled.flush()  # the flush stays outside the compiled code
+    for step in range(8, 12):  # a step number and a scalar attached after record()
+        stats = stats_from(torch.rand(5, generator=gen), 1.0)
+        record_and_log(eager, stats, torch.tensor(10 * step), torch.tensor(float(step)))
+        step_fn(compiled, stats, torch.tensor(10 * step), torch.tensor(float(step)))
+        if step % 3 == 2:
+            compiled.flush()
     eager.close()
     compiled.close()
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    assert len(compiled_records) == len(eager_records) == 8
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # 1 each
+    assert len(compiled_records) == len(eager_records) == 12
     for got, want in zip(compiled_records, eager_records, strict=True):
         assert math.isnan(got.pop("time")) and want.pop("time") > 0  # no clock in a graph
         assert got == want
+    assert [r["step"] for r in eager_records] == [*range(8), 80, 90, 100, 110]
+    assert eager_records[-1]["extra"] == {"loss": 11.0, "update": 22.0}
     assert compiled.summary() == eager.summary()
+
+
+def test_a_compiled_step_never_reallocates_buffers_unseen():
+    got = []
+    mon = gradclip.GradMonitor(sinks=got.append, every=4)
+    mon.record(stats_from(torch.ones(5), 1.0))  # eager: room for 16 layers
+    wide = dataclasses.replace(stats_from(torch.ones(40), 1.0),
+                               names=tuple(f"l{i}.weight" for i in range(40)))  # fmt: skip
+    with pytest.raises(RuntimeError, match="record one step of this model eagerly first"):
+        torch.compile(mon.record, fullgraph=True)(wide)
+    mon.record(wide)  # eagerly the buffers grow
+    torch.compile(mon.record, fullgraph=True)(wide)
+    mon.close()
+    assert [len(r["layers"]) for r in got] == [4, 40, 40]
 
 
 def test_too_many_compiled_steps_between_flushes_are_named():

@@ -147,11 +147,11 @@ def _step_values(
 def _setup_while_tracing(
     monitor: GradMonitor, names: tuple[str, ...], device: torch.device, p: float,
     extra_names: tuple[str, ...],
-) -> tuple[int, ...]:
-    # Dynamo runs this for real while it traces (and bakes the returned columns into the
-    # graph as a constant): new layers and buffers are registered before the traced code
-    # reads them, so no guard sees them change and the next call does not recompile. It is
-    # idempotent, as a trace may be restarted.
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    # Dynamo runs this for real while it traces, and bakes the returned columns into the
+    # graph as constants: the traced code never reads the name -> column tables, and the
+    # buffers it reads are never reallocated while it traces (that raises instead), so the
+    # next call sees no change and does not recompile. Idempotent: a trace may restart.
     return monitor._prepare(names, device, p, extra_names, tracing=True)
 
 
@@ -282,14 +282,15 @@ class GradMonitor:
         device = fields[0].device
         tracing = torch.compiler.is_compiling()
         if tracing:
-            columns = _setup_while_tracing(self, names, device, p, tuple(extras))
+            columns, extra_columns = _setup_while_tracing(self, names, device, p, tuple(extras))
             index = torch.tensor(columns, dtype=torch.long, device=device) if columns else None
         else:
             if self._pending >= self.every:
                 self.flush()
-            self._prepare(names, device, p, tuple(extras), tracing=False)
-            index = self._steps.index_of(names)
-        self._steps.write(index, fields, flags, per_tensor, step, extras,
+            columns, extra_columns = self._prepare(names, device, p, tuple(extras), tracing=False)
+            index = self._steps.index_of(names, columns)
+        by_column = dict(zip(extra_columns, extras.values(), strict=True))
+        self._steps.write(index, fields, flags, per_tensor, step, by_column,
                           math.nan if tracing else time.time())  # no clock in a graph
         if not tracing:
             self._pending += 1
@@ -302,28 +303,29 @@ class GradMonitor:
         if device is None or (not tracing and self._pending == 0 and not self._traced):
             raise RuntimeError("log() attaches scalars to the last recorded step: record one first")
         if tracing:
-            _setup_while_tracing(self, (), device, p, tuple(extras))
+            _, columns = _setup_while_tracing(self, (), device, p, tuple(extras))
         else:
-            self._prepare((), device, p, tuple(extras), tracing=False)
-        self._steps.attach(extras)
+            _, columns = self._prepare((), device, p, tuple(extras), tracing=False)
+        self._steps.attach(dict(zip(columns, extras.values(), strict=True)))
 
     def _prepare(
         self, names: tuple[str, ...], device: torch.device, p: float,
         extra_names: tuple[str, ...], *, tracing: bool,
-    ) -> tuple[int, ...]:
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Buffers for this step's device and p (flushing those of another first), columns
-        for its layers and scalars; returns the column of each of ``names``."""
+        for its layers and scalars; returns the columns of ``names`` and ``extra_names``."""
         traced_before, self._traced = self._traced, self._traced or tracing
         steps = self._steps
-        if not steps.matches(device, p) and steps.device is not None and (self._pending or traced_before):
-            if tracing:
+        if steps.device is not None and not steps.matches(device, p):
+            if tracing:  # new buffers would go unseen by the code being traced
                 raise RuntimeError(
-                    f"the monitor's buffers hold steps on {steps.device} with norm_type "
-                    f"{steps.p}, and this compiled record() has {device}, {p}: call "
-                    "monitor.flush() before changing device or norm type"
+                    f"a compiled record() on {device} with norm_type {p}, and this monitor's "
+                    f"buffers are on {steps.device} with norm_type {steps.p}: inside compiled "
+                    "code, use one monitor per device and norm type"
                 )
-            self.flush()
-        return steps.setup(names, device, p, extra_names)
+            if self._pending or traced_before:
+                self.flush()
+        return steps.setup(names, device, p, extra_names, tracing=tracing)
 
     # -- flushing ---------------------------------------------------------------------------
 

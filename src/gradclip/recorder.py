@@ -4,19 +4,20 @@ device buffers, one stable column per layer, and the one read that turns rows in
 Writing a step never reads a device value: the write position and the step counter are
 device tensors (so that a compiled step writes the same way as an eager one), the row is a
 ring (more steps than rows overwrite the oldest; :meth:`StepRecorder.read` says how many
-were written), and a layer seen for the first time adds a column on the device.
+were written), and a layer or scalar seen for the first time takes a new column (the
+buffers have room for twice the columns they hold, and grow on the device past that).
 
 Example:
     >>> import torch
-    >>> steps = StepRecorder(rows=4)
-    >>> steps.setup(("h.0.weight", "h.1.weight"), torch.device("cpu"), 2.0, ())
-    (0, 1)
+    >>> steps, names = StepRecorder(rows=4), ("h.0.weight", "h.1.weight")
+    >>> steps.setup(names, torch.device("cpu"), 2.0, ("loss",))
+    ((0, 1), (0,))
     >>> total, coef, yes, no = torch.tensor(5.0), torch.tensor(0.2), torch.tensor(True), torch.tensor(False)
-    >>> steps.write(steps.index_of(("h.0.weight", "h.1.weight")), [total, total * coef, total,
-    ...             coef], [yes, yes, no], torch.tensor([3.0, 4.0]), None, {}, 0.0)
+    >>> steps.write(steps.index_of(names, (0, 1)), [total, total * coef, total, coef],
+    ...             [yes, yes, no], torch.tensor([3.0, 4.0]), None, {0: 0.5}, 0.0)
     >>> written, records, layers, _ = steps.read()
-    >>> written, records[0]["layers"]
-    (1, {'h.0': 3.0, 'h.1': 4.0})
+    >>> written, records[0]["layers"], records[0]["extra"]
+    (1, {'h.0': 3.0, 'h.1': 4.0}, {'loss': 0.5})
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def layer_name(param_name: str, depth: int | None = None) -> str:
     return ".".join(parts) or param_name
 
 
+def _room(n: int) -> int:
+    """Columns allocated for ``n``: at least twice as many, and 16."""
+    return max(16, 1 << (2 * n).bit_length())
+
+
 class StepRecorder:
     """Rows of step records on one device, for one norm type.
 
@@ -65,10 +71,15 @@ class StepRecorder:
         self.device: torch.device | None = None
         self.p = math.nan
         self._slots: dict[str, int] = {}  # layer name -> column, stable for the recorder's life
+        self._extra_columns: dict[str, int] = {}  # scalar name -> column, likewise
         self._columns: LRU[tuple[str, ...], tuple[int, ...]] = LRU(64)  # names -> their columns
         self._index: LRU[tuple[str, ...], Tensor] = LRU(64)  # the same, as device tensors
-        self._extras: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (values, present)
         self._next_step = torch.zeros((), dtype=torch.int64)  # moves to the buffers' device
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The layers, in column order."""
+        return list(self._slots)
 
     def matches(self, device: torch.device | None, p: float) -> bool:
         """Whether the buffers are for ``device`` and ``p`` (else :meth:`setup` rebuilds them,
@@ -76,40 +87,48 @@ class StepRecorder:
         return device == self.device and (p == self.p or (math.isnan(p) and math.isnan(self.p)))
 
     def setup(
-        self, names: tuple[str, ...], device: torch.device, p: float, extra_names: tuple[str, ...]
-    ) -> tuple[int, ...]:
+        self, names: tuple[str, ...], device: torch.device, p: float, extra_names: tuple[str, ...],
+        *, tracing: bool = False,
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Buffers for ``device`` and ``p``, a column for each new layer and scalar; returns
-        the column of each of ``names``. Idempotent."""
-        if not self.matches(device, p):
-            self._allocate(device, p)
-        for name in extra_names:
-            if name not in self._extras:
-                self._extras[name] = (
-                    torch.full((self.rows,), math.nan, dtype=torch.float64, device=device),
-                    torch.zeros(self.rows, dtype=torch.bool, device=device),
-                )
+        the columns of ``names`` and of ``extra_names``. Idempotent.
+
+        Buffers have room for twice the columns they need, so that new layers and scalars
+        rarely reallocate them; ``tracing``: a reallocation would go unseen by the code
+        being traced (it may hold the old buffers), so it raises instead.
+        """
         columns = self._columns.get(names)
         if columns is None:
             slots = self._slots
             columns = tuple(slots.setdefault(layer_name(n, self.depth), len(slots)) for n in names)
             self._columns.put(names, columns)
-        if len(self._slots) > self._layers.shape[1]:
+        extras = self._extra_columns
+        extra_columns = tuple(extras.setdefault(n, len(extras)) for n in extra_names)
+        if not self.matches(device, p):
+            self._allocate(device, p)
+        elif len(self._slots) > self._layers.shape[1] or len(extras) > self._extra_values.shape[1]:
+            if tracing:
+                raise RuntimeError(
+                    f"a compiled step brings {len(self._slots)} layers and {len(extras)} scalars, "
+                    f"more than the monitor's buffers have room for ({self._layers.shape[1]} and "
+                    f"{self._extra_values.shape[1]}): record one step of this model eagerly first, "
+                    "so that the buffers are sized outside the compiled code"
+                )
             self._grow()
-        return columns
+        return columns, extra_columns
 
-    def index_of(self, names: tuple[str, ...]) -> Tensor | None:
-        """The column of each of ``names`` (set up before) as a device tensor, built once per
-        parameter set: a host-to-device copy then, never a read."""
+    def index_of(self, names: tuple[str, ...], columns: tuple[int, ...]) -> Tensor | None:
+        """``columns`` (those of ``names``) as a device tensor, built once per parameter set:
+        a host-to-device copy then, never a read."""
         if not names:
             return None
         index = self._index.get(names)
         if index is None:
-            columns = self._columns.get(names) or self.setup(names, self.device, self.p, ())
             index = self._index.put(names, torch.tensor(columns, dtype=torch.long, device=self.device))
         return index
 
     def _allocate(self, device: torch.device, p: float) -> None:
-        n, g = self.rows, len(self._slots)
+        n, g, e = self.rows, _room(len(self._slots)), _room(len(self._extra_columns))
         self.device, self.p = device, p
         self._index.clear()
         self._cursor = torch.zeros((), dtype=torch.int64, device=device)
@@ -120,16 +139,22 @@ class StepRecorder:
         self._fields = torch.zeros(n, len(SCALAR_FIELDS) + len(FLAG_FIELDS), dtype=torch.float64, device=device)
         self._layers = torch.zeros(n, g, dtype=torch.float64, device=device)
         self._present = torch.zeros(n, g, dtype=torch.bool, device=device)
-        self._extras = {}
+        self._extra_values = torch.full((n, e), math.nan, dtype=torch.float64, device=device)
+        self._extra_present = torch.zeros(n, e, dtype=torch.bool, device=device)
 
     def _grow(self) -> None:
-        """New layers: wider buffers, the recorded columns copied over (on the device)."""
-        g = len(self._slots)
-        old_layers, old_present = self._layers, self._present
-        self._layers = old_layers.new_zeros(self.rows, g)
-        self._present = old_present.new_zeros(self.rows, g)
-        self._layers[:, : old_layers.shape[1]] = old_layers
-        self._present[:, : old_present.shape[1]] = old_present
+        """More layers or scalars than room: larger buffers, the recorded columns copied over
+        (on the device)."""
+        for name, size in (("_layers", len(self._slots)), ("_present", len(self._slots)),
+                           ("_extra_values", len(self._extra_columns)),
+                           ("_extra_present", len(self._extra_columns))):  # fmt: skip
+            old = getattr(self, name)
+            if size > old.shape[1]:
+                new = old.new_zeros(self.rows, _room(size))
+                if name == "_extra_values":
+                    new.fill_(math.nan)
+                new[:, : old.shape[1]] = old
+                setattr(self, name, new)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -140,12 +165,12 @@ class StepRecorder:
         flags: list[Tensor],
         per_tensor: Tensor | None,
         step: int | Tensor | None,
-        extras: dict[str, Scalar],
+        extras: dict[int, Scalar],
         time: float,
     ) -> None:
         """Store one step in the next row: the scalar ``fields`` and ``flags`` of the schema
-        (0-dim tensors), the per-tensor norms of the columns ``index``, the step (None: one
-        more than the last), the scalars (set up before) and the wall-clock time."""
+        (0-dim tensors), the per-tensor norms of the layer columns ``index``, the step (None:
+        one more than the last), scalars by column, and the wall-clock time."""
         device, f64 = self.device, torch.float64
         # everything this step writes, computed before the first write
         row = torch.remainder(self._cursor, self.rows).reshape(1)
@@ -157,7 +182,8 @@ class StepRecorder:
         self._fields.index_copy_(0, row, field_row)
         self._layers.index_copy_(0, row, layer_row)
         self._present.index_copy_(0, row, present_row)
-        self._put_extras(row, extra_rows, clear_others=True)
+        self._extra_present.index_fill_(0, row, False)  # a reused row shows no older scalar
+        self._put_extras(row, extra_rows)
         if isinstance(step, Tensor):
             self._next_step.copy_(step)
         elif step is not None:
@@ -167,17 +193,16 @@ class StepRecorder:
         self._times.index_fill_(0, row, time)
         self._cursor.add_(1)
 
-    def attach(self, extras: dict[str, Scalar]) -> None:
-        """Add scalars (set up before) to the last written step; nothing if none was written
+    def attach(self, extras: dict[int, Scalar]) -> None:
+        """Add scalars (by column) to the last written step; nothing if none was written
         since the last read (decided on the device: no read)."""
         last = torch.remainder(self._cursor - 1, self.rows).reshape(1)
         written = self._cursor > 0
         rows = {}
-        for name, value in extras.items():
-            values = self._extras[name][0]
+        for column, value in extras.items():
             new = value.to(self.device, torch.float64).reshape(1) if isinstance(value, Tensor) else value
-            rows[name] = torch.where(written, new, values.index_select(0, last))
-        self._put_extras(last, rows, clear_others=False, gate=written)
+            rows[column] = torch.where(written, new, self._extra_values[:, column].index_select(0, last))
+        self._put_extras(last, rows, gate=written)
 
     def _layer_row(self, per_tensor: Tensor | None, index: Tensor | None) -> tuple[Tensor, Tensor]:
         """This step's per-layer values (sums of p-th powers, finished when read) and which
@@ -198,19 +223,13 @@ class StepRecorder:
         present[0].index_fill_(0, index, True)
         return values, present
 
-    def _put_extras(
-        self, row: Tensor, rows: dict[str, Scalar], *, clear_others: bool, gate: Tensor | None = None
-    ) -> None:
-        for name, (values, present) in self._extras.items():
-            value = rows.get(name)
-            if value is None:
-                if clear_others:  # a reused row must not show an older step's scalar
-                    present.index_fill_(0, row, False)
-                continue
+    def _put_extras(self, row: Tensor, values: dict[int, Scalar], gate: Tensor | None = None) -> None:
+        for column, value in values.items():
+            target, present = self._extra_values[:, column], self._extra_present[:, column]
             if isinstance(value, Tensor):
-                values.index_copy_(0, row, value)
+                target.index_copy_(0, row, value)
             else:
-                values.index_fill_(0, row, value)
+                target.index_fill_(0, row, value)
             if gate is None:
                 present.index_fill_(0, row, True)
             else:
@@ -226,17 +245,17 @@ class StepRecorder:
         are four runs of G numbers: the largest finite norm, the sum and the count of finite
         norms, and the index in the records of the first non-finite one (-1: none).
         """
-        n_rows, g = self.rows, self._layers.shape[1]
-        extra_names = list(self._extras)
+        n_rows, g, e = self.rows, len(self._slots), len(self._extra_columns)
+        extra_names = list(self._extra_columns)
         cursor = self._cursor
         ar = torch.arange(n_rows, device=cursor.device)
         start = torch.where(cursor > n_rows, torch.remainder(cursor, n_rows), 0)
         order = torch.remainder(start + ar, n_rows)  # oldest first, also after a wrap-around
         valid = (ar < cursor.clamp(max=n_rows))[:, None]
-        layers = self._layers.index_select(0, order)
+        layers = self._layers[:, :g].index_select(0, order)
         if not (math.isinf(self.p) or self.p in (0.0, 1.0)):
             layers = layers.pow(1.0 / self.p)
-        present = self._present.index_select(0, order) & valid
+        present = self._present[:, :g].index_select(0, order) & valid
         # Per-layer aggregates for a summary, computed here on the device: a Python loop
         # over steps x layers would cost more than the recorded steps themselves.
         ok = present & torch.isfinite(layers)
@@ -254,23 +273,23 @@ class StepRecorder:
             layers,
             present.double(),
         ]
-        for k in extra_names:
-            values, flags = self._extras[k]
-            columns += [values.index_select(0, order)[:, None], flags.index_select(0, order)[:, None].double()]
+        columns += [
+            self._extra_values[:, :e].index_select(0, order),
+            self._extra_present[:, :e].index_select(0, order).double(),
+        ]
         table = torch.cat(columns, dim=1)
         flat = torch.cat([cursor.double().reshape(1), table.flatten(), aggregates.flatten()])
         flat = flat.cpu().tolist()  # the one host read
         written = int(flat[0])
         width = table.shape[1]
-        layer_names = list(self._slots)[:g]
+        layer_names = self.layer_names
         records = [
             self._record(flat[1 + j * width : 1 + (j + 1) * width], layer_names, extra_names)
             for j in range(min(written, n_rows))
         ]
         self._cursor.zero_()
         self._present.zero_()
-        for _, flags in self._extras.values():
-            flags.zero_()
+        self._extra_present.zero_()
         return written, records, layer_names, flat[1 + n_rows * width :]
 
     def _record(self, row: list[float], layer_names: list[str], extra_names: list[str]) -> Record:
@@ -282,6 +301,7 @@ class StepRecorder:
         at = 2 + s + f
         values, present = row[at : at + g], row[at + g : at + 2 * g]
         record["layers"] = {k: v for k, v, here in zip(layer_names, values, present, strict=True) if here}
-        extras = row[at + 2 * g :]
-        record["extra"] = {k: extras[2 * i] for i, k in enumerate(extra_names) if extras[2 * i + 1]}
+        e = len(extra_names)
+        values, present = row[at + 2 * g : at + 2 * g + e], row[at + 2 * g + e :]
+        record["extra"] = {k: v for k, v, here in zip(extra_names, values, present, strict=True) if here}
         return record
