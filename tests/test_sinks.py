@@ -272,3 +272,18 @@ def test_nonfinite_numbers_are_strict_json_and_csv_reads_back(tmp_path):
         assert h.problems == ()
         torch.testing.assert_close(h.norm, torch.tensor(values, dtype=torch.float64), equal_nan=True)
         torch.testing.assert_close(h.layers[:, 0], h.norm, equal_nan=True)
+
+
+def test_every_schema_field_is_documented_written_and_read():
+    from gradclip.records import RECORD_FIELDS
+    from gradclip.stats import STEP_FIELDS
+
+    for f in STEP_FIELDS:
+        assert f'"{f.name}"' in gradclip.records.__doc__, f.name
+        assert f.name in RECORD_FIELDS
+    records = []
+    with gradclip.GradMonitor(gradclip.NormClip(1.0), torch.nn.Linear(2, 1), sinks=records.append) as mon:
+        mon.module(torch.ones(1, 2)).sum().backward()
+        stats = mon()
+    assert list(records[0]) == [*RECORD_FIELDS, "layers", "extra"]
+    assert {k: records[0][k] for k in stats.to_dict()} == stats.to_dict()
