@@ -31,9 +31,10 @@ from gradclip._cache import LRU
 from gradclip.records import RECORD_FIELDS, SCHEMA_VERSION, Record
 from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS
 
-__all__ = ["StepRecorder", "layer_name"]
+__all__ = ["Scalar", "StepRecorder", "layer_name"]
 
 Scalar = float | Tensor
+"""A scalar attached to a step: a Python number or a one-element tensor."""
 
 
 def layer_name(param_name: str, depth: int | None = None) -> str:
