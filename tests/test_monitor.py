@@ -251,7 +251,7 @@ def test_top_layers_rank_by_largest_norm():
     assert [t.max for t in top] == pytest.approx([peaks[n] for n in expected], rel=1e-5)
 
 
-def test_parameter_set_change_flushes_and_regroups():
+def test_parameter_set_change_regroups_layers():
     a, b = Net(), torch.nn.Linear(3, 1)
     records = []
     clipper = gradclip.NormClip(1.0)
