@@ -9,6 +9,7 @@ coefficient is torch's rule applied by ``torch.nn.utils.clip_grad_norm_`` on a c
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 import gradclip
-from gradclip.monitor import layer_name, read_log
+from gradclip.history import read_log
+from gradclip.monitor import layer_name
 from host_reads import HostReadDetector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -249,7 +251,7 @@ def test_top_layers_rank_by_largest_norm():
     assert [t.max for t in top] == pytest.approx([peaks[n] for n in expected], rel=1e-5)
 
 
-def test_parameter_set_change_flushes_and_regroups():
+def test_parameter_set_change_regroups_layers():
     a, b = Net(), torch.nn.Linear(3, 1)
     records = []
     clipper = gradclip.NormClip(1.0)
@@ -362,18 +364,193 @@ def test_empty_summary():
     assert s.first_nonfinite is None and s.threshold is None
 
 
-def test_csv_sink_keeps_columns_that_appear_later(tmp_path):
-    path = tmp_path / "run.csv"
-    sink = gradclip.sinks.CSVSink(path)
-    base = {"step": 0, "norm": 1.0, "layers": {"a": 0.5}, "extra": {}}
-    sink.write([base, {**base, "step": 1, "extra": {"loss": 2.0}}])  # new key inside a batch
-    sink.write([{**base, "step": 2, "layers": {"a": 0.25, "b": 3.0}}])  # new key later
-    sink.write([{**base, "step": 3}])
-    sink.close()
-    rows = list(csv.DictReader(path.open()))
-    assert list(rows[0]) == ["step", "norm", "layer:a", "extra:loss", "layer:b"]
-    assert [r["step"] for r in rows] == ["0", "1", "2", "3"]
-    assert [r["extra:loss"] for r in rows] == ["", "2.0", "", ""]
-    assert [r["layer:b"] for r in rows] == ["", "", "3.0", ""]
-    assert [r["layer:a"] for r in rows] == ["0.5", "0.5", "0.25", "0.5"]
-    assert not (tmp_path / "run.csv.tmp").exists()
+# -- a changing parameter set: mixture of experts -----------------------------------------
+
+
+class TopTwoMoE(torch.nn.Module):
+    """Each token goes to its 2 best experts (of 6); an expert no token chose gets no gradient,
+    so the set of parameters with gradients changes from step to step."""
+
+    def __init__(self, d=8, experts=6):
+        super().__init__()
+        self.router = torch.nn.Linear(d, experts)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(experts))
+        self.head = torch.nn.Linear(d, 1)
+
+    def forward(self, x):
+        weights, chosen = self.router(x).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            routed = (chosen == e).any(-1)
+            if routed.any():
+                w = (weights * (chosen == e)).sum(-1, keepdim=True)[routed]
+                out[routed] = out[routed] + w * expert(x[routed])
+        return self.head(out)
+
+
+def moe_layer_norms(model):
+    """Reference per-module 2-norms of the gradients that exist this step."""
+    by_layer: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            by_layer.setdefault(name.rsplit(".", 1)[0], []).append(p.grad.flatten().double())
+    return {k: torch.linalg.vector_norm(torch.cat(v)).item() for k, v in by_layer.items()}
+
+
+def test_a_changing_parameter_set_costs_no_flush_and_no_host_read(accelerator_path):
+    torch.manual_seed(0)
+    model = TopTwoMoE()
+    clipper = gradclip.NormClip(0.5)
+    batches, expected, sets = [], [], set()
+
+    class Recorder(gradclip.Sink):
+        def write(self, records):
+            batches.append(list(records))
+
+    mon = gradclip.GradMonitor(sinks=Recorder(), every=10)
+    for step in range(25):
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(2, 8)).pow(2).sum().backward()  # 2 tokens: at most 4 experts
+        expected.append(moe_layer_norms(model))
+        stats = clipper(model)
+        sets.add(stats.names)
+        with HostReadDetector() as detector:
+            mon.record(stats)
+        # only the records that find a full buffer flush it: steps 10 and 20
+        assert detector.reads == (["Tensor.tolist"] if step in (10, 20) else []), step
+    mon.close()
+    assert len(sets) >= 5  # the parameter set did change, again and again
+    assert [len(b) for b in batches] == [10, 10, 5]
+    records = [r for b in batches for r in b]
+    for record, layers in zip(records, expected, strict=True):
+        assert set(record["layers"]) == set(layers)  # absent experts are absent, not 0
+        for name, value in layers.items():
+            assert record["layers"][name] == pytest.approx(value, rel=1e-5), name
+
+
+# -- a failed record() records nothing ------------------------------------------------------
+
+
+def test_a_record_that_raises_changes_nothing():
+    model = Net()
+    clipper = gradclip.NormClip(0.05)
+    records = []
+    mon = gradclip.GradMonitor(sinks=records.append, every=4)
+    expected = []
+    bad_calls = [
+        (dict(loss="abc"), TypeError, "scalar `loss`"),
+        (dict(loss=torch.ones(2)), ValueError, "one real number"),
+        (dict(loss=None), TypeError, "scalar `loss`"),
+        (dict(step=-1), ValueError, "`step`"),
+        (dict(step=True), TypeError, "`step`"),
+        (dict(step=2**60), ValueError, "2\\*\\*53"),
+        (dict(step=torch.tensor(1.5)), ValueError, "`step`"),
+    ]
+    for step in range(6):
+        backward(model, step, scale=10.0 ** (step % 3 - 1))
+        grads = grads_by_name(model)
+        stats = clipper(model)
+        kwargs, error, words = bad_calls[step % len(bad_calls)]
+        with pytest.raises(error, match=words):
+            mon.record(stats, lr=0.1, **kwargs)  # lr is fine: the call fails on the other one
+        broken = dataclasses.replace(stats, names=stats.names[:-1])
+        with pytest.raises(ValueError, match="names for"):
+            mon.record(broken, lr=0.1)
+        mon.record(stats, lr=0.5)
+        expected.append((reference_layers(grads, None, 2.0), reference_total(grads, 2.0)))
+    mon.close()
+    assert [r["step"] for r in records] == list(range(6))  # failed calls used no step number
+    for record, (layers, total) in zip(records, expected, strict=True):
+        assert record["extra"] == {"lr": 0.5}
+        assert record["norm"] == pytest.approx(total, rel=1e-5)
+        for name, value in layers.items():  # no partial sums left by the failed calls
+            assert record["layers"][name] == pytest.approx(value, rel=1e-5), name
+
+
+# -- torch.compile -----------------------------------------------------------------------------
+
+NAMES = ("embed.weight", "embed.bias", "block.0.weight", "block.1.weight", "head.weight")
+
+
+def stats_from(per_tensor, max_norm):
+    """A ClipStats built from tensors with torch's rule, as a clipper would return it."""
+    total = per_tensor.pow(2).sum().sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return gradclip.ClipStats(
+        total, total * coef, torch.full_like(total, max_norm), coef, coef < 1,
+        torch.isfinite(total), torch.zeros_like(total, dtype=torch.bool),
+        gradclip.GradNorms([], per_tensor, total, 2.0, per_tensor.dtype, {}), NAMES,
+    )  # fmt: skip
+
+
+def record_and_log(monitor, stats, step, loss):
+    """One training step's monitoring: the clip's stats with the step and loss, then the
+    update size attached after the optimizer step."""
+    monitor.record(stats, step=step, loss=loss)
+    monitor.log(update=loss * 2)
+
+
+def test_a_compiled_record_writes_the_eager_log_and_compiles_once():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager_records, compiled_records = [], []
+    eager = gradclip.GradMonitor(sinks=eager_records.append, every=3)
+    compiled = gradclip.GradMonitor(sinks=compiled_records.append, every=3)
+    record = torch.compile(compiled.record, fullgraph=True)
+    step_fn = torch.compile(record_and_log, fullgraph=True)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(8):
+        stats = stats_from(torch.rand(5, generator=gen) * 10.0 ** (step % 3 - 1), 1.0)
+        loss = torch.tensor(1.0 / (step + 1))
+        eager.record(stats, loss=loss)
+        record(stats, loss=loss)
+        if step % 3 == 2:
+            compiled.flush()  # the flush stays outside the compiled code
+    for step in range(8, 12):  # a step number and a scalar attached after record()
+        stats = stats_from(torch.rand(5, generator=gen), 1.0)
+        record_and_log(eager, stats, torch.tensor(10 * step), torch.tensor(float(step)))
+        step_fn(compiled, stats, torch.tensor(10 * step), torch.tensor(float(step)))
+        if step % 3 == 2:
+            compiled.flush()
+    eager.close()
+    compiled.close()
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # 1 each
+    assert len(compiled_records) == len(eager_records) == 12
+    for got, want in zip(compiled_records, eager_records, strict=True):
+        assert math.isnan(got.pop("time")) and want.pop("time") > 0  # no clock in a graph
+        assert got == want
+    assert [r["step"] for r in eager_records] == [*range(8), 80, 90, 100, 110]
+    assert eager_records[-1]["extra"] == {"loss": 11.0, "update": 22.0}
+    assert compiled.summary() == eager.summary()
+
+
+def test_a_compiled_step_never_reallocates_buffers_unseen():
+    got = []
+    mon = gradclip.GradMonitor(sinks=got.append, every=4)
+    mon.record(stats_from(torch.ones(5), 1.0))  # eager: room for 16 layers
+    wide = dataclasses.replace(stats_from(torch.ones(40), 1.0),
+                               names=tuple(f"l{i}.weight" for i in range(40)))  # fmt: skip
+    with pytest.raises(RuntimeError, match="record one step of this model eagerly first"):
+        torch.compile(mon.record, fullgraph=True)(wide)
+    mon.record(wide)  # eagerly the buffers grow
+    torch.compile(mon.record, fullgraph=True)(wide)
+    mon.close()
+    assert [len(r["layers"]) for r in got] == [4, 40, 40]
+
+
+def test_too_many_compiled_steps_between_flushes_are_named():
+    compiled_records = []
+    mon = gradclip.GradMonitor(sinks=compiled_records.append, every=4)
+    record = torch.compile(mon.record, fullgraph=True)
+    norms = [torch.full((5,), float(i)) for i in range(7)]
+    for pt in norms:
+        record(stats_from(pt, 1.0))
+    with pytest.warns(UserWarning, match="7 steps were recorded since the last flush.*oldest 3"):
+        mon.flush()
+    # the last `every` steps, in order
+    assert [r["step"] for r in compiled_records] == [3, 4, 5, 6]
+    assert [r["norm"] for r in compiled_records] == pytest.approx(
+        [torch.linalg.vector_norm(pt).item() for pt in norms[3:]]
+    )

@@ -164,3 +164,19 @@ def test_accepts_a_monitor():
     assert rec.steps == 10 and rec.recorded_clip_rate == 1.0
     assert rec.quantiles["p50"] == pytest.approx(np.median(norms), rel=1e-5)
     json.dumps(rec.to_dict())
+
+
+@pytest.mark.parametrize("scale", [1e-320, 1e-300, 1.0, 1e290, 1e299, 1e308])
+def test_norms_near_float64s_limits_give_a_threshold_not_an_error(scale):
+    rng = np.random.default_rng(3)
+    with np.errstate(over="ignore"):  # at 1e308 some norms overflow to inf: non-finite steps
+        norms = np.exp(rng.normal(0.0, 0.3, 300)) * scale
+    norms[::50] *= 1e3 if scale < 1e290 else 1.0  # spikes where they stay finite
+    rec = gradclip.recommend_max_norm(torch.tensor(norms))
+    used = np.sort(norms[np.isfinite(norms)])
+    typical = used[used <= rec.spike_cut]
+    q99 = np.percentile(typical, 99)
+    assert q99 <= rec.max_norm and rec.max_norm / 1.1 <= q99  # just above it: two digits
+    assert math.isfinite(rec.max_norm) and rec.spike_count == int((norms > rec.spike_cut).sum())
+    assert "recommended max_norm" in render_text(rec)
+    json.dumps(rec.to_dict())

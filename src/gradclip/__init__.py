@@ -34,7 +34,8 @@ from gradclip.functional import (
     get_total_norm,
     grad_norms,
 )
-from gradclip.monitor import GradMonitor, History, MonitorSummary, read_log
+from gradclip.history import History, MonitorSummary, read_log
+from gradclip.monitor import GradMonitor
 from gradclip.nonfinite import NonFiniteGradientError
 from gradclip.norms import GradNorms
 from gradclip.recommend import Recommendation, recommend_max_norm

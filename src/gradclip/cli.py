@@ -138,7 +138,7 @@ def _problems(command: str, history: gradclip.History) -> int:
 
 
 def _recommend_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("log", type=Path, help="a JSON lines log written by gradclip.GradMonitor")
+    parser.add_argument("log", type=Path, help="a log written by gradclip.GradMonitor (JSON lines or CSV)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -146,7 +146,7 @@ def _run_recommend(args: argparse.Namespace) -> int:
     from gradclip.recommend import render_text
 
     try:
-        history = gradclip.read_log(args.log)
+        history = gradclip.read_log(args.log, layers=False)  # the totals are all it needs
     except gradclip.LogError as exc:
         return _error("recommend", str(exc))
     rec = gradclip.recommend_max_norm(history)

@@ -40,7 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradclip.monitor import GradMonitor, History, read_log
+from gradclip.history import History, read_log
+from gradclip.monitor import GradMonitor
+from gradclip.scale import TORCH_EPS
 
 __all__ = ["QUANTILE", "SPIKE_Z", "Recommendation", "recommend_max_norm", "render_text"]
 
@@ -54,7 +56,6 @@ FROZEN_COEF = 1e-3
 """A step scaled by less than this barely moves the weights: its update is frozen."""
 MIN_STEPS = 50
 """Fewer finite steps than this make a rough recommendation (a warning says so)."""
-_EPS = 1e-6  # torch's clip_coef = max_norm / (total + 1e-6)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def recommend_max_norm(
     logs = norms.log()
     med = logs.median()
     spread = max(1.4826 * float((logs - med).abs().median()), MIN_LOG_SPREAD)
-    spike_cut = math.exp(float(med) + SPIKE_Z * spread)
+    spike_cut = _exp(float(med) + SPIKE_Z * spread)
     typical = norms[norms <= spike_cut]
     max_norm = _round_up(float(torch.quantile(typical, QUANTILE)))
     spike_mask = norms > spike_cut
@@ -176,7 +177,7 @@ def recommend_max_norm(
     )
     q = torch.quantile(norms, torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=norms.dtype)).tolist()
     quantiles = {"p10": q[0], "p50": q[1], "p90": q[2], "p99": q[3], "max": float(norms.max())}
-    projected = float((norms + _EPS > max_norm).double().mean())
+    projected = float((norms + TORCH_EPS > max_norm).double().mean())
     median = quantiles["p50"]
     rule = (
         f"just above the {QUANTILE:.0%} quantile of the {typical.numel()} typical pre-clip norms (the "
@@ -198,7 +199,7 @@ def recommend_max_norm(
         )
     if recorded_thr is not None and recorded_thr > 0 and median / recorded_thr >= 2:
         warnings.append(
-            f"the threshold {recorded_thr:.4g} is {median / recorded_thr:.1f}x below the median "
+            f"the threshold {recorded_thr:.4g} is {median / recorded_thr:.3g}x below the median "
             f"pre-clip norm {median:.4g}: raise it to about {max_norm:.4g}"
         )
     if frozen:
@@ -209,7 +210,7 @@ def recommend_max_norm(
     if recorded_thr is not None and recorded_rate == 0 and spikes:
         warnings.append(
             f"clipping never fired, yet {int(spike_mask.sum())} spike(s) went through (largest "
-            f"{spikes[0][1]:.4g}, {spikes[0][1] / median:.0f}x the median): the threshold "
+            f"{spikes[0][1]:.4g}, {spikes[0][1] / median:.3g}x the median): the threshold "
             f"{recorded_thr:.4g} is above them"
         )
     warnings += _nonfinite_warning(h, nonfinite)
@@ -245,11 +246,23 @@ def recommend_max_norm(
 
 
 def _round_up(value: float) -> float:
-    """The smallest number with two significant digits that is greater than ``value`` > 0."""
+    """The smallest number with two significant digits that is greater than ``value`` > 0
+    (``value`` itself where no such float exists: next to float64's limits)."""
     exponent = math.floor(math.log10(value)) - 1
+    if not -300 < exponent < 300:  # 10**exponent would underflow to 0 or overflow
+        return value
     unit = 10.0**exponent
     digits = math.floor(value / unit + 1e-9)  # 1.2 / 0.1 is 11.999...: it has two digits
-    return round((digits + 1) * unit, max(0, -exponent))
+    rounded = round((digits + 1) * unit, max(0, -exponent))
+    return rounded if math.isfinite(rounded) and rounded > value else value
+
+
+def _exp(x: float) -> float:
+    """``math.exp`` that saturates to inf instead of raising past float64's range."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def _nonfinite_warning(h: History, count: int) -> tuple[str, ...]:

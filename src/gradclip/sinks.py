@@ -1,23 +1,22 @@
-"""Where :class:`~gradclip.GradMonitor` writes its step records, and how a log is read back.
+"""Where :class:`~gradclip.GradMonitor` writes its step records (the record and its JSON
+line / CSV row: :mod:`gradclip.records`).
 
-A *step record* is a plain dict, one per recorded step. The JSON lines log (the default
-sink) holds one record per line, in this schema (version :data:`SCHEMA_VERSION`)::
+**What a log file guarantees.** A log is appended to, or refused (``mode="x"`` on an
+existing file); it is never truncated. Each flush is one ``os.write`` of whole lines to a
+file opened with ``O_APPEND``, under an advisory lock (``flock``, where the platform has
+it), so several writers on one path -- DDP ranks, other processes, an ``echo >> log`` --
+interleave whole flushes and never clobber or split each other's lines (on a local POSIX
+file system; NFS does not honour ``O_APPEND`` between machines). A crash leaves complete
+lines; if a file does not end with a newline (another writer died mid-line), the next
+flush starts on a new line, so only that partial line is lost. A path that is a directory,
+a FIFO or another non-regular file, or a symbolic link leading out of its folder, is
+refused with an error saying why.
 
-    {"schema": 1,             # version of this layout; readers refuse newer ones
-     "step": 120,             # the training step (int)
-     "time": 1732350000.5,    # wall-clock time of record(), seconds since the epoch
-     "norm_type": 2.0,        # p of every norm in the record
-     "norm": 3.1,             # total gradient norm before clipping
-     "post_norm": 1.0,        # total norm after clipping
-     "threshold": 1.0,        # the clipper's threshold this step ("NaN": none)
-     "coef": 0.32,            # post_norm / norm: the factor applied (1: not clipped)
-     "clipped": true, "finite": true, "skipped": false,
-     "layers": {"h.0.attn": 0.8, ...},   # pre-clip norm per module (may be empty)
-     "extra": {"loss": 2.3, "lr": 3e-4}} # caller-attached scalars (may be empty)
-
-Non-finite numbers are written as the strings ``"NaN"``, ``"Infinity"`` and
-``"-Infinity"`` so that every line is strict JSON. Each flush is one ``write()`` of whole
-lines to an unbuffered file, so a crash leaves a log whose lines are all complete.
+**CSV logs** (:class:`CSVSink`) are a sequence of sections, each a header line followed by
+rows. A sink starts a section (writes a header) on its first flush, when a new layer or
+extra column appears, and when another writer wrote to the file since its last flush; so a
+file with one writer and stable columns is a plain CSV with one header, and no line is ever
+rewritten. :func:`gradclip.read_log` reads every section of every writer.
 
 Sinks: :class:`JSONLSink` (default), :class:`CSVSink`, :class:`TensorBoardSink`, and any
 callable (wrapped in :class:`CallableSink`, called once per record).
@@ -25,14 +24,35 @@ callable (wrapped in :class:`CallableSink`, called once per record).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
-import json
-import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import re
+import stat
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from gradclip.records import (  # the first four were defined here in gradclip 0.1
+    SCHEMA_VERSION,
+    LogError,
+    Record,
+    csv_cell,
+    decode_record,
+    encode_record,
+    flat_record,
+)
+from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; O_APPEND alone keeps writes whole
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -49,17 +69,150 @@ __all__ = [
     "encode_record",
 ]
 
-SCHEMA_VERSION = 1
-"""Version of the step-record layout written by this gradclip (see the module doc)."""
-
-Record = dict[str, Any]
-SCALAR_FIELDS = ("norm", "post_norm", "threshold", "coef")
-FLAG_FIELDS = ("clipped", "finite", "skipped")
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_HEADER_SCAN = 1 << 22  # bytes looked back for a CSV file's last header (else: write one)
 
 
-class LogError(ValueError):
-    """A log that cannot be used at all (missing, empty, nothing valid); names the file."""
+# ---------------------------------------------------------------------------------------
+# log files: append-only, whole lines, several writers
+
+
+def _warn_if_every_rank_writes(path: Path) -> None:
+    """Under an initialised process group, a rank other than 0 writing a path that does not
+    name its rank is most likely one of many ranks writing the same log."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    rank = dist.get_rank()
+    if rank != 0 and not re.search(rf"(?<!\d){rank}(?!\d)", str(path)):
+        warnings.warn(
+            f"rank {rank} of {dist.get_world_size()} writes the gradclip log {str(path)!r}, "
+            "a path without its rank: if every rank writes it, each step is logged once per "
+            "rank in one file (lines stay whole, steps repeat). Write one log per rank, e.g. "
+            "log=f'grads-rank{rank}.jsonl', or create the monitor on rank 0 only",
+            stacklevel=4,
+        )
+
+
+class _LogFile:
+    """An append-only log file: safe to open, whole-lines writes, several writers."""
+
+    def __init__(self, path: str | os.PathLike[str], mode: str, what: str):
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"`{what}` must be a path (str or os.PathLike), got {type(path).__name__}")
+        if mode not in ("a", "x"):
+            raise ValueError(
+                f"`mode` must be 'a' (append, creating the file if needed) or 'x' (a new file "
+                f"only), got {mode!r}; gradclip never truncates a log: delete it first to start over"
+            )
+        self.path = Path(path)
+        self.fd = -1
+        folder = os.path.realpath(self.path.parent)
+        target = os.path.realpath(self.path)
+        if os.path.dirname(target) != folder:
+            raise ValueError(
+                f"`{what}` {str(self.path)!r} is a symbolic link to {target!r}, outside its folder "
+                f"{folder!r}: gradclip does not write through links that leave the folder; pass "
+                "the target path itself"
+            )
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | (os.O_EXCL if mode == "x" else 0)
+        for name in ("O_CLOEXEC", "O_NOFOLLOW", "O_NONBLOCK"):  # NONBLOCK: a FIFO must not hang
+            flags |= getattr(os, name, 0)
+        try:
+            self.fd = os.open(target, flags, 0o666)
+        except IsADirectoryError:
+            raise ValueError(
+                f"`{what}` {str(self.path)!r} is a directory; pass a file path such as "
+                f"{str(self.path / 'grads.jsonl')!r}"
+            ) from None
+        except FileExistsError:
+            raise ValueError(
+                f"`{what}` {str(self.path)!r} exists, and mode='x' only creates a new log: pass "
+                "mode='a' to append to it, or another path"
+            ) from None
+        except FileNotFoundError:
+            raise ValueError(
+                f"the folder of `{what}` {str(self.path)!r} does not exist ({folder!r}); create it first"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENXIO, errno.ELOOP):
+                raise
+            raise ValueError(
+                f"`{what}` {str(self.path)!r} is not a regular file (a FIFO, a device or a link "
+                "that changed); pass the path of a log file"
+            ) from None
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            self.close()
+            raise ValueError(
+                f"`{what}` {str(self.path)!r} is not a regular file (a FIFO, socket or device); "
+                "pass the path of a log file"
+            )
+        self.end = -1  # the file's size after our last write; -1 before the first
+        self._header: bytes | None = None  # the header our last rows were written under
+        _warn_if_every_rank_writes(self.path)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if fcntl is None:
+            yield
+            return
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def _read(self, offset: int, size: int) -> bytes | None:
+        try:
+            return os.pread(self.fd, size, offset)
+        except (OSError, AttributeError):  # no pread (Windows), or a write-only file
+            return None
+
+    def _last_header(self, start: int, end: int, prefix: bytes) -> bytes | None:
+        """The last line beginning with ``prefix`` among the lines in [start, end): None when
+        there is none, ``b""`` when unknown (not found in the last _HEADER_SCAN bytes, or
+        the file cannot be read back)."""
+        begin = max(start, end - _HEADER_SCAN)
+        data = self._read(begin, end - begin)
+        if data is None:
+            return b""
+        at = data.rfind(b"\n" + prefix) + 1
+        if at == 0 and not (begin == start and data.startswith(prefix)):
+            return None if begin == start else b""
+        stop = data.find(b"\n", at)
+        return data[at : stop if stop >= 0 else len(data)]
+
+    def append(self, body: bytes, header: bytes | None = None) -> None:
+        """Append ``body`` (whole lines) in one write. With a ``header`` line (CSV), the
+        header goes first unless it is already the file's last header (the one the rows
+        above were written under: ours, or another writer's with the same columns)."""
+        with self._locked():
+            size = os.fstat(self.fd).st_size
+            data = body
+            if header is not None:
+                if size == self.end:  # nobody else wrote since our last write
+                    current = self._header
+                else:  # a first write, or others wrote: their last header, if any
+                    start = self.end if 0 <= self.end < size else 0
+                    found = self._last_header(start, size, header.partition(b",")[0] + b",")
+                    current = self._header if found is None and start > 0 else found
+                if current != header.rstrip(b"\n"):
+                    data = header + body
+                self._header = header.rstrip(b"\n")
+            if size and size != self.end and self._read(size - 1, 1) not in (b"\n", None):
+                data = b"\n" + data  # another writer died mid-line: start on a new line
+            view = memoryview(data)
+            while view:  # a write can be partial (a signal, a full disk): finish it
+                view = view[os.write(self.fd, view) :]
+            self.end = os.lseek(self.fd, 0, os.SEEK_CUR)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# ---------------------------------------------------------------------------------------
+# sinks
 
 
 class Sink:
@@ -76,95 +229,13 @@ class Sink:
         """Release what the sink holds; it is not used after this."""
 
 
-def _number(value: float) -> float | str:
-    if math.isfinite(value):
-        return value
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-
-
-def encode_record(record: Mapping[str, Any]) -> str:
-    """One step record as one line of strict JSON (non-finite floats as strings), with ``\\n``.
-
-    Example:
-        >>> encode_record({"schema": 1, "norm": float("inf")})
-        '{"schema": 1, "norm": "Infinity"}\\n'
-    """
-
-    try:  # the common case, all numbers finite: json's C encoder alone
-        return json.dumps(record, allow_nan=False) + "\n"
-    except ValueError:
-        pass
-
-    def fix(value: Any) -> Any:
-        if isinstance(value, float):
-            return _number(value)
-        if isinstance(value, Mapping):
-            return {k: fix(v) for k, v in value.items()}
-        return value
-
-    return json.dumps({k: fix(v) for k, v in record.items()}, allow_nan=False) + "\n"
-
-
-def _as_float(value: Any, name: str) -> float:
-    if isinstance(value, str) and value in _NONFINITE:
-        return _NONFINITE[value]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"field {name!r} should be a number, got {value!r:.40}")
-    return float(value)
-
-
-def decode_record(obj: Any) -> Record:
-    """Check one parsed JSON line against the schema; returns it with Python floats.
-
-    Raises ``ValueError`` saying what is wrong (a newer schema included).
-
-    Example:
-        >>> r = decode_record({"schema": 1, "step": 0, "norm": "NaN", "post_norm": 1,
-        ...     "threshold": 1, "coef": 1, "clipped": False, "finite": False, "skipped": False})
-        >>> r["norm"], r["layers"]
-        (nan, {})
-    """
-    if not isinstance(obj, dict):
-        raise ValueError(f"a step record is a JSON object, got {type(obj).__name__}")
-    schema = obj.get("schema")
-    if isinstance(schema, bool) or not isinstance(schema, int):
-        raise ValueError("no integer 'schema' field: not a gradclip monitor record")
-    if schema > SCHEMA_VERSION:
-        raise ValueError(
-            f"schema {schema} was written by a newer gradclip (this one reads up to "
-            f"{SCHEMA_VERSION}): upgrade gradclip"
-        )
-    step = obj.get("step")
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise ValueError(f"field 'step' should be an integer, got {step!r:.40}")
-    out: Record = {"schema": schema, "step": step}
-    for name in SCALAR_FIELDS:
-        if name not in obj:
-            raise ValueError(f"missing field {name!r}")
-        out[name] = _as_float(obj[name], name)
-    for name in FLAG_FIELDS:
-        if not isinstance(obj.get(name), bool):
-            raise ValueError(f"field {name!r} should be true or false, got {obj.get(name)!r:.40}")
-        out[name] = obj[name]
-    out["time"] = _as_float(obj.get("time", math.nan), "time")
-    out["norm_type"] = _as_float(obj.get("norm_type", 2.0), "norm_type")
-    for group in ("layers", "extra"):
-        values = obj.get(group, {})
-        if not isinstance(values, dict):
-            raise ValueError(f"field {group!r} should be an object, got {values!r:.40}")
-        out[group] = {str(k): _as_float(v, f"{group}.{k}") for k, v in values.items()}
-    return out
-
-
 class JSONLSink(Sink):
-    """The default log: one JSON line per step record (schema in :mod:`gradclip.sinks`).
-
-    Each :meth:`write` is a single ``write()`` of whole lines on an unbuffered file, so
-    the lines on disk are complete whenever the process dies.
+    """The default log: one JSON line per step record (format and guarantees: module doc).
 
     Args:
-        path: the file to write.
-        mode: ``"w"`` starts a new log (default), ``"a"`` appends (resuming a run).
+        path: the log file. It is created if missing and appended to if it exists (a
+            resumed run continues its log); it is never truncated.
+        mode: ``"a"`` (default) appends; ``"x"`` creates a new file and refuses an existing one.
 
     Example:
         >>> import tempfile, os
@@ -174,76 +245,60 @@ class JSONLSink(Sink):
         '{"schema": 1, "step": 0}\\n'
     """
 
-    def __init__(self, path: str | os.PathLike[str], mode: str = "w"):
-        if mode not in ("w", "a"):
-            raise ValueError(f"`mode` must be 'w' or 'a', got {mode!r}")
-        self.path = Path(path)
-        self._file = open(self.path, mode + "b", buffering=0)  # noqa: SIM115 (held open)
+    def __init__(self, path: str | os.PathLike[str], mode: str = "a"):
+        self._file = _LogFile(path, mode, "log")
+        self.path = self._file.path
 
     def write(self, records: Sequence[Record]) -> None:
-        data = memoryview("".join(encode_record(r) for r in records).encode())
-        while data:  # a raw write may be partial (signals, full pipes): finish it
-            data = data[self._file.write(data) or 0 :]
+        if records:
+            self._file.append("".join(encode_record(r) for r in records).encode())
 
     def close(self) -> None:
         self._file.close()
 
 
-def _flat(record: Mapping[str, Any]) -> dict[str, Any]:
-    row = {k: v for k, v in record.items() if k not in ("layers", "extra")}
-    row.update({f"layer:{k}": v for k, v in record.get("layers", {}).items()})
-    row.update({f"extra:{k}": v for k, v in record.get("extra", {}).items()})
-    return row
-
-
 class CSVSink(Sink):
-    """One CSV row per step: the record's fields, then ``layer:<name>`` and ``extra:<name>``.
+    """One CSV row per step (:func:`gradclip.records.flat_record`): the record's fields, then
+    ``layer:<name>`` and ``extra:<name>``.
 
-    The columns are those of every record written so far, in order of first appearance. A
-    layer or extra name that appears mid-run (a module added, a scalar attached on some
-    steps only) adds a column: the file is rewritten once with the wider header, the earlier
-    rows left empty there (atomically: a crash leaves the old file or the new one). A
-    missing value is an empty field.
+    The columns are those of every record written so far, in order of first appearance;
+    a missing value is an empty field. A column that appears mid-run (a module added, a
+    scalar attached on some steps only) starts a new section with a wider header instead of
+    rewriting the file (see the module doc): nothing written, by this sink or another writer,
+    is ever rewritten. Flags are ``true``/``false``; non-finite numbers ``nan``/``inf``.
 
     Args:
-        path: the file to write (a new file; any previous content is replaced).
+        path: the log file, created or appended to (never truncated).
+        mode: ``"a"`` (default) appends; ``"x"`` creates a new file and refuses an existing one.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "run.csv")
+        >>> sink = CSVSink(path); sink.write([{"schema": 1, "step": 0, "layers": {"a": 0.5}}])
+        >>> sink.close(); open(path).read().splitlines()
+        ['schema,step,layer:a', '1,0,0.5']
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self._file = open(self.path, "w", newline="")  # noqa: SIM115 (held open)
+    def __init__(self, path: str | os.PathLike[str], mode: str = "a"):
+        self._file = _LogFile(path, mode, "log")
+        self.path = self._file.path
         self._columns: list[str] = []
 
     def write(self, records: Sequence[Record]) -> None:
-        rows = [_flat(r) for r in records]
+        rows = [flat_record(r) for r in records]
         if not rows:
             return
         known = set(self._columns)
         new = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in known]
+        self._columns += new
         text = io.StringIO()
-        if new:
-            self._columns += new
-            if self._file.tell():
-                self._widen()
-            else:
-                csv.writer(text).writerow(self._columns)
-        csv.DictWriter(text, self._columns, restval="").writerows(rows)
-        self._file.write(text.getvalue())
-        self._file.flush()
-
-    def _widen(self) -> None:
-        """Rewrite the file with the current header; earlier rows get empty new fields."""
-        self._file.close()
-        with open(self.path, newline="") as old:
-            written = list(csv.reader(old))[1:]
-        width = len(self._columns)
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        with open(temporary, "w", newline="") as out:
-            writer = csv.writer(out)
-            writer.writerow(self._columns)
-            writer.writerows(row + [""] * (width - len(row)) for row in written)
-        os.replace(temporary, self.path)
-        self._file = open(self.path, "a", newline="")  # noqa: SIM115 (held open)
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(self._columns)
+        header = text.getvalue().encode()
+        text.seek(0)
+        text.truncate()
+        writer.writerows([csv_cell(row[k]) if k in row else "" for k in self._columns] for row in rows)
+        self._file.append(text.getvalue().encode(), header=header)
 
     def close(self) -> None:
         self._file.close()
@@ -306,20 +361,32 @@ SinkLike = Sink | Callable[[Record], object] | str | os.PathLike[str]
 
 
 def as_sinks(sinks: SinkLike | Iterable[SinkLike] | None) -> list[Sink]:
-    """Normalise sink arguments: a path (``.csv``: CSV, else JSON lines), a Sink, a callable."""
+    """Normalise sink arguments: a path (``.csv``: CSV, else JSON lines), a Sink, a callable.
+
+    Every item is checked before any file is opened; if opening one fails, those already
+    opened are closed.
+    """
     if sinks is None:
         return []
     items = [sinks] if isinstance(sinks, Sink | str | os.PathLike) or callable(sinks) else sinks
-    out: list[Sink] = []
-    for s in items:  # type: ignore[union-attr]
-        if isinstance(s, Sink):
-            out.append(s)
-        elif isinstance(s, str | os.PathLike):
-            out.append(CSVSink(s) if str(s).lower().endswith(".csv") else JSONLSink(s))
-        elif callable(s):
-            out.append(CallableSink(s))
-        else:
+    items = list(items)  # type: ignore[arg-type]
+    for s in items:
+        if not isinstance(s, Sink | str | os.PathLike) and not callable(s):
             raise TypeError(
                 f"a sink must be a path, a gradclip.sinks.Sink or a callable, got {type(s).__name__}"
             )
+    out: list[Sink] = []
+    try:
+        for s in items:
+            if isinstance(s, Sink):
+                out.append(s)
+            elif isinstance(s, str | os.PathLike):
+                out.append(CSVSink(s) if str(s).lower().endswith(".csv") else JSONLSink(s))
+            else:
+                out.append(CallableSink(s))
+    except BaseException:
+        for sink in out:
+            if isinstance(sink, JSONLSink | CSVSink):
+                sink.close()
+        raise
     return out

@@ -1,15 +1,51 @@
-"""ClipStats: what one clip step did, as device tensors (no host sync until you ask)."""
+"""ClipStats: what one clip step did, as device tensors (no host sync until you ask), and the
+step-record schema: the scalar and flag fields every consumer of a step reads (the monitor's
+buffers, its log records, the sinks, :class:`~gradclip.History`, ``ClipStats.to_dict``).
+
+Example:
+    >>> from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS
+    >>> SCALAR_FIELDS, FLAG_FIELDS
+    (('norm', 'post_norm', 'threshold', 'coef'), ('clipped', 'finite', 'skipped'))
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from gradclip.norms import GradNorms
 
-__all__ = ["ClipStats"]
+__all__ = ["FLAG_FIELDS", "SCALAR_FIELDS", "STEP_FIELDS", "ClipStats", "StepField"]
+
+
+class StepField(NamedTuple):
+    """One field of a step record: its name (a :class:`ClipStats` attribute), its kind and
+    what it means."""
+
+    name: str
+    kind: type  # float: a number (NaN/inf allowed); bool: a flag
+    meaning: str
+
+
+STEP_FIELDS: tuple[StepField, ...] = (
+    StepField("norm", float, "total gradient norm before clipping"),
+    StepField("post_norm", float, "total gradient norm after clipping"),
+    StepField("threshold", float, "the threshold the clipper used this step (NaN: none)"),
+    StepField("coef", float, "post_norm / norm: the factor applied (1: not clipped)"),
+    StepField("clipped", bool, "some gradient was scaled down"),
+    StepField("finite", bool, "every gradient value was finite"),
+    StepField("skipped", bool, "the step was skipped (nonfinite='skip')"),
+)
+"""The step record's fields, in the order every record, log column and buffer uses."""
+
+SCALAR_FIELDS: tuple[str, ...] = tuple(f.name for f in STEP_FIELDS if f.kind is float)
+"""The numeric fields (float64 in logs and histories)."""
+
+FLAG_FIELDS: tuple[str, ...] = tuple(f.name for f in STEP_FIELDS if f.kind is bool)
+"""The boolean fields."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +88,5 @@ class ClipStats:
 
     def to_dict(self) -> dict[str, float | bool]:
         """The scalar fields as Python numbers (one host sync): for logging."""
-        fields = ("norm", "post_norm", "threshold", "coef", "clipped", "finite", "skipped")
-        values = torch.stack([getattr(self, f).double() for f in fields]).cpu().tolist()
-        return {
-            f: bool(v) if f in ("clipped", "finite", "skipped") else v
-            for f, v in zip(fields, values, strict=True)
-        }
+        values = torch.stack([getattr(self, f.name).double() for f in STEP_FIELDS]).cpu().tolist()
+        return {f.name: f.kind(v) for f, v in zip(STEP_FIELDS, values, strict=True)}

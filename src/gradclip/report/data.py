@@ -9,15 +9,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from gradclip import History, MonitorSummary, Recommendation, read_log, recommend_max_norm
-
-if TYPE_CHECKING:  # an annotation only: the class moves with History (gradclip.history)
-    from gradclip.monitor import NonFiniteEvent
+from gradclip.history import History, MonitorSummary, NonFiniteEvent, read_log
+from gradclip.recommend import Recommendation, recommend_max_norm
 
 __all__ = ["Report", "bin_max", "build_report", "rolling_mean"]
 

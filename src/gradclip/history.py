@@ -1,0 +1,517 @@
+"""A recorded run: :class:`History` (columns of step records), its :class:`MonitorSummary`,
+and :func:`read_log`, which streams a monitor's log (JSON lines or CSV) into one.
+
+Every column is built in compact arrays (8 bytes a number) while the log is read line by
+line, so reading a log takes memory in proportion to its numbers, not to its text. A line
+that cannot be trusted is left out and named in ``History.problems``; a file that is not a
+regular file (a FIFO, a directory) is refused instead of read.
+
+Example:
+    >>> h = History.from_norms([1.0, 2.0, 50.0], threshold=4.0)
+    >>> h.summary().clipped_steps, h.summary().norm_percentiles["max"]
+    (1, 50.0)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import stat
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import Tensor
+
+from gradclip.records import LogError, Record, decode_csv_row, decode_line
+from gradclip.scale import clip_coefficient
+from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS
+
+__all__ = [
+    "MAX_LINE",
+    "History",
+    "HistoryBuilder",
+    "LayerStat",
+    "MonitorSummary",
+    "NonFiniteEvent",
+    "read_log",
+]
+
+MAX_LINE = 1 << 24
+"""Longest log line read (16 MiB, ~400,000 layers); longer lines are named and left out."""
+MAX_NAMES = 1 << 16
+"""Most distinct layer (and extra) names kept from one log; more are named and left out."""
+MAX_CELLS = 1 << 27
+"""Most steps x layers held as a dense matrix (1 GiB of float64); past it, the first layers
+are kept and the rest named in ``History.problems``."""
+_MAX_PROBLEMS = 20  # problems listed one by one; the rest are counted
+
+
+# ---------------------------------------------------------------------------------------
+# summary
+
+
+@dataclass(frozen=True)
+class LayerStat:
+    """One layer's pre-clip norms over the run: the largest finite one, and their mean."""
+
+    name: str
+    max: float
+    mean: float
+
+
+@dataclass(frozen=True)
+class NonFiniteEvent:
+    """A step whose gradients held NaN/inf, and the layers whose norm was non-finite."""
+
+    step: int
+    layers: tuple[str, ...]
+    skipped: bool
+
+
+def _percentiles(values: Tensor) -> dict[str, float]:
+    finite = values[torch.isfinite(values)]
+    if finite.numel() == 0:
+        return {}
+    q = torch.quantile(finite, torch.tensor([0.5, 0.9, 0.99], dtype=finite.dtype)).tolist()
+    return {"p50": q[0], "p90": q[1], "p99": q[2], "max": finite.max().item()}
+
+
+@dataclass(frozen=True)
+class MonitorSummary:
+    """What clipping did over a run.
+
+    Attributes:
+        steps: recorded steps.
+        clipped_steps, nonfinite_steps, skipped_steps: steps that clipped / had NaN-inf
+            gradients / were skipped.
+        clip_rate: ``clipped_steps / steps`` (0 when nothing was recorded).
+        norm_percentiles: ``{"p50", "p90", "p99", "max"}`` of the finite pre-clip norms.
+        threshold: the last finite threshold recorded (None: none).
+        top_layers: the layers with the largest finite pre-clip norm, largest first.
+        first_nonfinite: the first step with non-finite gradients and its layers (None: none).
+        nonfinite_layers: each layer that was ever non-finite -> the first step it was.
+    """
+
+    steps: int
+    clipped_steps: int
+    nonfinite_steps: int
+    skipped_steps: int
+    clip_rate: float
+    norm_percentiles: dict[str, float]
+    threshold: float | None
+    top_layers: tuple[LayerStat, ...]
+    first_nonfinite: NonFiniteEvent | None
+    nonfinite_layers: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        history: History,
+        layers: Sequence[LayerStat],
+        nonfinite_layers: dict[str, int],
+        first_nonfinite: NonFiniteEvent | None,
+        top: int = 5,
+    ) -> MonitorSummary:
+        """The summary of ``history``'s totals, with per-layer figures computed elsewhere
+        (from its layer matrix, or from a monitor's running aggregates)."""
+        n = len(history)
+        thresholds = history.threshold[torch.isfinite(history.threshold)]
+        ranked = sorted((s for s in layers if math.isfinite(s.max)), key=lambda s: -s.max)
+        return cls(
+            steps=n,
+            clipped_steps=int(history.clipped.sum()),
+            nonfinite_steps=int((~history.finite).sum()),
+            skipped_steps=int(history.skipped.sum()),
+            clip_rate=float(history.clipped.double().mean()) if n else 0.0,
+            norm_percentiles=_percentiles(history.norm),
+            threshold=float(thresholds[-1]) if thresholds.numel() else None,
+            top_layers=tuple(ranked[:top]),
+            first_nonfinite=first_nonfinite,
+            nonfinite_layers=nonfinite_layers,
+        )
+
+    def to_text(self) -> str:
+        """A few plain lines for a terminal."""
+        pct = ", ".join(f"{k} {v:.4g}" for k, v in self.norm_percentiles.items())
+        lines = [
+            f"{self.steps} steps; clipped {self.clipped_steps} ({self.clip_rate:.1%}); "
+            f"non-finite {self.nonfinite_steps} (skipped {self.skipped_steps})",
+            f"pre-clip norm: {pct or 'no finite value'}; threshold: {self.threshold}",
+        ]
+        if self.top_layers:
+            tops = ", ".join(f"{t.name} (max {t.max:.3g})" for t in self.top_layers)
+            lines.append(f"top layers: {tops}")
+        if self.first_nonfinite is not None:
+            e = self.first_nonfinite
+            lines.append(f"first non-finite at step {e.step}: {', '.join(e.layers) or '?'}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# history
+
+
+@dataclass(frozen=True)
+class History:
+    """A recorded run as columns: one entry per step, oldest first (CPU tensors).
+
+    Attributes:
+        steps: (N,) int64 training steps.
+        norm, post_norm, threshold, coef: (N,) float64, the numeric fields of the step
+            record (:data:`gradclip.stats.STEP_FIELDS`).
+        clipped, finite, skipped: (N,) bool, its flags.
+        layer_names: the G layers, in order of first appearance.
+        layers: (N, G) float64 pre-clip layer norms; NaN where a step did not record one.
+        extras: name -> (N,) float64 caller-attached scalars (NaN where absent).
+        norm_type: p of the norms (NaN if the records disagree).
+        source: the log file it was read from, if any.
+        problems: what was wrong with the log ("file:line: ..."), empty when nothing was.
+
+    Example:
+        >>> h = History.from_norms([1.0, 2.0, 50.0], threshold=4.0)
+        >>> h.clipped.tolist()
+        [False, False, True]
+    """
+
+    steps: Tensor
+    norm: Tensor
+    post_norm: Tensor
+    threshold: Tensor
+    coef: Tensor
+    clipped: Tensor
+    finite: Tensor
+    skipped: Tensor
+    layer_names: tuple[str, ...] = ()
+    layers: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    norm_type: float = 2.0
+    source: str | None = None
+    problems: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.layers.numel() == 0 and self.layers.shape != (len(self), 0):
+            # no layers recorded: (N, 0), so that row-wise code needs no special case
+            object.__setattr__(self, "layers", self.layers.new_zeros(len(self), 0))
+
+    def __len__(self) -> int:
+        return int(self.steps.numel())
+
+    @classmethod
+    def from_norms(
+        cls, norms: Sequence[float] | Tensor, threshold: float | None = None
+    ) -> History:
+        """A history of bare pre-clip norms, clipped at ``threshold`` (torch's rule) if given."""
+        norm = torch.as_tensor(norms, dtype=torch.float64).reshape(-1).cpu()
+        thr = torch.full_like(norm, math.nan if threshold is None else float(threshold))
+        coef = clip_coefficient(thr, norm).nan_to_num(nan=1.0)
+        scalars = {"norm": norm, "post_norm": norm * coef, "threshold": thr, "coef": coef}
+        flags = {"clipped": coef < 1, "finite": torch.isfinite(norm)}
+        flags["skipped"] = torch.zeros(norm.numel(), dtype=torch.bool)
+        return cls(steps=torch.arange(norm.numel()), **scalars, **flags)
+
+    @classmethod
+    def from_records(
+        cls,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        source: str | None = None,
+        problems: Sequence[str] = (),
+    ) -> History:
+        """Columns from step records (the dicts a monitor writes, or those of
+        :func:`gradclip.records.decode_record`)."""
+        builder = HistoryBuilder()
+        for r in records:
+            builder.add(r)
+        return builder.build(source=source, problems=problems)
+
+    def nonfinite_events(self) -> list[NonFiniteEvent]:
+        """Every step with non-finite gradients, with the layers whose norm was non-finite."""
+        bad = (~self.finite).nonzero().flatten().tolist()
+        out = []
+        for i in bad:
+            which = ~torch.isfinite(self.layers[i])
+            present = [self.layer_names[j] for j in which.nonzero().flatten().tolist()]
+            out.append(NonFiniteEvent(int(self.steps[i]), tuple(present), bool(self.skipped[i])))
+        return out
+
+    def summary(self, top: int = 5) -> MonitorSummary:
+        """Clip rate, norm percentiles, top layers and first non-finite layers of the run."""
+        stats = []
+        nonfinite_layers: dict[str, int] = {}
+        for j, name in enumerate(self.layer_names):
+            col = self.layers[:, j]
+            ok = col[torch.isfinite(col)]
+            stats.append(
+                LayerStat(
+                    name,
+                    float(ok.max()) if ok.numel() else math.nan,
+                    float(ok.mean()) if ok.numel() else math.nan,
+                )
+            )
+            bad = (torch.isinf(col) | (col.isnan() & ~self.finite)).nonzero().flatten()
+            if bad.numel():
+                nonfinite_layers[name] = int(self.steps[bad[0]])
+        events = self.nonfinite_events()
+        return MonitorSummary.of(self, stats, nonfinite_layers, events[0] if events else None, top)
+
+
+def _column(values: array, dtype: torch.dtype) -> Tensor:
+    if not len(values):
+        return torch.zeros(0, dtype=dtype)
+    return torch.frombuffer(values, dtype=dtype).clone()  # a copy: the array may grow later
+
+
+class HistoryBuilder:
+    """Step records -> a :class:`History`, kept in compact arrays (8 bytes a number).
+
+    Layer and extra values are kept sparse (row, value) until :meth:`build`, so steps that
+    record different layers (mixture-of-experts routing) cost only what they hold.
+
+    Args:
+        layers: keep per-layer norms (False: only totals, flags and extras).
+
+    Example:
+        >>> b = HistoryBuilder()
+        >>> b.add({"step": 0, "norm": 2.0, "post_norm": 1.0, "threshold": 1.0, "coef": 0.5,
+        ...        "clipped": True, "finite": True, "skipped": False, "layers": {"h": 2.0}})
+        >>> b.build().layers.tolist()
+        [[2.0]]
+    """
+
+    def __init__(self, *, layers: bool = True):
+        self._steps = array("q")
+        self._scalars = {k: array("d") for k in SCALAR_FIELDS}
+        self._flags = {k: array("b") for k in FLAG_FIELDS}
+        self._groups: dict[str, dict[str, tuple[array, array]]] = {"extra": {}}
+        if layers:
+            self._groups["layers"] = {}
+        self._dropped = {"layers": 0, "extra": 0}
+        self._norm_type: float | None = None
+        self._mixed = False
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        """Append one step record (a checked one: see :func:`gradclip.records.decode_record`)."""
+        # every value read before anything is appended: a bad record changes nothing
+        step = int(record["step"])
+        scalars = [float(record[k]) for k in self._scalars]
+        flags = [bool(record[k]) for k in self._flags]
+        groups = {g: {str(k): float(v) for k, v in record.get(g, {}).items()} for g in self._groups}
+        p = float(record.get("norm_type", 2.0))
+        row = len(self._steps)
+        self._steps.append(step)
+        for values, value in zip(self._scalars.values(), scalars, strict=True):
+            values.append(value)
+        for values, flag in zip(self._flags.values(), flags, strict=True):
+            values.append(flag)
+        if self._norm_type is None:
+            self._norm_type = p
+        elif p != self._norm_type and not (math.isnan(p) and math.isnan(self._norm_type)):
+            self._mixed = True
+        for group, columns in self._groups.items():
+            for name, value in groups[group].items():
+                column = columns.get(name)
+                if column is None:
+                    if len(columns) >= MAX_NAMES:
+                        self._dropped[group] += 1
+                        continue
+                    column = columns[name] = (array("q"), array("d"))
+                column[0].append(row)
+                column[1].append(value)
+
+    def _dense(self, group: str, notes: list[str]) -> tuple[tuple[str, ...], Tensor]:
+        columns = self._groups.get(group, {})
+        n = len(self)
+        names = list(columns)
+        if n and len(names) > MAX_CELLS // n:
+            keep = MAX_CELLS // n
+            notes.append(
+                f"{n} steps x {len(names)} {group} is more than {MAX_CELLS} values: only the "
+                f"first {keep} {group} are kept"
+            )
+            names = names[:keep]
+        if self._dropped[group]:
+            notes.append(
+                f"more than {MAX_NAMES} distinct {group} names: {self._dropped[group]} values "
+                "of later names are left out"
+            )
+        dense = torch.full((n, len(names)), math.nan, dtype=torch.float64)
+        for j, name in enumerate(names):
+            rows, values = columns[name]
+            dense[_column(rows, torch.int64), j] = _column(values, torch.float64)
+        return tuple(names), dense
+
+    def build(self, *, source: str | None = None, problems: Sequence[str] = ()) -> History:
+        """The :class:`History` of the records added so far."""
+        notes = list(problems)
+        layer_names, layers = self._dense("layers", notes)
+        extra_names, extras = self._dense("extra", notes)
+        norm_type = 2.0 if self._norm_type is None else self._norm_type
+        return History(
+            steps=_column(self._steps, torch.int64),
+            **{k: _column(v, torch.float64) for k, v in self._scalars.items()},
+            **{k: _column(v, torch.int8).bool() for k, v in self._flags.items()},
+            layer_names=layer_names,
+            layers=layers,
+            extras={k: extras[:, i] for i, k in enumerate(extra_names)},
+            norm_type=math.nan if self._mixed else norm_type,
+            source=source,
+            problems=tuple(notes),
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# reading a log
+
+
+def _open(path: Path) -> IO[bytes]:
+    """``path`` opened for reading, if it is a regular file (a FIFO would block forever)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise LogError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise LogError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device"
+        raise LogError(f"{path}: not a regular file ({kind}); pass the log file a GradMonitor wrote")
+    return os.fdopen(fd, "rb")
+
+
+def _lines(file: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) pairs; the line is None when it is longer than MAX_LINE."""
+    number = 0
+    while line := file.readline(MAX_LINE + 1):
+        number += 1
+        if len(line) > MAX_LINE and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # skip the rest of it, in bounded reads
+                line = file.readline(1 << 20)
+            yield number, None
+        else:
+            yield number, line
+
+
+class _Problems:
+    """The first _MAX_PROBLEMS problems as "file:line: what", and a count of the rest."""
+
+    def __init__(self, path: Path):
+        self.path, self.listed, self.count = path, [], 0
+
+    def add(self, number: int, what: str) -> None:
+        self.count += 1
+        if len(self.listed) < _MAX_PROBLEMS:
+            self.listed.append(f"{self.path}:{number}: {what}")
+
+    def all(self) -> list[str]:
+        more = self.count - len(self.listed)
+        return self.listed + ([f"{self.path}: {more} more bad lines not listed"] if more else [])
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not a JSON record ({exc.msg}, column {exc.colno})"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte {exc.start + 1})"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to be a step record"
+    if isinstance(exc, csv.Error):
+        return f"not a CSV row ({exc})"
+    return str(exc)
+
+
+def _csv_cells(line: bytes, lines: Iterator[tuple[int, bytes | None]]) -> list[str]:
+    """One CSV row; a quoted field may hold line breaks, so an odd number of quotes means
+    the row goes on in the next line(s), up to MAX_LINE in all."""
+    while line.count(b'"') % 2 and len(line) <= MAX_LINE:
+        nxt = next(lines, None)
+        if nxt is None or nxt[1] is None:
+            break
+        line += nxt[1]
+    return next(csv.reader([line.decode("utf-8")], strict=True), [])
+
+
+def read_log(path: str | os.PathLike[str], *, layers: bool = True) -> History:
+    """Read a log written by :class:`~gradclip.GradMonitor` (JSON lines or CSV) into a
+    :class:`History`, streaming it line by line.
+
+    Lines that cannot be trusted (not JSON, truncated, missing fields, numbers out of
+    float64's range, names that are not valid Unicode, a newer schema) are left out, each
+    named in ``History.problems`` as ``"file:line: what"``; the rest is still read, since
+    every line is a self-contained record. The format is recognised from the content: a
+    first line that is not a JSON object but has commas is CSV (every section of it, see
+    :mod:`gradclip.sinks`); anything else is read as JSON lines.
+
+    Args:
+        path: the log file.
+        layers: read the per-layer norms (False: totals, flags and extras only; less memory).
+
+    Raises:
+        LogError: the file is missing, unreadable, not a regular file (a FIFO, a
+            directory) or empty, or no line is a valid record.
+
+    Example:
+        >>> read_log("no/such/file.jsonl")
+        Traceback (most recent call last):
+        ...
+        gradclip.records.LogError: no/such/file.jsonl: no such file
+    """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    builder = HistoryBuilder(layers=layers)
+    problems = _Problems(path)
+    csv_columns: list[str] | None = None
+    is_csv: bool | None = None
+    blank = True
+    with _open(path) as file:
+        lines = _lines(file)
+        for number, line in lines:
+            if line is None:
+                blank = False
+                problems.add(number, f"longer than {MAX_LINE} bytes: not a step record")
+                continue
+            if not line.strip():
+                continue
+            blank = False
+            if is_csv is None:  # the first line decides: JSON objects, or comma-separated
+                is_csv = line.lstrip()[:1] not in (b"{", b"[") and b"," in line
+            record: Record | None = None
+            try:
+                if not is_csv:
+                    record = decode_line(line)
+                else:
+                    cells = _csv_cells(line, lines)
+                    if cells[:1] == ["schema"]:
+                        if "step" not in cells:
+                            raise ValueError("a CSV header without a 'step' column")
+                        csv_columns = cells
+                    elif csv_columns is None:
+                        raise ValueError("a CSV row before any header")
+                    else:
+                        record = decode_csv_row(csv_columns, cells)
+            except (ValueError, RecursionError, csv.Error) as exc:  # JSON/Unicode errors too
+                last = not line.endswith(b"\n")
+                problems.add(
+                    number,
+                    "truncated last line (the run was probably interrupted)" if last else _why(exc),
+                )
+            if record is not None:
+                builder.add(record)
+    if not len(builder):
+        if blank:
+            raise LogError(f"{path}: empty log (no step was recorded)")
+        listed = problems.all()
+        first = listed[0] if listed else f"{path}: no step records"
+        raise LogError(f"{first}; no valid step record in the file")
+    return builder.build(source=str(path), problems=problems.all())
