@@ -341,8 +341,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (argparse exits with 2 on bad arguments).
 
     Example:
+        >>> import tempfile, pathlib, torch, gradclip
         >>> from gradclip.cli import main
-        >>> main(["bench", "--quick"])  # doctest: +SKIP
+        >>> log = pathlib.Path(tempfile.mkdtemp()) / "grads.jsonl"
+        >>> p = torch.nn.Parameter(torch.zeros(3))
+        >>> with gradclip.GradMonitor(gradclip.NormClip(1.0), log=log, every=10) as monitor:
+        ...     for step in range(60):
+        ...         p.grad = torch.full((3,), 0.1 + 0.01 * (step % 7))
+        ...         _ = monitor(p)
+        >>> main(["recommend", str(log)])  # doctest: +ELLIPSIS
+        recommended max_norm: 0.28 (norm_type 2)
+        ...
+        0
     """
     args = build_parser().parse_args(argv)
     return args.run(args)

@@ -9,7 +9,9 @@ Plain PyTorch, with or without ``torch.amp``, needs no integration: see the READ
 "Integrations".
 
 Example:
-    >>> from gradclip.integrations.lightning import GradClipCallback  # doctest: +SKIP
+    >>> import gradclip
+    >>> from gradclip.integrations.lightning import GradClipCallback  # needs lightning
+    >>> callback = GradClipCallback(gradclip.AdaptiveClip())
 """
 
 __all__: list[str] = []
