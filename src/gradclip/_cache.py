@@ -59,7 +59,13 @@ class LRU(Generic[K, V]):
         return value
 
     def get_or_build(self, key: K, build: Callable[[], V]) -> V:
-        """The entry for ``key``, built by ``build()`` (outside the lock) when missing."""
+        """The entry for ``key``, built by ``build()`` (outside the lock) when missing.
+
+        While ``torch.compile`` traces, ``build()`` runs at trace time and nothing is cached:
+        the lock would break the graph, and the result becomes part of the compiled code.
+        """
+        if _foreach.is_compiling():
+            return build()
         value = self.get(key)
         return self.put(key, build()) if value is None else value
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -18,6 +18,7 @@ __all__ = [
     "TORCH_VERSION",
     "check_foreach",
     "device_has_foreach",
+    "distinct",
     "flatten",
     "foreach_clamp_",
     "foreach_mul_",
@@ -28,6 +29,7 @@ __all__ = [
     "is_compiling",
     "is_host_device",
     "named_parameters",
+    "real_dtype",
     "wide_dtype",
 ]
 
@@ -55,11 +57,33 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+_REAL = {torch.complex32: torch.float16, torch.complex64: torch.float32,
+         torch.complex128: torch.float64}
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype.to_real()``, in a form ``torch.compile`` traces (it cannot trace that method)."""
+    return _REAL.get(dtype, dtype)
+
+
 def wide_dtype(device: torch.device) -> torch.dtype:
     """The widest float a device computes in: float64, except on Apple's MPS (no float64),
     where float32 is all there is. Sums of squared norms are taken in it, so that finite
     float32 norms up to float32's largest value never overflow into ``inf``."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def distinct(tensors: Iterable[Tensor], *, lasting: bool) -> list[Tensor]:
+    """The distinct tensors of ``tensors`` (by identity), first occurrence first.
+
+    ``lasting``: the tensors live across steps (parameters). Identity is compared by
+    ``id()``, which under ``torch.compile`` guards on each object: fine for parameters, a
+    recompilation per step for gradients that ``zero_grad(set_to_none=True)`` replaces.
+    While compiling, short-lived tensors are therefore not deduplicated (as in torch).
+    """
+    if not lasting and is_compiling():
+        return list(tensors)
+    return list({id(t): t for t in tensors}.values())
 
 
 def device_has_foreach(device: torch.device) -> bool:

@@ -63,13 +63,10 @@ def _params_list(parameters: TensorOrTensors, *, warn_empty_generator: bool) -> 
     return params
 
 
-def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
-    """Distinct tensors (by identity), first occurrence order."""
-    return list({id(t): t for t in tensors}.values())
-
-
 def _unique_grads(params: list[Tensor]) -> list[Tensor]:
-    return _unique(p.grad for p in params if p.grad is not None)
+    """The distinct gradients of the distinct parameters (see :func:`_foreach.distinct`)."""
+    grads = (p.grad for p in _foreach.distinct(params, lasting=True) if p.grad is not None)
+    return _foreach.distinct(grads, lasting=False)
 
 
 def _raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
@@ -189,7 +186,7 @@ def get_total_norm(
         tensor(5.)
     """
     p = check_norm_type(norm_type)
-    tensors = _unique(tensor_list(tensors, "tensors"))
+    tensors = _foreach.distinct(tensor_list(tensors, "tensors"), lasting=False)
     result = _measure(tensors, p, foreach, shard_group, extra_groups)
     if error_if_nonfinite:
         _raise_if_nonfinite(result.total, p)

@@ -326,8 +326,9 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         recorded = (norm > k.zero) & (norm < k.inf)  # False for NaN, inf and a zero gradient
         # Unwritten slots hold +inf and sort last: the lower median of the recorded norms,
         # and inf while there is none.
-        middle = torch.take(k.middle, torch.minimum(count, k.window))  # no host read
-        median = torch.take(history.sort().values, middle)
+        # gather, not take: no host read, and it traces under torch.compile
+        middle = k.middle.gather(0, torch.minimum(count, k.window).reshape(1))
+        median = history.sort().values.gather(0, middle).reshape(())
 
         first = count == 0
         grown = previous * torch.where(warm, k.warmup_rate, k.rate)

@@ -223,9 +223,8 @@ class AGC(Clipper):
             return tuple(bool(rule(n, p)) for n, p in zip(names, params, strict=True))
         if not self._patterns:
             return (False,) * len(names)
-        return self._pattern_cache.get_or_build(names, lambda: tuple(
-            any(fnmatch.fnmatchcase(n, pat) for pat in self._patterns) for n in names  # type: ignore[union-attr]
-        ))
+        patterns = self._patterns
+        return self._pattern_cache.get_or_build(names, lambda: _matches(names, patterns))
 
     # -- the step -----------------------------------------------------------------------
 
@@ -458,6 +457,12 @@ def _coef_as(coef: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
 # ---------------------------------------------------------------------------------------
 # argument checks
 
+
+
+@torch.compiler.assume_constant_result  # names and patterns are strings: known at trace time
+def _matches(names: tuple[str, ...], patterns: tuple[str, ...]) -> tuple[bool, ...]:
+    """For each name, whether an fnmatch pattern matches it."""
+    return tuple(any(fnmatch.fnmatchcase(n, pat) for pat in patterns) for n in names)
 
 
 def _check_exclude(exclude: object) -> ExcludeRule:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 
-from gradclip import distributed, norms
+from gradclip import _foreach, distributed, norms
 from gradclip._checks import check_norm_type
 from gradclip.clippers import fold, pipeline
 from gradclip.clippers.state import StateStore
@@ -264,7 +264,10 @@ class Clipper(Generic[S]):
             >>> stats = gradclip.NormClip(1.0).step(model, opt)
         """
         target = self._resolve(parameters)
-        folded = fold.plan(optimizer, target.grads) if self.folds_into_fused else None
+        # Not while compiling: torch's optimizer.step() breaks the graph on purpose, and a
+        # grad_scale set on the optimizer inside a graph does not survive that break.
+        foldable = self.folds_into_fused and not _foreach.is_compiling()
+        folded = fold.plan(optimizer, target.grads) if foldable else None
         stats = pipeline.clip(self, target, fold=folded)
         if folded is not None and folded.armed:
             folded.step()
