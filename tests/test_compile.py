@@ -21,7 +21,6 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import gradclip
-
 from clippers.registry import ENTRIES, Entry
 
 pytestmark = pytest.mark.usefixtures("one_thread")

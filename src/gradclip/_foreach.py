@@ -28,6 +28,7 @@ __all__ = [
     "has_foreach_support",
     "is_compiling",
     "is_host_device",
+    "mesh_layout",
     "named_parameters",
     "real_dtype",
     "wide_dtype",
@@ -84,6 +85,19 @@ def distinct(tensors: Iterable[Tensor], *, lasting: bool) -> list[Tensor]:
     if not lasting and is_compiling():
         return list(tensors)
     return list({id(t): t for t in tensors}.values())
+
+
+def mesh_layout(mesh: object) -> str | tuple[int, ...]:
+    """A description of a ``DeviceMesh``'s layout, the same on every rank of it, orderable.
+
+    Recent torch describes a mesh by a Python layout object (``_layout``), read here
+    without touching a tensor. Older releases keep the mesh as a (CPU) tensor of ranks,
+    which is read once.
+    """
+    layout = getattr(mesh, "_layout", None)
+    if layout is not None:
+        return repr(layout)
+    return tuple(mesh.mesh.flatten().tolist())  # type: ignore[attr-defined]
 
 
 def device_has_foreach(device: torch.device) -> bool:

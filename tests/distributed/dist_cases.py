@@ -122,6 +122,23 @@ def describe(value: Any) -> tuple[float | None, str]:
     return float(value), type(value).__name__
 
 
+def first_call_reads(model: nn.Module, params: list, kwargs: dict) -> list[str]:
+    """Host reads of the first calls on this layout (new meshes, nothing cached), on the
+    accelerator code path: the plan reads no value either (tests/host_reads.py)."""
+    from host_reads import HostReadDetector
+
+    original = gradclip._foreach.is_host_device
+    gradclip._foreach.is_host_device = lambda device: False
+    try:
+        with HostReadDetector() as detector:
+            gradclip.grad_norms(params, 2.0, **kwargs)
+            gradclip.NormClip(1e30, **kwargs)(model)
+            gradclip.clip_grad_norm_(params, 1e30, math.inf, **kwargs)
+        return detector.reads
+    finally:
+        gradclip._foreach.is_host_device = original
+
+
 def check_layout_case(
     rec: list[dict], case: str, model: nn.Module, ref: dict[str, torch.Tensor], *,
     gather: Callable[[], dict[str, torch.Tensor]] | None = None,
@@ -132,6 +149,9 @@ def check_layout_case(
     gather = gather or (lambda: full_grads(model))
     params = list(model.parameters())
     saved = Saved(params)
+    rec.append({"case": "first_call_reads", "layout": case,
+                "reads": first_call_reads(model, params, kwargs)})
+    saved.restore()
     for p in p_values:
         ref_total = float(tnu.get_total_norm(list(ref.values()), p))
         max_norm = 0.5 * ref_total

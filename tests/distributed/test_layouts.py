@@ -309,6 +309,19 @@ def test_bad_input(two):
         assert "extra_groups[0]" in e["error"] and "'world'" in e["error"]
 
 
+@pytest.mark.parametrize("suite", ["two", "four"])
+def test_no_host_reads_on_the_first_call_of_any_layout(suite, request):
+    """The reduction plan of a new layout (new meshes, nothing cached) reads no value on the
+    host: DDP, FSDP1, FSDP2, TP, mixed, pipeline, FSDP x TP, HSDP, pipeline x FSDP2."""
+    per_rank = records(request.getfixturevalue(suite), "first_call_reads")
+    layouts = {e["layout"] for rank in per_rank for e in rank}
+    expected = {"two": {"ddp", "fsdp2", "tp", "mixed", "pp"}, "four": {"fsdp_tp", "hsdp", "pp_fsdp"}}
+    assert expected[suite] <= layouts, layouts
+    for rank in per_rank:
+        for e in rank:
+            assert e["reads"] == [], f"{e['layout']}: {e['reads']}"
+
+
 def test_no_host_reads_in_the_reduction(two):
     per_rank = records(two, "host_reads")
     assert {e["call"] for e in per_rank[0]} == {"dtensor", "shard_group", "extra_groups", "clipper",

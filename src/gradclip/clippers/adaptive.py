@@ -294,15 +294,18 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         if constants is None or constants.slots.device != device:
             window = self.window
             # The lower median of n recorded norms sits at sorted index (n - 1) // 2.
-            middle = [(min(max(n - 1, 0), window - 1)) // 2 for n in range(window + 1)]
+            # Built on the device (fill, arange), not copied from the host: a first call
+            # makes no host-to-device copy either.
+            counts = torch.arange(window + 1, device=device)
 
             def f32(value: float) -> Tensor:
-                return torch.tensor(value, dtype=torch.float32, device=device)
+                return torch.full((), value, dtype=torch.float32, device=device)
 
             constants = self._constants = _Constants(
                 slots=torch.arange(window, device=device),
-                window=torch.tensor(window, device=device),
-                middle=torch.tensor(middle, device=device),
+                window=torch.full((), window, dtype=torch.long, device=device),
+                # the lower median of n recorded norms sits at sorted index (n - 1) // 2
+                middle=torch.div((counts - 1).clamp(0, window - 1), 2, rounding_mode="floor"),
                 zero=f32(0.0),
                 inf=f32(math.inf),
                 rate=f32(1 + self.growth),
