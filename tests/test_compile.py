@@ -193,3 +193,30 @@ def test_without_warm_up_one_recompile_at_most():
             _backward(model, step, scale)
             call()
         assert counter.frame_count <= 2, entry.name
+
+
+@pytest.mark.parametrize("name", ["NormClip", "ValueClip"])
+def test_a_threshold_schedule_neither_recompiles_nor_is_ignored(name):
+    """``max_norm`` / ``clip_value`` changed between steps: read from a device tensor, so the
+    compiled step keeps its one graph and follows the new value (a captured CUDA graph too)."""
+    attr, values = {"NormClip": ("max_norm", (1.0, 0.1, 3.0)),
+                    "ValueClip": ("clip_value", (0.05, 0.01, 0.2))}[name]
+    eager, compiled = getattr(gradclip, name)(values[0]), getattr(gradclip, name)(values[0])
+    models = [_model(), _model()]
+    for clipper, model in zip((eager, compiled), models, strict=True):
+        _backward(model, 99, 1.0)
+        clipper(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    call = torch.compile(lambda: compiled(models[1]), backend=counter, fullgraph=True)
+    for step, value in enumerate(values * 2):
+        setattr(eager, attr, value)
+        setattr(compiled, attr, value)
+        for model in models:
+            _backward(model, step, 5.0)
+        expected, got = eager(models[0]), call()
+        assert float(got.threshold) == float(expected.threshold) == pytest.approx(value)
+        for a, b in zip(_grads(models[1]), _grads(models[0]), strict=True):
+            _assert_close(a, b)
+    assert counter.frame_count == 1
+    with pytest.raises(ValueError, match=attr):
+        setattr(compiled, attr, -1.0)

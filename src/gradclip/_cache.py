@@ -90,6 +90,12 @@ def index_tensor(positions: tuple[int, ...], device: torch.device) -> Tensor:
     if _foreach.is_compiling():
         return torch.tensor(positions, dtype=torch.long, device=device)
     key = (positions, device)
+    if _foreach.capturing() and _INDEX_TENSORS.get(key) is None:
+        raise RuntimeError(
+            "gradclip needs an index tensor it has not built yet inside a CUDA graph capture "
+            "(building it is a host-to-device copy, which a capture cannot contain): run the "
+            "captured step once before capturing it, with the same parameters"
+        )
     return _INDEX_TENSORS.get_or_build(
         key, lambda: torch.tensor(positions, dtype=torch.long, device=device)
     )

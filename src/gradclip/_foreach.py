@@ -16,6 +16,7 @@ from torch.utils import _foreach_utils
 
 __all__ = [
     "TORCH_VERSION",
+    "capturing",
     "check_foreach",
     "device_has_foreach",
     "distinct",
@@ -98,6 +99,11 @@ def mesh_layout(mesh: object) -> str | tuple[int, ...]:
     if layout is not None:
         return repr(layout)
     return tuple(mesh.mesh.flatten().tolist())  # type: ignore[attr-defined]
+
+
+def capturing() -> bool:
+    """True while a CUDA graph is being captured on the current stream (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def device_has_foreach(device: torch.device) -> bool:

@@ -35,13 +35,15 @@ equal to ``max_norm`` is scaled (it is, by ``1 / (1 + 1e-6 / max_norm)``)."""
 def clip_coefficient(max_norm: float | Tensor, total: Tensor) -> Tensor:
     """torch's coefficient ``min(max_norm / (total + 1e-6), 1)`` as a tensor (no host read).
 
-    ``total`` may be 0-dim or 1-D (one coefficient per norm).
+    ``total`` may be 0-dim or 1-D (one coefficient per norm). Computed as torch computes it
+    for a Python ``max_norm`` (``Tensor.__rtruediv__``: the reciprocal, then a product), so a
+    ``max_norm`` held in a tensor of ``total``'s dtype gives the same bits as the number.
 
     Example:
         >>> clip_coefficient(1.0, torch.tensor(4.0))
         tensor(0.2500)
     """
-    return torch.clamp(max_norm / (total + TORCH_EPS), max=1.0)
+    return torch.clamp((total + TORCH_EPS).reciprocal() * max_norm, max=1.0)
 
 
 def _f32(x: float) -> float:

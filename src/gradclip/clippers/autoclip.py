@@ -98,7 +98,7 @@ class AutoClip(Clipper[AutoClipState]):
         >>> stats.threshold                # median of [5, 1, 50]
         tensor(5.)
         >>> p.grad                         # the norm-50 step clipped to ~5
-        tensor([3., 4.])
+        tensor([3.0000, 4.0000])
 
     References:
         Prem Seetharaman, Gordon Wichern, Bryan Pardo, Jonathan Le Roux. "AutoClip:

@@ -272,8 +272,16 @@ class Clipper(Generic[S]):
         if folded is not None and folded.armed:
             folded.step()
             return stats
-        if self.nonfinite == "skip" and bool(stats.skipped):
-            return stats
+        if self.nonfinite == "skip":
+            if _foreach.capturing():
+                raise RuntimeError(
+                    "nonfinite='skip' with this optimizer decides on the host whether to step "
+                    "(one read), which a CUDA graph capture cannot contain; use a fused "
+                    "optimizer (fused=True), which skips through found_inf on the device, or "
+                    "nonfinite='propagate'"
+                )
+            if bool(stats.skipped):
+                return stats
         optimizer.step()
         return stats
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gradclip import _foreach
 from gradclip.nonfinite import raise_nonfinite
 from gradclip.norms import total_norm
 from gradclip.stats import ClipStats
@@ -43,6 +44,13 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None) -> ClipStats:
         nan = total.new_full((), float("nan"))
         return ClipStats(total, total, nan, one, false, ~false, false, measured, names)
     store = clipper._store
+    if _foreach.capturing() and store.values["steps"].device != total.device:
+        raise RuntimeError(
+            f"{type(clipper).__name__} is being captured into a CUDA graph before its first "
+            "call: that call moves its state to the GPU (a host-to-device copy, which a capture "
+            "cannot contain). Call the clipper once before capturing (the warm-up iterations "
+            "torch.cuda.graph needs anyway); nothing was changed."
+        )
     store.to(total.device)
     finite = torch.isfinite(total)
     if clipper.nonfinite == "error":
