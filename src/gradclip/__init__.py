@@ -34,10 +34,11 @@ from gradclip.functional import (
     get_total_norm,
     grad_norms,
 )
-from gradclip.history import History, MonitorSummary, read_log
+from gradclip.history import History, MonitorSummary
 from gradclip.monitor import GradMonitor
 from gradclip.nonfinite import NonFiniteGradientError
 from gradclip.norms import GradNorms
+from gradclip.readlog import read_log
 from gradclip.recommend import Recommendation, recommend_max_norm
 from gradclip.sinks import CSVSink, JSONLSink, LogError, Sink, TensorBoardSink
 from gradclip.stats import ClipStats

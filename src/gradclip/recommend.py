@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradclip.history import History, read_log
+from gradclip.history import History
 from gradclip.monitor import GradMonitor
+from gradclip.readlog import read_log
 from gradclip.scale import TORCH_EPS
 
 __all__ = ["QUANTILE", "SPIKE_Z", "Recommendation", "recommend_max_norm", "render_text"]

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradclip.history import History, MonitorSummary, NonFiniteEvent, read_log
+from gradclip.history import History, MonitorSummary, NonFiniteEvent
+from gradclip.readlog import read_log
 from gradclip.recommend import Recommendation, recommend_max_norm
 
 __all__ = ["Report", "bin_max", "build_report", "rolling_mean"]
