@@ -111,12 +111,18 @@ def clip_(groups: _foreach.Groups, max_norm: float, total: Tensor, foreach: bool
         scale: float | Tensor = coef
         if dtype not in (torch.float32, torch.float64):
             scale = torch.tensor(coef, dtype=total.dtype)
-        use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
-        if use_foreach:
-            _foreach.foreach_mul_(group, scale)
-        else:
-            for g in group:
-                g.mul_(scale)
+        _multiply(group, device, scale, foreach)
+
+
+def _multiply(group: list[Tensor], device: torch.device, scale: float | Tensor,
+              foreach: bool | None) -> None:
+    """``group *= scale`` in place: one multi-tensor kernel where torch has one, else a loop."""
+    use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
+    if use_foreach:
+        _foreach.foreach_mul_(group, scale)
+    else:
+        for g in group:
+            g.mul_(scale)
 
 
 def noop_on_host(device: torch.device, coef: Tensor) -> bool:
@@ -142,14 +148,8 @@ def scale_(groups: _foreach.Groups, coef: Tensor, foreach: bool | None) -> None:
     _foreach.check_foreach(groups, foreach)
     for (device, _), (group, _) in groups.items():
         scale = coef.to(device)
-        if noop_on_host(device, scale):
-            continue
-        use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
-        if use_foreach:
-            _foreach.foreach_mul_(group, scale)
-        else:
-            for g in group:
-                g.mul_(scale)
+        if not noop_on_host(device, scale):
+            _multiply(group, device, scale, foreach)
 
 
 def scale_each_(groups: _foreach.Groups, coefs: Tensor) -> None:
