@@ -238,7 +238,7 @@ def takes_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step()`` divides by ``optimizer.grad_scale`` and skips on
     ``optimizer.found_inf`` itself, as ``GradScaler`` relies on (torch's private flag).
 
-    torch < 2.10: the fused ``Adagrad`` does not declare it, so it is stepped like any other
+    torch < 2.12: the fused ``Adagrad`` does not declare it, so it is stepped like any other
     optimizer (GradScaler unscales its gradients first, and so does gradclip).
     """
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))

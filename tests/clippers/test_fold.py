@@ -51,9 +51,9 @@ def test_fold_equals_clip_then_step_from_the_first_step(cls, kwargs) -> None:
         _backward(folded, step)
         _backward(plain, step)
         folds = fold.plan(opt_f, [p.grad for p in folded.parameters()]) is not None
-        # torch < 2.13: fused Adagrad takes no grad_scale (it does not set
+        # torch < 2.12: fused Adagrad takes no grad_scale (it does not set
         # _step_supports_amp_scaling, so GradScaler unscales for it too): gradclip multiplies
-        assert folds is not (cls is torch.optim.Adagrad and _foreach.TORCH_VERSION < (2, 13))
+        assert folds is not (cls is torch.optim.Adagrad and _foreach.TORCH_VERSION < (2, 12))
         clip_f.step(folded, opt_f)
         clip_p(plain)
         opt_p.step()

@@ -96,12 +96,15 @@ def assert_per_tensor(e: dict, what: str) -> None:
         assert close(value, want), f"{what} {name}: {value} != {want}"
 
 
-# torch < 2.NR returns the p-norm of sharded DTensor gradients unreduced: a lazy `_NormPartial`
-# DTensor whose local value (what `.item()` shows) is this rank's part of the norm. Later
-# releases return it reduced, a `Replicate` DTensor that holds the whole norm on every rank
-# (and the inf-norm as a plain `Partial(max)`, where older ones keep `_NormPartial` too).
-TORCH_NORM_REDUCED = _foreach.TORCH_VERSION >= (2, 13)
-TORCH_INF_NORM = "DTensor(Partial)" if TORCH_NORM_REDUCED else "DTensor(_NormPartial)"
+# What torch's own norm of sharded DTensor gradients is, by release. torch < 2.10: unreduced, a
+# lazy `_NormPartial` DTensor whose local value (what `.item()` shows) is this rank's part of the
+# norm, for every p. From 2.10: p-norms reduced, a `Replicate` DTensor holding the whole norm on
+# every rank. The inf-norm: reduced too in 2.10 only (right on every rank); from 2.11 a
+# `Partial(max)` again, whose local value is the rank-local max.
+TORCH_NORM_REDUCED = _foreach.TORCH_VERSION >= (2, 10)
+TORCH_INF_REDUCED = _foreach.TORCH_VERSION == (2, 10)
+TORCH_INF_NORM = ("DTensor(Replicate)" if TORCH_INF_REDUCED else
+                  "DTensor(Partial)" if TORCH_NORM_REDUCED else "DTensor(_NormPartial)")
 
 
 def kinds(entry: dict) -> set[str]:
@@ -166,10 +169,10 @@ def test_fsdp1_flat_params_with_shard_group(two):
 def test_fsdp2(two):
     per_rank = assert_ours_exact(two, "fsdp2")
     for e in (e for rank in per_rank for e in rank):
-        if math.isinf(e["p"]):  # torch: Partial(max); .item() is the rank-local max
+        if math.isinf(e["p"]):  # torch >= 2.11: Partial(max); .item() is the rank-local max
             assert e["torch_type"] == TORCH_INF_NORM
     assert_torch_p_norms(per_rank, [[0, 1]])
-    assert torch_wrong_somewhere(per_rank, math.inf)
+    assert torch_wrong_somewhere(per_rank, math.inf) is not TORCH_INF_REDUCED
 
 
 def test_fsdp2_empty_local_shards(two):
@@ -364,7 +367,7 @@ def test_fsdp_x_tp_on_a_2d_mesh_and_a_second_mesh(four):
 def test_hsdp(four):
     per_rank = assert_ours_exact(four, "hsdp")
     assert_torch_p_norms(per_rank, [[0, 1], [2, 3]])  # mesh (replicate, shard) [[0, 1], [2, 3]]
-    assert torch_wrong_somewhere(per_rank, math.inf)
+    assert torch_wrong_somewhere(per_rank, math.inf) is not TORCH_INF_REDUCED
 
 
 def test_pipeline_x_fsdp2(four):
