@@ -1,7 +1,9 @@
 """The only code that touches ``torch._foreach_*`` and private torch helpers.
 
 Everything version-sensitive is wrapped here so that a torch upgrade that moves a private
-helper breaks one file, not the package.
+helper breaks one file, not the package. The torch releases the suite has been run on are
+``SUPPORTED_TORCH`` (README, "Tested versions"); importing gradclip under another torch
+warns once.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 from torch.utils import _foreach_utils
 
 __all__ = [
+    "SUPPORTED_TORCH",
     "TORCH_VERSION",
+    "UntestedTorchWarning",
     "capturing",
     "check_foreach",
+    "check_torch_version",
     "device_has_foreach",
     "distinct",
     "flatten",
@@ -25,6 +31,7 @@ __all__ = [
     "foreach_mul_",
     "foreach_norm",
     "fused_handles",
+    "grads_unscaled",
     "group_by_device_dtype",
     "has_foreach_support",
     "is_compiling",
@@ -32,6 +39,7 @@ __all__ = [
     "mesh_layout",
     "named_parameters",
     "real_dtype",
+    "takes_grad_scale",
     "wide_dtype",
 ]
 
@@ -39,6 +47,43 @@ TORCH_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
     int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups()  # type: ignore[union-attr]
 )
 """(major, minor) of the installed torch: what the version shims below compare against."""
+
+SUPPORTED_TORCH: tuple[tuple[int, int], tuple[int, int]] = ((2, 8), (2, 16))
+"""``[oldest, first unsupported)`` torch (major, minor): the releases the whole suite has been
+run on. pyproject.toml declares the same range (``torch>=2.8,<2.16``; a test keeps them equal)."""
+
+
+class UntestedTorchWarning(UserWarning):
+    """The installed torch is outside :data:`SUPPORTED_TORCH`."""
+
+
+_version_warned = False
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Warn once per process if ``version`` (default: the installed torch's) is outside
+    :data:`SUPPORTED_TORCH`. gradclip relies on private torch helpers that move between
+    releases; under an untested torch it may break or misbehave. Runs when gradclip is imported.
+
+    Example:
+        >>> check_torch_version()  # an installed torch in the range: nothing happens
+    """
+    global _version_warned
+    version = torch.__version__ if version is None else version
+    match = re.match(r"(\d+)\.(\d+)", version)
+    found = (int(match[1]), int(match[2])) if match else None
+    low, high = SUPPORTED_TORCH
+    if _version_warned or (found is not None and low <= found < high):
+        return
+    _version_warned = True
+    warnings.warn(
+        f"gradclip supports torch>={low[0]}.{low[1]},<{high[0]}.{high[1]} (the releases its "
+        f"test suite runs on); torch {version} is installed. gradclip uses private torch "
+        "helpers that change between releases: install a supported torch, or run gradclip's "
+        "tests on this one before trusting it.",
+        UntestedTorchWarning,
+        stacklevel=2,
+    )
 
 Groups = dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]
 
@@ -104,6 +149,7 @@ def mesh_layout(mesh: object) -> str | tuple[int, ...]:
 def capturing() -> bool:
     """True while a CUDA graph is being captured on the current stream (False without CUDA)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+check_torch_version()
 
 
 def device_has_foreach(device: torch.device) -> bool:
@@ -232,3 +278,23 @@ def fused_handles(optimizer: torch.optim.Optimizer, grad: Tensor) -> bool:
         )
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------
+# optimizers and GradScaler: private attributes read in one place
+
+
+def takes_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` divides by ``optimizer.grad_scale`` and skips on
+    ``optimizer.found_inf`` itself, as ``GradScaler`` relies on (torch's private flag).
+
+    torch < 2.12: the fused ``Adagrad`` does not declare it, so it is stepped like any other
+    optimizer (GradScaler unscales its gradients first, and so does gradclip).
+    """
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def grads_unscaled(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` already ran since the last ``update()`` (a second
+    call raises). torch has no public query: it keeps the stage per optimizer."""
+    return scaler._per_optimizer_states[id(optimizer)]["stage"] is not OptState.READY

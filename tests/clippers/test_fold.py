@@ -50,7 +50,10 @@ def test_fold_equals_clip_then_step_from_the_first_step(cls, kwargs) -> None:
     for step in range(4):
         _backward(folded, step)
         _backward(plain, step)
-        assert fold.plan(opt_f, [p.grad for p in folded.parameters()]) is not None
+        folds = fold.plan(opt_f, [p.grad for p in folded.parameters()]) is not None
+        # torch < 2.12: fused Adagrad takes no grad_scale (it does not set
+        # _step_supports_amp_scaling, so GradScaler unscales for it too): gradclip multiplies
+        assert folds is not (cls is torch.optim.Adagrad and _foreach.TORCH_VERSION < (2, 12))
         clip_f.step(folded, opt_f)
         clip_p(plain)
         opt_p.step()

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import dist_cases as cases
 import dist_launcher as launcher
 
+from gradclip import _foreach
+
 RTOL = 1e-5  # float32 totals: torch's own summation error reaches 2e-6
 GRAD_RTOL = 1e-5
 
@@ -94,6 +96,39 @@ def assert_per_tensor(e: dict, what: str) -> None:
         assert close(value, want), f"{what} {name}: {value} != {want}"
 
 
+# What torch's own norm of sharded DTensor gradients is, by release. torch < 2.10: unreduced, a
+# lazy `_NormPartial` DTensor whose local value (what `.item()` shows) is this rank's part of the
+# norm, for every p. From 2.10: p-norms reduced, a `Replicate` DTensor holding the whole norm on
+# every rank. The inf-norm: reduced too in 2.10 only (right on every rank); from 2.11 a
+# `Partial(max)` again, whose local value is the rank-local max.
+TORCH_NORM_REDUCED = _foreach.TORCH_VERSION >= (2, 10)
+TORCH_INF_REDUCED = _foreach.TORCH_VERSION == (2, 10)
+TORCH_INF_NORM = ("DTensor(Replicate)" if TORCH_INF_REDUCED else
+                  "DTensor(Partial)" if TORCH_NORM_REDUCED else "DTensor(_NormPartial)")
+
+
+def kinds(entry: dict) -> set[str]:
+    """The placement types of the DTensor torch returned (``describe`` in dist_cases)."""
+    return set(entry["torch_type"].removeprefix("DTensor(").removesuffix(")").split(","))
+
+
+def assert_torch_p_norms(per_rank: list[list[dict]], shard_groups: list[list[int]]) -> None:
+    """torch's finite-p norms on a layout where they are right: reduced, or on older torch
+    partial, with the parts of each shard group's ranks combining to the reference norm."""
+    for entries in zip(*per_rank, strict=True):
+        p, ref = entries[0]["p"], entries[0]["ref"]
+        if math.isinf(p):
+            continue
+        if TORCH_NORM_REDUCED:
+            assert all(kinds(e) == {"Replicate"} for e in entries), entries
+            assert all(close(e["torch"], ref) for e in entries), (p, entries)
+            continue
+        assert all("_NormPartial" in kinds(e) for e in entries), entries
+        for group in shard_groups:
+            combined = sum(entries[r]["torch"] ** p for r in group) ** (1 / p)
+            assert close(combined, ref), (p, group, combined, ref)
+
+
 def torch_wrong_somewhere(per_rank: list[list[dict]], p: float) -> bool:
     entries = [e for rank in per_rank for e in rank if e["p"] == p]
     return any(not close(e["torch"], e["ref"], 1e-3) for e in entries)
@@ -134,11 +169,10 @@ def test_fsdp1_flat_params_with_shard_group(two):
 def test_fsdp2(two):
     per_rank = assert_ours_exact(two, "fsdp2")
     for e in (e for rank in per_rank for e in rank):
-        if math.isinf(e["p"]):  # torch: Partial(max); .item() is the rank-local max
-            assert e["torch_type"] == "DTensor(Partial)"
-        else:
-            assert e["torch_type"] == "DTensor(Replicate)" and close(e["torch"], e["ref"])
-    assert torch_wrong_somewhere(per_rank, math.inf)
+        if math.isinf(e["p"]):  # torch >= 2.11: Partial(max); .item() is the rank-local max
+            assert e["torch_type"] == TORCH_INF_NORM
+    assert_torch_p_norms(per_rank, [[0, 1]])
+    assert torch_wrong_somewhere(per_rank, math.inf) is not TORCH_INF_REDUCED
 
 
 def test_fsdp2_empty_local_shards(two):
@@ -148,8 +182,7 @@ def test_fsdp2_empty_local_shards(two):
     assert "empty tensor" in shards[1][0]["torch_local_inf"]
     assert_ours_exact(two, "fsdp2_empty")
     per_rank = assert_ours_exact(two, "fsdp2_empty_torch_p")
-    for e in (e for rank in per_rank for e in rank):  # torch's p-norms are right here
-        assert close(e["torch"], e["ref"])
+    assert_torch_p_norms(per_rank, [[0, 1]])  # torch's p-norms are right here
 
 
 def test_dtensor_grad_missing_on_one_rank(two):
@@ -166,9 +199,9 @@ def test_tensor_parallel(two):
     (placements,) = records(two, "tp_placements")[0]
     assert placements["placements"]["2.bias"] == "(Replicate(),)"  # counted once, not twice
     per_rank = assert_ours_exact(two, "tp")
-    for e in (e for rank in per_rank for e in rank):
-        expected = "DTensor(Partial)" if math.isinf(e["p"]) else "DTensor(Replicate)"
-        assert e["torch_type"] == expected and close(e["torch"], e["ref"])
+    for e in (e for rank in per_rank for e in rank if math.isinf(e["p"])):
+        assert e["torch_type"] == TORCH_INF_NORM and close(e["torch"], e["ref"])
+    assert_torch_p_norms(per_rank, [[0, 1]])
 
 
 def test_mixed_tensor_and_dtensor(two):
@@ -346,10 +379,8 @@ def test_fsdp_x_tp_on_a_2d_mesh_and_a_second_mesh(four):
 
 def test_hsdp(four):
     per_rank = assert_ours_exact(four, "hsdp")
-    for e in (e for rank in per_rank for e in rank):
-        if not math.isinf(e["p"]):
-            assert close(e["torch"], e["ref"])
-    assert torch_wrong_somewhere(per_rank, math.inf)
+    assert_torch_p_norms(per_rank, [[0, 1], [2, 3]])  # mesh (replicate, shard) [[0, 1], [2, 3]]
+    assert torch_wrong_somewhere(per_rank, math.inf) is not TORCH_INF_REDUCED
 
 
 def test_pipeline_x_fsdp2(four):
