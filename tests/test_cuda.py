@@ -164,10 +164,12 @@ def _assert_same_state(ours: gradclip.Clipper, theirs: gradclip.Clipper, **tol: 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
 def test_clipper_step_without_a_sync(entry: Entry, optimizer):
     """clipper.step(model, AdamW): folded into the fused kernel where the clipper has one
-    coefficient, scaled then stepped otherwise; torch's foreach AdamW keeps its step counts on
-    the CPU (capturable=False), so its own step needs no sync either."""
+    coefficient, scaled then stepped otherwise. The foreach AdamW is capturable (its step
+    counts on the device), so that torch's own step is sync-free by design and any sync
+    found here is gradclip's."""
     clipper, model = entry.make(), _model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **{optimizer: True})
+    kwargs = {"fused": True} if optimizer == "fused" else {"foreach": True, "capturable": True}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **kwargs)
     _backward(model, 0, 1.0)
     clipper.step(model, opt)
     for step in range(1, 6):
