@@ -74,6 +74,7 @@ class Row:
     gbps: float = math.nan
     of_copy: float = math.nan  # gbps / copy bandwidth
     kernels: int | None = None  # device kernels (+ copies/fills) per call; CPU: aten ops
+    launches: int | None = None  # host launch calls per call (cudaLaunchKernel...); CPU: aten ops
     first_call_s: float = math.nan  # the first call (compilation included)
     graphs: int | None = None  # compiled graphs (torch.compile variants)
     error: str = ""
@@ -117,8 +118,14 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> dict
     return {"bytes": 2 * src.numel() * 4, "median_ms": ms, "gbps": 2 * src.numel() * 4 / ms / 1e6}
 
 
-def count_kernels(fn: Callable[[], object], device: torch.device) -> int:
-    """Kernels (and device copies/fills) one call launches; on the CPU, the aten ops it runs."""
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel",
+                "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
+
+
+def count_kernels(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
+    """``(device work items, host launch calls)`` of one call: on CUDA the kernels, copies and
+    fills the device ran and the runtime calls that launched them (``cudaLaunchKernel``...);
+    on the CPU, the aten ops it ran, twice (a stand-in: the CPU launches nothing)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -126,9 +133,13 @@ def count_kernels(fn: Callable[[], object], device: torch.device) -> int:
     with profile(activities=activities) as prof:
         fn()
         Clock(device).sync()
+    events = prof.events()
     if device.type == "cuda":
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+        kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        launches = sum(1 for e in events if e.name.startswith(LAUNCH_CALLS))
+        return kernels, launches
+    ops = sum(1 for e in events if e.name.startswith("aten::"))
+    return ops, ops
 
 
 def _make_params(spec: sets.SetSpec, device: torch.device, seed: int) -> list[torch.nn.Parameter]:
@@ -264,6 +275,7 @@ def run_set(spec: sets.SetSpec, args: argparse.Namespace, device: torch.device, 
     rows: list[Row] = []
     for op in ops:
         max_norm = [norm0]
+        variants: dict = {}
         variants = _variants(op, params_sets, max_norm, args.compile_backend, compile_ok)
         reps = args.step_reps if op == "step" else args.reps
         for mode in (["-"] if op == "norm" else [m for m in MODES if m in args.modes]):
@@ -274,7 +286,8 @@ def run_set(spec: sets.SetSpec, args: argparse.Namespace, device: torch.device, 
     for row in rows:
         if copies > 1:
             row.notes.append(f"rotated over {copies} copies (> 4x L2)")
-    del params_sets, first
+    del params_sets, first, variants  # and the compiled code that holds the parameters:
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -296,7 +309,7 @@ def _measure(spec: sets.SetSpec, op: str, mode: str, variants: dict, params_sets
             row.first_call_s = time.perf_counter() - t0
             for k in range(3):
                 call(k % copies)
-            row.kernels = count_kernels(lambda call=call: call(0), device)
+            row.kernels, row.launches = count_kernels(lambda call=call: call(0), device)
             row.graphs = counter.graphs if counter is not None else None
             live[name] = call
         except Exception as err:  # a variant that does not run is a result, not a crash
@@ -421,7 +434,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    config = torch._dynamo.config  # every set and mode compiles anew: room for all of them
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(64, getattr(config, name)))
     if args.device == "cpu":  # the smoke run: one thread, steadier on a shared machine
         torch.set_num_threads(1)
     result = run(args)

@@ -94,10 +94,12 @@ def check_targets(result: dict) -> list[dict]:
             continue
         for mode in ("noclip", "clip"):
             ours, theirs = (_find(rows, name, "clip", mode, v) for v in ("gradclip", "torch"))
-            k_ours, k_theirs = (_f(r and r.get("kernels")) for r in (ours, theirs))
+            k_ours, k_theirs = (_f(r and r.get("launches")) for r in (ours, theirs))
+            d_ours, d_theirs = (_f(r and r.get("kernels")) for r in (ours, theirs))
             launch = k_ours / k_theirs if k_theirs > 0 else math.nan
             add("small tensors: launches below torch's", name, mode, launch, 1.0 - 1e-9,
-                f"gradclip {k_ours:.0f}, torch {k_theirs:.0f} kernels per call")
+                f"gradclip {k_ours:.0f}, torch {k_theirs:.0f} launch calls per call "
+                f"({d_ours:.0f} / {d_theirs:.0f} device kernels and copies)")
             add("small tensors: time below torch's", name, mode, _f(ours and ours.get("ratio")),
                 GOALS["small_vs_torch"] - 1e-9,
                 f"gradclip {_f(ours and ours.get('median_ms')):.3f} ms, torch "
@@ -140,7 +142,7 @@ def render(result: dict) -> str:
     for name, info in result["sets"].items():
         lines.append(f"  {name}: {info['description']}")
     header = (f"{'set':<13}{'op':<5}{'mode':<7}{'variant':<18}{'ms':>9} {'[min-max]':<17}"
-              f"{'vs torch [min-max]':<22}{'GB/s':>7}{'copy':>6}{'kern':>7}{'1st s':>7}  notes")
+              f"{'vs torch [min-max]':<22}{'GB/s':>7}{'copy':>6}{'kern':>7}{'launch':>7}{'1st s':>7}  notes")
     lines += ["", header, "-" * len(header)]
     for r in result["rows"]:
         if r["error"]:
@@ -155,6 +157,7 @@ def render(result: dict) -> str:
             f"{r['set']:<13}{r['op']:<5}{r['mode']:<7}{r['variant']:<18}"
             f"{_num(r['median_ms'], '.3f'):>9} {spread:<17}{ratio:<22}{_num(r['gbps'], '.0f'):>7}"
             f"{_num(r['of_copy'], '.0%'):>6}{r['kernels'] if r['kernels'] is not None else '-':>7}"
+            f"{r.get('launches') if r.get('launches') is not None else '-':>7}"
             f"{_num(r['first_call_s'], '.1f'):>7}  {notes}")
     lines += ["", "targets (issue 14), measured on this run:"]
     for c in result.get("targets", []):
