@@ -176,7 +176,18 @@ def check_foreach(groups: Groups, foreach: bool | None) -> None:
 
 
 def group_by_device_dtype(tensors: list[Tensor]) -> Groups:
-    """Group tensors by (device, dtype): ``{key: (tensors, indices into the input)}``."""
+    """Group tensors by (device, dtype): ``{key: (tensors, indices into the input)}``.
+
+    While compiling, grouped in Python: torch < 2.9 cannot trace its own C++ grouping (its
+    own ``clip_grad_norm_`` breaks the graph there), and the groups are static anyway.
+    """
+    if is_compiling():
+        groups: Groups = {}
+        for i, t in enumerate(tensors):
+            group = groups.setdefault((t.device, t.dtype), ([], []))
+            group[0].append(t)
+            group[1].append(i)
+        return groups
     grouped = _foreach_utils._group_tensors_by_device_and_dtype([tensors], with_indices=True)
     return {key: (lists[0], indices) for key, (lists, indices) in grouped.items()}
 

@@ -200,8 +200,8 @@ class AGC(Clipper):
                 if target.module is None
                 else "the module has no nn.Linear"
             )
-            return _HeadTarget(**vars(target), head=frozenset())
-        return _HeadTarget(**vars(target), head=frozenset(id(p) for p in head.parameters()))
+            return _HeadTarget.of(target, frozenset())
+        return _HeadTarget.of(target, frozenset(id(p) for p in head.parameters()))
 
     def _warn_once(self, why: str) -> None:
         if not self._warned:
@@ -239,9 +239,9 @@ class AGC(Clipper):
         if layout is None or not layout.communicates:  # whole rows here (one process, DDP)
             if local is None:
                 empty = empty_norms(2.0)
-                return UnitNorms(**vars(empty), plan=UnitPlan.build([], ()),
-                                 units=empty.per_tensor, limits=empty.per_tensor,
-                                 squares=empty.per_tensor.double(), spread=[], unit_grads=[])
+                return UnitNorms.of(empty, plan=UnitPlan.build([], ()), units=empty.per_tensor,
+                                    limits=empty.per_tensor, squares=empty.per_tensor.double(),
+                                    spread=[], unit_grads=[])
             plan, units, measured = local
             weights = plan.unit_norms(  # replicated DTensors: their local (full) tensors
                 distributed.local_tensors(target.local_params), units.device, included_only=True
@@ -288,7 +288,7 @@ class AGC(Clipper):
         if plan.excluded_units:
             limits = torch.cat([limits, limits.new_full((plan.excluded_units,), math.inf)])
         squares = plan.per_tensor_sums(units.double().square())
-        return UnitNorms(**vars(measured), plan=plan, units=units, limits=limits,
+        return UnitNorms.of(measured, plan=plan, units=units, limits=limits,
                          squares=squares, spread=spread, unit_grads=unit_grads)
 
     def _step(self, norms: UnitNorms, state: None) -> Step:  # type: ignore[override]
@@ -384,6 +384,12 @@ class _HeadTarget(Target):
 
     head: frozenset[int] = frozenset()
 
+    @classmethod
+    def of(cls, target: Target, head: frozenset[int]) -> _HeadTarget:
+        # field by field: torch.compile (2.11) cannot trace vars() of a frozen dataclass
+        return cls(target.grads, target.local_names, target.local_params, target.names,
+                   target.params, target.layout, target.module, head)
+
 
 @dataclass(frozen=True)
 class UnitNorms(GradNorms):
@@ -407,6 +413,12 @@ class UnitNorms(GradNorms):
     squares: Tensor
     spread: distributed.Schedule
     unit_grads: list[Tensor]
+
+    @classmethod
+    def of(cls, norms: GradNorms, **extra: Any) -> UnitNorms:
+        """``norms`` with AGC's fields (field by field: see :meth:`_HeadTarget.of`)."""
+        return cls(norms.tensors, norms.per_tensor, norms.total, norms.norm_type, norms.dtype,
+                   norms.groups, **extra)
 
 
 def _local_parts(

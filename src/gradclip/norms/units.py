@@ -177,9 +177,10 @@ class UnitPlan:
         """Base index of the tensor owning each unit (for per-tensor sums), on ``device``."""
         seg = self._segments.get(device)
         if seg is None:
-            seg = torch.repeat_interleave(
-                torch.tensor(self.order, dtype=torch.long), torch.tensor(self.counts, dtype=torch.long)
-            ).to(device)
+            # From Python data, not repeat_interleave: its output size depends on tensor
+            # values, which torch.compile (2.8) cannot trace.
+            owners = [i for i, n in zip(self.order, self.counts, strict=True) for _ in range(n)]
+            seg = torch.tensor(owners, dtype=torch.long, device=device)
             self._segments[device] = seg
         return seg
 
