@@ -99,11 +99,13 @@ def muon_like(group: Mapping[str, Any], optimizer: object = None) -> bool:
 
     1. it has a boolean ``"use_muon"`` entry: that entry decides (KellerJordan's
        ``MuonWithAuxAdam`` keeps its AdamW groups in the same optimizer, with ``False``);
-    2. its optimizer is a ``torch.optim.Muon``, or a class whose name contains ``Muon``,
-       ``Dion``, ``PolarGrad`` or ``Scion`` (case-insensitive);
-    3. it has a Newton–Schulz entry (``ns_steps``, ``ns_coefficients``,
+    2. it has a Newton–Schulz entry (``ns_steps``, ``ns_coefficients``,
        ``newton_schulz_steps`` or ``backend_steps``), as the groups of ``torch.optim.Muon``
-       and its ports do: this recognises them in ``optimizer.param_groups`` alone.
+       and its ports do: this recognises them in ``optimizer.param_groups`` alone;
+    3. its optimizer is a ``torch.optim.Muon``;
+    4. its optimizer's class name contains ``Muon``, ``Dion``, ``PolarGrad`` or ``Scion``
+       (case-insensitive) and the group has no ``"betas"`` entry (an Adam group that such
+       an optimizer carries along is not orthogonalised).
 
     Pass your own callable ``orthogonal=rule`` (``rule(group, optimizer) -> bool``) to change
     it, or ``orthogonal=None`` to clip such groups like any other.
@@ -114,17 +116,20 @@ def muon_like(group: Mapping[str, Any], optimizer: object = None) -> bool:
         >>> muon_like(torch.optim.Muon([w]).param_groups[0]), muon_like({"params": [w]})
         (True, False)
     """
-    flag = group.get("use_muon") if isinstance(group, Mapping) else None
+    if not isinstance(group, Mapping):
+        group = {}
+    flag = group.get("use_muon")
     if isinstance(flag, bool):
         return flag
-    if optimizer is not None:
-        muon = getattr(torch.optim, "Muon", None)
-        if muon is not None and isinstance(optimizer, muon):
-            return True
-        name = type(optimizer).__name__.lower()
-        if any(kind in name for kind in _ORTHOGONAL_CLASSES):
-            return True
-    return isinstance(group, Mapping) and any(key in group for key in _NEWTON_SCHULZ_KEYS)
+    if any(key in group for key in _NEWTON_SCHULZ_KEYS):
+        return True
+    if optimizer is None:
+        return False
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is not None and isinstance(optimizer, muon):
+        return True
+    name = type(optimizer).__name__.lower()
+    return any(kind in name for kind in _ORTHOGONAL_CLASSES) and "betas" not in group
 
 
 @dataclass(frozen=True)
@@ -210,7 +215,8 @@ def as_groups(groups: GroupsLike) -> list[ParamGroup]:
     else:
         for item in groups:
             if _is_optimizer(item):
-                out += [_from_dict(g, str(len(out)), item) for g in item.param_groups]
+                start = len(out)
+                out += [_from_dict(g, str(start + i), item) for i, g in enumerate(item.param_groups)]
             elif isinstance(item, Mapping):
                 out.append(_from_dict(item, str(len(out)), None))
             else:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from gradclip.demo.problems import build_problem
 from gradclip.demo.tasks import Task, resolve
+from gradclip.clippers import Clipper
 from gradclip.functional import grad_norms
 
 __all__ = ["ClipFn", "RunResult", "run"]
@@ -38,6 +39,8 @@ total norm, as ``clip_grad_norm_`` returns) or an object with a ``norm`` attribu
 pre-clip total norm) and optionally ``post_norm``, ``threshold``, ``clipped``, ``finite``
 and ``skipped`` (a :class:`gradclip.ClipStats` has all of them). When ``skipped`` is true
 the runner does not call ``optimizer.step()``, as :meth:`gradclip.Clipper.step` does.
+A :class:`gradclip.Clipper` is called through :meth:`~gradclip.Clipper.step` with the task's
+optimizer instead (it then sees the optimizer's groups: Muon's are left out).
 """
 
 
@@ -172,7 +175,11 @@ def run(
         loss = problem.loss(step)
         loss.backward()
         measured = grad_norms(params).total.item() if (clip is None or measure) else _NAN
-        out = clip(model) if clip is not None else None
+        stepped = isinstance(clip, Clipper)
+        if stepped:  # the clipper sees the optimizer: Muon groups, fused folds, skips
+            out = clip.step(model, optimizer)  # type: ignore[union-attr]
+        else:
+            out = clip(model) if clip is not None else None
 
         norm = post = threshold = _NAN
         was_clipped = finite = skip = None
@@ -202,7 +209,8 @@ def run(
             skipped_steps += 1
             update = 0.0
         else:
-            optimizer.step()
+            if not stepped:
+                optimizer.step()
             after = _flat(params)
             update = (after - before).norm().item()
             if not math.isfinite(update) and not bool(torch.isfinite(after).all()):
