@@ -64,7 +64,7 @@ def test_per_group_thresholds_equal_clip_grad_norm_with_each(p):
         tnu.clip_grad_norm_(ps, t, p)
     _assert_grads_close(mine, ref)
     # the same thresholds by name
-    named, ref2 = _model(), _model()
+    named = _model()
     groups = {f"layer{i}": ps for i, ps in enumerate(_layers(named))}
     gradclip.clip_grad_norm_(named.parameters(), {f"layer{i}": t for i, t in enumerate(thresholds)},
                              p, groups=groups)
@@ -178,7 +178,7 @@ def test_muon_like_rule():
     assert not muon_like({"params": [w], "use_muon": False, "ns_steps": 5}, None)
 
     class DistMuon:  # a port with its own class name and Adam groups beside
-        param_groups: list = []
+        param_groups = ()
 
     assert muon_like({"params": [w]}, DistMuon())
     assert not muon_like({"params": [b], "betas": (0.9, 0.95)}, DistMuon())

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gradclip.clippers import Clipper
 from gradclip.demo.problems import build_problem
 from gradclip.demo.tasks import Task, resolve
-from gradclip.clippers import Clipper
 from gradclip.functional import grad_norms
 
 __all__ = ["ClipFn", "RunResult", "run"]
@@ -175,11 +175,14 @@ def run(
         loss = problem.loss(step)
         loss.backward()
         measured = grad_norms(params).total.item() if (clip is None or measure) else _NAN
+        # a clipper steps itself: it sees the optimizer (Muon groups, fused folds, skips)
         stepped = isinstance(clip, Clipper)
-        if stepped:  # the clipper sees the optimizer: Muon groups, fused folds, skips
+        if clip is None:
+            out = None
+        elif stepped:
             out = clip.step(model, optimizer)  # type: ignore[union-attr]
         else:
-            out = clip(model) if clip is not None else None
+            out = clip(model)
 
         norm = post = threshold = _NAN
         was_clipped = finite = skip = None
