@@ -21,6 +21,8 @@ from gradclip.clippers import (
     Clipper,
     NormClip,
     Step,
+    UpdateClip,
+    UpdateClipState,
     ValueClip,
     ZClip,
     ZClipState,
@@ -34,13 +36,14 @@ from gradclip.functional import (
     get_total_norm,
     grad_norms,
 )
+from gradclip.grouping import muon_like
 from gradclip.history import History, MonitorSummary, read_log
 from gradclip.monitor import GradMonitor
 from gradclip.nonfinite import NonFiniteGradientError
 from gradclip.norms import GradNorms
 from gradclip.recommend import Recommendation, recommend_max_norm
 from gradclip.sinks import CSVSink, JSONLSink, LogError, Sink, TensorBoardSink
-from gradclip.stats import ClipStats
+from gradclip.stats import ClipStats, GroupStats
 
 __version__ = "0.1.0"
 
@@ -57,6 +60,7 @@ __all__ = [
     "Clipper",
     "GradMonitor",
     "GradNorms",
+    "GroupStats",
     "History",
     "JSONLSink",
     "LogError",
@@ -68,6 +72,8 @@ __all__ = [
     "Sink",
     "Step",
     "TensorBoardSink",
+    "UpdateClip",
+    "UpdateClipState",
     "ValueClip",
     "ZClip",
     "ZClipState",
@@ -78,6 +84,7 @@ __all__ = [
     "clip_grads_with_norm_",
     "get_total_norm",
     "grad_norms",
+    "muon_like",
     "read_log",
     "recommend_max_norm",
 ]

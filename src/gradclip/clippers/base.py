@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
 """What :meth:`Clipper.step` steps: an optimizer, or several (Muon beside AdamW)."""
 
-__all__ = ["Clipper", "Step"]
+__all__ = ["Clipper", "Optimizers", "Step", "as_optimizers"]
 
 S = TypeVar("S")
 StateDict = dict[str, Any]
@@ -320,7 +320,7 @@ class Clipper(Generic[S]):
             >>> model(torch.ones(1, 2)).sum().backward()
             >>> stats = gradclip.NormClip(1.0).step(model, opt)
         """
-        optimizers = _as_optimizers(optimizer)
+        optimizers = as_optimizers(optimizer)
         target = self._resolve(parameters)
         grouped = self._grouping.bind(target, optimizers)
         folded = None
@@ -349,7 +349,8 @@ class Clipper(Generic[S]):
         )
 
 
-def _as_optimizers(optimizer: object) -> list[Any]:
+def as_optimizers(optimizer: object) -> list[Any]:
+    """``optimizer`` as a list of optimizers (one, or several such as ``[muon, adamw]``)."""
     if hasattr(optimizer, "step") and hasattr(optimizer, "param_groups"):
         return [optimizer]
     if isinstance(optimizer, Sequence) and optimizer and all(
