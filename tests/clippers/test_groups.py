@@ -365,6 +365,8 @@ def test_a_threshold_policy_needs_a_clipper_with_one_threshold() -> None:
         gradclip.AdaptiveClip(groups=_layers(model), policy=[0.5, "own", "own"])
     with pytest.raises(TypeError, match="AGC"):
         gradclip.AGC(groups=_layers(model), policy=[0.5, "own", "own"])
+    with pytest.raises(TypeError, match="its groups take 'exclude', 'own' or 'shared' only"):
+        gradclip.AGC(groups=_layers(model), policy=["own", gradclip.NormClip(1.0), "own"])
 
 
 @pytest.mark.parametrize("case", ["two groups", "no gradients", "in no group"])

@@ -135,6 +135,12 @@ class Grouping:
         from_clipper = type(self.clipper)
         if value is None or isinstance(value, str):
             return
+        if getattr(from_clipper, "needs_whole_tensors", False):
+            raise TypeError(
+                f"group {group!r}: {from_clipper.__name__} clips each unit relative to its weight, "
+                f"not a group's norm: its groups take 'exclude', 'own' or 'shared' only, not "
+                f"{value!r:.40}; exclude the group, or clip it with another clipper"
+            )
         if isinstance(value, float | int):
             if getattr(from_clipper, "threshold_arg", None) is None:
                 raise TypeError(
@@ -178,9 +184,11 @@ class Grouping:
                 _check_in_optimizers(groups, optimizers)
             plan = self.explicit.plan(groups, target.params, target.names, allow_empty=stages)
         elif optimizers and self.orthogonal is not None:
-            groups = as_groups(list(optimizers))
-            if not any(self.orthogonal(g.options, g.optimizer) for g in groups):
+            rule = self.orthogonal
+            # the rule on the group dicts first: a step without Muon parses no group
+            if not any(rule(g, opt) for opt in optimizers for g in opt.param_groups):  # type: ignore[attr-defined]
                 return None
+            groups = as_groups(list(optimizers))
             plan = self.auto.plan(groups, target.params, target.names, ungrouped=UNGROUPED,
                                   allow_empty=True)
         else:

@@ -65,7 +65,7 @@ class Problem(Protocol):
     """One instantiated task: model, optimizer, data stream and metric."""
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | MuonAdamW  # MuonAdamW: Muon and AdamW, stepped as one
 
     def loss(self, step: int) -> Tensor:
         """Training loss of the batch of ``step`` (draws the batch)."""

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gradclip.clippers import Clipper
 from gradclip.demo.problems import build_problem
 from gradclip.demo.tasks import Task, resolve
 from gradclip.functional import grad_norms
@@ -39,8 +38,9 @@ total norm, as ``clip_grad_norm_`` returns) or an object with a ``norm`` attribu
 pre-clip total norm) and optionally ``post_norm``, ``threshold``, ``clipped``, ``finite``
 and ``skipped`` (a :class:`gradclip.ClipStats` has all of them). When ``skipped`` is true
 the runner does not call ``optimizer.step()``, as :meth:`gradclip.Clipper.step` does.
-A :class:`gradclip.Clipper` is called through :meth:`~gradclip.Clipper.step` with the task's
-optimizer instead (it then sees the optimizer's groups: Muon's are left out).
+A clip function with a ``step(model, optimizer)`` method (a :class:`gradclip.Clipper`) is
+called through it instead, and steps the optimizer itself: it then sees the optimizer's
+groups (Muon's are left out, see :meth:`gradclip.Clipper.step`).
 """
 
 
@@ -176,7 +176,7 @@ def run(
         loss.backward()
         measured = grad_norms(params).total.item() if (clip is None or measure) else _NAN
         # a clipper steps itself: it sees the optimizer (Muon groups, fused folds, skips)
-        stepped = isinstance(clip, Clipper)
+        stepped = callable(getattr(clip, "step", None))
         if clip is None:
             out = None
         elif stepped:

@@ -179,7 +179,8 @@ TASKS: dict[str, Task] = {
             regime="",
             description=(
                 "two-task model under torch.optim.Muon (2-D hidden weights) + AdamW (embedding, "
-                "head, biases); one task's loss in raw units (x1e4) makes the total norm ~1e7"
+                "head, biases); one task's loss in raw units (x1e4) makes the total norm ~1e7; "
+                "every clipper leaves the Muon groups out (gradclip's default)"
             ),
             steps=1500,
             quick_steps=300,
