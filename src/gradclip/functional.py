@@ -418,6 +418,9 @@ def clip_grad_norm(
     *,
     shard_group: ProcessGroup | None = None,
     extra_groups: Iterable[GroupLike] = (),
+    groups: GroupsLike = None,
+    policy: object = None,
+    orthogonal: OrthogonalRule | None = muon_like,
 ) -> Tensor:
     """Deprecated alias of :func:`clip_grad_norm_` (as in torch; warns ``FutureWarning``).
 
@@ -431,7 +434,8 @@ def clip_grad_norm(
     """
     return clip_grad_norm_(
         parameters, max_norm, norm_type, error_if_nonfinite, foreach,
-        shard_group=shard_group, extra_groups=extra_groups,
+        shard_group=shard_group, extra_groups=extra_groups, groups=groups, policy=policy,
+        orthogonal=orthogonal,
     )
 
 

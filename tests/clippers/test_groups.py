@@ -163,6 +163,25 @@ def test_a_group_with_its_own_clipper_keeps_its_own_state() -> None:
     _close(saved["state"]["threshold"], alone.state_dict()["state"]["threshold"])
 
 
+def test_a_groups_own_clipper_is_checkpointed_by_group_name() -> None:
+    model = _model()
+    groups = {"body": [*model[0].parameters(), *model[1].parameters()], "head": model[2]}
+    first = gradclip.NormClip(1.0, groups=groups, policy={"head": gradclip.AdaptiveClip(window=4)})
+    for step in range(6):
+        _set_grads(model, step)
+        first(model)
+    fresh = gradclip.AdaptiveClip(window=4)
+    second = gradclip.NormClip(1.0, groups=groups, policy={"head": fresh})
+    second.load_state_dict(first.state_dict())
+    for key, value in first.state_dict()["groups"]["clippers"]["head"]["state"].items():
+        assert torch.equal(fresh.state_dict()["state"][key], value)
+    corrupt = first.state_dict()
+    corrupt["groups"]["clippers"]["head"]["state"]["threshold"] = torch.tensor(math.nan)
+    with pytest.raises(ValueError, match="NaN"):
+        gradclip.NormClip(1.0, groups=groups,
+                          policy={"head": gradclip.AdaptiveClip(window=4)}).load_state_dict(corrupt)
+
+
 def test_group_stats_are_each_groups_norms_and_factors() -> None:
     model = _model()
     _set_grads(model, 3)

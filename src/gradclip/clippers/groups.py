@@ -274,10 +274,13 @@ class Grouping:
             stores[str(key)] = store
         clippers = dict(saved["clippers"])
         given = {str(k): v for k, v in self.policy.items()} if isinstance(self.policy, Mapping) else {}
-        for name, sub_state in clippers.items():
-            sub = self.subs.get(name) or given.get(name)
-            if sub is not None and hasattr(sub, "load_state_dict"):
-                sub.load_state_dict(sub_state)  # validated now: raises before ours is replaced
+        loads = [(self.subs.get(name) or given.get(name), sub_state)
+                 for name, sub_state in clippers.items()]
+        loads = [(sub, st) for sub, st in loads if hasattr(sub, "load_state_dict")]
+        for sub, sub_state in loads:  # every one checked (on a fresh twin) before any is replaced
+            type(sub)(**sub.config()).load_state_dict(sub_state)
+        for sub, sub_state in loads:
+            sub.load_state_dict(sub_state)
         if self.clipper._store.device is not None:
             for store in stores.values():
                 store.to(self.clipper._store.device)
