@@ -16,7 +16,8 @@ import torch.nn.utils as tnu
 
 import gradclip
 from conftest import Snapshot, assert_bitwise_equal
-from gradclip.grouping import Planner, as_groups, group_norms, muon_like
+from gradclip.grouping import Planner, group_norms
+from gradclip.paramgroups import as_groups, muon_like
 
 P_VALUES = [1.0, 2.0, math.inf]
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import gradclip
-from gradclip.history import Stall, StallDetector
 from gradclip.recorder import layer_name
+from gradclip.stalls import Stall, StallDetector
 
 
 def _model() -> torch.nn.Sequential:

@@ -36,11 +36,11 @@ from gradclip.functional import (
     get_total_norm,
     grad_norms,
 )
-from gradclip.grouping import muon_like
 from gradclip.history import History, MonitorSummary, read_log
 from gradclip.monitor import GradMonitor
 from gradclip.nonfinite import NonFiniteGradientError
 from gradclip.norms import GradNorms
+from gradclip.paramgroups import muon_like
 from gradclip.recommend import Recommendation, recommend_max_norm
 from gradclip.sinks import CSVSink, JSONLSink, LogError, Sink, TensorBoardSink
 from gradclip.stats import ClipStats, GroupStats

@@ -32,7 +32,7 @@ from typing_extensions import deprecated
 
 from gradclip import _foreach, distributed, grouping, norms
 from gradclip._checks import NotATensorError, check_norm_type, check_threshold, tensor_list
-from gradclip.grouping import GroupsLike, OrthogonalRule, muon_like
+from gradclip.paramgroups import GroupsLike, OrthogonalRule, ParamGroup, as_groups, muon_like
 from gradclip.scale import TORCH_EPS, clip_, scale_each_
 
 if TYPE_CHECKING:
@@ -331,7 +331,7 @@ def _clip_groups(
 ) -> Tensor:
     """:func:`clip_grad_norm_` by groups (see :mod:`gradclip.grouping`): every argument is
     checked and the plan built before any gradient is touched."""
-    parsed = grouping.as_groups(groups)
+    parsed = as_groups(groups)
     planner = grouping.Planner(policy, orthogonal, default="own")
     thresholds = _group_thresholds(max_norm, parsed)
     owners: dict[int, Tensor] = {}
@@ -395,7 +395,7 @@ def _clip_groups(
     return group_norms.to(measured.dtype)
 
 
-def _group_thresholds(max_norm: object, groups: list[grouping.ParamGroup]) -> list[float | None]:
+def _group_thresholds(max_norm: object, groups: list[ParamGroup]) -> list[float | None]:
     """One checked ``max_norm`` per group (None where a mapping gives none)."""
     if isinstance(max_norm, Mapping | Sequence) and not isinstance(max_norm, str):
         given = grouping.explicit(max_norm, groups, "max_norm")

@@ -20,7 +20,6 @@ import math
 import os
 import stat
 from array import array
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,34 +30,18 @@ from torch import Tensor
 
 from gradclip.records import LogError, Record, decode_csv_row, decode_line
 from gradclip.scale import clip_coefficient
-from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS
+from gradclip.stalls import STALL_FLOOR, STALL_STEPS, Stall, StallDetector
+from gradclip.stats import FLAG_FIELDS, GROUP_PREFIX, SCALAR_FIELDS, UPDATE_PREFIX
 
 __all__ = [
-    "GROUP_PREFIX",
     "MAX_LINE",
-    "STALL_FLOOR",
-    "STALL_STEPS",
-    "UPDATE_PREFIX",
     "History",
     "HistoryBuilder",
     "LayerStat",
     "MonitorSummary",
     "NonFiniteEvent",
-    "Stall",
-    "StallDetector",
     "read_log",
 ]
-
-GROUP_PREFIX = "group/"
-"""Extras ``group/<name>/norm`` and ``group/<name>/coef``: a parameter group's pre-clip norm
-and clip coefficient (the monitor writes them when the clipper clipped by groups)."""
-UPDATE_PREFIX = "update/"
-"""Extras ``update/<layer>``: the layer's update-to-parameter ratio ``‖Δθ‖ / ‖θ‖``;
-``update/total`` the whole model's (the monitor's ``updates=``)."""
-STALL_FLOOR = 1e-3
-"""A clip coefficient below this barely moves the weights (see :class:`StallDetector`)."""
-STALL_STEPS = 50
-"""Consecutive steps below :data:`STALL_FLOOR` that make a stall."""
 
 MAX_LINE = 1 << 24
 """Longest log line read (16 MiB, ~400,000 layers); longer lines are named and left out."""
@@ -172,120 +155,6 @@ class MonitorSummary:
 
 
 # ---------------------------------------------------------------------------------------
-# stalls
-
-
-@dataclass(frozen=True)
-class Stall:
-    """A run of steps on which clipping stalled a group: its coefficient stayed below the
-    floor while its norm grew (the feedback loop of NVIDIA/Megatron-LM#5394).
-
-    Attributes:
-        group: the group's name (``"all"``: every gradient, the total norm).
-        first_step, last_step: the run, so far.
-        norm_start, norm_end: the group's pre-clip norm at its start and at its end.
-        min_coef: the smallest coefficient of the run.
-        floor: the floor it stayed below.
-    """
-
-    group: str
-    first_step: int
-    last_step: int
-    norm_start: float
-    norm_end: float
-    min_coef: float
-    floor: float = STALL_FLOOR
-
-    def describe(self) -> str:
-        """One sentence for a warning or a report."""
-        who = "every gradient" if self.group == "all" else f"group {self.group!r}"
-        return (
-            f"the clip coefficient of {who} stayed below {self.floor:g} (smallest "
-            f"{self.min_coef:.2g}) for {self.last_step - self.first_step + 1} consecutive steps "
-            f"({self.first_step}-{self.last_step}) while its norm grew from {self.norm_start:.4g} "
-            f"to {self.norm_end:.4g}: clipping is stalling it (its updates are too small to "
-            "bring the norm down, which lowers the coefficient further). Raise its threshold, "
-            "clip it on its own norm (policy='own'), or leave it out (policy='exclude')"
-        )
-
-
-class StallDetector:
-    """Finds :class:`Stall` runs in a stream of (step, group, norm, coefficient).
-
-    A run starts at a step whose finite coefficient is below ``floor`` and lasts while the
-    coefficients stay below it. Once it holds ``steps`` steps and the norm grew (the mean
-    log-norm of its last quarter is above that of its first quarter: one noisy step does not
-    decide), it is a stall, reported once per run.
-
-    Example:
-        >>> d = StallDetector(floor=1e-3, steps=4)
-        >>> [d.feed(s, "adamw", 10.0 * (s + 1), 1e-4) for s in range(4)][-1].norm_end
-        40.0
-    """
-
-    def __init__(self, floor: float = STALL_FLOOR, steps: int = STALL_STEPS):
-        self.floor, self.steps = floor, steps
-        self._runs: dict[str, _Run] = {}
-
-    def feed(self, step: int, group: str, norm: float, coef: float) -> Stall | None:
-        """One step of ``group``; the :class:`Stall` when this step makes the run one."""
-        if not (math.isfinite(coef) and coef < self.floor and math.isfinite(norm) and norm > 0):
-            self._runs.pop(group, None)
-            return None
-        run = self._runs.get(group)
-        if run is None:
-            run = self._runs[group] = _Run(step, norm, max(1, self.steps // 4))
-        run.add(norm, coef)
-        if run.reported or run.length < self.steps or not run.grew():
-            return None
-        run.reported = True
-        return Stall(group, run.first_step, step, run.first_norm, norm, run.min_coef, self.floor)
-
-    def feed_record(self, record: Mapping[str, Any]) -> list[Stall]:
-        """The stalls a step record completes: its total (``"all"``) and its groups."""
-        found = []
-        step = int(record["step"])
-        for group, norm, coef in _group_values(record):
-            stall = self.feed(step, group, norm, coef)
-            if stall is not None:
-                found.append(stall)
-        return found
-
-
-class _Run:
-    """One run of steps below the floor: its start, length and the log-norms of its first
-    and last quarter."""
-
-    def __init__(self, step: int, norm: float, quarter: int):
-        self.first_step, self.first_norm = step, norm
-        self.length, self.min_coef, self.reported = 0, math.inf, False
-        self.head: list[float] = []
-        self.tail: deque[float] = deque(maxlen=quarter)
-
-    def add(self, norm: float, coef: float) -> None:
-        self.length += 1
-        self.min_coef = min(self.min_coef, coef)
-        if len(self.head) < (self.tail.maxlen or 1):
-            self.head.append(math.log(norm))
-        self.tail.append(math.log(norm))
-
-    def grew(self) -> bool:
-        return sum(self.tail) / len(self.tail) > sum(self.head) / len(self.head)
-
-
-def _group_values(record: Mapping[str, Any]) -> list[tuple[str, float, float]]:
-    """(group, norm, coef) of a step record: the total, then each group in its extras."""
-    out = [("all", float(record["norm"]), float(record["coef"]))]
-    extra = record.get("extra") or {}
-    for key, coef in extra.items():
-        if key.startswith(GROUP_PREFIX) and key.endswith("/coef"):
-            name = key[len(GROUP_PREFIX) : -len("/coef")]
-            norm = extra.get(f"{GROUP_PREFIX}{name}/norm", math.nan)
-            out.append((name, float(norm), float(coef)))
-    return out
-
-
-# ---------------------------------------------------------------------------------------
 # history
 
 
@@ -386,7 +255,8 @@ class History:
                 if k.startswith(UPDATE_PREFIX)}
 
     def stalls(self, floor: float = STALL_FLOOR, steps: int = STALL_STEPS) -> list[Stall]:
-        """The :class:`Stall` runs of the total and of every group (see :class:`StallDetector`)."""
+        """The :class:`~gradclip.stalls.Stall` runs of the total and of every group (see
+        :class:`~gradclip.stalls.StallDetector`)."""
         detector = StallDetector(floor, steps)
         series = [("all", self.norm, self.coef)]
         norms = self.group_columns("norm")

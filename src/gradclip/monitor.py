@@ -48,24 +48,13 @@ from torch import Tensor
 from gradclip._cache import LRU
 from gradclip._checks import ArgumentTypeError, check_count, check_real
 from gradclip.clippers import Clipper, Parameters, Snapshot, UpdateNorms
-from gradclip.history import (
-    GROUP_PREFIX,
-    STALL_FLOOR,
-    STALL_STEPS,
-    UPDATE_PREFIX,
-    History,
-    HistoryBuilder,
-    LayerStat,
-    MonitorSummary,
-    NonFiniteEvent,
-    Stall,
-    StallDetector,
-)
+from gradclip.history import History, HistoryBuilder, LayerStat, MonitorSummary, NonFiniteEvent
 from gradclip.recorder import Scalar, StepRecorder, layer_name
 from gradclip.records import Record
 from gradclip.scale import clip_coefficient
 from gradclip.sinks import Sink, SinkLike, as_sinks
-from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS, ClipStats
+from gradclip.stalls import STALL_FLOOR, STALL_STEPS, Stall, StallDetector
+from gradclip.stats import FLAG_FIELDS, GROUP_PREFIX, SCALAR_FIELDS, UPDATE_PREFIX, ClipStats
 
 __all__ = ["GradMonitor", "layer_name"]
 

@@ -18,7 +18,16 @@ from torch import Tensor
 
 from gradclip.norms import GradNorms
 
-__all__ = ["FLAG_FIELDS", "SCALAR_FIELDS", "STEP_FIELDS", "ClipStats", "GroupStats", "StepField"]
+__all__ = [
+    "FLAG_FIELDS",
+    "GROUP_PREFIX",
+    "SCALAR_FIELDS",
+    "STEP_FIELDS",
+    "UPDATE_PREFIX",
+    "ClipStats",
+    "GroupStats",
+    "StepField",
+]
 
 
 class StepField(NamedTuple):
@@ -46,6 +55,13 @@ SCALAR_FIELDS: tuple[str, ...] = tuple(f.name for f in STEP_FIELDS if f.kind is 
 
 FLAG_FIELDS: tuple[str, ...] = tuple(f.name for f in STEP_FIELDS if f.kind is bool)
 """The boolean fields."""
+
+GROUP_PREFIX = "group/"
+"""A step record's extras ``group/<name>/norm`` and ``group/<name>/coef``: a parameter
+group's pre-clip norm and clip coefficient (:class:`GroupStats`, as the monitor logs it)."""
+UPDATE_PREFIX = "update/"
+"""A step record's extras ``update/<layer>``: the layer's update-to-parameter ratio
+``‖Δθ‖ / ‖θ‖``; ``update/total`` the whole model's (the monitor's ``updates=``)."""
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,26 @@ def test_a_groups_own_clipper_is_checkpointed_by_group_name() -> None:
                           policy={"head": gradclip.AdaptiveClip(window=4)}).load_state_dict(corrupt)
 
 
+def test_a_copied_clipper_clips_the_same_groups_with_its_own_state() -> None:
+    import copy
+    import pickle
+
+    mine, ref = _model(), _model()
+    opt = torch.optim.SGD([{"params": layer.parameters()} for layer in mine], lr=0.1)
+    clipper = gradclip.AdaptiveClip(window=4, groups=opt, policy={"1": gradclip.NormClip(0.5)})
+    _set_grads(mine, 0)
+    clipper(mine)
+    twin = copy.deepcopy(clipper)
+    assert twin._grouping.raw is opt  # the live groups, not a copy of the optimizer
+    for step in range(1, 6):
+        _set_grads(mine, step)
+        a = clipper(mine).groups.threshold
+        _set_grads(mine, step)
+        b = twin(mine).groups.threshold
+        assert torch.equal(a, b)
+    assert pickle.loads(pickle.dumps(gradclip.NormClip(1.0, groups=_layers(ref)))).norm_type == 2.0
+
+
 def test_group_stats_are_each_groups_norms_and_factors() -> None:
     model = _model()
     _set_grads(model, 3)

@@ -34,8 +34,8 @@ from gradclip.clippers import fold, pipeline
 from gradclip.clippers.groups import Grouping
 from gradclip.clippers.state import StateStore
 from gradclip.clippers.targets import Parameters, Target, resolve
-from gradclip.grouping import GroupsLike, OrthogonalRule, muon_like
 from gradclip.nonfinite import NonFinitePolicy, check_policy
+from gradclip.paramgroups import GroupsLike, OrthogonalRule, muon_like
 from gradclip.scale import scale_, scale_each_
 
 if TYPE_CHECKING:

@@ -28,6 +28,7 @@ before and after, its threshold and its coefficient (:class:`gradclip.stats.Grou
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -38,17 +39,9 @@ import torch
 from torch import Tensor
 
 from gradclip.clippers.state import StateStore
-from gradclip.grouping import (
-    GroupPlan,
-    GroupsLike,
-    OrthogonalRule,
-    ParamGroup,
-    Planner,
-    as_groups,
-    group_norms,
-    muon_like,
-)
+from gradclip.grouping import GroupPlan, Planner, group_norms
 from gradclip.norms import GradNorms
+from gradclip.paramgroups import GroupsLike, OrthogonalRule, ParamGroup, as_groups, muon_like
 from gradclip.stats import GroupStats
 
 if TYPE_CHECKING:
@@ -109,6 +102,15 @@ class Grouping:
                 self._check_value(pol.value, group.name)
         for value in self._values(policy):
             self._check_value(value, "*")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Grouping:
+        # A copied clipper clips the same parameters: the groups (the optimizer's own
+        # param_groups) are shared, not copied; policies, sub-clippers and states are copied.
+        new = object.__new__(Grouping)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            setattr(new, key, value if key in ("raw", "parsed") else copy.deepcopy(value, memo))
+        return new
 
     @staticmethod
     def _values(policy: object) -> list[object]:

@@ -13,15 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gradclip.history import (
-    STALL_STEPS,
-    History,
-    MonitorSummary,
-    NonFiniteEvent,
-    Stall,
-    read_log,
-)
+from gradclip.history import History, MonitorSummary, NonFiniteEvent, read_log
 from gradclip.recommend import Recommendation, recommend_max_norm
+from gradclip.stalls import STALL_STEPS, Stall
 
 __all__ = ["Report", "bin_max", "build_report", "rolling_mean"]
 
@@ -52,7 +46,7 @@ class Report:
         group_norms, group_coefs: group -> (N,) the group's pre-clip norm and clip
             coefficient; empty when the clipper had no groups.
         stalls: the runs where clipping stalled the whole model or a group (see
-            :class:`gradclip.history.StallDetector`).
+            :class:`gradclip.stalls.StallDetector`).
     """
 
     title: str
@@ -126,7 +120,7 @@ def build_report(
         max_columns: the heatmap merges steps into at most this many columns (the largest
             norm of each), so a spike on one step stays visible.
         stall_steps: steps below the stall floor that make a stall (see
-            :class:`gradclip.history.StallDetector`).
+            :class:`gradclip.stalls.StallDetector`).
 
     Raises:
         gradclip.LogError: the log cannot be used at all (see :func:`gradclip.read_log`).
