@@ -21,6 +21,8 @@ from gradclip.clippers import (
     Clipper,
     NormClip,
     Step,
+    UpdateClip,
+    UpdateClipState,
     ValueClip,
     ZClip,
     ZClipState,
@@ -38,10 +40,11 @@ from gradclip.history import History, MonitorSummary
 from gradclip.monitor import GradMonitor
 from gradclip.nonfinite import NonFiniteGradientError
 from gradclip.norms import GradNorms
+from gradclip.paramgroups import muon_like
 from gradclip.readlog import read_log
 from gradclip.recommend import Recommendation, recommend_max_norm
 from gradclip.sinks import CSVSink, JSONLSink, LogError, Sink, TensorBoardSink
-from gradclip.stats import ClipStats
+from gradclip.stats import ClipStats, GroupStats
 
 __version__ = "0.1.0"
 
@@ -58,6 +61,7 @@ __all__ = [
     "Clipper",
     "GradMonitor",
     "GradNorms",
+    "GroupStats",
     "History",
     "JSONLSink",
     "LogError",
@@ -69,6 +73,8 @@ __all__ = [
     "Sink",
     "Step",
     "TensorBoardSink",
+    "UpdateClip",
+    "UpdateClipState",
     "ValueClip",
     "ZClip",
     "ZClipState",
@@ -79,6 +85,7 @@ __all__ = [
     "clip_grads_with_norm_",
     "get_total_norm",
     "grad_norms",
+    "muon_like",
     "read_log",
     "recommend_max_norm",
 ]

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from gradclip.scale import clip_coefficient
-from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS
+from gradclip.stalls import STALL_FLOOR, STALL_STEPS, Stall, StallDetector
+from gradclip.stats import FLAG_FIELDS, GROUP_PREFIX, SCALAR_FIELDS, UPDATE_PREFIX
 
 __all__ = [
     "History",
@@ -226,6 +227,35 @@ class History:
             present = [self.layer_names[j] for j in which.nonzero().flatten().tolist()]
             out.append(NonFiniteEvent(int(self.steps[i]), tuple(present), bool(self.skipped[i])))
         return out
+
+    def group_columns(self, field: str) -> dict[str, Tensor]:
+        """Per parameter group, its ``field`` (``"norm"`` or ``"coef"``) over the steps
+        (from the extras :data:`GROUP_PREFIX`); empty when the run had no groups."""
+        suffix = f"/{field}"
+        return {k[len(GROUP_PREFIX) : -len(suffix)]: v for k, v in self.extras.items()
+                if k.startswith(GROUP_PREFIX) and k.endswith(suffix)}
+
+    def update_ratios(self) -> dict[str, Tensor]:
+        """Per layer (and ``"total"``), ``‖Δθ‖ / ‖θ‖`` over the steps (from the extras
+        :data:`UPDATE_PREFIX`; NaN on steps not measured); empty when none was recorded."""
+        return {k[len(UPDATE_PREFIX) :]: v for k, v in self.extras.items()
+                if k.startswith(UPDATE_PREFIX)}
+
+    def stalls(self, floor: float = STALL_FLOOR, steps: int = STALL_STEPS) -> list[Stall]:
+        """The :class:`~gradclip.stalls.Stall` runs of the total and of every group (see
+        :class:`~gradclip.stalls.StallDetector`)."""
+        detector = StallDetector(floor, steps)
+        series = [("all", self.norm, self.coef)]
+        norms = self.group_columns("norm")
+        series += [(g, norms.get(g, torch.full_like(c, math.nan)), c)
+                   for g, c in self.group_columns("coef").items()]
+        found = []
+        for group, norm, coef in series:
+            for step, n, c in zip(self.steps.tolist(), norm.tolist(), coef.tolist(), strict=True):
+                stall = detector.feed(step, group, n, c)
+                if stall is not None:
+                    found.append(stall)
+        return found
 
     def summary(self, top: int = 5) -> MonitorSummary:
         """Clip rate, norm percentiles, top layers and first non-finite layers of the run."""

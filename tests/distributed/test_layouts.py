@@ -395,3 +395,38 @@ def test_adagc_matches_single_process_on_four_ranks(four):
 
 def test_agc_matches_single_process_on_four_ranks(four):
     assert_like_reference(four, {"fsdp_tp"}, "agc")
+
+
+# ---------------------------------------------------------------------------------------
+# per-group clipping
+
+
+def assert_groups_exact(ranks: list[list[dict]], case: str) -> None:
+    """Per-group norms: the reference groups' norms, bit-identical on every rank; the
+    gradients clipped group by group as the reference; the clipper's shared and excluded
+    groups likewise."""
+    per_rank = records(ranks, case)
+    assert {e["p"] for e in per_rank[0]} == set(cases.P_VALUES)
+    for entries in zip(*per_rank, strict=True):
+        for key in ("ours", "clipper_norms", "clipper_coef", "clipper_threshold"):
+            values = {tuple(e[key]) if isinstance(e[key], list) else e[key] for e in entries}
+            assert len(values) == 1, f"{case} p={entries[0]['p']}: ranks disagree on {key}"
+        for e in entries:
+            where = f"{case} p={e['p']}"
+            for ours, ref in zip(e["ours"], e["ref"], strict=True):
+                assert close(ours, ref), f"{where}: group norm {ours} != {ref}"
+            for ours, ref in zip(e["clipper_norms"], e["ref"], strict=True):
+                assert close(ours, ref), f"{where}: the clipper's group norm {ours} != {ref}"
+            assert e["grad_err"] <= GRAD_RTOL, f"{where}: drop-in grads off {e['grad_err']}"
+            assert e["clipper_err"] <= GRAD_RTOL, f"{where}: clipper grads off {e['clipper_err']}"
+            assert e["excluded"] == [False, True] and e["clipper_coef"][1] == 1.0
+            assert close(e["clipper_threshold"], 0.5 * e["ref"][0])
+
+
+@pytest.mark.parametrize("case", ["groups_ddp", "groups_mixed", "groups_tp", "groups_pp"])
+def test_per_group_norms_on_two_ranks(two, case):
+    assert_groups_exact(two, case)
+
+
+def test_per_group_norms_under_fsdp_x_tp(four):
+    assert_groups_exact(four, "groups_fsdp_tp")

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from gradclip._checks import check_count, check_real, check_threshold
 from gradclip.clippers.base import Clipper, Step
+from gradclip.clippers.groups import GroupOptions
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
 from gradclip.scale import clip_coefficient
@@ -152,6 +154,8 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
+            see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
 
     Example:
         >>> import math, torch
@@ -197,6 +201,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        **grouping: Unpack[GroupOptions],
     ):
         self.relative = check_real(
             relative, "relative", "finite and > 0", lambda v: 0 < v < math.inf, "relative=2.0"
@@ -250,6 +255,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             nonfinite=nonfinite,
             shard_group=shard_group,
             extra_groups=extra_groups,
+            **grouping,
         )
 
     def config(self) -> dict[str, Any]:

@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from gradclip import _foreach, distributed
 from gradclip._cache import LRU
 from gradclip._checks import check_real
 from gradclip.clippers.base import Clipper, Step
+from gradclip.clippers.groups import GroupOptions
 from gradclip.clippers.targets import Parameters, Target
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms, empty_norms, result_dtype, total_norm
@@ -133,6 +135,8 @@ class AGC(Clipper):
             ``extra_groups``); see :class:`~gradclip.Clipper` and the README, "Distributed
             training". ``shard_group`` (flat FSDP1/ZeRO shards) raises ``NotImplementedError``:
             a flat shard's rows cannot be told apart.
+        groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
+            see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
 
     Example:
         >>> import torch
@@ -162,6 +166,7 @@ class AGC(Clipper):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        **grouping: Unpack[GroupOptions],
     ):
         self.clipping = check_real(clipping, "clipping", "> 0", lambda v: v > 0, "clipping=0.01")
         self.eps = check_real(eps, "eps", ">= 0", lambda v: v >= 0 and math.isfinite(v), "eps=1e-3")
@@ -171,7 +176,8 @@ class AGC(Clipper):
         self._pattern_cache: LRU[tuple[str, ...], tuple[bool, ...]] = LRU(8)
         self._warned = False
         super().__init__(
-            norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            **grouping,
         )
 
     def config(self) -> dict[str, Any]:
@@ -215,6 +221,12 @@ class AGC(Clipper):
             )
 
     def _excluded(self, target: Target, names: tuple[str, ...], params: list[Tensor]) -> tuple[bool, ...]:
+        by_rule = self._by_rule(target, names, params)
+        if not target.excluded:
+            return by_rule
+        return tuple(e or id(p) in target.excluded for e, p in zip(by_rule, params, strict=True))
+
+    def _by_rule(self, target: Target, names: tuple[str, ...], params: list[Tensor]) -> tuple[bool, ...]:
         if self.exclude is LAST_LINEAR:
             head = target.head if isinstance(target, _HeadTarget) else frozenset()
             return tuple(id(p) in head for p in params)

@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from gradclip import _foreach
 from gradclip._checks import check_threshold
 from gradclip.clippers.base import Clipper, Step
+from gradclip.clippers.groups import GroupOptions
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
 from gradclip.scale import clip_coefficient, noop_on_host
@@ -63,6 +65,8 @@ class NormClip(Clipper[None]):
         nonfinite: ``"propagate"``, ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
+            see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
 
     Example:
         >>> import torch, gradclip
@@ -72,6 +76,8 @@ class NormClip(Clipper[None]):
         (tensor([0.6000, 0.8000]), True)
     """
 
+    threshold_arg = "max_norm"
+
     def __init__(
         self,
         max_norm: float,
@@ -80,10 +86,12 @@ class NormClip(Clipper[None]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        **grouping: Unpack[GroupOptions],
     ):
         self._max_norm = _Threshold(check_threshold(max_norm, "max_norm"))
         super().__init__(
-            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            **grouping,
         )
 
     @property
@@ -116,6 +124,8 @@ class ValueClip(Clipper[None]):
         nonfinite: ``"propagate"``, ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
+            see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
 
     Example:
         >>> import torch, gradclip
@@ -126,6 +136,7 @@ class ValueClip(Clipper[None]):
     """
 
     folds_into_fused = False  # a clamp is not a scale
+    threshold_arg = "clip_value"
 
     def __init__(
         self,
@@ -134,10 +145,12 @@ class ValueClip(Clipper[None]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        **grouping: Unpack[GroupOptions],
     ):
         self._clip_value = _Threshold(check_threshold(clip_value, "clip_value"))
         super().__init__(
-            norm_type=math.inf, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=math.inf, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            **grouping,
         )
 
     @property
@@ -175,3 +188,15 @@ class ValueClip(Clipper[None]):
             limit = self._clip_value.on(coef).to(device)
             bound = torch.where(coef.to(device) < 1, limit, math.inf)
             _foreach.foreach_clamp_(group, -bound, bound)
+
+    def _apply_rows(self, norms: GradNorms, bounds: Tensor) -> None:
+        """Clamp each tensor to its own bound (1-D, one per entry of ``norms.tensors``;
+        ``inf``: not clamped): the step of per-group clip values (no host read)."""
+        if any(dtype.is_complex for _, dtype in norms.groups):
+            raise NotImplementedError(
+                "ValueClip cannot clamp complex gradients; use NormClip (nothing was changed)"
+            )
+        for (device, _), (group, indices) in norms.groups.items():
+            for g, i in zip(group, indices, strict=True):
+                bound = bounds[i].to(device=device, dtype=g.dtype)
+                g.clamp_(min=-bound, max=bound)

@@ -27,15 +27,18 @@ from gradclip.stats import ClipStats
 if TYPE_CHECKING:
     from gradclip.clippers.base import Clipper
     from gradclip.clippers.fold import Fold
+    from gradclip.clippers.groups import GroupedCall
     from gradclip.clippers.targets import Target
 
 __all__ = ["clip"]
 
 
 @torch.no_grad()
-def clip(clipper: Clipper, target: Target, fold: Fold | None) -> ClipStats:
+def clip(clipper: Clipper, target: Target, fold: Fold | None,
+         grouped: GroupedCall | None = None) -> ClipStats:
     """Clip ``target``'s gradients with ``clipper`` (see the module doc); with ``fold``, a
-    global coefficient is armed into the fused optimizer instead of multiplied."""
+    global coefficient is armed into the fused optimizer instead of multiplied; with
+    ``grouped``, steps 3, 5 and 6 are per parameter group (:mod:`gradclip.clippers.groups`)."""
     measured = clipper._measure(target)
     total, names = measured.total, target.names
     if not target.grads and not target.communicates:  # nothing to clip, nobody to wait for
@@ -55,14 +58,18 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None) -> ClipStats:
     finite = torch.isfinite(total)
     if clipper.nonfinite == "error":
         raise_nonfinite(total, measured.per_tensor, names)
-    state = store.prepare(names)
-    step = clipper._step(measured, state)
-    coef = step.coef
+    if grouped is None:
+        state = store.prepare(names)
+        step = clipper._step(measured, state)
+        threshold, coef = step.threshold, step.coef
+    else:
+        threshold, coef, pending = grouped.step(measured)
     if clipper.nonfinite == "skip":
         coef = torch.where(finite, coef, torch.ones_like(coef))
         skipped = ~finite
     else:
         skipped = torch.zeros_like(finite)
+    after = None
     if coef.dim() == 0:
         post_norm = total * coef
         clipped = coef < 1
@@ -75,13 +82,19 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None) -> ClipStats:
         else:
             post_norm = total_norm(after, clipper.norm_type)
         clipped = (factors < 1).any()
-    store.commit(state, step.state, finite)
+    if grouped is None:
+        store.commit(state, step.state, finite)
+    else:
+        grouped.commit(pending, finite)
     if fold is not None and coef.dim() == 0:
         fold.arm(coef, skipped)
-    else:
+    elif grouped is None:
         clipper._apply(measured, coef)
+    else:
+        grouped.apply(measured, coef)
     effective = coef if coef.dim() == 0 else torch.where(
         total == 0, torch.ones_like(total), post_norm / total
     )
-    return ClipStats(total, post_norm, step.threshold, effective, clipped, finite, skipped,
-                     measured, names)
+    groups = None if grouped is None or after is None else grouped.stats(after)
+    return ClipStats(total, post_norm, threshold, effective, clipped, finite, skipped,
+                     measured, names, groups)

@@ -149,6 +149,8 @@ class Target:
             list on every rank), whichever of them this rank holds part of.
         layout: the distributed reduction, or None on the single-process path.
         module: the module the clipper was called on, if any (AGC finds the head in it).
+        excluded: ids of parameters whose group is left out (a group policy, for clippers
+            that measure on their own: AGC).
     """
 
     grads: list[Tensor]
@@ -158,6 +160,7 @@ class Target:
     params: list[Tensor]
     layout: Reduction | None
     module: torch.nn.Module | None
+    excluded: frozenset[int] = frozenset()
 
     @property
     def communicates(self) -> bool:

@@ -12,6 +12,10 @@ a model and its optimizer, draws the batch of each step, and scores the trained 
   inflates Adam's second moment for thousands of steps.
 * :class:`HeavyTailConfig`: linear regression with Student-t noise of infinite variance,
   plain SGD from w = 0 (Zhang et al. 2020).
+* :class:`MuonConfig`: a two-task model trained with ``torch.optim.Muon`` (its 2-D hidden
+  weights) and AdamW (embedding, head, biases), whose gradients are imbalanced: one task's
+  loss is in raw units, so one tower's gradients are ~1e7 times the other's
+  (NVIDIA/Megatron-LM#5394). A global clip coefficient then starves the other tower.
 
 :func:`build_problem` picks the problem from the config's type. Which settings make a task
 of ``gradclip demo``, and what each scores, is :mod:`gradclip.demo.tasks`; training one is
@@ -45,9 +49,13 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from gradclip.demo.muon import MuonAdamW, MuonConfig, MuonProblem
+
 __all__ = [
     "AdditionConfig",
     "HeavyTailConfig",
+    "MuonAdamW",
+    "MuonConfig",
     "Problem",
     "SpikesConfig",
     "TaskConfig",
@@ -59,7 +67,7 @@ class Problem(Protocol):
     """One instantiated task: model, optimizer, data stream and metric."""
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | MuonAdamW  # MuonAdamW: Muon and AdamW, stepped as one
 
     def loss(self, step: int) -> Tensor:
         """Training loss of the batch of ``step`` (draws the batch)."""
@@ -325,13 +333,14 @@ class _HeavyTailProblem:
         return math.fsum(self.distances) / len(self.distances)
 
 
-TaskConfig = AdditionConfig | SpikesConfig | HeavyTailConfig
+TaskConfig = AdditionConfig | SpikesConfig | HeavyTailConfig | MuonConfig
 """The hyperparameters of a task; their type selects the problem."""
 
 _PROBLEMS: dict[type, Callable[[TaskConfig, int, int, torch.device], Problem]] = {
     AdditionConfig: _AdditionProblem,
     SpikesConfig: _SpikesProblem,
     HeavyTailConfig: _HeavyTailProblem,
+    MuonConfig: MuonProblem,
 }
 
 
@@ -339,8 +348,8 @@ def build_problem(config: TaskConfig, seed: int, steps: int, device: torch.devic
     """A fresh problem of ``config``'s kind: model, optimizer and data for a run of ``steps``.
 
     Args:
-        config: an :class:`AdditionConfig`, :class:`SpikesConfig` or
-            :class:`HeavyTailConfig`.
+        config: an :class:`AdditionConfig`, :class:`SpikesConfig`,
+            :class:`HeavyTailConfig` or :class:`MuonConfig`.
         seed: seeds the initialisation and the training batches (the validation / test
             data and the teacher come from ``config.data_seed``).
         steps: the run's length (the glitches and the metric's window are placed in it).
@@ -348,11 +357,11 @@ def build_problem(config: TaskConfig, seed: int, steps: int, device: torch.devic
             moved, so a seed means the same data on every device.
 
     Raises:
-        TypeError: ``config`` is not one of the three config types.
+        TypeError: ``config`` is not one of the four config types.
     """
     if type(config) not in _PROBLEMS:
         raise TypeError(
-            f"`config` must be an AdditionConfig, SpikesConfig or HeavyTailConfig, got "
-            f"{type(config).__name__}"
+            f"`config` must be an AdditionConfig, SpikesConfig, HeavyTailConfig or MuonConfig, "
+            f"got {type(config).__name__}"
         )
     return _PROBLEMS[type(config)](config, seed, steps, device)
