@@ -152,7 +152,8 @@ def float64_total(tensors: Sequence[Tensor], p: float) -> float:
     """torch's definition of the total norm, evaluated exactly enough (float64/complex128)."""
     if not tensors:
         return 0.0
-    wide = [t.detach().to(torch.complex128 if t.is_complex() else torch.float64) for t in tensors]
+    wide = [t.detach().to("cpu", torch.complex128 if t.is_complex() else torch.float64)
+            for t in tensors]  # on the CPU: the tensors may sit on several devices
     per_tensor = torch.stack([torch.linalg.vector_norm(t, p) for t in wide])
     return torch.linalg.vector_norm(per_tensor, p).item()
 

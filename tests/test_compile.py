@@ -220,3 +220,23 @@ def test_a_threshold_schedule_neither_recompiles_nor_is_ignored(name):
     assert counter.frame_count == 1
     with pytest.raises(ValueError, match=attr):
         setattr(compiled, attr, -1.0)
+
+
+
+def test_the_capture_query_is_not_asked_while_compiling(monkeypatch):
+    """Where CUDA is present, the CUDA-graph capture query (a torch function returning a bool,
+    which dynamo cannot trace: "torch.* op returned non-Tensor", seen on an H200) is not asked
+    while compiling. Stood in here by a query that fails when asked (dynamo itself reads
+    ``torch.cuda.is_available``, so the compiling state is stood in too)."""
+    from gradclip import _foreach
+
+    def asked() -> bool:
+        raise AssertionError("the capture query was asked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", asked)
+    monkeypatch.setattr(_foreach, "is_compiling", lambda: True)
+    assert _foreach.capturing() is False
+    monkeypatch.setattr(_foreach, "is_compiling", lambda: False)
+    with pytest.raises(AssertionError, match="asked"):
+        _foreach.capturing()

@@ -129,15 +129,36 @@ def test_drop_ins_without_a_sync(dtypes, p):
         torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_small_coefficient_is_kept_for_half_precision(dtype):
+    """A norm of about 2e6 clipped to 1: the coefficient (about 5e-7) is a float16 subnormal.
+    The clipped norm is still 1 (to the dtype's rounding): the scale is not rounded to
+    float16 on the way (bfloat16 takes it in its own dtype: float32's exponent range)."""
+    gen = torch.Generator().manual_seed(3)
+    params = []
+    for shape in [(40_000,), (50,)]:
+        p = torch.nn.Parameter(torch.zeros(shape, device=CUDA, dtype=dtype))
+        p.grad = (torch.randn(shape, generator=gen) * 1e4).to(CUDA, dtype)
+        params.append(p)
+    with no_sync():
+        gradclip.clip_grad_norm_(params, 1.0)
+    after = torch.linalg.vector_norm(torch.cat([p.grad.double().flatten() for p in params]))
+    assert float(after) == pytest.approx(1.0, rel=4 * torch.finfo(dtype).eps)
+
+
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
 def test_clipper_on_cuda_equals_cpu_without_a_sync(entry: Entry):
-    """The same steps on the GPU and on the CPU give the same decisions and state; after the
-    first call (which moves the state), no GPU step synchronizes with the host."""
+    """The same gradients clipped on the GPU and on the CPU give the same decisions, gradients
+    and state; after the first call (which moves the state), no GPU step synchronizes with
+    the host. The CPU clipper is handed the GPU's gradients: a backward pass on each device
+    would differ by the matmul's rounding, which elements left unscaled (ValueClip, AGC)
+    keep at full size."""
     on_gpu, on_cpu = entry.make(), entry.make()
     gpu, cpu = _model(), _model(device=torch.device("cpu"))
     for step, scale in enumerate([1.0, 0.5, 30.0, 1.2, 0.1, 50.0, 1.0] * 2):
         _backward(gpu, step, scale)
-        _backward(cpu, step, scale)
+        for a, b in zip(gpu.parameters(), cpu.parameters(), strict=True):
+            b.grad = a.grad.cpu()
         if step == 0:
             got = on_gpu(gpu)
         else:

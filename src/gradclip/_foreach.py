@@ -147,8 +147,11 @@ def mesh_layout(mesh: object) -> str | tuple[int, ...]:
 
 
 def capturing() -> bool:
-    """True while a CUDA graph is being captured on the current stream (False without CUDA)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    """True while a CUDA graph is being captured on the current stream (False without CUDA,
+    and while compiling: dynamo cannot trace a torch function that returns a bool, and a
+    compiled step is captured by torch's own CUDA-graph tooling, not by this Python)."""
+    return (not is_compiling() and torch.cuda.is_available()
+            and torch.cuda.is_current_stream_capturing())
 check_torch_version()
 
 

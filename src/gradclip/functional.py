@@ -479,12 +479,14 @@ def clip_grad_value_(
             "clip_grad_value_ cannot clamp sparse gradients (torch cannot either); use "
             "clip_grad_norm_ or dense gradients (nothing was changed)"
         )
-    for _, dtype in groups:
-        if math.isfinite(clip_value) and clip_value > torch.finfo(dtype).max:
+    for device, dtype in groups:
+        # torch's CPU clamp refuses a bound its dtype cannot hold; its CUDA kernels take the
+        # bound in float32 (nothing exceeds it but inf, which stays inf): a no-op there
+        if device.type == "cpu" and math.isfinite(clip_value) and clip_value > torch.finfo(dtype).max:
             raise RuntimeError(
                 f"`clip_value`={clip_value} does not fit {dtype} gradients (max "
-                f"{torch.finfo(dtype).max}); torch raises here too. Pass a smaller value, or "
-                "`inf` to disable clipping (nothing was changed)"
+                f"{torch.finfo(dtype).max}); torch raises here too on the CPU. Pass a smaller "
+                "value, or `inf` to disable clipping (nothing was changed)"
             )
     for (device, _), (group, _) in groups.items():
         use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)

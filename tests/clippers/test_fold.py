@@ -48,6 +48,12 @@ def _skip_without_kernel(cls: type, device: torch.device) -> None:
     key = "CUDA" if device.type == "cuda" else device.type.upper()
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key):
         pytest.skip(f"torch {torch.__version__} has no fused {cls.__name__} kernel on {device.type}")
+    probe = torch.zeros(1, device=device, requires_grad=True)
+    probe.grad = torch.zeros_like(probe)
+    try:  # a kernel torch's optimizer still refuses (fused Adagrad on CUDA)
+        cls([probe], fused=True).step()
+    except RuntimeError as error:
+        pytest.skip(f"torch {torch.__version__} refuses fused {cls.__name__} on {device.type}: {error}")
 
 
 def _total(model: torch.nn.Module) -> float:
