@@ -24,6 +24,8 @@ PUBLIC = {
     "Clipper", "Step", "NormClip", "ValueClip", "AutoClip", "AutoClipState", "ZClip",
     "ZClipState", "AGC", "AdaGC", "AdaGCState", "AdaptiveClip", "AdaptiveClipState",
     "ClipStats", "NonFiniteGradientError",
+    # gradient spikes: detect, then skip, clip or stop; what went wrong
+    "SpikeDetector", "SpikeState", "SpikeReport", "SpikeLayer", "GradientSpikeError",
     # seeing what clipping does
     "GradMonitor", "History", "MonitorSummary", "read_log", "Recommendation",
     "recommend_max_norm", "Sink", "JSONLSink", "CSVSink", "TensorBoardSink", "LogError",

@@ -103,7 +103,9 @@ def _from_total(total: Tensor, max_norm: float | None) -> tuple[list[Tensor], li
         threshold = torch.full_like(total, max_norm)
         coef = clip_coefficient(threshold, total)
     finite = torch.isfinite(total)
-    return [total, total * coef, threshold, coef], [coef < 1, finite, torch.zeros_like(finite)]
+    no = torch.zeros_like(finite)  # no spike detector: nothing is a spike
+    bound, score = torch.full_like(total, math.inf), torch.zeros_like(total)
+    return [total, total * coef, threshold, coef, bound, score], [coef < 1, finite, no, no]
 
 
 def _step_values(

@@ -13,8 +13,9 @@ Example:
     >>> steps.setup(names, torch.device("cpu"), 2.0, ("loss",))
     ((0, 1), (0,))
     >>> total, coef, yes, no = torch.tensor(5.0), torch.tensor(0.2), torch.tensor(True), torch.tensor(False)
-    >>> steps.write(steps.index_of(names, (0, 1)), [total, total * coef, total, coef],
-    ...             [yes, yes, no], torch.tensor([3.0, 4.0]), None, {0: 0.5}, 0.0)
+    >>> inf, zero = torch.tensor(float("inf")), torch.tensor(0.0)   # no spike detector
+    >>> steps.write(steps.index_of(names, (0, 1)), [total, total * coef, total, coef, inf, zero],
+    ...             [yes, yes, no, no], torch.tensor([3.0, 4.0]), None, {0: 0.5}, 0.0)
     >>> written, records, layers, _ = steps.read()
     >>> written, records[0]["layers"], records[0]["extra"]
     (1, {'h.0': 3.0, 'h.1': 4.0}, {'loss': 0.5})

@@ -6,6 +6,8 @@ from gradclip.clippers.agc import AGC, LAST_LINEAR
 from gradclip.clippers.autoclip import AutoClip, AutoClipState
 from gradclip.clippers.base import Clipper, Step
 from gradclip.clippers.fixed import NormClip, ValueClip
+from gradclip.clippers.forensics import GradientSpikeError, SpikeLayer, SpikeReport
+from gradclip.clippers.spikes import SpikeDetector, SpikePolicy, SpikeState
 from gradclip.clippers.targets import Parameters, named_grads
 from gradclip.clippers.zclip import ZClip, ZClipState
 
@@ -19,8 +21,14 @@ __all__ = [
     "AutoClip",
     "AutoClipState",
     "Clipper",
+    "GradientSpikeError",
     "NormClip",
     "Parameters",
+    "SpikeDetector",
+    "SpikeLayer",
+    "SpikePolicy",
+    "SpikeReport",
+    "SpikeState",
     "Step",
     "ValueClip",
     "ZClip",

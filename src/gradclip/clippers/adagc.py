@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from torch.distributed import ProcessGroup
 
+    from gradclip.clippers.spikes import SpikeDetector, SpikePolicy
     from gradclip.distributed import GroupLike
 
 __all__ = ["OFFICIAL_CODE", "AdaGC", "AdaGCState"]
@@ -111,6 +112,8 @@ class AdaGC(Clipper[AdaGCState]):
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import torch
@@ -146,6 +149,7 @@ class AdaGC(Clipper[AdaGCState]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
     ):
         self.relative = check_real(relative, "relative", "> 0", lambda v: 0 < v < math.inf,
                                     "relative=1.05")
@@ -155,7 +159,8 @@ class AdaGC(Clipper[AdaGCState]):
             warmup_max_norm, "warmup_max_norm", "> 0", lambda v: v > 0, "warmup_max_norm=1.0"
         )
         super().__init__(
-            norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            spikes=spikes,
         )
 
     def config(self) -> dict[str, Any]:
@@ -165,6 +170,7 @@ class AdaGC(Clipper[AdaGCState]):
             "warmup_steps": self.warmup_steps,
             "warmup_max_norm": self.warmup_max_norm,
             "nonfinite": self.nonfinite,
+            **self._spikes_config(),
         }
 
     def _init_state(self, tensors: int) -> AdaGCState:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from torch.distributed import ProcessGroup
 
+    from gradclip.clippers.spikes import SpikeDetector, SpikePolicy
     from gradclip.distributed import GroupLike
 
 __all__ = ["AdaptiveClip", "AdaptiveClipState"]
@@ -152,6 +153,8 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import math, torch
@@ -197,6 +200,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
     ):
         self.relative = check_real(
             relative, "relative", "finite and > 0", lambda v: 0 < v < math.inf, "relative=2.0"
@@ -250,6 +254,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             nonfinite=nonfinite,
             shard_group=shard_group,
             extra_groups=extra_groups,
+            spikes=spikes,
         )
 
     def config(self) -> dict[str, Any]:

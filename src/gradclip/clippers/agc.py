@@ -24,6 +24,7 @@ from gradclip.norms.units import UnitPlan
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
+    from gradclip.clippers.spikes import SpikeDetector, SpikePolicy
     from gradclip.distributed import GroupLike
 
 __all__ = ["AGC", "LAST_LINEAR", "ExcludeRule", "UnitNorms"]
@@ -133,6 +134,8 @@ class AGC(Clipper):
             ``extra_groups``); see :class:`~gradclip.Clipper` and the README, "Distributed
             training". ``shard_group`` (flat FSDP1/ZeRO shards) raises ``NotImplementedError``:
             a flat shard's rows cannot be told apart.
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import torch
@@ -162,6 +165,7 @@ class AGC(Clipper):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
     ):
         self.clipping = check_real(clipping, "clipping", "> 0", lambda v: v > 0, "clipping=0.01")
         self.eps = check_real(eps, "eps", ">= 0", lambda v: v >= 0 and math.isfinite(v), "eps=1e-3")
@@ -171,7 +175,8 @@ class AGC(Clipper):
         self._pattern_cache: LRU[tuple[str, ...], tuple[bool, ...]] = LRU(8)
         self._warned = False
         super().__init__(
-            norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            spikes=spikes,
         )
 
     def config(self) -> dict[str, Any]:
@@ -180,6 +185,7 @@ class AGC(Clipper):
             "eps": self.eps,
             "exclude": _describe_exclude(self.exclude, self._patterns),
             "nonfinite": self.nonfinite,
+            **self._spikes_config(),
         }
 
     # -- which parameters are clipped ---------------------------------------------------

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from torch.distributed import ProcessGroup
 
+    from gradclip.clippers.spikes import SpikeDetector, SpikePolicy
     from gradclip.distributed import GroupLike
 
 __all__ = ["AutoClip", "AutoClipState"]
@@ -86,6 +87,8 @@ class AutoClip(Clipper[AutoClipState]):
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import torch
@@ -115,6 +118,7 @@ class AutoClip(Clipper[AutoClipState]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
     ):
         self.percentile = _check_percentile(percentile)
         self.window = check_count(
@@ -123,7 +127,8 @@ class AutoClip(Clipper[AutoClipState]):
         self._growable_fields = ("history",) if self.window is None else ()
         self._tables: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
         super().__init__(
-            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            spikes=spikes,
         )
 
     State = AutoClipState

@@ -30,6 +30,7 @@ from torch import Tensor
 from gradclip import distributed, norms
 from gradclip._checks import check_norm_type
 from gradclip.clippers import fold, pipeline
+from gradclip.clippers.spikes import SpikeDetector, SpikePolicy, as_detector, check_loss
 from gradclip.clippers.state import StateStore
 from gradclip.clippers.targets import Parameters, Target, resolve
 from gradclip.nonfinite import NonFinitePolicy, check_policy
@@ -81,6 +82,9 @@ class Clipper(Generic[S]):
             DTensor gradients (FSDP2, TP) need nothing.
         extra_groups: process groups or meshes the total norm is also reduced over
             (pipeline stages, expert parallel).
+        spikes: a :class:`~gradclip.SpikeDetector` that skips, clips or records gradient
+            spikes (``"skip"``, ``"clip"`` or ``"off"``: one with its defaults; None: none).
+            Pass the loss to :meth:`step` / ``__call__`` (``loss=loss``) to judge it too.
     """
 
     STATE_VERSION: ClassVar[int] = 1
@@ -102,9 +106,11 @@ class Clipper(Generic[S]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
     ):
         self.norm_type = check_norm_type(norm_type)
         self.nonfinite = check_policy(nonfinite)
+        self.spikes: SpikeDetector | None = as_detector(spikes)
         # Not in config(): process groups are neither comparable nor picklable, and a
         # checkpoint written on one layout must load on another.
         self.shard_group = shard_group
@@ -115,7 +121,12 @@ class Clipper(Generic[S]):
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments: saved in ``state_dict()`` and checked on load."""
-        return {"norm_type": self.norm_type, "nonfinite": self.nonfinite}
+        return {"norm_type": self.norm_type, "nonfinite": self.nonfinite, **self._spikes_config()}
+
+    def _spikes_config(self) -> dict[str, Any]:
+        """``{"spikes": the detector's config}`` with a detector, else nothing (a clipper
+        without one keeps the config, and the checkpoints, it always had)."""
+        return {} if self.spikes is None else {"spikes": self.spikes.config()}
 
     def _init_state(self, tensors: int) -> S:
         """The ``State`` before the first step (CPU tensors); with ``per_tensor_state``, the
@@ -160,6 +171,8 @@ class Clipper(Generic[S]):
     def reset(self) -> None:
         """Forget every statistic: the clipper behaves as if just constructed."""
         self._store = StateStore(self)
+        if self.spikes is not None:
+            self.spikes.reset()
 
     @property
     def state(self) -> S:
@@ -185,12 +198,15 @@ class Clipper(Generic[S]):
         Statistics are keyed by name (per-parameter ones by parameter name). Loading it into
         a clipper built with the same arguments resumes exactly where this one stopped.
         """
-        return {
+        saved = {
             "type": type(self).__name__,
             "version": self.STATE_VERSION,
             "config": self.config(),
             **self._store.state_dict(),
         }
+        if self.spikes is not None:
+            saved["spikes"] = self.spikes.state_dict()
+        return saved
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`. Every tensor is checked (dtype, shape, no NaN, the
@@ -227,7 +243,24 @@ class Clipper(Generic[S]):
                 f"the {own} state dict was saved with different arguments: {shown}; build "
                 f"the clipper as gradclip.{own}(**state_dict['config'])"
             )
-        self._store.load(state_dict["state"], state_dict["param_state"])
+        if (self.spikes is None) != ("spikes" not in state_dict):
+            has = "has" if "spikes" in state_dict else "has no"
+            raise ValueError(
+                f"the {own} state dict {has} spike detector state and this clipper "
+                f"{'has no' if self.spikes is None else 'has a'} detector; build the clipper as "
+                f"gradclip.{own}(**state_dict['config'])"
+            )
+        if self.spikes is None:
+            self._store.load(state_dict["state"], state_dict["param_state"])
+            return
+        detector = self.spikes
+        saved = (detector._store, detector._medians, detector._watch)
+        detector.load_state_dict(state_dict["spikes"])
+        try:
+            self._store.load(state_dict["state"], state_dict["param_state"])
+        except ValueError:  # nothing replaced: the detector goes back too
+            detector._store, detector._medians, detector._watch = saved
+            raise
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -235,26 +268,48 @@ class Clipper(Generic[S]):
 
     # -- the step -------------------------------------------------------------------------
 
-    def __call__(self, parameters: Parameters) -> ClipStats:
+    @property
+    def skips(self) -> bool:
+        """Whether a step may be skipped (``nonfinite="skip"``, or a detector's ``"skip"``):
+        the caller must then not step the optimizer when ``ClipStats.skipped`` is True."""
+        return self.nonfinite == "skip" or (self.spikes is not None and self.spikes.policy == "skip")
+
+    def __call__(self, parameters: Parameters, *, loss: Tensor | float | None = None) -> ClipStats:
         """Clip the gradients of ``parameters`` in place and return what was done.
 
         Args:
             parameters: a module (names from ``named_parameters()``, preferred), a mapping
                 name -> parameter, ``(name, parameter)`` pairs, or parameters.
+            loss: this step's loss (a scalar tensor or number) for the spike detector; it is
+                averaged over ranks under ``torch.distributed`` (every rank must pass one).
 
         Returns:
-            :class:`~gradclip.ClipStats` of this step (device tensors, no host sync).
+            :class:`~gradclip.ClipStats` of this step (device tensors, no host sync). When
+            ``stats.skipped`` is True, do not step the optimizer (:meth:`step` does that).
         """
-        return pipeline.clip(self, self._resolve(parameters), fold=None)
+        loss = check_loss(loss)
+        return pipeline.clip(self, self._resolve(parameters), fold=None, loss=loss)
 
-    def step(self, parameters: Parameters, optimizer: torch.optim.Optimizer) -> ClipStats:
-        """Clip, then ``optimizer.step()``, honouring ``nonfinite="skip"``.
+    def step(
+        self,
+        parameters: Parameters,
+        optimizer: torch.optim.Optimizer,
+        *,
+        loss: Tensor | float | None = None,
+    ) -> ClipStats:
+        """Clip, then ``optimizer.step()``, honouring skipped steps (``nonfinite="skip"``,
+        and spikes under a detector's ``"skip"``).
 
         With a torch fused optimizer (``Adam``, ``AdamW``, ``SGD``, ``Adagrad`` with
         ``fused=True``) that updates exactly these gradients, the clip coefficient and the
         skip decision are handed to the optimizer's fused kernel (``grad_scale``,
-        ``found_inf``): no separate multiply, no host sync. Otherwise the gradients are
-        clipped first; a skipped step then costs one host read (free on the CPU).
+        ``found_inf``): no separate multiply, no host sync, and a skipped step leaves the
+        parameters, the optimizer's state and its step counters as they were (the kernel
+        puts the counters back). A clipper whose coefficient does not fold (AGC, AdaGC,
+        ValueClip) scales the gradients itself and still hands over the skip. Otherwise
+        (``foreach`` or for-loop optimizers, which take no ``found_inf``) the gradients are
+        clipped first and a skipped step is not handed to the optimizer at all, which costs
+        one host read of the decision (free on the CPU).
 
         Example:
             >>> import torch, gradclip
@@ -263,13 +318,15 @@ class Clipper(Generic[S]):
             >>> model(torch.ones(1, 2)).sum().backward()
             >>> stats = gradclip.NormClip(1.0).step(model, opt)
         """
+        loss = check_loss(loss)
         target = self._resolve(parameters)
-        folded = fold.plan(optimizer, target.grads) if self.folds_into_fused else None
-        stats = pipeline.clip(self, target, fold=folded)
+        foldable = self.folds_into_fused or self.skips
+        folded = fold.plan(optimizer, target.grads) if foldable else None
+        stats = pipeline.clip(self, target, fold=folded, loss=loss)
         if folded is not None and folded.armed:
             folded.step()
             return stats
-        if self.nonfinite == "skip" and bool(stats.skipped):
+        if self.skips and bool(stats.skipped):
             return stats
         optimizer.step()
         return stats

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from torch.distributed import ProcessGroup
 
+    from gradclip.clippers.spikes import SpikeDetector, SpikePolicy
     from gradclip.distributed import GroupLike
 
 __all__ = ["NormClip", "ValueClip"]
@@ -38,6 +39,8 @@ class NormClip(Clipper[None]):
         nonfinite: ``"propagate"``, ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import torch, gradclip
@@ -55,10 +58,12 @@ class NormClip(Clipper[None]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
     ):
         self.max_norm = check_threshold(max_norm, "max_norm")
         super().__init__(
-            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            spikes=spikes,
         )
 
     def config(self) -> dict[str, Any]:
@@ -82,6 +87,8 @@ class ValueClip(Clipper[None]):
         nonfinite: ``"propagate"``, ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import torch, gradclip
@@ -100,14 +107,16 @@ class ValueClip(Clipper[None]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
     ):
         self.clip_value = check_threshold(clip_value, "clip_value")
         super().__init__(
-            norm_type=math.inf, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=math.inf, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            spikes=spikes,
         )
 
     def config(self) -> dict[str, Any]:
-        return {"clip_value": self.clip_value, "nonfinite": self.nonfinite}
+        return {"clip_value": self.clip_value, "nonfinite": self.nonfinite, **self._spikes_config()}
 
     def _step(self, norms: GradNorms, state: None) -> Step:
         total = norms.total

@@ -2,15 +2,17 @@
 
 1. measure (the clipper's ``_measure``: one pass, global under a distributed layout);
 2. apply the non-finite policy (``error`` raises before anything changed);
-3. the clipper's pure ``_step`` on its current state;
-4. mask the coefficient of a skipped step, compute what the clip does to the norm;
-5. commit the new state, masked by finiteness (:class:`~gradclip.clippers.state.StateStore`);
-6. scale the gradients, or hand the coefficient to a fused optimizer
+3. the spike detector's verdict, if the clipper has one (:mod:`gradclip.clippers.spikes`);
+4. the clipper's pure ``_step`` on its current state;
+5. mask the coefficient of a skipped step, compute what the clip does to the norm;
+6. commit the new state, masked by finiteness and by the detector's verdict
+   (:class:`~gradclip.clippers.state.StateStore`);
+7. scale the gradients, or hand the coefficient to a fused optimizer
    (:mod:`gradclip.clippers.fold`);
-7. return :class:`~gradclip.ClipStats`.
+8. return :class:`~gradclip.ClipStats`.
 
 No step reads a device value on the host, except the ``error`` policy's check and, on the
-CPU only, the skip of a multiply by exactly 1.
+CPU only, the skip of a multiply by exactly 1 and the detector's forensics.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import torch
 
 from gradclip.nonfinite import raise_nonfinite
 from gradclip.norms import total_norm
+from gradclip.scale import clip_coefficient, scale_
 from gradclip.stats import ClipStats
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from gradclip.clippers.base import Clipper
     from gradclip.clippers.fold import Fold
     from gradclip.clippers.targets import Target
@@ -32,9 +37,12 @@ __all__ = ["clip"]
 
 
 @torch.no_grad()
-def clip(clipper: Clipper, target: Target, fold: Fold | None) -> ClipStats:
+def clip(
+    clipper: Clipper, target: Target, fold: Fold | None, loss: Tensor | float | None = None
+) -> ClipStats:
     """Clip ``target``'s gradients with ``clipper`` (see the module doc); with ``fold``, a
-    global coefficient is armed into the fused optimizer instead of multiplied."""
+    global coefficient (and the skip decision) is armed into the fused optimizer instead of
+    multiplied. ``loss`` goes to the clipper's spike detector, if any."""
     measured = clipper._measure(target)
     total, names = measured.total, target.names
     if not target.grads and not target.communicates:  # nothing to clip, nobody to wait for
@@ -47,14 +55,24 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None) -> ClipStats:
     finite = torch.isfinite(total)
     if clipper.nonfinite == "error":
         raise_nonfinite(total, measured.per_tensor, names)
+    spikes = clipper.spikes
+    verdict = spikes.judge(measured, loss, names) if spikes is not None else None
     state = store.prepare(names)
     step = clipper._step(measured, state)
-    coef = step.coef
+    coef, threshold, new_state = step.coef, step.threshold, step.state
     if clipper.nonfinite == "skip":
         coef = torch.where(finite, coef, torch.ones_like(coef))
         skipped = ~finite
     else:
         skipped = torch.zeros_like(finite)
+    after_spike = None  # the "clip" policy's factor, when it cannot join the coefficient
+    if verdict is not None and spikes.policy != "off":
+        if new_state is not None:  # a spike enters no statistic of the clipper's
+            kept = (torch.where(verdict.accept, n, o) for n, o in zip(new_state, state, strict=True))
+            new_state = type(new_state)(*kept)
+        if spikes.policy == "skip":
+            coef = torch.where(verdict.spike, torch.ones_like(coef), coef)
+            skipped = skipped | verdict.spike
     if coef.dim() == 0:
         post_norm = total * coef
         clipped = coef < 1
@@ -67,13 +85,37 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None) -> ClipStats:
         else:
             post_norm = total_norm(after, clipper.norm_type)
         clipped = (factors < 1).any()
-    store.commit(state, step.state, finite)
-    if fold is not None and coef.dim() == 0:
+    if verdict is not None and spikes.policy == "clip":  # down to the detector's bound
+        extra = torch.where(verdict.spike & finite, clip_coefficient(verdict.bound, post_norm), 1.0)
+        threshold = torch.where(verdict.spike, torch.minimum(threshold, verdict.bound), threshold)
+        post_norm, clipped = post_norm * extra, clipped | (extra < 1)
+        if coef.dim() == 0 and clipper.folds_into_fused:
+            coef = coef * extra
+        else:
+            after_spike = extra
+    store.commit(state, new_state, finite)
+    report = None
+    if verdict is not None:
+        spikes.commit(verdict)
+        report = spikes.observe(verdict, measured, target)  # host work, before any change
+    if fold is not None and coef.dim() == 0 and clipper.folds_into_fused:
         fold.arm(coef, skipped)
     else:
         clipper._apply(measured, coef)
-    effective = coef if coef.dim() == 0 else torch.where(
+        if after_spike is not None:
+            if fold is not None:
+                fold.arm(after_spike, skipped)
+            else:
+                scale_(measured.groups, after_spike, foreach=None)
+        elif fold is not None:
+            fold.arm(None, skipped)
+    effective = coef if coef.dim() == 0 and after_spike is None else torch.where(
         total == 0, torch.ones_like(total), post_norm / total
     )
-    return ClipStats(total, post_norm, step.threshold, effective, clipped, finite, skipped,
-                     measured, names)
+    if verdict is None:
+        return ClipStats(total, post_norm, threshold, effective, clipped, finite, skipped,
+                         measured, names)
+    return ClipStats(total, post_norm, threshold, effective, clipped, finite, skipped, measured,
+                     names, spike=verdict.spike, spike_score=verdict.score,
+                     spike_bound=verdict.bound, spike_top=verdict.top,
+                     spike_ratios=verdict.ratios, spike_report=report)

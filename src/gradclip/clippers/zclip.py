@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from torch.distributed import ProcessGroup
 
+    from gradclip.clippers.spikes import SpikeDetector, SpikePolicy
     from gradclip.distributed import GroupLike
 
 __all__ = ["ZClip", "ZClipState"]
@@ -102,6 +103,8 @@ class ZClip(Clipper[ZClipState]):
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import torch
@@ -131,6 +134,7 @@ class ZClip(Clipper[ZClipState]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
     ):
         self.alpha = check_real(alpha, "alpha", "in (0, 1) (an EMA smoothing factor; larger is "
                                 "smoother)", lambda v: 0 < v < 1, "alpha=0.97")  # fmt: skip
@@ -141,7 +145,8 @@ class ZClip(Clipper[ZClipState]):
         self.mode: ZClipMode = check_choice(mode, "mode", MODES, "mode='zscore'")  # type: ignore[assignment]
         self._slots: Tensor | None = None
         super().__init__(
-            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            spikes=spikes,
         )
 
     def config(self) -> dict[str, Any]:
