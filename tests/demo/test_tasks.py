@@ -15,7 +15,7 @@ from gradclip.demo.runner import RunResult, run
 from gradclip.demo.tasks import REFERENCES, TASKS, Task, resolve
 
 SHORT = {"rnn-addition/violent": 15, "rnn-addition/moderate": 15, "adam-spikes": 30,
-         "sgd-heavy-tail": 40}
+         "sgd-heavy-tail": 40, "sgd-label-noise": 40}
 
 
 def fixed(max_norm: float):

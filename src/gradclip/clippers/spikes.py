@@ -276,7 +276,7 @@ class SpikeDetector:
             )
         self.loss_group = loss_group
         self.on_spike = on_spike
-        self._constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._constants: dict[torch.device, _Constants] = {}
         self.reset()
 
     def config(self) -> dict[str, Any]:
@@ -356,12 +356,22 @@ class SpikeDetector:
 
     # -- the step -----------------------------------------------------------------------
 
-    def _consts(self, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _consts(self, device: torch.device) -> _Constants:
+        """The step's constants as device tensors, built once per device (an op on a Python
+        number costs about twice one on a tensor, and a step is mostly such ops)."""
         consts = self._constants.get(device)
         if consts is None:
-            consts = self._constants[device] = (
-                torch.arange(self.window, device=device),
-                torch.arange(self.score_window, device=device),
+            f32 = {"dtype": torch.float32, "device": device}
+            consts = self._constants[device] = _Constants(
+                slots=torch.arange(self.window, device=device),
+                score_slots=torch.arange(self.score_window, device=device),
+                sigma=torch.tensor(self.sigma, **f32),
+                min_log_std=torch.tensor(MIN_LOG_STD, **f32),
+                inf=torch.tensor(math.inf, **f32),
+                nan=torch.tensor(math.nan, **f32),
+                tiny=torch.tensor(torch.finfo(torch.float32).tiny, **f32),
+                step=torch.tensor(MEDIAN_STEP, **f32),
+                zero=torch.zeros((), dtype=torch.long, device=device),
             )
         return consts
 
@@ -387,78 +397,74 @@ class SpikeDetector:
         self._medians.to(device)
         state: SpikeState = self._store.prepare(())
         medians: TensorMedians = self._medians.prepare(names)
-        slots, score_slots = self._consts(device)
-        wide = _foreach.wide_dtype(device)
+        k = self._consts(device)
+        window = self.window
 
-        # the norm: log space, its window's mean and floored sample deviation
-        norm = total.to(wide)
-        norm_ok = torch.isfinite(norm)
-        x = torch.log(norm.clamp_min(torch.finfo(wide).tiny))
-        mean, std = _moments(state.log_norms, state.norm_count, slots, self.window, wide)
-        log_bound = mean + self.sigma * std.clamp_min(MIN_LOG_STD)
+        # the norm in log space (float32: |log| < 710), against its window's moments
+        x = torch.log(torch.maximum(total.float(), k.tiny))  # NaN stays NaN, inf stays inf
+        mean, std = _moments(state.log_norms, state.norm_count, k.slots, window)
+        log_bound = mean + k.sigma * torch.maximum(std, k.min_log_std)
         norm_ready = state.norm_count >= self.warmup
-        spike = ~norm_ok | (norm_ready & (x > log_bound))
-        bound = torch.where(norm_ready, torch.exp(log_bound), math.inf).to(total.dtype)
+        spike = ~(x <= torch.where(norm_ready, log_bound, k.inf))  # NaN and inf included
+        bound = torch.where(norm_ready, torch.exp(log_bound), k.inf).to(total.dtype)
 
         # the loss, averaged over ranks, the same way (no log: a loss may be negative)
         value = self._reduced_loss(loss, device)
-        inf32 = torch.full((), math.inf, device=device)
+        losses, loss_count = state.losses, state.loss_count
         if value is None:
-            loss_out, loss_bound = torch.full((), math.nan, device=device), inf32
+            loss_out, loss_bound = k.nan, k.inf
         else:
-            lmean, lstd = _moments(state.losses, state.loss_count, slots, self.window, wide)
+            wide = _foreach.wide_dtype(device)  # a huge finite loss squared overflows float32
+            lmean, lstd = _moments(state.losses.to(wide), loss_count, k.slots, window)
             floor = MIN_LOSS_STD * lmean.abs() + 1e-12
             lbound = lmean + self.sigma * torch.maximum(lstd, floor)
-            loss_ready = state.loss_count >= self.warmup
-            lvalue = value.to(wide)
-            spike = spike | ~torch.isfinite(lvalue) | (loss_ready & (lvalue > lbound))
-            loss_out = value
+            loss_ready = loss_count >= self.warmup
             loss_bound = torch.where(loss_ready, lbound, math.inf).float()
+            spike = spike | ~(value.to(wide) <= torch.where(loss_ready, lbound, math.inf))
+            loss_out = value
         accept = ~spike
 
-        # the windows: written by accepted steps only (and never a zero gradient's log)
-        write_norm = accept & (norm > 0)
-        at = slots == torch.remainder(state.norm_count, self.window)
-        log_norms = torch.where(at & write_norm, x.float(), state.log_norms)
-        norm_count = state.norm_count + write_norm
-        losses, loss_count = state.losses, state.loss_count
+        # the windows: written by accepted steps only (never a zero gradient's log)
+        write = accept & (x > torch.log(k.tiny))
+        log_norms = torch.where((k.slots == torch.remainder(state.norm_count, window)) & write,
+                                x, state.log_norms)  # fmt: skip
+        norm_count = state.norm_count + write
         if value is not None:
-            at = slots == torch.remainder(state.loss_count, self.window)
-            clamped = value.clamp(-_F32_MAX, _F32_MAX)
-            losses = torch.where(at & accept, clamped, state.losses)
-            loss_count = state.loss_count + accept
+            at = k.slots == torch.remainder(loss_count, window)
+            losses = torch.where(at & accept, value.clamp(-_F32_MAX, _F32_MAX), losses)
+            loss_count = loss_count + accept
         # the SpikeScore ring and the run of spikes: every step
-        at = score_slots == torch.remainder(state.judged, self.score_window)
+        at = k.score_slots == torch.remainder(state.judged, self.score_window)
         leaving = (state.flags & at).any()
         flags = torch.where(at, spike, state.flags)
         in_window = state.in_window + spike.long() - leaving.long()
         judged = state.judged + 1
-        run = torch.where(spike, state.run + 1, 0)
+        run = torch.where(spike, state.run + 1, k.zero)
         score = in_window.float() / torch.clamp(judged, max=self.score_window).float()
 
         # per tensor: the ratio of its norm to its running median (forensics), then the median
-        per = norms.per_tensor.to(wide)
+        logs = torch.log(torch.maximum(norms.per_tensor.float(), k.tiny))
         log_median = medians.log_median
-        ratios = per / torch.exp(log_median.to(wide))
-        ratios = torch.where(torch.isnan(ratios) | torch.isinf(per), math.inf, ratios).float()
-        k = min(self.top_k, per.numel())
-        ratios_top, top = torch.topk(ratios, k)
-        per_ok = torch.isfinite(per) & (per > 0)
-        logs = torch.log(per.clamp_min(torch.finfo(wide).tiny)).float()
-        moved = log_median + MEDIAN_STEP * torch.sign(logs - log_median)
+        ratios = torch.exp(logs - log_median)  # inf for a NaN/inf norm or a fresh median: 0
+        ratios = torch.where(torch.isnan(ratios) | torch.isinf(logs), k.inf, ratios)
+        ratios_top, top = torch.topk(ratios, min(self.top_k, ratios.numel()))
+        moved = log_median + k.step * torch.sign(logs - log_median)
         new_median = torch.where(torch.isinf(log_median), logs, moved)
-        log_median = torch.where(per_ok & accept, new_median, log_median)
+        ok = (logs > torch.log(k.tiny)) & (logs < k.inf) & accept  # False for NaN
+        log_median = torch.where(ok, new_median, log_median)
 
         new_state = SpikeState(log_norms, norm_count, losses, loss_count, run, flags, in_window, judged)
-        return Verdict(spike, accept, bound, loss_out, loss_bound, score, run, judged - 1,
+        return Verdict(spike, accept, bound, loss_out, loss_bound, score, run, state.judged.clone(),
                        top, ratios_top, new_state, TensorMedians(log_median), (state, medians))  # fmt: skip
 
     def commit(self, verdict: Verdict) -> None:
-        """Write the verdict's state into the detector's tensors, in place."""
-        one = torch.ones((), dtype=torch.bool, device=verdict.spike.device)
+        """Write the verdict's state into the detector's tensors, in place (every field of
+        the new state is already what it must be: a spike changed only the run, the score
+        and the step count)."""
         state, medians = verdict.previous
-        self._store.commit(state, verdict.state, one)
-        self._medians.commit(medians, verdict.medians, one)
+        for before, after in zip((*state, *medians), (*verdict.state, *verdict.medians), strict=True):
+            before.copy_(after)
+        self._store.values["steps"].add_(1)
 
     def observe(self, verdict: Verdict, norms: GradNorms, target: Target) -> SpikeReport | None:
         """Host work after the decision (never while compiling): on the CPU, or with
@@ -485,15 +491,26 @@ class SpikeDetector:
         return report
 
 
-def _moments(ring: Tensor, count: Tensor, slots: Tensor, window: int, wide: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Mean and sample standard deviation of the filled part of a ring (in ``wide``)."""
+def _moments(ring: Tensor, count: Tensor, slots: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """Mean and sample standard deviation of the filled part of a ring."""
     n = torch.clamp(count, max=window)
     valid = slots < n
-    values = ring.to(wide)
-    nf = n.to(wide).clamp_min(1)
-    mean = torch.where(valid, values, 0).sum() / nf
-    var = torch.where(valid, (values - mean).square(), 0).sum() / (nf - 1).clamp_min(1)
+    nf = n.to(ring.dtype).clamp_min(1)
+    mean = torch.where(valid, ring, 0).sum() / nf
+    var = torch.where(valid, (ring - mean).square(), 0).sum() / (nf - 1).clamp_min(1)
     return mean, var.sqrt()
+
+
+class _Constants(NamedTuple):
+    slots: Tensor  # arange(window)
+    score_slots: Tensor  # arange(score_window)
+    sigma: Tensor  # float32 0-dim from here on
+    min_log_std: Tensor
+    inf: Tensor
+    nan: Tensor
+    tiny: Tensor  # the smallest normal float32: log(norm) of a zero gradient
+    step: Tensor  # MEDIAN_STEP
+    zero: Tensor  # int64
 
 
 def as_detector(spikes: object) -> SpikeDetector | None:

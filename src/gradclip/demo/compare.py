@@ -214,7 +214,7 @@ def _clip_fn(
 ) -> Callable[[torch.nn.Module], object]:
     if hook is None:
         return clipper
-    return lambda model: hook(clipper(model))
+    return lambda model, loss=None: hook(clipper(model, loss=loss))
 
 
 def _rows(task: Task, runs: dict[str, RunResult]) -> list[Row]:

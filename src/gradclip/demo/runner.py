@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -33,7 +34,9 @@ __all__ = ["ClipFn", "RunResult", "run"]
 ClipFn = Callable[[nn.Module], object]
 """Called with the model after ``backward()`` and before ``optimizer.step()``.
 
-It may clip the gradients in place, and may return ``None``, a 0-dim tensor (the pre-clip
+It may take a keyword ``loss``: it then gets the step's training loss (a detached 0-dim
+tensor), which a :class:`gradclip.Clipper` with a spike detector judges. It may clip the
+gradients in place, and may return ``None``, a 0-dim tensor (the pre-clip
 total norm, as ``clip_grad_norm_`` returns) or an object with a ``norm`` attribute (the
 pre-clip total norm) and optionally ``post_norm``, ``threshold``, ``clipped``, ``finite``
 and ``skipped`` (a :class:`gradclip.ClipStats` has all of them). When ``skipped`` is true
@@ -110,6 +113,17 @@ def _as_bool(value: object) -> bool | None:
     return bool(value)
 
 
+def _takes_loss(clip: ClipFn | None) -> bool:
+    """Whether ``clip`` takes a ``loss`` keyword (a clipper does)."""
+    if clip is None:
+        return False
+    try:
+        parameters = inspect.signature(clip).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return "loss" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 def _flat(params: list[nn.Parameter]) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
@@ -166,13 +180,17 @@ def run(
     nonfinite = skipped_steps = 0
     measure = True
     exploded = False
+    takes_loss = _takes_loss(clip)
     before = _flat(params)
     for step in range(total):
         optimizer.zero_grad(set_to_none=True)
         loss = problem.loss(step)
         loss.backward()
         measured = grad_norms(params).total.item() if (clip is None or measure) else _NAN
-        out = clip(model) if clip is not None else None
+        if clip is None:
+            out = None
+        else:
+            out = clip(model, loss=loss.detach()) if takes_loss else clip(model)
 
         norm = post = threshold = _NAN
         was_clipped = finite = skip = None
