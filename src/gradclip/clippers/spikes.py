@@ -405,7 +405,7 @@ class SpikeDetector:
         mean, std = _moments(state.log_norms, state.norm_count, k.slots, window)
         log_bound = mean + k.sigma * torch.maximum(std, k.min_log_std)
         norm_ready = state.norm_count >= self.warmup
-        spike = ~(x <= torch.where(norm_ready, log_bound, k.inf))  # NaN and inf included
+        spike = ~(x < k.inf) | (norm_ready & (x > log_bound))  # NaN and inf: always
         bound = torch.where(norm_ready, torch.exp(log_bound), k.inf).to(total.dtype)
 
         # the loss, averaged over ranks, the same way (no log: a loss may be negative)
@@ -420,7 +420,8 @@ class SpikeDetector:
             lbound = lmean + self.sigma * torch.maximum(lstd, floor)
             loss_ready = loss_count >= self.warmup
             loss_bound = torch.where(loss_ready, lbound, math.inf).float()
-            spike = spike | ~(value.to(wide) <= torch.where(loss_ready, lbound, math.inf))
+            lvalue = value.to(wide)
+            spike = spike | ~torch.isfinite(lvalue) | (loss_ready & (lvalue > lbound))
             loss_out = value
         accept = ~spike
 
