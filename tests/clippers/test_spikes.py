@@ -288,7 +288,7 @@ def test_host_reads_of_a_skip_on_accelerators(kind: str, reads: int, monkeypatch
         model = _model()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **{kind: True})
         calls = []
-        opt.step = lambda: calls.append(getattr(opt, "found_inf", None))
+        opt.step = lambda opt=opt, calls=calls: calls.append(getattr(opt, "found_inf", None))
         clipper = make()
         scales = _norms(30, spikes={29: 1e3})
         for i, scale in enumerate(scales):
