@@ -125,6 +125,8 @@ class MonitorSummary:
         top_layers: the layers with the largest finite pre-clip norm, largest first.
         first_nonfinite: the first step with non-finite gradients and its layers (None: none).
         nonfinite_layers: each layer that was ever non-finite -> the first step it was.
+        spike_steps: steps a spike detector called spikes.
+        spike_score: the SpikeScore of the last step (0 without a detector).
     """
 
     steps: int
@@ -137,6 +139,8 @@ class MonitorSummary:
     top_layers: tuple[LayerStat, ...]
     first_nonfinite: NonFiniteEvent | None
     nonfinite_layers: dict[str, int] = field(default_factory=dict)
+    spike_steps: int = 0
+    spike_score: float = 0.0
 
     @classmethod
     def of(
@@ -163,6 +167,8 @@ class MonitorSummary:
             top_layers=tuple(ranked[:top]),
             first_nonfinite=first_nonfinite,
             nonfinite_layers=nonfinite_layers,
+            spike_steps=int(history.spike.sum()),
+            spike_score=float(history.spike_score[-1]) if n else 0.0,
         )
 
     def to_text(self) -> str:
@@ -170,7 +176,7 @@ class MonitorSummary:
         pct = ", ".join(f"{k} {v:.4g}" for k, v in self.norm_percentiles.items())
         lines = [
             f"{self.steps} steps; clipped {self.clipped_steps} ({self.clip_rate:.1%}); "
-            f"non-finite {self.nonfinite_steps} (skipped {self.skipped_steps})",
+            f"non-finite {self.nonfinite_steps}; skipped {self.skipped_steps}",
             f"pre-clip norm: {pct or 'no finite value'}; threshold: {self.threshold}",
         ]
         if self.top_layers:
@@ -179,6 +185,8 @@ class MonitorSummary:
         if self.first_nonfinite is not None:
             e = self.first_nonfinite
             lines.append(f"first non-finite at step {e.step}: {', '.join(e.layers) or '?'}")
+        if self.spike_steps:
+            lines.append(f"spikes: {self.spike_steps}; SpikeScore at the end {self.spike_score:.3g}")
         return "\n".join(lines)
 
 

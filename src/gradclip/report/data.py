@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradclip.history import History, MonitorSummary, NonFiniteEvent, read_log
+from gradclip.history import History, MonitorSummary, NonFiniteEvent, SpikeEvent, read_log
 from gradclip.recommend import Recommendation, recommend_max_norm
 
 __all__ = ["Report", "bin_max", "build_report", "rolling_mean"]
 
-MAX_EVENTS = 50  # non-finite events listed one by one
+MAX_EVENTS = 50  # non-finite events, and spikes, listed one by one
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Report:
         heatmap_layers: (G,) the layers shown (at most ``max_layers``, the largest ones,
             in module order).
         nonfinite_events: the first non-finite steps with their layers.
+        spike_events: the first steps a spike detector called spikes, with their forensics
+            (:class:`~gradclip.history.SpikeEvent`).
     """
 
     title: str
@@ -50,6 +52,7 @@ class Report:
     heatmap: Tensor
     heatmap_layers: tuple[str, ...]
     nonfinite_events: tuple[NonFiniteEvent, ...]
+    spike_events: tuple[SpikeEvent, ...] = ()
 
 
 def rolling_mean(values: Tensor, window: int) -> Tensor:
@@ -143,4 +146,5 @@ def build_report(
         heatmap=heat,
         heatmap_layers=names,
         nonfinite_events=tuple(h.nonfinite_events()[:MAX_EVENTS]),
+        spike_events=tuple(h.spike_events()[:MAX_EVENTS]),
     )
