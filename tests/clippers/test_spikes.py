@@ -37,7 +37,7 @@ def _reference(norms: list[float], losses: list[float | None], window: int, sigm
     """The rule of the SpikeDetector doc, on the host: a step is a spike when its log norm
     (or its loss) is non-finite or lies more than sigma sample deviations (floored) above
     the mean of the last `window` accepted ones, once `warmup` were accepted; spikes are
-    never accepted, nor a zero norm's log."""
+    never accepted, nor a zero norm's log; a finite loss is, unless the norm spiked."""
     logs: list[float] = []
     kept: list[float] = []
     out = []
@@ -48,6 +48,7 @@ def _reference(norms: list[float], losses: list[float | None], window: int, sigm
         if len(logs) >= warmup:
             std = max(statistics.stdev(recent), 0.01)
             spike |= x > statistics.fmean(recent) + sigma * std
+        norm_spike = spike
         if loss is not None:
             spike |= not math.isfinite(loss)
             recent = kept[-window:]
@@ -55,11 +56,10 @@ def _reference(norms: list[float], losses: list[float | None], window: int, sigm
                 mean = statistics.fmean(recent)
                 std = max(statistics.stdev(recent), 1e-3 * abs(mean) + 1e-12)
                 spike |= loss > mean + sigma * std
-        if not spike:
-            if norm > 0:
-                logs.append(x)
-            if loss is not None:
-                kept.append(loss)
+        if not spike and norm > 0:
+            logs.append(x)
+        if loss is not None and math.isfinite(loss) and not norm_spike:
+            kept.append(loss)  # a loss-only spike is learnt: the loss may have a new level
         out.append(spike)
     return out
 
@@ -73,6 +73,7 @@ def test_decisions_follow_the_rule(window: int, sigma: float, warmup: int) -> No
     norms = _norms(140, spikes=spikes)
     losses: list[float | None] = [2.0 + 0.1 * math.sin(i) for i in range(140)]
     losses[60], losses[100] = 50.0, math.nan
+    losses[120:126] = [9.0] * 6  # a new level of the loss: learnt after a few spikes
     expected = _reference(norms, losses, window, sigma, warmup)
     clipper = gradclip.NormClip(math.inf, spikes=gradclip.SpikeDetector(
         "off", window=window, sigma=sigma, warmup=warmup))
@@ -89,6 +90,22 @@ def test_without_a_loss_only_the_norm_is_judged() -> None:
     flags = [bool(clipper({"w": _param(n)}).spike) for n in norms]
     assert flags == _reference(norms, [None] * 60, 128, 6.0, 20)
     assert flags[40] and sum(flags) == 1
+
+
+def test_a_new_level_of_the_loss_is_learnt_a_glitch_is_not() -> None:
+    """A loss that stays 3x higher with ordinary gradients is a new regime: skipped a few
+    steps, then normal again (no cap reached); a gradient spike's loss is never learnt."""
+    clipper = gradclip.NormClip(math.inf, spikes=gradclip.SpikeDetector(warmup=20, max_skips=10))
+    norms = _norms(200, spikes={150: 1e3})
+    flags = []
+    for i, n in enumerate(norms):
+        loss = (1.0 if i < 100 else 3.0) + 0.01 * math.sin(i)
+        loss = 1e6 if i == 150 else loss
+        flags.append(bool(clipper({"w": _param(n)}, loss=loss).spike))
+    shifted = [i for i, f in enumerate(flags) if f and i < 150]
+    assert shifted and shifted[0] == 100 and len(shifted) < 10 and shifted[-1] < 110
+    assert flags[150] and not any(flags[151:])
+    assert float(clipper.spikes.state.losses.max()) < 4.0  # the glitch's loss was not learnt
 
 
 def test_defaults_are_the_published_ones() -> None:

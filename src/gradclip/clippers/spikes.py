@@ -16,7 +16,12 @@ A NaN/inf norm or loss is always a spike. Then, by ``policy``:
 * ``"off"``: detect and record only; training goes exactly as without the detector.
 
 Under ``"skip"`` and ``"clip"`` a spike step enters no statistic: neither the detector's
-windows nor the clipper's state (a clipper's threshold never learns from a spike). After
+windows nor the clipper's state (a clipper's threshold never learns from a spike). One
+exception keeps a loss that moved to a new level from being a spike forever: a finite loss
+whose gradient norm did not spike enters the loss window even when the loss itself is a
+spike (the step is still skipped), so the window follows a change of regime within a few
+steps, as OLMo-core's does (it keeps every value); a step whose gradient spiked is a glitch,
+and neither its norm nor its loss is ever learnt. After
 ``max_skips`` spikes in a row the run has most likely diverged (a real change of scale
 would not stop being a spike): :class:`~gradclip.GradientSpikeError` is raised, naming the
 step, the norm, the bound and the layers, instead of skipping forever.
@@ -101,8 +106,8 @@ class SpikeState(NamedTuple):
         log_norms: float32, shape ``(window,)``, ring of the log total norms of the last
             accepted steps (spikes and zero gradients are never written).
         norm_count: int64, 0-dim, log norms ever written (next slot: ``norm_count % window``).
-        losses: float32, shape ``(window,)``, ring of the (rank-averaged) losses of the last
-            accepted steps that passed one.
+        losses: float32, shape ``(window,)``, ring of the (rank-averaged) finite losses of
+            the last steps that passed one and whose gradient norm did not spike.
         loss_count: int64, 0-dim, losses ever written.
         run: int64, 0-dim, spikes in a row up to the last step.
         flags: bool, shape ``(score_window,)``, ring of the spike flags of the last steps
@@ -405,7 +410,8 @@ class SpikeDetector:
         mean, std = _moments(state.log_norms, state.norm_count, k.slots, window)
         log_bound = mean + k.sigma * torch.maximum(std, k.min_log_std)
         norm_ready = state.norm_count >= self.warmup
-        spike = ~(x < k.inf) | (norm_ready & (x > log_bound))  # NaN and inf: always
+        norm_spike = ~(x < k.inf) | (norm_ready & (x > log_bound))  # NaN and inf: always
+        spike = norm_spike
         bound = torch.where(norm_ready, torch.exp(log_bound), k.inf).to(total.dtype)
 
         # the loss, averaged over ranks, the same way (no log: a loss may be negative)
@@ -430,10 +436,11 @@ class SpikeDetector:
         log_norms = torch.where((k.slots == torch.remainder(state.norm_count, window)) & write,
                                 x, state.log_norms)  # fmt: skip
         norm_count = state.norm_count + write
-        if value is not None:
+        if value is not None:  # every finite loss of a step whose gradient did not spike
+            learn = ~norm_spike & torch.isfinite(value)
             at = k.slots == torch.remainder(loss_count, window)
-            losses = torch.where(at & accept, value.clamp(-_F32_MAX, _F32_MAX), losses)
-            loss_count = loss_count + accept
+            losses = torch.where(at & learn, value.clamp(-_F32_MAX, _F32_MAX), losses)
+            loss_count = loss_count + learn
         # the SpikeScore ring and the run of spikes: every step
         at = k.score_slots == torch.remainder(state.judged, self.score_window)
         leaving = (state.flags & at).any()
