@@ -99,3 +99,20 @@ def test_resolve_names_the_keys_and_refuses_other_types():
         resolve("rnn")
     with pytest.raises(TypeError, match="`task` must be a task key"):
         resolve(3)
+
+
+def test_label_noise_corrupted_batches_hurt_and_skipping_them_is_the_clean_run():
+    """Six late batches with label noise x1000: without clipping the weights end far from w*;
+    a spike detector skips exactly those batches and ends where the clean run ends (the clean
+    run takes a step on the same batches with ordinary noise)."""
+    task = TASKS["sgd-label-noise"]
+    steps = task.quick_steps
+    clean = run(REFERENCES["sgd-label-noise"], None, quick=True)
+    none = run(task, None, quick=True)
+    skip = run(task, gradclip.NormClip(float("inf"), spikes="skip"), quick=True)
+    corrupted = {round(f * steps) for f in task.config.corrupt_at}
+    assert skip.skipped_steps == len(corrupted)
+    assert {i for i, u in enumerate(skip.update_norms) if u == 0.0} == corrupted
+    assert none.metric > 10 * clean.metric
+    assert skip.metric < 1.5 * clean.metric
+    assert REFERENCES["sgd-label-noise"].config.corrupt_at == ()

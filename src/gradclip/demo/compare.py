@@ -88,11 +88,17 @@ STRATEGIES: dict[str, Strategy] = {
         _clipper("agc", "AGC (0.01)", gradclip.AGC, threshold="ratio"),
         _clipper("adagc", "AdaGC", gradclip.AdaGC),
         _clipper("adaptive", "AdaptiveClip (default)", gradclip.AdaptiveClip),
+        _clipper("skip", "skip spikes (no clipping)",
+                 lambda: gradclip.NormClip(math.inf, spikes="skip")),
+        _clipper("adaptive-skip", "AdaptiveClip + skip spikes",
+                 lambda: gradclip.AdaptiveClip(spikes="skip")),
     )
 }
 """Every strategy of the demo by name, in table order. The fixed thresholds are the task's
 own (:attr:`Task.fixed`): the best of a sweep, one 10x lower and one far higher (too low or
-too high for SGD; Adam, which normalises its updates, hardly minds a low one)."""
+too high for SGD; Adam, which normalises its updates, hardly minds a low one). The last two
+skip the steps a :class:`gradclip.SpikeDetector` (its defaults) calls spikes, judging each
+step's gradient norm and loss: alone, and on top of ``AdaptiveClip``."""
 
 
 @dataclass(frozen=True)

@@ -431,8 +431,8 @@ def build_problem(config: TaskConfig, seed: int, steps: int, device: torch.devic
     """
     if type(config) not in _PROBLEMS:
         raise TypeError(
-            f"`config` must be an AdditionConfig, SpikesConfig, HeavyTailConfig or "
-            f"LabelNoiseConfig, got "
+            f"`config` must be one of the task configs: LabelNoiseConfig, AdditionConfig, "
+            f"SpikesConfig or HeavyTailConfig, got "
             f"{type(config).__name__}"
         )
     return _PROBLEMS[type(config)](config, seed, steps, device)

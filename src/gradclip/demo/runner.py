@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from gradclip.demo.problems import build_problem
 from gradclip.demo.tasks import Task, resolve
+from gradclip.clippers import GradientSpikeError
 from gradclip.functional import grad_norms
 
 __all__ = ["ClipFn", "RunResult", "run"]
@@ -145,7 +146,9 @@ def run(
     before calling ``clip`` (on the first step it always does, since it cannot know yet;
     from then on only while the clip function reports nothing). Non-finite losses and
     gradients do not stop the run, as in unprotected training; once the parameters are
-    non-finite it stops early, with ``metric = inf`` and ``diverged = True``.
+    non-finite it stops early, with ``metric = inf`` and ``diverged = True``, as it does when
+    a spike detector stops the run (:class:`gradclip.GradientSpikeError`: too many spikes in
+    a row).
 
     Args:
         task: a key of :data:`gradclip.demo.tasks.TASKS` or a :class:`Task`.
@@ -190,7 +193,11 @@ def run(
         if clip is None:
             out = None
         else:
-            out = clip(model, loss=loss.detach()) if takes_loss else clip(model)
+            try:
+                out = clip(model, loss=loss.detach()) if takes_loss else clip(model)
+            except GradientSpikeError:  # a spike detector's cap: the run has diverged
+                exploded = True
+                break
 
         norm = post = threshold = _NAN
         was_clipped = finite = skip = None
