@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gradclip.clippers import GradientSpikeError
 from gradclip.demo.problems import build_problem
 from gradclip.demo.tasks import Task, resolve
-from gradclip.clippers import GradientSpikeError
 from gradclip.functional import grad_norms
 
 __all__ = ["ClipFn", "RunResult", "run"]
