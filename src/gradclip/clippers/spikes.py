@@ -223,8 +223,10 @@ class SpikeDetector:
 
     A step is a spike when (after the warm-up) ``log(norm) > mean + sigma·σ`` over the log
     norms of the last ``window`` accepted steps, or (when a loss is passed, after its own
-    warm-up) ``loss > mean + sigma·σ`` over the accepted losses; or when either is NaN/inf.
-    σ is the sample standard deviation, floored (:data:`MIN_LOG_STD`, :data:`MIN_LOSS_STD`).
+    warm-up) the loss lies above the same bound over the window's losses: in log space while
+    the loss and every loss in the window are positive, as they are, else on the losses
+    themselves; or when either is NaN/inf. σ is the sample standard deviation, floored
+    (:data:`MIN_LOG_STD`; :data:`MIN_LOSS_STD` for raw losses).
 
     Args:
         policy: ``"skip"`` (default), ``"clip"`` or ``"off"`` (see the module doc).
@@ -421,12 +423,19 @@ class SpikeDetector:
             loss_out, loss_bound = k.nan, k.inf
         else:
             wide = _foreach.wide_dtype(device)  # a huge finite loss squared overflows float32
-            lmean, lstd = _moments(state.losses.to(wide), loss_count, k.slots, window)
-            floor = MIN_LOSS_STD * lmean.abs() + 1e-12
-            lbound = lmean + self.sigma * torch.maximum(lstd, floor)
+            ring, lvalue = state.losses.to(wide), value.to(wide)
+            lmean, lstd = _moments(ring, loss_count, k.slots, window)
+            raw_bound = lmean + self.sigma * torch.maximum(lstd, MIN_LOSS_STD * lmean.abs() + 1e-12)
+            # While every loss is positive, judged in log space as the norm is: a heavy-tailed
+            # loss (a power law) then fires as rarely as a light-tailed one.
+            filled = k.slots < torch.clamp(loss_count, max=window)
+            positive = ~((ring <= 0) & filled).any() & (lvalue > 0)
+            logs = torch.log(torch.where(filled & (ring > 0), ring, 1.0))
+            gmean, gstd = _moments(logs, loss_count, k.slots, window)
+            log_bound = torch.exp(gmean + self.sigma * torch.maximum(gstd, k.min_log_std.to(wide)))
+            lbound = torch.where(positive, log_bound, raw_bound)
             loss_ready = loss_count >= self.warmup
             loss_bound = torch.where(loss_ready, lbound, math.inf).float()
-            lvalue = value.to(wide)
             spike = spike | ~torch.isfinite(lvalue) | (loss_ready & (lvalue > lbound))
             loss_out = value
         accept = ~spike
