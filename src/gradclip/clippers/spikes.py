@@ -228,6 +228,11 @@ class SpikeDetector:
     themselves; or when either is NaN/inf. σ is the sample standard deviation, floored
     (:data:`MIN_LOG_STD`; :data:`MIN_LOSS_STD` for raw losses).
 
+    The window is a level and a spread: while the norm still falls by orders of magnitude
+    within one window (the first hundreds of steps from a random initialisation), the
+    spread is wide and only spikes larger than that fall are caught; from then on a spike
+    of a few times the typical norm is.
+
     Args:
         policy: ``"skip"`` (default), ``"clip"`` or ``"off"`` (see the module doc).
         window: accepted steps the statistics look at (int >= 2, default 128).
