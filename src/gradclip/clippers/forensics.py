@@ -94,8 +94,11 @@ class SpikeReport:
     nonfinite: tuple[str, ...]
     rank: int | None
 
+    def __str__(self) -> str:
+        return self.to_text()
+
     def to_text(self) -> str:
-        """A few lines for a terminal or a log."""
+        """A few lines for a terminal or a log (``str(report)``)."""
         head = f"spike at step {self.step} ({self.policy}): norm {self.norm:.4g} > bound {self.bound:.4g}"
         if self.loss is not None:
             head += f"; loss {self.loss:.4g} (bound {self.loss_bound:.4g})"
