@@ -159,3 +159,22 @@ def test_report_lists_each_spike_with_its_layers(tmp_path) -> None:
     plain = render_report(build_report(gradclip.History.from_norms([1.0, 2.0] * 20)),
                           tmp_path / "plain").html.read_text()
     assert "<h2>Spikes</h2>" not in plain
+
+
+def test_tensorboard_shows_the_spike_fields_only_with_a_detector(tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {}
+    for name, spikes in (("with", gradclip.SpikeDetector(warmup=20)), ("without", None)):
+        sink = gradclip.TensorBoardSink(tmp_path / name)
+        with gradclip.GradMonitor(gradclip.NormClip(10.0, spikes=spikes), _model(), sinks=sink) as mon:
+            _train(mon, 30, {25: 1000.0})
+        acc = EventAccumulator(str(tmp_path / name))
+        acc.Reload()
+        tags[name] = set(acc.Tags()["scalars"])
+        if spikes is not None:  # the series start once the detector has a bound
+            assert [e.step for e in acc.Scalars("grad/spike")] == list(range(20, 30))
+            assert [e.value for e in acc.Scalars("grad/spike")] == [float(i == 25) for i in range(20, 30)]
+    spike_tags = {"grad/spike", "grad/spike_score", "grad/spike_bound"}
+    assert spike_tags <= tags["with"] and not spike_tags & tags["without"]
