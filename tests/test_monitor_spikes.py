@@ -178,3 +178,40 @@ def test_tensorboard_shows_the_spike_fields_only_with_a_detector(tmp_path) -> No
             assert [e.value for e in acc.Scalars("grad/spike")] == [float(i == 25) for i in range(20, 30)]
     spike_tags = {"grad/spike", "grad/spike_score", "grad/spike_bound"}
     assert spike_tags <= tags["with"] and not spike_tags & tags["without"]
+
+
+def test_a_compiled_record_of_a_spike_writes_the_eager_log() -> None:
+    """record() of a ClipStats with a detector's fields traces into one graph and writes the
+    records the eager call writes, forensics included."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    names = ("a.weight", "a.bias", "b.weight")
+
+    def stats(step: int) -> gradclip.ClipStats:
+        per = torch.tensor([1.0, 0.5, 2.0]) * (100.0 if step == 4 else 1.0)
+        total = per.norm()
+        spike = torch.tensor(step == 4)
+        return gradclip.ClipStats(
+            total, total, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(False),
+            torch.tensor(True), spike, gradclip.GradNorms([], per, total, 2.0, per.dtype, {}),
+            names, spike=spike, spike_score=torch.tensor(0.1 * step), spike_bound=torch.tensor(5.0),
+            spike_top=torch.tensor([2, 0, 1]), spike_ratios=torch.tensor([9.0, 3.0, 1.0]))  # fmt: skip
+
+    eager_records, compiled_records = [], []
+    eager = gradclip.GradMonitor(sinks=eager_records.append, every=8)
+    compiled = gradclip.GradMonitor(sinks=compiled_records.append, every=8)
+    eager.record(stats(0))
+    compiled.record(stats(0))  # sized eagerly first
+    record = torch.compile(compiled.record, fullgraph=True)
+    for step in range(1, 6):
+        eager.record(stats(step))
+        record(stats(step))
+    eager.close()
+    compiled.close()
+    assert not counters["graph_break"]
+    for got, want in zip(compiled_records, eager_records, strict=True):
+        got.pop("time"), want.pop("time")
+        assert got == want
+    assert eager_records[4]["forensics"]["layers"] == {"b": 9.0, "a": 3.0}
