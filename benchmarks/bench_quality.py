@@ -8,7 +8,11 @@ every strategy, ``--seeds`` seeds each (0, 1, ...):
 * the published adaptive methods at their papers' defaults: ``AutoClip()`` (p=10),
   ``ZClip()``, ``AGC()`` (λ=0.01, called on the model so that its ``LAST_LINEAR`` rule
   excludes the head) and ``AdaGC()``;
-* ``AdaptiveClip()`` with its defaults.
+* ``AdaptiveClip()`` with its defaults;
+* the spike detector with its defaults (``SpikeDetector("skip")``: window 128, 6 sigma), on
+  its own (``skip``: no clipping, spikes skipped) and on ``AdaptiveClip()``
+  (``AdaptiveClip+skip``). The clip function gets each step's loss, which the detector
+  judges too.
 
 A fresh clipper is built for every run and handed to :func:`gradclip.demo.runner.run` as the
 clip function (its ``__call__`` returns the :class:`~gradclip.ClipStats` the runner records).
@@ -27,6 +31,12 @@ norm. That task also runs :data:`EXTRA` strategies, the same clippers with
 over ``model.parameters()``), and has its own rule (:data:`MUON_RULE`): the default policy
 at ``max_norm=1`` trains as well as no clipping (within ``MUON_LIMIT``), and a global clip
 of 1.0 does worse (by more than ``MUON_LIMIT``).
+
+Spike rule (issue 15): on the spike tasks (``adam-spikes``, ``sgd-label-noise``) the skip
+policy with the defaults (``AdaptiveClip+skip``: the default clipper, the default detector)
+does at least as well as the best fixed threshold (``skip`` alone is shown beside it); on
+the others the detector fires on fewer than 1% of the steps and ``AdaptiveClip+skip`` is
+within 2% of ``AdaptiveClip``.
 
 Data, rendering and command line stay apart: :func:`run_benchmark` returns records,
 :func:`summarize` turns them into a :class:`Summary`, :func:`render` prints it.
@@ -68,6 +78,11 @@ RATIO_LIMIT = 1.5
 
 OURS = "AdaptiveClip"
 PUBLISHED: tuple[str, ...] = ("AutoClip p10", "ZClip", "AGC 0.01", "AdaGC")
+SKIP, OURS_SKIP = "skip", "AdaptiveClip+skip"
+SPIKE_TASKS: tuple[str, ...] = ("adam-spikes", "sgd-label-noise")
+"""Tasks whose spikes are corrupted batches: there skipping should win."""
+FIRE_LIMIT, CHANGE_LIMIT = 0.01, 0.02
+"""Elsewhere the detector fires on fewer than 1% of steps and changes the metric by < 2%."""
 
 MUON_TASK = "muon-adamw"
 EXTRA: dict[str, Callable[[], gradclip.Clipper]] = {
@@ -92,6 +107,8 @@ def strategies() -> dict[str, Callable[[], gradclip.Clipper] | None]:
     table["AdaGC"] = gradclip.AdaGC
     table[OURS] = gradclip.AdaptiveClip
     table.update(EXTRA)
+    table[SKIP] = partial(gradclip.NormClip, math.inf, spikes="skip")
+    table[OURS_SKIP] = partial(gradclip.AdaptiveClip, spikes="skip")
     return table
 
 
@@ -118,6 +135,7 @@ class Record:
     clip_rate: float
     median_threshold: float
     wall_time_s: float
+    skip_rate: float = 0.0
 
 
 def run_one(task: str, strategy: str, seed: int, quick: bool) -> Record:
@@ -136,6 +154,7 @@ def run_one(task: str, strategy: str, seed: int, quick: bool) -> Record:
         clip_rate=sum(result.clipped) / max(1, len(result.clipped)),
         median_threshold=statistics.median(thresholds) if thresholds else math.nan,
         wall_time_s=result.wall_time_s,
+        skip_rate=result.skipped_steps / max(1, result.steps),
     )
 
 
@@ -196,6 +215,9 @@ class TaskSummary:
     ratios: dict[str, float]
     ours_passes: bool | None
     why: str
+    skip_rates: dict[str, float] = field(default_factory=dict)
+    spike_passes: bool | None = None
+    spike_why: str = ""
 
 
 @dataclass
@@ -209,6 +231,11 @@ class Summary:
     @property
     def passed(self) -> bool | None:
         verdicts = [t.ours_passes for t in self.tasks if t.ours_passes is not None]
+        return all(verdicts) if verdicts else None
+
+    @property
+    def spikes_passed(self) -> bool | None:
+        verdicts = [t.spike_passes for t in self.tasks if t.spike_passes is not None]
         return all(verdicts) if verdicts else None
 
 
@@ -247,7 +274,10 @@ def summarize(records: list[Record]) -> Summary:
                 + ("" if within else f" > {RATIO_LIMIT}x")
                 + ("" if beats_none else "; not better than no clipping")
             )
-        out.append(TaskSummary(task, medians, diverged, runs, best, ratios, passes, why))
+        skip_rates = {s: statistics.mean([r.skip_rate for r in mine if r.strategy == s]) for s in medians}
+        spike_passes, spike_why = _spike_verdict(task, medians, skip_rates, best)
+        out.append(TaskSummary(task, medians, diverged, runs, best, ratios, passes, why,
+                               skip_rates, spike_passes, spike_why))  # fmt: skip
     muon, muon_passes = _muon_verdict(out)
     failures: dict[str, list[str]] = {}
     for method in [*PUBLISHED, OURS]:
@@ -282,6 +312,27 @@ def _muon_verdict(tasks: list[TaskSummary]) -> tuple[str, bool | None]:
             f"{global_} over everything {theirs:.2f}x no clipping", passes
         )
     return "", None
+
+
+def _spike_verdict(
+    task: str, medians: dict[str, float], skip_rates: dict[str, float], best: str
+) -> tuple[bool | None, str]:
+    """The spike rule on one task (see the module doc), or None where its runs are missing."""
+    if task in SPIKE_TASKS:
+        if OURS_SKIP not in medians or not best:
+            return None, ""
+        ratio = _ratio(medians[OURS_SKIP], medians[best])
+        why = f"{OURS_SKIP} {ratio:.2f}x the best fixed ({best})"
+        if SKIP in medians:
+            why += f"; {SKIP} alone {_ratio(medians[SKIP], medians[best]):.2f}x"
+        return ratio <= 1.0, why + f"; fires on {skip_rates[OURS_SKIP]:.2%} of steps"
+    if OURS not in medians or OURS_SKIP not in medians:
+        return None, ""
+    base, with_skip = medians[OURS], medians[OURS_SKIP]
+    change = abs(with_skip / base - 1) if base > 0 and math.isfinite(base) else math.inf
+    fires = skip_rates[OURS_SKIP]
+    ok = fires < FIRE_LIMIT and (change < CHANGE_LIMIT or with_skip <= base)
+    return ok, f"{OURS_SKIP} fires on {fires:.2%} of steps, changes the median by {change:.1%}"
 
 
 def _number(value: float, digits: int = 3) -> str:
@@ -338,6 +389,17 @@ def render(summary: Summary, meta: str = "") -> str:
             f"a global clip of 1.0 worse than {MUON_LIMIT}x"
         )
         lines.append(f"  {'PASS' if summary.muon_passes else 'FAIL'}  {summary.muon}")
+    if summary.spikes_passed is not None:
+        lines.append("")
+        lines.append(
+            f"spike detector: on {', '.join(SPIKE_TASKS)} {OURS_SKIP} at least as good as the best "
+            f"fixed; elsewhere fires on < {FIRE_LIMIT:.0%} of steps and changes the result by "
+            f"< {CHANGE_LIMIT:.0%} (or improves it)"
+        )
+        for t in tasks:
+            if t.spike_passes is not None:
+                lines.append(f"  {'PASS' if t.spike_passes else 'FAIL'}  {t.task}: {t.spike_why}")
+        lines.append(f"  overall: {'PASS' if summary.spikes_passed else 'FAIL'}")
     lines.append("")
     lines.append(f"where each method fails (> {RATIO_LIMIT}x the best fixed, or diverged):")
     for method, where in summary.published_failures.items():
@@ -409,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_limit": RATIO_LIMIT,
             },
             "records": [asdict(r) for r in records],
-            "summary": asdict(summary) | {"passed": summary.passed},
+            "summary": asdict(summary) | {"passed": summary.passed,
+                                          "spikes_passed": summary.spikes_passed},
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n")

@@ -163,7 +163,11 @@ def test_step_with_fused_adamw_compiles_breaking_only_in_torch_s_optimizer(entry
     for a, b in zip(models[1].parameters(), models[0].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     explained = torch._dynamo.explain(lambda: clippers[1].step(models[1], opts[1]))()
-    assert all("optimizer.py" in str(b.user_stack[-1].filename) for b in explained.break_reasons)
+    # a clipper that may skip decides on the host whether to step while compiling (the fold
+    # that would hand the decision to found_inf is not used inside a graph): one more break
+    allowed = ("optimizer.py", "clippers/base.py") if entry.skips_spikes else ("optimizer.py",)
+    assert all(any(a in str(b.user_stack[-1].filename) for a in allowed)
+               for b in explained.break_reasons)
     # the clip's graph compiled once; torch's optimizer compiles its own frames
     assert counter.frame_count <= 1 + _optimizer_frames()
 

@@ -26,6 +26,8 @@ PUBLIC = {
     "ClipStats", "NonFiniteGradientError",
     # clipping by parameter group, and the optimizer's update
     "GroupStats", "muon_like", "UpdateClip", "UpdateClipState",
+    # gradient spikes: detect, then skip, clip or stop; what went wrong
+    "SpikeDetector", "SpikeState", "SpikeReport", "SpikeLayer", "GradientSpikeError",
     # seeing what clipping does
     "GradMonitor", "History", "MonitorSummary", "read_log", "Recommendation",
     "recommend_max_norm", "Sink", "JSONLSink", "CSVSink", "TensorBoardSink", "LogError",

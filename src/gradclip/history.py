@@ -23,7 +23,7 @@ from torch import Tensor
 
 from gradclip.scale import clip_coefficient
 from gradclip.stalls import STALL_FLOOR, STALL_STEPS, Stall, StallDetector
-from gradclip.stats import FLAG_FIELDS, GROUP_PREFIX, SCALAR_FIELDS, UPDATE_PREFIX
+from gradclip.stats import FLAG_FIELDS, GROUP_PREFIX, SCALAR_FIELDS, STEP_FIELDS, UPDATE_PREFIX
 
 __all__ = [
     "History",
@@ -31,8 +31,11 @@ __all__ = [
     "LayerStat",
     "MonitorSummary",
     "NonFiniteEvent",
+    "SpikeEvent",
 ]
 
+_DEFAULTS = {f.name: f.default for f in STEP_FIELDS if f.default is not None}
+"""What a record without a field means (spike fields: logs written without a detector)."""
 MAX_NAMES = 1 << 16
 """Most distinct layer (and extra) names kept from one log; more are named and left out."""
 MAX_CELLS = 1 << 27
@@ -62,6 +65,33 @@ class NonFiniteEvent:
     skipped: bool
 
 
+@dataclass(frozen=True)
+class SpikeEvent:
+    """A step the spike detector called a spike, with its forensics where the log has them.
+
+    Attributes:
+        step: the training step.
+        norm: the total gradient norm; bound: the detector's bound (the largest norm that is
+            not a spike; ``inf`` in its warm-up).
+        skipped: whether the optimizer step was skipped.
+        loss: the step's ``loss`` extra, if one was logged (else NaN).
+        layers: parameter name -> its norm over its running median, largest first.
+        max_abs: parameter name -> its largest absolute gradient value (where measured).
+        nonfinite: parameters with a NaN/inf norm, in backward order.
+        rank: the rank that wrote the forensics (None: not distributed, or not known).
+    """
+
+    step: int
+    norm: float
+    bound: float
+    skipped: bool
+    loss: float
+    layers: dict[str, float]
+    max_abs: dict[str, float]
+    nonfinite: tuple[str, ...]
+    rank: int | None
+
+
 def _percentiles(values: Tensor) -> dict[str, float]:
     finite = values[torch.isfinite(values)]
     if finite.numel() == 0:
@@ -84,6 +114,8 @@ class MonitorSummary:
         top_layers: the layers with the largest finite pre-clip norm, largest first.
         first_nonfinite: the first step with non-finite gradients and its layers (None: none).
         nonfinite_layers: each layer that was ever non-finite -> the first step it was.
+        spike_steps: steps a spike detector called spikes.
+        spike_score: the SpikeScore of the last step (0 without a detector).
     """
 
     steps: int
@@ -96,6 +128,8 @@ class MonitorSummary:
     top_layers: tuple[LayerStat, ...]
     first_nonfinite: NonFiniteEvent | None
     nonfinite_layers: dict[str, int] = field(default_factory=dict)
+    spike_steps: int = 0
+    spike_score: float = 0.0
 
     @classmethod
     def of(
@@ -122,6 +156,8 @@ class MonitorSummary:
             top_layers=tuple(ranked[:top]),
             first_nonfinite=first_nonfinite,
             nonfinite_layers=nonfinite_layers,
+            spike_steps=int(history.spike.sum()),
+            spike_score=float(history.spike_score[-1]) if n else 0.0,
         )
 
     def to_text(self) -> str:
@@ -129,7 +165,7 @@ class MonitorSummary:
         pct = ", ".join(f"{k} {v:.4g}" for k, v in self.norm_percentiles.items())
         lines = [
             f"{self.steps} steps; clipped {self.clipped_steps} ({self.clip_rate:.1%}); "
-            f"non-finite {self.nonfinite_steps} (skipped {self.skipped_steps})",
+            f"non-finite {self.nonfinite_steps}; skipped {self.skipped_steps}",
             f"pre-clip norm: {pct or 'no finite value'}; threshold: {self.threshold}",
         ]
         if self.top_layers:
@@ -138,6 +174,8 @@ class MonitorSummary:
         if self.first_nonfinite is not None:
             e = self.first_nonfinite
             lines.append(f"first non-finite at step {e.step}: {', '.join(e.layers) or '?'}")
+        if self.spike_steps:
+            lines.append(f"spikes: {self.spike_steps}; SpikeScore at the end {self.spike_score:.3g}")
         return "\n".join(lines)
 
 
@@ -153,13 +191,16 @@ class History:
         steps: (N,) int64 training steps.
         norm, post_norm, threshold, coef: (N,) float64, the numeric fields of the step
             record (:data:`gradclip.stats.STEP_FIELDS`).
-        clipped, finite, skipped: (N,) bool, its flags.
+        spike_bound, spike_score: (N,) float64, the spike detector's fields (``inf`` and 0
+            without one).
+        clipped, finite, skipped, spike: (N,) bool, its flags.
         layer_names: the G layers, in order of first appearance.
         layers: (N, G) float64 pre-clip layer norms; NaN where a step did not record one.
         extras: name -> (N,) float64 caller-attached scalars (NaN where absent).
         norm_type: p of the norms (NaN if the records disagree).
         source: the log file it was read from, if any.
         problems: what was wrong with the log ("file:line: ..."), empty when nothing was.
+        forensics: row -> the ``"forensics"`` object of that step's record (spike steps).
 
     Example:
         >>> h = History.from_norms([1.0, 2.0, 50.0], threshold=4.0)
@@ -175,12 +216,16 @@ class History:
     clipped: Tensor
     finite: Tensor
     skipped: Tensor
+    spike_bound: Tensor
+    spike_score: Tensor
+    spike: Tensor
     layer_names: tuple[str, ...] = ()
     layers: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
     extras: dict[str, Tensor] = field(default_factory=dict)
     norm_type: float = 2.0
     source: str | None = None
     problems: tuple[str, ...] = ()
+    forensics: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.layers.numel() == 0 and self.layers.shape != (len(self), 0):
@@ -200,7 +245,9 @@ class History:
         coef = clip_coefficient(thr, norm).nan_to_num(nan=1.0)
         scalars = {"norm": norm, "post_norm": norm * coef, "threshold": thr, "coef": coef}
         flags = {"clipped": coef < 1, "finite": torch.isfinite(norm)}
-        flags["skipped"] = torch.zeros(norm.numel(), dtype=torch.bool)
+        flags["skipped"] = flags["spike"] = torch.zeros(norm.numel(), dtype=torch.bool)
+        scalars["spike_bound"] = torch.full_like(norm, math.inf)
+        scalars["spike_score"] = torch.zeros_like(norm)
         return cls(steps=torch.arange(norm.numel()), **scalars, **flags)
 
     @classmethod
@@ -256,6 +303,21 @@ class History:
                 if stall is not None:
                     found.append(stall)
         return found
+    def spike_events(self) -> list[SpikeEvent]:
+        """Every step the spike detector called a spike, oldest first, with its forensics."""
+        loss = self.extras.get("loss")
+        out = []
+        for i in self.spike.nonzero().flatten().tolist():
+            found = self.forensics.get(i, {})
+            rank = found.get("rank")
+            out.append(SpikeEvent(
+                step=int(self.steps[i]), norm=float(self.norm[i]), bound=float(self.spike_bound[i]),
+                skipped=bool(self.skipped[i]), loss=math.nan if loss is None else float(loss[i]),
+                layers=dict(sorted(found.get("layers", {}).items(), key=lambda kv: -kv[1])),
+                max_abs=dict(found.get("max_abs", {})), nonfinite=tuple(found.get("nonfinite", ())),
+                rank=rank,
+            ))  # fmt: skip
+        return out
 
     def summary(self, top: int = 5) -> MonitorSummary:
         """Clip rate, norm percentiles, top layers and first non-finite layers of the run."""
@@ -309,6 +371,7 @@ class HistoryBuilder:
         if layers:
             self._groups["layers"] = {}
         self._dropped = {"layers": 0, "extra": 0}
+        self._forensics: dict[int, dict[str, Any]] = {}
         self._norm_type: float | None = None
         self._mixed = False
 
@@ -319,11 +382,14 @@ class HistoryBuilder:
         """Append one step record (a checked one: see :func:`gradclip.records.decode_record`)."""
         # every value read before anything is appended: a bad record changes nothing
         step = int(record["step"])
-        scalars = [float(record[k]) for k in self._scalars]
-        flags = [bool(record[k]) for k in self._flags]
+        scalars = [float(record[k] if k in record else _DEFAULTS[k]) for k in self._scalars]
+        flags = [bool(record[k] if k in record else _DEFAULTS[k]) for k in self._flags]
         groups = {g: {str(k): float(v) for k, v in record.get(g, {}).items()} for g in self._groups}
         p = float(record.get("norm_type", 2.0))
+        forensics = record.get("forensics")
         row = len(self._steps)
+        if isinstance(forensics, Mapping):
+            self._forensics[row] = dict(forensics)
         self._steps.append(step)
         for values, value in zip(self._scalars.values(), scalars, strict=True):
             values.append(value)
@@ -382,4 +448,5 @@ class HistoryBuilder:
             norm_type=math.nan if self._mixed else norm_type,
             source=source,
             problems=tuple(notes),
+            forensics=dict(self._forensics),
         )

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from gradclip._cache import LRU
 from gradclip._checks import ArgumentTypeError, check_count, check_real
-from gradclip.clippers import Clipper, Parameters, Snapshot, UpdateNorms
+from gradclip.clippers import Clipper, Parameters, Snapshot, SpikeReport, UpdateNorms
 from gradclip.history import History, HistoryBuilder, LayerStat, MonitorSummary, NonFiniteEvent
 from gradclip.recorder import Scalar, StepRecorder, layer_name
 from gradclip.records import Record
@@ -105,7 +105,27 @@ def _from_total(total: Tensor, max_norm: float | None) -> tuple[list[Tensor], li
         threshold = torch.full_like(total, max_norm)
         coef = clip_coefficient(threshold, total)
     finite = torch.isfinite(total)
-    return [total, total * coef, threshold, coef], [coef < 1, finite, torch.zeros_like(finite)]
+    no = torch.zeros_like(finite)  # no spike detector: nothing is a spike
+    bound, score = torch.full_like(total, math.inf), torch.zeros_like(total)
+    return [total, total * coef, threshold, coef, bound, score], [coef < 1, finite, no, no]
+
+
+def _add_report(record: Record, report: SpikeReport, depth: int | None) -> None:
+    """A step record's forensics from a :class:`~gradclip.SpikeReport` read on the host, by
+    layer (the record's own grouping): each layer's largest ratio and max-abs, the layers
+    holding NaN/inf in backward order, and the rank."""
+    layers: dict[str, float] = {}
+    max_abs: dict[str, float] = {}
+    for entry in report.layers:
+        name = layer_name(entry.name, depth)
+        layers[name] = max(entry.ratio, layers.get(name, -math.inf))
+        if not math.isnan(entry.max_abs):
+            max_abs[name] = max(entry.max_abs, max_abs.get(name, -math.inf))
+    nonfinite = list(dict.fromkeys(layer_name(n, depth) for n in report.nonfinite))
+    forensics = {"layers": layers, "max_abs": max_abs, "nonfinite": nonfinite}
+    if report.rank is not None:
+        forensics["rank"] = report.rank
+    record["forensics"] = forensics
 
 
 def _step_values(
@@ -246,13 +266,16 @@ class GradMonitor:
         self._layer_sum: dict[str, tuple[float, int]] = {}
         self._nonfinite_layers: dict[str, int] = {}
         self._first_nonfinite: NonFiniteEvent | None = None
+        self._reports: dict[int, SpikeReport] = {}  # eager record index since the flush -> report
 
     # -- recording ------------------------------------------------------------------------
 
     def __call__(self, parameters: Parameters | None = None, **scalars: float | Tensor) -> ClipStats:
-        """Clip with the clipper, record the step (and ``scalars``), return the ClipStats."""
+        """Clip with the clipper, record the step (and ``scalars``), return the ClipStats.
+
+        A ``loss`` among the scalars also goes to the clipper's spike detector."""
         clipper, params = self._clipper_and_params(parameters)
-        stats = clipper(params)
+        stats = clipper(params, loss=scalars.get("loss"))
         self.record(stats, **scalars)
         return stats
 
@@ -263,13 +286,16 @@ class GradMonitor:
         **scalars: float | Tensor,
     ) -> ClipStats:
         """``clipper.step(parameters, optimizer)`` (clip, then step, honouring skips), recorded;
-        with ``updates``, the update it made too."""
+        with ``updates``, the update it made too.
+
+        A ``loss`` among the scalars also goes to the clipper's spike detector (averaged over
+        ranks under ``torch.distributed``; see :class:`~gradclip.SpikeDetector`)."""
         clipper, params = self._clipper_and_params(parameters)
         measure = self.updates > 0 and self._update_calls % self.updates == 0
         self._update_calls += 1
         if measure:
             self._snapshot.take(params)
-        stats = clipper.step(params, optimizer)
+        stats = clipper.step(params, optimizer, loss=scalars.get("loss"))
         self.record(stats, update=self._snapshot.measure() if measure else None, **scalars)
         return stats
 
@@ -340,9 +366,15 @@ class GradMonitor:
             columns, extra_columns = self._prepare(names, device, p, tuple(extras), tracing=False)
             index = self._steps.index_of(names, columns)
         by_column = dict(zip(extra_columns, extras.values(), strict=True))
+        top = None
+        if isinstance(stats, ClipStats) and stats.spike_top is not None and stats.spike_ratios is not None:
+            top = (stats.spike_top, stats.spike_ratios)
         self._steps.write(index, fields, flags, per_tensor, step, by_column,
-                          math.nan if tracing else time.time())  # no clock in a graph
+                          math.nan if tracing else time.time(), top)  # no clock in a graph
         if not tracing:
+            report = stats.spike_report if isinstance(stats, ClipStats) else None
+            if report is not None:  # read on the host already: it joins the step's record
+                self._reports[self._pending] = report
             self._pending += 1
 
     def _update_scalars(self, update: UpdateNorms) -> dict[str, Tensor]:
@@ -408,6 +440,11 @@ class GradMonitor:
             return
         written, records, layer_names, aggregates = self._steps.read()
         self._pending = 0
+        reports, self._reports = self._reports, {}
+        if written <= self.every:  # (else the oldest were overwritten: positions moved)
+            for position, report in reports.items():
+                if position < len(records):
+                    _add_report(records[position], report, self.depth)
         if written > self.every:
             warnings.warn(
                 f"GradMonitor: {written} steps were recorded since the last flush, more than "

@@ -13,8 +13,9 @@ Example:
     >>> steps.setup(names, torch.device("cpu"), 2.0, ("loss",))
     ((0, 1), (0,))
     >>> total, coef, yes, no = torch.tensor(5.0), torch.tensor(0.2), torch.tensor(True), torch.tensor(False)
-    >>> steps.write(steps.index_of(names, (0, 1)), [total, total * coef, total, coef],
-    ...             [yes, yes, no], torch.tensor([3.0, 4.0]), None, {0: 0.5}, 0.0)
+    >>> inf, zero = torch.tensor(float("inf")), torch.tensor(0.0)   # no spike detector
+    >>> steps.write(steps.index_of(names, (0, 1)), [total, total * coef, total, coef, inf, zero],
+    ...             [yes, yes, no, no], torch.tensor([3.0, 4.0]), None, {0: 0.5}, 0.0)
     >>> written, records, layers, _ = steps.read()
     >>> written, records[0]["layers"], records[0]["extra"]
     (1, {'h.0': 3.0, 'h.1': 4.0}, {'loss': 0.5})
@@ -31,10 +32,13 @@ from gradclip._cache import LRU
 from gradclip.records import RECORD_FIELDS, SCHEMA_VERSION, Record
 from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS
 
-__all__ = ["Scalar", "StepRecorder", "layer_name"]
+__all__ = ["TOP", "Scalar", "StepRecorder", "layer_name"]
 
 Scalar = float | Tensor
 """A scalar attached to a step: a Python number or a one-element tensor."""
+
+TOP = 8
+"""Layers kept per step from a spike detector's forensics (its ``top_k`` largest ratios)."""
 
 
 def layer_name(param_name: str, depth: int | None = None) -> str:
@@ -142,6 +146,9 @@ class StepRecorder:
         self._present = torch.zeros(n, g, dtype=torch.bool, device=device)
         self._extra_values = torch.full((n, e), math.nan, dtype=torch.float64, device=device)
         self._extra_present = torch.zeros(n, e, dtype=torch.bool, device=device)
+        # a spike detector's top layers: their columns (-1: none) and ratios to their median
+        self._top_columns = torch.full((n, TOP), -1, dtype=torch.int64, device=device)
+        self._top_ratios = torch.zeros(n, TOP, dtype=torch.float64, device=device)
 
     def _grow(self) -> None:
         """More layers or scalars than room: larger buffers, the recorded columns copied over
@@ -168,21 +175,26 @@ class StepRecorder:
         step: int | Tensor | None,
         extras: dict[int, Scalar],
         time: float,
+        top: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         """Store one step in the next row: the scalar ``fields`` and ``flags`` of the schema
         (0-dim tensors), the per-tensor norms of the layer columns ``index``, the step (None:
-        one more than the last), scalars by column, and the wall-clock time."""
+        one more than the last), scalars by column, the wall-clock time, and a spike
+        detector's top tensors (indices into the per-tensor norms, and their ratios)."""
         device, f64 = self.device, torch.float64
         # everything this step writes, computed before the first write
         row = torch.remainder(self._cursor, self.rows).reshape(1)
         field_row = torch.cat([f.reshape(1) for f in (*fields, *flags)]).to(device, f64)[None]
         layer_row, present_row = self._layer_row(per_tensor, index)
+        top_columns, top_ratios = self._top_row(top, index)
         extra_rows = {k: v.to(device, f64).reshape(1) if isinstance(v, Tensor) else v
                       for k, v in extras.items()}  # fmt: skip
 
         self._fields.index_copy_(0, row, field_row)
         self._layers.index_copy_(0, row, layer_row)
         self._present.index_copy_(0, row, present_row)
+        self._top_columns.index_copy_(0, row, top_columns)
+        self._top_ratios.index_copy_(0, row, top_ratios)
         self._extra_present.index_fill_(0, row, False)  # a reused row shows no older scalar
         self._put_extras(row, extra_rows)
         if isinstance(step, Tensor):
@@ -223,6 +235,18 @@ class StepRecorder:
             values[0].index_add_(0, index, norms.pow(p))
         present[0].index_fill_(0, index, True)
         return values, present
+
+    def _top_row(self, top: tuple[Tensor, Tensor] | None, index: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The layer columns of a detector's top tensors and their ratios, as (1, TOP) rows."""
+        columns = torch.full((1, TOP), -1, dtype=torch.int64, device=self.device)
+        ratios = torch.zeros(1, TOP, dtype=torch.float64, device=self.device)
+        if top is None or index is None:
+            return columns, ratios
+        indices, values = top
+        k = min(TOP, indices.numel())
+        columns[0, :k] = index.index_select(0, indices[:k].to(index.device))
+        ratios[0, :k] = values[:k].to(self.device, torch.float64)
+        return columns, ratios
 
     def _put_extras(self, row: Tensor, values: dict[int, Scalar], gate: Tensor | None = None) -> None:
         for column, value in values.items():
@@ -277,6 +301,8 @@ class StepRecorder:
         columns += [
             self._extra_values[:, :e].index_select(0, order),
             self._extra_present[:, :e].index_select(0, order).double(),
+            self._top_columns.index_select(0, order).double(),
+            self._top_ratios.index_select(0, order),
         ]
         table = torch.cat(columns, dim=1)
         flat = torch.cat([cursor.double().reshape(1), table.flatten(), aggregates.flatten()])
@@ -303,6 +329,15 @@ class StepRecorder:
         values, present = row[at : at + g], row[at + g : at + 2 * g]
         record["layers"] = {k: v for k, v, here in zip(layer_names, values, present, strict=True) if here}
         e = len(extra_names)
-        values, present = row[at + 2 * g : at + 2 * g + e], row[at + 2 * g + e :]
+        at += 2 * g
+        values, present = row[at : at + e], row[at + e : at + 2 * e]
         record["extra"] = {k: v for k, v, here in zip(extra_names, values, present, strict=True) if here}
+        if record.get("spike"):  # a spike detector's top layers (the largest ratio of each)
+            at += 2 * e
+            top: dict[str, float] = {}
+            for column, ratio in zip(row[at : at + TOP], row[at + TOP : at + 2 * TOP], strict=True):
+                if column >= 0:
+                    name = layer_names[int(column)]
+                    top[name] = max(ratio, top.get(name, -math.inf))
+            record["forensics"] = {"layers": top, "max_abs": {}, "nonfinite": []}
         return record

@@ -15,13 +15,27 @@ A *step record* is a plain dict, one per recorded step, with the fields of
      "post_norm": 1.0,        # total norm after clipping
      "threshold": 1.0,        # the clipper's threshold this step ("NaN": none)
      "coef": 0.32,            # post_norm / norm: the factor applied (1: not clipped)
+     "spike_bound": 40.2,     # the spike detector's bound ("Infinity": no detector)
+     "spike_score": 0.001,    # the detector's SpikeScore (0: no detector)
      "clipped": true, "finite": true, "skipped": false,
+     "spike": false,          # the detector called the step a spike
      "layers": {"h.0.attn": 0.8, ...},   # pre-clip norm per module with a gradient
-     "extra": {"loss": 2.3, "lr": 3e-4}} # caller-attached scalars (may be empty)
+     "extra": {"loss": 2.3, "lr": 3e-4}, # caller-attached scalars (may be empty)
+     "forensics": {...}}      # on a spike step only, when they were read: below
+
+Fields added after a log was written (``spike_bound``, ``spike_score``, ``spike``) read as
+their default (:data:`gradclip.stats.STEP_FIELDS`): inf, 0, false. A spike step's record
+may end with a ``"forensics"`` object (:class:`gradclip.SpikeReport`)::
+
+    "forensics": {"layers": {"h.3.mlp.weight": 812.0, ...},  # norm / its running median
+                  "max_abs": {"h.3.mlp.weight": 14.2, ...},  # their largest |gradient|
+                  "nonfinite": ["h.3.mlp.weight", ...],      # NaN/inf norms, backward order
+                  "rank": 0}                                 # who wrote it (distributed only)
 
 Non-finite numbers are written as the strings ``"NaN"``, ``"Infinity"`` and
 ``"-Infinity"`` so that every line is strict JSON. A CSV row holds the same fields, then
-``layer:<name>`` and ``extra:<name>`` columns (:func:`flat_record`).
+``layer:<name>`` and ``extra:<name>`` columns, and the forensics as one JSON cell
+(:func:`flat_record`).
 
 Reading is strict, because a log may come from anywhere: :func:`decode_line` and
 :func:`decode_csv_row` raise ``ValueError`` naming what is wrong with a record (a number out
@@ -37,7 +51,7 @@ import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS
+from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS, STEP_FIELDS
 
 __all__ = [
     "MAX_ABS",
@@ -71,6 +85,7 @@ overflows is ``inf``), and summing, squaring or plotting numbers near float64's 
 
 Record = dict[str, Any]
 """A step record: field name -> value (see the module doc)."""
+_DEFAULTS = {f.name: f.default for f in STEP_FIELDS if f.default is not None}
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _INF_SPELLINGS = {"inf", "infinity"}
 _repr = reprlib.Repr()
@@ -182,21 +197,53 @@ def decode_record(obj: Any, *, check_names: bool = True) -> Record:
     if not norm_type >= 0:
         raise ValueError(f"field 'norm_type' should be >= 0 or inf, got {norm_type}")
     for name in SCALAR_FIELDS:
-        if name not in obj:
+        if name in obj:
+            out[name] = _as_float(obj[name], name)
+        elif name in _DEFAULTS:  # written before the field existed
+            out[name] = float(_DEFAULTS[name])
+        else:
             raise ValueError(f"missing field {name!r}")
-        out[name] = _as_float(obj[name], name)
     for name in FLAG_FIELDS:
-        if not isinstance(obj.get(name), bool):
-            raise ValueError(f"field {name!r} should be true or false, got {_short(obj.get(name))}")
-        out[name] = obj[name]
+        value = obj.get(name, _DEFAULTS.get(name))
+        if not isinstance(value, bool):
+            raise ValueError(f"field {name!r} should be true or false, got {_short(value)}")
+        out[name] = value
     for group in ("layers", "extra"):
-        values = obj.get(group, {})
-        if not isinstance(values, dict):
-            raise ValueError(f"field {group!r} should be an object, got {_short(values)}")
-        if check_names:
-            for k in values:
-                _check_name(k, group)
-        out[group] = {k: _as_float(v, f"{group}.{k}") for k, v in values.items()}
+        out[group] = _names_to_floats(obj.get(group, {}), group, check_names)
+    if "forensics" in obj:
+        out["forensics"] = _forensics(obj["forensics"], check_names)
+    return out
+
+
+def _names_to_floats(values: Any, group: str, check_names: bool) -> dict[str, float]:
+    if not isinstance(values, dict):
+        raise ValueError(f"field {group!r} should be an object, got {_short(values)}")
+    if check_names:
+        for k in values:
+            _check_name(k, group)
+    return {k: _as_float(v, f"{group}.{k}") for k, v in values.items()}
+
+
+def _forensics(obj: Any, check_names: bool) -> dict[str, Any]:
+    """A record's ``"forensics"`` object, checked (see the module doc)."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"field 'forensics' should be an object, got {_short(obj)}")
+    out: dict[str, Any] = {
+        key: _names_to_floats(obj.get(key, {}), f"forensics.{key}", check_names)
+        for key in ("layers", "max_abs")
+    }
+    nonfinite = obj.get("nonfinite", [])
+    if not isinstance(nonfinite, list) or not all(isinstance(n, str) for n in nonfinite):
+        raise ValueError(f"field 'forensics.nonfinite' should be a list of names, got {_short(nonfinite)}")
+    if check_names:
+        for name in nonfinite:
+            _check_name(name, "forensics.nonfinite")
+    out["nonfinite"] = list(nonfinite)
+    if "rank" in obj:
+        rank = obj["rank"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < MAX_STEP:
+            raise ValueError(f"field 'forensics.rank' should be an integer >= 0, got {_short(rank)}")
+        out["rank"] = rank
     return out
 
 
@@ -272,6 +319,11 @@ def decode_csv_row(columns: Sequence[str], cells: Sequence[str]) -> Record:
             obj["layers"][column[6:]] = _csv_float(cell, column)
         elif column.startswith("extra:"):
             obj["extra"][column[6:]] = _csv_float(cell, column)
+        elif column == "forensics":
+            try:
+                obj["forensics"] = json.loads(cell, parse_constant=_CONSTANTS.__getitem__)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"field 'forensics' is not a JSON object ({exc.msg})") from None
         elif column in ("schema", "step"):
             obj[column] = _csv_int(cell, column)
         elif column in FLAG_FIELDS:
@@ -290,7 +342,9 @@ def flat_record(record: Mapping[str, Any]) -> dict[str, Any]:
         >>> flat_record({"step": 3, "layers": {"h.0": 0.5}, "extra": {"loss": 2.0}})
         {'step': 3, 'layer:h.0': 0.5, 'extra:loss': 2.0}
     """
-    row = {k: v for k, v in record.items() if k not in ("layers", "extra")}
+    row = {k: v for k, v in record.items() if k not in ("layers", "extra", "forensics")}
     row.update({f"layer:{k}": v for k, v in record.get("layers", {}).items()})
     row.update({f"extra:{k}": v for k, v in record.get("extra", {}).items()})
+    if "forensics" in record:  # one cell of JSON: its names vary from spike to spike
+        row["forensics"] = encode_record(record["forensics"]).rstrip("\n")
     return row

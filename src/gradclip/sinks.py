@@ -28,6 +28,7 @@ import contextlib
 import csv
 import errno
 import io
+import math
 import os
 import re
 import stat
@@ -331,7 +332,11 @@ class TensorBoardSink(Sink):
     def write(self, records: Sequence[Record]) -> None:
         for r in records:
             step = r["step"]
+            # the spike detector's fields once a detector has a bound (none: no series)
+            detector = r.get("spike") or math.isfinite(r.get("spike_bound", math.inf))
             for name in (*SCALAR_FIELDS, *FLAG_FIELDS):
+                if name.startswith("spike") and not detector:
+                    continue
                 self.writer.add_scalar(f"grad/{name}", float(r[name]), step)
             for name, value in r.get("layers", {}).items():
                 self.writer.add_scalar(f"grad_layer/{name}", value, step)

@@ -4,14 +4,17 @@ buffers, its log records, the sinks, :class:`~gradclip.History`, ``ClipStats.to_
 
 Example:
     >>> from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS
-    >>> SCALAR_FIELDS, FLAG_FIELDS
-    (('norm', 'post_norm', 'threshold', 'coef'), ('clipped', 'finite', 'skipped'))
+    >>> SCALAR_FIELDS
+    ('norm', 'post_norm', 'threshold', 'coef', 'spike_bound', 'spike_score')
+    >>> FLAG_FIELDS
+    ('clipped', 'finite', 'skipped', 'spike')
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,12 +34,14 @@ __all__ = [
 
 
 class StepField(NamedTuple):
-    """One field of a step record: its name (a :class:`ClipStats` attribute), its kind and
-    what it means."""
+    """One field of a step record: its name (a :class:`ClipStats` attribute), its kind, what
+    it means, and the value a record written before the field existed reads as (None: every
+    record has it)."""
 
     name: str
     kind: type  # float: a number (NaN/inf allowed); bool: a flag
     meaning: str
+    default: float | bool | None = None
 
 
 STEP_FIELDS: tuple[StepField, ...] = (
@@ -46,7 +51,13 @@ STEP_FIELDS: tuple[StepField, ...] = (
     StepField("coef", float, "post_norm / norm: the factor applied (1: not clipped)"),
     StepField("clipped", bool, "some gradient was scaled down"),
     StepField("finite", bool, "every gradient value was finite"),
-    StepField("skipped", bool, "the step was skipped (nonfinite='skip')"),
+    StepField("skipped", bool, "the step was skipped (nonfinite='skip', or a spike under spikes='skip')"),
+    StepField("spike_bound", float, "the spike detector's bound: the largest norm that is not "
+              "a spike (inf: no detector, or its warm-up)", math.inf),
+    StepField("spike_score", float, "the SpikeScore: the fraction of recent steps that were "
+              "spikes (0: no detector)", 0.0),
+    StepField("spike", bool, "the spike detector called this step a spike (False: no "
+              "detector)", False),
 )
 """The step record's fields, in the order every record, log column and buffer uses."""
 
@@ -106,6 +117,21 @@ class GroupStats:
         }
 
 
+_CONSTANTS: dict[tuple[torch.device, torch.dtype, float], Tensor] = {}
+
+
+def _constant(value: float, like: Tensor) -> Tensor:
+    """A 0-dim tensor of ``value`` like ``like``, shared between steps (never written to):
+    a step without a spike detector allocates nothing for the spike fields."""
+    if torch.compiler.is_compiling():
+        return torch.full_like(like, value)
+    key = (like.device, like.dtype, value)
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        tensor = _CONSTANTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+    return tensor
+
+
 @dataclass(frozen=True)
 class ClipStats:
     """The record of one clip step. Every field is a 0-dim tensor on the gradients' device.
@@ -121,11 +147,22 @@ class ClipStats:
             clipped; exactly the multiplier of every gradient for global clippers).
         clipped: bool, True when some gradient was scaled down.
         finite: bool, True when every gradient value was finite (the total norm is finite).
-        skipped: bool, True when the step was skipped by ``nonfinite="skip"``.
+        skipped: bool, True when the step was skipped (by ``nonfinite="skip"``, or as a spike
+            under a spike detector's ``"skip"`` policy).
         norms: the per-tensor pre-clip norms from the same pass (:class:`GradNorms`).
         names: the parameter name of each entry of ``norms.tensors``.
         groups: per parameter group, what the step did (:class:`GroupStats`), when the
             clipper clipped by groups; else None.
+        spike: bool, True when the clipper's spike detector called the step a spike (False
+            without a detector; see :class:`gradclip.SpikeDetector`).
+        spike_score: the detector's SpikeScore after this step (0 without a detector).
+        spike_bound: the detector's bound, the largest norm that is not a spike (``inf``
+            without a detector, and in its warm-up).
+        spike_top, spike_ratios: the parameters with the largest ratio of their norm to their
+            running median (int64 indices into ``names``, largest first) and those ratios
+            (None without a detector).
+        spike_report: the :class:`gradclip.SpikeReport` of a spike, when it was read on the
+            host (on the CPU, or with ``on_spike``); None otherwise.
 
     Example:
         >>> import torch, gradclip
@@ -146,6 +183,21 @@ class ClipStats:
     norms: GradNorms
     names: tuple[str, ...]
     groups: GroupStats | None = None
+    spike: Tensor | None = None
+    spike_score: Tensor | None = None
+    spike_bound: Tensor | None = None
+    spike_top: Tensor | None = None
+    spike_ratios: Tensor | None = None
+    spike_report: Any = None
+
+    def __post_init__(self) -> None:
+        # without a detector: no spike, no score, no bound (the schema's fields are tensors)
+        if self.spike is None:
+            object.__setattr__(self, "spike", _constant(False, self.finite))
+        if self.spike_score is None:
+            object.__setattr__(self, "spike_score", _constant(0.0, self.norm))
+        if self.spike_bound is None:
+            object.__setattr__(self, "spike_bound", _constant(math.inf, self.norm))
 
     def to_dict(self) -> dict[str, float | bool]:
         """The scalar fields as Python numbers (one host sync): for logging."""

@@ -24,6 +24,9 @@ class Entry:
         bad: ``(kwargs, exception type, argument name the message must contain)``.
         warmup: steps before the adaptive statistics act.
         scales_globally: one coefficient for every gradient (foldable into fused optimizers).
+        spikes: the arguments of a :class:`gradclip.SpikeDetector` built fresh for each
+            clipper (None: no detector).
+        label: the test id (default ``name``).
     """
 
     name: str
@@ -31,6 +34,18 @@ class Entry:
     bad: tuple[tuple[dict[str, Any], type[Exception], str], ...] = ()
     warmup: int = 0
     scales_globally: bool = True
+    spikes: dict[str, Any] | None = None
+    label: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.label or self.name
+
+    @property
+    def skips_spikes(self) -> bool:
+        """A detector whose policy skips: a NaN/inf or spike step is skipped whatever the
+        ``nonfinite`` policy says."""
+        return self.spikes is not None and self.spikes.get("policy", "skip") == "skip"
 
     def cls(self) -> type[gradclip.Clipper]:
         cls = getattr(gradclip, self.name, None)
@@ -40,7 +55,19 @@ class Entry:
         return cls
 
     def make(self, **overrides: Any) -> gradclip.Clipper:
-        return self.cls()(**{**self.kwargs, **overrides})
+        kwargs = {**self.kwargs, **overrides}
+        if self.spikes is not None and "spikes" not in overrides:
+            kwargs["spikes"] = gradclip.SpikeDetector(**self.spikes)
+        return self.cls()(**kwargs)
+
+
+def _spikes_bad(**kwargs: Any) -> tuple[tuple[dict[str, Any], type[Exception], str], ...]:
+    """What a clipper with a spike detector refuses, next to its own arguments."""
+    return (
+        ({**kwargs, "spikes": "later"}, ValueError, "spikes"),
+        ({**kwargs, "spikes": 3}, TypeError, "spikes"),
+        ({**kwargs, "spikes": {"window": 0}}, ValueError, "window"),
+    )
 
 
 ENTRIES: tuple[Entry, ...] = (
@@ -135,5 +162,49 @@ ENTRIES: tuple[Entry, ...] = (
             ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
         ),
         warmup=8,
+    ),
+    # The spike detector on clippers of every kind (a global coefficient with a statistic,
+    # a global one without, per tensor, per row): every contract holds with it. Its warm-up
+    # ends after the clipper's, so that the shared tests see spikes judged (the x30 steps of
+    # the shared norm sequence), but not in the few-step tests that assume a plain clipper.
+    Entry(
+        "AdaptiveClip",
+        {"window": 8, "warmup_start": 0.5},
+        _spikes_bad(),
+        warmup=8,
+        spikes={"policy": "clip", "window": 16, "warmup": 13, "max_skips": None},
+        label="AdaptiveClip+clip",
+    ),
+    Entry(
+        "NormClip",
+        {"max_norm": 1.0},
+        _spikes_bad(max_norm=1.0),
+        spikes={"policy": "skip", "window": 16, "warmup": 5, "max_skips": None},
+        label="NormClip+skip",
+    ),
+    Entry(
+        "AdaGC",
+        {"warmup_steps": 10},
+        _spikes_bad(),
+        warmup=10,
+        scales_globally=False,
+        spikes={"policy": "clip", "window": 16, "warmup": 15, "max_skips": None},
+        label="AdaGC+clip",
+    ),
+    Entry(
+        "AGC",
+        {"clipping": 0.05, "exclude": ("3.*",)},
+        _spikes_bad(),
+        scales_globally=False,
+        spikes={"policy": "skip", "window": 16, "warmup": 5, "max_skips": None},
+        label="AGC+skip",
+    ),
+    Entry(
+        "ZClip",
+        {"warmup_steps": 5},
+        _spikes_bad(),
+        warmup=5,
+        spikes={"policy": "off", "window": 16, "warmup": 10},
+        label="ZClip+off",
     ),
 )

@@ -74,3 +74,32 @@ def test_inf_step_skipped_by_scaler_stays_out_of_the_statistics(device: torch.de
         scaler.update()
         opt.zero_grad()
     assert int(clipper.nonfinite_steps) == 1 and int(clipper.steps) == 7
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_spike_under_grad_scaler_is_skipped_without_backing_off_the_scale(fused: bool) -> None:
+    """The README's recipe: unscale_, the clipper with the loss, scaler.step only when the
+    step is not skipped, scaler.update always. A spike skips the optimizer step; the scale
+    stays (a spike is not an overflow), and the run goes on."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    clipper = gradclip.AutoClip(percentile=50.0, spikes=gradclip.SpikeDetector(window=8, warmup=4))
+    batches = _batches(12)
+    for i, (x, y) in enumerate(batches):
+        y = y * 1000 if i == 9 else y
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        before = [p.detach().clone() for p in model.parameters()]
+        steps = [float(opt.state[p]["step"]) for p in model.parameters() if p in opt.state]
+        stats = clipper(model, loss=loss)
+        if not bool(stats.skipped):
+            scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        unchanged = all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+        assert bool(stats.spike) == (i == 9) == unchanged
+        if i == 9:
+            assert [float(opt.state[p]["step"]) for p in model.parameters()] == steps
+    assert scaler.get_scale() == 2.0**10

@@ -23,7 +23,9 @@ from host_reads import HostReadDetector
 
 from .registry import ENTRIES, Entry
 
-BY_NORM = [e for e in ENTRIES if e.name not in ("AGC", "ValueClip")]
+# Clippers with a spike detector are left out of the parity tests: the detector judges the
+# whole model's norm (and the loss), where one clipper per group would judge each group's.
+BY_NORM = [e for e in ENTRIES if e.name not in ("AGC", "ValueClip") and e.spikes is None]
 
 
 def _model() -> torch.nn.Sequential:
@@ -428,3 +430,66 @@ def test_bad_groups_at_call_time_change_nothing(case: str) -> None:
         clipper(model)
     snap.assert_unchanged()
     assert int(clipper.steps) == 0
+
+
+def _spiking_clipper(model: torch.nn.Sequential, policy: str) -> gradclip.Clipper:
+    return gradclip.AdaptiveClip(
+        window=8, groups=_layers(model), policy=["own", "exclude", "shared"],
+        spikes=gradclip.SpikeDetector(policy, window=16, warmup=5, max_skips=None),
+    )
+
+
+def _spike(model: torch.nn.Sequential, step: int) -> list[torch.Tensor]:
+    _set_grads(model, step)
+    for q in model.parameters():
+        q.grad *= 1000.0
+    return [q.grad.clone() for q in model.parameters()]
+
+
+def test_a_spike_detector_judges_the_whole_model_and_clips_only_the_clipped_groups() -> None:
+    """With groups, the detector judges the whole model's norm. On a spike, "clip" scales
+    the clipped groups down once more and leaves an excluded group alone; the post-clip norm
+    it reports is the norm of the gradients it left."""
+    model = _model()
+    clipper = _spiking_clipper(model, "clip")
+    for step in range(12):
+        _set_grads(model, step)
+        clipper(model)
+    before = _spike(model, 12)
+    stats = clipper(model)
+    assert bool(stats.spike) and not bool(stats.skipped)
+    after = list(model.parameters())
+    assert all(torch.equal(a.grad, b) for a, b in zip(after[2:4], before[2:4], strict=True))
+    assert not torch.equal(after[0].grad, before[0])
+    _close(stats.post_norm, tnu.get_total_norm([q.grad for q in after]))
+    groups = stats.groups
+    assert groups.excluded == (False, True, False) and float(groups.coef[1]) == 1.0
+
+
+def test_a_spike_skipped_with_groups_changes_nothing_and_resumes_exactly() -> None:
+    """"skip" with groups: the spike step leaves every gradient as it was (no group's clipper
+    scales it); a checkpoint holds the groups and the detector, and a clipper resumed from it
+    goes on exactly as the uninterrupted one."""
+    ref_model, model = _model(), _model()
+    reference, first = _spiking_clipper(ref_model, "skip"), _spiking_clipper(model, "skip")
+    for step in range(20):
+        if step == 12:
+            _spike(ref_model, step)
+            before = _spike(model, step)
+        else:
+            _set_grads(ref_model, step)
+            _set_grads(model, step)
+        want = reference(ref_model)
+        got = first(model)
+        if step == 12:
+            assert bool(got.skipped) and bool(got.spike)
+            assert all(torch.equal(q.grad, b) for q, b in zip(model.parameters(), before, strict=True))
+        if step == 14:
+            buffer = io.BytesIO()
+            torch.save(first.state_dict(), buffer)
+            buffer.seek(0)
+            first = _spiking_clipper(model, "skip")
+            first.load_state_dict(torch.load(buffer))
+        for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
+            _close(a.grad, b.grad)
+        torch.testing.assert_close(got.groups.threshold, want.groups.threshold, equal_nan=True)

@@ -147,3 +147,16 @@ def test_progress_and_argument_errors():
         run("no-such-task", None)
     with pytest.raises(ValueError, match="steps"):
         run("sgd-heavy-tail", None, steps=0)
+
+
+def test_a_spike_detector_that_stops_the_run_ends_it_as_diverged():
+    def stop_at_five(model, loss=None):
+        stop_at_five.calls += 1
+        if stop_at_five.calls == 6:
+            raise gradclip.GradientSpikeError("10 gradient spikes in a row", None)
+        return None
+
+    stop_at_five.calls = 0
+    result = run("sgd-heavy-tail", stop_at_five, steps=20)
+    assert result.steps == 5 and result.planned_steps == 20
+    assert result.diverged and result.metric == math.inf

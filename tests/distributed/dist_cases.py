@@ -895,11 +895,51 @@ def group_cases(rank: int, world: int, rec: list[dict]) -> None:
                      kwargs={"extra_groups": [dist.group.WORLD]})
 
 
+SPIKE_STEPS = 16
+SPIKE_LOSS_STEP = 12  # rank 0's loss alone is x1000 here: the mean over ranks spikes
+
+
+def spike_cases(rank: int, world: int, rec: list[dict]) -> None:
+    """A spike detector under DDP and FSDP2: each rank passes its own loss (rank 0's alone
+    spikes at one step); every rank must decide the same, from the global norm and the loss
+    averaged over ranks. The data's x30 steps (7, ...) are gradient spikes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    for layout in ("ddp", "fsdp2"):
+        model = mlp()
+        if layout == "ddp":
+            model = DistributedDataParallel(model)
+        else:
+            mesh = init_device_mesh("cpu", (world,))
+            for module in (model[0], model[2], model):
+                fully_shard(module, mesh=mesh)
+        clipper = gradclip.NormClip(1.0, spikes=gradclip.SpikeDetector(window=8, warmup=4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        out: dict[str, list] = {"spike": [], "skipped": [], "bound": [], "norm": [], "loss": []}
+        for step in range(SPIKE_STEPS):
+            x, y = data(step=step)
+            opt.zero_grad()
+            loss = loss_of(model, x[rank::world], y[rank::world])
+            loss.backward()
+            reported = loss.detach() * (1000.0 if step == SPIKE_LOSS_STEP and rank == 0 else 1.0)
+            stats = clipper.step(model, opt, loss=reported)
+            for key, value in (("spike", stats.spike), ("skipped", stats.skipped),
+                               ("bound", stats.spike_bound), ("norm", stats.norm)):  # fmt: skip
+                out[key].append(value.item())
+            out["loss"].append(float(reported))
+        rec.append({"case": "spikes", "layout": layout, **out,
+                    "state": _state_values(clipper),
+                    "detector": [v for k, v in sorted(clipper.spikes.state_dict()["state"].items())
+                                 for v in torch.as_tensor(v).double().flatten().tolist()]})  # fmt: skip
+
+
 def suite_two(rank: int, world: int, rec: list[dict]) -> None:
     """Everything that runs on 2 ranks, in one launch."""
     for case in (ddp_case, fsdp1_cases, fsdp2_cases, tp_case, mixed_case, pp_case, nan_case,
                  bad_input_cases, host_read_cases, adaptive_cases, adagc_cases, agc_cases,
-                 more_clipper_cases, group_cases):
+                 more_clipper_cases, group_cases, spike_cases):
         case(rank, world, rec)
 
 

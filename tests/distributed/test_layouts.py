@@ -430,3 +430,30 @@ def test_per_group_norms_on_two_ranks(two, case):
 
 def test_per_group_norms_under_fsdp_x_tp(four):
     assert_groups_exact(four, "groups_fsdp_tp")
+
+
+def test_spike_decisions_are_identical_on_every_rank(two):
+    """Each rank passed its own loss; the detector decided from the loss averaged over ranks
+    and the global norm: the same decisions and state on every rank, equal to one process
+    fed the mean loss and the global norm."""
+    import torch
+
+    import gradclip
+
+    per_rank = records(two, "spikes")
+    for entries in zip(*per_rank, strict=True):
+        layout = entries[0]["layout"]
+        for key in ("spike", "skipped", "bound", "norm", "state", "detector"):
+            values = [e[key] for e in entries]
+            assert all(v == values[0] for v in values), f"{layout}: ranks disagree on {key}"
+        spike = entries[0]["spike"]
+        assert spike[cases.SPIKE_LOSS_STEP], f"{layout}: rank 0's loss spike is every rank's"
+        assert spike[7] and entries[0]["skipped"] == spike, layout  # a gradient spike
+        # one process, fed what the ranks agreed on
+        reference = gradclip.NormClip(math.inf, spikes=gradclip.SpikeDetector(window=8, warmup=4))
+        p = torch.nn.Parameter(torch.zeros(1))
+        for step, norm in enumerate(entries[0]["norm"]):
+            p.grad = torch.tensor([norm])
+            mean = sum(e["loss"][step] for e in entries) / len(entries)
+            stats = reference({"w": p}, loss=torch.tensor(mean))
+            assert bool(stats.spike) == spike[step], (layout, step)

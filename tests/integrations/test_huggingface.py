@@ -378,3 +378,67 @@ def test_fp16_gradients_are_unscaled_once_before_clipping() -> None:
             torch.testing.assert_close(stats.norm, true_norm, rtol=1e-5, atol=0)
             scaler.step(optimizer)
             scaler.update()
+
+
+# -- spike detection ---------------------------------------------------------------------
+
+
+class Snapshots(TrainerCallback):
+    """After each optimizer step: parameters, Adam's step counters, the learning rate."""
+
+    def __init__(self):
+        self.rows: list[tuple] = []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)
+        steps = [float(inner.state[p]["step"]) for p in model.parameters() if p in inner.state]
+        self.rows.append(([p.detach().clone() for p in model.parameters()], steps,
+                          lr_scheduler.get_last_lr()[0], state.global_step))  # fmt: skip
+
+
+class Glitch(Regressor):
+    """The 9th training batch (step 8) has its labels multiplied by 1000 (the Trainer
+    shuffles the data, so the model picks the batch)."""
+
+    calls = 0
+
+    def forward(self, x, labels=None):
+        self.calls += 1
+        return super().forward(x, labels * 1000 if self.calls == 9 else labels)
+
+
+def test_a_spike_is_skipped_and_the_schedule_goes_on(tmp_path) -> None:
+    data = _dataset(40)
+    snapshots = Snapshots()
+    clipper = gradclip.NormClip(1e3, spikes=gradclip.SpikeDetector(window=8, warmup=4))
+    model = Glitch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=10), train_dataset=data,
+                      callbacks=[GradClipCallback(clipper), snapshots],
+                      optimizers=(optimizer, None))  # fmt: skip
+    trainer.train()
+    (p7, steps7, lr7, g7), (p8, steps8, lr8, g8), (p9, steps9, _, _) = snapshots.rows[7:10]
+    assert all(torch.equal(a, b) for a, b in zip(p7, p8, strict=True))  # not updated
+    assert steps8 == steps7 and steps9 == [s + 1 for s in steps8]  # Adam's counters held
+    assert not torch.equal(p8[0], p9[0])
+    assert g8 == g7 + 1 and lr8 < lr7  # the Trainer counts the step, its scheduler steps
+    assert _history(trainer, "gradclip/spikes")[-1] == 1.0
+    assert _history(trainer, "gradclip/spike_score")[-1] == pytest.approx(1 / 10)
+
+
+def test_the_accelerate_helper_hands_the_loss_to_the_detector() -> None:
+    accelerator = Accelerator(cpu=True)
+    model = Regressor()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    loader = torch.utils.data.DataLoader(_dataset(48), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    clipper = gradclip.NormClip(1e3, spikes=gradclip.SpikeDetector("off", window=8, warmup=4))
+    flags = []
+    for i, batch in enumerate(loader):
+        loss = model(**batch)["loss"]
+        accelerator.backward(loss)
+        reported = loss.detach() + (1e4 if i == 10 else 0.0)  # only the loss tells
+        flags.append(bool(clip_gradients(accelerator, model, clipper, loss=reported).spike))
+        optimizer.step()
+        optimizer.zero_grad()
+    assert flags == [i == 10 for i in range(12)]

@@ -452,3 +452,85 @@ def test_not_a_clipper_is_refused() -> None:
         TypeError, match=r"`monitor` must be a gradclip.GradMonitor or None, got str"
     ):
         GradClipCallback(gradclip.NormClip(1.0), monitor="grads.jsonl")  # type: ignore[arg-type]
+
+
+# -- spike detection ---------------------------------------------------------------------
+
+
+class Glitch(Net):
+    """Batch 8 has its targets multiplied by 1000 (a corrupted batch); a step LR scheduler."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        y = y * 1000 if batch_idx == 8 else y
+        return torch.nn.functional.mse_loss(self.net(x).float(), y)
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        return {"optimizer": opt, "lr_scheduler": {
+            "scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9),
+            "interval": "step"}}  # fmt: skip
+
+
+class Snapshots(pl.Callback):
+    """After each batch: the parameters, Adam's step counters, the learning rate, the step."""
+
+    def __init__(self):
+        self.rows: list[tuple] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        opt = trainer.optimizers[0]
+        steps = [float(opt.state[p]["step"]) for p in pl_module.parameters() if p in opt.state]
+        self.rows.append(([p.detach().clone() for p in pl_module.parameters()], steps,
+                          opt.param_groups[0]["lr"], trainer.global_step))  # fmt: skip
+
+
+def test_a_spike_is_skipped_and_the_schedule_goes_on() -> None:
+    snapshots, logger = Snapshots(), MemoryLogger()
+    clipper = gradclip.NormClip(1e3, spikes=gradclip.SpikeDetector(window=8, warmup=4))
+    model = Glitch(torch.optim.AdamW, lr=1e-3)
+    _trainer([GradClipCallback(clipper), snapshots], max_steps=10, logger=logger,
+             log_every_n_steps=1).fit(model, _loader(10))  # fmt: skip
+    (p7, steps7, lr7, g7), (p8, steps8, lr8, g8), (p9, steps9, _, _) = snapshots.rows[7:10]
+    assert all(torch.equal(a, b) for a, b in zip(p7, p8, strict=True))  # not updated
+    assert steps8 == steps7 and steps9 == [s + 1 for s in steps8]  # Adam's counters held
+    assert not torch.equal(p8[0], p9[0])  # the next batch trains again
+    assert g8 == g7 + 1 and lr8 == pytest.approx(lr7 * 0.9)  # Lightning counts the step
+    assert logger.series("gradclip/spikes")[-1] == 1.0
+    assert logger.series("gradclip/spike_score")[-1] == pytest.approx(1 / 10)
+    assert int(clipper.spikes.state.judged) == 10
+
+
+class LossOnly(Net):
+    """Batch 8's loss has a constant added: no gradient changes, only the loss tells."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss + 1e4 if batch_idx == 8 else loss
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_loss_reaches_the_detector_unscaled(accumulate: int) -> None:
+    """Lightning hands on_before_backward the loss divided by the accumulation, and scaled
+    under fp16: the detector gets the optimizer step's mean loss, unscaled."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    plugin = MixedPrecision(precision="16-mixed", device="cpu", scaler=scaler)
+    clipper = gradclip.NormClip(1e3, spikes=gradclip.SpikeDetector("off", window=8, warmup=3))
+    losses = []
+
+    class Record(LossOnly):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            losses.append(float(loss.detach()))
+            return loss
+
+    logger = MemoryLogger()
+    _trainer([GradClipCallback(clipper)], max_steps=12 // accumulate, plugins=[plugin],
+             accumulate_grad_batches=accumulate, logger=logger,
+             log_every_n_steps=1).fit(Record(), _loader(12))  # fmt: skip
+    means = [sum(losses[i : i + accumulate]) / accumulate for i in range(0, 12, accumulate)]
+    ring = [0.0] * clipper.spikes.window  # the detector's window of losses (a loss-only
+    for j, mean in enumerate(means):  # spike is learnt too: the gradients were ordinary)
+        ring[j % len(ring)] = mean
+    assert clipper.spikes.state.losses.tolist() == pytest.approx(ring, rel=1e-3)
+    assert logger.series("gradclip/spikes")[-1] == 1.0

@@ -1,5 +1,5 @@
-"""Every marked snippet of the README runs as written: the "Integrations" section's, and
-the monitor's of "Seeing what clipping does".
+"""Every marked snippet of the README runs as written: the "Integrations" section's, the
+monitor's of "Seeing what clipping does", and the spike detector's.
 
 A snippet is the ```python block right after a ``<!-- readme-test: NAME -->`` line.
 """
@@ -22,6 +22,7 @@ EXPECTED = {
     "torch-amp-fp16",
     "torch-amp-bf16-fused",
     "monitor",
+    "spikes",
 }
 
 

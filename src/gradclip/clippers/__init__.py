@@ -6,6 +6,8 @@ from gradclip.clippers.agc import AGC, LAST_LINEAR
 from gradclip.clippers.autoclip import AutoClip, AutoClipState
 from gradclip.clippers.base import Clipper, Step
 from gradclip.clippers.fixed import NormClip, ValueClip
+from gradclip.clippers.forensics import GradientSpikeError, SpikeLayer, SpikeReport
+from gradclip.clippers.spikes import SpikeDetector, SpikePolicy, SpikeState
 from gradclip.clippers.targets import Parameters, named_grads
 from gradclip.clippers.update import Snapshot, UpdateClip, UpdateClipState, UpdateNorms
 from gradclip.clippers.zclip import ZClip, ZClipState
@@ -20,9 +22,15 @@ __all__ = [
     "AutoClip",
     "AutoClipState",
     "Clipper",
+    "GradientSpikeError",
     "NormClip",
     "Parameters",
     "Snapshot",
+    "SpikeDetector",
+    "SpikeLayer",
+    "SpikePolicy",
+    "SpikeReport",
+    "SpikeState",
     "Step",
     "UpdateClip",
     "UpdateClipState",

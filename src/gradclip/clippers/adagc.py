@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from torch.distributed import ProcessGroup
 
+    from gradclip.clippers.spikes import SpikeDetector, SpikePolicy
     from gradclip.distributed import GroupLike
 
 __all__ = ["OFFICIAL_CODE", "AdaGC", "AdaGCState"]
@@ -115,6 +116,8 @@ class AdaGC(Clipper[AdaGCState]):
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
         groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
             see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import torch
@@ -150,6 +153,7 @@ class AdaGC(Clipper[AdaGCState]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
         **grouping: Unpack[GroupOptions],
     ):
         self.relative = check_real(relative, "relative", "> 0", lambda v: 0 < v < math.inf,
@@ -161,6 +165,7 @@ class AdaGC(Clipper[AdaGCState]):
         )
         super().__init__(
             norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            spikes=spikes,
             **grouping,
         )
 
@@ -171,6 +176,7 @@ class AdaGC(Clipper[AdaGCState]):
             "warmup_steps": self.warmup_steps,
             "warmup_max_norm": self.warmup_max_norm,
             "nonfinite": self.nonfinite,
+            **self._spikes_config(),
         }
 
     def _init_state(self, tensors: int) -> AdaGCState:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from torch.distributed import ProcessGroup
 
+    from gradclip.clippers.spikes import SpikeDetector, SpikePolicy
     from gradclip.distributed import GroupLike
 
 __all__ = ["AdaptiveClip", "AdaptiveClipState"]
@@ -156,6 +157,8 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
         groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
             see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import math, torch
@@ -201,6 +204,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
         **grouping: Unpack[GroupOptions],
     ):
         self.relative = check_real(
@@ -255,6 +259,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             nonfinite=nonfinite,
             shard_group=shard_group,
             extra_groups=extra_groups,
+            spikes=spikes,
             **grouping,
         )
 

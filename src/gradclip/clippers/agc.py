@@ -26,6 +26,7 @@ from gradclip.norms.units import UnitPlan
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
+    from gradclip.clippers.spikes import SpikeDetector, SpikePolicy
     from gradclip.distributed import GroupLike
 
 __all__ = ["AGC", "LAST_LINEAR", "ExcludeRule", "UnitNorms"]
@@ -137,6 +138,8 @@ class AGC(Clipper):
             a flat shard's rows cannot be told apart.
         groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
             see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import torch
@@ -166,6 +169,7 @@ class AGC(Clipper):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
         **grouping: Unpack[GroupOptions],
     ):
         self.clipping = check_real(clipping, "clipping", "> 0", lambda v: v > 0, "clipping=0.01")
@@ -177,6 +181,7 @@ class AGC(Clipper):
         self._warned = False
         super().__init__(
             norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            spikes=spikes,
             **grouping,
         )
 
@@ -186,6 +191,7 @@ class AGC(Clipper):
             "eps": self.eps,
             "exclude": _describe_exclude(self.exclude, self._patterns),
             "nonfinite": self.nonfinite,
+            **self._spikes_config(),
         }
 
     # -- which parameters are clipped ---------------------------------------------------

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from torch.distributed import ProcessGroup
 
+    from gradclip.clippers.spikes import SpikeDetector, SpikePolicy
     from gradclip.distributed import GroupLike
 
 __all__ = ["AutoClip", "AutoClipState"]
@@ -90,6 +91,8 @@ class AutoClip(Clipper[AutoClipState]):
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
         groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
             see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import torch
@@ -119,6 +122,7 @@ class AutoClip(Clipper[AutoClipState]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
         **grouping: Unpack[GroupOptions],
     ):
         self.percentile = _check_percentile(percentile)
@@ -129,6 +133,7 @@ class AutoClip(Clipper[AutoClipState]):
         self._tables: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
         super().__init__(
             norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            spikes=spikes,
             **grouping,
         )
 

@@ -32,6 +32,7 @@ from gradclip import _foreach, distributed, norms
 from gradclip._checks import check_norm_type
 from gradclip.clippers import fold, pipeline
 from gradclip.clippers.groups import Grouping
+from gradclip.clippers.spikes import SpikeDetector, SpikePolicy, as_detector, check_loss
 from gradclip.clippers.state import StateStore
 from gradclip.clippers.targets import Parameters, Target, resolve
 from gradclip.nonfinite import NonFinitePolicy, check_policy
@@ -96,6 +97,9 @@ class Clipper(Generic[S]):
             clipper); see :mod:`gradclip.grouping`.
         orthogonal: which groups an orthogonalising optimizer (Muon) updates: they are left
             out unless a policy names them. Default :func:`gradclip.muon_like`; None: no rule.
+        spikes: a :class:`~gradclip.SpikeDetector` that skips, clips or records gradient
+            spikes (``"skip"``, ``"clip"`` or ``"off"``: one with its defaults; None: none).
+            Pass the loss to :meth:`step` / ``__call__`` (``loss=loss``) to judge it too.
     """
 
     STATE_VERSION: ClassVar[int] = 1
@@ -123,9 +127,11 @@ class Clipper(Generic[S]):
         groups: GroupsLike = None,
         policy: object = None,
         orthogonal: OrthogonalRule | None = muon_like,
+        spikes: SpikeDetector | SpikePolicy | None = None,
     ):
         self.norm_type = check_norm_type(norm_type)
         self.nonfinite = check_policy(nonfinite)
+        self.spikes: SpikeDetector | None = as_detector(spikes)
         # Not in config(): process groups are neither comparable nor picklable, and a
         # checkpoint written on one layout must load on another.
         self.shard_group = shard_group
@@ -137,7 +143,12 @@ class Clipper(Generic[S]):
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments: saved in ``state_dict()`` and checked on load."""
-        return {"norm_type": self.norm_type, "nonfinite": self.nonfinite}
+        return {"norm_type": self.norm_type, "nonfinite": self.nonfinite, **self._spikes_config()}
+
+    def _spikes_config(self) -> dict[str, Any]:
+        """``{"spikes": the detector's config}`` with a detector, else nothing (a clipper
+        without one keeps the config, and the checkpoints, it always had)."""
+        return {} if self.spikes is None else {"spikes": self.spikes.config()}
 
     def _init_state(self, tensors: int) -> S:
         """The ``State`` before the first step (CPU tensors); with ``per_tensor_state``, the
@@ -189,6 +200,8 @@ class Clipper(Generic[S]):
         grouping = getattr(self, "_grouping", None)
         if grouping is not None:
             grouping.reset()
+        if self.spikes is not None:
+            self.spikes.reset()
 
     @property
     def state(self) -> S:
@@ -222,6 +235,8 @@ class Clipper(Generic[S]):
         }
         if self._grouping.configured:
             saved["groups"] = self._grouping.state_dict()
+        if self.spikes is not None:
+            saved["spikes"] = self.spikes.state_dict()
         return saved
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -268,10 +283,26 @@ class Clipper(Generic[S]):
                 + ("with" if grouping.configured else "without")
                 + " them; build it as the saved one was"
             )
+        if (self.spikes is None) != ("spikes" not in state_dict):
+            has = "has" if "spikes" in state_dict else "has no"
+            raise ValueError(
+                f"the {own} state dict {has} spike detector state and this clipper "
+                f"{'has no' if self.spikes is None else 'has a'} detector; build the clipper as "
+                f"gradclip.{own}(**state_dict['config'])"
+            )
         store = StateStore(self)
         store.load(state_dict["state"], state_dict["param_state"])  # all checked first
-        if grouping.configured:
-            grouping.load(state_dict["groups"])
+        detector = self.spikes
+        saved = None if detector is None else (detector._store, detector._medians, detector._watch)
+        try:
+            if detector is not None:
+                detector.load_state_dict(state_dict["spikes"])
+            if grouping.configured:
+                grouping.load(state_dict["groups"])
+        except ValueError:  # nothing replaced: the detector goes back too
+            if detector is not None and saved is not None:
+                detector._store, detector._medians, detector._watch = saved
+            raise
         if self._store.device is not None:
             store.to(self._store.device)
         self._store = store
@@ -282,21 +313,38 @@ class Clipper(Generic[S]):
 
     # -- the step -------------------------------------------------------------------------
 
-    def __call__(self, parameters: Parameters) -> ClipStats:
+    @property
+    def skips(self) -> bool:
+        """Whether a step may be skipped (``nonfinite="skip"``, or a detector's ``"skip"``):
+        the caller must then not step the optimizer when ``ClipStats.skipped`` is True."""
+        return self.nonfinite == "skip" or (self.spikes is not None and self.spikes.policy == "skip")
+
+    def __call__(self, parameters: Parameters, *, loss: Tensor | float | None = None) -> ClipStats:
         """Clip the gradients of ``parameters`` in place and return what was done.
 
         Args:
             parameters: a module (names from ``named_parameters()``, preferred), a mapping
                 name -> parameter, ``(name, parameter)`` pairs, or parameters.
+            loss: this step's loss (a scalar tensor or number) for the spike detector; it is
+                averaged over ranks under ``torch.distributed`` (every rank must pass one).
 
         Returns:
-            :class:`~gradclip.ClipStats` of this step (device tensors, no host sync).
+            :class:`~gradclip.ClipStats` of this step (device tensors, no host sync). When
+            ``stats.skipped`` is True, do not step the optimizer (:meth:`step` does that).
         """
+        loss = check_loss(loss)
         target = self._resolve(parameters)
-        return self._clip(target, self._grouping.bind(target, None), fold=None)
+        return self._clip(target, self._grouping.bind(target, None), fold=None, loss=loss)
 
-    def step(self, parameters: Parameters, optimizer: Optimizers) -> ClipStats:
-        """Clip, then ``optimizer.step()``, honouring ``nonfinite="skip"``.
+    def step(
+        self,
+        parameters: Parameters,
+        optimizer: Optimizers,
+        *,
+        loss: Tensor | float | None = None,
+    ) -> ClipStats:
+        """Clip, then ``optimizer.step()``, honouring skipped steps (``nonfinite="skip"``,
+        and spikes under a detector's ``"skip"``).
 
         ``optimizer`` may be several optimizers (``[muon, adamw]``): each is stepped.
 
@@ -310,8 +358,13 @@ class Clipper(Generic[S]):
         With a torch fused optimizer (``Adam``, ``AdamW``, ``SGD``, ``Adagrad`` with
         ``fused=True``) that updates exactly these gradients, the clip coefficient and the
         skip decision are handed to the optimizer's fused kernel (``grad_scale``,
-        ``found_inf``): no separate multiply, no host sync. Otherwise the gradients are
-        clipped first; a skipped step then costs one host read (free on the CPU).
+        ``found_inf``): no separate multiply, no host sync, and a skipped step leaves the
+        parameters, the optimizer's state and its step counters as they were (the kernel
+        puts the counters back). A clipper whose coefficient does not fold (AGC, AdaGC,
+        ValueClip) scales the gradients itself and still hands over the skip. Otherwise
+        (``foreach`` or for-loop optimizers, which take no ``found_inf``) the gradients are
+        clipped first and a skipped step is not handed to the optimizer at all, which costs
+        one host read of the decision (free on the CPU).
 
         Example:
             >>> import torch, gradclip
@@ -320,26 +373,28 @@ class Clipper(Generic[S]):
             >>> model(torch.ones(1, 2)).sum().backward()
             >>> stats = gradclip.NormClip(1.0).step(model, opt)
         """
+        loss = check_loss(loss)
         optimizers = as_optimizers(optimizer)
         target = self._resolve(parameters)
         grouped = self._grouping.bind(target, optimizers)
         folded = None
         # Not while compiling: torch's optimizer.step() breaks the graph on purpose, and a
         # grad_scale set on the optimizer inside a graph does not survive that break.
-        foldable = self.folds_into_fused and not _foreach.is_compiling()
+        # A skipping clipper folds its decision (found_inf) even when its coefficient cannot.
+        foldable = (self.folds_into_fused or self.skips) and not _foreach.is_compiling()
         if foldable and grouped is None and len(optimizers) == 1:
             folded = fold.plan(optimizers[0], target.grads)
-        stats = self._clip(target, grouped, fold=folded)
+        stats = self._clip(target, grouped, fold=folded, loss=loss)
         if folded is not None and folded.armed:
             folded.step()
             return stats
-        if self.nonfinite == "skip":
+        if self.skips:
             if _foreach.capturing():
                 raise RuntimeError(
-                    "nonfinite='skip' with this optimizer decides on the host whether to step "
-                    "(one read), which a CUDA graph capture cannot contain; use a fused "
-                    "optimizer (fused=True), which skips through found_inf on the device, or "
-                    "nonfinite='propagate'"
+                    "a skipped step (nonfinite='skip', or a spike detector's 'skip') with this "
+                    "optimizer is decided on the host (one read), which a CUDA graph capture "
+                    "cannot contain; use one fused optimizer (fused=True), which skips through "
+                    "found_inf on the device, or nonfinite='propagate' and spikes='clip'"
                 )
             if bool(stats.skipped):
                 return stats
@@ -347,11 +402,12 @@ class Clipper(Generic[S]):
             opt.step()
         return stats
 
-    def _clip(self, target: Target, grouped: Any, fold: Any) -> ClipStats:
+    def _clip(self, target: Target, grouped: Any, fold: Any,
+              loss: Tensor | float | None = None) -> ClipStats:
         if grouped is not None and grouped.passive:  # it measures on its own: tell it
             target = replace(target, excluded=grouped.excluded_ids())
             grouped.target = target
-        return pipeline.clip(self, target, fold=fold, grouped=grouped)
+        return pipeline.clip(self, target, fold=fold, grouped=grouped, loss=loss)
 
     def _resolve(self, parameters: Parameters) -> Target:
         return resolve(

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from torch.distributed import ProcessGroup
 
+    from gradclip.clippers.spikes import SpikeDetector, SpikePolicy
     from gradclip.distributed import GroupLike
 
 __all__ = ["NormClip", "ValueClip"]
@@ -67,6 +68,8 @@ class NormClip(Clipper[None]):
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
         groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
             see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import torch, gradclip
@@ -86,11 +89,13 @@ class NormClip(Clipper[None]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
         **grouping: Unpack[GroupOptions],
     ):
         self._max_norm = _Threshold(check_threshold(max_norm, "max_norm"))
         super().__init__(
             norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            spikes=spikes,
             **grouping,
         )
 
@@ -126,6 +131,8 @@ class ValueClip(Clipper[None]):
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
         groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
             see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import torch, gradclip
@@ -145,11 +152,13 @@ class ValueClip(Clipper[None]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
         **grouping: Unpack[GroupOptions],
     ):
         self._clip_value = _Threshold(check_threshold(clip_value, "clip_value"))
         super().__init__(
             norm_type=math.inf, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            spikes=spikes,
             **grouping,
         )
 
@@ -163,7 +172,7 @@ class ValueClip(Clipper[None]):
         self._clip_value.set(check_threshold(value, "clip_value"))
 
     def config(self) -> dict[str, Any]:
-        return {"clip_value": self.clip_value, "nonfinite": self.nonfinite}
+        return {"clip_value": self.clip_value, "nonfinite": self.nonfinite, **self._spikes_config()}
 
     def _step(self, norms: GradNorms, state: None) -> Step:
         total = norms.total

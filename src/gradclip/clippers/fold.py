@@ -6,6 +6,10 @@ gradient is divided by ``grad_scale`` inside the kernel, and a step with ``found
 not taken (the step counters are put back). A clipper with one global coefficient can hand
 ``1 / coef`` and its skip decision to the kernel instead of multiplying the gradients first.
 
+A clipper whose coefficient does not fold (per tensor or per row: AGC, AdaGC; a clamp:
+ValueClip) still hands over its skip decision: it scales the gradients itself and arms
+``found_inf`` alone (no ``grad_scale``), so a skipped step costs no host sync either.
+
 The fold is used only where it is exactly equivalent to clipping and then stepping: the
 optimizer updates exactly the gradients the clipper measured (a fused optimizer that holds
 part of the model would leave the rest unclipped), it holds no ``grad_scale`` of someone
@@ -40,9 +44,11 @@ class Fold:
     optimizer: torch.optim.Optimizer
     armed: bool = field(default=False)
 
-    def arm(self, coef: Tensor, skipped: Tensor) -> None:
-        """Hand ``coef`` (0-dim, at most 1) and the skip flag to the optimizer's kernel."""
-        self.optimizer.grad_scale = coef.reciprocal().float()  # type: ignore[attr-defined]
+    def arm(self, coef: Tensor | None, skipped: Tensor) -> None:
+        """Hand ``coef`` (0-dim, at most 1; None: the gradients are already scaled) and the
+        skip flag to the optimizer's kernel."""
+        grad_scale = None if coef is None else coef.reciprocal().float()
+        self.optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
         self.optimizer.found_inf = skipped.float()  # type: ignore[attr-defined]
         self.armed = True
 

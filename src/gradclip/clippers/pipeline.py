@@ -2,29 +2,35 @@
 
 1. measure (the clipper's ``_measure``: one pass, global under a distributed layout);
 2. apply the non-finite policy (``error`` raises before anything changed);
-3. the clipper's pure ``_step`` on its current state;
-4. mask the coefficient of a skipped step, compute what the clip does to the norm;
-5. commit the new state, masked by finiteness (:class:`~gradclip.clippers.state.StateStore`);
-6. scale the gradients, or hand the coefficient to a fused optimizer
+3. the spike detector's verdict, if the clipper has one (:mod:`gradclip.clippers.spikes`);
+4. the clipper's pure ``_step`` on its current state (per parameter group with ``groups=``:
+   :mod:`gradclip.clippers.groups`);
+5. mask the coefficient of a skipped step, compute what the clip does to the norm;
+6. commit the new state, masked by finiteness and by the detector's verdict
+   (:class:`~gradclip.clippers.state.StateStore`);
+7. scale the gradients, or hand the coefficient to a fused optimizer
    (:mod:`gradclip.clippers.fold`);
-7. return :class:`~gradclip.ClipStats`.
+8. return :class:`~gradclip.ClipStats`.
 
 No step reads a device value on the host, except the ``error`` policy's check and, on the
-CPU only, the skip of a multiply by exactly 1.
+CPU only, the skip of a multiply by exactly 1 and the detector's forensics.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gradclip import _foreach
 from gradclip.nonfinite import raise_nonfinite
 from gradclip.norms import total_norm
+from gradclip.scale import clip_coefficient, scale_, scale_each_
 from gradclip.stats import ClipStats
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from gradclip.clippers.base import Clipper
     from gradclip.clippers.fold import Fold
     from gradclip.clippers.groups import GroupedCall
@@ -35,10 +41,11 @@ __all__ = ["clip"]
 
 @torch.no_grad()
 def clip(clipper: Clipper, target: Target, fold: Fold | None,
-         grouped: GroupedCall | None = None) -> ClipStats:
+         grouped: GroupedCall | None = None, loss: Tensor | float | None = None) -> ClipStats:
     """Clip ``target``'s gradients with ``clipper`` (see the module doc); with ``fold``, a
-    global coefficient is armed into the fused optimizer instead of multiplied; with
-    ``grouped``, steps 3, 5 and 6 are per parameter group (:mod:`gradclip.clippers.groups`)."""
+    global coefficient (and the skip decision) is armed into the fused optimizer instead of
+    multiplied; with ``grouped``, steps 4, 6 and 7 are per parameter group
+    (:mod:`gradclip.clippers.groups`). ``loss`` goes to the clipper's spike detector, if any."""
     measured = clipper._measure(target)
     total, names = measured.total, target.names
     if not target.grads and not target.communicates:  # nothing to clip, nobody to wait for
@@ -58,10 +65,13 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None,
     finite = torch.isfinite(total)
     if clipper.nonfinite == "error":
         raise_nonfinite(total, measured.per_tensor, names)
+    spikes = clipper.spikes
+    verdict = spikes.judge(measured, loss, names) if spikes is not None else None
     if grouped is None:
         state = store.prepare(names)
         step = clipper._step(measured, state)
         threshold, coef = step.threshold, step.coef
+        pending: list[tuple[Any, Any, Any]] = [(store, state, step.state)]
     else:
         threshold, coef, pending = grouped.step(measured)
     if clipper.nonfinite == "skip":
@@ -69,6 +79,12 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None,
         skipped = ~finite
     else:
         skipped = torch.zeros_like(finite)
+    if verdict is not None and spikes.policy != "off":
+        # a spike enters no statistic of the clipper's (nor of any group's clipper)
+        pending = [(s, old, _unless(verdict.accept, new, old)) for s, old, new in pending]
+        if spikes.policy == "skip":
+            coef = torch.where(verdict.spike, torch.ones_like(coef), coef)
+            skipped = skipped | verdict.spike
     after = None
     if coef.dim() == 0:
         post_norm = total * coef
@@ -76,25 +92,68 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None,
     else:
         factors = clipper._factors(measured, coef)
         after = measured.per_tensor * factors
-        layout = target.layout
-        if layout is not None:  # the post-clip norm of every shard and stage
-            post_norm = layout.total(after, clipper.norm_type)
-        else:
-            post_norm = total_norm(after, clipper.norm_type)
+        post_norm = _norm(after, target, clipper.norm_type)
         clipped = (factors < 1).any()
+    after_spike = None  # the "clip" policy's factor, when it cannot join the coefficient
+    if verdict is not None and spikes.policy == "clip":  # down to the detector's bound
+        extra = torch.where(verdict.spike & finite, clip_coefficient(verdict.bound, post_norm), 1.0)
+        threshold = torch.where(verdict.spike, torch.minimum(threshold, verdict.bound), threshold)
+        clipped = clipped | (extra < 1)
+        if coef.dim() == 0 and clipper.folds_into_fused:
+            coef = coef * extra
+        else:
+            after_spike = extra
+        if grouped is not None and not grouped.passive and after is not None:
+            # only the clipped groups are scaled: the norm is measured again
+            after = after * torch.where(grouped.in_domain, extra, 1.0)
+            post_norm = _norm(after, target, clipper.norm_type)
+        else:
+            post_norm = post_norm * extra
     if grouped is None:
-        store.commit(state, step.state, finite)
+        store.commit(*pending[0][1:], finite)
     else:
         grouped.commit(pending, finite)
-    if fold is not None and coef.dim() == 0:
+    report = None
+    if verdict is not None:
+        spikes.commit(verdict)
+        report = spikes.observe(verdict, measured, target)  # host work, before any change
+    if fold is not None and coef.dim() == 0 and clipper.folds_into_fused:
         fold.arm(coef, skipped)
-    elif grouped is None:
-        clipper._apply(measured, coef)
     else:
-        grouped.apply(measured, coef)
-    effective = coef if coef.dim() == 0 else torch.where(
+        if grouped is None:
+            clipper._apply(measured, coef)
+        else:
+            grouped.apply(measured, coef)
+        if after_spike is not None:
+            if fold is not None:
+                fold.arm(after_spike, skipped)
+            elif grouped is not None and not grouped.passive:
+                scale_each_(measured.groups, torch.where(grouped.in_domain, after_spike, 1.0))
+            else:
+                scale_(measured.groups, after_spike, foreach=None)
+        elif fold is not None:
+            fold.arm(None, skipped)
+    effective = coef if coef.dim() == 0 and after_spike is None else torch.where(
         total == 0, torch.ones_like(total), post_norm / total
     )
     groups = None if grouped is None or after is None else grouped.stats(after)
-    return ClipStats(total, post_norm, threshold, effective, clipped, finite, skipped,
-                     measured, names, groups)
+    if verdict is None:
+        return ClipStats(total, post_norm, threshold, effective, clipped, finite, skipped,
+                         measured, names, groups)
+    return ClipStats(total, post_norm, threshold, effective, clipped, finite, skipped, measured,
+                     names, groups, spike=verdict.spike, spike_score=verdict.score,
+                     spike_bound=verdict.bound, spike_top=verdict.top,
+                     spike_ratios=verdict.ratios, spike_report=report)
+
+
+def _norm(per_tensor: Tensor, target: Target, p: float) -> Tensor:
+    """The total norm of per-tensor norms, over every shard and stage under a layout."""
+    layout = target.layout
+    return total_norm(per_tensor, p) if layout is None else layout.total(per_tensor, p)
+
+
+def _unless(accept: Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``accept``, else ``old``, field by field (a state NamedTuple, or None)."""
+    if new is None:
+        return None
+    return type(new)(*(torch.where(accept, n, o) for n, o in zip(new, old, strict=True)))

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from torch.distributed import ProcessGroup
 
+    from gradclip.clippers.spikes import SpikeDetector, SpikePolicy
     from gradclip.distributed import GroupLike
 
 __all__ = ["ZClip", "ZClipState"]
@@ -106,6 +107,8 @@ class ZClip(Clipper[ZClipState]):
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
         groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
             see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
+        spikes: a :class:`~gradclip.SpikeDetector` (or ``"skip"``, ``"clip"``, ``"off"``)
+            that skips, clips or records gradient spikes; None (default) for none.
 
     Example:
         >>> import torch
@@ -135,6 +138,7 @@ class ZClip(Clipper[ZClipState]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        spikes: SpikeDetector | SpikePolicy | None = None,
         **grouping: Unpack[GroupOptions],
     ):
         self.alpha = check_real(alpha, "alpha", "in (0, 1) (an EMA smoothing factor; larger is "
@@ -147,6 +151,7 @@ class ZClip(Clipper[ZClipState]):
         self._slots: Tensor | None = None
         super().__init__(
             norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            spikes=spikes,
             **grouping,
         )
 

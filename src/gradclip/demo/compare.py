@@ -89,11 +89,17 @@ STRATEGIES: dict[str, Strategy] = {
         _clipper("agc", "AGC (0.01)", gradclip.AGC, threshold="ratio"),
         _clipper("adagc", "AdaGC", gradclip.AdaGC),
         _clipper("adaptive", "AdaptiveClip (default)", gradclip.AdaptiveClip),
+        _clipper("skip", "skip spikes (no clipping)",
+                 lambda: gradclip.NormClip(math.inf, spikes="skip")),
+        _clipper("adaptive-skip", "AdaptiveClip + skip spikes",
+                 lambda: gradclip.AdaptiveClip(spikes="skip")),
     )
 }
 """Every strategy of the demo by name, in table order. The fixed thresholds are the task's
 own (:attr:`Task.fixed`): the best of a sweep, one 10x lower and one far higher (too low or
-too high for SGD; Adam, which normalises its updates, hardly minds a low one)."""
+too high for SGD; Adam, which normalises its updates, hardly minds a low one). The last two
+skip the steps a :class:`gradclip.SpikeDetector` (its defaults) calls spikes, judging each
+step's gradient norm and loss: alone, and on top of ``AdaptiveClip``."""
 
 
 @dataclass(frozen=True)
@@ -224,16 +230,18 @@ def _clip_fn(
 @dataclass(frozen=True)
 class _Hooked:
     """A clipper whose stats go through ``hook``; the runner steps it as the clipper
-    (:meth:`gradclip.Clipper.step`: it sees the optimizer's groups)."""
+    (:meth:`gradclip.Clipper.step`: it sees the optimizer's groups), with the loss for a
+    spike detector."""
 
     clipper: gradclip.Clipper
     hook: Callable[[object], object]
 
-    def __call__(self, model: torch.nn.Module) -> object:
-        return self.hook(self.clipper(model))
+    def __call__(self, model: torch.nn.Module, loss: torch.Tensor | None = None) -> object:
+        return self.hook(self.clipper(model, loss=loss))
 
-    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> object:
-        return self.hook(self.clipper.step(model, optimizer))
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             loss: torch.Tensor | None = None) -> object:
+        return self.hook(self.clipper.step(model, optimizer, loss=loss))
 
 
 def _rows(task: Task, runs: dict[str, RunResult]) -> list[Row]:

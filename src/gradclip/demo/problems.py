@@ -16,6 +16,10 @@ a model and its optimizer, draws the batch of each step, and scores the trained 
   weights) and AdamW (embedding, head, biases), whose gradients are imbalanced: one task's
   loss is in raw units, so one tower's gradients are ~1e7 times the other's
   (NVIDIA/Megatron-LM#5394). A global clip coefficient then starves the other tower.
+* :class:`LabelNoiseConfig`: linear regression with SGD and momentum, where a few batches
+  late in the run have their label noise multiplied by 1000 (corrupted data). A clipped
+  corrupted batch is still a full-size step in a meaningless direction, taken when the
+  gradients have become small; a skipped one is no step at all.
 
 :func:`build_problem` picks the problem from the config's type. Which settings make a task
 of ``gradclip demo``, and what each scores, is :mod:`gradclip.demo.tasks`; training one is
@@ -54,6 +58,7 @@ from gradclip.demo.muon import MuonAdamW, MuonConfig, MuonProblem
 __all__ = [
     "AdditionConfig",
     "HeavyTailConfig",
+    "LabelNoiseConfig",
     "MuonAdamW",
     "MuonConfig",
     "Problem",
@@ -333,7 +338,80 @@ class _HeavyTailProblem:
         return math.fsum(self.distances) / len(self.distances)
 
 
-TaskConfig = AdditionConfig | SpikesConfig | HeavyTailConfig | MuonConfig
+# ---------------------------------------------------------------------------------------
+# sgd-label-noise
+
+
+@dataclass(frozen=True)
+class LabelNoiseConfig:
+    """Linear regression with SGD and momentum; a few late batches have corrupted labels.
+
+    ``x ~ N(0, I_dim)``, ``||w*|| = 1`` (so w = 0 scores 1.0), ``y = x . w* + noise`` with
+    Gaussian label noise of standard deviation ``noise``, loss ``mean((x.w - y)^2) / 2``,
+    SGD with momentum from w = 0. The batches at ``corrupt_at`` (fractions of the run's
+    steps, late in it) carry ``corrupt_scale`` times the label noise (x1000). The metric is
+    ``||w - w*||`` averaged over the last ``window`` of the run (as for
+    :class:`HeavyTailConfig`), so that the damage a corrupted batch does counts for as long
+    as it lasts.
+
+    Attributes:
+        lr: SGD learning rate (momentum ``momentum``).
+        noise: standard deviation of the label noise of a clean batch.
+        corrupt_at: positions of the corrupted batches, as fractions of the step count.
+        corrupt_scale: factor applied to the label noise of a corrupted batch.
+        momentum: SGD momentum.
+        dim: number of features.
+        batch: training batch size.
+        window: fraction of the run, at its end, over which ``||w - w*||`` is averaged.
+        data_seed: seed of w* (the same for every run seed).
+    """
+
+    lr: float = 0.01
+    noise: float = 1e-3
+    corrupt_at: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.98)
+    corrupt_scale: float = 1000.0
+    momentum: float = 0.9
+    dim: int = 50
+    batch: int = 32
+    window: float = 0.125
+    data_seed: int = 4_000_003
+
+
+class _LabelNoiseProblem:
+    def __init__(self, cfg: LabelNoiseConfig, seed: int, steps: int, device: torch.device):
+        self.cfg, self.device = cfg, device
+        w_star = torch.randn(cfg.dim, generator=torch.Generator().manual_seed(cfg.data_seed))
+        self.w_star = (w_star / w_star.norm()).to(device)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.model = nn.utils.skip_init(nn.Linear, cfg.dim, 1, bias=False).to(device)
+        with torch.no_grad():
+            self.model.weight.zero_()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        self.corrupted = {round(f * steps) for f in cfg.corrupt_at}
+        self.start = steps - max(1, round(cfg.window * steps))
+        self.distances: list[float] = []
+
+    def loss(self, step: int) -> Tensor:
+        x = torch.randn(self.cfg.batch, self.cfg.dim, generator=self.gen).to(self.device)
+        noise = self.cfg.noise * torch.randn(self.cfg.batch, generator=self.gen)
+        if step in self.corrupted:
+            noise = noise * self.cfg.corrupt_scale
+        y = x @ self.w_star + noise.to(self.device)
+        return 0.5 * nn.functional.mse_loss(self.model(x).squeeze(-1), y)
+
+    def after_step(self, step: int) -> None:
+        if step >= self.start:
+            with torch.no_grad():
+                self.distances.append((self.model.weight[0] - self.w_star).norm().item())
+
+    def metric(self) -> float:
+        if not self.distances:  # stopped before the window: measure the final weights
+            with torch.no_grad():
+                return (self.model.weight[0] - self.w_star).norm().item()
+        return math.fsum(self.distances) / len(self.distances)
+
+
+TaskConfig = AdditionConfig | SpikesConfig | HeavyTailConfig | MuonConfig | LabelNoiseConfig
 """The hyperparameters of a task; their type selects the problem."""
 
 _PROBLEMS: dict[type, Callable[[TaskConfig, int, int, torch.device], Problem]] = {
@@ -341,6 +419,7 @@ _PROBLEMS: dict[type, Callable[[TaskConfig, int, int, torch.device], Problem]] =
     SpikesConfig: _SpikesProblem,
     HeavyTailConfig: _HeavyTailProblem,
     MuonConfig: MuonProblem,
+    LabelNoiseConfig: _LabelNoiseProblem,
 }
 
 
@@ -348,8 +427,8 @@ def build_problem(config: TaskConfig, seed: int, steps: int, device: torch.devic
     """A fresh problem of ``config``'s kind: model, optimizer and data for a run of ``steps``.
 
     Args:
-        config: an :class:`AdditionConfig`, :class:`SpikesConfig`,
-            :class:`HeavyTailConfig` or :class:`MuonConfig`.
+        config: an :class:`AdditionConfig`, :class:`SpikesConfig`, :class:`HeavyTailConfig`,
+            :class:`MuonConfig` or :class:`LabelNoiseConfig`.
         seed: seeds the initialisation and the training batches (the validation / test
             data and the teacher come from ``config.data_seed``).
         steps: the run's length (the glitches and the metric's window are placed in it).
@@ -361,7 +440,7 @@ def build_problem(config: TaskConfig, seed: int, steps: int, device: torch.devic
     """
     if type(config) not in _PROBLEMS:
         raise TypeError(
-            f"`config` must be an AdditionConfig, SpikesConfig, HeavyTailConfig or MuonConfig, "
-            f"got {type(config).__name__}"
+            f"`config` must be an AdditionConfig, SpikesConfig, HeavyTailConfig, MuonConfig or "
+            f"LabelNoiseConfig, got {type(config).__name__}"
         )
     return _PROBLEMS[type(config)](config, seed, steps, device)

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gradclip.clippers import GradientSpikeError
 from gradclip.demo.problems import build_problem
 from gradclip.demo.tasks import Task, resolve
 from gradclip.functional import grad_norms
@@ -33,7 +35,9 @@ __all__ = ["ClipFn", "RunResult", "run"]
 ClipFn = Callable[[nn.Module], object]
 """Called with the model after ``backward()`` and before ``optimizer.step()``.
 
-It may clip the gradients in place, and may return ``None``, a 0-dim tensor (the pre-clip
+It may take a keyword ``loss``: it then gets the step's training loss (a detached 0-dim
+tensor), which a :class:`gradclip.Clipper` with a spike detector judges. It may clip the
+gradients in place, and may return ``None``, a 0-dim tensor (the pre-clip
 total norm, as ``clip_grad_norm_`` returns) or an object with a ``norm`` attribute (the
 pre-clip total norm) and optionally ``post_norm``, ``threshold``, ``clipped``, ``finite``
 and ``skipped`` (a :class:`gradclip.ClipStats` has all of them). When ``skipped`` is true
@@ -113,6 +117,17 @@ def _as_bool(value: object) -> bool | None:
     return bool(value)
 
 
+def _takes_loss(clip: ClipFn | None) -> bool:
+    """Whether ``clip`` takes a ``loss`` keyword (a clipper does)."""
+    if clip is None:
+        return False
+    try:
+        parameters = inspect.signature(clip).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return "loss" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 def _flat(params: list[nn.Parameter]) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
@@ -134,7 +149,9 @@ def run(
     before calling ``clip`` (on the first step it always does, since it cannot know yet;
     from then on only while the clip function reports nothing). Non-finite losses and
     gradients do not stop the run, as in unprotected training; once the parameters are
-    non-finite it stops early, with ``metric = inf`` and ``diverged = True``.
+    non-finite it stops early, with ``metric = inf`` and ``diverged = True``, as it does when
+    a spike detector stops the run (:class:`gradclip.GradientSpikeError`: too many spikes in
+    a row).
 
     Args:
         task: a key of :data:`gradclip.demo.tasks.TASKS` or a :class:`Task`.
@@ -169,20 +186,26 @@ def run(
     nonfinite = skipped_steps = 0
     measure = True
     exploded = False
+    # a clipper steps itself: it sees the optimizer (Muon groups, fused folds, skips)
+    stepped = callable(getattr(clip, "step", None))
+    takes_loss = _takes_loss(clip.step if stepped else clip)  # type: ignore[union-attr]
     before = _flat(params)
     for step in range(total):
         optimizer.zero_grad(set_to_none=True)
         loss = problem.loss(step)
         loss.backward()
         measured = grad_norms(params).total.item() if (clip is None or measure) else _NAN
-        # a clipper steps itself: it sees the optimizer (Muon groups, fused folds, skips)
-        stepped = callable(getattr(clip, "step", None))
-        if clip is None:
-            out = None
-        elif stepped:
-            out = clip.step(model, optimizer)  # type: ignore[union-attr]
-        else:
-            out = clip(model)
+        try:
+            if clip is None:
+                out = None
+            elif stepped:
+                kwargs = {"loss": loss.detach()} if takes_loss else {}
+                out = clip.step(model, optimizer, **kwargs)  # type: ignore[union-attr]
+            else:
+                out = clip(model, loss=loss.detach()) if takes_loss else clip(model)
+        except GradientSpikeError:  # a spike detector's cap: the run has diverged
+            exploded = True
+            break
 
         norm = post = threshold = _NAN
         was_clipped = finite = skip = None

@@ -23,6 +23,16 @@ one thread, seeds 0-2; the numbers are in each task's ``reference``):
   to a point: the error is U-shaped in ``max_norm`` (50: 1.4, 5: 0.7, 0.5: 0.23, 0.1: 0.1,
   0.01: 0.67), because a threshold that is too low makes every step tiny. Where the bottom
   lies depends on the budget: 0.1 at the full 4000 steps, 0.5 at the quick 800.
+* ``sgd-label-noise``: linear regression with SGD and momentum; six batches in the second
+  half of the run have their label noise x1000. The gradient norm falls from about 2 to
+  0.0013 as the weights converge, so a fixed threshold low enough to make a corrupted
+  batch harmless (0.01) also slows the start, and any higher one lets each corrupted batch
+  push the weights off by ``lr * threshold`` per step of momentum: without clipping the
+  error ends 50x the clean run's; skipping the six batches (``spikes="skip"``) is the clean
+  run. Where a clipper's threshold falls well below the typical norm late in the run
+  (AdaptiveClip backs off after the corrupted batches), its smaller steps also average out
+  the label noise, which no skip does. At the quick 400 steps the corrupted batches come
+  while the norms still fall by decades, and the detector's window is too wide to see them.
 
 * ``muon-adamw``: ``torch.optim.Muon`` for the 2-D hidden weights, AdamW for the rest, a
   loss whose gradients are imbalanced (NVIDIA/Megatron-LM#5394): a global clip starves
@@ -39,7 +49,7 @@ its full-length one by several times.
 Example:
     >>> from gradclip.demo.tasks import TASKS, resolve
     >>> list(TASKS)
-    ['rnn-addition/violent', 'rnn-addition/moderate', 'adam-spikes', 'sgd-heavy-tail', 'muon-adamw']
+    ['rnn-addition/violent', 'rnn-addition/moderate', 'adam-spikes', 'sgd-heavy-tail', 'muon-adamw', 'sgd-label-noise']
     >>> task = resolve("adam-spikes")
     >>> task.steps, task.quick_steps, task.fixed
     (3000, 500, (0.003, 0.1, 100.0))
@@ -53,6 +63,7 @@ from dataclasses import dataclass, field
 from gradclip.demo.problems import (
     AdditionConfig,
     HeavyTailConfig,
+    LabelNoiseConfig,
     MuonConfig,
     SpikesConfig,
     TaskConfig,
@@ -75,7 +86,8 @@ class Task:
         metric_name: what :attr:`RunResult.metric` measures (lower is better).
         failure_level: a metric above this (or non-finite) counts as diverged: 1.0 for
             rnn-addition (six times the constant predictor), 1.0 for adam-spikes (over
-            twice the 0.42 that predicting 0 scores), 10 for sgd-heavy-tail (ten times w = 0).
+            twice the 0.42 that predicting 0 scores), 10 for sgd-heavy-tail (ten times w = 0),
+            1.0 for sgd-label-noise (w = 0).
         reference: what trivial / unclipped / well-clipped runs score, for reports.
         fixed: three fixed ``max_norm`` for ``gradclip demo``: too low, good (the best of the
             quality benchmark's sweep 0.1, 0.3, ..., 100 at full length) and too high.
@@ -193,6 +205,25 @@ TASKS: dict[str, Task] = {
             fixed=(0.1, 1.0, 100.0),
             config=MuonConfig(),
         ),
+        Task(
+            name="sgd-label-noise",
+            regime="",
+            description=(
+                "linear regression (d=50), SGD momentum 0.9 lr 0.01 from w=0, label noise 0.001; "
+                "six late batches have label noise x1000"
+            ),
+            steps=2000,
+            quick_steps=400,
+            metric_name="mean ||w - w*|| over the last 12.5% of steps",
+            failure_level=1.0,
+            reference=(
+                "w = 0 scores 1.0; seeds 0-1: clean run (REFERENCES['sgd-label-noise']) and "
+                "skip 0.0003, none 0.016, fixed 10 0.016, fixed 1 0.012, fixed 0.1 0.0013, "
+                "fixed 0.01 0.00035, fixed 0.003 0.65 (too slow to learn)"
+            ),
+            fixed=(0.003, 0.01, 10.0),
+            config=LabelNoiseConfig(),
+        ),
     )
 }
 """The embedded tasks by key (``"rnn-addition/violent"``, ``"adam-spikes"``, ...)."""
@@ -203,6 +234,12 @@ REFERENCES: dict[str, Task] = {
         regime="clean",
         description="adam-spikes without the corrupted batches (the reference)",
         config=SpikesConfig(glitch_at=()),
+    ),
+    "sgd-label-noise": dataclasses.replace(
+        TASKS["sgd-label-noise"],
+        regime="clean",
+        description="sgd-label-noise without the corrupted batches (the reference)",
+        config=LabelNoiseConfig(corrupt_at=()),
     ),
 }
 """Control runs by task key: ``run(REFERENCES["adam-spikes"], None)`` trains without the

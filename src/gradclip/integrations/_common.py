@@ -1,6 +1,17 @@
 """What every integration shares: the install hint, which parameters to clip, unscaling once,
-the ``nonfinite="skip"`` decision, the logged figures (device counters, one host read) and
-the user's :class:`~gradclip.GradMonitor`.
+the skip decision (``nonfinite="skip"``, a spike detector's ``"skip"``), the logged figures
+(device counters, one host read) and the user's :class:`~gradclip.GradMonitor`.
+
+**A skipped step inside a framework.** Lightning and the Hugging Face Trainer call
+``optimizer.step()`` themselves, after the callback. A skipped step is handed to them by
+setting the clipped parameters' gradients to ``None``: torch's optimizers leave a parameter
+without a gradient alone (no update, no weight decay, its Adam step counter unchanged:
+their per-parameter state is untouched). The framework itself counts the step as taken:
+its global step advances, its learning-rate scheduler steps, and a ``GradScaler`` updates
+its scale as after a finite step. That is what both frameworks do for a step whose
+gradients a user zeroed, and it keeps their step-based schedules (logging, checkpoints,
+``max_steps``) where the user put them; the schedule moves on by one step that did not
+train.
 
 Nothing here imports a framework.
 """
@@ -22,6 +33,7 @@ from gradclip.stats import ClipStats
 
 __all__ = [
     "FIGURES",
+    "SPIKE_FIGURES",
     "ClipLog",
     "check_monitor",
     "clip_target",
@@ -36,6 +48,9 @@ __all__ = [
 FIGURES = ("grad_norm", "grad_norm_clipped", "threshold", "clip_rate", "nonfinite_steps")
 """The logged figures, each under ``gradclip/``: pre- and post-clip total norm of the last step,
 its threshold, the fraction of optimizer steps clipped so far, non-finite steps so far."""
+
+SPIKE_FIGURES = ("spikes", "spike_score")
+"""Logged too when the clipper has a spike detector: spikes so far, and the SpikeScore."""
 
 
 def require(modules: tuple[str, ...], extra: str, what: str) -> ModuleType:
@@ -88,10 +103,11 @@ def unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer)
 
 
 def drop_grads_if_skipped(clipper: Clipper, stats: ClipStats, target: Parameters) -> None:
-    """Under ``nonfinite="skip"``, a non-finite step must not update: the gradients of the
-    clipped parameters are set to ``None``, so the framework's ``optimizer.step()`` leaves them
-    alone. Costs one host read per step, only under that policy (free on the CPU)."""
-    if clipper.nonfinite != "skip" or not bool(stats.skipped):
+    """A skipped step (``nonfinite="skip"``, a spike detector's ``"skip"``) must not update:
+    the gradients of the clipped parameters are set to ``None``, so the framework's
+    ``optimizer.step()`` leaves them alone (see the module doc). Costs one host read per
+    step, only under those policies (free on the CPU)."""
+    if not clipper.skips or not bool(stats.skipped):
         return
     if isinstance(target, torch.nn.Module):
         params = list(target.parameters())
@@ -130,6 +146,7 @@ class ClipLog:
         self.last: ClipStats | None = None
         self.steps = torch.zeros((), dtype=torch.long)
         self.clipped = torch.zeros((), dtype=torch.long)
+        self.spikes = torch.zeros((), dtype=torch.long)
 
     def record(self, stats: ClipStats, *, step: int | None = None, main: bool = True) -> None:
         """Count one optimizer step (nothing when no parameter had a gradient), and record it
@@ -140,6 +157,7 @@ class ClipLog:
         device = stats.clipped.device
         self.steps = self.steps.to(device) + 1
         self.clipped = self.clipped.to(device) + stats.clipped.long()
+        self.spikes = self.spikes.to(device) + stats.spike.long()
         self.last = stats
         if main:
             record_step(self.monitor, stats, step)
@@ -156,7 +174,10 @@ class ClipLog:
             self.clipped.float() / self.steps.clamp(min=1).float(),
             self.clipper.nonfinite_steps.to(last.norm.device).float(),
         )
-        return dict(zip(FIGURES, values, strict=True))
+        figures = dict(zip(FIGURES, values, strict=True))
+        if self.clipper.spikes is not None:
+            figures.update(zip(SPIKE_FIGURES, (self.spikes.float(), last.spike_score.float()), strict=True))
+        return figures
 
     def read(self) -> dict[str, float]:
         """The figures as Python floats: one host read."""
@@ -167,11 +188,15 @@ class ClipLog:
         return dict(zip(figures, values, strict=True))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": int(self.steps), "clipped": int(self.clipped)}
+        state = {"steps": int(self.steps), "clipped": int(self.clipped)}
+        if self.clipper.spikes is not None:
+            state["spikes"] = int(self.spikes)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = torch.tensor(int(state["steps"]))
         self.clipped = torch.tensor(int(state["clipped"]))
+        self.spikes = torch.tensor(int(state.get("spikes", 0)))  # absent before spike detection
         self.last = None
 
 

@@ -100,9 +100,18 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
     here: the clippers themselves are exact on FSDP shards) and XLA; single-device and DDP
     runs are supported.
 
-    With ``nonfinite="skip"``, a step with NaN/inf gradients sets the gradients to ``None``,
-    so the optimizer leaves the parameters unchanged (one host read per step, under that
-    policy only).
+    **Skipped steps** (``nonfinite="skip"``, or a spike under a detector's ``"skip"``): the
+    gradients are set to ``None``, so the optimizer leaves the parameters and their state
+    (Adam's step counters included) unchanged; one host read per step, under those policies
+    only. The Trainer counts the step as taken: ``state.global_step`` advances and the
+    learning-rate scheduler steps (the Trainer holds the scheduler back only for a step its
+    fp16 ``GradScaler`` skipped), see :mod:`gradclip.integrations._common`.
+
+    **Spike detection** (``clipper = gradclip.AdaptiveClip(spikes="skip")``): the Trainer
+    hands its callbacks no loss before the optimizer step, so the detector judges the
+    gradient norm alone (a loss spike shows in the gradient). ``gradclip/spikes`` and
+    ``gradclip/spike_score`` join the logged figures. In a plain Accelerate loop,
+    :func:`clip_gradients` takes the loss.
 
     Args:
         clipper: the :class:`~gradclip.Clipper` to clip with.
@@ -234,6 +243,7 @@ def clip_gradients(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     monitor: GradMonitor | None = None,
+    loss: torch.Tensor | float | None = None,
 ) -> ClipStats | None:
     """Clip in a plain Accelerate loop: once per optimizer step, on unscaled gradients.
 
@@ -244,8 +254,8 @@ def clip_gradients(
     :class:`~gradclip.ClipStats`. With several optimizers pass the one about to step, so that
     only its parameters are clipped (and only it is unscaled).
 
-    With ``nonfinite="skip"`` a step with NaN/inf gradients sets the gradients to ``None``,
-    so ``optimizer.step()`` changes nothing.
+    A skipped step (``nonfinite="skip"``, a spike detector's ``"skip"``) sets the gradients
+    to ``None``, so ``optimizer.step()`` changes nothing (Adam's step counters included).
 
     With ``monitor``, each optimizer step's ClipStats is also recorded into it, on the main
     process only (no second pass, no host read besides the monitor's flushes); close the
@@ -257,6 +267,8 @@ def clip_gradients(
         clipper: the :class:`~gradclip.Clipper` to clip with.
         optimizer: the optimizer about to step (default: every prepared optimizer).
         monitor: a :class:`~gradclip.GradMonitor` that records every clip step (None: none).
+        loss: this optimizer step's loss, for the clipper's spike detector (averaged over
+            processes; every process must pass one).
 
     Returns:
         The step's :class:`~gradclip.ClipStats`, or ``None`` between optimizer steps.
@@ -295,7 +307,7 @@ def clip_gradients(
             unscale_once(scaler, opt)
     unwrapped = accelerator.unwrap_model(model)
     target = clip_target(unwrapped, inner[0] if optimizer is not None else None)
-    stats = clipper(target)
+    stats = clipper(target, loss=loss)
     if accelerator.is_main_process:
         record_step(monitor, stats)
     drop_grads_if_skipped(clipper, stats, target)

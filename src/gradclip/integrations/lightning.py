@@ -93,9 +93,19 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
     two of these callbacks, DeepSpeed (it clips in its engine), ``FSDPStrategy`` (untested
     here) and XLA.
 
-    With ``nonfinite="skip"``, a step with NaN/inf gradients sets the gradients of the
-    clipped parameters to ``None``, so the optimizer leaves them unchanged (one host read
-    per step, under that policy only).
+    **Skipped steps** (``nonfinite="skip"``, or a spike under a detector's ``"skip"``): the
+    gradients of the clipped parameters are set to ``None``, so the optimizer leaves them and
+    their state (Adam's step counters included) unchanged; one host read per step, under
+    those policies only. Lightning counts the step as taken: ``trainer.global_step``
+    advances, the learning-rate schedulers step, and under fp16 the ``GradScaler`` updates
+    its scale as after a finite step (see :mod:`gradclip.integrations._common`).
+
+    **Spike detection** (``clipper = gradclip.AdaptiveClip(spikes="skip")``): the callback
+    hands the detector the loss of each optimizer step, the sum of the losses Lightning
+    passes to ``on_before_backward`` since the last step (the accumulated micro-batches'
+    mean; unscaled under fp16), with one optimizer; with several the detector judges the
+    gradient norm alone. It also logs ``gradclip/spikes`` (spikes so far) and
+    ``gradclip/spike_score``.
 
     Args:
         clipper: a :class:`~gradclip.Clipper`, or one per optimizer.
@@ -133,6 +143,7 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
         self._logs = [ClipLog(c) for c in given]
         self._logs[0].monitor = self.monitor
         self._log = log
+        self._loss: torch.Tensor | None = None  # the losses since the last optimizer step
 
     @property
     def clippers(self) -> list[Clipper]:
@@ -204,6 +215,14 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
 
     # -- the step -------------------------------------------------------------------------
 
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        value = loss.detach()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = getattr(scaler, "_scale", None)  # fp16: Lightning hands over the scaled loss
+        if scaler is not None and scaler.is_enabled() and isinstance(scale, torch.Tensor):
+            value = value / scale.to(value.device)  # on the device: no read
+        self._loss = value if self._loss is None else self._loss + value
+
     def on_before_optimizer_step(
         self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -219,7 +238,8 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
         ):
             unscale_once(scaler, optimizer)  # Lightning does not unscale for fused optimizers
         target = clip_target(pl_module, optimizer)
-        stats = entry.clipper(target)
+        loss, self._loss = (self._loss if len(optimizers) <= 1 else None), None
+        stats = entry.clipper(target, loss=loss)
         entry.record(stats, step=trainer.global_step, main=trainer.is_global_zero)
         drop_grads_if_skipped(entry.clipper, stats, target)
         if self._log and entry.last is not None:

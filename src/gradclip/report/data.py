@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gradclip.history import History, MonitorSummary, NonFiniteEvent
+from gradclip.history import History, MonitorSummary, NonFiniteEvent, SpikeEvent
 from gradclip.readlog import read_log
 from gradclip.recommend import Recommendation, recommend_max_norm
 from gradclip.stalls import STALL_STEPS, Stall
 
 __all__ = ["Report", "bin_max", "build_report", "rolling_mean"]
 
-MAX_EVENTS = 50  # non-finite events listed one by one
+MAX_EVENTS = 50  # non-finite events, and spikes, listed one by one
 MAX_UPDATE_LAYERS = 8  # update-ratio lines drawn (the largest median ratios), besides the total
 
 
@@ -48,6 +48,8 @@ class Report:
             coefficient; empty when the clipper had no groups.
         stalls: the runs where clipping stalled the whole model or a group (see
             :class:`gradclip.stalls.StallDetector`).
+        spike_events: the first steps a spike detector called spikes, with their forensics
+            (:class:`~gradclip.history.SpikeEvent`).
     """
 
     title: str
@@ -64,6 +66,7 @@ class Report:
     group_norms: dict[str, Tensor] = field(default_factory=dict)
     group_coefs: dict[str, Tensor] = field(default_factory=dict)
     stalls: tuple[Stall, ...] = ()
+    spike_events: tuple[SpikeEvent, ...] = ()
 
 
 def rolling_mean(values: Tensor, window: int) -> Tensor:
@@ -164,6 +167,7 @@ def build_report(
         group_norms=h.group_columns("norm"),
         group_coefs=h.group_columns("coef"),
         stalls=tuple(h.stalls(steps=stall_steps)),
+        spike_events=tuple(h.spike_events()[:MAX_EVENTS]),
     )
 
 

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 COLORS = {"norm": "#1f77b4", "post": "#9ecae1", "threshold": "#222222", "clipped": "#d62728",
-          "recommended": "#2ca02c", "skipped": "#ff7f0e"}  # fmt: skip
+          "recommended": "#2ca02c", "skipped": "#ff7f0e", "spike": "#9467bd"}  # fmt: skip
 """The colours of each kind of line, shared so that every plot reads the same way."""
 
 Axes = Any  # matplotlib.axes.Axes, not imported at module import time
@@ -146,6 +146,8 @@ def plot_norms(
     clipped: Sequence[bool] | None = None,
     post_norm: Sequence[float] | None = None,
     recommended: float | None = None,
+    spike_bound: Sequence[float] | None = None,
+    spikes: Sequence[bool] | None = None,
     label: str = "pre-clip norm",
     title: str | None = None,
     logy: bool = True,
@@ -159,6 +161,8 @@ def plot_norms(
         clipped: (N,) bool; clipped steps get a red mark on their norm.
         post_norm: (N,) post-clip norms, drawn faintly.
         recommended: a recommended ``max_norm``, drawn as a green dotted line.
+        spike_bound: (N,) a spike detector's bound, drawn dotted where finite.
+        spikes: (N,) bool; steps the detector called spikes get a cross.
         legend: where the legend goes (see :data:`Legend`).
 
     Draw only thresholds on the norm itself here (a ratio such as AGC's is not a norm).
@@ -177,6 +181,17 @@ def plot_norms(
         if mask.any():
             ax.scatter(x[mask], y[mask], s=6, color=COLORS["clipped"], zorder=3,
                        label=f"clipped ({mask.mean():.0%} of steps)")  # fmt: skip
+    if spike_bound is not None:
+        bound = _array(spike_bound)
+        if np.isfinite(bound).any():
+            ax.plot(x, np.where(np.isfinite(bound), bound, np.nan), color=COLORS["spike"], ls=":",
+                    lw=1.0, label="spike bound")  # fmt: skip
+    if spikes is not None:
+        mask = _array(spikes, bool)
+        if mask.any():
+            shown = np.where(np.isfinite(y[mask]), y[mask], np.nanmax(np.where(np.isfinite(y), y, np.nan), initial=1.0))
+            ax.scatter(x[mask], shown, s=30, marker="x", color=COLORS["spike"], zorder=4,
+                       label=f"spikes ({int(mask.sum())})")  # fmt: skip
     if recommended is not None:
         ax.axhline(recommended, color=COLORS["recommended"], ls=":", lw=1.5,
                    label=f"recommended max_norm {recommended:.3g}")  # fmt: skip

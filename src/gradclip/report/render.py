@@ -34,6 +34,28 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def _layers_text(values: dict[str, float], unit: str) -> str:
+    shown = [f"{name} ({value:.3g}{unit})" for name, value in list(values.items())[:5]]
+    return ", ".join(shown) + (" ..." if len(values) > 5 else "") if shown else "-"
+
+
+def _spikes_section(report: Report) -> Section:
+    """Each spike the detector saw, with the layers that grew most against their own running
+    median (the forensics of the log, where it has them)."""
+    summ, events = report.summary, report.spike_events
+    rows: list[list[object]] = [["step", "norm", "bound", "skipped", "loss",
+                                 "top layers (norm / its median)", "max |g|", "non-finite"]]
+    for e in events:
+        rows.append([e.step, _fmt(e.norm), _fmt(e.bound), e.skipped,
+                     "-" if math.isnan(e.loss) else _fmt(e.loss), _layers_text(e.layers, "x"),
+                     _layers_text(e.max_abs, ""), ", ".join(e.nonfinite) or "-"])  # fmt: skip
+    more = summ.spike_steps - len(events)
+    return Section("Spikes", table=rows, paragraphs=[
+        f"the spike detector called {summ.spike_steps} step(s) spikes; SpikeScore (the "
+        f"fraction of recent steps that were spikes) at the end: {summ.spike_score:.3g}"
+        + (f"; the first {len(events)} are listed" if more > 0 else "")])  # fmt: skip
+
+
 def render_report(report: Report, out_dir: str | os.PathLike[str]) -> ReportFiles:
     """Write ``report.html`` and the PNG plots of ``report`` into the folder ``out_dir``.
 
@@ -76,6 +98,7 @@ def write_report(report: Report, folder: str | os.PathLike[str]) -> ReportFiles:
     fig, ax = plots.new_figure(height=3.6)
     plots.plot_norms(ax, h.steps, h.norm, threshold=h.threshold, clipped=h.clipped,
                      post_norm=h.post_norm, recommended=rec.max_norm,
+                     spike_bound=h.spike_bound, spikes=h.spike,
                      title="Total gradient norm: threshold and clipped steps")  # fmt: skip
     pngs["norms"] = plots.save_png(fig)
 
@@ -177,6 +200,8 @@ def write_report(report: Report, folder: str | os.PathLike[str]) -> ReportFiles:
     else:
         sections.append(Section("Non-finite events", paragraphs=[
             f"none: every one of the {summ.steps} steps had finite gradients"]))  # fmt: skip
+    if summ.spike_steps:
+        sections.append(_spikes_section(report))
     html = out / "report.html"
     html.write_text(page(report.title, sections), encoding="utf-8")
     return ReportFiles(html, images)
