@@ -41,6 +41,7 @@ from gradclip.norms import GradNorms
 from gradclip.recommend import Recommendation, recommend_max_norm
 from gradclip.sinks import CSVSink, JSONLSink, LogError, Sink, TensorBoardSink
 from gradclip.stats import ClipStats
+from gradclip.tune import MaxNormSearch, find_max_norm
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,7 @@ __all__ = [
     "History",
     "JSONLSink",
     "LogError",
+    "MaxNormSearch",
     "MonitorSummary",
     "NonFiniteGradientError",
     "NormClip",
@@ -76,6 +78,7 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "find_max_norm",
     "get_total_norm",
     "grad_norms",
     "read_log",

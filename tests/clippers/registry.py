@@ -24,6 +24,7 @@ class Entry:
         bad: ``(kwargs, exception type, argument name the message must contain)``.
         warmup: steps before the adaptive statistics act.
         scales_globally: one coefficient for every gradient (foldable into fused optimizers).
+        label: the test id when one class has several entries (a mode of it).
     """
 
     name: str
@@ -31,6 +32,7 @@ class Entry:
     bad: tuple[tuple[dict[str, Any], type[Exception], str], ...] = ()
     warmup: int = 0
     scales_globally: bool = True
+    label: str = ""
 
     def cls(self) -> type[gradclip.Clipper]:
         cls = getattr(gradclip, self.name, None)
@@ -135,5 +137,17 @@ ENTRIES: tuple[Entry, ...] = (
             ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
         ),
         warmup=8,
+    ),
+    Entry(
+        "AdaptiveClip",
+        # hold mode (AdaptiveClip(optimizer=Adam) picks it): one threshold, set by the first
+        # norm and held; active from the first step
+        {"hold": 0.5},
+        (
+            ({"hold": 0.0}, ValueError, "hold"),
+            ({"hold": float("inf")}, ValueError, "hold"),
+            ({"hold": "0.5"}, TypeError, "hold"),
+        ),
+        label="AdaptiveClip(hold)",
     ),
 )

@@ -283,3 +283,100 @@ def test_beats_no_clipping_on_quick_tasks(task: str) -> None:
     assert math.isfinite(ours.metric) and not ours.diverged
     assert ours.metric < unclipped.metric
     assert ours.nonfinite_steps == 0
+
+
+# -- hold mode: the threshold for optimizers that normalise their update -----------------
+
+
+def test_hold_clips_every_step_to_a_fraction_of_the_first_norm() -> None:
+    norms = [8.0, math.nan, 1.0, 0.0, 100.0, 0.1, math.inf, 3.0]
+    clipper = AdaptiveClip(hold=0.25, window=4)
+    p = torch.nn.Parameter(torch.zeros(1))
+    for g in norms:
+        p.grad = torch.tensor([g])
+        stats = clipper({"w": p})
+        if math.isfinite(g) and g > 0:  # 0.25 x 8, held; a NaN/inf/0 step changes nothing
+            assert float(stats.threshold) == 2.0
+            assert float(p.grad) == pytest.approx(min(g, 2.0 * g / (g + 1e-6)), rel=1e-6)
+    assert int(clipper.state.count) == 5  # the norms are still recorded
+
+
+def test_hold_waits_for_a_recorded_first_norm() -> None:
+    clipper = AdaptiveClip(hold=0.5)
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.tensor([math.nan])
+    assert float(clipper({"w": p}).threshold) == math.inf
+    p.grad = torch.tensor([4.0])
+    assert float(clipper({"w": p}).threshold) == 2.0
+    clipper2 = AdaptiveClip(hold=0.5, max_norm=1.0)  # the ceiling still applies
+    p.grad = torch.tensor([4.0])
+    assert float(clipper2({"w": p}).threshold) == 1.0
+    assert float(clipper2.state.threshold) == 2.0
+
+
+@pytest.mark.parametrize(
+    ("make", "normalising"),
+    [
+        (lambda p: torch.optim.Adam(p), True),
+        (lambda p: torch.optim.AdamW(p), True),
+        (lambda p: torch.optim.RMSprop(p), True),
+        (lambda p: torch.optim.Adagrad(p), True),
+        (lambda p: torch.optim.SGD(p, lr=0.1), False),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), False),
+        (lambda p: torch.optim.ASGD(p), False),
+    ],
+)
+def test_optimizer_selects_hold_for_normalising_optimizers(make, normalising: bool) -> None:  # noqa: ANN001
+    from gradclip.clippers.adaptive import HOLD, normalises
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = make(params)
+    assert normalises(optimizer) is normalising
+    clipper = AdaptiveClip(optimizer=optimizer)
+    assert clipper.hold == (HOLD if normalising else None)
+    assert AdaptiveClip(optimizer=optimizer, hold=0.5).hold == 0.5  # an explicit hold wins
+
+
+def test_an_unknown_optimizer_with_betas_normalises() -> None:
+    from gradclip.clippers.adaptive import normalises
+
+    class Lion(torch.optim.Optimizer):
+        def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99)) -> None:  # noqa: ANN001
+            super().__init__(params, {"lr": lr, "betas": betas})
+
+    class Plain(torch.optim.Optimizer):
+        def __init__(self, params, lr: float = 1e-4) -> None:  # noqa: ANN001
+            super().__init__(params, {"lr": lr})
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert normalises(Lion(params)) and not normalises(Plain(params))
+
+
+def test_hold_and_optimizer_arguments_are_checked() -> None:
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="hold"):
+            AdaptiveClip(hold=bad)
+    with pytest.raises(TypeError, match="hold"):
+        AdaptiveClip(hold="0.1")
+    with pytest.raises(TypeError, match="optimizer"):
+        AdaptiveClip(optimizer=torch.optim.Adam)
+
+
+def test_checkpoints_without_hold_still_load_and_hold_is_checked() -> None:
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.tensor([1.0])
+    old = AdaptiveClip()
+    old({"w": p})
+    saved = old.state_dict()
+    assert "hold" not in saved["config"]  # the format of checkpoints written before `hold`
+    fresh = AdaptiveClip()
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.state.history, old.state.history)
+    with pytest.raises(ValueError, match="hold"):
+        AdaptiveClip(hold=0.25).load_state_dict(saved)
+    held = AdaptiveClip(hold=0.25)
+    p.grad = torch.tensor([1.0])
+    held({"w": p})
+    again = AdaptiveClip(hold=0.25)
+    again.load_state_dict(held.state_dict())
+    assert float(again.state.threshold) == 0.25

@@ -15,7 +15,7 @@ from host_reads import HostReadDetector
 
 from .registry import ENTRIES, Entry
 
-pytestmark = pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+pytestmark = pytest.mark.parametrize("entry", ENTRIES, ids=[e.label or e.name for e in ENTRIES])
 
 
 def _model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -45,6 +45,9 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from gradclip.demo.real_problems import PROBLEMS as REAL_PROBLEMS
+from gradclip.demo.real_problems import DigitsConfig, TextConfig
+
 __all__ = [
     "AdditionConfig",
     "HeavyTailConfig",
@@ -325,13 +328,15 @@ class _HeavyTailProblem:
         return math.fsum(self.distances) / len(self.distances)
 
 
-TaskConfig = AdditionConfig | SpikesConfig | HeavyTailConfig
-"""The hyperparameters of a task; their type selects the problem."""
+TaskConfig = AdditionConfig | SpikesConfig | HeavyTailConfig | TextConfig | DigitsConfig
+"""The hyperparameters of a task; their type selects the problem (the real-data ones live in
+:mod:`gradclip.demo.real_problems`)."""
 
 _PROBLEMS: dict[type, Callable[[TaskConfig, int, int, torch.device], Problem]] = {
     AdditionConfig: _AdditionProblem,
     SpikesConfig: _SpikesProblem,
     HeavyTailConfig: _HeavyTailProblem,
+    **REAL_PROBLEMS,
 }
 
 
@@ -339,8 +344,9 @@ def build_problem(config: TaskConfig, seed: int, steps: int, device: torch.devic
     """A fresh problem of ``config``'s kind: model, optimizer and data for a run of ``steps``.
 
     Args:
-        config: an :class:`AdditionConfig`, :class:`SpikesConfig` or
-            :class:`HeavyTailConfig`.
+        config: an :class:`AdditionConfig`, :class:`SpikesConfig`,
+            :class:`HeavyTailConfig`, or a real-data config
+            (:mod:`gradclip.demo.real_problems`).
         seed: seeds the initialisation and the training batches (the validation / test
             data and the teacher come from ``config.data_seed``).
         steps: the run's length (the glitches and the metric's window are placed in it).
@@ -348,11 +354,11 @@ def build_problem(config: TaskConfig, seed: int, steps: int, device: torch.devic
             moved, so a seed means the same data on every device.
 
     Raises:
-        TypeError: ``config`` is not one of the three config types.
+        TypeError: ``config`` is not one of the config types.
     """
     if type(config) not in _PROBLEMS:
         raise TypeError(
-            f"`config` must be an AdditionConfig, SpikesConfig or HeavyTailConfig, got "
-            f"{type(config).__name__}"
+            "`config` must be a task config: TextConfig, DigitsConfig, AdditionConfig, "
+            f"SpikesConfig or HeavyTailConfig, got {type(config).__name__}"
         )
     return _PROBLEMS[type(config)](config, seed, steps, device)
