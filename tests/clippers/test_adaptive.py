@@ -326,7 +326,7 @@ def test_hold_waits_for_a_recorded_first_norm() -> None:
         (lambda p: torch.optim.ASGD(p), False),
     ],
 )
-def test_optimizer_selects_hold_for_normalising_optimizers(make, normalising: bool) -> None:  # noqa: ANN001
+def test_optimizer_selects_hold_for_normalising_optimizers(make, normalising: bool) -> None:
     from gradclip.clippers.adaptive import HOLD, normalises
 
     params = [torch.nn.Parameter(torch.zeros(2))]
@@ -341,11 +341,11 @@ def test_an_unknown_optimizer_with_betas_normalises() -> None:
     from gradclip.clippers.adaptive import normalises
 
     class Lion(torch.optim.Optimizer):
-        def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99)) -> None:  # noqa: ANN001
+        def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99)) -> None:
             super().__init__(params, {"lr": lr, "betas": betas})
 
     class Plain(torch.optim.Optimizer):
-        def __init__(self, params, lr: float = 1e-4) -> None:  # noqa: ANN001
+        def __init__(self, params, lr: float = 1e-4) -> None:
             super().__init__(params, {"lr": lr})
 
     params = [torch.nn.Parameter(torch.zeros(2))]
