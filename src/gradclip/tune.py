@@ -596,8 +596,7 @@ def find_max_norm(
         else:
             units = n_trials + (CONFIRM * CONFIRM_CANDIDATES if confirm else 0)
             horizon = max(2, int(share * runs / units))
-    steps1 = check_count(horizon, "horizon", 1, "horizon=100")
-    assert steps1 is not None
+    steps1 = int(check_count(horizon, "horizon", 1, "horizon=100"))  # type: ignore[arg-type]
     steps2 = max(1, round(CONFIRM * steps1)) if confirm else 0
     disk: str | os.PathLike[str] | bool
     if snapshot == "cpu":
@@ -663,17 +662,15 @@ def find_max_norm(
             norms = trials1[0].norms
         best, tied, margins = _rank(trials1)
         rounds.append(Round(1, 0, steps1, tuple(trials1), best, tied, margins))
-        if confirm and leader is not None:
-            chosen = _confirmation_set(trials1, grid)
-            trials2 = [
-                run_trial(leader, c, step, stream, steps1, steps2, norm_type=norm_type)
-                for c in chosen
-            ]
-            for t in trials2:
-                note(t, 2)
-            if len(trials2) > 1:
-                best2, tied2, margins2 = _rank(trials2)
-                rounds.append(Round(2, steps1, steps2, tuple(trials2), best2, tied2, margins2))
+        chosen = _confirmation_set(trials1)
+        if confirm and leader is not None and len(chosen) > 1:
+            trials2 = []
+            for c in chosen:
+                trials2.append(run_trial(leader, c, step, stream, steps1, steps2,
+                                         norm_type=norm_type))  # fmt: skip
+                note(trials2[-1], 2)
+            best2, tied2, margins2 = _rank(trials2)
+            rounds.append(Round(2, steps1, steps2, tuple(trials2), best2, tied2, margins2))
     finally:
         origin.restore()
         origin.close()
@@ -692,7 +689,7 @@ def find_max_norm(
 _DEFAULT_GRID = 6  # log_grid's size: 3 decades, two points each
 
 
-def _confirmation_set(trials: Sequence[Trial], grid: Sequence[float]) -> list[Candidate]:
+def _confirmation_set(trials: Sequence[Trial]) -> list[Candidate]:
     """The first round's best fixed thresholds (and no clipping, if among them)."""
     ranked = sorted((t for t in trials if t.candidate.kind != "adaptive" and not t.diverged),
                     key=lambda t: t.score)  # fmt: skip

@@ -22,7 +22,7 @@ DEFAULTS = {
     "warmup_relative": 0.5,
     "spike": 6.0,
     "backoff": 0.5,
-    "min_relative": 1 / 32,
+    "min_relative": 1 / 48,
     "recovery": 1e-3,
     "max_norm": None,
 }
@@ -179,7 +179,7 @@ def test_warm_up_can_be_skipped() -> None:
 
 def test_spike_halves_the_threshold_down_to_the_floor() -> None:
     window = 16
-    clipper = AdaptiveClip(window=window, warmup_start=math.inf, growth=0.0)
+    clipper = AdaptiveClip(window=window, warmup_start=math.inf, growth=0.0, min_relative=1 / 32)
     base = [1.0] * (window + 1)
     thresholds, clipped = clip_sequence(clipper, [*base, 100.0])
     assert thresholds[-2] == pytest.approx(0.5)

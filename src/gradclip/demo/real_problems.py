@@ -196,8 +196,12 @@ class TextProblem:
         self.val = torch.stack([val[s : s + cfg.context + 1] for s in starts.tolist()]).to(device)
         self.gen = torch.Generator().manual_seed(seed)
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        with torch.random.fork_rng(devices=[]):  # torch's own init draws from the global RNG
+            model: nn.Module = (_Transformer if cfg.model == "transformer" else _LSTM)(
+                len(alphabet), cfg, self.gen
+            )
+        self.model = model.to(device)
         if cfg.model == "transformer":
-            self.model = _Transformer(len(alphabet), cfg, self.gen).to(device)
             decay = [p for p in self.model.parameters() if p.dim() >= 2]
             rest = [p for p in self.model.parameters() if p.dim() < 2]
             self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
@@ -209,7 +213,6 @@ class TextProblem:
                 self.optimizer, _warmup_cosine(steps, cfg.warmup, cfg.min_lr)
             )
         else:
-            self.model = _LSTM(len(alphabet), cfg, self.gen).to(device)
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr)
 
     def _cross_entropy(self, window: Tensor) -> Tensor:
@@ -287,11 +290,12 @@ class DigitsProblem:
         self.test_x, self.test_y = images[test].to(device), labels[test].to(device)
         self.gen = torch.Generator().manual_seed(seed)
         c1, c2 = cfg.channels
-        model = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(c2 * 16, 10),
-        )  # fmt: skip
+        with torch.random.fork_rng(devices=[]):  # torch's own init draws from the global RNG
+            model = nn.Sequential(
+                nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Flatten(), nn.Linear(c2 * 16, 10),
+            )  # fmt: skip
         self.model = _seeded(model, self.gen).to(device)
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         if cfg.optimizer == "sgd":
