@@ -148,9 +148,10 @@ def test_every_trial_equals_torch_on_a_copy() -> None:
             s.step()
             assert ref.item() == loss
     assert compared == 3
-    # the finder's round scores are the mean of the last half of those losses
+    # the finder's round scores are the geometric mean of the last half of those losses
     for trial in search.rounds[0].trials:
-        assert trial.score == pytest.approx(sum(trial.losses[5:]) / 5, rel=1e-12)
+        tail = torch.tensor(trial.losses[5:], dtype=torch.float64)
+        assert trial.score == pytest.approx(float(tail.log().mean().exp()), rel=1e-12)
 
 
 def test_state_is_restored_bit_for_bit() -> None:
@@ -249,7 +250,9 @@ def test_picks_the_threshold_a_reference_sweep_finds() -> None:
             torch.nn.utils.clip_grad_norm_(m.parameters(), c)
             o.step()
             losses.append(loss.item())
-        scores[c] = sum(losses[12:]) / 12 if all(map(math.isfinite, losses)) else math.inf
+        tail = losses[12:]  # the geometric mean of the last half, as documented
+        scores[c] = (math.exp(sum(map(math.log, tail)) / 12)
+                     if all(map(math.isfinite, losses)) else math.inf)  # fmt: skip
     best = min(scores, key=scores.__getitem__)
     assert search.best_fixed == Candidate("fixed", best)
     assert search.rounds[0].best == f"{best:g}"

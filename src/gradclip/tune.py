@@ -14,9 +14,10 @@ a threshold that looks best early can be worse later (a lower threshold acts as 
 learning rate: it may win while the loss is noisy and lose once progress matters, or the
 reverse). The finder therefore
 
-1. scores each candidate by its mean loss over the last half of the horizon (a smoothed
-   trend, not the last, noisy, loss), compared step by step on the same batches, with a
-   standard error from block means: differences within two standard errors are ties;
+1. scores each candidate by its (geometric) mean loss over the last half of the horizon (a
+   smoothed trend, not the last, noisy, loss), compared step by step on the same batches
+   as loss ratios, with a standard error from block means: differences within two
+   standard errors (or under 0.5%) are ties;
 2. runs a second, shorter confirmation round on the next batches, starting from where the
    best candidate of the first round ended (later in training), among the best candidates
    of the first round; the pick must hold there too;
@@ -101,7 +102,9 @@ TAIL = 0.5
 BLOCKS = 8
 """The tail is cut into this many blocks for the standard error of a difference."""
 Z = 2.0
-"""Two candidates tie when their mean loss differs by less than Z standard errors."""
+"""Two candidates tie when their mean loss differs by less than Z standard errors..."""
+TOLERANCE = 0.005
+"""... or by less than this fraction (0.5%): a difference too small to matter."""
 CONFIRM = 0.5
 """The confirmation round lasts this fraction of the first round's horizon."""
 CONFIRM_CANDIDATES = 3
@@ -173,7 +176,8 @@ class Trial:
         norms: the pre-clip total norm of each step.
         clipped: whether each step was clipped.
         diverged: the loss became non-finite.
-        score: mean loss over the last :data:`TAIL` of the round (``inf`` if diverged).
+        score: geometric mean of the losses over the last :data:`TAIL` of the round
+            (arithmetic if one is <= 0; ``inf`` if diverged).
         seconds: wall time of the run, restore included.
     """
 
@@ -203,8 +207,10 @@ class Round:
         trials: the trials, in the order they ran.
         best: name of the best fixed-or-none candidate (lowest score).
         tied: names of the candidates within noise of ``best`` (``best`` included).
-        margins: name -> (mean loss difference to ``best`` over the tail, its standard
-            error).
+        margins: name -> (mean difference to ``best`` over the tail, its standard error):
+            of log-losses (a relative difference: 0.01 is 1% higher) when ``relative``, of
+            losses otherwise.
+        relative: every loss of the round was positive, so losses compare as ratios.
     """
 
     index: int
@@ -214,6 +220,7 @@ class Round:
     best: str
     tied: tuple[str, ...]
     margins: dict[str, tuple[float, float]] = field(default_factory=dict)
+    relative: bool = False
 
     def trial(self, name: str) -> Trial:
         """The trial of the candidate named ``name``."""
@@ -327,18 +334,29 @@ def _tail(values: Sequence[float]) -> Sequence[float]:
     return values[len(values) - max(1, round(TAIL * len(values))):]
 
 
+def _positive(values: Sequence[float]) -> bool:
+    return all(v > 0 for v in values)
+
+
 def _score(losses: Sequence[float], steps: int) -> float:
+    """The geometric mean of the tail's losses (the arithmetic mean if one is <= 0): loss
+    values are compared as ratios, and one noisy batch moves a ratio less."""
     if len(losses) < steps or not all(math.isfinite(v) for v in losses):
         return math.inf
-    return math.fsum(_tail(losses)) / len(_tail(losses))
+    tail = _tail(losses)
+    if _positive(tail):
+        return math.exp(math.fsum(map(math.log, tail)) / len(tail))
+    return math.fsum(tail) / len(tail)
 
 
-def _margin(a: Trial, best: Trial) -> tuple[float, float]:
-    """Mean of ``a``'s loss minus ``best``'s over the tail, and its standard error from
-    block means (steps within a block are correlated; blocks much less)."""
+def _margin(a: Trial, best: Trial, relative: bool) -> tuple[float, float]:
+    """Mean of ``a``'s loss minus ``best``'s over the tail (of their logs: a relative
+    difference, when ``relative``), and its standard error from block means (steps within
+    a block are correlated; blocks much less)."""
     if a.diverged or best.diverged:
         return (math.inf, 0.0)
-    diff = [x - y for x, y in zip(_tail(a.losses), _tail(best.losses), strict=True)]
+    f = math.log if relative else float
+    diff = [f(x) - f(y) for x, y in zip(_tail(a.losses), _tail(best.losses), strict=True)]
     n = len(diff)
     blocks = min(BLOCKS, n)
     means = [statistics.fmean(diff[i * n // blocks:(i + 1) * n // blocks]) for i in range(blocks)]
@@ -346,17 +364,23 @@ def _margin(a: Trial, best: Trial) -> tuple[float, float]:
     return (statistics.fmean(diff), se)
 
 
-def _rank(trials: Sequence[Trial]) -> tuple[str, tuple[str, ...], dict[str, tuple[float, float]]]:
-    """The best of the non-adaptive trials, those tied with it, and every margin."""
+def _rank(
+    trials: Sequence[Trial],
+) -> tuple[str, tuple[str, ...], dict[str, tuple[float, float]], bool]:
+    """The best of the non-adaptive trials, those tied with it, every margin, and whether
+    the margins are relative (log-loss differences: every loss positive)."""
     pool = [t for t in trials if t.candidate.kind != "adaptive"] or list(trials)
     best = min(pool, key=lambda t: t.score)
-    margins = {t.candidate.name: _margin(t, best) for t in trials}
+    relative = all(_positive(_tail(t.losses)) for t in trials if not t.diverged)
+    margins = {t.candidate.name: _margin(t, best, relative) for t in trials}
+    tolerance = TOLERANCE * (1.0 if relative else abs(best.score))
     tied = tuple(
         t.candidate.name
         for t in trials
-        if t is best or (not t.diverged and margins[t.candidate.name][0] <= Z * margins[t.candidate.name][1])
+        if t is best
+        or (not t.diverged and margins[t.candidate.name][0] <= Z * margins[t.candidate.name][1] + tolerance)
     )
-    return best.candidate.name, tied, margins
+    return best.candidate.name, tied, margins, relative
 
 
 class _Stream:
@@ -660,8 +684,7 @@ def find_max_norm(
                                      generators=gens, disk=disk)  # fmt: skip
         if not norms:
             norms = trials1[0].norms
-        best, tied, margins = _rank(trials1)
-        rounds.append(Round(1, 0, steps1, tuple(trials1), best, tied, margins))
+        rounds.append(Round(1, 0, steps1, tuple(trials1), *_rank(trials1)))
         chosen = _confirmation_set(trials1)
         if confirm and leader is not None and len(chosen) > 1:
             trials2 = []
@@ -669,8 +692,7 @@ def find_max_norm(
                 trials2.append(run_trial(leader, c, step, stream, steps1, steps2,
                                          norm_type=norm_type))  # fmt: skip
                 note(trials2[-1], 2)
-            best2, tied2, margins2 = _rank(trials2)
-            rounds.append(Round(2, steps1, steps2, tuple(trials2), best2, tied2, margins2))
+            rounds.append(Round(2, steps1, steps2, tuple(trials2), *_rank(trials2)))
     finally:
         origin.restore()
         origin.close()
@@ -734,15 +756,20 @@ def render_text(search: MaxNormSearch) -> str:
     )
     lines = [f"use: {what}", f"  {search.confidence}: {search.statement}"]
     for r in search.rounds:
+        unit = "relative difference" if r.relative else "difference"
         lines.append(f"round {r.index}: {r.steps} steps from batch {r.first_batch}, "
                      f"{len(r.trials)} candidates (score: mean loss over the last "
-                     f"{TAIL:.0%}; +diff ± s.e. vs best)")  # fmt: skip
+                     f"{TAIL:.0%}; {unit} ± s.e. vs best)")  # fmt: skip
         for t in sorted(r.trials, key=lambda t: t.score):
             name = t.candidate.name
             diff, se = r.margins.get(name, (0.0, 0.0))
             mark = "best" if name == r.best else ("tie" if name in r.tied else "")
             score = "diverged" if t.diverged else f"{t.score:.5g}"
-            extra = "" if name == r.best or t.diverged else f"  {diff:+.3g} ± {se:.2g}"
+            if r.relative:
+                extra = f"  {diff:+.2%} ± {se:.2%}"
+            else:
+                extra = f"  {diff:+.3g} ± {se:.2g}"
+            extra = "" if name == r.best or t.diverged else extra
             lines.append(f"  {name:>9}  {score:>10}  clip rate {t.clip_rate:4.0%}{extra}  {mark}")
     n = search.norms
     finite = sorted(v for v in n if math.isfinite(v))

@@ -70,9 +70,9 @@ def _threshold_axis(r: Round) -> dict[str, float]:
 
 
 def search_figure(search: MaxNormSearch) -> Any:
-    """A matplotlib Figure: per round, the candidates' smoothed loss curves (left) and their
-    scores against the threshold (right; error bars: two standard errors of the difference
-    to the round's best)."""
+    """A matplotlib Figure: per round, the candidates' smoothed loss curves (left) and how far
+    each candidate's score is above the round's best, against its threshold (right; error
+    bars: two standard errors)."""
     rounds = search.rounds
     fig, axes = plots.new_figure(len(rounds), 2, width=5.6, height=3.3, squeeze=False)
     for row, r in zip(axes, rounds, strict=True):
@@ -89,20 +89,21 @@ def search_figure(search: MaxNormSearch) -> Any:
         plots._finish(loss_ax, f"round {r.index}: loss (EMA over {span} steps)", "step",
                       "training loss", "outside")  # fmt: skip
         place = _threshold_axis(r)
-        best = r.trial(r.best).score
         for t in r.trials:
             if t.diverged:
                 continue
             name = t.candidate.name
             diff, se = r.margins.get(name, (0.0, 0.0))
+            y = 100 * diff if r.relative else diff
+            err = 100 * 2 * se if r.relative else 2 * se
             color = "#d62728" if name == search.choice.name else "#1f77b4"
-            score_ax.errorbar([place[name]], [best + diff], yerr=[2 * se], fmt="o", color=color,
-                              capsize=3)  # fmt: skip
-            score_ax.annotate(name, (place[name], best + diff), fontsize=7,
-                              xytext=(3, 3), textcoords="offset points")  # fmt: skip
+            score_ax.errorbar([place[name]], [y], yerr=[err], fmt="o", color=color, capsize=3)
+            score_ax.annotate(name, (place[name], y), fontsize=7, xytext=(3, 3),
+                              textcoords="offset points")  # fmt: skip
         score_ax.set_xscale("log")
-        plots._finish(score_ax, f"round {r.index}: score (red: the choice)", "max_norm "
-                      "(adaptive left, none right)", "mean loss, scored steps", None)  # fmt: skip
+        ylabel = "% loss above the best" if r.relative else "loss above the best"
+        plots._finish(score_ax, f"round {r.index}: vs the best (red: the choice)",
+                      "max_norm (adaptive left, none right)", ylabel, None)  # fmt: skip
     return fig
 
 
@@ -118,9 +119,10 @@ def render_search(search: MaxNormSearch, folder: str | os.PathLike[str]) -> Repo
     for r in search.rounds:
         for t in sorted(r.trials, key=lambda t: t.score):
             diff, se = r.margins.get(t.candidate.name, (0.0, 0.0))
+            margin = f"{diff:+.2%} ± {se:.2%}" if r.relative else f"{diff:+.3g} ± {se:.2g}"
             table.append([r.index, t.candidate.name, "-" if t.diverged else f"{t.score:.5g}",
-                          "-" if t.diverged else f"{diff:+.3g} ± {se:.2g}",
-                          f"{t.clip_rate:.0%}", "yes" if t.diverged else ""])  # fmt: skip
+                          "-" if t.diverged else margin, f"{t.clip_rate:.0%}",
+                          "yes" if t.diverged else ""])  # fmt: skip
     sections = [
         Section("Decision", paragraphs=[render_text(search).splitlines()[0],
                                         f"{search.confidence}: {search.statement}"],
@@ -129,9 +131,9 @@ def render_search(search: MaxNormSearch, folder: str | os.PathLike[str]) -> Repo
         Section("Every trial", table=table),
         Section("How to read it", paragraphs=[
             "Every candidate trains from the same state on the same batches; the state is put "
-            "back after each. The score is the mean loss over the shaded last part of a round; "
-            "two candidates tie when their step-by-step difference is within two standard "
-            "errors. Round 2 starts where round 1's best ended, on the next batches, among "
+            "back after each. The score is the (geometric) mean loss over the shaded last part "
+            "of a round; two candidates tie when their step-by-step difference (of log-losses) "
+            "is within two standard errors. Round 2 starts where round 1's best ended, on the next batches, among "
             "round 1's best thresholds: a pick must hold there too. The adaptive default "
             "starts with a warm-up and is slow in any short run by design; it is kept when no "
             "threshold is clearly better.",
