@@ -765,10 +765,7 @@ def render_text(search: MaxNormSearch) -> str:
             diff, se = r.margins.get(name, (0.0, 0.0))
             mark = "best" if name == r.best else ("tie" if name in r.tied else "")
             score = "diverged" if t.diverged else f"{t.score:.5g}"
-            if r.relative:
-                extra = f"  {diff:+.2%} ± {se:.2%}"
-            else:
-                extra = f"  {diff:+.3g} ± {se:.2g}"
+            extra = f"  {diff:+.2%} ± {se:.2%}" if r.relative else f"  {diff:+.3g} ± {se:.2g}"
             extra = "" if name == r.best or t.diverged else extra
             lines.append(f"  {name:>9}  {score:>10}  clip rate {t.clip_rate:4.0%}{extra}  {mark}")
     n = search.norms
