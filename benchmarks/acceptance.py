@@ -176,6 +176,8 @@ def evaluate(
         picks = [Pick(**p) for p in saved["picks"]]
     meta = {"seeds": seeds, "budget": BUDGET, "fixed": list(FIXED), "limits": LIMITS,
             "torch": torch.__version__, "tuned_on": list(TUNED_ON)}  # fmt: skip
+    if resume and path is not None and path.exists():
+        meta = {**json.loads(path.read_text())["meta"], **meta}
     tasks = list(tasks)
 
     def done(kind: str, task: str, seed: int) -> bool:
@@ -202,6 +204,21 @@ def evaluate(
         for kind in ("recommend", *sweep, "default", "search")])  # fmt: skip
     go([(p.strategy, p.task, p.seed) for p in picks if p.task in tasks and p.seed < seeds])
     return runs, picks
+
+
+def reuse(path: Path, tasks: Iterable[str], seeds: int) -> list[Run]:
+    """The sweep's runs (no clipping and the fixed thresholds) from a result of
+    ``bench_quality.py --json``: the same runner, tasks and seeds give the same numbers, so
+    they need not run again (checked: ``fixed 1`` runs again here, inside ``recommend``)."""
+    saved = json.loads(path.read_text())
+    wanted = set(tasks)
+    return [
+        Run(r["task"], r["strategy"], r["seed"], r["metric"], r["diverged"], r["clip_rate"],
+            r["wall_time_s"])  # fmt: skip
+        for r in saved["records"]
+        if r["task"] in wanted and r["strategy"] in SWEEP and r["strategy"] != "fixed 1"
+        and r["seed"] < seeds
+    ]
 
 
 def _describe(item: dict[str, Any]) -> str:
@@ -318,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, metavar="PATH", help="results (appended as it runs)")
     parser.add_argument("--resume", action="store_true", help="skip the jobs --json holds")
     parser.add_argument("--render", type=Path, metavar="PATH", help="print a saved result")
+    parser.add_argument("--reuse", type=Path, metavar="PATH",
+                        help="take the sweep's runs from a bench_quality.py --json result")
     args = parser.parse_args(argv)
     if args.render is not None:
         saved = json.loads(args.render.read_text())
@@ -329,6 +348,17 @@ def main(argv: list[str] | None = None) -> int:
         print(render(summarize(runs, picks), head))
         return 0
     torch.set_num_threads(1)  # the tasks' calibration
+    if args.reuse is not None:
+        if args.json is None:
+            parser.error("--reuse needs --json (the reused runs are saved there)")
+        saved = json.loads(args.json.read_text()) if args.json.exists() else {"runs": [], "picks": []}
+        have = {(r["task"], r["strategy"], r["seed"]) for r in saved["runs"]}
+        extra = [r for r in reuse(args.reuse, args.tasks, args.seeds)
+                 if (r.task, r.strategy, r.seed) not in have]  # fmt: skip
+        meta = {**saved.get("meta", {}), "reused": f"{args.reuse.name}: {len(extra)} sweep runs"}
+        _save(args.json, meta, [*(Run(**r) for r in saved["runs"]), *extra],
+              [Pick(**p) for p in saved["picks"]])
+        args.resume = True
     runs, picks = evaluate(args.tasks, args.seeds, args.json, args.resume,
                            progress=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
     print(render(summarize(runs, picks), f"gradclip {gradclip.__version__}, torch {torch.__version__}"))

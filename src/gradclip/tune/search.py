@@ -1,55 +1,20 @@
-"""Find ``max_norm`` on your own model: short runs under candidate thresholds, one snapshot.
+"""The search: snapshot, trials from the same state on the same batches, two rounds, restore.
 
-:func:`find_max_norm` answers "1 or 10?" the way a learning-rate range test answers "which
-learning rate?": it snapshots the training state, trains a short horizon from it under each
-candidate threshold on the same batches, puts the state back after each, and keeps the
-threshold whose loss went lowest, with the evidence (:class:`MaxNormSearch`).
-
-Candidates: the recommended default (:class:`~gradclip.AdaptiveClip`, run first: its
-pre-clip norms are the "norms seen"), thresholds log-spaced around those norms (round
-values, two per decade, from 1/100 to 10 times their median), and no clipping.
-
-Short-horizon bias, and the guards against it. A few dozen steps are not a training run:
-a threshold that looks best early can be worse later (a lower threshold acts as a smaller
-learning rate: it may win while the loss is noisy and lose once progress matters, or the
-reverse). The finder therefore
-
-1. scores each candidate by its (geometric) mean loss over the last half of the horizon (a
-   smoothed trend, not the last, noisy, loss), compared step by step on the same batches
-   as loss ratios, with a standard error from block means: differences within two
-   standard errors (or under 0.5%) are ties;
-2. runs a second, shorter confirmation round on the next batches, starting from where the
-   best candidate of the first round ended (later in training), among the best candidates
-   of the first round; the pick must hold there too;
-3. keeps :class:`~gradclip.AdaptiveClip` (whose warm-up makes it slow in any short run,
-   by design) when no fixed threshold is clearly better than its neighbours in both rounds:
-   the finder changes the default only when the evidence says so, and says how sure it is.
-
-Everything the finder touches is restored exactly (the model's parameters, buffers and
-gradients, the optimizer, scheduler and GradScaler, the RNGs and the data generators you
-name): training continues as if the finder had never run, except for the batches an
-iterator gave it. See :mod:`gradclip._snapshot`.
+:func:`find_max_norm` (see :mod:`gradclip.tune` for the procedure) and what it hands the
+user's step callable (:class:`TrialClip`); :func:`render_text` prints a result.
 
 Example:
-    >>> import torch, gradclip
-    >>> torch.manual_seed(0) and None
-    >>> model = torch.nn.Linear(8, 1)
+    >>> import torch
+    >>> from gradclip.tune.search import find_max_norm
+    >>> model = torch.nn.Linear(2, 1)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    >>> data = [(torch.randn(16, 8), torch.randn(16, 1)) for _ in range(30)]
-    >>> def train_step(batch, clip):
-    ...     x, y = batch
-    ...     opt.zero_grad()
-    ...     loss = torch.nn.functional.mse_loss(model(x), y)
-    ...     loss.backward()
-    ...     clip(model)               # between backward() and step(), as a clipper
-    ...     opt.step()
-    ...     return loss
-    >>> before = model.weight.detach().clone()
-    >>> search = gradclip.find_max_norm(model, opt, train_step, data, horizon=20)
-    >>> search.choice.name in {c.candidate.name for c in search.rounds[0].trials}
-    True
-    >>> torch.equal(model.weight, before)   # the model is as it was
-    True
+    >>> def train_step(x, clip):
+    ...     opt.zero_grad(); loss = model(x).pow(2).mean(); loss.backward()
+    ...     clip(model); opt.step(); return loss
+    >>> s = find_max_norm(model, opt, train_step, [torch.ones(4, 2)] * 12, horizon=8,
+    ...                   candidates=[0.1, 1.0])
+    >>> [len(r.trials) for r in s.rounds], s.cost.steps   # 4 trials x 8 steps, 3 x 4
+    ([4, 3], 44)
 """
 
 from __future__ import annotations
@@ -59,7 +24,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any, Literal
 
@@ -67,80 +31,28 @@ import torch
 from torch import Tensor, nn
 
 from gradclip._checks import check_count, check_real
-from gradclip._snapshot import Snapshot, SnapshotError, capture
-from gradclip.clippers import AdaptiveClip, Clipper, NormClip
+from gradclip.clippers import Clipper
 from gradclip.stats import ClipStats
+from gradclip.tune.results import Candidate, Cost, MaxNormSearch, Round, Trial
+from gradclip.tune.scoring import (
+    CONFIRM,
+    CONFIRM_CANDIDATES,
+    DEFAULT_GRID,
+    TAIL,
+    confirmation_set,
+    decide,
+    log_grid,
+    rank,
+    score,
+    warnings_for,
+)
+from gradclip.tune.snapshot import Snapshot, capture
 
-__all__ = [
-    "ABOVE",
-    "BELOW",
-    "BLOCKS",
-    "CONFIRM",
-    "CONFIRM_CANDIDATES",
-    "PER_DECADE",
-    "TAIL",
-    "Candidate",
-    "Cost",
-    "MaxNormSearch",
-    "Round",
-    "SnapshotError",
-    "StepError",
-    "Trial",
-    "TrialClip",
-    "Z",
-    "find_max_norm",
-    "log_grid",
-    "render_text",
-]
-
-PER_DECADE = 2
-"""Grid points per decade: the round values 1 and 3 (x 10^k)."""
-BELOW, ABOVE = 100.0, 10.0
-"""The grid spans [median / BELOW, median x ABOVE] of the norms seen."""
-TAIL = 0.5
-"""The score is the mean loss over this last fraction of a round."""
-BLOCKS = 8
-"""The tail is cut into this many blocks for the standard error of a difference."""
-Z = 2.0
-"""Two candidates tie when their mean loss differs by less than Z standard errors..."""
-TOLERANCE = 0.005
-"""... or by less than this fraction (0.5%): a difference too small to matter."""
-CONFIRM = 0.5
-"""The confirmation round lasts this fraction of the first round's horizon."""
-CONFIRM_CANDIDATES = 3
-"""How many of the first round's best fixed thresholds the confirmation round runs."""
+__all__ = ["StepError", "TrialClip", "find_max_norm", "render_text", "run_trial"]
 
 
 class StepError(RuntimeError):
     """The step callable raised; the training state was restored before this was raised."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A way of clipping the finder tries.
-
-    Attributes:
-        kind: ``"fixed"`` (``NormClip(max_norm)``), ``"none"`` (no clipping: the norm is
-            measured, nothing is scaled) or ``"adaptive"`` (``AdaptiveClip``, the default).
-        max_norm: the threshold of a ``"fixed"`` candidate (None otherwise).
-    """
-
-    kind: Literal["fixed", "none", "adaptive"]
-    max_norm: float | None = None
-
-    @property
-    def name(self) -> str:
-        """``"0.3"``, ``"none"`` or ``"adaptive"``."""
-        return f"{self.max_norm:g}" if self.kind == "fixed" else self.kind
-
-    def build(self, norm_type: float = 2.0, **adaptive: Any) -> Clipper:
-        """A fresh clipper for this candidate (``"none"``: a NormClip at ``inf``, which
-        measures and never scales)."""
-        if self.kind == "fixed":
-            return NormClip(self.max_norm, norm_type)  # type: ignore[arg-type]
-        if self.kind == "none":
-            return NormClip(math.inf, norm_type)
-        return AdaptiveClip(norm_type=norm_type, **adaptive)
 
 
 class TrialClip:
@@ -164,223 +76,6 @@ class TrialClip:
     def step(self, parameters: Any, optimizer: torch.optim.Optimizer) -> ClipStats:
         self.last = self.clipper.step(parameters, optimizer)
         return self.last
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One candidate's run in one round.
-
-    Attributes:
-        candidate: what was run.
-        losses: the loss of each step (the run stops at the first non-finite loss).
-        norms: the pre-clip total norm of each step.
-        clipped: whether each step was clipped.
-        diverged: the loss became non-finite.
-        score: geometric mean of the losses over the last :data:`TAIL` of the round
-            (arithmetic if one is <= 0; ``inf`` if diverged).
-        seconds: wall time of the run, restore included.
-    """
-
-    candidate: Candidate
-    losses: tuple[float, ...]
-    norms: tuple[float, ...]
-    clipped: tuple[bool, ...]
-    diverged: bool
-    score: float
-    seconds: float
-
-    @property
-    def clip_rate(self) -> float:
-        """Fraction of steps clipped."""
-        return sum(self.clipped) / len(self.clipped) if self.clipped else 0.0
-
-
-@dataclass(frozen=True)
-class Round:
-    """One round: every trial from the same state on the same batches.
-
-    Attributes:
-        index: 1 (all candidates, from your state) or 2 (confirmation, from where round 1's
-            best ended, on the next batches).
-        first_batch: index of the round's first batch.
-        steps: steps per trial.
-        trials: the trials, in the order they ran.
-        best: name of the best fixed-or-none candidate (lowest score).
-        tied: names of the candidates within noise of ``best`` (``best`` included).
-        margins: name -> (mean difference to ``best`` over the tail, its standard error):
-            of log-losses (a relative difference: 0.01 is 1% higher) when ``relative``, of
-            losses otherwise.
-        relative: every loss of the round was positive, so losses compare as ratios.
-    """
-
-    index: int
-    first_batch: int
-    steps: int
-    trials: tuple[Trial, ...]
-    best: str
-    tied: tuple[str, ...]
-    margins: dict[str, tuple[float, float]] = field(default_factory=dict)
-    relative: bool = False
-
-    def trial(self, name: str) -> Trial:
-        """The trial of the candidate named ``name``."""
-        return next(t for t in self.trials if t.candidate.name == name)
-
-
-@dataclass(frozen=True)
-class Cost:
-    """What the search cost.
-
-    Attributes:
-        steps: training steps run (every trial of every round).
-        seconds: wall time of the whole search.
-        snapshot_bytes: size of one snapshot of the training state (two are held at most).
-        run_steps: the training run's length, when given.
-        fraction: ``steps / run_steps`` (None without ``run_steps``).
-    """
-
-    steps: int
-    seconds: float
-    snapshot_bytes: int
-    run_steps: int | None
-    fraction: float | None
-
-
-@dataclass(frozen=True)
-class MaxNormSearch:
-    """What :func:`find_max_norm` found, and the evidence.
-
-    Attributes:
-        choice: what to train with (a fixed threshold, no clipping, or the adaptive
-            default when no threshold is clearly better).
-        best_fixed: the best fixed threshold found (None when no fixed threshold ran, or
-            no clipping was best).
-        confidence: ``"clear"`` (the pick beat its neighbours beyond noise in both rounds),
-            ``"tie"`` (candidates tie within noise; ``statement`` names them) or
-            ``"diverged"`` (every candidate's loss became non-finite).
-        statement: the decision in one sentence.
-        rounds: the rounds, with every trial's loss curve and norms.
-        norms: the pre-clip norms the first trial (the adaptive default) saw.
-        cost: steps, wall time and snapshot size.
-        warnings: plain-language findings.
-    """
-
-    choice: Candidate
-    best_fixed: Candidate | None
-    confidence: Literal["clear", "tie", "diverged"]
-    statement: str
-    rounds: tuple[Round, ...]
-    norms: tuple[float, ...]
-    cost: Cost
-    warnings: tuple[str, ...]
-    adaptive: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def max_norm(self) -> float | None:
-        """The chosen fixed threshold (None when the choice is no clipping or adaptive)."""
-        return self.choice.max_norm
-
-    def clipper(self) -> Clipper | None:
-        """A fresh clipper for :attr:`choice` (None for no clipping)."""
-        if self.choice.kind == "none":
-            return None
-        return self.choice.build(**self.adaptive)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data (non-finite floats as strings)."""
-        data = asdict(self)
-        data.pop("adaptive")
-        return _json_ready(data)  # type: ignore[no-any-return]
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    return value
-
-
-def log_grid(
-    norms: Sequence[float], below: float = BELOW, above: float = ABOVE
-) -> tuple[float, ...]:
-    """Round thresholds (1 and 3 x 10^k) from ``median / below`` to ``median x above``.
-
-    ``norms``: the pre-clip norms seen; only finite, positive ones count. Raises
-    ``ValueError`` when there is none.
-
-    Example:
-        >>> log_grid([2.0, 4.0, 6.0])
-        (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-    """
-    usable = [n for n in norms if math.isfinite(n) and n > 0]
-    if not usable:
-        raise ValueError("no finite, positive gradient norm was seen: nothing to centre the "
-                         "candidate thresholds on; pass `candidates=` explicitly")  # fmt: skip
-    median = statistics.median(usable)
-    lo, hi = math.log10(median / below), math.log10(median * above)
-    values = []
-    for k in range(math.floor(lo) - 1, math.ceil(hi) + 1):
-        for m in (1.0, 3.0):
-            value = float(f"{m * 10.0**k:.3g}")
-            if median / below <= value <= median * above:
-                values.append(value)
-    return tuple(values)
-
-
-def _tail(values: Sequence[float]) -> Sequence[float]:
-    return values[len(values) - max(1, round(TAIL * len(values))):]
-
-
-def _positive(values: Sequence[float]) -> bool:
-    return all(v > 0 for v in values)
-
-
-def _score(losses: Sequence[float], steps: int) -> float:
-    """The geometric mean of the tail's losses (the arithmetic mean if one is <= 0): loss
-    values are compared as ratios, and one noisy batch moves a ratio less."""
-    if len(losses) < steps or not all(math.isfinite(v) for v in losses):
-        return math.inf
-    tail = _tail(losses)
-    if _positive(tail):
-        return math.exp(math.fsum(map(math.log, tail)) / len(tail))
-    return math.fsum(tail) / len(tail)
-
-
-def _margin(a: Trial, best: Trial, relative: bool) -> tuple[float, float]:
-    """Mean of ``a``'s loss minus ``best``'s over the tail (of their logs: a relative
-    difference, when ``relative``), and its standard error from block means (steps within
-    a block are correlated; blocks much less)."""
-    if a.diverged or best.diverged:
-        return (math.inf, 0.0)
-    f = math.log if relative else float
-    diff = [f(x) - f(y) for x, y in zip(_tail(a.losses), _tail(best.losses), strict=True)]
-    n = len(diff)
-    blocks = min(BLOCKS, n)
-    means = [statistics.fmean(diff[i * n // blocks:(i + 1) * n // blocks]) for i in range(blocks)]
-    se = statistics.stdev(means) / math.sqrt(blocks) if blocks > 1 else math.inf
-    return (statistics.fmean(diff), se)
-
-
-def _rank(
-    trials: Sequence[Trial],
-) -> tuple[str, tuple[str, ...], dict[str, tuple[float, float]], bool]:
-    """The best of the non-adaptive trials, those tied with it, every margin, and whether
-    the margins are relative (log-loss differences: every loss positive)."""
-    pool = [t for t in trials if t.candidate.kind != "adaptive"] or list(trials)
-    best = min(pool, key=lambda t: t.score)
-    relative = all(_positive(_tail(t.losses)) for t in trials if not t.diverged)
-    margins = {t.candidate.name: _margin(t, best, relative) for t in trials}
-    tolerance = TOLERANCE * (1.0 if relative else abs(best.score))
-    tied = tuple(
-        t.candidate.name
-        for t in trials
-        if t is best
-        or (not t.diverged and margins[t.candidate.name][0] <= Z * margins[t.candidate.name][1] + tolerance)
-    )
-    return best.candidate.name, tied, margins, relative
 
 
 class _Stream:
@@ -468,42 +163,7 @@ def run_trial(
             break
     diverged = len(losses) < steps or not math.isfinite(losses[-1])
     return Trial(candidate, tuple(losses), tuple(norms), tuple(clipped), diverged,
-                 _score(losses, steps), time.perf_counter() - start)  # fmt: skip
-
-
-def _decide(
-    rounds: list[Round], grid: Sequence[float]
-) -> tuple[Candidate, Candidate | None, Literal["clear", "tie", "diverged"], str]:
-    first = rounds[0]
-    usable = [t for t in first.trials if not t.diverged]
-    adaptive = next((t.candidate for t in first.trials if t.candidate.kind == "adaptive"), None)
-    if not usable:
-        latest = max(first.trials, key=lambda t: len(t.losses))
-        return (latest.candidate, None, "diverged",
-                "every candidate's loss became non-finite; the one that lasted longest is "
-                f"{latest.candidate.name}: lower the learning rate")  # fmt: skip
-    final = rounds[-1]
-    best = final.trial(final.best).candidate
-    best_fixed = best if best.kind == "fixed" else None
-    agree = all(r.best == best.name for r in rounds)
-    alone = all(r.tied == (r.best,) for r in rounds)
-    if agree and alone:
-        return (best, best_fixed, "clear",
-                f"{best.name} beat every other candidate beyond noise in "
-                f"{'both rounds' if len(rounds) > 1 else 'the round'}")  # fmt: skip
-    tied = sorted({n for r in rounds for n in r.tied}, key=_order)
-    fallback = adaptive if adaptive is not None else best
-    why = (
-        f"{', '.join(tied)} tie within noise"
-        if agree
-        else f"the rounds disagree ({', '.join(f'round {r.index}: {r.best}' for r in rounds)})"
-    )
-    return (fallback, best_fixed, "tie",
-            f"{why}: no threshold is clearly best, keep {fallback.name}")  # fmt: skip
-
-
-def _order(name: str) -> float:
-    return {"none": math.inf, "adaptive": -1.0}.get(name) or float(name)
+                 score(losses, steps), time.perf_counter() - start)  # fmt: skip
 
 
 def _check_candidates(candidates: object) -> tuple[Candidate, ...]:
@@ -610,7 +270,7 @@ def find_max_norm(
     runs = check_count(run_steps, "run_steps", 1, "run_steps=10_000", none="unknown")
     share = check_real(budget, "budget", "in (0, 1]", lambda v: 0 < v <= 1, "budget=0.2")
     fixed = None if candidates is None else _check_candidates(candidates)
-    n_trials = (len(fixed) if fixed is not None else _DEFAULT_GRID) + include_none + include_adaptive
+    n_trials = (len(fixed) if fixed is not None else DEFAULT_GRID) + include_none + include_adaptive
     if fixed is None and not include_adaptive:
         raise ValueError("the default candidates are centred on the norms the adaptive "
                          "default sees: pass `candidates=` or keep `include_adaptive=True`")  # fmt: skip
@@ -684,54 +344,28 @@ def find_max_norm(
                                      generators=gens, disk=disk)  # fmt: skip
         if not norms:
             norms = trials1[0].norms
-        rounds.append(Round(1, 0, steps1, tuple(trials1), *_rank(trials1)))
-        chosen = _confirmation_set(trials1)
+        rounds.append(Round(1, 0, steps1, tuple(trials1), *rank(trials1)))
+        chosen = confirmation_set(trials1)
         if confirm and leader is not None and len(chosen) > 1:
             trials2 = []
             for c in chosen:
                 trials2.append(run_trial(leader, c, step, stream, steps1, steps2,
                                          norm_type=norm_type))  # fmt: skip
                 note(trials2[-1], 2)
-            rounds.append(Round(2, steps1, steps2, tuple(trials2), *_rank(trials2)))
+            rounds.append(Round(2, steps1, steps2, tuple(trials2), *rank(trials2)))
     finally:
         origin.restore()
         origin.close()
         if leader is not None:
             leader.close()
 
-    choice, best_fixed, confidence, statement = _decide(rounds, grid)
+    choice, best_fixed, confidence, statement = decide(rounds, grid)
     total_steps = sum(len(t.losses) for r in rounds for t in r.trials)
     cost = Cost(total_steps, time.perf_counter() - started, origin.nbytes, runs,
                 None if runs is None else total_steps / runs)  # fmt: skip
-    warnings = _warnings(rounds, grid, choice)
+    warnings = warnings_for(rounds, grid, choice)
     return MaxNormSearch(choice, best_fixed, confidence, statement, tuple(rounds), norms, cost,
                          warnings, adaptive)  # fmt: skip
-
-
-_DEFAULT_GRID = 6  # log_grid's size: 3 decades, two points each
-
-
-def _confirmation_set(trials: Sequence[Trial]) -> list[Candidate]:
-    """The first round's best fixed thresholds (and no clipping, if among them)."""
-    ranked = sorted((t for t in trials if t.candidate.kind != "adaptive" and not t.diverged),
-                    key=lambda t: t.score)  # fmt: skip
-    return [t.candidate for t in ranked[:CONFIRM_CANDIDATES]]
-
-
-def _warnings(rounds: Sequence[Round], grid: Sequence[float], choice: Candidate) -> tuple[str, ...]:
-    out = []
-    first = rounds[0]
-    if grid and choice.kind == "fixed":
-        if choice.max_norm == min(grid):
-            out.append(f"the pick {choice.name} is the lowest candidate: a lower threshold may "
-                       "be better still; pass lower `candidates=`")  # fmt: skip
-        elif choice.max_norm == max(grid):
-            out.append(f"the pick {choice.name} is the highest candidate: a higher threshold "
-                       "may be better; pass higher `candidates=`")  # fmt: skip
-    diverged = [t.candidate.name for t in first.trials if t.diverged]
-    if diverged:
-        out.append(f"diverged within the horizon: {', '.join(diverged)}")
-    return tuple(out)
 
 
 def render_text(search: MaxNormSearch) -> str:

@@ -24,7 +24,7 @@ this module cannot copy (custom objects).
 
 Example:
     >>> import torch
-    >>> from gradclip._snapshot import capture
+    >>> from gradclip.tune.snapshot import capture
     >>> model = torch.nn.Linear(2, 1)
     >>> opt = torch.optim.Adam(model.parameters())
     >>> before = model.weight.detach().clone()
