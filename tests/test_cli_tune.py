@@ -67,3 +67,15 @@ def test_an_output_folder_of_someone_else_is_refused_before_running(tmp_path, ca
     captured = capsys.readouterr()
     assert "gradclip tune: error:" in captured.err and captured.out == ""
     assert [p.name for p in mine.iterdir()] == ["todo.txt"]
+
+
+def test_an_interrupted_search_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import gradclip.demo.search
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gradclip.demo.search, "search_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["tune", *FAST, "--out", str(tmp_path / "tune")])
+    assert list(tmp_path.iterdir()) == []

@@ -6,8 +6,8 @@ what to run); adding ``demo``, ``report`` or ``recommend`` means adding an entry
 Exit status: 0 on success; 2 for a usage mistake, a log that cannot be used (missing,
 empty, nothing valid) or an output folder that is refused (see :mod:`gradclip._files`); 1
 when ``recommend`` / ``report`` worked on part of a log (the bad lines are named on stderr),
-or when the output folder changed while ``demo`` / ``report`` ran (the finished output is
-kept in the staging folder the message names).
+or when the output folder changed while ``demo`` / ``report`` / ``tune`` ran (the finished
+output is kept in the staging folder the message names).
 
 Example:
     $ gradclip recommend run.jsonl
@@ -347,16 +347,21 @@ def _run_tune(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _error("tune", f"cannot write --out {args.out}: {exc.strerror or exc}")
     torch.set_num_threads(1)  # the tasks' calibration, and the same numbers on every machine
-    search = search_task(args.task, seed=args.seed, budget=args.budget, horizon=args.horizon,
-                         candidates=args.candidates,
-                         progress=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
-    print(json.dumps(search.to_dict(), indent=1) if args.json else render_text(search))
+
+    def search_and_print() -> Any:
+        search = search_task(args.task, seed=args.seed, budget=args.budget, horizon=args.horizon,
+                             candidates=args.candidates,
+                             progress=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+        print(json.dumps(search.to_dict(), indent=1) if args.json else render_text(search))
+        return search
+
     if folder is None:
+        search_and_print()
         return 0
     from gradclip.report.search import render_search
 
-    with folder:
-        render_search(search, folder.stage)
+    with folder:  # an exception, ^C included, removes the unfinished folder
+        render_search(search_and_print(), folder.stage)
         try:
             folder.commit()
         except OutputError as exc:
