@@ -214,7 +214,7 @@ def reuse(path: Path, tasks: Iterable[str], seeds: int) -> list[Run]:
     wanted = set(tasks)
     return [
         Run(r["task"], r["strategy"], r["seed"], r["metric"], r["diverged"], r["clip_rate"],
-            r["wall_time_s"])  # fmt: skip
+            r["wall_time_s"])
         for r in saved["records"]
         if r["task"] in wanted and r["strategy"] in SWEEP and r["strategy"] != "fixed 1"
         and r["seed"] < seeds
