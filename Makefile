@@ -1,13 +1,19 @@
 # The two set-up commands of the README: `make demo` (the main job) and `make test`.
-# Both create ./.venv with the pinned torch (constraints.txt) on first use.
+# Both create ./.venv with the pinned torch (constraints.txt) on first use. `make test` also
+# runs the suite on a second torch, TORCH_ALSO, in ./.venv-torch-$(TORCH_ALSO) (README,
+# "Tested versions"); `make test-torch-X.Y.Z` runs it on any torch release X.Y.Z.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
+# CI's second torch: a CUDA build that lies on the project machines' disk (it runs on the CPU)
+TORCH_ALSO := 2.14.1
 
 .PHONY: demo test lint bench install clean
+# a venv made on the way to test-torch-X is kept (not an intermediate file to delete)
+.PRECIOUS: .venv-torch-%/.installed
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "gradclip needs Python >= 3.10"'
@@ -39,6 +45,21 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-torch-$(TORCH_ALSO)
+
+# The same dev install as $(STAMP), with torch pinned to the version in the target's name.
+.venv-torch-%/.installed: pyproject.toml requirements-peers.txt
+	$(PYTHON) -m venv .venv-torch-$*
+	.venv-torch-$*/bin/python -m pip install --quiet --upgrade pip
+	echo "torch==$*" > .venv-torch-$*/constraints.txt
+	.venv-torch-$*/bin/python -m pip install --quiet -c .venv-torch-$*/constraints.txt -e '.[dev]'
+	.venv-torch-$*/bin/python -m pip install --quiet --no-deps -c .venv-torch-$*/constraints.txt \
+	  -r requirements-peers.txt
+	touch $@
+
+test-torch-%: .venv-torch-%/.installed
+	@.venv-torch-$*/bin/python -c 'import torch; print("torch", torch.__version__)'
+	.venv-torch-$*/bin/python -m pytest -q
 
 # the development benchmarks (benchmarks/README.md); users run `gradclip bench`
 bench: $(STAMP)
@@ -46,4 +67,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_small.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-torch-* .pytest_cache .ruff_cache .hypothesis

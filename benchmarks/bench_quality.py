@@ -19,6 +19,15 @@ Acceptance rule (per task): ``AdaptiveClip()`` is within 1.5x of the best fixed 
 the sweep, and better than no clipping. The report also says, for each published method,
 on which tasks it is more than 1.5x worse than the best fixed threshold or diverges.
 
+The runner calls every clipper through :meth:`gradclip.Clipper.step` with the task's
+optimizer, so on ``muon-adamw`` (``torch.optim.Muon`` + AdamW) every clipper runs with
+gradclip's default policy: Muon's groups are left out, the AdamW groups clipped on their
+norm. That task also runs :data:`EXTRA` strategies, the same clippers with
+``orthogonal=None`` (one global norm over everything, as ``torch.nn.utils.clip_grad_norm_``
+over ``model.parameters()``), and has its own rule (:data:`MUON_RULE`): the default policy
+at ``max_norm=1`` trains as well as no clipping (within ``MUON_LIMIT``), and a global clip
+of 1.0 does worse (by more than ``MUON_LIMIT``).
+
 Data, rendering and command line stay apart: :func:`run_benchmark` returns records,
 :func:`summarize` turns them into a :class:`Summary`, :func:`render` prints it.
 
@@ -62,6 +71,17 @@ RATIO_LIMIT = 1.5
 OURS = "AdaptiveClip"
 PUBLISHED: tuple[str, ...] = ("AutoClip p10", "ZClip", "AGC 0.01", "AdaGC")
 
+MUON_TASK = "muon-adamw"
+EXTRA: dict[str, Callable[[], gradclip.Clipper]] = {
+    "global 1": partial(gradclip.NormClip, 1.0, orthogonal=None),
+    "global AdaptiveClip": partial(gradclip.AdaptiveClip, orthogonal=None),
+}
+"""Strategies run on :data:`MUON_TASK` only: one norm over every group, Muon's included."""
+MUON_LIMIT = 1.1
+MUON_RULE = ("fixed 1", "none", "global 1")
+"""(default policy, no clipping, global clip): the first within MUON_LIMIT x of the second,
+the third worse than the second by more than MUON_LIMIT x."""
+
 
 def strategies() -> dict[str, Callable[[], gradclip.Clipper] | None]:
     """Strategy name -> factory of a fresh clipper (None: no clipping), in table order."""
@@ -73,7 +93,13 @@ def strategies() -> dict[str, Callable[[], gradclip.Clipper] | None]:
     table["AGC 0.01"] = gradclip.AGC
     table["AdaGC"] = gradclip.AdaGC
     table[OURS] = gradclip.AdaptiveClip
+    table.update(EXTRA)
     return table
+
+
+def runs_on(task: str, strategy: str) -> bool:
+    """Whether ``strategy`` runs on ``task`` (the :data:`EXTRA` ones on the Muon task only)."""
+    return strategy not in EXTRA or task == MUON_TASK
 
 
 def fixed_name(threshold: float) -> str:
@@ -132,7 +158,8 @@ def run_benchmark(
     progress: Callable[[str], None] | None = None,
 ) -> list[Record]:
     """Every (task, strategy, seed) run, in ``jobs`` processes of one torch thread each."""
-    work = [(t, s, seed, quick) for t in tasks for s in names for seed in range(seeds)]
+    work = [(t, s, seed, quick) for t in tasks for s in names for seed in range(seeds)
+            if runs_on(t, s)]
     records: list[Record] = []
 
     def note(record: Record) -> None:
@@ -178,6 +205,8 @@ class Summary:
     tasks: list[TaskSummary]
     strategies: list[str]
     published_failures: dict[str, list[str]] = field(default_factory=dict)
+    muon: str = ""
+    muon_passes: bool | None = None
 
     @property
     def passed(self) -> bool | None:
@@ -211,7 +240,9 @@ def summarize(records: list[Record]) -> Summary:
         why = ""
         if best and OURS in medians:
             within = ratios[OURS] <= RATIO_LIMIT
-            beats_none = "none" not in medians or medians[OURS] < medians["none"]
+            # on the Muon task no clipping is already right: "as good as" is the bar there
+            slack = MUON_LIMIT if task == MUON_TASK else 1.0
+            beats_none = "none" not in medians or medians[OURS] < slack * medians["none"]
             passes = within and beats_none
             why = (
                 f"{ratios[OURS]:.2f}x the best fixed ({best})"
@@ -219,6 +250,7 @@ def summarize(records: list[Record]) -> Summary:
                 + ("" if beats_none else "; not better than no clipping")
             )
         out.append(TaskSummary(task, medians, diverged, runs, best, ratios, passes, why))
+    muon, muon_passes = _muon_verdict(out)
     failures: dict[str, list[str]] = {}
     for method in [*PUBLISHED, OURS]:
         lines = []
@@ -235,7 +267,23 @@ def summarize(records: list[Record]) -> Summary:
                 lines.append(f"{t.task}: {ratio}x the best fixed ({t.best_fixed}){extra}")
         if any(method in t.medians for t in out):
             failures[method] = lines
-    return Summary(out, names, failures)
+    return Summary(out, names, failures, muon, muon_passes)
+
+
+def _muon_verdict(tasks: list[TaskSummary]) -> tuple[str, bool | None]:
+    """The :data:`MUON_RULE` verdict on the Muon task, and its numbers."""
+    default, none, global_ = MUON_RULE
+    for t in tasks:
+        if t.task != MUON_TASK or not all(s in t.medians for s in MUON_RULE):
+            continue
+        ours = _ratio(t.medians[default], t.medians[none])
+        theirs = _ratio(t.medians[global_], t.medians[none])
+        passes = ours <= MUON_LIMIT and theirs > MUON_LIMIT
+        return (
+            f"default policy ({default}, Muon groups left out) {ours:.2f}x no clipping; "
+            f"{global_} over everything {theirs:.2f}x no clipping", passes
+        )
+    return "", None
 
 
 def _number(value: float, digits: int = 3) -> str:
@@ -285,6 +333,13 @@ def render(summary: Summary, meta: str = "") -> str:
             lines.append(f"  {'PASS' if t.ours_passes else 'FAIL'}  {t.task}: {t.why}")
     if summary.passed is not None:
         lines.append(f"  overall: {'PASS' if summary.passed else 'FAIL'}")
+    if summary.muon_passes is not None:
+        lines.append("")
+        lines.append(
+            f"{MUON_TASK} acceptance: the default policy within {MUON_LIMIT}x of no clipping, "
+            f"a global clip of 1.0 worse than {MUON_LIMIT}x"
+        )
+        lines.append(f"  {'PASS' if summary.muon_passes else 'FAIL'}  {summary.muon}")
     lines.append("")
     lines.append(f"where each method fails (> {RATIO_LIMIT}x the best fixed, or diverged):")
     for method, where in summary.published_failures.items():

@@ -152,7 +152,8 @@ def float64_total(tensors: Sequence[Tensor], p: float) -> float:
     """torch's definition of the total norm, evaluated exactly enough (float64/complex128)."""
     if not tensors:
         return 0.0
-    wide = [t.detach().to(torch.complex128 if t.is_complex() else torch.float64) for t in tensors]
+    wide = [t.detach().to("cpu", torch.complex128 if t.is_complex() else torch.float64)
+            for t in tensors]  # on the CPU: the tensors may sit on several devices
     per_tensor = torch.stack([torch.linalg.vector_norm(t, p) for t in wide])
     return torch.linalg.vector_norm(per_tensor, p).item()
 
@@ -283,6 +284,47 @@ def well_conditioned(grads: list[torch.Tensor], p: float) -> bool:
         if not torch.finfo(result).smallest_normal <= total <= torch.finfo(result).max / 4:
             return False
     return True
+
+
+# ---------------------------------------------------------------------------------------
+# devices: the same test on the CPU and, when one is present, on a CUDA device
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+"""Where device-parametrised tests run: the CPU always, CUDA when torch sees a GPU (the test
+ids end in ``-cpu`` / ``-cuda``; ``pytest -k cuda`` runs the GPU half)."""
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each device of :data:`DEVICES` in turn: a test that takes ``device`` runs once per
+    device, its inputs built on the CPU (same values everywhere) and moved with :func:`on_device`."""
+    return torch.device(request.param)
+
+
+def on_device(params: Sequence[Tensor], device: torch.device | str) -> list[Tensor]:
+    """``params`` (with their gradients) on ``device``, keeping the aliasing structure (see
+    :func:`clone_params`); on the CPU the very same list, so CPU runs are unchanged."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return list(params)
+    param_memo: dict[int, Tensor] = {}
+    grad_memo: dict[int, Tensor] = {}
+    out = []
+    for p in params:
+        if id(p) not in param_memo:
+            data = p.detach().to(device)
+            q = (
+                torch.nn.Parameter(data, requires_grad=p.requires_grad)
+                if isinstance(p, torch.nn.Parameter)
+                else data.requires_grad_(p.requires_grad)
+            )
+            if p.grad is not None:
+                if id(p.grad) not in grad_memo:
+                    grad_memo[id(p.grad)] = p.grad.detach().to(device)
+                q.grad = grad_memo[id(p.grad)]
+            param_memo[id(p)] = q
+        out.append(param_memo[id(p)])
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,14 @@ HOST_READS = {
 
 UNDISPATCHED_READS = ("tolist", "numpy")  # copy to the host without an aten op
 
+# A tensor built from Python data (``torch.tensor(list)``): on an accelerator, a synchronous
+# host-to-device copy, which a captured CUDA graph cannot contain.
+HOST_COPIES = {torch.ops.aten.lift_fresh.default}
+
 
 class HostReadDetector(TorchDispatchMode):
-    """Records every op that hands a tensor's value to Python.
+    """Records every op that hands a tensor's value to Python (``reads``), and every tensor
+    built from Python data (``copies``: a host-to-device copy on an accelerator).
 
     Dispatched reads are caught by the mode; ``Tensor.tolist`` and ``Tensor.numpy`` never
     reach the dispatcher, so they are wrapped for the duration of the mode.
@@ -32,11 +37,14 @@ class HostReadDetector(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.reads: list[str] = []
+        self.copies: list[str] = []
         self._originals: dict[str, object] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in HOST_READS:
             self.reads.append(str(func))
+        elif func in HOST_COPIES:
+            self.copies.append(str(func))
         return func(*args, **(kwargs or {}))
 
     def __enter__(self):

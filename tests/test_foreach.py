@@ -1,7 +1,16 @@
-"""The private-torch wrappers: the fast parameter walk equals ``named_parameters()``."""
+"""The private-torch wrappers: the fast parameter walk equals ``named_parameters()``; the
+declared torch range and its warning."""
 
 from __future__ import annotations
 
+import ast
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -73,3 +82,62 @@ def test_walk_sees_parameters_replaced_in_place():
     model[0]._parameters["weight"] = nn.Parameter(torch.zeros(2, 2))  # as FSDP2 does
     del model[0].bias
     same_walk(model)
+
+
+# ---------------------------------------------------------------------------------------
+# the declared torch range: pyproject.toml, SUPPORTED_TORCH and the warning agree
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _range_text() -> str:
+    (low, high) = _foreach.SUPPORTED_TORCH
+    return f">={low[0]}.{low[1]},<{high[0]}.{high[1]}"
+
+
+def test_pyproject_declares_the_supported_range() -> None:
+    text = (ROOT / "pyproject.toml").read_text()  # (tomllib is Python >= 3.11)
+    (dependencies,) = re.findall(r"^dependencies = (\[.*\])$", text, flags=re.M)
+    assert ast.literal_eval(dependencies) == [f"torch{_range_text()}"]
+
+
+@pytest.mark.parametrize(
+    ("version", "warns"),
+    [("2.5.1", True), ("2.7.1+cu126", True), ("2.16.0.dev20261201", True), ("3.0.0", True),
+     ("nightly", True), ("2.8.0", False), ("2.8.0a0+5228986c39.nv25.06", False),
+     ("2.15.0+cu130", False), (torch.__version__, False)],
+)
+def test_a_torch_outside_the_range_warns_once_naming_it(monkeypatch, version, warns) -> None:
+    monkeypatch.setattr(_foreach, "_version_warned", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _foreach.check_torch_version(version)
+        _foreach.check_torch_version(version)
+    assert len(caught) == warns
+    if warns:
+        assert caught[0].category is _foreach.UntestedTorchWarning
+        assert f"torch{_range_text()}" in str(caught[0].message)
+        assert f"torch {version} is installed" in str(caught[0].message)
+
+
+def _import_gradclip_under(version: str) -> list[str]:
+    """Import gradclip in a new interpreter whose torch reports ``version``; its warnings."""
+    code = (
+        "import warnings, torch\n"
+        f"torch.__version__ = {version!r}\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import gradclip, gradclip.functional\n"
+        "    gradclip._foreach.check_torch_version()\n"
+        "print([f'{w.category.__name__}: {w.message}' for w in caught])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    return [w for w in ast.literal_eval(done.stdout.strip().splitlines()[-1])
+            if w.startswith("UntestedTorchWarning")]
+
+
+def test_importing_gradclip_warns_once_under_an_untested_torch() -> None:
+    (warning,) = _import_gradclip_under("2.5.1")
+    assert f"gradclip supports torch{_range_text()}" in warning and "2.5.1" in warning
+    assert _import_gradclip_under("2.13.0") == []

@@ -1,5 +1,9 @@
 """Parity of gradclip's drop-ins with torch.nn.utils, on exact clones of the same inputs.
 
+Tests that take the ``device`` fixture (conftest.py) run on the CPU and, when a GPU is
+present, again on CUDA with the same values: dtypes, norm types, non-finite gradients,
+``clip_grad_value_`` and gradients spread over two devices.
+
 The deliberate differences (README, "Differences from torch.nn.utils") are in test_differences.py; inputs are chosen
 here so that none of them applies (no negative max_norm, no duplicated gradients, no
 low-precision norm that overflows its dtype; the CPU "no rewrite" difference changes no
@@ -32,6 +36,7 @@ from conftest import (
     lowest_precision,
     make_grad,
     make_params,
+    on_device,
     params_with_grads,
     run_both,
     well_conditioned,
@@ -130,8 +135,8 @@ def test_return_values_are_none_like_torch():
 @pytest.mark.parametrize("foreach", FOREACH)
 @pytest.mark.parametrize(("norm_type", "p"), NORM_TYPES, ids=NORM_IDS)
 @pytest.mark.parametrize("clips", [True, False], ids=["clips", "no-clip"])
-def test_norm_types(norm_type, p, clips, foreach):
-    params = make_params(MIXED_SHAPES, seed=1)
+def test_norm_types(norm_type, p, clips, foreach, device):
+    params = on_device(make_params(MIXED_SHAPES, seed=1), device)
     ref = float64_total(grads_of(params), p)
     check_clip_parity(params, 0.3 * ref if clips else 3 * ref, norm_type, foreach=foreach)
 
@@ -191,12 +196,13 @@ DTYPE_SETS = [
 @pytest.mark.parametrize("foreach", FOREACH)
 @pytest.mark.parametrize("p", [2.0, 1.0, INF, 0.5, 0.0, -1.0])
 @pytest.mark.parametrize("dtypes", DTYPE_SETS, ids=lambda ds: "+".join(str(d)[6:] for d in ds))
-def test_dtypes(dtypes, p, foreach):
+def test_dtypes(dtypes, p, foreach, device):
     shapes = [(6, 5), (40,), (), (33_000,)]
     specs = [(shapes[i % len(shapes)], dtypes[i % len(dtypes)]) for i in range(max(4, len(dtypes)))]
     # Leave out tensors whose low-precision norm overflows or is subnormal in its dtype (a
     # 33k-element float16 tensor's 0.5-norm is ~1e9): that is difference #2, tested apart.
     params = [q for q in make_params(specs, seed=5) if well_conditioned([q.grad], p)]
+    params = on_device(params, device)
     assert len(params) >= 3 and well_conditioned(grads_of(params), p)
     ref = float64_total(grads_of(params), p)
     check_clip_parity(params, 0.5 * ref, p, foreach=foreach)
@@ -373,7 +379,7 @@ def test_clip_grads_with_norm_no_grads_ignores_total():
 
 @pytest.mark.parametrize("foreach", FOREACH)
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0, 2.0, 3.0])
-def test_zero_element_tensors_contribute_zero(p, foreach):
+def test_zero_element_tensors_contribute_zero(p, foreach, device):
     params = make_params(
         [
             ((0,), torch.float32),
@@ -385,8 +391,8 @@ def test_zero_element_tensors_contribute_zero(p, foreach):
         scale=2,
         seed=3,
     )
-    check_clip_parity(params, 0.5, p, foreach=foreach)
-    only_empty = make_params([((0,), torch.float32), ((3, 0), torch.float32)])
+    check_clip_parity(on_device(params, device), 0.5, p, foreach=foreach)
+    only_empty = on_device(make_params([((0,), torch.float32), ((3, 0), torch.float32)]), device)
     ours, _ = check_clip_parity(only_empty, 0.5, p, foreach=foreach)
     assert ours.item() == 0.0
 
@@ -428,8 +434,8 @@ def _bad_grads(kind):
 @pytest.mark.parametrize("foreach", FOREACH)
 @pytest.mark.parametrize("p", [2.0, 1.0, INF, 0.5, -1.0, -INF, 0.0])
 @pytest.mark.parametrize("kind", ["nan", "inf", "-inf"])
-def test_error_if_nonfinite(kind, p, foreach):
-    params = _bad_grads(kind)
+def test_error_if_nonfinite(kind, p, foreach, device):
+    params = on_device(_bad_grads(kind), device)
     mine, ref = clone_params(params), clone_params(params)
     snap = Snapshot(mine)
     try:
@@ -451,8 +457,8 @@ def test_error_if_nonfinite(kind, p, foreach):
 
 @pytest.mark.parametrize("p", [2.0, 1.0, INF, 0.0, -1.0])
 @pytest.mark.parametrize("kind", ["nan", "inf"])
-def test_nonfinite_without_flag_poisons_grads_like_torch(kind, p):
-    check_clip_parity(_bad_grads(kind), 1.0, p)
+def test_nonfinite_without_flag_poisons_grads_like_torch(kind, p, device):
+    check_clip_parity(on_device(_bad_grads(kind), device), 1.0, p)
 
 
 @pytest.mark.parametrize("p", [2.0, 3.5])
@@ -540,10 +546,11 @@ def test_get_total_norm_norms_the_tensors_not_their_grads():
 
 
 @pytest.mark.parametrize("foreach", FOREACH)
-def test_grads_modified_in_place(foreach):
+def test_grads_modified_in_place(foreach, device):
     params = make_params(
         [((5, 4), torch.float32), ((40_000,), torch.float32), ((3,), torch.float16)], scale=3
     )
+    params = on_device(params, device)
     grads = grads_of(params)
     ptrs = [g.data_ptr() for g in grads]
     before = [g.clone() for g in grads]
@@ -581,10 +588,12 @@ def test_clip_grads_with_norm_after_get_total_norm_equals_clip_grad_norm(foreach
     ],
     ids=["f32", "zero", "nan", "inf", "int", "f64", "requires_grad"],
 )
-def test_clip_grads_with_norm_matches_torch(total, foreach):
+def test_clip_grads_with_norm_matches_torch(total, foreach, device):
+    """On CUDA the ``total`` stays on the CPU: torch moves the coefficient to each device."""
     params = make_params(
         [((5, 4), torch.float32), ((3,), torch.float64), ((2,), torch.float16)], scale=3
     )
+    params = on_device(params, device)
     run = run_both(
         gradclip.clip_grads_with_norm_,
         tnu.clip_grads_with_norm_,
@@ -744,9 +753,10 @@ VALUE_GRADS = [[-3.0, -0.5, 0.0, -0.0, 0.25, 2.0, math.nan, INF, -INF], [1e30, -
     ids=["0", "0.1", "1", "inf", "1e30", "int", "str", "tensor"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_clip_grad_value_matches_torch_bitwise(dtype, clip_value, foreach):
+def test_clip_grad_value_matches_torch_bitwise(dtype, clip_value, foreach, device):
     params = params_with_grads([torch.tensor(g, dtype=dtype) for g in VALUE_GRADS])
     params.append(params_with_grads([make_grad((40, 30), dtype, scale=2)])[0])
+    params = on_device(params, device)
     mine, ref = clone_params(params), clone_params(params)
     try:
         theirs = tnu.clip_grad_value_(ref, clip_value, foreach=foreach)
@@ -769,6 +779,26 @@ def test_clip_grad_value_mixed_devices_dtypes_and_none():
     _, mine, _, ref = run_both(gradclip.clip_grad_value_, tnu.clip_grad_value_, params, 0.7)
     for a, b in zip(grads_of(mine), grads_of(ref), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("p", [2.0, 1.0, INF, 0.0])
+def test_gradients_on_two_devices_like_torch(p, foreach, device):
+    """Gradients alternating between ``device`` and the CPU, in three dtypes: the norms are
+    gathered on the first gradient's device, as torch does (on a CPU-only machine, one device)."""
+    specs = [((7, 3), torch.float32), ((40_000,), torch.bfloat16), ((11,), torch.float16),
+             ((5,), torch.float32), ((2, 3, 4), torch.bfloat16), None]
+    params = make_params(specs, seed=8)
+    moved = on_device(params, device)
+    mixed = [q if i % 2 == 0 else p_ for i, (q, p_) in enumerate(zip(moved, params, strict=True))]
+    assert mixed[0].device.type == torch.device(device).type and mixed[1].device.type == "cpu"
+    ref = float64_total(grads_of(mixed), p)
+    for max_norm in (0.3 * ref, 3 * ref):
+        check_clip_parity(mixed, max_norm, p, foreach=foreach)
+        run = run_both(gradclip.clip_grad_value_, tnu.clip_grad_value_, mixed, 0.001,
+                       foreach=foreach)
+        for a, b in zip(grads_of(run[1]), grads_of(run[3]), strict=True):
+            assert a.device == b.device and torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import gradclip
-from gradclip import cli, history
-from gradclip.history import History, HistoryBuilder, read_log
+from gradclip import cli, history, readlog
+from gradclip.history import History, HistoryBuilder
+from gradclip.readlog import read_log
 from gradclip.records import LogError, decode_line
 from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS, STEP_FIELDS
 
@@ -119,9 +120,9 @@ def test_crafted_lines_in_the_real_commands_exit_1_without_traceback(tmp_path):
                               text=True, timeout=300)  # fmt: skip
         assert done.returncode == 1, done.stderr
         assert "Traceback" not in done.stderr + done.stdout
-        for at in numbers[: history._MAX_PROBLEMS]:
+        for at in numbers[: readlog._MAX_PROBLEMS]:
             assert f"{path}:{at}:" in done.stderr, (argv[0], at)
-        assert f"{len(numbers) - history._MAX_PROBLEMS} more bad lines" in done.stderr
+        assert f"{len(numbers) - readlog._MAX_PROBLEMS} more bad lines" in done.stderr
     if _has_matplotlib():
         assert (tmp_path / "report" / "report.html").exists()
 
@@ -156,7 +157,7 @@ def test_nonfinite_spellings_that_writers_use_are_read():
 
 
 def test_a_line_longer_than_the_limit_is_named_not_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(history, "MAX_LINE", 4096)
+    monkeypatch.setattr(readlog, "MAX_LINE", 4096)
     long = json.dumps(record(1000, layers={f"h.{i}": 1.0 for i in range(2000)}))
     lines = good_lines(10)
     lines.insert(4, long)

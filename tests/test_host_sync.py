@@ -185,3 +185,22 @@ def test_meta_device_host_read_raises():
     params = _meta_params([torch.float32])
     with pytest.raises(RuntimeError, match="meta"):
         gradclip.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_SETS.values(), ids=DTYPE_SETS.keys())
+@pytest.mark.parametrize("p", P_VALUES)
+def test_no_tensor_from_host_data_after_the_first_call(accelerator_path, p, dtypes):
+    """Index tensors are built once: a warmed-up step makes no host-to-device copy (which a
+    captured CUDA graph cannot contain)."""
+    params = _params(dtypes, p)
+    calls = [
+        lambda: gradclip.clip_grad_norm_(params, 0.01, p),
+        lambda: gradclip.get_total_norm(grads_of(params), p),
+        lambda: gradclip.grad_norms(params, p),
+        lambda: gradclip.clip_grads_with_norm_(params, 0.05, gradclip.get_total_norm(grads_of(params), p)),
+    ]
+    for call in calls:
+        call()  # warm-up
+        with HostReadDetector() as detector:
+            call()
+        assert detector.reads == [] and detector.copies == [], (detector.reads, detector.copies)

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import gradclip
-from gradclip.history import read_log
 from gradclip.monitor import layer_name
+from gradclip.readlog import read_log
 from host_reads import HostReadDetector
 
 pytestmark = pytest.mark.usefixtures("one_thread")

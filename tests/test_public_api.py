@@ -24,6 +24,8 @@ PUBLIC = {
     "Clipper", "Step", "NormClip", "ValueClip", "AutoClip", "AutoClipState", "ZClip",
     "ZClipState", "AGC", "AdaGC", "AdaGCState", "AdaptiveClip", "AdaptiveClipState",
     "ClipStats", "NonFiniteGradientError",
+    # clipping by parameter group, and the optimizer's update
+    "GroupStats", "muon_like", "UpdateClip", "UpdateClipState",
     # seeing what clipping does
     "GradMonitor", "History", "MonitorSummary", "read_log", "Recommendation",
     "recommend_max_norm", "Sink", "JSONLSink", "CSVSink", "TensorBoardSink", "LogError",

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import gradclip
-from gradclip.history import read_log
+from gradclip.readlog import read_log
 from gradclip.sinks import CSVSink, JSONLSink
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))

@@ -21,6 +21,8 @@ from gradclip.clippers import (
     Clipper,
     NormClip,
     Step,
+    UpdateClip,
+    UpdateClipState,
     ValueClip,
     ZClip,
     ZClipState,
@@ -34,13 +36,15 @@ from gradclip.functional import (
     get_total_norm,
     grad_norms,
 )
-from gradclip.history import History, MonitorSummary, read_log
+from gradclip.history import History, MonitorSummary
 from gradclip.monitor import GradMonitor
 from gradclip.nonfinite import NonFiniteGradientError
 from gradclip.norms import GradNorms
+from gradclip.paramgroups import muon_like
+from gradclip.readlog import read_log
 from gradclip.recommend import Recommendation, recommend_max_norm
 from gradclip.sinks import CSVSink, JSONLSink, LogError, Sink, TensorBoardSink
-from gradclip.stats import ClipStats
+from gradclip.stats import ClipStats, GroupStats
 from gradclip.tune import MaxNormSearch, find_max_norm
 
 __version__ = "0.1.0"
@@ -58,6 +62,7 @@ __all__ = [
     "Clipper",
     "GradMonitor",
     "GradNorms",
+    "GroupStats",
     "History",
     "JSONLSink",
     "LogError",
@@ -70,6 +75,8 @@ __all__ = [
     "Sink",
     "Step",
     "TensorBoardSink",
+    "UpdateClip",
+    "UpdateClipState",
     "ValueClip",
     "ZClip",
     "ZClipState",
@@ -81,6 +88,7 @@ __all__ = [
     "find_max_norm",
     "get_total_norm",
     "grad_norms",
+    "muon_like",
     "read_log",
     "recommend_max_norm",
 ]

@@ -59,7 +59,13 @@ class LRU(Generic[K, V]):
         return value
 
     def get_or_build(self, key: K, build: Callable[[], V]) -> V:
-        """The entry for ``key``, built by ``build()`` (outside the lock) when missing."""
+        """The entry for ``key``, built by ``build()`` (outside the lock) when missing.
+
+        While ``torch.compile`` traces, ``build()`` runs at trace time and nothing is cached:
+        the lock would break the graph, and the result becomes part of the compiled code.
+        """
+        if _foreach.is_compiling():
+            return build()
         value = self.get(key)
         return self.put(key, build()) if value is None else value
 
@@ -84,6 +90,12 @@ def index_tensor(positions: tuple[int, ...], device: torch.device) -> Tensor:
     if _foreach.is_compiling():
         return torch.tensor(positions, dtype=torch.long, device=device)
     key = (positions, device)
+    if _foreach.capturing() and _INDEX_TENSORS.get(key) is None:
+        raise RuntimeError(
+            "gradclip needs an index tensor it has not built yet inside a CUDA graph capture "
+            "(building it is a host-to-device copy, which a capture cannot contain): run the "
+            "captured step once before capturing it, with the same parameters"
+        )
     return _INDEX_TENSORS.get_or_build(
         key, lambda: torch.tensor(positions, dtype=torch.long, device=device)
     )

@@ -1,33 +1,45 @@
 """The only code that touches ``torch._foreach_*`` and private torch helpers.
 
 Everything version-sensitive is wrapped here so that a torch upgrade that moves a private
-helper breaks one file, not the package.
+helper breaks one file, not the package. The torch releases the suite has been run on are
+``SUPPORTED_TORCH`` (README, "Tested versions"); importing gradclip under another torch
+warns once.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 from torch.utils import _foreach_utils
 
 __all__ = [
+    "SUPPORTED_TORCH",
     "TORCH_VERSION",
+    "UntestedTorchWarning",
+    "capturing",
     "check_foreach",
+    "check_torch_version",
     "device_has_foreach",
+    "distinct",
     "flatten",
     "foreach_clamp_",
     "foreach_mul_",
     "foreach_norm",
     "fused_handles",
+    "grads_unscaled",
     "group_by_device_dtype",
     "has_foreach_support",
     "is_compiling",
     "is_host_device",
+    "mesh_layout",
     "named_parameters",
+    "real_dtype",
+    "takes_grad_scale",
     "wide_dtype",
 ]
 
@@ -35,6 +47,43 @@ TORCH_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
     int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups()  # type: ignore[union-attr]
 )
 """(major, minor) of the installed torch: what the version shims below compare against."""
+
+SUPPORTED_TORCH: tuple[tuple[int, int], tuple[int, int]] = ((2, 8), (2, 16))
+"""``[oldest, first unsupported)`` torch (major, minor): the releases the whole suite has been
+run on. pyproject.toml declares the same range (``torch>=2.8,<2.16``; a test keeps them equal)."""
+
+
+class UntestedTorchWarning(UserWarning):
+    """The installed torch is outside :data:`SUPPORTED_TORCH`."""
+
+
+_version_warned = False
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Warn once per process if ``version`` (default: the installed torch's) is outside
+    :data:`SUPPORTED_TORCH`. gradclip relies on private torch helpers that move between
+    releases; under an untested torch it may break or misbehave. Runs when gradclip is imported.
+
+    Example:
+        >>> check_torch_version()  # an installed torch in the range: nothing happens
+    """
+    global _version_warned
+    version = torch.__version__ if version is None else version
+    match = re.match(r"(\d+)\.(\d+)", version)
+    found = (int(match[1]), int(match[2])) if match else None
+    low, high = SUPPORTED_TORCH
+    if _version_warned or (found is not None and low <= found < high):
+        return
+    _version_warned = True
+    warnings.warn(
+        f"gradclip supports torch>={low[0]}.{low[1]},<{high[0]}.{high[1]} (the releases its "
+        f"test suite runs on); torch {version} is installed. gradclip uses private torch "
+        "helpers that change between releases: install a supported torch, or run gradclip's "
+        "tests on this one before trusting it.",
+        UntestedTorchWarning,
+        stacklevel=2,
+    )
 
 Groups = dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]
 
@@ -55,11 +104,55 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+_REAL = {torch.complex32: torch.float16, torch.complex64: torch.float32,
+         torch.complex128: torch.float64}
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype.to_real()``, in a form ``torch.compile`` traces (it cannot trace that method)."""
+    return _REAL.get(dtype, dtype)
+
+
 def wide_dtype(device: torch.device) -> torch.dtype:
     """The widest float a device computes in: float64, except on Apple's MPS (no float64),
     where float32 is all there is. Sums of squared norms are taken in it, so that finite
     float32 norms up to float32's largest value never overflow into ``inf``."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def distinct(tensors: Iterable[Tensor], *, lasting: bool) -> list[Tensor]:
+    """The distinct tensors of ``tensors`` (by identity), first occurrence first.
+
+    ``lasting``: the tensors live across steps (parameters). Identity is compared by
+    ``id()``, which under ``torch.compile`` guards on each object: fine for parameters, a
+    recompilation per step for gradients that ``zero_grad(set_to_none=True)`` replaces.
+    While compiling, short-lived tensors are therefore not deduplicated (as in torch).
+    """
+    if not lasting and is_compiling():
+        return list(tensors)
+    return list({id(t): t for t in tensors}.values())
+
+
+def mesh_layout(mesh: object) -> str | tuple[int, ...]:
+    """A description of a ``DeviceMesh``'s layout, the same on every rank of it, orderable.
+
+    Recent torch describes a mesh by a Python layout object (``_layout``), read here
+    without touching a tensor. Older releases keep the mesh as a (CPU) tensor of ranks,
+    which is read once.
+    """
+    layout = getattr(mesh, "_layout", None)
+    if layout is not None:
+        return repr(layout)
+    return tuple(mesh.mesh.flatten().tolist())  # type: ignore[attr-defined]
+
+
+def capturing() -> bool:
+    """True while a CUDA graph is being captured on the current stream (False without CUDA,
+    and while compiling: dynamo cannot trace a torch function that returns a bool, and a
+    compiled step is captured by torch's own CUDA-graph tooling, not by this Python)."""
+    return (not is_compiling() and torch.cuda.is_available()
+            and torch.cuda.is_current_stream_capturing())
+check_torch_version()
 
 
 def device_has_foreach(device: torch.device) -> bool:
@@ -86,7 +179,18 @@ def check_foreach(groups: Groups, foreach: bool | None) -> None:
 
 
 def group_by_device_dtype(tensors: list[Tensor]) -> Groups:
-    """Group tensors by (device, dtype): ``{key: (tensors, indices into the input)}``."""
+    """Group tensors by (device, dtype): ``{key: (tensors, indices into the input)}``.
+
+    While compiling, grouped in Python: torch < 2.9 cannot trace its own C++ grouping (its
+    own ``clip_grad_norm_`` breaks the graph there), and the groups are static anyway.
+    """
+    if is_compiling():
+        groups: Groups = {}
+        for i, t in enumerate(tensors):
+            group = groups.setdefault((t.device, t.dtype), ([], []))
+            group[0].append(t)
+            group[1].append(i)
+        return groups
     grouped = _foreach_utils._group_tensors_by_device_and_dtype([tensors], with_indices=True)
     return {key: (lists[0], indices) for key, (lists, indices) in grouped.items()}
 
@@ -188,3 +292,23 @@ def fused_handles(optimizer: torch.optim.Optimizer, grad: Tensor) -> bool:
         )
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------
+# optimizers and GradScaler: private attributes read in one place
+
+
+def takes_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` divides by ``optimizer.grad_scale`` and skips on
+    ``optimizer.found_inf`` itself, as ``GradScaler`` relies on (torch's private flag).
+
+    torch < 2.12: the fused ``Adagrad`` does not declare it, so it is stepped like any other
+    optimizer (GradScaler unscales its gradients first, and so does gradclip).
+    """
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def grads_unscaled(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` already ran since the last ``update()`` (a second
+    call raises). torch has no public query: it keeps the stage per optimizer."""
+    return scaler._per_optimizer_states[id(optimizer)]["stage"] is not OptState.READY

@@ -23,16 +23,17 @@ from __future__ import annotations
 import math
 import types
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from typing_extensions import deprecated
 
-from gradclip import _foreach, distributed, norms
+from gradclip import _foreach, distributed, grouping, norms
 from gradclip._checks import NotATensorError, check_norm_type, check_threshold, tensor_list
-from gradclip.scale import clip_
+from gradclip.paramgroups import GroupsLike, OrthogonalRule, ParamGroup, as_groups, muon_like
+from gradclip.scale import TORCH_EPS, clip_, scale_each_
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -63,13 +64,10 @@ def _params_list(parameters: TensorOrTensors, *, warn_empty_generator: bool) -> 
     return params
 
 
-def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
-    """Distinct tensors (by identity), first occurrence order."""
-    return list({id(t): t for t in tensors}.values())
-
-
 def _unique_grads(params: list[Tensor]) -> list[Tensor]:
-    return _unique(p.grad for p in params if p.grad is not None)
+    """The distinct gradients of the distinct parameters (see :func:`_foreach.distinct`)."""
+    grads = (p.grad for p in _foreach.distinct(params, lasting=True) if p.grad is not None)
+    return _foreach.distinct(grads, lasting=False)
 
 
 def _raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
@@ -189,7 +187,7 @@ def get_total_norm(
         tensor(5.)
     """
     p = check_norm_type(norm_type)
-    tensors = _unique(tensor_list(tensors, "tensors"))
+    tensors = _foreach.distinct(tensor_list(tensors, "tensors"), lasting=False)
     result = _measure(tensors, p, foreach, shard_group, extra_groups)
     if error_if_nonfinite:
         _raise_if_nonfinite(result.total, p)
@@ -253,6 +251,9 @@ def clip_grad_norm_(
     *,
     shard_group: ProcessGroup | None = None,
     extra_groups: Iterable[GroupLike] = (),
+    groups: GroupsLike = None,
+    policy: object = None,
+    orthogonal: OrthogonalRule | None = muon_like,
 ) -> Tensor:
     """Clip the gradients so that their total norm is at most ``max_norm``, in place.
 
@@ -276,12 +277,24 @@ def clip_grad_norm_(
         extra_groups: keyword-only; process groups or device meshes the total is also
             reduced over: pipeline stages, expert parallel. See the README, "Distributed
             training"; :func:`gradclip.distributed.check_layout` diagnoses mismatches.
+        groups: keyword-only; clip by parameter groups (``optimizer.param_groups``, the
+            optimizer, several optimizers, or ``{name: parameters}``): each group on its own
+            norm by default, an orthogonalising optimizer's groups (Muon) left out. ``max_norm``
+            may then be one threshold per group (a sequence, or ``{group name: threshold}``).
+            See :mod:`gradclip.grouping`.
+        policy: keyword-only, with ``groups``: per-group ``"exclude"``, ``"own"``,
+            ``"shared"`` or ``"shared:<key>"`` (groups with one key are clipped on the norm
+            of their union, at one threshold), or a threshold.
+        orthogonal: keyword-only, with ``groups``: the rule for orthogonalising optimizers
+            (:func:`gradclip.muon_like`; None: none).
 
     Returns:
         The total norm before clipping: a 0-dim tensor on the first gradient's device, in
         torch's dtype; ``tensor(0.)`` when no parameter has a gradient. Under
         ``torch.distributed``, the norm of the whole model: a plain tensor identical on
-        every rank; each rank scales its local shards by the same coefficient.
+        every rank; each rank scales its local shards by the same coefficient. With
+        ``groups``: a 1-D tensor, the norm of each group before clipping (excluded groups
+        included), in group order.
 
     Example:
         >>> import torch, gradclip
@@ -292,6 +305,11 @@ def clip_grad_norm_(
         tensor([0.6000, 0.8000])
     """
     params = _params_list(parameters, warn_empty_generator=True)
+    if groups is not None:
+        return _clip_groups(params, max_norm, check_norm_type(norm_type), error_if_nonfinite,
+                            foreach, shard_group, extra_groups, groups, policy, orthogonal)
+    if policy is not None:
+        raise ValueError("`policy` needs `groups`: pass e.g. groups=optimizer.param_groups")
     max_norm = check_threshold(max_norm, "max_norm")
     p = check_norm_type(norm_type)
     result = _measure(_unique_grads(params), p, foreach, shard_group, extra_groups, params)
@@ -301,6 +319,87 @@ def clip_grad_norm_(
         _raise_if_nonfinite(result.total, p)
     clip_(result.groups, max_norm, result.total, foreach)
     return result.result()
+
+
+def _clip_groups(
+    params: list[Tensor], max_norm: object, p: float, error_if_nonfinite: bool,
+    foreach: bool | None, shard_group: ProcessGroup | None, extra_groups: Iterable[GroupLike],
+    groups: GroupsLike, policy: object, orthogonal: OrthogonalRule | None,
+) -> Tensor:
+    """:func:`clip_grad_norm_` by groups (see :mod:`gradclip.grouping`): every argument is
+    checked and the plan built before any gradient is touched."""
+    parsed = as_groups(groups)
+    planner = grouping.Planner(policy, orthogonal, default="own")
+    thresholds = _group_thresholds(max_norm, parsed)
+    owners: dict[int, Tensor] = {}
+    for q in params:
+        if q.grad is not None:
+            owners.setdefault(id(q.grad), q)
+    grads = _unique_grads(params)
+    owner_of = [owners[id(g)] for g in grads]
+    position = {id(q): i for i, q in enumerate(params)}
+    layout = None
+    if distributed.applies(shard_group, extra_groups):
+        layout = distributed.plan(grads, shard_group=shard_group, extra_groups=extra_groups,
+                                  params=params, per_tensor=True)
+        measured = layout.reduce(
+            norms.compute(layout.local, p, foreach) if layout.local
+            else distributed.nothing_measured(p, layout.device)
+        )
+        rows = layout.rows_of(owner_of, params)
+    else:
+        measured = norms.compute(grads, p, foreach) if grads else norms.empty_norms(p)
+        rows = owner_of
+    names = [f"parameters[{position.get(id(q), '?')}]" for q in rows]
+    plan = planner.plan(parsed, rows, names, allow_empty=layout is not None and bool(layout.extra))
+    limits = []
+    for domain in plan.domains:
+        values = {thresholds[g] if domain.value is None else float(domain.value)  # type: ignore[arg-type]
+                  for g in domain.groups}
+        if None in values:
+            missing = [plan.names[g] for g in domain.groups if thresholds[g] is None]
+            raise ValueError(
+                f"`max_norm` gives no threshold for the group(s) {missing}: add them to it, or "
+                "give them the policy 'exclude'; nothing was clipped"
+            )
+        if len(values) != 1:
+            raise ValueError(
+                f"groups {[plan.names[g] for g in domain.groups]} share the norm "
+                f"{domain.name!r} but not one threshold ({sorted(values)}): give them one max_norm"
+            )
+        limits.append(values.pop())
+    device = measured.per_tensor.device
+    group_norms = grouping.group_norms(measured.per_tensor, plan.row_index(device),
+                                       len(plan.names), p, layout)
+    totals = grouping.group_norms(group_norms, plan.domain_index(device), len(limits) + 1, p)
+    if error_if_nonfinite:
+        bad = (~torch.isfinite(totals[: len(limits)])).nonzero().flatten().tolist()
+        if bad:
+            raise RuntimeError(
+                f"The total norm of order {p} of the group(s) "
+                f"{[plan.domains[d].name for d in bad]} is non-finite, so it cannot be clipped. "
+                "To disable this error and scale the gradients by the non-finite norm anyway, "
+                "set `error_if_nonfinite=False`"
+            )
+    if limits and measured.tensors:
+        # torch's coefficient, as torch computes it: reciprocal, then times max_norm
+        limit = torch.tensor([*limits, 1.0], dtype=totals.dtype, device=device)
+        coef = torch.clamp((totals + TORCH_EPS).reciprocal() * limit, max=1.0)
+        coef[len(limits)] = 1.0  # excluded groups
+        per_row = coef[plan.domain_index(device)][plan.row_index(device)]
+        _foreach.check_foreach(measured.groups, foreach)
+        scale_each_(measured.groups, per_row)
+    return group_norms.to(measured.dtype)
+
+
+def _group_thresholds(max_norm: object, groups: list[ParamGroup]) -> list[float | None]:
+    """One checked ``max_norm`` per group (None where a mapping gives none)."""
+    if isinstance(max_norm, Mapping | Sequence) and not isinstance(max_norm, str):
+        given = grouping.explicit(max_norm, groups, "max_norm")
+        return [None if v is None else check_threshold(v, f"max_norm[{g.name!r}]")
+                for v, g in zip(given, groups, strict=True)]
+    value = check_threshold(max_norm, "max_norm")
+    return [value] * len(groups)
 
 
 @deprecated(
@@ -316,6 +415,9 @@ def clip_grad_norm(
     *,
     shard_group: ProcessGroup | None = None,
     extra_groups: Iterable[GroupLike] = (),
+    groups: GroupsLike = None,
+    policy: object = None,
+    orthogonal: OrthogonalRule | None = muon_like,
 ) -> Tensor:
     """Deprecated alias of :func:`clip_grad_norm_` (as in torch; warns ``FutureWarning``).
 
@@ -329,7 +431,8 @@ def clip_grad_norm(
     """
     return clip_grad_norm_(
         parameters, max_norm, norm_type, error_if_nonfinite, foreach,
-        shard_group=shard_group, extra_groups=extra_groups,
+        shard_group=shard_group, extra_groups=extra_groups, groups=groups, policy=policy,
+        orthogonal=orthogonal,
     )
 
 
@@ -376,12 +479,14 @@ def clip_grad_value_(
             "clip_grad_value_ cannot clamp sparse gradients (torch cannot either); use "
             "clip_grad_norm_ or dense gradients (nothing was changed)"
         )
-    for _, dtype in groups:
-        if math.isfinite(clip_value) and clip_value > torch.finfo(dtype).max:
+    for device, dtype in groups:
+        # torch's CPU clamp refuses a bound its dtype cannot hold; its CUDA kernels take the
+        # bound in float32 (nothing exceeds it but inf, which stays inf): a no-op there
+        if device.type == "cpu" and math.isfinite(clip_value) and clip_value > torch.finfo(dtype).max:
             raise RuntimeError(
                 f"`clip_value`={clip_value} does not fit {dtype} gradients (max "
-                f"{torch.finfo(dtype).max}); torch raises here too. Pass a smaller value, or "
-                "`inf` to disable clipping (nothing was changed)"
+                f"{torch.finfo(dtype).max}); torch raises here too on the CPU. Pass a smaller "
+                "value, or `inf` to disable clipping (nothing was changed)"
             )
     for (device, _), (group, _) in groups.items():
         use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)

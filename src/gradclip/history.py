@@ -1,10 +1,8 @@
-"""A recorded run: :class:`History` (columns of step records), its :class:`MonitorSummary`,
-and :func:`read_log`, which streams a monitor's log (JSON lines or CSV) into one.
+"""A recorded run: :class:`History` (columns of step records) and its :class:`MonitorSummary`.
 
-Every column is built in compact arrays (8 bytes a number) while the log is read line by
-line, so reading a log takes memory in proportion to its numbers, not to its text. A line
-that cannot be trusted is left out and named in ``History.problems``; a file that is not a
-regular file (a FIFO, a directory) is refused instead of read.
+Every column is built in compact arrays (8 bytes a number) by :class:`HistoryBuilder`, one
+record at a time (the monitor's kept steps, or :func:`gradclip.readlog.read_log` reading a
+log line by line), so a run takes memory in proportion to its numbers, not to its text.
 
 Example:
     >>> h = History.from_norms([1.0, 2.0, 50.0], threshold=4.0)
@@ -14,42 +12,32 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
-import stat
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from gradclip.records import LogError, Record, decode_csv_row, decode_line
 from gradclip.scale import clip_coefficient
-from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS
+from gradclip.stalls import STALL_FLOOR, STALL_STEPS, Stall, StallDetector
+from gradclip.stats import FLAG_FIELDS, GROUP_PREFIX, SCALAR_FIELDS, UPDATE_PREFIX
 
 __all__ = [
-    "MAX_LINE",
     "History",
     "HistoryBuilder",
     "LayerStat",
     "MonitorSummary",
     "NonFiniteEvent",
-    "read_log",
 ]
 
-MAX_LINE = 1 << 24
-"""Longest log line read (16 MiB, ~400,000 layers); longer lines are named and left out."""
 MAX_NAMES = 1 << 16
 """Most distinct layer (and extra) names kept from one log; more are named and left out."""
 MAX_CELLS = 1 << 27
 """Most steps x layers held as a dense matrix (1 GiB of float64); past it, the first layers
 are kept and the rest named in ``History.problems``."""
-_MAX_PROBLEMS = 20  # problems listed one by one; the rest are counted
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,6 +228,35 @@ class History:
             out.append(NonFiniteEvent(int(self.steps[i]), tuple(present), bool(self.skipped[i])))
         return out
 
+    def group_columns(self, field: str) -> dict[str, Tensor]:
+        """Per parameter group, its ``field`` (``"norm"`` or ``"coef"``) over the steps
+        (from the extras :data:`GROUP_PREFIX`); empty when the run had no groups."""
+        suffix = f"/{field}"
+        return {k[len(GROUP_PREFIX) : -len(suffix)]: v for k, v in self.extras.items()
+                if k.startswith(GROUP_PREFIX) and k.endswith(suffix)}
+
+    def update_ratios(self) -> dict[str, Tensor]:
+        """Per layer (and ``"total"``), ``‖Δθ‖ / ‖θ‖`` over the steps (from the extras
+        :data:`UPDATE_PREFIX`; NaN on steps not measured); empty when none was recorded."""
+        return {k[len(UPDATE_PREFIX) :]: v for k, v in self.extras.items()
+                if k.startswith(UPDATE_PREFIX)}
+
+    def stalls(self, floor: float = STALL_FLOOR, steps: int = STALL_STEPS) -> list[Stall]:
+        """The :class:`~gradclip.stalls.Stall` runs of the total and of every group (see
+        :class:`~gradclip.stalls.StallDetector`)."""
+        detector = StallDetector(floor, steps)
+        series = [("all", self.norm, self.coef)]
+        norms = self.group_columns("norm")
+        series += [(g, norms.get(g, torch.full_like(c, math.nan)), c)
+                   for g, c in self.group_columns("coef").items()]
+        found = []
+        for group, norm, coef in series:
+            for step, n, c in zip(self.steps.tolist(), norm.tolist(), coef.tolist(), strict=True):
+                stall = detector.feed(step, group, n, c)
+                if stall is not None:
+                    found.append(stall)
+        return found
+
     def summary(self, top: int = 5) -> MonitorSummary:
         """Clip rate, norm percentiles, top layers and first non-finite layers of the run."""
         stats = []
@@ -366,152 +383,3 @@ class HistoryBuilder:
             source=source,
             problems=tuple(notes),
         )
-
-
-# ---------------------------------------------------------------------------------------
-# reading a log
-
-
-def _open(path: Path) -> IO[bytes]:
-    """``path`` opened for reading, if it is a regular file (a FIFO would block forever)."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise LogError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise LogError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device"
-        raise LogError(f"{path}: not a regular file ({kind}); pass the log file a GradMonitor wrote")
-    return os.fdopen(fd, "rb")
-
-
-def _lines(file: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, line) pairs; the line is None when it is longer than MAX_LINE."""
-    number = 0
-    while line := file.readline(MAX_LINE + 1):
-        number += 1
-        if len(line) > MAX_LINE and not line.endswith(b"\n"):
-            while line and not line.endswith(b"\n"):  # skip the rest of it, in bounded reads
-                line = file.readline(1 << 20)
-            yield number, None
-        else:
-            yield number, line
-
-
-class _Problems:
-    """The first _MAX_PROBLEMS problems as "file:line: what", and a count of the rest."""
-
-    def __init__(self, path: Path):
-        self.path, self.listed, self.count = path, [], 0
-
-    def add(self, number: int, what: str) -> None:
-        self.count += 1
-        if len(self.listed) < _MAX_PROBLEMS:
-            self.listed.append(f"{self.path}:{number}: {what}")
-
-    def all(self) -> list[str]:
-        more = self.count - len(self.listed)
-        return self.listed + ([f"{self.path}: {more} more bad lines not listed"] if more else [])
-
-
-def _why(exc: Exception) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return f"not a JSON record ({exc.msg}, column {exc.colno})"
-    if isinstance(exc, UnicodeDecodeError):
-        return f"not valid UTF-8 (byte {exc.start + 1})"
-    if isinstance(exc, RecursionError):
-        return "nested too deeply to be a step record"
-    if isinstance(exc, csv.Error):
-        return f"not a CSV row ({exc})"
-    return str(exc)
-
-
-def _csv_cells(line: bytes, lines: Iterator[tuple[int, bytes | None]]) -> list[str]:
-    """One CSV row; a quoted field may hold line breaks, so an odd number of quotes means
-    the row goes on in the next line(s), up to MAX_LINE in all."""
-    while line.count(b'"') % 2 and len(line) <= MAX_LINE:
-        nxt = next(lines, None)
-        if nxt is None or nxt[1] is None:
-            break
-        line += nxt[1]
-    return next(csv.reader([line.decode("utf-8")], strict=True), [])
-
-
-def read_log(path: str | os.PathLike[str], *, layers: bool = True) -> History:
-    """Read a log written by :class:`~gradclip.GradMonitor` (JSON lines or CSV) into a
-    :class:`History`, streaming it line by line.
-
-    Lines that cannot be trusted (not JSON, truncated, missing fields, numbers out of
-    float64's range, names that are not valid Unicode, a newer schema) are left out, each
-    named in ``History.problems`` as ``"file:line: what"``; the rest is still read, since
-    every line is a self-contained record. The format is recognised from the content: a
-    first line that is not a JSON object but has commas is CSV (every section of it, see
-    :mod:`gradclip.sinks`); anything else is read as JSON lines.
-
-    Args:
-        path: the log file.
-        layers: read the per-layer norms (False: totals, flags and extras only; less memory).
-
-    Raises:
-        LogError: the file is missing, unreadable, not a regular file (a FIFO, a
-            directory) or empty, or no line is a valid record.
-
-    Example:
-        >>> read_log("no/such/file.jsonl")
-        Traceback (most recent call last):
-        ...
-        gradclip.records.LogError: no/such/file.jsonl: no such file
-    """
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
-    path = Path(path)
-    builder = HistoryBuilder(layers=layers)
-    problems = _Problems(path)
-    csv_columns: list[str] | None = None
-    is_csv: bool | None = None
-    blank = True
-    with _open(path) as file:
-        lines = _lines(file)
-        for number, line in lines:
-            if line is None:
-                blank = False
-                problems.add(number, f"longer than {MAX_LINE} bytes: not a step record")
-                continue
-            if not line.strip():
-                continue
-            blank = False
-            if is_csv is None:  # the first line decides: JSON objects, or comma-separated
-                is_csv = line.lstrip()[:1] not in (b"{", b"[") and b"," in line
-            record: Record | None = None
-            try:
-                if not is_csv:
-                    record = decode_line(line)
-                else:
-                    cells = _csv_cells(line, lines)
-                    if cells[:1] == ["schema"]:
-                        if "step" not in cells:
-                            raise ValueError("a CSV header without a 'step' column")
-                        csv_columns = cells
-                    elif csv_columns is None:
-                        raise ValueError("a CSV row before any header")
-                    else:
-                        record = decode_csv_row(csv_columns, cells)
-            except (ValueError, RecursionError, csv.Error) as exc:  # JSON/Unicode errors too
-                last = not line.endswith(b"\n")
-                problems.add(
-                    number,
-                    "truncated last line (the run was probably interrupted)" if last else _why(exc),
-                )
-            if record is not None:
-                builder.add(record)
-    if not len(builder):
-        if blank:
-            raise LogError(f"{path}: empty log (no step was recorded)")
-        listed = problems.all()
-        first = listed[0] if listed else f"{path}: no step records"
-        raise LogError(f"{first}; no valid step record in the file")
-    return builder.build(source=str(path), problems=problems.all())

@@ -45,14 +45,16 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from gradclip._cache import LRU
 from gradclip._checks import ArgumentTypeError, check_count, check_real
-from gradclip.clippers import Clipper, Parameters
+from gradclip.clippers import Clipper, Parameters, Snapshot, UpdateNorms
 from gradclip.history import History, HistoryBuilder, LayerStat, MonitorSummary, NonFiniteEvent
 from gradclip.recorder import Scalar, StepRecorder, layer_name
 from gradclip.records import Record
 from gradclip.scale import clip_coefficient
 from gradclip.sinks import Sink, SinkLike, as_sinks
-from gradclip.stats import FLAG_FIELDS, SCALAR_FIELDS, ClipStats
+from gradclip.stalls import STALL_FLOOR, STALL_STEPS, Stall, StallDetector
+from gradclip.stats import FLAG_FIELDS, GROUP_PREFIX, SCALAR_FIELDS, UPDATE_PREFIX, ClipStats
 
 __all__ = ["GradMonitor", "layer_name"]
 
@@ -174,6 +176,16 @@ class GradMonitor:
         every: steps between flushes (the rows of the device buffers).
         depth: layers are modules cut to this many name components (None: the module that
             owns each parameter); see :func:`layer_name`.
+        updates: measure the optimizer's update in :meth:`step`: per layer the ratio
+            ``‖Δθ‖ / ‖θ‖`` (extras ``update/<layer>``, and ``update/total``), from a copy of
+            the parameters taken before the step (:class:`gradclip.clippers.Snapshot`: one
+            copy of the parameters in memory). ``True``: every step; an int ``n``: every
+            ``n``-th step (the others record none); ``False`` (default): never.
+        stall_floor, stall_steps: the stall detector: when the clip coefficient of every
+            gradient, or of a parameter group (the clipper's ``groups=``), stays below
+            ``stall_floor`` for ``stall_steps`` consecutive steps while its norm grows, the
+            flush warns once per group (:attr:`stalls` lists them). ``stall_steps=None``
+            turns it off.
 
     Example:
         >>> import torch, gradclip
@@ -194,9 +206,25 @@ class GradMonitor:
         sinks: SinkLike | Iterable[SinkLike] | None = None,
         every: int = 100,
         depth: int | None = None,
+        updates: bool | int = False,
+        stall_floor: float = STALL_FLOOR,
+        stall_steps: int | None = STALL_STEPS,
     ):
         self.every: int = check_count(every, "every", 1, "every=100")  # type: ignore[assignment]
         self.depth = check_count(depth, "depth", 1, "depth=2", none="the module owning each parameter")
+        if isinstance(updates, bool):
+            self.updates = int(updates)
+        else:
+            self.updates = check_count(updates, "updates", 0, "updates=10")  # type: ignore[assignment]
+        floor = check_real(stall_floor, "stall_floor", "in (0, 1]", lambda v: 0 < v <= 1,
+                           "stall_floor=1e-3")
+        stall = check_count(stall_steps, "stall_steps", 1, "stall_steps=50", none="no detector")
+        self._stall = None if stall is None else StallDetector(floor, stall)
+        self.stalls: list[Stall] = []
+        self._warned_stalls: set[str] = set()
+        self._snapshot = Snapshot()
+        self._update_calls = 0
+        self._update_layers: LRU[tuple[str, ...], tuple[tuple[str, ...], Tensor]] = LRU(8)
         if clipper is not None and not isinstance(clipper, Clipper):
             raise TypeError(
                 f"`clipper` must be a gradclip Clipper (e.g. gradclip.NormClip(1.0)), got "
@@ -234,10 +262,15 @@ class GradMonitor:
         parameters: Parameters | None = None,
         **scalars: float | Tensor,
     ) -> ClipStats:
-        """``clipper.step(parameters, optimizer)`` (clip, then step, honouring skips), recorded."""
+        """``clipper.step(parameters, optimizer)`` (clip, then step, honouring skips), recorded;
+        with ``updates``, the update it made too."""
         clipper, params = self._clipper_and_params(parameters)
+        measure = self.updates > 0 and self._update_calls % self.updates == 0
+        self._update_calls += 1
+        if measure:
+            self._snapshot.take(params)
         stats = clipper.step(params, optimizer)
-        self.record(stats, **scalars)
+        self.record(stats, update=self._snapshot.measure() if measure else None, **scalars)
         return stats
 
     def _clipper_and_params(self, parameters: Parameters | None) -> tuple[Clipper, Parameters]:
@@ -256,6 +289,7 @@ class GradMonitor:
         max_norm: float | None = None,
         norm_type: float = 2.0,
         step: int | Tensor | None = None,
+        update: UpdateNorms | None = None,
         **scalars: float | Tensor,
     ) -> None:
         """Store one step: a :class:`~gradclip.ClipStats`, or a total norm from a drop-in.
@@ -268,7 +302,13 @@ class GradMonitor:
             norm_type: with a total norm, its p (ignored with ClipStats).
             step: the training step, an int or an integer 0-dim tensor (default: one more
                 than the last recorded).
+            update: the optimizer's update of this step
+                (:meth:`gradclip.clippers.Snapshot.measure`): its per-layer ratios
+                ``‖Δθ‖ / ‖θ‖`` are kept as the scalars ``update/<layer>`` and
+                ``update/total``.
             scalars: numbers or one-element tensors to keep with the step (loss, lr, ...).
+                A ClipStats of a clipper with groups adds ``group/<name>/norm`` and
+                ``group/<name>/coef``.
 
         Every argument is checked before anything is stored: a call that raises records
         nothing. No device value is read, except by the flush of a full buffer (eager
@@ -278,7 +318,17 @@ class GradMonitor:
             raise RuntimeError("this GradMonitor is closed; build a new one")
         fields, flags, per_tensor, names, p = _step_values(stats, max_norm, norm_type)
         step = _check_step(step)
+        if update is not None and not isinstance(update, UpdateNorms):
+            raise TypeError(f"`update` must be the UpdateNorms of Snapshot.measure(), got "
+                            f"{type(update).__name__}")
         extras = {name: _check_scalar(name, value) for name, value in scalars.items()}
+        groups = stats.groups if isinstance(stats, ClipStats) else None
+        if groups is not None:
+            for i, name in enumerate(groups.names):
+                extras[f"{GROUP_PREFIX}{name}/norm"] = groups.norm[i]
+                extras[f"{GROUP_PREFIX}{name}/coef"] = groups.coef[i]
+        if update is not None:
+            extras.update(self._update_scalars(update))
         device = fields[0].device
         tracing = torch.compiler.is_compiling()
         if tracing:
@@ -294,6 +344,25 @@ class GradMonitor:
                           math.nan if tracing else time.time())  # no clock in a graph
         if not tracing:
             self._pending += 1
+
+    def _update_scalars(self, update: UpdateNorms) -> dict[str, Tensor]:
+        """``update/<layer>`` and ``update/total`` ratios, on the device (no host read)."""
+        cached = self._update_layers.get(update.names)
+        if cached is None:
+            layers = [layer_name(n, self.depth) for n in update.names]
+            unique = tuple(dict.fromkeys(layers))
+            index = torch.tensor([unique.index(n) for n in layers], dtype=torch.long,
+                                 device=update.update.device)
+            cached = self._update_layers.put(update.names, (unique, index))
+        unique, index = cached
+        squares = torch.stack([update.update.double().square(), update.param.double().square()])
+        sums = squares.new_zeros(2, len(unique)).index_add_(1, index.to(squares.device), squares)
+        ratios = torch.where(sums[0] == 0, 0.0, sums[0].sqrt() / sums[1].sqrt())
+        out = {f"{UPDATE_PREFIX}{name}": ratios[i] for i, name in enumerate(unique)}
+        total = update.total.double()
+        out[f"{UPDATE_PREFIX}total"] = torch.where(total == 0, 0.0,
+                                                   total / update.param_total.double())
+        return out
 
     def log(self, **scalars: float | Tensor) -> None:
         """Attach ``scalars`` to the last recorded step (e.g. the update size after step())."""
@@ -360,6 +429,12 @@ class GradMonitor:
     def _remember(self, records: list[Record], aggregates: list[float], layer_names: list[str]) -> None:
         for r in records:
             self._kept.add(r)
+            if self._stall is not None:
+                for stall in self._stall.feed_record(r):
+                    self.stalls.append(stall)
+                    if stall.group not in self._warned_stalls:
+                        self._warned_stalls.add(stall.group)
+                        warnings.warn(f"GradMonitor: {stall.describe()}", stacklevel=4)
             if not r["finite"] and self._first_nonfinite is None:
                 bad = tuple(k for k, v in r["layers"].items() if not math.isfinite(v))
                 self._first_nonfinite = NonFiniteEvent(r["step"], bad, r["skipped"])

@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradclip.history import History, read_log
+from gradclip.history import History
 from gradclip.monitor import GradMonitor
+from gradclip.readlog import read_log
 from gradclip.scale import TORCH_EPS
 
 __all__ = ["QUANTILE", "SPIKE_Z", "Recommendation", "recommend_max_norm", "render_text"]
@@ -195,8 +196,11 @@ def recommend_max_norm(
     elif recorded_rate is not None and recorded_thr is not None and recorded_rate >= 0.5:
         warnings.append(
             f"clipping fired on {recorded_rate:.0%} of steps: more than spikes are being "
-            f"clipped; the threshold ({recorded_thr:.4g}) is near or below the typical norm"
+            f"clipped; the threshold ({recorded_thr:.4g}) is near or below the typical norm, "
+            f"so it acts as a learning-rate cut on most steps (median factor "
+            f"{_median_factor(h.coef):.2g} where it clipped)"
         )
+    warnings += _group_cuts(h)
     if recorded_thr is not None and recorded_thr > 0 and median / recorded_thr >= 2:
         warnings.append(
             f"the threshold {recorded_thr:.4g} is {median / recorded_thr:.3g}x below the median "
@@ -243,6 +247,30 @@ def recommend_max_norm(
         nonfinite_steps=nonfinite,
         warnings=tuple(warnings),
     )
+
+
+def _median_factor(coefs: Tensor) -> float:
+    """The median clip coefficient over the steps that clipped (NaN: none did)."""
+    clipped = coefs[torch.isfinite(coefs) & (coefs < 1)]
+    return float(clipped.median()) if clipped.numel() else math.nan
+
+
+def _group_cuts(h: History) -> list[str]:
+    """A warning per parameter group whose threshold scaled its gradients on most steps."""
+    out = []
+    for group, coef in h.group_columns("coef").items():
+        known = coef[torch.isfinite(coef) & h.finite]
+        if known.numel() < 2:
+            continue
+        rate = float((known < 1).double().mean())
+        if rate >= 0.5:
+            out.append(
+                f"the threshold of group {group!r} acts as a learning-rate cut: it scaled the "
+                f"group's gradients on {rate:.0%} of steps (median factor "
+                f"{_median_factor(known):.2g}), not only on spikes; raise it, or give the group "
+                "its own policy (for an orthogonalising optimizer such as Muon: 'exclude')"
+            )
+    return out
 
 
 def _round_up(value: float) -> float:

@@ -35,13 +35,15 @@ equal to ``max_norm`` is scaled (it is, by ``1 / (1 + 1e-6 / max_norm)``)."""
 def clip_coefficient(max_norm: float | Tensor, total: Tensor) -> Tensor:
     """torch's coefficient ``min(max_norm / (total + 1e-6), 1)`` as a tensor (no host read).
 
-    ``total`` may be 0-dim or 1-D (one coefficient per norm).
+    ``total`` may be 0-dim or 1-D (one coefficient per norm). Computed as torch computes it
+    for a Python ``max_norm`` (``Tensor.__rtruediv__``: the reciprocal, then a product), so a
+    ``max_norm`` held in a tensor of ``total``'s dtype gives the same bits as the number.
 
     Example:
         >>> clip_coefficient(1.0, torch.tensor(4.0))
         tensor(0.2500)
     """
-    return torch.clamp(max_norm / (total + TORCH_EPS), max=1.0)
+    return torch.clamp((total + TORCH_EPS).reciprocal() * max_norm, max=1.0)
 
 
 def _f32(x: float) -> float:
@@ -109,12 +111,18 @@ def clip_(groups: _foreach.Groups, max_norm: float, total: Tensor, foreach: bool
         scale: float | Tensor = coef
         if dtype not in (torch.float32, torch.float64):
             scale = torch.tensor(coef, dtype=total.dtype)
-        use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
-        if use_foreach:
-            _foreach.foreach_mul_(group, scale)
-        else:
-            for g in group:
-                g.mul_(scale)
+        _multiply(group, device, scale, foreach)
+
+
+def _multiply(group: list[Tensor], device: torch.device, scale: float | Tensor,
+              foreach: bool | None) -> None:
+    """``group *= scale`` in place: one multi-tensor kernel where torch has one, else a loop."""
+    use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
+    if use_foreach:
+        _foreach.foreach_mul_(group, scale)
+    else:
+        for g in group:
+            g.mul_(scale)
 
 
 def noop_on_host(device: torch.device, coef: Tensor) -> bool:
@@ -138,16 +146,34 @@ def scale_(groups: _foreach.Groups, coef: Tensor, foreach: bool | None) -> None:
         tensor([1.5000, 2.0000])
     """
     _foreach.check_foreach(groups, foreach)
-    for (device, _), (group, _) in groups.items():
+    for (device, dtype), (group, _) in groups.items():
         scale = coef.to(device)
-        if noop_on_host(device, scale):
-            continue
-        use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
-        if use_foreach:
-            _foreach.foreach_mul_(group, scale)
+        if _foreach.is_host_device(device):
+            if not noop_on_host(device, scale):
+                _multiply(group, device, scale, foreach)
+        elif dtype == torch.float16:
+            _multiply_float16(group, [scale] * len(group))
         else:
-            for g in group:
-                g.mul_(scale)
+            # torch's multi-tensor kernel takes a 0-dim scale only in the tensors' own dtype;
+            # another dtype falls back to one kernel per tensor: twice the time for bfloat16
+            # on an H200. bfloat16 has float32's exponent range: the cast costs one rounding
+            # of the scale, the size of the product's own
+            _multiply(group, device, scale.to(dtype) if dtype == torch.bfloat16 else scale, foreach)
+
+
+def _multiply_float16(group: list[Tensor], scales: list[Tensor]) -> None:
+    """``g *= s`` for float16 tensors and 0-dim float32 scales, computed in float32.
+
+    On CUDA a 0-dim float32 scale is rounded to float16 before the multiply (seen on an
+    H200: a coefficient of 5e-7, subnormal in float16, clipped a norm to 0.954 instead of 1;
+    below 6e-8 it would be 0). A scale with a dimension takes part in type promotion, so the
+    product is computed in float32 and rounded once; one kernel per tensor.
+    """
+    for g, s in zip(group, scales, strict=True):
+        if g.dim():
+            g.mul_(s.view([1] * g.dim()))
+        else:
+            g.copy_(g.float() * s)
 
 
 def scale_each_(groups: _foreach.Groups, coefs: Tensor) -> None:
@@ -163,7 +189,7 @@ def scale_each_(groups: _foreach.Groups, coefs: Tensor) -> None:
         >>> g
         [tensor([1.5000]), tensor([4.])]
     """
-    for (device, _), (group, indices) in groups.items():
+    for (device, dtype), (group, indices) in groups.items():
         mine = coefs.index_select(0, index_tensor(tuple(indices), coefs.device)).to(device)
         if _foreach.is_host_device(device) and not _foreach.is_compiling():  # see noop_on_host
             keep = (mine != 1).tolist()
@@ -172,7 +198,9 @@ def scale_each_(groups: _foreach.Groups, coefs: Tensor) -> None:
             if not all(keep):
                 group = [g for g, k in zip(group, keep, strict=True) if k]
                 mine = mine[torch.tensor(keep)]
-        if _foreach.has_foreach_support(group, device):
+        if dtype == torch.float16 and not _foreach.is_host_device(device):
+            _multiply_float16(group, list(mine.unbind()))
+        elif _foreach.has_foreach_support(group, device):
             _foreach.foreach_mul_(group, list(mine.unbind()))
         else:
             for g, c in zip(group, mine.unbind(), strict=True):

@@ -18,7 +18,16 @@ from torch import Tensor
 
 from gradclip.norms import GradNorms
 
-__all__ = ["FLAG_FIELDS", "SCALAR_FIELDS", "STEP_FIELDS", "ClipStats", "StepField"]
+__all__ = [
+    "FLAG_FIELDS",
+    "GROUP_PREFIX",
+    "SCALAR_FIELDS",
+    "STEP_FIELDS",
+    "UPDATE_PREFIX",
+    "ClipStats",
+    "GroupStats",
+    "StepField",
+]
 
 
 class StepField(NamedTuple):
@@ -47,6 +56,55 @@ SCALAR_FIELDS: tuple[str, ...] = tuple(f.name for f in STEP_FIELDS if f.kind is 
 FLAG_FIELDS: tuple[str, ...] = tuple(f.name for f in STEP_FIELDS if f.kind is bool)
 """The boolean fields."""
 
+GROUP_PREFIX = "group/"
+"""A step record's extras ``group/<name>/norm`` and ``group/<name>/coef``: a parameter
+group's pre-clip norm and clip coefficient (:class:`GroupStats`, as the monitor logs it)."""
+UPDATE_PREFIX = "update/"
+"""A step record's extras ``update/<layer>``: the layer's update-to-parameter ratio
+``‖Δθ‖ / ‖θ‖``; ``update/total`` the whole model's (the monitor's ``updates=``)."""
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """What one clip step did to each parameter group (see :mod:`gradclip.grouping`).
+
+    Every tensor is 1-D with one entry per group, on the gradients' device.
+
+    Attributes:
+        names: the group names.
+        norm: each group's gradient norm before clipping (the p-norm of its tensors' norms).
+        post_norm: each group's norm after clipping.
+        threshold: the threshold each group was clipped at (NaN: excluded); groups that
+            share a norm share it.
+        coef: ``post_norm / norm`` per group (1: not clipped, and for excluded groups).
+        excluded: per group, whether it was left out of the norm and the clip.
+
+    Example:
+        >>> import torch, gradclip
+        >>> a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        >>> a.grad, b.grad = torch.tensor([4.0]), torch.tensor([0.5])
+        >>> stats = gradclip.NormClip(1.0, groups={"a": [a], "b": [b]})({"a": a, "b": b})
+        >>> stats.groups.names, stats.groups.coef
+        (('a', 'b'), tensor([0.2500, 1.0000]))
+    """
+
+    names: tuple[str, ...]
+    norm: Tensor
+    post_norm: Tensor
+    threshold: Tensor
+    coef: Tensor
+    excluded: tuple[bool, ...]
+
+    def to_dict(self) -> dict[str, dict[str, float | bool]]:
+        """Per group name, its fields as Python numbers (one host sync): for logging."""
+        values = torch.stack([self.norm, self.post_norm, self.threshold, self.coef]).double()
+        rows = values.cpu().tolist()
+        return {
+            name: {"norm": rows[0][i], "post_norm": rows[1][i], "threshold": rows[2][i],
+                   "coef": rows[3][i], "excluded": self.excluded[i]}
+            for i, name in enumerate(self.names)
+        }
+
 
 @dataclass(frozen=True)
 class ClipStats:
@@ -66,6 +124,8 @@ class ClipStats:
         skipped: bool, True when the step was skipped by ``nonfinite="skip"``.
         norms: the per-tensor pre-clip norms from the same pass (:class:`GradNorms`).
         names: the parameter name of each entry of ``norms.tensors``.
+        groups: per parameter group, what the step did (:class:`GroupStats`), when the
+            clipper clipped by groups; else None.
 
     Example:
         >>> import torch, gradclip
@@ -85,6 +145,7 @@ class ClipStats:
     skipped: Tensor
     norms: GradNorms
     names: tuple[str, ...]
+    groups: GroupStats | None = None
 
     def to_dict(self) -> dict[str, float | bool]:
         """The scalar fields as Python numbers (one host sync): for logging."""

@@ -104,3 +104,16 @@ def test_the_task_runs_on_the_device_it_is_given():
     meta = torch.device("meta")
     with pytest.raises((NotImplementedError, RuntimeError)):  # a device is really used
         run("adam-spikes", gradclip.NormClip(0.1), steps=2, device=meta)
+
+
+def test_the_demo_steps_clippers_through_the_optimizer():
+    """On the Muon task the demo's clippers see the optimizer (their records show the Muon
+    group left out), also when a monitor records them."""
+    seen = []
+
+    def record(name, clipper):
+        return lambda stats: seen.append((name, stats.groups)) or stats
+
+    compare("muon-adamw", ["fixed-good", "adaptive"], steps=3, record=record)
+    assert [name for name, _ in seen] == ["fixed-good"] * 3 + ["adaptive"] * 3
+    assert all(groups is not None and groups.excluded == (True, False) for _, groups in seen)

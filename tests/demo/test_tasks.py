@@ -15,8 +15,8 @@ from gradclip.demo.runner import RunResult, run
 from gradclip.demo.tasks import REFERENCES, TASKS, Task, resolve
 
 SHORT = {"rnn-addition/violent": 15, "rnn-addition/moderate": 15, "adam-spikes": 30,
-         "sgd-heavy-tail": 40, "lm-transformer": 4, "lstm-text": 4, "cnn-digits/sgd": 6,
-         "cnn-digits/adamw": 6}
+         "sgd-heavy-tail": 40, "muon-adamw": 10, "lm-transformer": 4, "lstm-text": 4,
+         "cnn-digits/sgd": 6, "cnn-digits/adamw": 6}
 
 
 def fixed(max_norm: float):
@@ -100,3 +100,17 @@ def test_resolve_names_the_keys_and_refuses_other_types():
         resolve("rnn")
     with pytest.raises(TypeError, match="`task` must be a task key"):
         resolve(3)
+
+
+def test_quick_muon_default_policy_trains_as_no_clipping_a_global_clip_does_worse():
+    """The mechanism of NVIDIA/Megatron-LM#5394 on the embedded Muon task: a global
+    coefficient (total norm ~1e7) starves the classifier; gradclip's default policy (Muon
+    groups left out, the AdamW groups clipped on their own norm) does not."""
+    none = run("muon-adamw", None, quick=True)
+    with pytest.warns(UserWarning, match=r"leaves the parameter group\(s\) \['0'\] \(MuonAdamW\)"):
+        default = run("muon-adamw", gradclip.NormClip(1.0), quick=True)
+    global_ = run("muon-adamw", gradclip.NormClip(1.0, orthogonal=None), quick=True)
+    assert min(global_.pre_norms) > 1e6  # the imbalance is there from the first step
+    assert default.metric < 1.1 * none.metric
+    assert global_.metric > 1.2 * none.metric
+    assert all(global_.clipped) and sum(default.clipped) < len(default.clipped)

@@ -122,6 +122,23 @@ def describe(value: Any) -> tuple[float | None, str]:
     return float(value), type(value).__name__
 
 
+def first_call_reads(model: nn.Module, params: list, kwargs: dict) -> list[str]:
+    """Host reads of the first calls on this layout (new meshes, nothing cached), on the
+    accelerator code path: the plan reads no value either (tests/host_reads.py)."""
+    from host_reads import HostReadDetector
+
+    original = gradclip._foreach.is_host_device
+    gradclip._foreach.is_host_device = lambda device: False
+    try:
+        with HostReadDetector() as detector:
+            gradclip.grad_norms(params, 2.0, **kwargs)
+            gradclip.NormClip(1e30, **kwargs)(model)
+            gradclip.clip_grad_norm_(params, 1e30, math.inf, **kwargs)
+        return detector.reads
+    finally:
+        gradclip._foreach.is_host_device = original
+
+
 def check_layout_case(
     rec: list[dict], case: str, model: nn.Module, ref: dict[str, torch.Tensor], *,
     gather: Callable[[], dict[str, torch.Tensor]] | None = None,
@@ -132,6 +149,9 @@ def check_layout_case(
     gather = gather or (lambda: full_grads(model))
     params = list(model.parameters())
     saved = Saved(params)
+    rec.append({"case": "first_call_reads", "layout": case,
+                "reads": first_call_reads(model, params, kwargs)})
+    saved.restore()
     for p in p_values:
         ref_total = float(tnu.get_total_norm(list(ref.values()), p))
         max_norm = 0.5 * ref_total
@@ -791,11 +811,95 @@ def bad_input_cases(rank: int, world: int, rec: list[dict]) -> None:
         rec.append({"case": "bad_type", "error": str(err)})
 
 
+def _split(names: list[str]) -> dict[str, list[str]]:
+    """The groups of the group cases, by reference name: weights and biases."""
+    return {"weights": [n for n in names if n.endswith("weight")],
+            "biases": [n for n in names if not n.endswith("weight")]}
+
+
+def check_group_case(
+    rec: list[dict], case: str, model: nn.Module, ref: dict[str, torch.Tensor], *,
+    kwargs: dict | None = None,
+) -> None:
+    """Per-group clipping on one layout (groups mixing sharded and replicated tensors):
+    the drop-in with a threshold per group and a clipper with a shared and an excluded
+    group, against the single-process reference clipped group by group."""
+    kwargs = kwargs or {}
+    params = list(model.parameters())
+    saved = Saved(params)
+    names = {clean(n): q for n, q in model.named_parameters()}
+    split = _split(list(names))
+    groups = {g: [names[n] for n in members] for g, members in split.items()}
+    ref_split = _split(list(ref))  # the whole model's (pipeline stages hold part of it)
+    for p in P_VALUES:
+        ref_norms = [float(tnu.get_total_norm([ref[n] for n in ref_split[g]], p))
+                     for g in ("weights", "biases")]
+        limits = [0.5 * r for r in ref_norms]
+        want = {}
+        for g, limit, total in zip(("weights", "biases"), limits, ref_norms, strict=True):
+            coef = min(limit / (total + 1e-6), 1.0)
+            want.update({n: ref[n] * coef for n in ref_split[g]})
+        saved.restore()
+        norms = gradclip.clip_grad_norm_(params, limits, p, groups=groups, **kwargs)
+        got = full_grads(model)
+        drop_in_err = grad_error(got, {n: want[n] for n in got})
+        saved.restore()
+        clipper = gradclip.NormClip(limits[0], p, groups=groups, policy=["shared", "exclude"],
+                                    **kwargs)
+        stats = clipper(model)
+        got = full_grads(model)
+        coef = min(limits[0] / (ref_norms[0] + 1e-6), 1.0)
+        want_clipper = {n: ref[n] * coef if n in ref_split["weights"] else ref[n] for n in got}
+        rec.append({
+            "case": case, "p": p, "ref": ref_norms, "ours": norms.tolist(),
+            "grad_err": drop_in_err, "clipper_err": grad_error(got, want_clipper),
+            "clipper_norms": stats.groups.norm.tolist(),
+            "clipper_coef": stats.groups.coef.tolist(),
+            "clipper_threshold": float(stats.threshold),
+            "excluded": list(stats.groups.excluded),
+        })
+        saved.restore()
+
+
+def group_cases(rank: int, world: int, rec: list[dict]) -> None:
+    """Per-group clipping under DDP, FSDP2 on one layer (DTensor and plain tensors in a
+    group), tensor parallel (a replicated bias among sharded weights) and pipeline stages
+    (each stage's groups reduced with the other stage's)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+    from torch.nn.parallel import DistributedDataParallel
+
+    x, y = data()
+    model = DistributedDataParallel(mlp())
+    loss_of(model, x[rank::world], y[rank::world]).backward()
+    check_group_case(rec, "groups_ddp", model, reference_grads())
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = mlp()
+    fully_shard(model[0], mesh=mesh)
+    loss_of(model, x, y).backward()  # same batch on every rank: the plain grads agree
+    check_group_case(rec, "groups_mixed", model, reference_grads())
+
+    model = parallelize_module(mlp(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    loss_of(model, x, y).backward()
+    check_group_case(rec, "groups_tp", model, reference_grads())
+
+    stage = _stage(mlp(), rank)
+    _pipeline_step(stage, rank, 1 - rank, x, y)
+    check_group_case(rec, "groups_pp", stage, reference_grads(),
+                     kwargs={"extra_groups": [dist.group.WORLD]})
+
+
 def suite_two(rank: int, world: int, rec: list[dict]) -> None:
     """Everything that runs on 2 ranks, in one launch."""
     for case in (ddp_case, fsdp1_cases, fsdp2_cases, tp_case, mixed_case, pp_case, nan_case,
                  bad_input_cases, host_read_cases, adaptive_cases, adagc_cases, agc_cases,
-                 more_clipper_cases):
+                 more_clipper_cases, group_cases):
         case(rank, world, rec)
 
 
@@ -905,8 +1009,36 @@ def adagc_four_cases(rank: int, world: int, rec: list[dict]) -> None:
                  lambda x, y: (x[rank::world], y[rank::world]))
 
 
+def group_four_case(rank: int, world: int, rec: list[dict]) -> None:
+    """Per-group clipping under FSDP2 x TP on a (dp=2, tp=2) mesh with a layer on a second
+    mesh: groups hold tensors sharded over dp, over tp, over both, and replicated."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
+                          nn.Linear(8, 3))
+    ref_model = copy.deepcopy(model)
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model[0], mesh=mesh["dp"])
+    fully_shard(model[2], mesh=mesh["dp"])
+    fully_shard(model[4], mesh=init_device_mesh("cpu", (world,)))
+    x, y = data()
+    dp = mesh.get_local_rank("dp")
+    loss_of(model, x[dp::2], y[dp::2]).backward()
+    loss_of(ref_model, x, y).backward()
+    check_group_case(rec, "groups_fsdp_tp", model,
+                     {n: q.grad.detach().clone() for n, q in ref_model.named_parameters()})
+
+
 def suite_four(rank: int, world: int, rec: list[dict]) -> None:
-    for case in (fsdp_tp_case, hsdp_case, pp_fsdp_case, adagc_four_cases):
+    for case in (fsdp_tp_case, hsdp_case, pp_fsdp_case, adagc_four_cases, group_four_case):
         case(rank, world, rec)
 
 

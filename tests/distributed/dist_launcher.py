@@ -21,6 +21,9 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: torch_bugs
+from torch_bugs import average_gloo_reduce_scatter
+
 COLLECTIVE_TIMEOUT = timedelta(seconds=45)
 
 
@@ -39,6 +42,7 @@ def _entry(rank: int, fn: Callable, world: int, port: int, out: str, args: tuple
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=COLLECTIVE_TIMEOUT,
     )
+    average_gloo_reduce_scatter()  # torch < 2.9 sums where FSDP2 averages (see there)
     records: list[dict[str, Any]] = []
     fn(rank, world, records, *args)  # an exception ends this rank; the parent reports it
     Path(out, f"rank{rank}.json").write_text(json.dumps(records))

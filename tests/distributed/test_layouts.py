@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import dist_cases as cases
 import dist_launcher as launcher
 
+from gradclip import _foreach
+
 RTOL = 1e-5  # float32 totals: torch's own summation error reaches 2e-6
 GRAD_RTOL = 1e-5
 
@@ -94,6 +96,39 @@ def assert_per_tensor(e: dict, what: str) -> None:
         assert close(value, want), f"{what} {name}: {value} != {want}"
 
 
+# What torch's own norm of sharded DTensor gradients is, by release. torch < 2.10: unreduced, a
+# lazy `_NormPartial` DTensor whose local value (what `.item()` shows) is this rank's part of the
+# norm, for every p. From 2.10: p-norms reduced, a `Replicate` DTensor holding the whole norm on
+# every rank. The inf-norm: reduced too in 2.10 only (right on every rank); from 2.11 a
+# `Partial(max)` again, whose local value is the rank-local max.
+TORCH_NORM_REDUCED = _foreach.TORCH_VERSION >= (2, 10)
+TORCH_INF_REDUCED = _foreach.TORCH_VERSION == (2, 10)
+TORCH_INF_NORM = ("DTensor(Replicate)" if TORCH_INF_REDUCED else
+                  "DTensor(Partial)" if TORCH_NORM_REDUCED else "DTensor(_NormPartial)")
+
+
+def kinds(entry: dict) -> set[str]:
+    """The placement types of the DTensor torch returned (``describe`` in dist_cases)."""
+    return set(entry["torch_type"].removeprefix("DTensor(").removesuffix(")").split(","))
+
+
+def assert_torch_p_norms(per_rank: list[list[dict]], shard_groups: list[list[int]]) -> None:
+    """torch's finite-p norms on a layout where they are right: reduced, or on older torch
+    partial, with the parts of each shard group's ranks combining to the reference norm."""
+    for entries in zip(*per_rank, strict=True):
+        p, ref = entries[0]["p"], entries[0]["ref"]
+        if math.isinf(p):
+            continue
+        if TORCH_NORM_REDUCED:
+            assert all(kinds(e) == {"Replicate"} for e in entries), entries
+            assert all(close(e["torch"], ref) for e in entries), (p, entries)
+            continue
+        assert all("_NormPartial" in kinds(e) for e in entries), entries
+        for group in shard_groups:
+            combined = sum(entries[r]["torch"] ** p for r in group) ** (1 / p)
+            assert close(combined, ref), (p, group, combined, ref)
+
+
 def torch_wrong_somewhere(per_rank: list[list[dict]], p: float) -> bool:
     entries = [e for rank in per_rank for e in rank if e["p"] == p]
     return any(not close(e["torch"], e["ref"], 1e-3) for e in entries)
@@ -134,11 +169,10 @@ def test_fsdp1_flat_params_with_shard_group(two):
 def test_fsdp2(two):
     per_rank = assert_ours_exact(two, "fsdp2")
     for e in (e for rank in per_rank for e in rank):
-        if math.isinf(e["p"]):  # torch: Partial(max); .item() is the rank-local max
-            assert e["torch_type"] == "DTensor(Partial)"
-        else:
-            assert e["torch_type"] == "DTensor(Replicate)" and close(e["torch"], e["ref"])
-    assert torch_wrong_somewhere(per_rank, math.inf)
+        if math.isinf(e["p"]):  # torch >= 2.11: Partial(max); .item() is the rank-local max
+            assert e["torch_type"] == TORCH_INF_NORM
+    assert_torch_p_norms(per_rank, [[0, 1]])
+    assert torch_wrong_somewhere(per_rank, math.inf) is not TORCH_INF_REDUCED
 
 
 def test_fsdp2_empty_local_shards(two):
@@ -148,8 +182,7 @@ def test_fsdp2_empty_local_shards(two):
     assert "empty tensor" in shards[1][0]["torch_local_inf"]
     assert_ours_exact(two, "fsdp2_empty")
     per_rank = assert_ours_exact(two, "fsdp2_empty_torch_p")
-    for e in (e for rank in per_rank for e in rank):  # torch's p-norms are right here
-        assert close(e["torch"], e["ref"])
+    assert_torch_p_norms(per_rank, [[0, 1]])  # torch's p-norms are right here
 
 
 def test_dtensor_grad_missing_on_one_rank(two):
@@ -166,9 +199,9 @@ def test_tensor_parallel(two):
     (placements,) = records(two, "tp_placements")[0]
     assert placements["placements"]["2.bias"] == "(Replicate(),)"  # counted once, not twice
     per_rank = assert_ours_exact(two, "tp")
-    for e in (e for rank in per_rank for e in rank):
-        expected = "DTensor(Partial)" if math.isinf(e["p"]) else "DTensor(Replicate)"
-        assert e["torch_type"] == expected and close(e["torch"], e["ref"])
+    for e in (e for rank in per_rank for e in rank if math.isinf(e["p"])):
+        assert e["torch_type"] == TORCH_INF_NORM and close(e["torch"], e["ref"])
+    assert_torch_p_norms(per_rank, [[0, 1]])
 
 
 def test_mixed_tensor_and_dtensor(two):
@@ -309,6 +342,19 @@ def test_bad_input(two):
         assert "extra_groups[0]" in e["error"] and "'world'" in e["error"]
 
 
+@pytest.mark.parametrize("suite", ["two", "four"])
+def test_no_host_reads_on_the_first_call_of_any_layout(suite, request):
+    """The reduction plan of a new layout (new meshes, nothing cached) reads no value on the
+    host: DDP, FSDP1, FSDP2, TP, mixed, pipeline, FSDP x TP, HSDP, pipeline x FSDP2."""
+    per_rank = records(request.getfixturevalue(suite), "first_call_reads")
+    layouts = {e["layout"] for rank in per_rank for e in rank}
+    expected = {"two": {"ddp", "fsdp2", "tp", "mixed", "pp"}, "four": {"fsdp_tp", "hsdp", "pp_fsdp"}}
+    assert expected[suite] <= layouts, layouts
+    for rank in per_rank:
+        for e in rank:
+            assert e["reads"] == [], f"{e['layout']}: {e['reads']}"
+
+
 def test_no_host_reads_in_the_reduction(two):
     per_rank = records(two, "host_reads")
     assert {e["call"] for e in per_rank[0]} == {"dtensor", "shard_group", "extra_groups", "clipper",
@@ -333,10 +379,8 @@ def test_fsdp_x_tp_on_a_2d_mesh_and_a_second_mesh(four):
 
 def test_hsdp(four):
     per_rank = assert_ours_exact(four, "hsdp")
-    for e in (e for rank in per_rank for e in rank):
-        if not math.isinf(e["p"]):
-            assert close(e["torch"], e["ref"])
-    assert torch_wrong_somewhere(per_rank, math.inf)
+    assert_torch_p_norms(per_rank, [[0, 1], [2, 3]])  # mesh (replicate, shard) [[0, 1], [2, 3]]
+    assert torch_wrong_somewhere(per_rank, math.inf) is not TORCH_INF_REDUCED
 
 
 def test_pipeline_x_fsdp2(four):
@@ -351,3 +395,38 @@ def test_adagc_matches_single_process_on_four_ranks(four):
 
 def test_agc_matches_single_process_on_four_ranks(four):
     assert_like_reference(four, {"fsdp_tp"}, "agc")
+
+
+# ---------------------------------------------------------------------------------------
+# per-group clipping
+
+
+def assert_groups_exact(ranks: list[list[dict]], case: str) -> None:
+    """Per-group norms: the reference groups' norms, bit-identical on every rank; the
+    gradients clipped group by group as the reference; the clipper's shared and excluded
+    groups likewise."""
+    per_rank = records(ranks, case)
+    assert {e["p"] for e in per_rank[0]} == set(cases.P_VALUES)
+    for entries in zip(*per_rank, strict=True):
+        for key in ("ours", "clipper_norms", "clipper_coef", "clipper_threshold"):
+            values = {tuple(e[key]) if isinstance(e[key], list) else e[key] for e in entries}
+            assert len(values) == 1, f"{case} p={entries[0]['p']}: ranks disagree on {key}"
+        for e in entries:
+            where = f"{case} p={e['p']}"
+            for ours, ref in zip(e["ours"], e["ref"], strict=True):
+                assert close(ours, ref), f"{where}: group norm {ours} != {ref}"
+            for ours, ref in zip(e["clipper_norms"], e["ref"], strict=True):
+                assert close(ours, ref), f"{where}: the clipper's group norm {ours} != {ref}"
+            assert e["grad_err"] <= GRAD_RTOL, f"{where}: drop-in grads off {e['grad_err']}"
+            assert e["clipper_err"] <= GRAD_RTOL, f"{where}: clipper grads off {e['clipper_err']}"
+            assert e["excluded"] == [False, True] and e["clipper_coef"][1] == 1.0
+            assert close(e["clipper_threshold"], 0.5 * e["ref"][0])
+
+
+@pytest.mark.parametrize("case", ["groups_ddp", "groups_mixed", "groups_tp", "groups_pp"])
+def test_per_group_norms_on_two_ranks(two, case):
+    assert_groups_exact(two, case)
+
+
+def test_per_group_norms_under_fsdp_x_tp(four):
+    assert_groups_exact(four, "groups_fsdp_tp")

@@ -7,6 +7,7 @@ from gradclip.clippers.autoclip import AutoClip, AutoClipState
 from gradclip.clippers.base import Clipper, Step
 from gradclip.clippers.fixed import NormClip, ValueClip
 from gradclip.clippers.targets import Parameters, named_grads
+from gradclip.clippers.update import Snapshot, UpdateClip, UpdateClipState, UpdateNorms
 from gradclip.clippers.zclip import ZClip, ZClipState
 
 __all__ = [
@@ -21,7 +22,11 @@ __all__ = [
     "Clipper",
     "NormClip",
     "Parameters",
+    "Snapshot",
     "Step",
+    "UpdateClip",
+    "UpdateClipState",
+    "UpdateNorms",
     "ValueClip",
     "ZClip",
     "ZClipState",

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from gradclip._checks import check_count, check_real
 from gradclip.clippers.base import Clipper, Step
+from gradclip.clippers.groups import GroupOptions
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
 from gradclip.scale import clip_coefficient
@@ -111,6 +113,8 @@ class AdaGC(Clipper[AdaGCState]):
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
+            see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
 
     Example:
         >>> import torch
@@ -146,6 +150,7 @@ class AdaGC(Clipper[AdaGCState]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        **grouping: Unpack[GroupOptions],
     ):
         self.relative = check_real(relative, "relative", "> 0", lambda v: 0 < v < math.inf,
                                     "relative=1.05")
@@ -155,7 +160,8 @@ class AdaGC(Clipper[AdaGCState]):
             warmup_max_norm, "warmup_max_norm", "> 0", lambda v: v > 0, "warmup_max_norm=1.0"
         )
         super().__init__(
-            norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            **grouping,
         )
 
     def config(self) -> dict[str, Any]:

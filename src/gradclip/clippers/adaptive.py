@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from gradclip._checks import check_count, check_real, check_threshold
 from gradclip.clippers.base import Clipper, Step
+from gradclip.clippers.groups import GroupOptions
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
 from gradclip.scale import clip_coefficient
@@ -209,6 +211,8 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
+            see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
 
     With an optimizer that normalises its update::
 
@@ -266,6 +270,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        **grouping: Unpack[GroupOptions],
     ):
         self.relative = check_real(
             relative, "relative", "finite and > 0", lambda v: 0 < v < math.inf, "relative=2.0"
@@ -329,6 +334,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             nonfinite=nonfinite,
             shard_group=shard_group,
             extra_groups=extra_groups,
+            **grouping,
         )
 
     def config(self) -> dict[str, Any]:
@@ -375,15 +381,18 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         if constants is None or constants.slots.device != device:
             window = self.window
             # The lower median of n recorded norms sits at sorted index (n - 1) // 2.
-            middle = [(min(max(n - 1, 0), window - 1)) // 2 for n in range(window + 1)]
+            # Built on the device (fill, arange), not copied from the host: a first call
+            # makes no host-to-device copy either.
+            counts = torch.arange(window + 1, device=device)
 
             def f32(value: float) -> Tensor:
-                return torch.tensor(value, dtype=torch.float32, device=device)
+                return torch.full((), value, dtype=torch.float32, device=device)
 
             constants = self._constants = _Constants(
                 slots=torch.arange(window, device=device),
-                window=torch.tensor(window, device=device),
-                middle=torch.tensor(middle, device=device),
+                window=torch.full((), window, dtype=torch.long, device=device),
+                # the lower median of n recorded norms sits at sorted index (n - 1) // 2
+                middle=torch.div((counts - 1).clamp(0, window - 1), 2, rounding_mode="floor"),
                 zero=f32(0.0),
                 inf=f32(math.inf),
                 rate=f32(1 + self.growth),
@@ -410,8 +419,9 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         recorded = (norm > k.zero) & (norm < k.inf)  # False for NaN, inf and a zero gradient
         # Unwritten slots hold +inf and sort last: the lower median of the recorded norms,
         # and inf while there is none.
-        middle = torch.take(k.middle, torch.minimum(count, k.window))  # no host read
-        median = torch.take(history.sort().values, middle)
+        # gather, not take: no host read, and it traces under torch.compile
+        middle = k.middle.gather(0, torch.minimum(count, k.window).reshape(1))
+        median = history.sort().values.gather(0, middle).reshape(())
 
         first = count == 0
         grown = previous * torch.where(warm, k.warmup_rate, k.rate)

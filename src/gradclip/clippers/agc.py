@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from gradclip import _foreach, distributed
 from gradclip._cache import LRU
 from gradclip._checks import check_real
 from gradclip.clippers.base import Clipper, Step
+from gradclip.clippers.groups import GroupOptions
 from gradclip.clippers.targets import Parameters, Target
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms, empty_norms, result_dtype, total_norm
@@ -133,6 +135,8 @@ class AGC(Clipper):
             ``extra_groups``); see :class:`~gradclip.Clipper` and the README, "Distributed
             training". ``shard_group`` (flat FSDP1/ZeRO shards) raises ``NotImplementedError``:
             a flat shard's rows cannot be told apart.
+        groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
+            see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
 
     Example:
         >>> import torch
@@ -162,6 +166,7 @@ class AGC(Clipper):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        **grouping: Unpack[GroupOptions],
     ):
         self.clipping = check_real(clipping, "clipping", "> 0", lambda v: v > 0, "clipping=0.01")
         self.eps = check_real(eps, "eps", ">= 0", lambda v: v >= 0 and math.isfinite(v), "eps=1e-3")
@@ -171,7 +176,8 @@ class AGC(Clipper):
         self._pattern_cache: LRU[tuple[str, ...], tuple[bool, ...]] = LRU(8)
         self._warned = False
         super().__init__(
-            norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=2.0, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            **grouping,
         )
 
     def config(self) -> dict[str, Any]:
@@ -200,8 +206,8 @@ class AGC(Clipper):
                 if target.module is None
                 else "the module has no nn.Linear"
             )
-            return _HeadTarget(**vars(target), head=frozenset())
-        return _HeadTarget(**vars(target), head=frozenset(id(p) for p in head.parameters()))
+            return _HeadTarget.of(target, frozenset())
+        return _HeadTarget.of(target, frozenset(id(p) for p in head.parameters()))
 
     def _warn_once(self, why: str) -> None:
         if not self._warned:
@@ -215,6 +221,12 @@ class AGC(Clipper):
             )
 
     def _excluded(self, target: Target, names: tuple[str, ...], params: list[Tensor]) -> tuple[bool, ...]:
+        by_rule = self._by_rule(target, names, params)
+        if not target.excluded:
+            return by_rule
+        return tuple(e or id(p) in target.excluded for e, p in zip(by_rule, params, strict=True))
+
+    def _by_rule(self, target: Target, names: tuple[str, ...], params: list[Tensor]) -> tuple[bool, ...]:
         if self.exclude is LAST_LINEAR:
             head = target.head if isinstance(target, _HeadTarget) else frozenset()
             return tuple(id(p) in head for p in params)
@@ -223,9 +235,8 @@ class AGC(Clipper):
             return tuple(bool(rule(n, p)) for n, p in zip(names, params, strict=True))
         if not self._patterns:
             return (False,) * len(names)
-        return self._pattern_cache.get_or_build(names, lambda: tuple(
-            any(fnmatch.fnmatchcase(n, pat) for pat in self._patterns) for n in names  # type: ignore[union-attr]
-        ))
+        patterns = self._patterns
+        return self._pattern_cache.get_or_build(names, lambda: _matches(names, patterns))
 
     # -- the step -----------------------------------------------------------------------
 
@@ -240,9 +251,9 @@ class AGC(Clipper):
         if layout is None or not layout.communicates:  # whole rows here (one process, DDP)
             if local is None:
                 empty = empty_norms(2.0)
-                return UnitNorms(**vars(empty), plan=UnitPlan.build([], ()),
-                                 units=empty.per_tensor, limits=empty.per_tensor,
-                                 squares=empty.per_tensor.double(), spread=[], unit_grads=[])
+                return UnitNorms.of(empty, plan=UnitPlan.build([], ()), units=empty.per_tensor,
+                                    limits=empty.per_tensor, squares=empty.per_tensor.double(),
+                                    spread=[], unit_grads=[])
             plan, units, measured = local
             weights = plan.unit_norms(  # replicated DTensors: their local (full) tensors
                 distributed.local_tensors(target.local_params), units.device, included_only=True
@@ -289,7 +300,7 @@ class AGC(Clipper):
         if plan.excluded_units:
             limits = torch.cat([limits, limits.new_full((plan.excluded_units,), math.inf)])
         squares = plan.per_tensor_sums(units.double().square())
-        return UnitNorms(**vars(measured), plan=plan, units=units, limits=limits,
+        return UnitNorms.of(measured, plan=plan, units=units, limits=limits,
                          squares=squares, spread=spread, unit_grads=unit_grads)
 
     def _step(self, norms: UnitNorms, state: None) -> Step:  # type: ignore[override]
@@ -385,6 +396,12 @@ class _HeadTarget(Target):
 
     head: frozenset[int] = frozenset()
 
+    @classmethod
+    def of(cls, target: Target, head: frozenset[int]) -> _HeadTarget:
+        # field by field: torch.compile (2.11) cannot trace vars() of a frozen dataclass
+        return cls(target.grads, target.local_names, target.local_params, target.names,
+                   target.params, target.layout, target.module, head)
+
 
 @dataclass(frozen=True)
 class UnitNorms(GradNorms):
@@ -408,6 +425,12 @@ class UnitNorms(GradNorms):
     squares: Tensor
     spread: distributed.Schedule
     unit_grads: list[Tensor]
+
+    @classmethod
+    def of(cls, norms: GradNorms, **extra: Any) -> UnitNorms:
+        """``norms`` with AGC's fields (field by field: see :meth:`_HeadTarget.of`)."""
+        return cls(norms.tensors, norms.per_tensor, norms.total, norms.norm_type, norms.dtype,
+                   norms.groups, **extra)
 
 
 def _local_parts(
@@ -458,6 +481,12 @@ def _coef_as(coef: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
 # ---------------------------------------------------------------------------------------
 # argument checks
 
+
+
+@torch.compiler.assume_constant_result  # names and patterns are strings: known at trace time
+def _matches(names: tuple[str, ...], patterns: tuple[str, ...]) -> tuple[bool, ...]:
+    """For each name, whether an fnmatch pattern matches it."""
+    return tuple(any(fnmatch.fnmatchcase(n, pat) for pat in patterns) for n in names)
 
 
 def _check_exclude(exclude: object) -> ExcludeRule:

@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from gradclip._checks import ArgumentTypeError, check_count
 from gradclip.clippers.base import Clipper, Step
+from gradclip.clippers.groups import GroupOptions
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
 from gradclip.scale import clip_coefficient
@@ -86,6 +88,8 @@ class AutoClip(Clipper[AutoClipState]):
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
+            see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
 
     Example:
         >>> import torch
@@ -98,7 +102,7 @@ class AutoClip(Clipper[AutoClipState]):
         >>> stats.threshold                # median of [5, 1, 50]
         tensor(5.)
         >>> p.grad                         # the norm-50 step clipped to ~5
-        tensor([3., 4.])
+        tensor([3.0000, 4.0000])
 
     References:
         Prem Seetharaman, Gordon Wichern, Bryan Pardo, Jonathan Le Roux. "AutoClip:
@@ -115,6 +119,7 @@ class AutoClip(Clipper[AutoClipState]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        **grouping: Unpack[GroupOptions],
     ):
         self.percentile = _check_percentile(percentile)
         self.window = check_count(
@@ -123,7 +128,8 @@ class AutoClip(Clipper[AutoClipState]):
         self._growable_fields = ("history",) if self.window is None else ()
         self._tables: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
         super().__init__(
-            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            **grouping,
         )
 
     State = AutoClipState

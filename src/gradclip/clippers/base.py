@@ -21,18 +21,21 @@ overrides ``_measure``, ``_factors`` and ``_apply``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
-from gradclip import distributed, norms
+from gradclip import _foreach, distributed, norms
 from gradclip._checks import check_norm_type
 from gradclip.clippers import fold, pipeline
+from gradclip.clippers.groups import Grouping
 from gradclip.clippers.state import StateStore
 from gradclip.clippers.targets import Parameters, Target, resolve
 from gradclip.nonfinite import NonFinitePolicy, check_policy
+from gradclip.paramgroups import GroupsLike, OrthogonalRule, muon_like
 from gradclip.scale import scale_, scale_each_
 
 if TYPE_CHECKING:
@@ -41,7 +44,10 @@ if TYPE_CHECKING:
     from gradclip.distributed import GroupLike
     from gradclip.stats import ClipStats
 
-__all__ = ["Clipper", "Step"]
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
+"""What :meth:`Clipper.step` steps: an optimizer, or several (Muon beside AdamW)."""
+
+__all__ = ["Clipper", "Optimizers", "Step", "as_optimizers"]
 
 S = TypeVar("S")
 StateDict = dict[str, Any]
@@ -81,6 +87,15 @@ class Clipper(Generic[S]):
             DTensor gradients (FSDP2, TP) need nothing.
         extra_groups: process groups or meshes the total norm is also reduced over
             (pipeline stages, expert parallel).
+        groups: parameter groups to clip by (``optimizer.param_groups``, the optimizer,
+            several optimizers, or ``{name: parameters}``); see
+            :mod:`gradclip.clippers.groups`. Default None: one norm over everything, except
+            that :meth:`step` leaves an orthogonalising optimizer's groups out.
+        policy: per-group policies: one per group, ``{group name: policy}``, or one for
+            all (``"exclude"``, ``"own"``, ``"shared"``, ``"shared:<key>"``, a threshold, a
+            clipper); see :mod:`gradclip.grouping`.
+        orthogonal: which groups an orthogonalising optimizer (Muon) updates: they are left
+            out unless a policy names them. Default :func:`gradclip.muon_like`; None: no rule.
     """
 
     STATE_VERSION: ClassVar[int] = 1
@@ -93,6 +108,9 @@ class Clipper(Generic[S]):
     needs_whole_tensors: ClassVar[bool] = False
     """Decides per row of a tensor (AGC): refuses flat shards (``shard_group``: FSDP1,
     ZeRO), whose rows no rank can tell apart; DTensor rows are fine."""
+    threshold_arg: ClassVar[str | None] = None
+    """The constructor argument that is the clipper's one threshold (``max_norm``), if any:
+    a number as a group's policy builds the clipper at that threshold."""
     _growable_fields: tuple[str, ...] = ()
 
     def __init__(
@@ -102,6 +120,9 @@ class Clipper(Generic[S]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        groups: GroupsLike = None,
+        policy: object = None,
+        orthogonal: OrthogonalRule | None = muon_like,
     ):
         self.norm_type = check_norm_type(norm_type)
         self.nonfinite = check_policy(nonfinite)
@@ -109,6 +130,7 @@ class Clipper(Generic[S]):
         # checkpoint written on one layout must load on another.
         self.shard_group = shard_group
         self.extra_groups: tuple[GroupLike, ...] = distributed.as_tuple(extra_groups)
+        self._grouping = Grouping(self, groups, policy, orthogonal)
         self.reset()
 
     # -- what a subclass provides -------------------------------------------------------
@@ -157,9 +179,16 @@ class Clipper(Generic[S]):
 
     # -- state ----------------------------------------------------------------------------
 
+    def _at_threshold(self, value: float) -> Clipper:
+        """This clipper at another threshold (a group's policy): same config otherwise."""
+        return type(self)(**{**self.config(), self.threshold_arg: value})  # type: ignore[dict-item]
+
     def reset(self) -> None:
         """Forget every statistic: the clipper behaves as if just constructed."""
         self._store = StateStore(self)
+        grouping = getattr(self, "_grouping", None)
+        if grouping is not None:
+            grouping.reset()
 
     @property
     def state(self) -> S:
@@ -185,12 +214,15 @@ class Clipper(Generic[S]):
         Statistics are keyed by name (per-parameter ones by parameter name). Loading it into
         a clipper built with the same arguments resumes exactly where this one stopped.
         """
-        return {
+        saved = {
             "type": type(self).__name__,
             "version": self.STATE_VERSION,
             "config": self.config(),
             **self._store.state_dict(),
         }
+        if self._grouping.configured:
+            saved["groups"] = self._grouping.state_dict()
+        return saved
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`. Every tensor is checked (dtype, shape, no NaN, the
@@ -227,7 +259,22 @@ class Clipper(Generic[S]):
                 f"the {own} state dict was saved with different arguments: {shown}; build "
                 f"the clipper as gradclip.{own}(**state_dict['config'])"
             )
-        self._store.load(state_dict["state"], state_dict["param_state"])
+        grouping = self._grouping
+        if grouping.configured != ("groups" in state_dict):
+            raise ValueError(
+                f"the {own} state dict was saved "
+                + ("with" if "groups" in state_dict else "without")
+                + " groups=, and this clipper was built "
+                + ("with" if grouping.configured else "without")
+                + " them; build it as the saved one was"
+            )
+        store = StateStore(self)
+        store.load(state_dict["state"], state_dict["param_state"])  # all checked first
+        if grouping.configured:
+            grouping.load(state_dict["groups"])
+        if self._store.device is not None:
+            store.to(self._store.device)
+        self._store = store
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -245,10 +292,20 @@ class Clipper(Generic[S]):
         Returns:
             :class:`~gradclip.ClipStats` of this step (device tensors, no host sync).
         """
-        return pipeline.clip(self, self._resolve(parameters), fold=None)
+        target = self._resolve(parameters)
+        return self._clip(target, self._grouping.bind(target, None), fold=None)
 
-    def step(self, parameters: Parameters, optimizer: torch.optim.Optimizer) -> ClipStats:
+    def step(self, parameters: Parameters, optimizer: Optimizers) -> ClipStats:
         """Clip, then ``optimizer.step()``, honouring ``nonfinite="skip"``.
+
+        ``optimizer`` may be several optimizers (``[muon, adamw]``): each is stepped.
+
+        **Orthogonalising optimizers.** The groups of an optimizer that orthogonalises its
+        update (``torch.optim.Muon`` and its kin, by the rule ``orthogonal=``, default
+        :func:`gradclip.muon_like`) are left out of the norm and the clip, with a warning the
+        first time; the other groups are clipped on their one shared norm, as without Muon.
+        Give those groups a policy (``groups=``, ``policy=``) or build the clipper with
+        ``orthogonal=None`` to clip them.
 
         With a torch fused optimizer (``Adam``, ``AdamW``, ``SGD``, ``Adagrad`` with
         ``fused=True``) that updates exactly these gradients, the clip coefficient and the
@@ -263,19 +320,55 @@ class Clipper(Generic[S]):
             >>> model(torch.ones(1, 2)).sum().backward()
             >>> stats = gradclip.NormClip(1.0).step(model, opt)
         """
+        optimizers = as_optimizers(optimizer)
         target = self._resolve(parameters)
-        folded = fold.plan(optimizer, target.grads) if self.folds_into_fused else None
-        stats = pipeline.clip(self, target, fold=folded)
+        grouped = self._grouping.bind(target, optimizers)
+        folded = None
+        # Not while compiling: torch's optimizer.step() breaks the graph on purpose, and a
+        # grad_scale set on the optimizer inside a graph does not survive that break.
+        foldable = self.folds_into_fused and not _foreach.is_compiling()
+        if foldable and grouped is None and len(optimizers) == 1:
+            folded = fold.plan(optimizers[0], target.grads)
+        stats = self._clip(target, grouped, fold=folded)
         if folded is not None and folded.armed:
             folded.step()
             return stats
-        if self.nonfinite == "skip" and bool(stats.skipped):
-            return stats
-        optimizer.step()
+        if self.nonfinite == "skip":
+            if _foreach.capturing():
+                raise RuntimeError(
+                    "nonfinite='skip' with this optimizer decides on the host whether to step "
+                    "(one read), which a CUDA graph capture cannot contain; use a fused "
+                    "optimizer (fused=True), which skips through found_inf on the device, or "
+                    "nonfinite='propagate'"
+                )
+            if bool(stats.skipped):
+                return stats
+        for opt in optimizers:
+            opt.step()
         return stats
+
+    def _clip(self, target: Target, grouped: Any, fold: Any) -> ClipStats:
+        if grouped is not None and grouped.passive:  # it measures on its own: tell it
+            target = replace(target, excluded=grouped.excluded_ids())
+            grouped.target = target
+        return pipeline.clip(self, target, fold=fold, grouped=grouped)
 
     def _resolve(self, parameters: Parameters) -> Target:
         return resolve(
             parameters, shard_group=self.shard_group, extra_groups=self.extra_groups,
             whole_tensors=type(self).__name__ if self.needs_whole_tensors else None,
         )
+
+
+def as_optimizers(optimizer: object) -> list[Any]:
+    """``optimizer`` as a list of optimizers (one, or several such as ``[muon, adamw]``)."""
+    if hasattr(optimizer, "step") and hasattr(optimizer, "param_groups"):
+        return [optimizer]
+    if isinstance(optimizer, Sequence) and optimizer and all(
+        hasattr(o, "step") and hasattr(o, "param_groups") for o in optimizer
+    ):
+        return list(optimizer)
+    raise TypeError(
+        f"`optimizer` must be a torch optimizer or a list of them, got "
+        f"{type(optimizer).__name__} {optimizer!r:.60}; pass e.g. `clipper.step(model, opt)`"
+    )

@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from gradclip import _foreach
 from gradclip._checks import check_threshold
 from gradclip.clippers.base import Clipper, Step
+from gradclip.clippers.groups import GroupOptions
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
 from gradclip.scale import clip_coefficient, noop_on_host
@@ -25,12 +27,37 @@ if TYPE_CHECKING:
 __all__ = ["NormClip", "ValueClip"]
 
 
+class _Threshold:
+    """A threshold kept as a number and as 0-dim tensors, one per (device, dtype), that the
+    step reads: changing the number updates them in place, so a compiled step does not
+    recompile and a captured CUDA graph replays with the new value."""
+
+    def __init__(self, value: float):
+        self.value = value
+        self._tensors: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def on(self, like: Tensor) -> Tensor:
+        key = (like.device, like.dtype)
+        tensor = self._tensors.get(key)
+        if tensor is None:  # built on the device (a fill): no host-to-device copy
+            tensor = self._tensors[key] = torch.full((), self.value, dtype=like.dtype,
+                                                     device=like.device)
+        return tensor
+
+    def set(self, value: float) -> None:
+        self.value = value
+        for tensor in self._tensors.values():
+            tensor.fill_(value)
+
+
 class NormClip(Clipper[None]):
     """Clip the total gradient norm to ``max_norm``: ``torch.nn.utils.clip_grad_norm_`` as a clipper.
 
     Every gradient is multiplied by ``min(max_norm / (norm + 1e-6), 1)``; the gradients
     after the call equal those of :func:`gradclip.clip_grad_norm_` exactly. It keeps no
-    statistics beyond the base counters.
+    statistics beyond the base counters. ``max_norm`` may be changed between steps (a
+    schedule): the step reads it from a device tensor, so a compiled step does not recompile
+    and a captured CUDA graph uses the new value.
 
     Args:
         max_norm: the largest total norm to allow (>= 0).
@@ -38,6 +65,8 @@ class NormClip(Clipper[None]):
         nonfinite: ``"propagate"``, ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
+            see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
 
     Example:
         >>> import torch, gradclip
@@ -47,6 +76,8 @@ class NormClip(Clipper[None]):
         (tensor([0.6000, 0.8000]), True)
     """
 
+    threshold_arg = "max_norm"
+
     def __init__(
         self,
         max_norm: float,
@@ -55,19 +86,29 @@ class NormClip(Clipper[None]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        **grouping: Unpack[GroupOptions],
     ):
-        self.max_norm = check_threshold(max_norm, "max_norm")
+        self._max_norm = _Threshold(check_threshold(max_norm, "max_norm"))
         super().__init__(
-            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            **grouping,
         )
+
+    @property
+    def max_norm(self) -> float:
+        """The largest total norm allowed (settable between steps)."""
+        return self._max_norm.value
+
+    @max_norm.setter
+    def max_norm(self, value: float) -> None:
+        self._max_norm.set(check_threshold(value, "max_norm"))
 
     def config(self) -> dict[str, Any]:
         return {"max_norm": self.max_norm, **super().config()}
 
     def _step(self, norms: GradNorms, state: None) -> Step:
-        total = norms.total
-        threshold = torch.full((), self.max_norm, dtype=total.dtype, device=total.device)
-        return Step(threshold, clip_coefficient(self.max_norm, total), None)
+        threshold = self._max_norm.on(norms.total)
+        return Step(threshold, clip_coefficient(threshold, norms.total), None)
 
 
 class ValueClip(Clipper[None]):
@@ -75,13 +116,16 @@ class ValueClip(Clipper[None]):
 
     Its norms are max-abs norms (``norm_type=inf``): ``stats.norm`` is the largest gradient
     magnitude, ``stats.clipped`` says whether any element exceeded ``clip_value``, and on
-    the CPU the clamp is skipped when none did.
+    the CPU the clamp is skipped when none did. ``clip_value`` may be changed between steps
+    (read from a device tensor, as :class:`NormClip`'s ``max_norm``).
 
     Args:
         clip_value: the largest element magnitude to allow (>= 0).
         nonfinite: ``"propagate"``, ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
+            see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
 
     Example:
         >>> import torch, gradclip
@@ -92,6 +136,7 @@ class ValueClip(Clipper[None]):
     """
 
     folds_into_fused = False  # a clamp is not a scale
+    threshold_arg = "clip_value"
 
     def __init__(
         self,
@@ -100,18 +145,29 @@ class ValueClip(Clipper[None]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        **grouping: Unpack[GroupOptions],
     ):
-        self.clip_value = check_threshold(clip_value, "clip_value")
+        self._clip_value = _Threshold(check_threshold(clip_value, "clip_value"))
         super().__init__(
-            norm_type=math.inf, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=math.inf, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            **grouping,
         )
+
+    @property
+    def clip_value(self) -> float:
+        """The largest element magnitude allowed (settable between steps)."""
+        return self._clip_value.value
+
+    @clip_value.setter
+    def clip_value(self, value: float) -> None:
+        self._clip_value.set(check_threshold(value, "clip_value"))
 
     def config(self) -> dict[str, Any]:
         return {"clip_value": self.clip_value, "nonfinite": self.nonfinite}
 
     def _step(self, norms: GradNorms, state: None) -> Step:
         total = norms.total
-        threshold = torch.full((), self.clip_value, dtype=total.dtype, device=total.device)
+        threshold = self._clip_value.on(total)
         # The max-abs norm after clamping is min(norm, clip_value): coef = that / norm.
         coef = torch.where(total <= threshold, torch.ones_like(total), threshold / total)
         return Step(threshold, coef, None)
@@ -129,5 +185,18 @@ class ValueClip(Clipper[None]):
                 continue
             # No host read: a coefficient of 1 (nothing above clip_value, or a skipped step)
             # clamps to an infinite bound, which changes nothing.
-            bound = torch.where(coef.to(device) < 1, self.clip_value, math.inf)
+            limit = self._clip_value.on(coef).to(device)
+            bound = torch.where(coef.to(device) < 1, limit, math.inf)
             _foreach.foreach_clamp_(group, -bound, bound)
+
+    def _apply_rows(self, norms: GradNorms, bounds: Tensor) -> None:
+        """Clamp each tensor to its own bound (1-D, one per entry of ``norms.tensors``;
+        ``inf``: not clamped): the step of per-group clip values (no host read)."""
+        if any(dtype.is_complex for _, dtype in norms.groups):
+            raise NotImplementedError(
+                "ValueClip cannot clamp complex gradients; use NormClip (nothing was changed)"
+            )
+        for (device, _), (group, indices) in norms.groups.items():
+            for g, i in zip(group, indices, strict=True):
+                bound = bounds[i].to(device=device, dtype=g.dtype)
+                g.clamp_(min=-bound, max=bound)

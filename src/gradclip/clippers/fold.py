@@ -60,7 +60,7 @@ def plan(optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> Fold | None:
     """A :class:`Fold` when ``optimizer`` is fused and folding is exactly equivalent to
     clipping ``grads`` then stepping; None otherwise."""
     if not (
-        getattr(optimizer, "_step_supports_amp_scaling", False)
+        _foreach.takes_grad_scale(optimizer)
         and optimizer.defaults.get("fused")
     ):
         return None

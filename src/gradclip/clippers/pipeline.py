@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gradclip import _foreach
 from gradclip.nonfinite import raise_nonfinite
 from gradclip.norms import total_norm
 from gradclip.stats import ClipStats
@@ -26,15 +27,18 @@ from gradclip.stats import ClipStats
 if TYPE_CHECKING:
     from gradclip.clippers.base import Clipper
     from gradclip.clippers.fold import Fold
+    from gradclip.clippers.groups import GroupedCall
     from gradclip.clippers.targets import Target
 
 __all__ = ["clip"]
 
 
 @torch.no_grad()
-def clip(clipper: Clipper, target: Target, fold: Fold | None) -> ClipStats:
+def clip(clipper: Clipper, target: Target, fold: Fold | None,
+         grouped: GroupedCall | None = None) -> ClipStats:
     """Clip ``target``'s gradients with ``clipper`` (see the module doc); with ``fold``, a
-    global coefficient is armed into the fused optimizer instead of multiplied."""
+    global coefficient is armed into the fused optimizer instead of multiplied; with
+    ``grouped``, steps 3, 5 and 6 are per parameter group (:mod:`gradclip.clippers.groups`)."""
     measured = clipper._measure(target)
     total, names = measured.total, target.names
     if not target.grads and not target.communicates:  # nothing to clip, nobody to wait for
@@ -43,18 +47,29 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None) -> ClipStats:
         nan = total.new_full((), float("nan"))
         return ClipStats(total, total, nan, one, false, ~false, false, measured, names)
     store = clipper._store
+    if _foreach.capturing() and store.values["steps"].device != total.device:
+        raise RuntimeError(
+            f"{type(clipper).__name__} is being captured into a CUDA graph before its first "
+            "call: that call moves its state to the GPU (a host-to-device copy, which a capture "
+            "cannot contain). Call the clipper once before capturing (the warm-up iterations "
+            "torch.cuda.graph needs anyway); nothing was changed."
+        )
     store.to(total.device)
     finite = torch.isfinite(total)
     if clipper.nonfinite == "error":
         raise_nonfinite(total, measured.per_tensor, names)
-    state = store.prepare(names)
-    step = clipper._step(measured, state)
-    coef = step.coef
+    if grouped is None:
+        state = store.prepare(names)
+        step = clipper._step(measured, state)
+        threshold, coef = step.threshold, step.coef
+    else:
+        threshold, coef, pending = grouped.step(measured)
     if clipper.nonfinite == "skip":
         coef = torch.where(finite, coef, torch.ones_like(coef))
         skipped = ~finite
     else:
         skipped = torch.zeros_like(finite)
+    after = None
     if coef.dim() == 0:
         post_norm = total * coef
         clipped = coef < 1
@@ -67,13 +82,19 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None) -> ClipStats:
         else:
             post_norm = total_norm(after, clipper.norm_type)
         clipped = (factors < 1).any()
-    store.commit(state, step.state, finite)
+    if grouped is None:
+        store.commit(state, step.state, finite)
+    else:
+        grouped.commit(pending, finite)
     if fold is not None and coef.dim() == 0:
         fold.arm(coef, skipped)
-    else:
+    elif grouped is None:
         clipper._apply(measured, coef)
+    else:
+        grouped.apply(measured, coef)
     effective = coef if coef.dim() == 0 else torch.where(
         total == 0, torch.ones_like(total), post_norm / total
     )
-    return ClipStats(total, post_norm, step.threshold, effective, clipped, finite, skipped,
-                     measured, names)
+    groups = None if grouped is None or after is None else grouped.stats(after)
+    return ClipStats(total, post_norm, threshold, effective, clipped, finite, skipped,
+                     measured, names, groups)

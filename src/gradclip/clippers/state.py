@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
+from gradclip import _foreach
+
 if TYPE_CHECKING:
     from gradclip.clippers.base import Clipper
 
@@ -64,8 +66,14 @@ class StateStore:
     # -- the step ----------------------------------------------------------------------------
 
     def to(self, device: torch.device) -> None:
-        """Move every tensor to ``device`` (once: a no-op afterwards)."""
-        if self.device == device:
+        """Move every tensor to ``device`` (once: a no-op afterwards).
+
+        Decided from where the tensors are, not from a Python attribute: an attribute that
+        changes on the first call would be a guard that recompiles a compiled step once.
+        """
+        if self.values["steps"].device == device:
+            if not _foreach.is_compiling():
+                self.device = device
             return
         self.values = {k: v.to(device) for k, v in self.values.items()}
         self.per_name = {n: {k: v.to(device) for k, v in e.items()} for n, e in self.per_name.items()}
@@ -76,6 +84,8 @@ class StateStore:
         """The ``State`` for the coming step (see :meth:`current`), after the clipper's
         ``_prepare`` (a buffer that grows is replaced here, before the step); counts the call."""
         state = self.current(names)
+        if _foreach.is_compiling():  # a host count read in a graph is a guard: a recompile per call
+            return state
         if state is not None and not self.clipper.per_tensor_state:
             prepared = self.clipper._prepare(state, self.calls)
             if prepared is not state:

@@ -120,12 +120,16 @@ def named_grads(parameters: Parameters) -> tuple[tuple[str, ...], list[Tensor], 
 def _with_grads(
     all_names: list[str], all_params: list[Tensor]
 ) -> tuple[tuple[str, ...], list[Tensor], list[Tensor]]:
+    # Each gradient once, by identity; while compiling, each parameter once (an id() of a
+    # gradient is a guard on an object zero_grad() replaces: see _foreach.distinct).
+    by_param = _foreach.is_compiling()
     seen: set[int] = set()
     names, params, grads = [], [], []
     for name, param in zip(all_names, all_params, strict=True):
         grad = param.grad
-        if grad is not None and id(grad) not in seen:
-            seen.add(id(grad))
+        key = id(param) if by_param else id(grad)
+        if grad is not None and key not in seen:
+            seen.add(key)
             names.append(name)
             params.append(param)
             grads.append(grad)
@@ -145,6 +149,8 @@ class Target:
             list on every rank), whichever of them this rank holds part of.
         layout: the distributed reduction, or None on the single-process path.
         module: the module the clipper was called on, if any (AGC finds the head in it).
+        excluded: ids of parameters whose group is left out (a group policy, for clippers
+            that measure on their own: AGC).
     """
 
     grads: list[Tensor]
@@ -154,6 +160,7 @@ class Target:
     params: list[Tensor]
     layout: Reduction | None
     module: torch.nn.Module | None
+    excluded: frozenset[int] = frozenset()
 
     @property
     def communicates(self) -> bool:

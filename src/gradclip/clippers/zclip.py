@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from gradclip import _foreach
 from gradclip._checks import check_choice, check_count, check_real, check_threshold
 from gradclip.clippers.base import Clipper, Step
+from gradclip.clippers.groups import GroupOptions
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
 from gradclip.scale import clip_coefficient
@@ -102,6 +104,8 @@ class ZClip(Clipper[ZClipState]):
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
             stages); see :class:`~gradclip.Clipper` and the README, "Distributed training".
+        groups, policy, orthogonal: per-group clipping (``groups=optimizer.param_groups``);
+            see :class:`~gradclip.Clipper` and :mod:`gradclip.grouping`.
 
     Example:
         >>> import torch
@@ -131,6 +135,7 @@ class ZClip(Clipper[ZClipState]):
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
         extra_groups: Iterable[GroupLike] = (),
+        **grouping: Unpack[GroupOptions],
     ):
         self.alpha = check_real(alpha, "alpha", "in (0, 1) (an EMA smoothing factor; larger is "
                                 "smoother)", lambda v: 0 < v < 1, "alpha=0.97")  # fmt: skip
@@ -141,7 +146,8 @@ class ZClip(Clipper[ZClipState]):
         self.mode: ZClipMode = check_choice(mode, "mode", MODES, "mode='zscore'")  # type: ignore[assignment]
         self._slots: Tensor | None = None
         super().__init__(
-            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups
+            norm_type=norm_type, nonfinite=nonfinite, shard_group=shard_group, extra_groups=extra_groups,
+            **grouping,
         )
 
     def config(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -202,8 +203,11 @@ def compare(
         hook = record(name, clipper) if record is not None else None
         clip = None if clipper is None else _clip_fn(clipper, hook)
         report = None if progress is None else (lambda done, total, n=name: progress(n, done, total))
-        runs[name] = run(spec, clip, seed=seed, steps=steps, quick=quick, progress=report,
-                         device=device)
+        with warnings.catch_warnings():
+            # the task's description says so once; every clipper would warn again
+            warnings.filterwarnings("ignore", message=".* leaves the parameter group")
+            runs[name] = run(spec, clip, seed=seed, steps=steps, quick=quick, progress=report,
+                             device=device)
     rows = _rows(spec, runs)
     total = next(iter(runs.values())).planned_steps
     return Comparison(spec, seed, total, str(device), runs, rows, time.perf_counter() - start)
@@ -214,7 +218,22 @@ def _clip_fn(
 ) -> Callable[[torch.nn.Module], object]:
     if hook is None:
         return clipper
-    return lambda model: hook(clipper(model))
+    return _Hooked(clipper, hook)
+
+
+@dataclass(frozen=True)
+class _Hooked:
+    """A clipper whose stats go through ``hook``; the runner steps it as the clipper
+    (:meth:`gradclip.Clipper.step`: it sees the optimizer's groups)."""
+
+    clipper: gradclip.Clipper
+    hook: Callable[[object], object]
+
+    def __call__(self, model: torch.nn.Module) -> object:
+        return self.hook(self.clipper(model))
+
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> object:
+        return self.hook(self.clipper.step(model, optimizer))
 
 
 def _rows(task: Task, runs: dict[str, RunResult]) -> list[Row]:

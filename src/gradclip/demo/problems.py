@@ -12,6 +12,10 @@ a model and its optimizer, draws the batch of each step, and scores the trained 
   inflates Adam's second moment for thousands of steps.
 * :class:`HeavyTailConfig`: linear regression with Student-t noise of infinite variance,
   plain SGD from w = 0 (Zhang et al. 2020).
+* :class:`MuonConfig`: a two-task model trained with ``torch.optim.Muon`` (its 2-D hidden
+  weights) and AdamW (embedding, head, biases), whose gradients are imbalanced: one task's
+  loss is in raw units, so one tower's gradients are ~1e7 times the other's
+  (NVIDIA/Megatron-LM#5394). A global clip coefficient then starves the other tower.
 
 :func:`build_problem` picks the problem from the config's type. Which settings make a task
 of ``gradclip demo``, and what each scores, is :mod:`gradclip.demo.tasks`; training one is
@@ -45,12 +49,15 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from gradclip.demo.muon import MuonAdamW, MuonConfig, MuonProblem
 from gradclip.demo.real_problems import PROBLEMS as REAL_PROBLEMS
 from gradclip.demo.real_problems import DigitsConfig, TextConfig
 
 __all__ = [
     "AdditionConfig",
     "HeavyTailConfig",
+    "MuonAdamW",
+    "MuonConfig",
     "Problem",
     "SpikesConfig",
     "TaskConfig",
@@ -62,7 +69,7 @@ class Problem(Protocol):
     """One instantiated task: model, optimizer, data stream and metric."""
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | MuonAdamW  # MuonAdamW: Muon and AdamW, stepped as one
 
     def loss(self, step: int) -> Tensor:
         """Training loss of the batch of ``step`` (draws the batch)."""
@@ -328,7 +335,9 @@ class _HeavyTailProblem:
         return math.fsum(self.distances) / len(self.distances)
 
 
-TaskConfig = AdditionConfig | SpikesConfig | HeavyTailConfig | TextConfig | DigitsConfig
+TaskConfig = (
+    AdditionConfig | SpikesConfig | HeavyTailConfig | MuonConfig | TextConfig | DigitsConfig
+)
 """The hyperparameters of a task; their type selects the problem (the real-data ones live in
 :mod:`gradclip.demo.real_problems`)."""
 
@@ -336,6 +345,7 @@ _PROBLEMS: dict[type, Callable[[TaskConfig, int, int, torch.device], Problem]] =
     AdditionConfig: _AdditionProblem,
     SpikesConfig: _SpikesProblem,
     HeavyTailConfig: _HeavyTailProblem,
+    MuonConfig: MuonProblem,
     **REAL_PROBLEMS,
 }
 
@@ -345,7 +355,7 @@ def build_problem(config: TaskConfig, seed: int, steps: int, device: torch.devic
 
     Args:
         config: an :class:`AdditionConfig`, :class:`SpikesConfig`,
-            :class:`HeavyTailConfig`, or a real-data config
+            :class:`HeavyTailConfig`, :class:`MuonConfig`, or a real-data config
             (:mod:`gradclip.demo.real_problems`).
         seed: seeds the initialisation and the training batches (the validation / test
             data and the teacher come from ``config.data_seed``).
@@ -359,6 +369,6 @@ def build_problem(config: TaskConfig, seed: int, steps: int, device: torch.devic
     if type(config) not in _PROBLEMS:
         raise TypeError(
             "`config` must be a task config: TextConfig, DigitsConfig, AdditionConfig, "
-            f"SpikesConfig or HeavyTailConfig, got {type(config).__name__}"
+            f"SpikesConfig, HeavyTailConfig or MuonConfig, got {type(config).__name__}"
         )
     return _PROBLEMS[type(config)](config, seed, steps, device)

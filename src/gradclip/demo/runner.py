@@ -38,6 +38,9 @@ total norm, as ``clip_grad_norm_`` returns) or an object with a ``norm`` attribu
 pre-clip total norm) and optionally ``post_norm``, ``threshold``, ``clipped``, ``finite``
 and ``skipped`` (a :class:`gradclip.ClipStats` has all of them). When ``skipped`` is true
 the runner does not call ``optimizer.step()``, as :meth:`gradclip.Clipper.step` does.
+A clip function with a ``step(model, optimizer)`` method (a :class:`gradclip.Clipper`) is
+called through it instead, and steps the optimizer itself: it then sees the optimizer's
+groups (Muon's are left out, see :meth:`gradclip.Clipper.step`).
 """
 
 
@@ -172,7 +175,14 @@ def run(
         loss = problem.loss(step)
         loss.backward()
         measured = grad_norms(params).total.item() if (clip is None or measure) else _NAN
-        out = clip(model) if clip is not None else None
+        # a clipper steps itself: it sees the optimizer (Muon groups, fused folds, skips)
+        stepped = callable(getattr(clip, "step", None))
+        if clip is None:
+            out = None
+        elif stepped:
+            out = clip.step(model, optimizer)  # type: ignore[union-attr]
+        else:
+            out = clip(model)
 
         norm = post = threshold = _NAN
         was_clipped = finite = skip = None
@@ -202,7 +212,8 @@ def run(
             skipped_steps += 1
             update = 0.0
         else:
-            optimizer.step()
+            if not stepped:
+                optimizer.step()
             after = _flat(params)
             update = (after - before).norm().item()
             if not math.isfinite(update) and not bool(torch.isfinite(after).all()):

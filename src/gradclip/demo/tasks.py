@@ -24,6 +24,13 @@ one thread, seeds 0-2; the numbers are in each task's ``reference``):
   0.01: 0.67), because a threshold that is too low makes every step tiny. Where the bottom
   lies depends on the budget: 0.1 at the full 4000 steps, 0.5 at the quick 800.
 
+* ``muon-adamw``: ``torch.optim.Muon`` for the 2-D hidden weights, AdamW for the rest, a
+  loss whose gradients are imbalanced (NVIDIA/Megatron-LM#5394): a global clip starves
+  the classifier, clipping the AdamW groups on their own norm (gradclip's default policy
+  with Muon, :meth:`gradclip.Clipper.step`) does not: seeds 0-3, validation KL (untrained
+  3.7) none 1.37-1.41, ``NormClip(1.0)`` 1.37-1.42, a global clip of 1.0 1.80-1.91
+  (``benchmarks/results/muon-2026-12-04.txt``).
+
 Four tasks on real data (:mod:`gradclip.demo.real_problems`; nothing downloads), set up as
 practitioners train, each at the learning rate that does best under the industry default
 ``max_norm=1.0`` among three tried. They judge the defaults in the quality benchmark's
@@ -36,16 +43,16 @@ acceptance (``benchmarks/acceptance.py``); none was used to choose one:
 * ``cnn-digits/sgd`` and ``cnn-digits/adamw``: a small CNN on scikit-learn's 8x8 digits,
   SGD with momentum, or AdamW with warm-up and cosine decay.
 
-Quick runs (``quick=True``: 200, 200, 500 and 800 steps; 100 for the real-data tasks) take about a second each and keep
-the ordering: no clipping is clearly worse than a good fixed threshold on every task. They
-are too short to rank the clippers: on the RNN tasks one seed's quick result can differ from
+Quick runs (``quick=True``: 200, 200, 500 and 800 steps; 300 for ``muon-adamw``, 100 for
+the real-data tasks) take about a second each and keep the ordering: no clipping is clearly
+worse than a good fixed threshold on every task. They are too short to rank the clippers: on the RNN tasks one seed's quick result can differ from
 its full-length one by several times.
 
 Example:
     >>> from gradclip.demo.tasks import TASKS, resolve
-    >>> list(TASKS)[:4]
-    ['rnn-addition/violent', 'rnn-addition/moderate', 'adam-spikes', 'sgd-heavy-tail']
-    >>> list(TASKS)[4:]
+    >>> list(TASKS)[:5]
+    ['rnn-addition/violent', 'rnn-addition/moderate', 'adam-spikes', 'sgd-heavy-tail', 'muon-adamw']
+    >>> list(TASKS)[5:]
     ['lm-transformer', 'lstm-text', 'cnn-digits/sgd', 'cnn-digits/adamw']
     >>> task = resolve("adam-spikes")
     >>> task.steps, task.quick_steps, task.fixed
@@ -57,7 +64,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from gradclip.demo.problems import AdditionConfig, HeavyTailConfig, SpikesConfig, TaskConfig
+from gradclip.demo.problems import (
+    AdditionConfig,
+    HeavyTailConfig,
+    MuonConfig,
+    SpikesConfig,
+    TaskConfig,
+)
 from gradclip.demo.real_problems import DigitsConfig, TextConfig
 
 __all__ = ["REFERENCES", "TASKS", "Task", "resolve"]
@@ -175,6 +188,25 @@ TASKS: dict[str, Task] = {
             ),
             fixed=(0.01, 0.1, 10.0),
             config=HeavyTailConfig(),
+        ),
+        Task(
+            name="muon-adamw",
+            regime="",
+            description=(
+                "two-task model under torch.optim.Muon (2-D hidden weights) + AdamW (embedding, "
+                "head, biases); one task's loss in raw units (x1e4) makes the total norm ~1e7; "
+                "every clipper leaves the Muon groups out (gradclip's default)"
+            ),
+            steps=1500,
+            quick_steps=300,
+            metric_name="validation KL of the token classifier (nats)",
+            failure_level=10.0,
+            reference=(
+                "untrained 3.7; seeds 0-3: none 1.37-1.41, default policy at max_norm 1 "
+                "(Muon left out) 1.37-1.42, global clip 1 over everything 1.80-1.91"
+            ),
+            fixed=(0.1, 1.0, 100.0),
+            config=MuonConfig(),
         ),
         # Real data, as practitioners train: these tasks judge the defaults (the quality
         # benchmark's acceptance), none of them was used to choose one.

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from gradclip import _foreach
 from gradclip._cache import index_tensor
 
 if TYPE_CHECKING:
@@ -142,11 +143,11 @@ def order_key(group: ProcessGroup, mesh_keys: dict[int, tuple] | None = None) ->
 def mesh_key(mesh: Any, dim: int) -> tuple:
     """``(0, -size, layout, shape, dim)``: the same on every rank of the mesh. A group that
     is a dimension of several meshes (a sub-mesh and its parent) takes the smallest key, the
-    largest mesh's, which all its members see alike."""
+    largest mesh's, which all its members see alike. Meshes with equal keys keep the order
+    in which the (identical) parameter lists meet them."""
     base = _MESH_KEYS.get(mesh)
-    if base is None:  # read once per mesh (a CPU tensor: no device sync, none after that)
-        layout = tuple(mesh.mesh.flatten().tolist())
-        base = _MESH_KEYS[mesh] = (0, -len(layout), layout, tuple(mesh.mesh.shape))
+    if base is None:  # built once per mesh, from Python data: no tensor is read
+        base = _MESH_KEYS[mesh] = (0, -mesh.size(), _foreach.mesh_layout(mesh), tuple(mesh.shape))
     return (*base, dim)
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from gradclip import _foreach
 from gradclip import norms as _norms
-from gradclip._cache import index_tensor
+from gradclip._cache import LRU, index_tensor
 from gradclip.distributed.groups import (
     GroupLike,
     Schedule,
@@ -27,6 +27,7 @@ from gradclip.distributed.groups import (
     schedule,
     sum_over,
 )
+from gradclip.norms.units import SegmentSums
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -169,14 +170,19 @@ class Reduction:
         if not taken:
             return values.new_zeros(self.slots)
         values = _subset(values, taken)
-        index = index_tensor(tuple(self.slot[i] for i in taken), values.device)
-        if not is_max:
-            return values.new_zeros(self.slots).index_add_(0, index, values)
+        slots = tuple(self.slot[i] for i in taken)
+        if not is_max:  # several tensors per slot: a sum in a fixed order, also on CUDA
+            key = (slots, self.slots)
+            return _SLOT_SUMS.get_or_build(key, lambda: SegmentSums(*key))(values)
+        # a max is exact in any order, and so is a max of NaN flags
+        index = index_tensor(slots, values.device)
         nan = torch.isnan(values)
         parts = values.new_zeros(self.slots).scatter_reduce_(
             0, index, torch.where(nan, 0.0, values), "amax", include_self=True
         )
-        flags = values.new_zeros(self.slots).index_add_(0, index, nan.to(values.dtype))
+        flags = values.new_zeros(self.slots).scatter_reduce_(
+            0, index, nan.to(values.dtype), "amax", include_self=True
+        )
         return torch.where(flags > 0, math.nan, parts)
 
     def _unslotted(self) -> tuple[int, ...]:
@@ -197,6 +203,10 @@ class Reduction:
         for group in self.extra:
             total = all_reduce(total, is_max, group)
         return _root(total, p)
+
+
+_SLOT_SUMS: LRU[tuple[tuple[int, ...], int], SegmentSums] = LRU(64)
+"""The per-slot sums of each layout, built once (a :class:`Reduction` is planned per call)."""
 
 
 def _subset(values: Tensor, positions: tuple[int, ...]) -> Tensor:

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.amp.grad_scaler import OptState
 
+from gradclip import _foreach
 from gradclip.clippers import Clipper, Parameters
 from gradclip.monitor import GradMonitor
 from gradclip.stats import ClipStats
@@ -83,8 +83,7 @@ def unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer)
     """
     if not scaler.is_enabled():
         return
-    # torch has no public query for the stage; it keeps it per optimizer here.
-    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+    if not _foreach.grads_unscaled(scaler, optimizer):
         scaler.unscale_(optimizer)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from gradclip import _foreach
 from gradclip.clippers.base import Clipper
 from gradclip.integrations._common import (
     ClipLog,
@@ -213,7 +214,7 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if (
             scaler is not None
-            and getattr(optimizer, "_step_supports_amp_scaling", False)
+            and _foreach.takes_grad_scale(optimizer)
             and any(p.grad is not None for g in optimizer.param_groups for p in g["params"])
         ):
             unscale_once(scaler, optimizer)  # Lightning does not unscale for fused optimizers

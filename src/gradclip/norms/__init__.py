@@ -159,7 +159,7 @@ def _rescue_overflow(tensors: list[Tensor], norms: Tensor, p: float) -> Tensor:
 def result_dtype(groups: _foreach.Groups) -> torch.dtype:
     """The dtype torch gives the total norm of these groups (non-empty): type promotion of
     the real dtypes of the per-tensor norms."""
-    dtypes = [dtype.to_real() for _, dtype in groups]
+    dtypes = [_foreach.real_dtype(dtype) for _, dtype in groups]
     out = dtypes[0]
     for dtype in dtypes[1:]:
         out = torch.promote_types(out, dtype)

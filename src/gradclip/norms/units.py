@@ -6,10 +6,14 @@ or 1-D tensor, or one measured whole, is a single unit. :class:`UnitPlan` measur
 of a list of tensors in one pass: small tensors that share a row length are concatenated and
 reduced by one kernel, larger ones by one row-norm kernel each; results are float32 (float64
 for 64-bit tensors), with float32 accumulation for low-precision tensors.
+
+Per-tensor sums of unit values (AGC's per-tensor norms) go through :class:`SegmentSums`, which
+adds in the same order on every run on every device (``index_add_`` on CUDA does not).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +22,85 @@ from torch import Tensor
 from gradclip import _foreach
 from gradclip.norms._host import SMALL_NUMEL, accumulation_dtype
 
-__all__ = ["UnitPlan", "row_norms", "unit_norms", "unit_rows"]
+__all__ = ["SegmentSums", "UnitPlan", "row_norms", "unit_norms", "unit_rows"]
+
+
+class SegmentSums:
+    """Sums of the entries of a 1-D tensor by segment, bitwise the same on every run.
+
+    ``index_add_`` on CUDA adds with atomics: when several entries land in one output, the
+    order of the additions, and so the last bits of a float sum, change from run to run. A
+    resumed run, or two ranks that should agree bit for bit, would then drift apart. Off the
+    CPU, each segment is therefore summed as a row of a gathered matrix, a plain reduction in
+    a fixed order: segments are bucketed by their size rounded up to a power of two, and each
+    bucket is one gather (rows padded with a zero entry) and one row sum, so at most twice the
+    entries are read, in ``2 * buckets + 3`` kernels. On the CPU, ``index_add_`` adds
+    sequentially (deterministic) and is kept; so is any layout where no segment has two
+    entries (one addition into zero is exact in any order).
+
+    Args:
+        segments: for each entry of the values to sum, its segment in ``[0, count)``.
+        count: number of segments (those without entries sum to 0).
+
+    Example:
+        >>> sums = SegmentSums((0, 2, 0, 2, 2), 3)
+        >>> sums(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+        tensor([ 4.,  0., 11.])
+    """
+
+    def __init__(self, segments: Sequence[int], count: int):
+        self.segments = tuple(segments)
+        self.count = count
+        members: list[list[int]] = [[] for _ in range(count)]
+        for position, segment in enumerate(self.segments):
+            members[segment].append(position)
+        self.unique = all(len(m) <= 1 for m in members)
+        pad = len(self.segments)  # the index of the zero appended to the values
+        buckets: dict[int, list[list[int]]] = {}
+        for m in members:
+            if m:
+                width = 1 << (len(m) - 1).bit_length()
+                buckets.setdefault(width, []).append(m + [pad] * (width - len(m)))
+        # row sums come out bucket after bucket, then one 0 for the empty segments
+        self._buckets = sorted(buckets.items())
+        slot_of: list[int] = [-1] * count
+        rows = 0
+        for _, bucket in self._buckets:
+            for row in bucket:
+                # segment of that row: the segment of its first (real) member
+                slot_of[self.segments[row[0]]] = rows
+                rows += 1
+        self._inverse = tuple(rows if s < 0 else s for s in slot_of)
+        self._built: dict[tuple[torch.device, bool], list[Tensor]] = {}
+
+    def __call__(self, values: Tensor) -> Tensor:
+        """``out[s]`` = the sum of ``values[i]`` over the entries ``i`` of segment ``s``:
+        1-D, ``count`` entries, ``values``'s dtype and device."""
+        if self.unique or _foreach.is_host_device(values.device):
+            (segments,) = self._on(values.device, gather=False)
+            return values.new_zeros(self.count).index_add_(0, segments, values)
+        inverse, *gathers = self._on(values.device, gather=True)
+        padded = torch.cat([values, values.new_zeros(1)])
+        sums = [padded[index].sum(1) for index in gathers]
+        return torch.cat([*sums, values.new_zeros(1)])[inverse]
+
+    def _on(self, device: torch.device, gather: bool) -> list[Tensor]:
+        """The index tensors on ``device``, built once (a host-to-device copy, which a CUDA
+        graph capture cannot contain); while compiling, graph constants, not cached."""
+        built = self._built.get((device, gather))
+        if built is not None:
+            return built
+        if _foreach.capturing():
+            raise RuntimeError(
+                "gradclip needs index tensors it has not built yet inside a CUDA graph capture "
+                "(building them is a host-to-device copy, which a capture cannot contain): run "
+                "the captured step once before capturing it, with the same parameters"
+            )
+        lists = [self._inverse, *(b for _, b in self._buckets)] if gather else [self.segments]
+        built = [torch.tensor(x, dtype=torch.long).to(device) for x in lists]
+        if not _foreach.is_compiling():
+            self._built[(device, gather)] = built
+        return built
 
 
 @dataclass
@@ -50,6 +132,7 @@ class UnitPlan:
     acc: torch.dtype
     _segments: dict[torch.device, Tensor] = field(default_factory=dict)
     schedules: dict[tuple, tuple] = field(default_factory=dict)  # cached by its users (AGC)
+    _sums: SegmentSums | None = None
 
     @classmethod
     def build(cls, tensors: list[Tensor], excluded: tuple[bool, ...]) -> UnitPlan:
@@ -94,9 +177,10 @@ class UnitPlan:
         """Base index of the tensor owning each unit (for per-tensor sums), on ``device``."""
         seg = self._segments.get(device)
         if seg is None:
-            seg = torch.repeat_interleave(
-                torch.tensor(self.order, dtype=torch.long), torch.tensor(self.counts, dtype=torch.long)
-            ).to(device)
+            # From Python data, not repeat_interleave: its output size depends on tensor
+            # values, which torch.compile (2.8) cannot trace.
+            owners = [i for i, n in zip(self.order, self.counts, strict=True) for _ in range(n)]
+            seg = torch.tensor(owners, dtype=torch.long, device=device)
             self._segments[device] = seg
         return seg
 
@@ -136,9 +220,15 @@ class UnitPlan:
         return unit_norms(members[0], whole=positions[0] >= self.included)
 
     def per_tensor_sums(self, values: Tensor) -> Tensor:
-        """Sum ``values`` (one per unit, in unit order) per tensor: ``(n_tensors,)``, base order."""
-        seg = self.segments(values.device)
-        return values.new_zeros(len(self.order)).index_add_(0, seg, values)
+        """Sum ``values`` (one per unit, in unit order) per tensor: ``(n_tensors,)``, base order;
+        bitwise the same on every run, on every device (see :class:`SegmentSums`)."""
+        if _foreach.is_host_device(values.device):
+            seg = self.segments(values.device)
+            return values.new_zeros(len(self.order)).index_add_(0, seg, values)
+        if self._sums is None:
+            owners = [i for i, n in zip(self.order, self.counts, strict=True) for _ in range(n)]
+            self._sums = SegmentSums(owners, len(self.order))
+        return self._sums(values)
 
 
 def unit_rows(t: Tensor, whole: bool) -> int:

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from gradclip.history import History, MonitorSummary, NonFiniteEvent, read_log
+from gradclip.history import History, MonitorSummary, NonFiniteEvent
+from gradclip.readlog import read_log
 from gradclip.recommend import Recommendation, recommend_max_norm
+from gradclip.stalls import STALL_STEPS, Stall
 
 __all__ = ["Report", "bin_max", "build_report", "rolling_mean"]
 
 MAX_EVENTS = 50  # non-finite events listed one by one
+MAX_UPDATE_LAYERS = 8  # update-ratio lines drawn (the largest median ratios), besides the total
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,13 @@ class Report:
         heatmap_layers: (G,) the layers shown (at most ``max_layers``, the largest ones,
             in module order).
         nonfinite_events: the first non-finite steps with their layers.
+        update_ratios: layer -> (N,) ``‖Δθ‖ / ‖θ‖`` (NaN on steps not measured): the
+            ``total`` and the layers with the largest median ratio; empty when the run
+            recorded no updates (the monitor's ``updates=``).
+        group_norms, group_coefs: group -> (N,) the group's pre-clip norm and clip
+            coefficient; empty when the clipper had no groups.
+        stalls: the runs where clipping stalled the whole model or a group (see
+            :class:`gradclip.stalls.StallDetector`).
     """
 
     title: str
@@ -50,6 +60,10 @@ class Report:
     heatmap: Tensor
     heatmap_layers: tuple[str, ...]
     nonfinite_events: tuple[NonFiniteEvent, ...]
+    update_ratios: dict[str, Tensor] = field(default_factory=dict)
+    group_norms: dict[str, Tensor] = field(default_factory=dict)
+    group_coefs: dict[str, Tensor] = field(default_factory=dict)
+    stalls: tuple[Stall, ...] = ()
 
 
 def rolling_mean(values: Tensor, window: int) -> Tensor:
@@ -95,6 +109,7 @@ def build_report(
     title: str | None = None,
     max_layers: int = 40,
     max_columns: int = 800,
+    stall_steps: int = STALL_STEPS,
 ) -> Report:
     """Everything a report shows, from a run's :class:`~gradclip.History` or its log path.
 
@@ -105,6 +120,8 @@ def build_report(
             norms, in module order).
         max_columns: the heatmap merges steps into at most this many columns (the largest
             norm of each), so a spike on one step stays visible.
+        stall_steps: steps below the stall floor that make a stall (see
+            :class:`gradclip.stalls.StallDetector`).
 
     Raises:
         gradclip.LogError: the log cannot be used at all (see :func:`gradclip.read_log`).
@@ -143,4 +160,22 @@ def build_report(
         heatmap=heat,
         heatmap_layers=names,
         nonfinite_events=tuple(h.nonfinite_events()[:MAX_EVENTS]),
+        update_ratios=_top_update_ratios(h),
+        group_norms=h.group_columns("norm"),
+        group_coefs=h.group_columns("coef"),
+        stalls=tuple(h.stalls(steps=stall_steps)),
     )
+
+
+def _top_update_ratios(h: History) -> dict[str, Tensor]:
+    """``total`` first, then the layers with the largest median update ratio, in module order."""
+    ratios = h.update_ratios()
+    total = ratios.pop("total", None)
+    def median(v: Tensor) -> float:
+        ok = v[torch.isfinite(v)]
+        return float(ok.median()) if ok.numel() else -math.inf
+
+    keep = sorted(ratios, key=lambda k: -median(ratios[k]))[:MAX_UPDATE_LAYERS]
+    out = {} if total is None else {"total": total}
+    out.update({k: v for k, v in ratios.items() if k in keep})
+    return out

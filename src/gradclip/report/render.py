@@ -3,9 +3,12 @@ folder that replaces only an earlier report (:class:`gradclip._files.OutputFolde
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from gradclip._files import OutputFolder
 from gradclip.recommend import render_text
@@ -36,7 +39,9 @@ def render_report(report: Report, out_dir: str | os.PathLike[str]) -> ReportFile
 
     Plots: ``norms.png`` (total norm over time with threshold and clipped steps),
     ``clip_rate.png``, ``layers.png`` (per-layer heatmap, when layers were recorded),
-    ``histogram.png`` (log scale), ``nonfinite.png`` (when any step was non-finite). The
+    ``histogram.png`` (log scale), ``nonfinite.png`` (when any step was non-finite),
+    ``updates.png`` (the update-to-parameter ratio per layer, when updates were recorded),
+    ``groups.png`` (the clip coefficient per parameter group, when there were groups). The
     HTML embeds the same images and shows the summary and the recommendation.
 
     ``out_dir`` is created (with its parents), or filled if it is an empty folder, or
@@ -90,6 +95,27 @@ def write_report(report: Report, folder: str | os.PathLike[str]) -> ReportFiles:
                          title="Pre-clip norms (log scale)")  # fmt: skip
     pngs["histogram"] = plots.save_png(fig)
 
+    if report.update_ratios:
+        fig, ax = plots.new_figure(height=3.2)
+        for layer, ratio in report.update_ratios.items():
+            ok = torch.isfinite(ratio) & (ratio > 0)  # a log scale: no zero updates
+            if not ok.any():
+                continue
+            plots.plot_series(ax, h.steps[ok], ratio[ok], label=layer, logy=True,
+                              ylabel="||Δθ|| / ||θ||",
+                              title="Update-to-parameter ratio per layer")  # fmt: skip
+        pngs["updates"] = plots.save_png(fig)
+
+    if report.group_coefs:
+        fig, ax = plots.new_figure(height=3.0)
+        for group, coef in report.group_coefs.items():
+            ok = torch.isfinite(coef) & (coef > 0)
+            plots.plot_series(ax, h.steps[ok], coef[ok], label=f"group {group}",
+                              logy=bool(ok.any()),
+                              ylabel="clip coefficient",
+                              title="Clip coefficient per parameter group (1: not clipped)")  # fmt: skip
+        pngs["groups"] = plots.save_png(fig)
+
     if report.nonfinite_events:
         fig, ax = plots.new_figure(height=1.8)
         plots.plot_nonfinite(ax, h.steps, h.finite, h.skipped, title="Non-finite gradients")
@@ -121,6 +147,27 @@ def write_report(report: Report, folder: str | os.PathLike[str]) -> ReportFiles:
             [t.name, _fmt(t.max), _fmt(t.mean)] for t in summ.top_layers]  # fmt: skip
         sections.append(Section("Per-layer norms", images=[("per-layer heatmap", pngs["layers"])],
                                 table=tops))  # fmt: skip
+    if "groups" in pngs:
+        rows = [["group", "norm p50", "clip rate", "median coefficient", "smallest"]]
+        for group, coef in report.group_coefs.items():
+            norm = report.group_norms.get(group, coef.new_full(coef.shape, math.nan))
+            ok = torch.isfinite(coef)
+            finite_norm = norm[torch.isfinite(norm)]
+            rows.append([
+                group, _fmt(float(finite_norm.median()) if finite_norm.numel() else None),
+                f"{float((coef[ok] < 1).double().mean()) if ok.any() else 0.0:.1%}",
+                _fmt(float(coef[ok].median()) if ok.any() else None),
+                _fmt(float(coef[ok].min()) if ok.any() else None),
+            ])
+        sections.append(Section("Parameter groups", images=[("group coefficients", pngs["groups"])],
+                                table=rows, warnings=[s.describe() for s in report.stalls]))  # fmt: skip
+    elif report.stalls:
+        sections.append(Section("Stalls", warnings=[s.describe() for s in report.stalls]))
+    if "updates" in pngs:
+        sections.append(Section("Updates", images=[("update ratios", pngs["updates"])],
+                                paragraphs=["||Δθ|| / ||θ||: how far each step moved each layer, "
+                                            "relative to its size (the total, and the layers "
+                                            "that moved most)"]))  # fmt: skip
     sections.append(Section("Norm histogram", images=[("histogram", pngs["histogram"])]))
     if report.nonfinite_events:
         rows = [["step", "skipped", "non-finite layers"]] + [
