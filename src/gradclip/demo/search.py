@@ -19,11 +19,22 @@ from typing import Any
 
 import torch
 
-from gradclip.demo.problems import build_problem
-from gradclip.demo.tasks import Task, resolve
+from gradclip.demo.problems import MuonConfig, build_problem
+from gradclip.demo.tasks import TASKS, Task, resolve
 from gradclip.tune import CONFIRM, MaxNormSearch, TrialClip, find_max_norm
 
-__all__ = ["search_task"]
+__all__ = ["SEARCHABLE", "search_task"]
+
+
+def _one_optimizer(task: Task) -> bool:
+    """Whether ``task`` trains with one ``torch.optim.Optimizer``, as the finder needs:
+    ``muon-adamw`` steps two (Muon and AdamW, :class:`~gradclip.demo.problems.MuonAdamW`)."""
+    return not isinstance(task.config, MuonConfig)
+
+
+SEARCHABLE: tuple[str, ...] = tuple(key for key, task in TASKS.items() if _one_optimizer(task))
+"""The tasks :func:`search_task` runs: every task but ``muon-adamw``, whose two optimizers
+the finder's snapshot does not take (it restores one ``torch.optim.Optimizer``)."""
 
 
 def search_task(
@@ -48,8 +59,17 @@ def search_task(
         device: where the model lives.
         progress: called with one line per trial.
         options: passed on to :func:`gradclip.find_max_norm`.
+
+    Raises:
+        ValueError: ``task`` trains with more than one optimizer (``muon-adamw``; see
+            :data:`SEARCHABLE`).
     """
     spec = resolve(task)
+    if not _one_optimizer(spec):
+        raise ValueError(
+            f"task {spec.key!r} steps two optimizers (Muon and AdamW); the finder takes one "
+            f"torch.optim.Optimizer: pick one of {', '.join(SEARCHABLE)}"
+        )
     problem = build_problem(spec.config, seed, spec.steps, torch.device(device))
     model, optimizer = problem.model, problem.optimizer
 

@@ -94,8 +94,10 @@ class Task:
         reference: what trivial / unclipped / well-clipped runs score, for reports.
         fixed: three fixed ``max_norm`` for ``gradclip demo``: too low, good (the best of the
             quality benchmark's sweep 0.1, 0.3, ..., 100 at full length) and too high.
-        config: the hyperparameters (:class:`AdditionConfig`, :class:`SpikesConfig` or
-            :class:`HeavyTailConfig`); ``dataclasses.replace`` it to make a variant.
+        config: the hyperparameters (:class:`AdditionConfig`, :class:`SpikesConfig`,
+            :class:`HeavyTailConfig`, :class:`MuonConfig`, or a real-data config of
+            :mod:`gradclip.demo.real_problems`); ``dataclasses.replace`` it to make a
+            variant.
     """
 
     name: str
