@@ -380,3 +380,67 @@ def test_checkpoints_without_hold_still_load_and_hold_is_checked() -> None:
     again = AdaptiveClip(hold=0.25)
     again.load_state_dict(held.state_dict())
     assert float(again.state.threshold) == 0.25
+    with pytest.raises(ValueError, match=r"hold=0.25 \(here None\)"):  # nor the other way
+        AdaptiveClip().load_state_dict(held.state_dict())
+
+
+# -- optimizer= with main's per-group clipping and several optimizers ---------------------
+
+
+def test_optimizer_takes_a_list_as_step_does() -> None:
+    """``[muon, adamw]``: hold when every optimizer normalises; a list with SGD keeps the
+    median rule; anything but torch optimizers is refused."""
+    from gradclip.clippers.adaptive import HOLD
+
+    w, b = torch.nn.Parameter(torch.zeros(3, 3)), torch.nn.Parameter(torch.zeros(3))
+    muon, adamw = torch.optim.Muon([w]), torch.optim.AdamW([b])
+    assert AdaptiveClip(optimizer=[muon, adamw]).hold == HOLD
+    assert AdaptiveClip(optimizer=(adamw,)).hold == HOLD
+    assert AdaptiveClip(optimizer=[muon, torch.optim.SGD([b], lr=0.1)]).hold is None
+    for bad in ([], [adamw, "sgd"], [torch.optim.Adam]):
+        with pytest.raises(TypeError, match="optimizer"):
+            AdaptiveClip(optimizer=bad)
+
+
+def test_optimizer_with_groups_holds_each_group_and_checkpoints() -> None:
+    """``optimizer=`` and ``groups=`` together: each group's own threshold is hold x its own
+    first norm; the state dict (config with ``hold``, the groups' states) round-trips."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [a], "name": "a"}, {"params": [b], "name": "b"}])
+    model = torch.nn.ParameterDict({"a": a, "b": b})
+
+    def make() -> AdaptiveClip:
+        return AdaptiveClip(optimizer=opt, groups=opt.param_groups)
+
+    clipper = make()
+    for scale in (1.0, 5.0, 0.5):
+        a.grad = torch.tensor([3.0, 4.0]) * scale  # norm 5 at first
+        b.grad = torch.tensor([0.6, 0.8]) * scale  # norm 1 at first
+        stats = clipper(model)
+        assert stats.groups.names == ("a", "b")
+        assert stats.groups.threshold.tolist() == pytest.approx([5 / 32, 1 / 32])
+        assert float(torch.linalg.vector_norm(a.grad)) == pytest.approx(min(5 * scale, 5 / 32))
+    saved = clipper.state_dict()
+    assert saved["config"]["hold"] == 1 / 32
+    again = make()
+    again.load_state_dict(saved)
+    a.grad, b.grad = torch.tensor([30.0, 40.0]), torch.tensor([6.0, 8.0])
+    stats = again(model)
+    assert stats.groups.threshold.tolist() == pytest.approx([5 / 32, 1 / 32])
+    with pytest.raises(ValueError, match="hold"):  # the median rule's clipper refuses it
+        AdaptiveClip(groups=opt.param_groups).load_state_dict(saved)
+
+
+def test_optimizer_with_muon_leaves_muon_out_and_holds_the_adamw_groups() -> None:
+    """``clipper.step(model, [muon, adamw])`` under main's default policy: the Muon group is
+    left out (warning once), the AdamW group is clipped to hold x its first norm."""
+    w, b = torch.nn.Parameter(torch.zeros(3, 3)), torch.nn.Parameter(torch.zeros(3))
+    muon, adamw = torch.optim.Muon([w], lr=0.0), torch.optim.AdamW([b], lr=0.0)
+    model = torch.nn.ParameterDict({"w": w, "b": b})
+    clipper = AdaptiveClip(optimizer=[muon, adamw])
+    w.grad, b.grad = torch.full((3, 3), 100.0), torch.tensor([2.0, 0.0, 0.0])
+    with pytest.warns(UserWarning, match="leaves the parameter group"):
+        stats = clipper.step(model, [muon, adamw])
+    assert float(stats.threshold) == pytest.approx(2 / 32)
+    assert torch.equal(w.grad, torch.full((3, 3), 100.0))  # Muon's gradients untouched
+    assert float(b.grad.norm()) == pytest.approx(2 / 32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -17,7 +18,7 @@ from gradclip.norms import GradNorms
 from gradclip.scale import clip_coefficient
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
     from torch.distributed import ProcessGroup
 
@@ -203,10 +204,11 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         hold: clip every step to ``hold`` x the first recorded norm, held for good (> 0);
             None (default) for the median rule. Only the threshold changes: the norms are
             still recorded, the checkpoint format is the same.
-        optimizer: the optimizer stepped after the clip. When it normalises its update
-            (:func:`normalises`: Adam, AdamW, RMSprop, Adagrad, ...) and ``hold`` is None,
-            ``hold`` becomes :data:`HOLD` (1/32). Only its kind is read; no reference is
-            kept.
+        optimizer: the optimizer stepped after the clip, or a list of them (``[muon,
+            adamw]``, as :meth:`step` takes them). When it normalises its update (all of
+            them do; :func:`normalises`: Adam, AdamW, RMSprop, Adagrad, Muon, ...) and
+            ``hold`` is None, ``hold`` becomes :data:`HOLD` (1/32). Only its kind is read;
+            no reference is kept.
         norm_type: p of the norms (default 2).
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
@@ -265,7 +267,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         recovery: float = 1e-3,
         max_norm: float | None = None,
         hold: float | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         norm_type: float | str = 2.0,
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
@@ -318,12 +320,17 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             recovery, "recovery", "finite and >= 0", lambda v: 0 <= v < math.inf, "recovery=1e-3"
         )
         self.max_norm = None if max_norm is None else check_threshold(max_norm, "max_norm")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        # several optimizers, as Clipper.step takes them ([muon, adamw]): hold when all
+        # of them normalise their update
+        optimizers = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+        if optimizer is not None and not (
+            optimizers and all(isinstance(o, torch.optim.Optimizer) for o in optimizers)
+        ):
             raise TypeError(
-                f"`optimizer` must be a torch.optim.Optimizer (the one stepped after the clip), "
-                f"got {type(optimizer).__name__}"
+                f"`optimizer` must be a torch.optim.Optimizer or a list of them (the ones "
+                f"stepped after the clip), got {type(optimizer).__name__}"
             )
-        if hold is None and optimizer is not None and normalises(optimizer):
+        if hold is None and optimizer is not None and all(normalises(o) for o in optimizers):
             hold = HOLD
         self.hold = None if hold is None else check_real(
             hold, "hold", "finite and > 0 (or None)", lambda v: 0 < v < math.inf, "hold=0.25"
@@ -354,6 +361,19 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             **({} if self.hold is None else {"hold": self.hold}),
             **super().config(),
         }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        # `hold` is in config() only when set (so that older checkpoints load), and the
+        # protocol compares this clipper's keys: a hold checkpoint would load unnoticed into a
+        # median-rule clipper. Refuse it, as any other differing argument.
+        theirs = state_dict.get("config") if isinstance(state_dict, Mapping) else None
+        if isinstance(theirs, Mapping) and theirs.get("hold") is not None and self.hold is None:
+            raise ValueError(
+                f"the AdaptiveClip state dict was saved with different arguments: "
+                f"hold={theirs['hold']!r} (here None); build the clipper as "
+                "gradclip.AdaptiveClip(**state_dict['config'])"
+            )
+        super().load_state_dict(state_dict)
 
     State = AdaptiveClipState
 
