@@ -386,7 +386,10 @@ def test_checkpoints_without_hold_still_load_and_hold_is_checked() -> None:
 
 # -- optimizer= with main's per-group clipping and several optimizers ---------------------
 
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon: torch>=2.9")
 
+
+@needs_muon
 def test_optimizer_takes_a_list_as_step_does() -> None:
     """``[muon, adamw]``: hold when every optimizer normalises; a list with SGD keeps the
     median rule; anything but torch optimizers is refused."""
@@ -431,6 +434,7 @@ def test_optimizer_with_groups_holds_each_group_and_checkpoints() -> None:
         AdaptiveClip(groups=opt.param_groups).load_state_dict(saved)
 
 
+@needs_muon
 def test_optimizer_with_muon_leaves_muon_out_and_holds_the_adamw_groups() -> None:
     """``clipper.step(model, [muon, adamw])`` under main's default policy: the Muon group is
     left out (warning once), the AdamW group is clipped to hold x its first norm."""
