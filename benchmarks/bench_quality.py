@@ -44,6 +44,8 @@ Data, rendering and command line stay apart: :func:`run_benchmark` returns recor
 Example:
     python benchmarks/bench_quality.py --quick --seeds 1          # about a minute
     python benchmarks/bench_quality.py --jobs 2 --json quality.json   # the full run
+    python benchmarks/bench_quality.py --acceptance --json acceptance.json   # issue 18: finder,
+        # default and recommendation against the best fixed threshold (acceptance.py)
 """
 
 from __future__ import annotations
@@ -408,6 +410,11 @@ def render(summary: Summary, meta: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--acceptance" in args:  # issue 18's evaluation: its own options (acceptance.py)
+        import acceptance
+
+        return acceptance.main([a for a in args if a != "--acceptance"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tasks' quick step counts")
     parser.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds per run (default {SEEDS})")

@@ -131,19 +131,19 @@ def _assert_same(eager, compiled) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [2.0, math.inf])
-@pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e.label or e.name for e in ENTRIES])
 def test_clippers_compile_into_one_graph_once(entry, p, dtype):
     _assert_same(_run_clipper(entry, False, dtype, p), _run_clipper(entry, True, dtype, p))
 
 
-@pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e.label or e.name for e in ENTRIES])
 def test_clippers_compile_with_inductor(entry):
     _assert_same(_run_clipper(entry, False, torch.float32, None),
                  _run_clipper(entry, True, torch.float32, None, backend="inductor"))
 
 
 @pytest.mark.parametrize("entry", [e for e in ENTRIES if e.name in ("NormClip", "AdaGC", "AdaptiveClip")],
-                         ids=lambda e: e.name)
+                         ids=lambda e: e.label or e.name)
 def test_step_with_fused_adamw_compiles_breaking_only_in_torch_s_optimizer(entry):
     """``clipper.step(model, optimizer)``: one graph for the clip (compiled once), then torch's
     ``optimizer.step()``, which breaks the graph on purpose (torch/optim/optimizer.py)."""

@@ -146,7 +146,7 @@ def test_a_small_coefficient_is_kept_for_half_precision(dtype):
     assert float(after) == pytest.approx(1.0, rel=4 * torch.finfo(dtype).eps)
 
 
-@pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e.label or e.name for e in ENTRIES])
 def test_clipper_on_cuda_equals_cpu_without_a_sync(entry: Entry):
     """The same gradients clipped on the GPU and on the CPU give the same decisions, gradients
     and state; after the first call (which moves the state), no GPU step synchronizes with
@@ -184,7 +184,7 @@ def _assert_same_state(ours: gradclip.Clipper, theirs: gradclip.Clipper, **tol: 
 
 
 @pytest.mark.parametrize("optimizer", ["fused", "foreach"])
-@pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e.label or e.name for e in ENTRIES])
 def test_clipper_step_without_a_sync(entry: Entry, optimizer):
     """clipper.step(model, AdamW): folded into the fused kernel where the clipper has one
     coefficient, scaled then stepped otherwise. The foreach AdamW is capturable (its step

@@ -133,7 +133,7 @@ def _steps(entry: Entry, monkeypatch) -> tuple[list, OrderDependentOps]:
     return stats, mode
 
 
-@pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e.label or e.name for e in ENTRIES])
 def test_clipper_steps_off_the_cpu_use_no_order_dependent_op(entry, monkeypatch):
     _, mode = _steps(entry, monkeypatch)
     assert mode.ops == []

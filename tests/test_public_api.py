@@ -31,6 +31,8 @@ PUBLIC = {
     # seeing what clipping does
     "GradMonitor", "History", "MonitorSummary", "read_log", "Recommendation",
     "recommend_max_norm", "Sink", "JSONLSink", "CSVSink", "TensorBoardSink", "LogError",
+    # finding max_norm on your own model
+    "find_max_norm", "MaxNormSearch",
     "__version__",
 }
 

@@ -50,6 +50,7 @@ from gradclip.readlog import read_log
 from gradclip.recommend import Recommendation, recommend_max_norm
 from gradclip.sinks import CSVSink, JSONLSink, LogError, Sink, TensorBoardSink
 from gradclip.stats import ClipStats, GroupStats
+from gradclip.tune import MaxNormSearch, find_max_norm
 
 __version__ = "0.1.0"
 
@@ -71,6 +72,7 @@ __all__ = [
     "History",
     "JSONLSink",
     "LogError",
+    "MaxNormSearch",
     "MonitorSummary",
     "NonFiniteGradientError",
     "NormClip",
@@ -93,6 +95,7 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "find_max_norm",
     "get_total_norm",
     "grad_norms",
     "muon_like",

@@ -6,14 +6,15 @@ what to run); adding ``demo``, ``report`` or ``recommend`` means adding an entry
 Exit status: 0 on success; 2 for a usage mistake, a log that cannot be used (missing,
 empty, nothing valid) or an output folder that is refused (see :mod:`gradclip._files`); 1
 when ``recommend`` / ``report`` worked on part of a log (the bad lines are named on stderr),
-or when the output folder changed while ``demo`` / ``report`` ran (the finished output is
-kept in the staging folder the message names).
+or when the output folder changed while ``demo`` / ``report`` / ``tune`` ran (the finished
+output is kept in the staging folder the message names).
 
 Example:
     $ gradclip recommend run.jsonl
     $ gradclip report run.jsonl               # into run-report/, beside the log
     $ gradclip report run.jsonl -o report/
     $ gradclip demo --quick
+    $ gradclip tune --task adam-spikes --out tune/
     $ gradclip bench --quick
     $ gradclip bench --cases mnist gpt2 --norm-types 2 --modes clip --reps 9 --json out.json
     $ python -m gradclip --help
@@ -288,12 +289,101 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _tune_arguments(parser: argparse.ArgumentParser) -> None:
+    from gradclip.demo.search import SEARCHABLE  # every task with one optimizer
+
+    parser.add_argument("--task", default="rnn-addition/violent", choices=list(SEARCHABLE),
+                        metavar="TASK", help=f"one of {', '.join(SEARCHABLE)} (default: %(default)s)")
+    parser.add_argument("--seed", type=_natural_int, default=0, help="run seed (default 0)")
+    parser.add_argument("--budget", type=_fraction, default=0.2, metavar="F",
+                        help="the search's cost, as a fraction of the task's training run "
+                        "(default %(default)s)")
+    parser.add_argument("--horizon", type=_positive_int, metavar="N",
+                        help="steps per candidate (default: from --budget)")
+    parser.add_argument("--candidates", nargs="+", type=_positive_float, metavar="C",
+                        help="thresholds to try (default: a grid around the norms seen)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="also write search.html and search.png there: created, or replaced "
+                        "if it holds an earlier search, never if it holds anything else")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")  # fmt: skip
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from gradclip._files import OutputError, OutputFolder
+    from gradclip.demo.search import search_task
+    from gradclip.tune import render_text
+
+    folder = None
+    if args.out is not None:
+        try:
+            from gradclip.report import plots
+
+            plots.require_matplotlib()
+        except ImportError as exc:
+            return _error("tune", f"--out: {exc}")
+        try:
+            folder = OutputFolder(args.out, producer="gradclip tune")
+        except OutputError as exc:
+            return _error("tune", str(exc))
+        except OSError as exc:
+            return _error("tune", f"cannot write --out {args.out}: {exc.strerror or exc}")
+    torch.set_num_threads(1)  # the tasks' calibration, and the same numbers on every machine
+
+    def search_and_print() -> Any:
+        search = search_task(args.task, seed=args.seed, budget=args.budget, horizon=args.horizon,
+                             candidates=args.candidates,
+                             progress=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+        print(json.dumps(search.to_dict(), indent=1) if args.json else render_text(search))
+        return search
+
+    if folder is None:
+        search_and_print()
+        return 0
+    from gradclip.report.search import render_search
+
+    with folder:  # an exception, ^C included, removes the unfinished folder
+        render_search(search_and_print(), folder.stage)
+        try:
+            folder.commit()
+        except OutputError as exc:
+            return _failed("tune", str(exc))
+        except OSError as exc:
+            return _failed("tune", f"cannot write --out {args.out}: {exc.strerror or exc}")
+    print(f"search written to {args.out / 'search.html'}", file=sys.stderr)
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "demo",
         "train an embedded task where gradients explode, under each clipping strategy",
         _demo_arguments,
         _run_demo,
+    ),
+    Command(
+        "tune",
+        "find max_norm for an embedded task: short runs under candidate thresholds",
+        _tune_arguments,
+        _run_tune,
     ),
     Command(
         "bench",

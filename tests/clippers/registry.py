@@ -207,4 +207,16 @@ ENTRIES: tuple[Entry, ...] = (
         spikes={"policy": "off", "window": 16, "warmup": 10},
         label="ZClip+off",
     ),
+    Entry(
+        "AdaptiveClip",
+        # hold mode (AdaptiveClip(optimizer=Adam) picks it): one threshold, set by the first
+        # norm and held; active from the first step
+        {"hold": 0.5},
+        (
+            ({"hold": 0.0}, ValueError, "hold"),
+            ({"hold": float("inf")}, ValueError, "hold"),
+            ({"hold": "0.5"}, TypeError, "hold"),
+        ),
+        label="AdaptiveClip(hold)",
+    ),
 )

@@ -22,7 +22,7 @@ DEFAULTS = {
     "warmup_relative": 0.5,
     "spike": 6.0,
     "backoff": 0.5,
-    "min_relative": 1 / 32,
+    "min_relative": 1 / 48,
     "recovery": 1e-3,
     "max_norm": None,
 }
@@ -179,7 +179,7 @@ def test_warm_up_can_be_skipped() -> None:
 
 def test_spike_halves_the_threshold_down_to_the_floor() -> None:
     window = 16
-    clipper = AdaptiveClip(window=window, warmup_start=math.inf, growth=0.0)
+    clipper = AdaptiveClip(window=window, warmup_start=math.inf, growth=0.0, min_relative=1 / 32)
     base = [1.0] * (window + 1)
     thresholds, clipped = clip_sequence(clipper, [*base, 100.0])
     assert thresholds[-2] == pytest.approx(0.5)
@@ -283,3 +283,168 @@ def test_beats_no_clipping_on_quick_tasks(task: str) -> None:
     assert math.isfinite(ours.metric) and not ours.diverged
     assert ours.metric < unclipped.metric
     assert ours.nonfinite_steps == 0
+
+
+# -- hold mode: the threshold for optimizers that normalise their update -----------------
+
+
+def test_hold_clips_every_step_to_a_fraction_of_the_first_norm() -> None:
+    norms = [8.0, math.nan, 1.0, 0.0, 100.0, 0.1, math.inf, 3.0]
+    clipper = AdaptiveClip(hold=0.25, window=4)
+    p = torch.nn.Parameter(torch.zeros(1))
+    for g in norms:
+        p.grad = torch.tensor([g])
+        stats = clipper({"w": p})
+        if math.isfinite(g) and g > 0:  # 0.25 x 8, held; a NaN/inf/0 step changes nothing
+            assert float(stats.threshold) == 2.0
+            assert float(p.grad) == pytest.approx(min(g, 2.0 * g / (g + 1e-6)), rel=1e-6)
+    assert int(clipper.state.count) == 5  # the norms are still recorded
+
+
+def test_hold_waits_for_a_recorded_first_norm() -> None:
+    clipper = AdaptiveClip(hold=0.5)
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.tensor([math.nan])
+    assert float(clipper({"w": p}).threshold) == math.inf
+    p.grad = torch.tensor([4.0])
+    assert float(clipper({"w": p}).threshold) == 2.0
+    clipper2 = AdaptiveClip(hold=0.5, max_norm=1.0)  # the ceiling still applies
+    p.grad = torch.tensor([4.0])
+    assert float(clipper2({"w": p}).threshold) == 1.0
+    assert float(clipper2.state.threshold) == 2.0
+
+
+@pytest.mark.parametrize(
+    ("make", "normalising"),
+    [
+        (lambda p: torch.optim.Adam(p), True),
+        (lambda p: torch.optim.AdamW(p), True),
+        (lambda p: torch.optim.RMSprop(p), True),
+        (lambda p: torch.optim.Adagrad(p), True),
+        (lambda p: torch.optim.SGD(p, lr=0.1), False),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), False),
+        (lambda p: torch.optim.ASGD(p), False),
+    ],
+)
+def test_optimizer_selects_hold_for_normalising_optimizers(make, normalising: bool) -> None:
+    from gradclip.clippers.adaptive import HOLD, normalises
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = make(params)
+    assert normalises(optimizer) is normalising
+    clipper = AdaptiveClip(optimizer=optimizer)
+    assert clipper.hold == (HOLD if normalising else None)
+    assert AdaptiveClip(optimizer=optimizer, hold=0.5).hold == 0.5  # an explicit hold wins
+
+
+def test_an_unknown_optimizer_with_betas_normalises() -> None:
+    from gradclip.clippers.adaptive import normalises
+
+    class Lion(torch.optim.Optimizer):
+        def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99)) -> None:
+            super().__init__(params, {"lr": lr, "betas": betas})
+
+    class Plain(torch.optim.Optimizer):
+        def __init__(self, params, lr: float = 1e-4) -> None:
+            super().__init__(params, {"lr": lr})
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert normalises(Lion(params)) and not normalises(Plain(params))
+
+
+def test_hold_and_optimizer_arguments_are_checked() -> None:
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="hold"):
+            AdaptiveClip(hold=bad)
+    with pytest.raises(TypeError, match="hold"):
+        AdaptiveClip(hold="0.1")
+    with pytest.raises(TypeError, match="optimizer"):
+        AdaptiveClip(optimizer=torch.optim.Adam)
+
+
+def test_checkpoints_without_hold_still_load_and_hold_is_checked() -> None:
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.tensor([1.0])
+    old = AdaptiveClip()
+    old({"w": p})
+    saved = old.state_dict()
+    assert "hold" not in saved["config"]  # the format of checkpoints written before `hold`
+    fresh = AdaptiveClip()
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.state.history, old.state.history)
+    with pytest.raises(ValueError, match="hold"):
+        AdaptiveClip(hold=0.25).load_state_dict(saved)
+    held = AdaptiveClip(hold=0.25)
+    p.grad = torch.tensor([1.0])
+    held({"w": p})
+    again = AdaptiveClip(hold=0.25)
+    again.load_state_dict(held.state_dict())
+    assert float(again.state.threshold) == 0.25
+    with pytest.raises(ValueError, match=r"hold=0.25 \(here None\)"):  # nor the other way
+        AdaptiveClip().load_state_dict(held.state_dict())
+
+
+# -- optimizer= with main's per-group clipping and several optimizers ---------------------
+
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon: torch>=2.9")
+
+
+@needs_muon
+def test_optimizer_takes_a_list_as_step_does() -> None:
+    """``[muon, adamw]``: hold when every optimizer normalises; a list with SGD keeps the
+    median rule; anything but torch optimizers is refused."""
+    from gradclip.clippers.adaptive import HOLD
+
+    w, b = torch.nn.Parameter(torch.zeros(3, 3)), torch.nn.Parameter(torch.zeros(3))
+    muon, adamw = torch.optim.Muon([w]), torch.optim.AdamW([b])
+    assert AdaptiveClip(optimizer=[muon, adamw]).hold == HOLD
+    assert AdaptiveClip(optimizer=(adamw,)).hold == HOLD
+    assert AdaptiveClip(optimizer=[muon, torch.optim.SGD([b], lr=0.1)]).hold is None
+    for bad in ([], [adamw, "sgd"], [torch.optim.Adam]):
+        with pytest.raises(TypeError, match="optimizer"):
+            AdaptiveClip(optimizer=bad)
+
+
+def test_optimizer_with_groups_holds_each_group_and_checkpoints() -> None:
+    """``optimizer=`` and ``groups=`` together: each group's own threshold is hold x its own
+    first norm; the state dict (config with ``hold``, the groups' states) round-trips."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [a], "name": "a"}, {"params": [b], "name": "b"}])
+    model = torch.nn.ParameterDict({"a": a, "b": b})
+
+    def make() -> AdaptiveClip:
+        return AdaptiveClip(optimizer=opt, groups=opt.param_groups)
+
+    clipper = make()
+    for scale in (1.0, 5.0, 0.5):
+        a.grad = torch.tensor([3.0, 4.0]) * scale  # norm 5 at first
+        b.grad = torch.tensor([0.6, 0.8]) * scale  # norm 1 at first
+        stats = clipper(model)
+        assert stats.groups.names == ("a", "b")
+        assert stats.groups.threshold.tolist() == pytest.approx([5 / 32, 1 / 32])
+        assert float(torch.linalg.vector_norm(a.grad)) == pytest.approx(min(5 * scale, 5 / 32))
+    saved = clipper.state_dict()
+    assert saved["config"]["hold"] == 1 / 32
+    again = make()
+    again.load_state_dict(saved)
+    a.grad, b.grad = torch.tensor([30.0, 40.0]), torch.tensor([6.0, 8.0])
+    stats = again(model)
+    assert stats.groups.threshold.tolist() == pytest.approx([5 / 32, 1 / 32])
+    with pytest.raises(ValueError, match="hold"):  # the median rule's clipper refuses it
+        AdaptiveClip(groups=opt.param_groups).load_state_dict(saved)
+
+
+@needs_muon
+def test_optimizer_with_muon_leaves_muon_out_and_holds_the_adamw_groups() -> None:
+    """``clipper.step(model, [muon, adamw])`` under main's default policy: the Muon group is
+    left out (warning once), the AdamW group is clipped to hold x its first norm."""
+    w, b = torch.nn.Parameter(torch.zeros(3, 3)), torch.nn.Parameter(torch.zeros(3))
+    muon, adamw = torch.optim.Muon([w], lr=0.0), torch.optim.AdamW([b], lr=0.0)
+    model = torch.nn.ParameterDict({"w": w, "b": b})
+    clipper = AdaptiveClip(optimizer=[muon, adamw])
+    w.grad, b.grad = torch.full((3, 3), 100.0), torch.tensor([2.0, 0.0, 0.0])
+    with pytest.warns(UserWarning, match="leaves the parameter group"):
+        stats = clipper.step(model, [muon, adamw])
+    assert float(stats.threshold) == pytest.approx(2 / 32)
+    assert torch.equal(w.grad, torch.full((3, 3), 100.0))  # Muon's gradients untouched
+    assert float(b.grad.norm()) == pytest.approx(2 / 32)

@@ -60,7 +60,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 # parity
 
 
-@pytest.mark.parametrize("entry", BY_NORM, ids=[e.name for e in BY_NORM])
+@pytest.mark.parametrize("entry", BY_NORM, ids=[e.label or e.name for e in BY_NORM])
 def test_own_groups_equal_one_clipper_per_group(entry: Entry) -> None:
     mine, ref = _model(), _model()
     grouped = entry.make(groups=_layers(mine))
@@ -78,7 +78,7 @@ def test_own_groups_equal_one_clipper_per_group(entry: Entry) -> None:
     assert int(grouped.steps) == 2 * entry.warmup + 25
 
 
-@pytest.mark.parametrize("entry", BY_NORM, ids=[e.name for e in BY_NORM])
+@pytest.mark.parametrize("entry", BY_NORM, ids=[e.label or e.name for e in BY_NORM])
 def test_shared_groups_equal_one_clipper_on_their_union(entry: Entry) -> None:
     mine, ref = _model(), _model()
     grouped = entry.make(groups=_layers(mine), policy=["shared", "exclude", "shared"])
@@ -221,7 +221,7 @@ def test_group_stats_are_each_groups_norms_and_factors() -> None:
     assert as_dict["1"]["norm"] == pytest.approx(float(before[1]))
 
 
-@pytest.mark.parametrize("entry", BY_NORM, ids=[e.name for e in BY_NORM])
+@pytest.mark.parametrize("entry", BY_NORM, ids=[e.label or e.name for e in BY_NORM])
 def test_resume_with_groups_equals_uninterrupted(entry: Entry) -> None:
     def make(model):
         return entry.make(groups=_layers(model), policy=["own", "shared", "shared"])

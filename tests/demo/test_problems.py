@@ -44,7 +44,7 @@ def test_heavy_tail_starts_at_w_zero_one_away_from_w_star():
 
 
 def test_a_config_of_another_type_is_refused():
-    with pytest.raises(TypeError, match=r"`config` must be an AdditionConfig, .*LabelNoiseConfig, got dict"):
+    with pytest.raises(TypeError, match=r"`config` must be a task config: .*LabelNoiseConfig, got dict"):
         build_problem({"lr": 0.1}, seed=0, steps=5, device=CPU)
 
 

@@ -15,7 +15,8 @@ from gradclip.demo.runner import RunResult, run
 from gradclip.demo.tasks import REFERENCES, TASKS, Task, resolve
 
 SHORT = {"rnn-addition/violent": 15, "rnn-addition/moderate": 15, "adam-spikes": 30,
-         "sgd-heavy-tail": 40, "muon-adamw": 10, "sgd-label-noise": 40}
+         "sgd-heavy-tail": 40, "muon-adamw": 10, "sgd-label-noise": 40, "lm-transformer": 4,
+         "lstm-text": 4, "cnn-digits/sgd": 6, "cnn-digits/adamw": 6}
 
 
 def fixed(max_norm: float):

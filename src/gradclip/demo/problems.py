@@ -54,6 +54,8 @@ import torch
 from torch import Tensor, nn
 
 from gradclip.demo.muon import MuonAdamW, MuonConfig, MuonProblem
+from gradclip.demo.real_problems import PROBLEMS as REAL_PROBLEMS
+from gradclip.demo.real_problems import DigitsConfig, TextConfig
 
 __all__ = [
     "AdditionConfig",
@@ -411,7 +413,12 @@ class _LabelNoiseProblem:
         return math.fsum(self.distances) / len(self.distances)
 
 
-TaskConfig = AdditionConfig | SpikesConfig | HeavyTailConfig | MuonConfig | LabelNoiseConfig
+TaskConfig = (
+    AdditionConfig | SpikesConfig | HeavyTailConfig | MuonConfig | LabelNoiseConfig | TextConfig
+    | DigitsConfig
+)
+"""The hyperparameters of a task; their type selects the problem (the real-data ones live in
+:mod:`gradclip.demo.real_problems`)."""
 """The hyperparameters of a task; their type selects the problem."""
 
 _PROBLEMS: dict[type, Callable[[TaskConfig, int, int, torch.device], Problem]] = {
@@ -420,6 +427,7 @@ _PROBLEMS: dict[type, Callable[[TaskConfig, int, int, torch.device], Problem]] =
     HeavyTailConfig: _HeavyTailProblem,
     MuonConfig: MuonProblem,
     LabelNoiseConfig: _LabelNoiseProblem,
+    **REAL_PROBLEMS,
 }
 
 
@@ -428,7 +436,8 @@ def build_problem(config: TaskConfig, seed: int, steps: int, device: torch.devic
 
     Args:
         config: an :class:`AdditionConfig`, :class:`SpikesConfig`, :class:`HeavyTailConfig`,
-            :class:`MuonConfig` or :class:`LabelNoiseConfig`.
+            :class:`MuonConfig`, :class:`LabelNoiseConfig`, or a real-data config
+            (:mod:`gradclip.demo.real_problems`).
         seed: seeds the initialisation and the training batches (the validation / test
             data and the teacher come from ``config.data_seed``).
         steps: the run's length (the glitches and the metric's window are placed in it).
@@ -436,11 +445,11 @@ def build_problem(config: TaskConfig, seed: int, steps: int, device: torch.devic
             moved, so a seed means the same data on every device.
 
     Raises:
-        TypeError: ``config`` is not one of the four config types.
+        TypeError: ``config`` is not one of the config types.
     """
     if type(config) not in _PROBLEMS:
         raise TypeError(
-            f"`config` must be an AdditionConfig, SpikesConfig, HeavyTailConfig, MuonConfig or "
-            f"LabelNoiseConfig, got {type(config).__name__}"
+            "`config` must be a task config: TextConfig, DigitsConfig, AdditionConfig, "
+            f"SpikesConfig, HeavyTailConfig, MuonConfig or LabelNoiseConfig, got {type(config).__name__}"
         )
     return _PROBLEMS[type(config)](config, seed, steps, device)

@@ -41,15 +41,29 @@ one thread, seeds 0-2; the numbers are in each task's ``reference``):
   3.7) none 1.37-1.41, ``NormClip(1.0)`` 1.37-1.42, a global clip of 1.0 1.80-1.91
   (``benchmarks/results/muon-2026-12-04.txt``).
 
-Quick runs (``quick=True``: 200, 200, 500 and 800 steps) take about a second each and keep
-the ordering: no clipping is clearly worse than a good fixed threshold on every task. They
-are too short to rank the clippers: on the RNN tasks one seed's quick result can differ from
+Four tasks on real data (:mod:`gradclip.demo.real_problems`; nothing downloads), set up as
+practitioners train, each at the learning rate that does best under the industry default
+``max_norm=1.0`` among three tried. They judge the defaults in the quality benchmark's
+acceptance (``benchmarks/acceptance.py``); none was used to choose one:
+
+* ``lm-transformer``: a character-level causal transformer on the Python docs, AdamW with
+  warm-up and cosine decay (the LLM recipe). Clipping hardly matters: a flat landscape.
+* ``lstm-text``: a character-level LSTM on the same text, plain SGD at lr 10 (lr 30 blows
+  up: 16 nats without clipping, 4.2 with ``max_norm=1``).
+* ``cnn-digits/sgd`` and ``cnn-digits/adamw``: a small CNN on scikit-learn's 8x8 digits,
+  SGD with momentum, or AdamW with warm-up and cosine decay.
+
+Quick runs (``quick=True``: 200, 200, 500 and 800 steps; 300 for ``muon-adamw``, 100 for
+the real-data tasks) take about a second each and keep the ordering: no clipping is clearly
+worse than a good fixed threshold on every task. They are too short to rank the clippers: on the RNN tasks one seed's quick result can differ from
 its full-length one by several times.
 
 Example:
     >>> from gradclip.demo.tasks import TASKS, resolve
-    >>> list(TASKS)
+    >>> list(TASKS)[:6]
     ['rnn-addition/violent', 'rnn-addition/moderate', 'adam-spikes', 'sgd-heavy-tail', 'muon-adamw', 'sgd-label-noise']
+    >>> list(TASKS)[6:]
+    ['lm-transformer', 'lstm-text', 'cnn-digits/sgd', 'cnn-digits/adamw']
     >>> task = resolve("adam-spikes")
     >>> task.steps, task.quick_steps, task.fixed
     (3000, 500, (0.003, 0.1, 100.0))
@@ -68,6 +82,7 @@ from gradclip.demo.problems import (
     SpikesConfig,
     TaskConfig,
 )
+from gradclip.demo.real_problems import DigitsConfig, TextConfig
 
 __all__ = ["REFERENCES", "TASKS", "Task", "resolve"]
 
@@ -91,8 +106,10 @@ class Task:
         reference: what trivial / unclipped / well-clipped runs score, for reports.
         fixed: three fixed ``max_norm`` for ``gradclip demo``: too low, good (the best of the
             quality benchmark's sweep 0.1, 0.3, ..., 100 at full length) and too high.
-        config: the hyperparameters (:class:`AdditionConfig`, :class:`SpikesConfig` or
-            :class:`HeavyTailConfig`); ``dataclasses.replace`` it to make a variant.
+        config: the hyperparameters (:class:`AdditionConfig`, :class:`SpikesConfig`,
+            :class:`HeavyTailConfig`, :class:`MuonConfig`, or a real-data config of
+            :mod:`gradclip.demo.real_problems`); ``dataclasses.replace`` it to make a
+            variant.
     """
 
     name: str
@@ -223,6 +240,80 @@ TASKS: dict[str, Task] = {
             ),
             fixed=(0.003, 0.01, 10.0),
             config=LabelNoiseConfig(),
+        ),
+        # Real data, as practitioners train: these tasks judge the defaults (the quality
+        # benchmark's acceptance), none of them was used to choose one.
+        Task(
+            name="lm-transformer",
+            regime="",
+            description=(
+                "character-level causal transformer (2 blocks, width 32) on the Python docs "
+                "(pydoc_data), AdamW lr 1e-2, betas (0.9, 0.95), 10% warm-up then cosine decay"
+            ),
+            steps=500,
+            quick_steps=100,
+            metric_name="validation cross-entropy (nats per character)",
+            failure_level=3.0,
+            reference=(
+                "medians of seeds 0-5: none 1.98, fixed 0.1 1.99, fixed 1 1.99, fixed 10 1.98 "
+                "(flat: Adam with a schedule hardly needs clipping); untrained 4.5"
+            ),
+            fixed=(1.0, 10.0, 100.0),
+            config=TextConfig(model="transformer", lr=1e-2, width=32, context=32, batch=16),
+        ),
+        Task(
+            name="lstm-text",
+            regime="",
+            description=(
+                "character-level LSTM (64 units) on the Python docs (pydoc_data), plain SGD "
+                "lr 10 (high, as in Merity et al.'s AWD-LSTM recipe)"
+            ),
+            steps=800,
+            quick_steps=100,
+            metric_name="validation cross-entropy (nats per character)",
+            failure_level=3.0,
+            reference=(
+                "medians of seeds 0-5: none 1.66, fixed 0.1 1.71, fixed 0.3 1.59, fixed 1 1.65, "
+                "fixed 3 1.66; untrained 4.5"
+            ),
+            fixed=(0.03, 0.3, 10.0),
+            config=TextConfig(model="lstm", lr=10.0, width=64, layers=1, context=32, batch=16),
+        ),
+        Task(
+            name="cnn-digits",
+            regime="sgd",
+            description=(
+                "two-layer CNN on scikit-learn's 8x8 handwritten digits, SGD momentum 0.9 lr "
+                "0.1"
+            ),
+            steps=600,
+            quick_steps=100,
+            metric_name="test cross-entropy",
+            failure_level=2.3,
+            reference=(
+                "medians of seeds 0-5: none 0.044, fixed 0.1 0.16, fixed 0.3 0.053, fixed 1 "
+                "0.045, fixed 3 0.047, fixed 10 0.044 (clipping never fires at 10); untrained 2.3"
+            ),
+            fixed=(0.1, 10.0, 100.0),
+            config=DigitsConfig(optimizer="sgd", lr=0.1),
+        ),
+        Task(
+            name="cnn-digits",
+            regime="adamw",
+            description=(
+                "two-layer CNN on scikit-learn's 8x8 handwritten digits, AdamW lr 1e-2, "
+                "10% warm-up then cosine decay"
+            ),
+            steps=600,
+            quick_steps=100,
+            metric_name="test cross-entropy",
+            failure_level=2.3,
+            reference=(
+                "medians of seeds 0-5: none 0.033, fixed 0.1 0.038, fixed 0.3 0.033, fixed 1 "
+                "0.030, fixed 3 0.028, fixed 10 0.033; untrained 2.3"
+            ),
+            fixed=(0.1, 3.0, 100.0),
+            config=DigitsConfig(optimizer="adamw", lr=1e-2),
         ),
     )
 }

@@ -1,0 +1,372 @@
+"""Issue 18's acceptance: "1 or 10?" answered on each task, against the best fixed threshold.
+
+On every task of :mod:`gradclip.demo.tasks` (the four the defaults were chosen on, and the
+real-data tasks that judge them; not ``muon-adamw``, which steps two optimizers, see
+:data:`gradclip.demo.search.SEARCHABLE`), ``--seeds`` seeds each, the median over seeds of:
+
+* ``none``, and ``fixed C`` for C in 0.1, 0.3, ..., 100 (``NormClip``): the full sweep; its
+  best is the reference (``fixed 1`` is the industry default ``max_norm=1.0``);
+* ``default``: the recommended default, ``AdaptiveClip(optimizer=...)`` (the task's optimizer
+  decides its mode);
+* ``finder``: ``gradclip.find_max_norm`` run at the first step with a budget of 20% of one
+  training run (:func:`gradclip.demo.search.search_task`), then a full run with its choice
+  (a fixed threshold, no clipping, or the default); its cost is the search's steps over the
+  run's, and its wall time over that of the default's run;
+* ``recommend``: ``gradclip.recommend_max_norm`` on the log of the ``fixed 1`` run, then a
+  full run with the recommended threshold.
+
+Acceptance (per task): finder and default within 1.1x of the best fixed threshold, the
+recommendation within 1.15x, the finder's cost at most 20% of a run.
+
+Results are appended to the JSON file after every job, and ``--resume`` skips the jobs a
+file already holds, so a long evaluation can be stopped and continued.
+
+Example:
+    python benchmarks/bench_quality.py --acceptance --seeds 6 --json benchmarks/results/acceptance-DATE.json
+    python benchmarks/bench_quality.py --acceptance --render benchmarks/results/acceptance-DATE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gradclip
+from gradclip.demo.problems import build_problem
+from gradclip.demo.runner import run
+from gradclip.demo.search import SEARCHABLE, search_task
+from gradclip.demo.tasks import resolve
+
+FIXED: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+"""The sweep (the same as the quality benchmark's)."""
+TUNED_ON: tuple[str, ...] = (
+    "rnn-addition/violent", "rnn-addition/moderate", "adam-spikes", "sgd-heavy-tail"
+)  # fmt: skip
+"""The tasks the defaults were chosen on; every other task only judges them."""
+BUDGET = 0.2
+LIMITS = {"finder": 1.1, "default": 1.1, "recommend": 1.15}
+SWEEP = ("none", *(f"fixed {c:g}" for c in FIXED))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One full training run."""
+
+    task: str
+    strategy: str
+    seed: int
+    metric: float
+    diverged: bool
+    clip_rate: float
+    wall_time_s: float
+
+
+@dataclass(frozen=True)
+class Pick:
+    """What a finder search or a recommendation chose for one seed.
+
+    ``strategy`` names the run that scores it (``"fixed 0.3"``, ``"default"``, ``"none"``).
+    """
+
+    task: str
+    seed: int
+    method: str
+    strategy: str
+    threshold: float | None
+    confidence: str
+    steps: int
+    fraction: float
+    seconds: float
+
+
+@functools.cache
+def _optimizer(task: str) -> torch.optim.Optimizer:
+    """The task's optimizer (built once; only its kind is read)."""
+    spec = resolve(task)
+    return build_problem(spec.config, 0, spec.steps, torch.device("cpu")).optimizer
+
+
+def clipper(task: str, strategy: str) -> gradclip.Clipper | None:
+    """A fresh clipper for a strategy name."""
+    if strategy == "none":
+        return None
+    if strategy == "default":
+        return gradclip.AdaptiveClip(optimizer=_optimizer(task))
+    if strategy.startswith("fixed "):
+        return gradclip.NormClip(float(strategy.split()[1]))
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def _fixed(threshold: float) -> str:
+    return f"fixed {threshold:g}"
+
+
+def run_strategy(task: str, strategy: str, seed: int) -> tuple[Run, Any]:
+    result = run(task, clipper(task, strategy), seed=seed)
+    record = Run(task, strategy, seed, result.metric, result.diverged,
+                 sum(result.clipped) / max(1, len(result.clipped)), result.wall_time_s)  # fmt: skip
+    return record, result
+
+
+def search(task: str, seed: int) -> Pick:
+    found = search_task(task, seed=seed, budget=BUDGET)
+    choice = found.choice
+    strategy = {"adaptive": "default", "none": "none"}.get(choice.kind) or _fixed(choice.max_norm)  # type: ignore[arg-type]
+    return Pick(task, seed, "finder", strategy, choice.max_norm, found.confidence,
+                found.cost.steps, found.cost.fraction or math.nan, found.cost.seconds)  # fmt: skip
+
+
+def recommend(task: str, seed: int) -> tuple[Run, Pick]:
+    """The ``fixed 1`` run, and the threshold recommended from its log."""
+    record, result = run_strategy(task, "fixed 1", seed)
+    history = gradclip.History.from_norms(result.pre_norms, threshold=1.0)
+    rec = gradclip.recommend_max_norm(history)
+    if rec.max_norm is None:
+        pick = Pick(task, seed, "recommend", "fixed 1", None, "none", 0, 0.0, 0.0)
+    else:
+        pick = Pick(task, seed, "recommend", _fixed(rec.max_norm), rec.max_norm, "-", 0, 0.0, 0.0)
+    return record, pick
+
+
+def _job(job: tuple[str, str, int]) -> dict[str, Any]:
+    kind, task, seed = job[0], job[1], job[2]
+    if kind == "search":
+        return {"picks": [asdict(search(task, seed))]}
+    if kind == "recommend":
+        record, pick = recommend(task, seed)
+        return {"runs": [asdict(record)], "picks": [asdict(pick)]}
+    record, _ = run_strategy(task, kind, seed)
+    return {"runs": [asdict(record)]}
+
+
+def _save(path: Path | None, meta: dict[str, Any], runs: list[Run], picks: list[Pick]) -> None:
+    if path is None:
+        return
+    payload = {"meta": meta, "runs": [asdict(r) for r in runs], "picks": [asdict(p) for p in picks]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n")
+    tmp.replace(path)
+
+
+def evaluate(
+    tasks: Iterable[str],
+    seeds: int,
+    path: Path | None = None,
+    resume: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[Run], list[Pick]]:
+    """Every job, in two phases: the sweep, the default, the searches and the recommendations;
+    then the runs of chosen thresholds the sweep does not hold."""
+    runs: list[Run] = []
+    picks: list[Pick] = []
+    started = time.perf_counter()
+    if resume and path is not None and path.exists():
+        saved = json.loads(path.read_text())
+        runs = [Run(**r) for r in saved["runs"]]
+        picks = [Pick(**p) for p in saved["picks"]]
+    meta = {"seeds": seeds, "budget": BUDGET, "fixed": list(FIXED), "limits": LIMITS,
+            "torch": torch.__version__, "tuned_on": list(TUNED_ON)}  # fmt: skip
+    if resume and path is not None and path.exists():
+        meta = {**json.loads(path.read_text())["meta"], **meta}
+    tasks = list(tasks)
+
+    def done(kind: str, task: str, seed: int) -> bool:
+        if kind == "search":
+            return any(p.method == "finder" and (p.task, p.seed) == (task, seed) for p in picks)
+        if kind == "recommend":
+            return any(p.method == "recommend" and (p.task, p.seed) == (task, seed) for p in picks)
+        return any((r.task, r.strategy, r.seed) == (task, kind, seed) for r in runs)
+
+    def go(work: list[tuple[str, str, int]]) -> None:
+        todo = [j for j in work if not done(*j)]
+        for i, job in enumerate(todo):
+            out = _job(job)
+            runs.extend(Run(**r) for r in out.get("runs", ()))
+            picks.extend(Pick(**p) for p in out.get("picks", ()))
+            meta["wall_time_s"] = time.perf_counter() - started
+            _save(path, meta, runs, picks)
+            if progress is not None:
+                progress(f"[{i + 1}/{len(todo)}] {job[1]} {job[0]} seed {job[2]}: "
+                         + "; ".join(_describe(x) for x in (*out.get("runs", ()), *out.get("picks", ()))))  # fmt: skip
+
+    sweep = [s for s in SWEEP if s != "fixed 1"]
+    go([(kind, t, seed) for t in tasks for seed in range(seeds)
+        for kind in ("recommend", *sweep, "default", "search")])  # fmt: skip
+    go([(p.strategy, p.task, p.seed) for p in picks if p.task in tasks and p.seed < seeds])
+    return runs, picks
+
+
+def reuse(path: Path, tasks: Iterable[str], seeds: int) -> list[Run]:
+    """The sweep's runs (no clipping and the fixed thresholds) from a result of
+    ``bench_quality.py --json``: the same runner, tasks and seeds give the same numbers, so
+    they need not run again (checked: ``fixed 1`` runs again here, inside ``recommend``)."""
+    saved = json.loads(path.read_text())
+    wanted = set(tasks)
+    return [
+        Run(r["task"], r["strategy"], r["seed"], r["metric"], r["diverged"], r["clip_rate"],
+            r["wall_time_s"])
+        for r in saved["records"]
+        if r["task"] in wanted and r["strategy"] in SWEEP and r["strategy"] != "fixed 1"
+        and r["seed"] < seeds
+    ]
+
+
+def _describe(item: dict[str, Any]) -> str:
+    if "metric" in item:
+        return f"{item['strategy']} {item['metric']:.4g} ({item['wall_time_s']:.1f} s)"
+    return f"{item['method']} -> {item['strategy']} ({item['confidence']}, {item['seconds']:.1f} s)"
+
+
+@dataclass
+class TaskVerdict:
+    task: str
+    judge: bool
+    best: str
+    medians: dict[str, float]
+    ratios: dict[str, float]
+    diverged: dict[str, int]
+    seeds: int
+    finder_fraction: float
+    finder_wall: float
+    finder_choices: dict[str, int]
+    recommend_choices: dict[str, int]
+    passes: dict[str, bool]
+
+
+def _ratio(value: float, best: float) -> float:
+    if value == best:
+        return 1.0
+    return value / best if best > 0 else math.inf
+
+
+def summarize(runs: list[Run], picks: list[Pick]) -> list[TaskVerdict]:
+    """Per task: medians over seeds, ratios to the best fixed threshold, verdicts."""
+    out = []
+    for task in dict.fromkeys(r.task for r in runs):
+        by = {(r.strategy, r.seed): r for r in runs if r.task == task}
+        seeds = sorted({r.seed for r in runs if r.task == task})
+        medians: dict[str, float] = {}
+        diverged: dict[str, int] = {}
+        for s in (*SWEEP, "default"):
+            values = [by[(s, k)] for k in seeds if (s, k) in by]
+            if values:
+                medians[s] = statistics.median(r.metric for r in values)
+                diverged[s] = sum(r.diverged for r in values)
+        mine = [p for p in picks if p.task == task]
+        counts: dict[str, dict[str, int]] = {"finder": {}, "recommend": {}}
+        for method in ("finder", "recommend"):
+            chosen = [by.get((p.strategy, p.seed)) for p in mine if p.method == method]
+            if chosen and all(c is not None for c in chosen):
+                medians[method] = statistics.median(c.metric for c in chosen)  # type: ignore[union-attr]
+                diverged[method] = sum(c.diverged for c in chosen)  # type: ignore[union-attr]
+            for p in mine:
+                if p.method == method:
+                    counts[method][p.strategy] = counts[method].get(p.strategy, 0) + 1
+        fixed = [s for s in medians if s.startswith("fixed ")]
+        best = min(fixed, key=lambda s: medians[s])
+        ratios = {s: _ratio(m, medians[best]) for s, m in medians.items()}
+        finder = [p for p in mine if p.method == "finder"]
+        fraction = statistics.median(p.fraction for p in finder) if finder else math.nan
+        walls = [p.seconds / by[("default", p.seed)].wall_time_s for p in finder
+                 if ("default", p.seed) in by]  # fmt: skip
+        passes = {m: ratios[m] <= LIMITS[m] for m in LIMITS if m in ratios}
+        if "finder" in passes:
+            passes["finder cost"] = fraction <= BUDGET + 1e-9
+        out.append(TaskVerdict(task, task not in TUNED_ON, best, medians, ratios, diverged,
+                               len(seeds), fraction, statistics.median(walls) if walls else math.nan,
+                               counts["finder"], counts["recommend"], passes))  # fmt: skip
+    return out
+
+
+def _cell(v: TaskVerdict, s: str) -> str:
+    if s not in v.medians:
+        return "-"
+    m, r = v.medians[s], v.ratios[s]
+    text = "inf" if math.isinf(m) else f"{m:.3g} ({r:.2f}x)" if r < 100 else f"{m:.3g} ({r:.1e}x)"
+    if v.diverged.get(s):
+        text += f" d{v.diverged[s]}/{v.seeds}"
+    return text
+
+
+def render(verdicts: list[TaskVerdict], meta: str = "") -> str:
+    """The table (median metric and ratio to the best fixed), the picks, the verdicts."""
+    rows = ["none", "fixed 1", "default", "finder", "recommend", *(s for s in SWEEP if s not in ("none", "fixed 1"))]
+    grid = [["", *(v.task + (" *" if v.judge else "") for v in verdicts)]]
+    grid += [[s, *(_cell(v, s) for v in verdicts)] for s in rows]
+    grid.append(["best fixed", *(v.best for v in verdicts)])
+    grid.append(["finder cost", *(f"{v.finder_fraction:.0%} steps, {v.finder_wall:.0%} time" for v in verdicts)])
+    widths = [max(len(r[i]) for r in grid) + 2 for i in range(len(grid[0]))]
+    lines = [meta] if meta else []
+    lines.append("median metric over seeds (lower is better), ratio to the best fixed threshold; "
+                 "* = a judge task (not used to choose defaults)")  # fmt: skip
+    lines += ["".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in grid]
+    lines.append("")
+    for v in verdicts:
+        f = ", ".join(f"{k} x{n}" for k, n in v.finder_choices.items())
+        r = ", ".join(f"{k} x{n}" for k, n in v.recommend_choices.items())
+        lines.append(f"{v.task}: finder chose {f or '-'}; recommend chose {r or '-'}")
+    lines.append("")
+    limits = ", ".join(f"{m} <= {x}x" for m, x in LIMITS.items())
+    lines.append(f"acceptance ({limits} the best fixed; finder cost <= {BUDGET:.0%} of a run):")
+    for v in verdicts:
+        marks = "  ".join(f"{k} {'PASS' if ok else 'FAIL'}" for k, ok in v.passes.items())
+        lines.append(f"  {v.task}: {marks}")
+    for m in (*LIMITS, "finder cost"):
+        verdict = [v.passes[m] for v in verdicts if m in v.passes]
+        if verdict:
+            lines.append(f"  {m}: {sum(verdict)}/{len(verdict)} tasks pass")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=6)
+    # every task but muon-adamw (two optimizers, which the finder does not take; the quality
+    # benchmark judges it by its own rule)
+    parser.add_argument("--tasks", nargs="+", choices=list(SEARCHABLE), default=list(SEARCHABLE))
+    parser.add_argument("--json", type=Path, metavar="PATH", help="results (appended as it runs)")
+    parser.add_argument("--resume", action="store_true", help="skip the jobs --json holds")
+    parser.add_argument("--render", type=Path, metavar="PATH", help="print a saved result")
+    parser.add_argument("--reuse", type=Path, metavar="PATH",
+                        help="take the sweep's runs from a bench_quality.py --json result")
+    args = parser.parse_args(argv)
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        runs = [Run(**r) for r in saved["runs"]]
+        picks = [Pick(**p) for p in saved["picks"]]
+        meta = saved["meta"]
+        head = (f"{args.render.name}: seeds 0-{meta['seeds'] - 1}, torch {meta['torch']}, "
+                f"wall time {meta.get('wall_time_s', 0):.0f} s")  # fmt: skip
+        print(render(summarize(runs, picks), head))
+        return 0
+    torch.set_num_threads(1)  # the tasks' calibration
+    if args.reuse is not None:
+        if args.json is None:
+            parser.error("--reuse needs --json (the reused runs are saved there)")
+        saved = json.loads(args.json.read_text()) if args.json.exists() else {"runs": [], "picks": []}
+        have = {(r["task"], r["strategy"], r["seed"]) for r in saved["runs"]}
+        extra = [r for r in reuse(args.reuse, args.tasks, args.seeds)
+                 if (r.task, r.strategy, r.seed) not in have]  # fmt: skip
+        meta = {**saved.get("meta", {}), "reused": f"{args.reuse.name}: {len(extra)} sweep runs"}
+        _save(args.json, meta, [*(Run(**r) for r in saved["runs"]), *extra],
+              [Pick(**p) for p in saved["picks"]])
+        args.resume = True
+    runs, picks = evaluate(args.tasks, args.seeds, args.json, args.resume,
+                           progress=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+    print(render(summarize(runs, picks), f"gradclip {gradclip.__version__}, torch {torch.__version__}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""The max_norm finder's page: each candidate's loss curve, the scores, and the decision.
+
+:func:`search_figure` draws a :class:`~gradclip.tune.MaxNormSearch` on one figure (one row
+per round: the smoothed loss of every candidate over the round's steps, and each
+candidate's score against its threshold, with two standard errors); :func:`render_search`
+writes that figure and a self-contained HTML page (the decision in words, the table of
+scores, the cost) into a folder the caller owns. Needs matplotlib.
+
+Example:
+    >>> import tempfile, torch, gradclip
+    >>> from gradclip.report.search import render_search
+    >>> model = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> def train_step(x, clip):
+    ...     opt.zero_grad(); loss = model(x).pow(2).mean(); loss.backward()
+    ...     clip(model); opt.step(); return loss
+    >>> s = gradclip.find_max_norm(model, opt, train_step, [torch.ones(4, 2)] * 12,
+    ...                            horizon=8, candidates=[0.1, 1.0])
+    >>> files = render_search(s, tempfile.mkdtemp())
+    >>> sorted(files.images), files.html.name
+    (['search'], 'search.html')
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gradclip.report import plots
+from gradclip.report.html import Section, page
+from gradclip.report.render import ReportFiles
+from gradclip.tune import TAIL, MaxNormSearch, Round, render_text
+
+__all__ = ["render_search", "search_figure", "smooth"]
+
+
+def smooth(values: Sequence[float], span: int) -> list[float]:
+    """Exponential moving average with the centre of mass of ``span`` steps (the curves'
+    smoothing; NaN/inf values are carried through as gaps).
+
+    Example:
+        >>> smooth([1.0, 3.0, 3.0], 1)
+        [1.0, 2.0, 2.5]
+    """
+    alpha = 1.0 / (1.0 + max(0, span))
+    out: list[float] = []
+    level: float | None = None
+    for v in values:
+        if not math.isfinite(v):
+            out.append(math.nan)
+            continue
+        level = v if level is None else level + alpha * (v - level)
+        out.append(level)
+    return out
+
+
+def _threshold_axis(r: Round) -> dict[str, float]:
+    """Where each candidate sits on the score plot's log x axis: fixed thresholds at their
+    value, no clipping beyond the largest, the adaptive default before the smallest."""
+    fixed = [t.candidate.max_norm for t in r.trials if t.candidate.kind == "fixed"]
+    lo, hi = (min(fixed), max(fixed)) if fixed else (1.0, 1.0)
+    place = {}
+    for t in r.trials:
+        c = t.candidate
+        place[c.name] = c.max_norm if c.kind == "fixed" else (hi * 10 if c.kind == "none" else lo / 10)  # type: ignore[assignment]
+    return place
+
+
+def search_figure(search: MaxNormSearch) -> Any:
+    """A matplotlib Figure: per round, the candidates' smoothed loss curves (left) and how far
+    each candidate's score is above the round's best, against its threshold (right; error
+    bars: two standard errors)."""
+    rounds = search.rounds
+    fig, axes = plots.new_figure(len(rounds), 2, width=5.6, height=3.3, squeeze=False)
+    for row, r in zip(axes, rounds, strict=True):
+        loss_ax, score_ax = row
+        span = max(1, r.steps // 10)
+        for t in r.trials:
+            name = t.candidate.name
+            width = 2.2 if name == search.choice.name else 1.0
+            loss_ax.plot(range(r.first_batch, r.first_batch + len(t.losses)),
+                         smooth(t.losses, span), lw=width, label=name)  # fmt: skip
+        start = r.first_batch + r.steps - max(1, round(TAIL * r.steps))
+        loss_ax.axvspan(start, r.first_batch + r.steps, color="#eeeeee", zorder=0,
+                        label="scored")  # fmt: skip
+        plots._finish(loss_ax, f"round {r.index}: loss (EMA over {span} steps)", "step",
+                      "training loss", "outside")  # fmt: skip
+        place = _threshold_axis(r)
+        for t in r.trials:
+            if t.diverged:
+                continue
+            name = t.candidate.name
+            diff, se = r.margins.get(name, (0.0, 0.0))
+            y = 100 * diff if r.relative else diff
+            err = 100 * 2 * se if r.relative else 2 * se
+            color = "#d62728" if name == search.choice.name else "#1f77b4"
+            score_ax.errorbar([place[name]], [y], yerr=[err], fmt="o", color=color, capsize=3)
+            score_ax.annotate(name, (place[name], y), fontsize=7, xytext=(3, 3),
+                              textcoords="offset points")  # fmt: skip
+        score_ax.set_xscale("log")
+        ylabel = "% loss above the best" if r.relative else "loss above the best"
+        plots._finish(score_ax, f"round {r.index}: vs the best (red: the choice)",
+                      "max_norm (adaptive left, none right)", ylabel, None)  # fmt: skip
+    return fig
+
+
+def render_search(search: MaxNormSearch, folder: str | os.PathLike[str]) -> ReportFiles:
+    """Write ``search.png`` and ``search.html`` into ``folder`` (an existing folder the caller
+    owns, e.g. a staging folder); returns where they are."""
+    out = Path(folder)
+    png = plots.save_png(search_figure(search))
+    image = out / "search.png"
+    image.write_bytes(png)
+    table: list[list[object]] = [["round", "candidate", "score", "vs best (± s.e.)",
+                                  "clip rate", "diverged"]]  # fmt: skip
+    for r in search.rounds:
+        for t in sorted(r.trials, key=lambda t: t.score):
+            diff, se = r.margins.get(t.candidate.name, (0.0, 0.0))
+            margin = f"{diff:+.2%} ± {se:.2%}" if r.relative else f"{diff:+.3g} ± {se:.2g}"
+            table.append([r.index, t.candidate.name, "-" if t.diverged else f"{t.score:.5g}",
+                          "-" if t.diverged else margin, f"{t.clip_rate:.0%}",
+                          "yes" if t.diverged else ""])  # fmt: skip
+    sections = [
+        Section("Decision", paragraphs=[render_text(search).splitlines()[0],
+                                        f"{search.confidence}: {search.statement}"],
+                warnings=search.warnings),
+        Section("Loss curves and scores", images=[("loss curves and scores", png)]),
+        Section("Every trial", table=table),
+        Section("How to read it", paragraphs=[
+            "Every candidate trains from the same state on the same batches; the state is put "
+            "back after each. The score is the (geometric) mean loss over the shaded last part "
+            "of a round; two candidates tie when their step-by-step difference (of log-losses) "
+            "is within two standard errors. Round 2 starts where round 1's best ended, on the next batches, among "
+            "round 1's best thresholds: a pick must hold there too. The adaptive default "
+            "starts with a warm-up and is slow in any short run by design; it is kept when no "
+            "threshold is clearly better.",
+            f"cost: {search.cost.steps} steps, {search.cost.seconds:.1f} s",
+        ]),
+    ]
+    html = out / "search.html"
+    html.write_text(page("max_norm search", sections), encoding="utf-8")
+    return ReportFiles(html, {"search": image})

@@ -1,0 +1,198 @@
+"""How the finder scores trials and decides: the grid, tail means, paired margins, ties.
+
+Every function here is pure, on :class:`~gradclip.tune.results.Trial` values: the search
+(:mod:`gradclip.tune.search`) runs the trials, this module judges them.
+
+Example:
+    >>> from gradclip.tune.scoring import log_grid, score
+    >>> log_grid([0.5] * 10)
+    (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+    >>> round(score([9.0, 9.0, 1.0, 4.0], steps=4), 6)   # geometric mean of the last half
+    2.0
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Literal
+
+from gradclip.tune.results import Candidate, Round, Trial
+
+__all__ = [
+    "ABOVE",
+    "BELOW",
+    "BLOCKS",
+    "CONFIRM",
+    "CONFIRM_CANDIDATES",
+    "DEFAULT_GRID",
+    "PER_DECADE",
+    "TAIL",
+    "TOLERANCE",
+    "Z",
+    "confirmation_set",
+    "decide",
+    "log_grid",
+    "margin",
+    "rank",
+    "score",
+    "warnings_for",
+]
+
+PER_DECADE = 2
+"""Grid points per decade: the round values 1 and 3 (x 10^k)."""
+BELOW, ABOVE = 100.0, 10.0
+"""The grid spans [median / BELOW, median x ABOVE] of the norms seen."""
+TAIL = 0.5
+"""The score is the mean loss over this last fraction of a round."""
+BLOCKS = 8
+"""The tail is cut into this many blocks for the standard error of a difference."""
+Z = 2.0
+"""Two candidates tie when their mean loss differs by less than Z standard errors..."""
+TOLERANCE = 0.005
+"""... or by less than this fraction (0.5%): a difference too small to matter."""
+CONFIRM = 0.5
+"""The confirmation round lasts this fraction of the first round's horizon."""
+CONFIRM_CANDIDATES = 3
+"""How many of the first round's best fixed thresholds the confirmation round runs."""
+DEFAULT_GRID = 6
+"""The size of :func:`log_grid`'s grid (3 decades, two points each), for the budget."""
+
+
+def log_grid(
+    norms: Sequence[float], below: float = BELOW, above: float = ABOVE
+) -> tuple[float, ...]:
+    """Round thresholds (1 and 3 x 10^k) from ``median / below`` to ``median x above``.
+
+    ``norms``: the pre-clip norms seen; only finite, positive ones count. Raises
+    ``ValueError`` when there is none.
+
+    Example:
+        >>> log_grid([2.0, 4.0, 6.0])
+        (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+    """
+    usable = [n for n in norms if math.isfinite(n) and n > 0]
+    if not usable:
+        raise ValueError("no finite, positive gradient norm was seen: nothing to centre the "
+                         "candidate thresholds on; pass `candidates=` explicitly")  # fmt: skip
+    median = statistics.median(usable)
+    lo, hi = math.log10(median / below), math.log10(median * above)
+    values = []
+    for k in range(math.floor(lo) - 1, math.ceil(hi) + 1):
+        for m in (1.0, 3.0):
+            value = float(f"{m * 10.0**k:.3g}")
+            if median / below <= value <= median * above:
+                values.append(value)
+    return tuple(values)
+
+
+def _tail(values: Sequence[float]) -> Sequence[float]:
+    return values[len(values) - max(1, round(TAIL * len(values))):]
+
+
+def _positive(values: Sequence[float]) -> bool:
+    return all(v > 0 for v in values)
+
+
+def score(losses: Sequence[float], steps: int) -> float:
+    """The geometric mean of the tail's losses (the arithmetic mean if one is <= 0): loss
+    values are compared as ratios, and one noisy batch moves a ratio less."""
+    if len(losses) < steps or not all(math.isfinite(v) for v in losses):
+        return math.inf
+    tail = _tail(losses)
+    if _positive(tail):
+        return math.exp(math.fsum(map(math.log, tail)) / len(tail))
+    return math.fsum(tail) / len(tail)
+
+
+def margin(a: Trial, best: Trial, relative: bool) -> tuple[float, float]:
+    """Mean of ``a``'s loss minus ``best``'s over the tail (of their logs: a relative
+    difference, when ``relative``), and its standard error from block means (steps within
+    a block are correlated; blocks much less)."""
+    if a.diverged or best.diverged:
+        return (math.inf, 0.0)
+    f = math.log if relative else float
+    diff = [f(x) - f(y) for x, y in zip(_tail(a.losses), _tail(best.losses), strict=True)]
+    n = len(diff)
+    blocks = min(BLOCKS, n)
+    means = [statistics.fmean(diff[i * n // blocks:(i + 1) * n // blocks]) for i in range(blocks)]
+    se = statistics.stdev(means) / math.sqrt(blocks) if blocks > 1 else math.inf
+    return (statistics.fmean(diff), se)
+
+
+def rank(
+    trials: Sequence[Trial],
+) -> tuple[str, tuple[str, ...], dict[str, tuple[float, float]], bool]:
+    """The best of the non-adaptive trials, those tied with it, every margin, and whether
+    the margins are relative (log-loss differences: every loss positive)."""
+    pool = [t for t in trials if t.candidate.kind != "adaptive"] or list(trials)
+    best = min(pool, key=lambda t: t.score)
+    relative = all(_positive(_tail(t.losses)) for t in trials if not t.diverged)
+    margins = {t.candidate.name: margin(t, best, relative) for t in trials}
+    tolerance = TOLERANCE * (1.0 if relative else abs(best.score))
+    tied = tuple(
+        t.candidate.name
+        for t in trials
+        if t is best
+        or (not t.diverged and margins[t.candidate.name][0] <= Z * margins[t.candidate.name][1] + tolerance)
+    )
+    return best.candidate.name, tied, margins, relative
+
+
+def decide(
+    rounds: list[Round], grid: Sequence[float]
+) -> tuple[Candidate, Candidate | None, Literal["clear", "tie", "diverged"], str]:
+    first = rounds[0]
+    usable = [t for t in first.trials if not t.diverged]
+    adaptive = next((t.candidate for t in first.trials if t.candidate.kind == "adaptive"), None)
+    if not usable:
+        latest = max(first.trials, key=lambda t: len(t.losses))
+        return (latest.candidate, None, "diverged",
+                "every candidate's loss became non-finite; the one that lasted longest is "
+                f"{latest.candidate.name}: lower the learning rate")  # fmt: skip
+    final = rounds[-1]
+    best = final.trial(final.best).candidate
+    best_fixed = best if best.kind == "fixed" else None
+    agree = all(r.best == best.name for r in rounds)
+    alone = all(r.tied == (r.best,) for r in rounds)
+    if agree and alone:
+        return (best, best_fixed, "clear",
+                f"{best.name} beat every other candidate beyond noise in "
+                f"{'both rounds' if len(rounds) > 1 else 'the round'}")  # fmt: skip
+    tied = sorted({n for r in rounds for n in r.tied}, key=_order)
+    fallback = adaptive if adaptive is not None else best
+    why = (
+        f"{', '.join(tied)} tie within noise"
+        if agree
+        else f"the rounds disagree ({', '.join(f'round {r.index}: {r.best}' for r in rounds)})"
+    )
+    return (fallback, best_fixed, "tie",
+            f"{why}: no threshold is clearly best, keep {fallback.name}")  # fmt: skip
+
+
+def _order(name: str) -> float:
+    return {"none": math.inf, "adaptive": -1.0}.get(name) or float(name)
+
+
+def confirmation_set(trials: Sequence[Trial]) -> list[Candidate]:
+    """The first round's best fixed thresholds (and no clipping, if among them)."""
+    ranked = sorted((t for t in trials if t.candidate.kind != "adaptive" and not t.diverged),
+                    key=lambda t: t.score)  # fmt: skip
+    return [t.candidate for t in ranked[:CONFIRM_CANDIDATES]]
+
+
+def warnings_for(rounds: Sequence[Round], grid: Sequence[float], choice: Candidate) -> tuple[str, ...]:
+    out = []
+    first = rounds[0]
+    if grid and choice.kind == "fixed":
+        if choice.max_norm == min(grid):
+            out.append(f"the pick {choice.name} is the lowest candidate: a lower threshold may "
+                       "be better still; pass lower `candidates=`")  # fmt: skip
+        elif choice.max_norm == max(grid):
+            out.append(f"the pick {choice.name} is the highest candidate: a higher threshold "
+                       "may be better; pass higher `candidates=`")  # fmt: skip
+    diverged = [t.candidate.name for t in first.trials if t.diverged]
+    if diverged:
+        out.append(f"diverged within the horizon: {', '.join(diverged)}")
+    return tuple(out)

@@ -1,0 +1,82 @@
+"""benchmarks/acceptance.py: issue 18's verdicts from runs and picks (no training here).
+
+The medians, ratios and verdicts are checked against numbers computed by hand from made-up
+runs; the reuse of a quality-benchmark result keeps only the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import acceptance
+from acceptance import Pick, Run
+
+
+def _runs(task: str, metrics: dict[str, list[float]]) -> list[Run]:
+    return [Run(task, s, seed, m, not m < 1.0, 0.5, 2.0) for s, ms in metrics.items()
+            for seed, m in enumerate(ms)]  # fmt: skip
+
+
+METRICS = {
+    "none": [0.9, 0.8, 0.7],
+    "fixed 0.1": [0.5, 0.6, 0.4],
+    "fixed 0.3": [0.2, 0.25, 0.3],
+    "fixed 1": [0.3, 0.35, 0.25],
+    "default": [0.22, 0.27, 0.26],
+    "fixed 3.9": [0.4, 0.2, 0.9],
+}
+
+
+def test_summary_medians_ratios_and_verdicts():
+    runs = _runs("rnn-addition/violent", METRICS)
+    picks = [
+        Pick("rnn-addition/violent", 0, "finder", "fixed 0.3", 0.3, "clear", 10, 0.2, 1.0),
+        Pick("rnn-addition/violent", 1, "finder", "default", None, "tie", 10, 0.18, 1.0),
+        Pick("rnn-addition/violent", 2, "finder", "fixed 1", 1.0, "clear", 10, 0.19, 1.0),
+        *(Pick("rnn-addition/violent", k, "recommend", "fixed 3.9", 3.9, "-", 0, 0.0, 0.0)
+          for k in range(3)),
+    ]  # fmt: skip
+    (v,) = acceptance.summarize(runs, picks)
+    best = statistics.median(METRICS["fixed 0.3"])
+    assert v.best == "fixed 0.3" and v.medians["fixed 0.3"] == best
+    finder = statistics.median([0.2, 0.27, 0.25])  # each seed scored by its own pick's run
+    assert v.medians["finder"] == pytest.approx(finder)
+    assert v.ratios["finder"] == pytest.approx(finder / best)
+    assert v.ratios["default"] == pytest.approx(statistics.median(METRICS["default"]) / best)
+    assert v.medians["recommend"] == statistics.median(METRICS["fixed 3.9"])
+    default = statistics.median(METRICS["default"]) / best
+    assert v.passes == {"finder": finder / best <= 1.1, "default": default <= 1.1,
+                        "recommend": 0.4 / best <= 1.15, "finder cost": True}  # fmt: skip
+    assert v.finder_fraction == 0.19 and v.finder_wall == pytest.approx(0.5)
+    assert not v.judge
+    text = acceptance.render([v])
+    assert "rnn-addition/violent" in text and "finder chose fixed 0.3 x1, default x1, fixed 1 x1" in text
+
+
+def test_a_judge_task_is_marked_and_a_missing_pick_run_leaves_no_verdict():
+    runs = _runs("lstm-text", {k: v for k, v in METRICS.items() if k != "fixed 3.9"})
+    picks = [Pick("lstm-text", 0, "recommend", "fixed 3.9", 3.9, "-", 0, 0.0, 0.0)]
+    (v,) = acceptance.summarize(runs, picks)
+    assert v.judge and "recommend" not in v.medians and "recommend" not in v.passes
+    assert math.isnan(v.finder_fraction)
+
+
+def test_reuse_keeps_the_sweep_only(tmp_path):
+    saved = {"records": [
+        {"task": "adam-spikes", "strategy": s, "seed": seed, "metric": 0.1, "diverged": False,
+         "steps": 3, "nonfinite_steps": 0, "clip_rate": 0.0, "median_threshold": 1.0,
+         "wall_time_s": 1.0}
+        for s in ("none", "fixed 0.1", "fixed 1", "AdaptiveClip", "ZClip") for seed in range(3)
+    ]}  # fmt: skip
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps(saved))
+    kept = acceptance.reuse(path, ["adam-spikes", "sgd-heavy-tail"], seeds=2)
+    assert sorted({(r.strategy, r.seed) for r in kept}) == [
+        ("fixed 0.1", 0), ("fixed 0.1", 1), ("none", 0), ("none", 1)]  # fmt: skip

@@ -1,0 +1,493 @@
+"""find_max_norm: the same state and batches for every candidate, exact restores, bad input.
+
+References are torch itself: each candidate's run is replayed by hand on a deep copy with
+``torch.nn.utils.clip_grad_norm_`` and compared with the finder's trial, loss for loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import gradclip
+from gradclip.tune import (
+    Candidate,
+    SnapshotError,
+    StepError,
+    log_grid,
+    render_text,
+)
+
+torch.set_num_threads(1)
+
+
+class Net(nn.Module):
+    """Dropout (global RNG), a BatchNorm (running statistics) and a non-persistent buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(),
+                                  nn.Dropout(0.2), nn.Linear(16, 1))  # fmt: skip
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.body(x)
+
+
+def make(lr: float = 0.05, *, adam: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    model = Net()
+    opt = (torch.optim.AdamW(model.parameters(), lr=lr) if adam
+           else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))  # fmt: skip
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    gen = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(6, 1, generator=gen)
+
+    def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(1000 + i)
+        x = torch.randn(32, 6, generator=g)
+        return x, x @ w + 0.3 * torch.randn(32, 1, generator=g) ** 3
+
+    return model, opt, sched, [batch(i) for i in range(60)]
+
+
+def stepper(model: nn.Module, opt: torch.optim.Optimizer, sched=None):
+    def train_step(batch, clip):
+        x, y = batch
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        clip(model)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        return loss
+
+    return train_step
+
+
+def state_of(model: nn.Module, opt: torch.optim.Optimizer, sched=None) -> dict:
+    """Everything that must come back, as plain copies."""
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "opt": copy.deepcopy(opt.state_dict()),
+        "sched": None if sched is None else copy.deepcopy(sched.state_dict()),
+        "rng": torch.get_rng_state(),
+        "py": random.getstate(),
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for x, y in zip(a["params"] + a["buffers"], b["params"] + b["buffers"], strict=True):
+        assert torch.equal(x, y)
+    for x, y in zip(a["grads"], b["grads"], strict=True):
+        assert (x is None and y is None) or torch.equal(x, y)
+    assert _equal(a["opt"], b["opt"])
+    assert a["sched"] == b["sched"]
+    assert torch.equal(a["rng"], b["rng"]) and a["py"] == b["py"]
+
+
+def _equal(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))  # type: ignore[arg-type]
+    return a == b
+
+
+def warm_up(model, opt, sched, batches, steps: int = 4) -> None:
+    """A few real steps, so the optimizer and scheduler have state, and gradients exist."""
+    step = stepper(model, opt, sched)
+    for b in batches[:steps]:
+        step(b, lambda m: (gradclip.clip_grad_norm_(m.parameters(), 1.0) and None) or _Stats())
+    model(batches[0][0]).pow(2).mean().backward()  # leave gradients behind
+
+
+class _Stats:
+    norm = torch.tensor(1.0)
+    clipped = torch.tensor(False)
+
+
+def test_every_trial_equals_torch_on_a_copy() -> None:
+    model, opt, sched, batches = make()
+    warm_up(model, opt, sched, batches)
+    reference_start = (copy.deepcopy(model), copy.deepcopy(opt.state_dict()),
+                       copy.deepcopy(sched.state_dict()), torch.get_rng_state())  # fmt: skip
+    search = gradclip.find_max_norm(model, opt, stepper(model, opt, sched), batches, horizon=10,
+                                    candidates=[0.3, 3.0], scheduler=sched, confirm=False)  # fmt: skip
+    compared = 0
+    for trial in search.rounds[0].trials:
+        c = trial.candidate
+        if c.kind == "adaptive":
+            continue  # compared for fixed thresholds and no clipping
+        compared += 1
+        m = copy.deepcopy(reference_start[0])
+        o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        o.load_state_dict(copy.deepcopy(reference_start[1]))
+        s = torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5)
+        s.load_state_dict(copy.deepcopy(reference_start[2]))
+        torch.set_rng_state(reference_start[3])
+        limit = math.inf if c.kind == "none" else c.max_norm
+        for (x, y), loss in zip(batches[:10], trial.losses, strict=True):
+            o.zero_grad()
+            ref = nn.functional.mse_loss(m(x), y)
+            ref.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), limit)
+            o.step()
+            s.step()
+            assert ref.item() == loss
+    assert compared == 3
+    # the finder's round scores are the geometric mean of the last half of those losses
+    for trial in search.rounds[0].trials:
+        tail = torch.tensor(trial.losses[5:], dtype=torch.float64)
+        assert trial.score == pytest.approx(float(tail.log().mean().exp()), rel=1e-12)
+
+
+def test_state_is_restored_bit_for_bit() -> None:
+    model, opt, sched, batches = make(adam=True)
+    warm_up(model, opt, sched, batches)
+    grads = [p.grad for p in model.parameters()]
+    groups = opt.param_groups
+    before = state_of(model, opt, sched)
+    search = gradclip.find_max_norm(model, opt, stepper(model, opt, sched), batches, horizon=8,
+                                    scheduler=sched)  # fmt: skip
+    assert_same(state_of(model, opt, sched), before)
+    assert [p.grad for p in model.parameters()] == grads  # the same gradient objects
+    assert opt.param_groups is groups
+    assert len(search.rounds) == 2 and search.cost.steps == sum(
+        len(t.losses) for r in search.rounds for t in r.trials
+    )
+
+
+def test_candidates_see_the_same_batches_and_random_numbers() -> None:
+    model, opt, _, _batches = make()
+    data = torch.Generator().manual_seed(7)
+
+    def train_step(index, clip):
+        x = torch.randn(16, 6, generator=data)  # drawn inside the step, replayed per trial
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()  # dropout draws from the global RNG
+        loss.backward()
+        clip(model)
+        opt.step()
+        return loss
+
+    search = gradclip.find_max_norm(model, opt, train_step, range(30), horizon=12,
+                                    candidates=[1e6, 1e7], generators=[data])  # fmt: skip
+    r1 = search.rounds[0]
+    # thresholds that never clip, and no clipping: the very same run
+    assert r1.trial("1e+06").losses == r1.trial("1e+07").losses == r1.trial("none").losses
+    assert r1.tied == ("1e+06", "1e+07", "none") or set(r1.tied) >= {"1e+06", "1e+07", "none"}
+
+
+def test_confirmation_round_continues_from_the_best_trial_on_the_next_batches() -> None:
+    model, opt, _, batches = make()
+    start = copy.deepcopy(model)
+    search = gradclip.find_max_norm(model, opt, stepper(model, opt), batches, horizon=10,
+                                    candidates=[0.5, 5.0], include_adaptive=False)  # fmt: skip
+    r1, r2 = search.rounds
+    assert (r2.first_batch, r2.steps) == (10, 5)
+    best = r1.trial(r1.best).candidate
+    # reference: the best candidate trained straight through 15 batches from the start
+    m = start
+    o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    rng = torch.get_rng_state()
+    limit = math.inf if best.kind == "none" else best.max_norm
+    losses = []
+    for x, y in batches[:15]:
+        o.zero_grad()
+        loss = nn.functional.mse_loss(m(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), limit)
+        o.step()
+        losses.append(loss.item())
+    torch.set_rng_state(rng)
+    assert r2.trial(best.name).losses == tuple(losses[10:])
+
+
+def test_picks_the_threshold_a_reference_sweep_finds() -> None:
+    # plain SGD at a learning rate where unclipped steps overshoot: the reference is the
+    # argmin of the same score computed by hand with torch's clip_grad_norm_
+    torch.manual_seed(3)
+    x = torch.randn(64, 10) * torch.logspace(0, 1.3, 10)
+    y = x @ torch.randn(10, 1)
+    model = nn.Linear(10, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    start = copy.deepcopy(model)
+
+    def train_step(i, clip):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        clip(model)
+        opt.step()
+        return loss
+
+    grid = [0.1, 1.0, 10.0, 100.0]
+    search = gradclip.find_max_norm(model, opt, train_step, range(40), horizon=24,
+                                    candidates=grid, include_adaptive=False,
+                                    include_none=False, confirm=False)  # fmt: skip
+    scores = {}
+    for c in grid:
+        m = copy.deepcopy(start)
+        o = torch.optim.SGD(m.parameters(), lr=0.01)
+        losses = []
+        for _ in range(24):
+            o.zero_grad()
+            loss = nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), c)
+            o.step()
+            losses.append(loss.item())
+        tail = losses[12:]  # the geometric mean of the last half, as documented
+        scores[c] = (math.exp(sum(map(math.log, tail)) / 12)
+                     if all(map(math.isfinite, losses)) else math.inf)  # fmt: skip
+    best = min(scores, key=scores.__getitem__)
+    assert search.best_fixed == Candidate("fixed", best)
+    assert search.rounds[0].best == f"{best:g}"
+
+
+def test_iterables_are_read_once_and_replayed() -> None:
+    model, opt, _, batches = make()
+    reads = []
+
+    def stream():
+        for i, b in enumerate(batches):
+            reads.append(i)
+            yield b
+
+    search = gradclip.find_max_norm(model, opt, stepper(model, opt), stream(), horizon=6,
+                                    candidates=[1.0])  # fmt: skip
+    assert reads == list(range(9))  # horizon + the confirmation round's 3, each read once
+    assert search.cost.steps >= 6 * 3
+
+
+def test_disk_snapshot_is_removed(tmp_path) -> None:
+    model, opt, sched, batches = make(adam=True)
+    warm_up(model, opt, sched, batches)
+    before = state_of(model, opt, sched)
+    gradclip.find_max_norm(model, opt, stepper(model, opt, sched), batches, horizon=4,
+                           candidates=[1.0], scheduler=sched, snapshot=tmp_path)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+    assert_same(state_of(model, opt, sched), before)
+
+
+def test_grad_scaler_is_restored() -> None:
+    model, opt, _, batches = make()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+
+    def train_step(batch, clip):
+        x, y = batch
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        clip(model)
+        scaler.step(opt)
+        scaler.update()
+        return loss
+
+    train_step(batches[0], lambda m: None)
+    before = (scaler.get_scale(), scaler.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    gradclip.find_max_norm(model, opt, train_step, batches, horizon=6, candidates=[0.5],
+                           scaler=scaler)  # fmt: skip
+    assert (scaler.get_scale(), scaler.state_dict()) == before
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+
+
+# -- bad input: a clear error, and nothing changed --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"horizon": 0}, ValueError, "horizon"),
+        ({"horizon": True}, TypeError, "horizon"),
+        ({"horizon": 2.5}, TypeError, "horizon"),
+        ({"candidates": [1.0, 0.0]}, ValueError, "candidates"),
+        ({"candidates": [-1.0]}, ValueError, "candidates"),
+        ({"candidates": [math.nan]}, ValueError, "candidates"),
+        ({"candidates": [math.inf]}, ValueError, "candidates"),
+        ({"candidates": []}, ValueError, "candidates"),
+        ({"candidates": "0.1"}, TypeError, "candidates"),
+        ({"budget": 0.0}, ValueError, "budget"),
+        ({"run_steps": 0}, ValueError, "run_steps"),
+        ({"snapshot": "memory"}, ValueError, "snapshot"),
+        ({"scheduler": object()}, TypeError, "scheduler"),
+        ({"generators": [1]}, TypeError, "generators"),
+    ],
+)
+def test_bad_arguments_raise_before_anything_runs(kwargs, error, match) -> None:
+    model, opt, sched, batches = make()
+    warm_up(model, opt, sched, batches)
+    before = state_of(model, opt, sched)
+    calls = []
+
+    def train_step(batch, clip):
+        calls.append(1)
+        return stepper(model, opt)(batch, clip)
+
+    with pytest.raises(error, match=match):
+        gradclip.find_max_norm(model, opt, train_step, batches, **kwargs)
+    assert calls == []
+    assert_same(state_of(model, opt, sched), before)
+
+
+def test_wrong_types_of_model_optimizer_step_batches() -> None:
+    model, opt, _, batches = make()
+    step = stepper(model, opt)
+    with pytest.raises(TypeError, match="model"):
+        gradclip.find_max_norm(model.parameters(), opt, step, batches)
+    with pytest.raises(TypeError, match="optimizer"):
+        gradclip.find_max_norm(model, "sgd", step, batches)
+    with pytest.raises(TypeError, match="step"):
+        gradclip.find_max_norm(model, opt, None, batches)
+    with pytest.raises(TypeError, match="batches"):
+        gradclip.find_max_norm(model, opt, step, 12)
+
+
+@pytest.mark.parametrize("when", [0, 5, 14])
+def test_a_raising_step_restores_everything(when: int) -> None:
+    model, opt, sched, batches = make(adam=True)
+    warm_up(model, opt, sched, batches)
+    before = state_of(model, opt, sched)
+    calls = []
+    inner = stepper(model, opt, sched)
+
+    def train_step(batch, clip):
+        calls.append(1)
+        if len(calls) > when:
+            raise KeyError("bad batch")
+        return inner(batch, clip)
+
+    with pytest.raises(StepError, match="KeyError") as info:
+        gradclip.find_max_norm(model, opt, train_step, batches, horizon=6, scheduler=sched)
+    assert isinstance(info.value.__cause__, KeyError)
+    assert_same(state_of(model, opt, sched), before)
+
+
+def test_a_step_that_never_clips_or_returns_no_loss_is_refused() -> None:
+    model, opt, _, batches = make()
+    before = state_of(model, opt)
+
+    def no_clip(batch, clip):
+        x, y = batch
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    with pytest.raises(StepError, match="did not call `clip"):
+        gradclip.find_max_norm(model, opt, no_clip, batches, horizon=4)
+    assert_same(state_of(model, opt), before)
+
+    def no_loss(batch, clip):
+        stepper(model, opt)(batch, clip)
+
+    with pytest.raises(StepError, match="must return the loss"):
+        gradclip.find_max_norm(model, opt, no_loss, batches, horizon=4)
+    assert_same(state_of(model, opt), before)
+
+
+class TensorAttributeSGD(torch.optim.SGD):
+    """Keeps a tensor outside optimizer.state: a snapshot could not restore it."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, lr=lr)
+        self.total = torch.zeros(())
+
+    def step(self, closure=None):
+        self.total += 1
+        return super().step(closure)
+
+
+class ObjectStateSGD(torch.optim.SGD):
+    """Keeps a custom object in optimizer.state."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["tracker"] = object()
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("cls", [TensorAttributeSGD, ObjectStateSGD])
+def test_an_optimizer_the_snapshot_cannot_restore_is_refused(cls) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = cls(model.parameters(), lr=0.1)
+    model(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    before = state_of(model, opt) if cls is TensorAttributeSGD else None
+    params = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def train_step(batch, clip):
+        calls.append(1)
+        return stepper(model, opt)(batch, clip)
+
+    with pytest.raises(SnapshotError, match="nothing was changed"):
+        gradclip.find_max_norm(model, opt, train_step, [(torch.ones(2, 3), torch.ones(2, 1))] * 9,
+                               horizon=3)  # fmt: skip
+    assert calls == []
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    if before is not None:
+        assert_same(state_of(model, opt), before)
+
+
+def test_too_few_batches_is_a_clear_error_and_restores() -> None:
+    model, opt, _, batches = make()
+    before = state_of(model, opt)
+    with pytest.raises(ValueError, match="batches"):
+        gradclip.find_max_norm(model, opt, stepper(model, opt), batches[:5], horizon=4)
+    assert_same(state_of(model, opt), before)
+
+
+# -- the result ------------------------------------------------------------------------
+
+
+def test_result_serialises_and_renders() -> None:
+    model, opt, _, batches = make()
+    search = gradclip.find_max_norm(model, opt, stepper(model, opt), batches, horizon=8,
+                                    run_steps=400)  # fmt: skip
+    data = json.loads(json.dumps(search.to_dict()))
+    assert data["choice"]["kind"] in {"fixed", "none", "adaptive"}
+    assert search.cost.fraction == search.cost.steps / 400
+    text = render_text(search)
+    assert text.startswith("use: ") and "round 1" in text and "cost:" in text
+    clipper = search.clipper()
+    assert clipper is None or isinstance(clipper, gradclip.Clipper)
+    assert search.norms == search.rounds[0].trial("adaptive").norms
+
+
+def test_horizon_follows_the_budget() -> None:
+    model, opt, _, batches = make()
+    search = gradclip.find_max_norm(model, opt, stepper(model, opt), batches, horizon=None,
+                                    run_steps=300, budget=0.2, candidates=[1.0, 10.0],
+                                    include_adaptive=False)  # fmt: skip
+    assert search.cost.steps <= 0.2 * 300
+
+
+def test_log_grid_spans_the_norms_with_round_values() -> None:
+    grid = log_grid([0.5] * 10)
+    assert grid == (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+    for median in (1e-5, 0.7, 3.3, 2e4):
+        g = log_grid([median])
+        assert all(median / 100 <= v <= median * 10 for v in g)
+        assert list(g) == sorted(g) and len(g) >= 5
+        assert all(str(v).lstrip("0.").rstrip("0.e+-123456789")[:1] in "13" for v in g)
+    with pytest.raises(ValueError, match="candidates"):
+        log_grid([math.nan, 0.0, math.inf])
