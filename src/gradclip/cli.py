@@ -29,9 +29,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradclip
+
+if TYPE_CHECKING:
+    from gradclip._files import OutputFolder
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -172,6 +175,19 @@ def _failed(command: str, message: str) -> int:
     return 1
 
 
+def _commit(folder: OutputFolder, command: str, where: str) -> int | None:
+    """Put a finished output folder in place; the exit status 1 if that failed, else None."""
+    from gradclip._files import OutputError
+
+    try:
+        folder.commit()
+    except OutputError as exc:
+        return _failed(command, str(exc))
+    except OSError as exc:
+        return _failed(command, f"cannot write {where}: {exc.strerror or exc}")
+    return None
+
+
 def _run_report(args: argparse.Namespace) -> int:
     from gradclip import report
     from gradclip._files import OutputError, OutputFolder, default_report_folder
@@ -194,12 +210,9 @@ def _run_report(args: argparse.Namespace) -> int:
             folder.discard()
             return _error("report", str(exc))
         report.write_report(data, folder.stage)
-        try:
-            folder.commit()
-        except OutputError as exc:
-            return _failed("report", str(exc))
-        except OSError as exc:
-            return _failed("report", f"cannot write to {out}: {exc.strerror or exc}")
+        failed = _commit(folder, "report", f"to {out}")
+        if failed is not None:
+            return failed
     print(out / "report.html")
     return _problems("report", data.history)
 
@@ -279,12 +292,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         print()
         for line in render.verdicts(result):
             print(line)
-        try:
-            out.commit()
-        except OutputError as exc:
-            return _failed("demo", str(exc))
-        except OSError as exc:
-            return _failed("demo", f"cannot write --out {args.out}: {exc.strerror or exc}")
+        failed = _commit(out, "demo", f"--out {args.out}")
+        if failed is not None:
+            return failed
     print(f"\nreport written to {args.out / 'index.html'}")
     return 0
 
@@ -362,12 +372,9 @@ def _run_tune(args: argparse.Namespace) -> int:
 
     with folder:  # an exception, ^C included, removes the unfinished folder
         render_search(search_and_print(), folder.stage)
-        try:
-            folder.commit()
-        except OutputError as exc:
-            return _failed("tune", str(exc))
-        except OSError as exc:
-            return _failed("tune", f"cannot write --out {args.out}: {exc.strerror or exc}")
+        failed = _commit(folder, "tune", f"--out {args.out}")
+        if failed is not None:
+            return failed
     print(f"search written to {args.out / 'search.html'}", file=sys.stderr)
     return 0
 

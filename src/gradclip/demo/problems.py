@@ -308,25 +308,23 @@ def _student_t(df: float, n: int, gen: torch.Generator) -> Tensor:
     return torch.randn(n, generator=gen) / (chi2 / df).sqrt()
 
 
-class _HeavyTailProblem:
-    def __init__(self, cfg: HeavyTailConfig, seed: int, steps: int, device: torch.device):
+class _Regression:
+    """Linear regression from w = 0 towards a unit w* fixed by ``cfg.data_seed``, with SGD;
+    the metric is ``||w - w*||`` averaged over the last ``cfg.window`` of the run (the
+    heavy-tail and label-noise tasks)."""
+
+    def __init__(self, cfg: HeavyTailConfig | LabelNoiseConfig, seed: int, steps: int,
+                 device: torch.device, momentum: float = 0.0):
         self.cfg, self.device = cfg, device
         w_star = torch.randn(cfg.dim, generator=torch.Generator().manual_seed(cfg.data_seed))
         self.w_star = (w_star / w_star.norm()).to(device)
         self.gen = torch.Generator().manual_seed(seed)
-        noise = _student_t(cfg.df, steps * cfg.batch, self.gen).view(steps, cfg.batch)
-        self.noise = noise.to(device)
         self.model = nn.utils.skip_init(nn.Linear, cfg.dim, 1, bias=False).to(device)
         with torch.no_grad():
             self.model.weight.zero_()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=momentum)
         self.start = steps - max(1, round(cfg.window * steps))
         self.distances: list[float] = []
-
-    def loss(self, step: int) -> Tensor:
-        x = torch.randn(self.cfg.batch, self.cfg.dim, generator=self.gen).to(self.device)
-        y = x @ self.w_star + self.noise[step]
-        return 0.5 * nn.functional.mse_loss(self.model(x).squeeze(-1), y)
 
     def after_step(self, step: int) -> None:
         if step >= self.start:
@@ -338,6 +336,18 @@ class _HeavyTailProblem:
             with torch.no_grad():
                 return (self.model.weight[0] - self.w_star).norm().item()
         return math.fsum(self.distances) / len(self.distances)
+
+
+class _HeavyTailProblem(_Regression):
+    def __init__(self, cfg: HeavyTailConfig, seed: int, steps: int, device: torch.device):
+        super().__init__(cfg, seed, steps, device)
+        noise = _student_t(cfg.df, steps * cfg.batch, self.gen).view(steps, cfg.batch)
+        self.noise = noise.to(device)
+
+    def loss(self, step: int) -> Tensor:
+        x = torch.randn(self.cfg.batch, self.cfg.dim, generator=self.gen).to(self.device)
+        y = x @ self.w_star + self.noise[step]
+        return 0.5 * nn.functional.mse_loss(self.model(x).squeeze(-1), y)
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,19 +389,10 @@ class LabelNoiseConfig:
     data_seed: int = 4_000_003
 
 
-class _LabelNoiseProblem:
+class _LabelNoiseProblem(_Regression):
     def __init__(self, cfg: LabelNoiseConfig, seed: int, steps: int, device: torch.device):
-        self.cfg, self.device = cfg, device
-        w_star = torch.randn(cfg.dim, generator=torch.Generator().manual_seed(cfg.data_seed))
-        self.w_star = (w_star / w_star.norm()).to(device)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.model = nn.utils.skip_init(nn.Linear, cfg.dim, 1, bias=False).to(device)
-        with torch.no_grad():
-            self.model.weight.zero_()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        super().__init__(cfg, seed, steps, device, momentum=cfg.momentum)
         self.corrupted = {round(f * steps) for f in cfg.corrupt_at}
-        self.start = steps - max(1, round(cfg.window * steps))
-        self.distances: list[float] = []
 
     def loss(self, step: int) -> Tensor:
         x = torch.randn(self.cfg.batch, self.cfg.dim, generator=self.gen).to(self.device)
@@ -400,17 +401,6 @@ class _LabelNoiseProblem:
             noise = noise * self.cfg.corrupt_scale
         y = x @ self.w_star + noise.to(self.device)
         return 0.5 * nn.functional.mse_loss(self.model(x).squeeze(-1), y)
-
-    def after_step(self, step: int) -> None:
-        if step >= self.start:
-            with torch.no_grad():
-                self.distances.append((self.model.weight[0] - self.w_star).norm().item())
-
-    def metric(self) -> float:
-        if not self.distances:  # stopped before the window: measure the final weights
-            with torch.no_grad():
-                return (self.model.weight[0] - self.w_star).norm().item()
-        return math.fsum(self.distances) / len(self.distances)
 
 
 TaskConfig = (
