@@ -104,13 +104,11 @@ def clip_(groups: _foreach.Groups, max_norm: float, total: Tensor, foreach: bool
     coef = host_coefficient(max_norm, total.item(), total.dtype)
     if coef == 1.0:
         return
-    for (device, dtype), (group, _) in groups.items():
-        # float32/float64 gradients: a Python number is rounded to their compute type exactly
-        # as the 0-dim coefficient tensor would be, so the products are the same. float16/
-        # bfloat16 ones round a 0-dim tensor to their own dtype first: they get the tensor.
-        scale: float | Tensor = coef
-        if dtype not in (torch.float32, torch.float64):
-            scale = torch.tensor(coef, dtype=total.dtype)
+    # A 0-dim tensor, as torch passes it: the same products as a Python number for float32/
+    # float64 gradients (rounded to their compute type alike), torch's rounding for float16/
+    # bfloat16 ones, and a vectorised CPU kernel (a Python number's is ~1.6x slower).
+    scale = torch.tensor(coef, dtype=total.dtype)
+    for (device, _), (group, _) in groups.items():
         _multiply(group, device, scale, foreach)
 
 
