@@ -159,7 +159,7 @@ def _run_recommend(args: argparse.Namespace) -> int:
 
 
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("log", type=Path, help="a JSON lines log written by gradclip.GradMonitor")
+    parser.add_argument("log", type=Path, help="a log written by gradclip.GradMonitor (JSON lines, or CSV)")
     parser.add_argument(
         "-o", "--out", type=Path, metavar="DIR",
         help="folder for report.html and the PNG plots (default: LOGNAME-report/ beside the "
