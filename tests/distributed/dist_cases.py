@@ -947,8 +947,10 @@ def suite_two(rank: int, world: int, rec: list[dict]) -> None:
 # four ranks
 
 
-def fsdp_tp_case(rank: int, world: int, rec: list[dict]) -> None:
-    """FSDP2 x TP on a (dp=2, tp=2) mesh, plus a layer FSDP-sharded on a 1-D world mesh."""
+def _fsdp_tp_model(mesh, world: int) -> tuple[nn.Module, nn.Module]:
+    """A 5-layer MLP (seed 0) tensor-parallel over ``mesh["tp"]``, FSDP2-sharded over
+    ``mesh["dp"]``, its last layer sharded on another (1-D world) mesh; and an unsharded
+    copy taken before sharding, for the reference."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import (
@@ -957,16 +959,23 @@ def fsdp_tp_case(rank: int, world: int, rec: list[dict]) -> None:
         parallelize_module,
     )
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    world_mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
                           nn.Linear(8, 3))
-    ref_model = copy.deepcopy(model)
+    unsharded = copy.deepcopy(model)
     parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
     fully_shard(model[0], mesh=mesh["dp"])
     fully_shard(model[2], mesh=mesh["dp"])
-    fully_shard(model[4], mesh=world_mesh)  # another mesh
+    fully_shard(model[4], mesh=init_device_mesh("cpu", (world,)))  # another mesh
+    return model, unsharded
+
+
+def fsdp_tp_case(rank: int, world: int, rec: list[dict]) -> None:
+    """FSDP2 x TP on a (dp=2, tp=2) mesh, plus a layer FSDP-sharded on a 1-D world mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model, ref_model = _fsdp_tp_model(mesh, world)
     x, y = data()
     dp = mesh.get_local_rank("dp")
     loss_of(model, x[dp::2], y[dp::2]).backward()
@@ -1011,35 +1020,18 @@ def adagc_four_cases(rank: int, world: int, rec: list[dict]) -> None:
     """AdaGC under FSDP2 x TP on a (dp=2, tp=2) mesh and under HSDP (4 ranks)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
-                          nn.Linear(8, 3))
-    ref = clip_reference(copy.deepcopy(model))
-    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    fully_shard(model[0], mesh=mesh["dp"])
-    fully_shard(model[2], mesh=mesh["dp"])
-    fully_shard(model[4], mesh=init_device_mesh("cpu", (world,)))  # another mesh
+    model, unsharded = _fsdp_tp_model(mesh, world)
     dp = mesh.get_local_rank("dp")
-    clip_layout(rec, "fsdp_tp", model, ref, lambda x, y: (x[dp::2], y[dp::2]))
+    clip_layout(rec, "fsdp_tp", model, clip_reference(unsharded),
+                lambda x, y: (x[dp::2], y[dp::2]))
     # AGC on the same layout, every parameter: rows dealt out over dp (and tp), cut over tp
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
-                          nn.Linear(8, 3))
+    model, unsharded = _fsdp_tp_model(mesh, world)
     everything = {"exclude": None}
-    ref = clip_reference(copy.deepcopy(model), make=lambda: _agc(**everything))
-    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    fully_shard(model[0], mesh=mesh["dp"])
-    fully_shard(model[2], mesh=mesh["dp"])
-    fully_shard(model[4], mesh=init_device_mesh("cpu", (world,)))
+    ref = clip_reference(unsharded, make=lambda: _agc(**everything))
     clip_layout(rec, "fsdp_tp", model, ref, lambda x, y: (x[dp::2], y[dp::2]), make=_agc,
-                 kwargs=everything, tag="agc")
+                kwargs=everything, tag="agc")
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     model = mlp()
@@ -1053,22 +1045,9 @@ def group_four_case(rank: int, world: int, rec: list[dict]) -> None:
     """Per-group clipping under FSDP2 x TP on a (dp=2, tp=2) mesh with a layer on a second
     mesh: groups hold tensors sharded over dp, over tp, over both, and replicated."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
-                          nn.Linear(8, 3))
-    ref_model = copy.deepcopy(model)
-    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    fully_shard(model[0], mesh=mesh["dp"])
-    fully_shard(model[2], mesh=mesh["dp"])
-    fully_shard(model[4], mesh=init_device_mesh("cpu", (world,)))
+    model, ref_model = _fsdp_tp_model(mesh, world)
     x, y = data()
     dp = mesh.get_local_rank("dp")
     loss_of(model, x[dp::2], y[dp::2]).backward()
