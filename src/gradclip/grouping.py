@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from gradclip import _foreach, distributed
+from gradclip import distributed, norms
 from gradclip._cache import LRU, index_tensor
 from gradclip._checks import ArgumentTypeError
 from gradclip.paramgroups import OrthogonalRule, ParamGroup, muon_like
@@ -352,24 +352,6 @@ def _policy_key(options: Mapping[str, Any]) -> object:
 # norms of groups
 
 
-def _powers(norms: Tensor, p: float) -> Tensor:
-    """What adds up over the tensors of a group (see :func:`group_norms`)."""
-    if p == 0:
-        return (norms != 0).to(norms.dtype)
-    if math.isinf(p):
-        return norms
-    wide = norms.to(_foreach.wide_dtype(norms.device))
-    if p == 1:
-        return wide
-    return wide.square() if p == 2 else wide.pow(p)
-
-
-def _root(sums: Tensor, p: float) -> Tensor:
-    if p == 0 or p == 1 or math.isinf(p):
-        return sums
-    return sums.sqrt() if p == 2 else sums.pow(1.0 / p)
-
-
 def _combine(values: Tensor, index: Tensor, n: int, p: float) -> Tensor:
     """Per slot of ``index`` (``n`` slots), the sum (max for inf, min for -inf) of ``values``;
     NaN anywhere in a slot makes it NaN (a max would drop it)."""
@@ -399,7 +381,7 @@ def group_norms(per_tensor: Tensor, index: Tensor, n: int, p: float,
         >>> group_norms(torch.tensor([3.0, 4.0, 2.0]), torch.tensor([0, 0, 1]), 2, 2.0)
         tensor([5., 2.])
     """
-    sums = _combine(_powers(per_tensor, p), index, n, p)
+    sums = _combine(norms.powers(per_tensor, p), index, n, p)
     if layout is not None and layout.extra:
         if not p > 0:
             raise ValueError(
@@ -407,4 +389,4 @@ def group_norms(per_tensor: Tensor, index: Tensor, n: int, p: float,
                 "norm_type such as 2.0, 1.0 or inf"
             )
         sums = distributed.sum_over(sums, [(g, None) for g in layout.extra], math.isinf(p))
-    return _root(sums, p).to(per_tensor.dtype)
+    return norms.root(sums, p).to(per_tensor.dtype)

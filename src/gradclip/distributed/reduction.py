@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from gradclip import _foreach
 from gradclip import norms as _norms
 from gradclip._cache import LRU, index_tensor
 from gradclip.distributed.groups import (
@@ -111,13 +110,13 @@ class Reduction:
         _check_norm_type(p)
         is_max = math.isinf(p)
         dtype = measured.per_tensor.dtype
-        values = _powers(measured.per_tensor, p)
+        values = _norms.powers(measured.per_tensor, p)
         slots = self._exchange(values, is_max)
         if not self.whole:
             whole = _subset(values, self._unslotted())
             total = self._finish(_combine(torch.cat([slots, whole]), is_max), is_max, p)
             return replace(measured, total=total.to(dtype))
-        per_tensor = self._per_row(measured.per_tensor, _root(slots, p).to(dtype))
+        per_tensor = self._per_row(measured.per_tensor, _norms.root(slots, p).to(dtype))
         groups = measured.groups
         if len(self.rows) != len(self.local):  # some rows are held by other ranks only
             groups = {
@@ -139,7 +138,7 @@ class Reduction:
             return _norms.total_norm(per_tensor, p)
         _check_norm_type(p)
         is_max = math.isinf(p)
-        values = _powers(per_tensor, p)
+        values = _norms.powers(per_tensor, p)
         if not self.whole:
             whole = _subset(values, self._unslotted())
             values = torch.cat([self._exchange(values, is_max), whole])
@@ -202,7 +201,7 @@ class Reduction:
         """The p-th root of ``total`` after the ``extra_groups`` all-reduce."""
         for group in self.extra:
             total = all_reduce(total, is_max, group)
-        return _root(total, p)
+        return _norms.root(total, p)
 
 
 _SLOT_SUMS: LRU[tuple[tuple[int, ...], int], SegmentSums] = LRU(64)
@@ -216,25 +215,6 @@ def _subset(values: Tensor, positions: tuple[int, ...]) -> Tensor:
     if not positions:
         return values[:0]
     return values[index_tensor(positions, values.device)]
-
-
-def _powers(norms: Tensor, p: float) -> Tensor:
-    """What adds up across ranks: ``norms ** p`` (the norms themselves for ``p = inf``), in
-    float64 (see :func:`gradclip.norms.total_norm`: float32 powers overflow for norms near
-    1e19)."""
-    if math.isinf(p):
-        return norms
-    norms = norms.to(_foreach.wide_dtype(norms.device))
-    if p == 1:
-        return norms
-    return norms.square() if p == 2 else norms.pow(p)
-
-
-def _root(total: Tensor, p: float) -> Tensor:
-    """The inverse of :func:`_powers`."""
-    if math.isinf(p) or p == 1:
-        return total
-    return total.sqrt() if p == 2 else total.pow(1.0 / p)
 
 
 def _combine(values: Tensor, is_max: bool) -> Tensor:

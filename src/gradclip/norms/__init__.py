@@ -43,7 +43,9 @@ __all__ = [
     "accumulation_dtype",
     "compute",
     "empty_norms",
+    "powers",
     "result_dtype",
+    "root",
     "total_norm",
 ]
 
@@ -139,6 +141,38 @@ def total_norm(per_tensor: Tensor, p: float) -> Tensor:
     if not 0 < p < math.inf or per_tensor.dtype == wide:  # max and p <= 0 cannot overflow
         return torch.linalg.vector_norm(per_tensor, p)
     return torch.linalg.vector_norm(per_tensor, p, dtype=wide).to(per_tensor.dtype)
+
+
+def powers(norms: Tensor, p: float) -> Tensor:
+    """What adds up when norms are combined (over shards, ranks or the tensors of a group):
+    ``norms ** p`` in float64 (float32 powers overflow for norms near 1e19); the norms
+    themselves for ``p = inf`` (combined by a max) and, as counts, for ``p = 0``.
+
+    Example:
+        >>> powers(torch.tensor([3.0, 4.0]), 2.0).sum().sqrt()
+        tensor(5., dtype=torch.float64)
+    """
+    if p == 0:
+        return (norms != 0).to(norms.dtype)
+    if math.isinf(p):
+        return norms
+    wide = norms.to(_foreach.wide_dtype(norms.device))
+    if p == 1:
+        return wide
+    return wide.square() if p == 2 else wide.pow(p)
+
+
+def root(sums: Tensor, p: float) -> Tensor:
+    """The norm from combined :func:`powers`: their ``p``-th root (the value itself for
+    ``p`` in 0, 1, inf).
+
+    Example:
+        >>> root(torch.tensor(25.0), 2.0)
+        tensor(5.)
+    """
+    if p == 0 or p == 1 or math.isinf(p):
+        return sums
+    return sums.sqrt() if p == 2 else sums.pow(1.0 / p)
 
 
 def _rescue_overflow(tensors: list[Tensor], norms: Tensor, p: float) -> Tensor:
