@@ -87,23 +87,16 @@ class _Stream:
         self._kept: list[Any] = []
 
     def get(self, index: int) -> Any:
-        if self._seq is not None:
-            if index >= len(self._seq):
-                raise ValueError(
-                    f"`batches` holds {len(self._seq)} batches; the search needs at least "
-                    f"{index + 1} (horizon plus confirmation round): pass more batches or a "
-                    "smaller `horizon`"
-                )
-            return self._seq[index]
-        if index >= len(self._kept) and self._iter is not None:
-            self._kept.extend(islice(self._iter, index + 1 - len(self._kept)))
-        if index >= len(self._kept):
+        held = self._seq if self._seq is not None else self._kept
+        if held is self._kept and index >= len(held) and self._iter is not None:
+            held.extend(islice(self._iter, index + 1 - len(held)))
+        if index >= len(held):
+            had = f"holds {len(held)}" if held is self._seq else f"ran out after {len(held)}"
             raise ValueError(
-                f"`batches` ran out after {len(self._kept)} batches; the search needs at least "
-                f"{index + 1} (horizon plus confirmation round): pass more batches or a "
-                "smaller `horizon`"
+                f"`batches` {had} batches; the search needs at least {index + 1} (horizon "
+                "plus confirmation round): pass more batches or a smaller `horizon`"
             )
-        return self._kept[index]
+        return held[index]
 
 
 def _loss_value(loss: object) -> float:
