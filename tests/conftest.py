@@ -84,20 +84,28 @@ def clone_params(params: Sequence[Tensor]) -> list[Tensor]:
     cloned by hand. A parameter listed twice maps to one clone listed twice, and parameters
     that share one grad tensor get clones that share one cloned grad.
     """
+    return _remap(params, lambda p: p.detach().clone(), clone_exact)
+
+
+def _remap(params: Sequence[Tensor], data: Callable[[Tensor], Tensor],
+           grad: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """New parameters ``data(p)`` with gradients ``grad(p.grad)``, keeping the aliasing
+    structure: a parameter listed twice maps to one new one listed twice, and parameters that
+    share one grad tensor get new ones that share one new grad."""
     param_memo: dict[int, Tensor] = {}
     grad_memo: dict[int, Tensor] = {}
     out = []
     for p in params:
         if id(p) not in param_memo:
-            data = p.detach().clone()
+            values = data(p)
             q = (
-                torch.nn.Parameter(data, requires_grad=p.requires_grad)
+                torch.nn.Parameter(values, requires_grad=p.requires_grad)
                 if isinstance(p, torch.nn.Parameter)
-                else data.requires_grad_(p.requires_grad)
+                else values.requires_grad_(p.requires_grad)
             )
             if p.grad is not None:
                 if id(p.grad) not in grad_memo:
-                    grad_memo[id(p.grad)] = clone_exact(p.grad)
+                    grad_memo[id(p.grad)] = grad(p.grad)
                 q.grad = grad_memo[id(p.grad)]
             param_memo[id(p)] = q
         out.append(param_memo[id(p)])
@@ -307,24 +315,7 @@ def on_device(params: Sequence[Tensor], device: torch.device | str) -> list[Tens
     device = torch.device(device)
     if device.type == "cpu":
         return list(params)
-    param_memo: dict[int, Tensor] = {}
-    grad_memo: dict[int, Tensor] = {}
-    out = []
-    for p in params:
-        if id(p) not in param_memo:
-            data = p.detach().to(device)
-            q = (
-                torch.nn.Parameter(data, requires_grad=p.requires_grad)
-                if isinstance(p, torch.nn.Parameter)
-                else data.requires_grad_(p.requires_grad)
-            )
-            if p.grad is not None:
-                if id(p.grad) not in grad_memo:
-                    grad_memo[id(p.grad)] = p.grad.detach().to(device)
-                q.grad = grad_memo[id(p.grad)]
-            param_memo[id(p)] = q
-        out.append(param_memo[id(p)])
-    return out
+    return _remap(params, lambda p: p.detach().to(device), lambda g: g.detach().to(device))
 
 
 @pytest.fixture(scope="module")
