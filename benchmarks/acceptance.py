@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 import gradclip
+from bench_quality import ratio
 from gradclip.demo.problems import build_problem
 from gradclip.demo.runner import run
 from gradclip.demo.search import SEARCHABLE, search_task
@@ -244,12 +245,6 @@ class TaskVerdict:
     passes: dict[str, bool]
 
 
-def _ratio(value: float, best: float) -> float:
-    if value == best:
-        return 1.0
-    return value / best if best > 0 else math.inf
-
-
 def summarize(runs: list[Run], picks: list[Pick]) -> list[TaskVerdict]:
     """Per task: medians over seeds, ratios to the best fixed threshold, verdicts."""
     out = []
@@ -275,7 +270,7 @@ def summarize(runs: list[Run], picks: list[Pick]) -> list[TaskVerdict]:
                     counts[method][p.strategy] = counts[method].get(p.strategy, 0) + 1
         fixed = [s for s in medians if s.startswith("fixed ")]
         best = min(fixed, key=lambda s: medians[s])
-        ratios = {s: _ratio(m, medians[best]) for s, m in medians.items()}
+        ratios = {s: ratio(m, medians[best]) for s, m in medians.items()}
         finder = [p for p in mine if p.method == "finder"]
         fraction = statistics.median(p.fraction for p in finder) if finder else math.nan
         walls = [p.seconds / by[("default", p.seed)].wall_time_s for p in finder

@@ -241,7 +241,8 @@ class Summary:
         return all(verdicts) if verdicts else None
 
 
-def _ratio(value: float, best: float) -> float:
+def ratio(value: float, best: float) -> float:
+    """``value / best`` (lower metrics are better): 1 when equal, inf against a best of 0."""
     if value == best:
         return 1.0
     return value / best if best > 0 else math.inf
@@ -262,7 +263,7 @@ def summarize(records: list[Record]) -> Summary:
         runs = {s: sum(r.strategy == s for r in mine) for s in medians}
         fixed = [s for s in medians if s.startswith("fixed ")]
         best = min(fixed, key=lambda s: medians[s]) if fixed else ""
-        ratios = {s: _ratio(m, medians[best]) for s, m in medians.items()} if best else {}
+        ratios = {s: ratio(m, medians[best]) for s, m in medians.items()} if best else {}
         passes: bool | None = None
         why = ""
         if best and OURS in medians:
@@ -293,8 +294,8 @@ def summarize(records: list[Record]) -> Summary:
             elif t.ratios[method] > RATIO_LIMIT:
                 extra = f", diverged on {div}/{n} seeds" if div else ""
                 r = t.ratios[method]
-                ratio = f"{r:.2f}" if r < 100 else _number(r, 2)
-                lines.append(f"{t.task}: {ratio}x the best fixed ({t.best_fixed}){extra}")
+                shown = f"{r:.2f}" if r < 100 else _number(r, 2)
+                lines.append(f"{t.task}: {shown}x the best fixed ({t.best_fixed}){extra}")
         if any(method in t.medians for t in out):
             failures[method] = lines
     return Summary(out, names, failures, muon, muon_passes)
@@ -306,8 +307,8 @@ def _muon_verdict(tasks: list[TaskSummary]) -> tuple[str, bool | None]:
     for t in tasks:
         if t.task != MUON_TASK or not all(s in t.medians for s in MUON_RULE):
             continue
-        ours = _ratio(t.medians[default], t.medians[none])
-        theirs = _ratio(t.medians[global_], t.medians[none])
+        ours = ratio(t.medians[default], t.medians[none])
+        theirs = ratio(t.medians[global_], t.medians[none])
         passes = ours <= MUON_LIMIT and theirs > MUON_LIMIT
         return (
             f"default policy ({default}, Muon groups left out) {ours:.2f}x no clipping; "
@@ -323,11 +324,11 @@ def _spike_verdict(
     if task in SPIKE_TASKS:
         if OURS_SKIP not in medians or not best:
             return None, ""
-        ratio = _ratio(medians[OURS_SKIP], medians[best])
-        why = f"{OURS_SKIP} {ratio:.2f}x the best fixed ({best})"
+        mine = ratio(medians[OURS_SKIP], medians[best])
+        why = f"{OURS_SKIP} {mine:.2f}x the best fixed ({best})"
         if SKIP in medians:
-            why += f"; {SKIP} alone {_ratio(medians[SKIP], medians[best]):.2f}x"
-        return ratio <= 1.0, why + f"; fires on {skip_rates[OURS_SKIP]:.2%} of steps"
+            why += f"; {SKIP} alone {ratio(medians[SKIP], medians[best]):.2f}x"
+        return mine <= 1.0, why + f"; fires on {skip_rates[OURS_SKIP]:.2%} of steps"
     if OURS not in medians or OURS_SKIP not in medians:
         return None, ""
     base, with_skip = medians[OURS], medians[OURS_SKIP]
