@@ -351,7 +351,6 @@ class GroupedCall:
         n_domains = len(plan.domains)
         totals = group_norms(self.norms, plan.domain_index(device), n_domains + 1, p)
         coefs = torch.ones_like(per_tensor)
-        in_domain = torch.zeros_like(per_tensor, dtype=torch.bool)
         thresholds, pending = [], []
         names = self.target.names
         for d, domain in enumerate(plan.domains):
@@ -368,10 +367,8 @@ class GroupedCall:
             step = rule._step(view, state)
             coef = step.coef.to(coefs.dtype)
             coefs = coefs.index_copy(0, rows, coef.expand(len(domain.rows)))
-            in_domain = in_domain.index_fill(0, rows, True)
             thresholds.append(step.threshold.to(per_tensor.dtype).reshape(()))
             pending.append((store, state, step.state))
-        self.in_domain = in_domain  # rows clipped by some group (not excluded)
         self.domain_thresholds = torch.stack(thresholds) if thresholds else per_tensor.new_zeros(0)
         if self.clamps:  # an element bound: each tensor's max-abs norm shrinks to it
             padded = torch.cat([self.domain_thresholds, per_tensor.new_full((1,), math.inf)])
@@ -384,6 +381,14 @@ class GroupedCall:
         else:
             threshold = measured.total.new_full((), math.nan)
         return threshold, coefs, pending
+
+    def clipped_rows(self, like: Tensor) -> Tensor:
+        """Bool per row of ``like`` (the per-tensor norms): the rows some group clips, i.e. not
+        excluded (asked only by a spike detector's "clip" policy)."""
+        mask = torch.zeros_like(like, dtype=torch.bool)
+        for d in range(len(self.plan.domains)):
+            mask = mask.index_fill(0, self.plan.rows_of(d, like.device), True)
+        return mask
 
     def commit(self, pending: list, finite: Tensor) -> None:
         """Write each domain's state (masked by finiteness); the clipper counts the step

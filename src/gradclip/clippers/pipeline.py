@@ -95,6 +95,7 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None,
         post_norm = _norm(after, target, clipper.norm_type)
         clipped = (factors < 1).any()
     after_spike = None  # the "clip" policy's factor, when it cannot join the coefficient
+    rows_extra = None  # that factor per row, when only the clipped groups take it
     if verdict is not None and spikes.policy == "clip":  # down to the detector's bound
         extra = torch.where(verdict.spike & finite, clip_coefficient(verdict.bound, post_norm), 1.0)
         threshold = torch.where(verdict.spike, torch.minimum(threshold, verdict.bound), threshold)
@@ -104,9 +105,9 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None,
         else:
             after_spike = extra
         if grouped is not None and not grouped.passive and after is not None:
-            # only the clipped groups are scaled: the norm is measured again
-            after = after * torch.where(grouped.in_domain, extra, 1.0)
-            post_norm = _norm(after, target, clipper.norm_type)
+            rows_extra = torch.where(grouped.clipped_rows(after), extra, 1.0)
+            after = after * rows_extra
+            post_norm = _norm(after, target, clipper.norm_type)  # measured again
         else:
             post_norm = post_norm * extra
     if grouped is None:
@@ -127,8 +128,8 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None,
         if after_spike is not None:
             if fold is not None:
                 fold.arm(after_spike, skipped)
-            elif grouped is not None and not grouped.passive:
-                scale_each_(measured.groups, torch.where(grouped.in_domain, after_spike, 1.0))
+            elif rows_extra is not None:
+                scale_each_(measured.groups, rows_extra)
             else:
                 scale_(measured.groups, after_spike, foreach=None)
         elif fold is not None:
