@@ -142,17 +142,6 @@ def count_kernels(fn: Callable[[], object], device: torch.device) -> tuple[int, 
     return ops, ops
 
 
-def _make_params(spec: sets.SetSpec, device: torch.device, seed: int) -> list[torch.nn.Parameter]:
-    gen = torch.Generator(device=device).manual_seed(seed)
-    params = []
-    for _, shape in spec.shapes():
-        p = torch.nn.Parameter(torch.empty(shape, dtype=spec.dtype, device=device).normal_(
-            0.0, 0.02, generator=gen))
-        p.grad = torch.empty(shape, dtype=spec.dtype, device=device).normal_(0.0, 1e-3, generator=gen)
-        params.append(p)
-    return params
-
-
 class _Counter:
     """A torch.compile backend that counts the graphs it is given, then compiles with ``backend``."""
 
@@ -265,10 +254,10 @@ def run_set(spec: sets.SetSpec, args: argparse.Namespace, device: torch.device, 
             l2_bytes: int) -> list[Row]:
     """Every op, mode and variant of one gradient set."""
     torch._dynamo.reset()
-    first = _make_params(spec, device, seed=0)
+    first = sets.make_params(spec, device, seed=0)
     set_bytes = sum(p.grad.numel() * p.grad.element_size() for p in first)
     copies = 1 if device.type != "cuda" else min(8, max(1, math.ceil(4 * l2_bytes / set_bytes)))
-    params_sets = [first] + [_make_params(spec, device, seed=k) for k in range(1, copies)]
+    params_sets = [first] + [sets.make_params(spec, device, seed=k) for k in range(1, copies)]
     norm0 = float(tnu.get_total_norm([p.grad for p in first]))
     compile_ok = args.compile and (spec.name != "moe10k" or args.compile_moe)
     ops = [op for op in ("norm", "clip", "step") if op in args.ops and (op != "step" or spec.step)]

@@ -29,17 +29,6 @@ from gpu import sets
 STEPS = 10
 
 
-def _params(spec: sets.SetSpec, device: torch.device) -> list[torch.nn.Parameter]:
-    gen = torch.Generator(device=device).manual_seed(0)
-    out = []
-    for _, shape in spec.shapes():
-        p = torch.nn.Parameter(torch.empty(shape, dtype=spec.dtype, device=device).normal_(
-            0.0, 0.02, generator=gen))
-        p.grad = torch.empty_like(p).normal_(0.0, 1e-3, generator=gen)
-        out.append(p)
-    return out
-
-
 def _variants(params: list[torch.nn.Parameter]) -> dict[str, Callable[[], None]]:
     def adamw() -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=1e-6, fused=True)
@@ -109,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = sets.set_specs(smoke=device.type != "cuda")[args.set]
     lines = [f"profile of one step on {spec.description} ({device.type}, torch {torch.__version__})"
              + ("" if device.type == "cuda" else ": CPU smoke run, not a GPU figure")]
-    for name, fn in _variants(_params(spec, device)).items():
+    for name, fn in _variants(sets.make_params(spec, device, seed=0)).items():
         lines += [*profile_variant(name, fn, device), ""]
     text = "\n".join(lines)
     print(text)

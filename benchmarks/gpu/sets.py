@@ -26,7 +26,8 @@ import torch
 
 import cases
 
-__all__ = ["LLAMA_3_2_1B", "LLAMA_3_8B", "SETS", "SetSpec", "llama_shapes", "moe_shapes", "set_specs"]
+__all__ = ["LLAMA_3_2_1B", "LLAMA_3_8B", "SETS", "SetSpec", "llama_shapes", "make_params", "moe_shapes",
+           "set_specs"]
 
 NamedShapes = list[tuple[str, tuple[int, ...]]]
 
@@ -136,3 +137,15 @@ def set_specs(*, smoke: bool = False, llama8b_layers: int = 32, moe_tensors: int
 
 SETS = set_specs()
 """The full-size sets (all 32 layers of the 8B stack)."""
+
+
+def make_params(spec: SetSpec, device: torch.device, seed: int) -> list[torch.nn.Parameter]:
+    """The set's parameters (N(0, 0.02)) with gradients (N(0, 1e-3)), drawn on ``device``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for _, shape in spec.shapes():
+        p = torch.nn.Parameter(torch.empty(shape, dtype=spec.dtype, device=device).normal_(
+            0.0, 0.02, generator=gen))
+        p.grad = torch.empty(shape, dtype=spec.dtype, device=device).normal_(0.0, 1e-3, generator=gen)
+        params.append(p)
+    return params
