@@ -135,6 +135,28 @@ def test_a_partial_last_line_of_another_writer_stays_alone(tmp_path):
     assert h.steps.tolist() == [0, 2, 3] and len(h.problems) == 1 and ":2:" in h.problems[0]
 
 
+
+def test_a_line_still_being_written_gets_no_blank_line(tmp_path, monkeypatch):
+    """A writer without the lock (``echo >>``) seen mid-write: its line ends while the sink
+    waits, so no newline is added before ours (CI once caught echo's line half published)."""
+    path = tmp_path / "run.jsonl"
+    rest = json.dumps(record(1))
+    path.write_text(json.dumps(record(0)) + "\n" + rest[:30])
+    sink = JSONLSink(path)
+    sleeps = []
+
+    def finish_the_line(seconds):
+        if not sleeps:
+            with open(path, "a") as f:
+                f.write(rest[30:] + "\n")
+        sleeps.append(seconds)
+
+    monkeypatch.setattr(gradclip.sinks.time, "sleep", finish_the_line)
+    sink.write([record(2)])
+    sink.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    assert 1 <= len(sleeps) <= 2
+
 def csv_sections(path):
     """Every data row as a dict under the header of its section (plain csv module)."""
     rows, header = [], None

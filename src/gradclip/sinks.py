@@ -32,6 +32,7 @@ import math
 import os
 import re
 import stat
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -71,6 +72,8 @@ __all__ = [
 ]
 
 _HEADER_SCAN = 1 << 22  # bytes looked back for a CSV file's last header (else: write one)
+# a file ending mid-line is watched this long for a live writer to finish (rare path only)
+_SETTLE_POLLS, _SETTLE_SECONDS = 5, 0.002
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,6 +185,24 @@ class _LogFile:
         stop = data.find(b"\n", at)
         return data[at : stop if stop >= 0 else len(data)]
 
+    def _ends_mid_line(self, size: int) -> bool:
+        """Whether the file (``size`` bytes) ends inside a line that nobody is still writing.
+
+        A writer that does not take the lock (``echo >> log``) can be caught mid-write: the
+        kernel publishes the new size page by page. Its line is complete a moment later, so
+        the size is polled until it stops changing; only a line still unfinished then is a
+        dead writer's (treating a live one as dead would add a blank line).
+        """
+        for _ in range(_SETTLE_POLLS):
+            if self._read(size - 1, 1) in (b"\n", None):
+                return False
+            time.sleep(_SETTLE_SECONDS)
+            now = os.fstat(self.fd).st_size
+            if now == size:
+                return True
+            size = now
+        return True
+
     def append(self, body: bytes, header: bytes | None = None) -> None:
         """Append ``body`` (whole lines) in one write. With a ``header`` line (CSV), the
         header goes first unless it is already the file's last header (the one the rows
@@ -199,7 +220,7 @@ class _LogFile:
                 if current != header.rstrip(b"\n"):
                     data = header + body
                 self._header = header.rstrip(b"\n")
-            if size and size != self.end and self._read(size - 1, 1) not in (b"\n", None):
+            if size and size != self.end and self._ends_mid_line(size):
                 data = b"\n" + data  # another writer died mid-line: start on a new line
             view = memoryview(data)
             while view:  # a write can be partial (a signal, a full disk): finish it
