@@ -143,6 +143,21 @@ def test_does_not_modify_or_track_grads():
 # internal paths, through the public function
 
 
+
+@pytest.mark.parametrize("offset", [0.0, 1e-3])  # centred, and all of one sign (a worse case)
+@pytest.mark.parametrize("numel", [norms.ROWS_NUMEL - 1, norms.ROWS_NUMEL, 4 * norms.ROWS_NUMEL + 5])
+def test_float32_norms_are_never_less_accurate_than_torch(numel, offset):
+    """Under ROWS_NUMEL torch's own kernel measures a float32 tensor; from it on, short rows:
+    either way no worse than torch's ``vector_norm`` against float64, and within 2e-6."""
+    grad = make_grad((numel,), torch.float32, scale=1e-3, seed=numel) + offset
+    ours = gradclip.grad_norms(params_with_grads([grad, make_grad((7,), torch.float32)])).per_tensor[0]
+    exact = f64_norm(grad, 2.0)
+    error = abs(ours.item() - exact) / exact
+    torch_error = abs(torch.linalg.vector_norm(grad).item() - exact) / exact
+    assert error <= max(torch_error, 1e-7) and error <= 2e-6, (error, torch_error)
+    if numel >= norms.ROWS_NUMEL:
+        assert error <= 1e-6
+
 @pytest.mark.parametrize("p", [2.0, 1.0, INF, 0.5])
 @pytest.mark.parametrize(
     "numel",

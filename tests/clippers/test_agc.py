@@ -282,12 +282,13 @@ def test_nonfinite_gradients() -> None:
 
 def test_one_pass_gives_the_engine_norms() -> None:
     """AGC measures unit norms and derives the per-tensor norms from them (one pass): they
-    equal the engine's, and so does the total."""
+    equal the engine's, and so does the total (to the engine's float32 accuracy: under
+    ROWS_NUMEL elements it is torch's kernel, within 2e-6)."""
     net = _net_with_grads()
     engine = gradclip.grad_norms(list(net.parameters()))
     measured = AGC(exclude=("head.*",))(net).norms
-    torch.testing.assert_close(measured.per_tensor, engine.per_tensor, rtol=1e-6, atol=0)
-    torch.testing.assert_close(measured.total, engine.total, rtol=1e-6, atol=0)
+    torch.testing.assert_close(measured.per_tensor, engine.per_tensor, rtol=2e-6, atol=0)
+    torch.testing.assert_close(measured.total, engine.total, rtol=2e-6, atol=0)
     assert measured.dtype == engine.dtype and measured.groups.keys() == engine.groups.keys()
     assert AGC(exclude=None)([]).norms.total == 0
 

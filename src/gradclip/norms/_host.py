@@ -34,7 +34,12 @@ __all__ = [
 ]
 
 SMALL_NUMEL = 32768
-"""Tensors below this many elements are not split into rows (CPU)."""
+"""float16/bfloat16 tensors below this many elements are not split into rows (CPU)."""
+ROWS_NUMEL = 1 << 18
+"""float32/float64 tensors below this many elements are not split into rows (CPU): torch's
+own kernel errs there by at most ~2e-6 relative on random data (1e-6 under 2^17; 3e-3 at
+GPT-2's 38.6M-element embedding), and one multi-tensor call over them is what torch pays,
+where rows cost a kernel call per tensor (bench_small: 1.1-1.4x torch with rows from 2^15)."""
 TINY_NUMEL = 2048
 """Tensors below this many elements are concatenated before they are measured (CPU); those
 from here to ``SMALL_NUMEL`` go through one ``_foreach_norm`` call (copying them would cost
@@ -54,6 +59,11 @@ FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 """Dtypes the CPU fast path measures."""
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+
+
+def rows_numel(dtype: torch.dtype) -> int:
+    """Tensors of at least this many elements are measured by rows (CPU); see ``ROWS_NUMEL``."""
+    return SMALL_NUMEL if dtype in LOW_PRECISION else ROWS_NUMEL
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,6 +99,11 @@ class _Plan:
     empty: list[int]  # 0-element tensors: torch's own kernel (it raises for inf norms)
     inverse: Tensor | None  # puts the results back in group order (None: already in order)
 
+    @property
+    def plain(self) -> bool:
+        """Nothing to concatenate, view as rows or reorder: one multi-tensor call measures all."""
+        return not (self.chunks or self.large or self.empty) and self.inverse is None
+
 
 _plans: LRU[tuple, _Plan] = LRU(16)
 _buffers = threading.local()
@@ -103,7 +118,8 @@ def _plan_for(group: list[Tensor], dtype: torch.dtype) -> _Plan:
 def _build_plan(shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> _Plan:
     numels = [s.numel() for s in shapes]
     small = sorted((i for i, n in enumerate(numels) if 0 < n < TINY_NUMEL), key=numels.__getitem__)
-    mid = [i for i, n in enumerate(numels) if TINY_NUMEL <= n < SMALL_NUMEL]
+    large_numel = rows_numel(dtype)
+    mid = [i for i, n in enumerate(numels) if TINY_NUMEL <= n < large_numel]
     if len(small) < MIN_CONCAT:  # too few to pay for concatenating them
         mid, small = sorted(mid + small), []
     empty = [i for i, n in enumerate(numels) if n == 0]
@@ -121,7 +137,7 @@ def _build_plan(shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> _Plan:
     large: list[_Large] = []
     segments: list[int] = []
     for i, shape in enumerate(shapes):
-        if numels[i] >= SMALL_NUMEL:
+        if numels[i] >= large_numel:
             length = _row_length(shape, dtype)
             rows, tail = divmod(numels[i], length)
             large.append(_Large(i, rows, length, tail, len(segments)))
@@ -211,9 +227,10 @@ def _large_inf_norms(group: list[Tensor], plan: _Plan, acc: torch.dtype) -> Tens
     return torch.maximum(high, low.neg()).to(acc)
 
 
-def _row_slots(plan: _Plan, dtype: torch.dtype) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+def _row_slots(plan: _Plan, dtype: torch.dtype) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
     """This thread's row-norm buffer for ``plan`` and, per large tensor, the views that
-    receive its body's and its tail's row norms (built once, not per call)."""
+    receive its body's and its tail's row norms and the view of both (built once, not per
+    call)."""
     cache = getattr(_buffers, "slots", None)
     if cache is None:
         cache = _buffers.slots = LRU(16)
@@ -221,54 +238,45 @@ def _row_slots(plan: _Plan, dtype: torch.dtype) -> tuple[Tensor, list[tuple[Tens
     entry = cache.get(key)
     if entry is None or entry[0] is not plan:  # (a new plan may reuse an evicted one's id)
         buf = torch.empty(plan.slots, dtype=dtype)
-        views = [
-            (buf[i.slot : i.slot + i.rows], buf[i.slot + i.rows : i.slot + i.rows + (i.tail > 0)])
-            for i in plan.large
-        ]
+        views = []
+        for i in plan.large:
+            end = i.slot + i.rows + (i.tail > 0)
+            views.append((buf[i.slot : i.slot + i.rows], buf[i.slot + i.rows : end], buf[i.slot : end]))
         entry = cache.put(key, (plan, buf, views))
     return entry[1], entry[2]
 
 
-def _large_norms(group: list[Tensor], plan: _Plan, p: float, acc: torch.dtype) -> Tensor:
-    """Finite-p norm of each large tensor.
-
-    Every tensor's row norms go into one buffer, one kernel per tensor (rows run on every
-    core, each over a short run); one ``index_add_`` then sums their p-th powers per tensor
-    in float64.
-    """
+def _large_rows(group: list[Tensor], plan: _Plan, p: float, acc: torch.dtype) -> list[Tensor]:
+    """Per large tensor, a 1-D tensor whose ``p``-norm is the tensor's: its row norms (one
+    kernel each; rows run on every core, each over a short run), or its norm alone."""
     row_norms, views = _row_slots(plan, group[0].dtype)
-    strided: dict[int, Tensor] = {}
-    for k, (item, (body_out, tail_out)) in enumerate(zip(plan.large, views, strict=True)):
+    out: list[Tensor] = []
+    for item, (body_out, tail_out, whole) in zip(plan.large, views, strict=True):
         t = group[item.index]
         if not item.tail and t.is_contiguous():
             torch.linalg.vector_norm(t.view(item.rows, item.length), p, dim=1, out=body_out)
+            out.append(whole)
             continue
         flat = _flat_view(t)
         if flat is None:  # gaps between elements: measured on its own
-            body_out.zero_()
-            tail_out.zero_()
-            strided[k] = _strided_norm(t, p, acc)
+            out.append(_strided_norm(t, p, acc).reshape(1))
             continue
         body = item.rows * item.length
         torch.linalg.vector_norm(flat[:body].view(item.rows, item.length), p, dim=1, out=body_out)
         if item.tail:
             torch.linalg.vector_norm(flat[body:], p, dim=0, keepdim=True, out=tail_out)
+        out.append(whole)
     if row_norms.dtype == torch.float16 and bool(row_norms.isinf().any()):
         # float16 row norms overflow at 65504 although every element is finite: measure
         # again with float32 results (slower kernels, paid only on this rare step).
-        return torch.stack([_strided_norm(group[item.index], p, acc) for item in plan.large])
-    powers = row_norms.double()
-    powers = powers * powers if p == 2 else powers.pow(p)
-    sums = torch.zeros(len(plan.large), dtype=torch.float64).index_add_(0, plan.segments, powers)
-    norms = (sums.sqrt() if p == 2 else sums.pow(1.0 / p)).to(acc)
-    for k, norm in strided.items():
-        norms[k] = norm
-    return norms
+        return [_strided_norm(group[item.index], p, acc).reshape(1) for item in plan.large]
+    return out
 
 
-MIN_CONCAT = 12
+MIN_CONCAT = 24
 """Tiny tensors are concatenated only when there are at least this many (each saves ~1.5 µs
-of per-tensor kernel overhead; the concatenation and reordering cost ~15 µs)."""
+of per-tensor kernel overhead; the concatenation and reordering cost ~20-30 µs: one thread,
+18 tiny tensors beside 4 larger ones measured even, 24 a tenth faster, 48 twice as fast)."""
 FEW_TENSORS = 8
 """float32/float64 groups of at most this many tensors skip the plan (:func:`few_norms`):
 its fixed cost (concatenation, reordering, batched row sums) is more than it saves."""
@@ -280,39 +288,38 @@ def few(group: list[Tensor], dtype: torch.dtype) -> bool:
 
 
 def few_norms(group: list[Tensor], p: float) -> Tensor:
-    """Per-tensor norms of a few float32/float64 tensors in their own dtype: torch's
-    ``_foreach_norm`` for the small ones, and for each large contiguous one its row norms
-    and their norm (two kernels, as accurate as the plan's rows)."""
-    small = [t for t in group if t.numel() < SMALL_NUMEL]
-    measured = iter(_foreach.foreach_norm(small, p, None) if small else ())
-    out = [next(measured) if t.numel() < SMALL_NUMEL else _large_norm(t, p) for t in group]
-    return torch.stack(out)
+    """Per-tensor norms of a few float32/float64 tensors in their own dtype: one
+    ``_foreach_norm`` over the small ones and, for each large one, its row norms (as
+    accurate as the plan's rows)."""
+    large = rows_numel(group[0].dtype)
+    listed = [t if t.numel() < large else _row_norms(t, p) for t in group]
+    return torch.stack(_foreach.foreach_norm(listed, p, None))
 
 
-def _large_norm(t: Tensor, p: float) -> Tensor:
-    """0-dim norm of one large float32/float64 tensor through short rows (see the plan)."""
+def _row_norms(t: Tensor, p: float) -> Tensor:
+    """1-D row norms of one large float32/float64 tensor, whose norm is the tensor's."""
     flat = _flat_view(t)
     if flat is None:  # gaps between elements
-        return _strided_norm(t, p, t.dtype)
+        return _strided_norm(t, p, t.dtype).reshape(1)
     length = _row_length(t.shape, t.dtype)
     rows, tail = divmod(t.numel(), length)
     row_norms = torch.linalg.vector_norm(flat[: rows * length].view(rows, length), p, dim=1)
-    if tail:
-        end = torch.linalg.vector_norm(flat[rows * length :], p, dim=0, keepdim=True)
-        row_norms = torch.cat([row_norms, end])
-    return _rows_norm(row_norms, p)
+    if not tail:
+        return row_norms
+    return torch.cat([row_norms, torch.linalg.vector_norm(flat[rows * length :], p, dim=0, keepdim=True)])
 
 
-def _rows_norm(row_norms: Tensor, p: float) -> Tensor:
-    """The norm of a tensor from its rows' norms (the norm of norms), 0-dim."""
-    if math.isinf(p):
-        return row_norms.amax()
-    return torch.linalg.vector_norm(row_norms, p)
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call when it is already that dtype (~1 µs a call)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def norms(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype) -> Tensor:
     """1-D per-tensor norms (``acc`` dtype) of one CPU group of real floating tensors, p > 0."""
     plan = _plan_for(group, dtype)
+    norm_dtype = acc if dtype in LOW_PRECISION else None
+    if plan.plain:
+        return _as(torch.stack(_foreach.foreach_norm(group, p, norm_dtype)), acc)
     pieces: list[Tensor] = []
     for chunk in plan.chunks:
         tensors = [group[i] for i in chunk.members]
@@ -323,14 +330,13 @@ def norms(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype) -
         for offset, count, numel in chunk.runs:
             rows = flat[offset : offset + count * numel].view(count, numel)
             pieces.append(_rows_norms(rows, p, acc))
-    if plan.mid:
-        mid = [group[i] for i in plan.mid]
-        norm_dtype = acc if dtype in LOW_PRECISION else None
-        pieces.append(torch.stack(_foreach.foreach_norm(mid, p, norm_dtype)).to(acc))
+    listed = [group[i] for i in plan.mid]
+    if plan.large and not math.isinf(p):
+        listed += _large_rows(group, plan, p, acc)
+    if listed:  # mid tensors, then large ones by their rows: one multi-tensor call
+        pieces.append(_as(torch.stack(_foreach.foreach_norm(listed, p, norm_dtype)), acc))
     if plan.large and math.isinf(p):
         pieces.append(_large_inf_norms(group, plan, acc))
-    elif plan.large:
-        pieces.append(_large_norms(group, plan, p, acc))
     pieces.extend(
         torch.linalg.vector_norm(group[i], p).to(acc).reshape(1) for i in plan.empty
     )
