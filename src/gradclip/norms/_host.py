@@ -49,8 +49,11 @@ CHUNK_NUMEL = (1 << 15) - 1
 reduced on one thread. A parallel region on small data waits a whole scheduler slice (~8 ms)
 whenever another process holds the second core; measured here, 256K-element chunks made
 2,000 tiny tensors 25x slower under such load, 32K-element ones did not."""
-ROW_LENGTH = 8192
-"""Row length of the 2-D view used to measure a large float32/float64 tensor (CPU)."""
+ROW_LENGTH = 1024
+"""Row length of the 2-D view used to measure a large float32/float64 tensor (CPU), unless
+its trailing dims make rows of 256 to 4096 elements. One thread, in cache: rows of 256 to
+1024 elements measure an 8192x256 tensor 1.1x faster than torch's flat kernel, rows of 8192
+no faster (and shorter runs are more accurate)."""
 LOW_PRECISION_ROW_LENGTH = 512
 """Row length for float16/bfloat16: each row norm is rounded to the tensor's dtype, so more,
 shorter rows average that rounding out (bf16, 33k elements: 3e-4 relative error instead of
@@ -152,15 +155,15 @@ def _build_plan(shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> _Plan:
 
 
 def _row_length(shape: torch.Size, dtype: torch.dtype) -> int:
-    """Row length for a large tensor: its own trailing dims when they make rows of 512 to
-    65536 elements (no tail to measure apart), else ``ROW_LENGTH``-element rows."""
+    """Row length for a large tensor: its own trailing dims when they make rows of 256 to
+    4096 elements (no tail to measure apart), else ``ROW_LENGTH``-element rows."""
     if dtype in LOW_PRECISION:
         return LOW_PRECISION_ROW_LENGTH
     length = 1
     for size in reversed(shape[1:]):
         length *= size
-        if length >= 512:
-            return length if length <= 65536 else ROW_LENGTH
+        if length >= 256:
+            return length if length <= 4096 else ROW_LENGTH
     return ROW_LENGTH
 
 
