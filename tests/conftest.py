@@ -309,6 +309,15 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
+
+@pytest.fixture
+def as_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accelerator code path on CPU tensors (``_foreach.is_host_device`` answers False):
+    what gradclip does only off the CPU (the fused fold, no host reads) runs here too."""
+    import gradclip
+
+    monkeypatch.setattr(gradclip._foreach, "is_host_device", lambda device: False)
+
 def on_device(params: Sequence[Tensor], device: torch.device | str) -> list[Tensor]:
     """``params`` (with their gradients) on ``device``, keeping the aliasing structure (see
     :func:`clone_params`); on the CPU the very same list, so CPU runs are unchanged."""

@@ -326,7 +326,7 @@ def test_host_reads_of_a_skip_on_accelerators(kind: str, reads: int, monkeypatch
             assert len(calls) == 29 and calls[0] is None
 
 
-def test_the_fold_arms_found_inf_alone_for_per_row_clippers() -> None:
+def test_the_fold_arms_found_inf_alone_for_per_row_clippers(as_accelerator) -> None:
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     seen = {}

@@ -10,7 +10,12 @@ A clipper whose coefficient does not fold (per tensor or per row: AGC, AdaGC; a 
 ValueClip) still hands over its skip decision: it scales the gradients itself and arms
 ``found_inf`` alone (no ``grad_scale``), so a skipped step costs no host sync either.
 
-The fold is used only where it is exactly equivalent to clipping and then stepping: the
+The fold is used on accelerators only. On the CPU, where reading a value costs no sync,
+torch's fused kernel given a ``grad_scale`` costs more than the multiply it saves (one
+thread, fused AdamW: 510 µs a step instead of 424, for a 53 µs multiply saved), so there
+the clipper multiplies and the step is torch's clip-then-step, bit for bit.
+
+Where used, the fold is exactly equivalent to clipping and then stepping: the
 optimizer updates exactly the gradients the clipper measured (a fused optimizer that holds
 part of the model would leave the rest unclipped), it holds no ``grad_scale`` of someone
 else's, and its kernel handles every dtype it is given (see
@@ -70,6 +75,8 @@ def plan(optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> Fold | None:
         and optimizer.defaults.get("fused")
     ):
         return None
+    if grads and _foreach.is_host_device(grads[0].device):
+        return None  # on the CPU the multiply is cheaper (module doc)
     if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
         return None  # someone else's (a GradScaler's): never overwritten
     ours = {id(g) for g in grads}
