@@ -1,9 +1,10 @@
 """The CPU fast path of the norm pass (see :mod:`gradclip.norms`), apart because reading
 values on the host is free on the CPU, so a plan may branch on sizes and results.
 
-Small tensors are concatenated in cache-resident chunks and measured as the rows of one
+Many tiny tensors are concatenated in cache-resident chunks and measured as the rows of one
 matrix; large ones are viewed as rows whose norms run on every core and accumulate over
-short runs (accuracy); the inf norm uses ``aminmax``.
+short runs (accuracy); the rest, and those row norms, go through one ``_foreach_norm``
+call; the inf norm of a large tensor uses ``aminmax``.
 """
 
 from __future__ import annotations
@@ -98,7 +99,6 @@ class _Plan:
     mid: list[int]  # measured by one _foreach_norm call
     large: list[_Large]
     slots: int  # row norms of all large tensors (rows, plus one per tail)
-    segments: Tensor  # for each slot, the position of its tensor among the large ones
     empty: list[int]  # 0-element tensors: torch's own kernel (it raises for inf norms)
     inverse: Tensor | None  # puts the results back in group order (None: already in order)
 
@@ -138,20 +138,19 @@ def _build_plan(shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> _Plan:
             members.append(i)
             size += numels[i]
     large: list[_Large] = []
-    segments: list[int] = []
+    slots = 0
     for i, shape in enumerate(shapes):
         if numels[i] >= large_numel:
             length = _row_length(shape, dtype)
             rows, tail = divmod(numels[i], length)
-            large.append(_Large(i, rows, length, tail, len(segments)))
-            segments.extend([len(large) - 1] * (rows + (tail > 0)))
+            large.append(_Large(i, rows, length, tail, slots))
+            slots += rows + (tail > 0)
     order = [*small, *mid, *(t.index for t in large), *empty]
     inverse = None
     if order != list(range(len(shapes))):
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-    segments_tensor = torch.tensor(segments, dtype=torch.long)
-    return _Plan(chunks, mid, large, len(segments), segments_tensor, empty, inverse)
+    return _Plan(chunks, mid, large, slots, empty, inverse)
 
 
 def _row_length(shape: torch.Size, dtype: torch.dtype) -> int:
@@ -282,7 +281,7 @@ of per-tensor kernel overhead; the concatenation and reordering cost ~20-30 µs:
 18 tiny tensors beside 4 larger ones measured even, 24 a tenth faster, 48 twice as fast)."""
 FEW_TENSORS = 8
 """float32/float64 groups of at most this many tensors skip the plan (:func:`few_norms`):
-its fixed cost (concatenation, reordering, batched row sums) is more than it saves."""
+its fixed cost (the cached plan's lookup, concatenation, reordering) is more than it saves."""
 
 
 def few(group: list[Tensor], dtype: torch.dtype) -> bool:
