@@ -77,7 +77,8 @@ def named_params(parameters: Parameters) -> tuple[list[str], list[Tensor]]:
     """
     if isinstance(parameters, torch.nn.Module):
         pairs = _foreach.named_parameters(unwrapped(parameters))
-        if any(segment in name for name, _ in pairs for segment in WRAPPER_SEGMENTS):
+        joined = "\n".join(name for name, _ in pairs)  # one search per segment, every step
+        if any(segment in joined for segment in WRAPPER_SEGMENTS):
             pairs = [(_clean(n), t) for n, t in pairs]
             _check_unique([n for n, _ in pairs])
     elif isinstance(parameters, Mapping):
