@@ -307,3 +307,27 @@ def test_accuracy_ten_million_float32():
     print(f"relative error vs float64: gradclip {ours_err:.2e}, torch {theirs_err:.2e}")
     assert ours_err <= 1e-5
     assert ours_err < theirs_err
+
+
+def test_threads_measuring_the_same_shapes_keep_their_own_row_buffers():
+    """The large tensors' row norms go to a buffer per plan and per thread: two threads
+    measuring different gradients of the same shapes at once never see each other's rows."""
+    import concurrent.futures
+    import sys
+
+    shapes = [(norms.ROWS_NUMEL + 3,), (600, 700), *[(40 + i,) for i in range(norms.FEW_TENSORS)]]
+    sets = [[make_grad(s, torch.float32, seed=10 * k + i, scale=10.0**k) for i, s in enumerate(shapes)]
+            for k in range(2)]
+    expected = [gradclip.grad_norms(params_with_grads(grads)).per_tensor.clone() for grads in sets]
+
+    def measure(k):
+        params = params_with_grads(sets[k])
+        return all(torch.equal(gradclip.grad_norms(params).per_tensor, expected[k]) for _ in range(200))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads between any two ops
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            assert all(pool.map(measure, [0, 1, 0, 1]))
+    finally:
+        sys.setswitchinterval(interval)

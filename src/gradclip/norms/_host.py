@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -101,6 +101,8 @@ class _Plan:
     slots: int  # row norms of all large tensors (rows, plus one per tail)
     empty: list[int]  # 0-element tensors: torch's own kernel (it raises for inf norms)
     inverse: Tensor | None  # puts the results back in group order (None: already in order)
+    # per thread, the buffer that receives the large tensors' row norms (see _row_slots)
+    scratch: threading.local = field(default_factory=threading.local, compare=False)
 
     @property
     def plain(self) -> bool:
@@ -231,21 +233,17 @@ def _large_inf_norms(group: list[Tensor], plan: _Plan, acc: torch.dtype) -> Tens
 
 def _row_slots(plan: _Plan, dtype: torch.dtype) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
     """This thread's row-norm buffer for ``plan`` and, per large tensor, the views that
-    receive its body's and its tail's row norms and the view of both (built once, not per
-    call)."""
-    cache = getattr(_buffers, "slots", None)
-    if cache is None:
-        cache = _buffers.slots = LRU(16)
-    key = (id(plan), dtype)
-    entry = cache.get(key)
-    if entry is None or entry[0] is not plan:  # (a new plan may reuse an evicted one's id)
+    receive its body's and its tail's row norms and the view of both (built once per plan
+    and thread, and kept on the plan: they go when it is evicted, and no lock is taken)."""
+    slots = getattr(plan.scratch, "slots", None)
+    if slots is None:
         buf = torch.empty(plan.slots, dtype=dtype)
         views = []
         for i in plan.large:
             end = i.slot + i.rows + (i.tail > 0)
             views.append((buf[i.slot : i.slot + i.rows], buf[i.slot + i.rows : end], buf[i.slot : end]))
-        entry = cache.put(key, (plan, buf, views))
-    return entry[1], entry[2]
+        slots = plan.scratch.slots = (buf, views)
+    return slots
 
 
 def _large_rows(group: list[Tensor], plan: _Plan, p: float, acc: torch.dtype) -> list[Tensor]:
