@@ -970,8 +970,10 @@ def _fsdp_tp_model(mesh, world: int) -> tuple[nn.Module, nn.Module]:
     return model, unsharded
 
 
-def fsdp_tp_case(rank: int, world: int, rec: list[dict]) -> None:
-    """FSDP2 x TP on a (dp=2, tp=2) mesh, plus a layer FSDP-sharded on a 1-D world mesh."""
+
+def _fsdp_tp_grads(world: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The FSDP2 x TP model on a (dp=2, tp=2) mesh after a backward pass on its data-parallel
+    slice of the batch, and the unsharded reference's gradients on the whole batch, by name."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
@@ -980,7 +982,11 @@ def fsdp_tp_case(rank: int, world: int, rec: list[dict]) -> None:
     dp = mesh.get_local_rank("dp")
     loss_of(model, x[dp::2], y[dp::2]).backward()
     loss_of(ref_model, x, y).backward()
-    ref = {n: q.grad.detach().clone() for n, q in ref_model.named_parameters()}
+    return model, {n: q.grad.detach().clone() for n, q in ref_model.named_parameters()}
+
+def fsdp_tp_case(rank: int, world: int, rec: list[dict]) -> None:
+    """FSDP2 x TP on a (dp=2, tp=2) mesh, plus a layer FSDP-sharded on a 1-D world mesh."""
+    model, ref = _fsdp_tp_grads(world)
     rec.append({"case": "fsdp_tp_placements", "placements": {
         n: str(q.grad.placements) for n, q in model.named_parameters()}})
     check_layout_case(rec, "fsdp_tp", model, ref)
@@ -1044,16 +1050,8 @@ def adagc_four_cases(rank: int, world: int, rec: list[dict]) -> None:
 def group_four_case(rank: int, world: int, rec: list[dict]) -> None:
     """Per-group clipping under FSDP2 x TP on a (dp=2, tp=2) mesh with a layer on a second
     mesh: groups hold tensors sharded over dp, over tp, over both, and replicated."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    model, ref_model = _fsdp_tp_model(mesh, world)
-    x, y = data()
-    dp = mesh.get_local_rank("dp")
-    loss_of(model, x[dp::2], y[dp::2]).backward()
-    loss_of(ref_model, x, y).backward()
-    check_group_case(rec, "groups_fsdp_tp", model,
-                     {n: q.grad.detach().clone() for n, q in ref_model.named_parameters()})
+    model, ref = _fsdp_tp_grads(world)
+    check_group_case(rec, "groups_fsdp_tp", model, ref)
 
 
 def suite_four(rank: int, world: int, rec: list[dict]) -> None:
