@@ -311,7 +311,7 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 
 
 @pytest.fixture
-def as_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+def accelerator_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The accelerator code path on CPU tensors (``_foreach.is_host_device`` answers False):
     what gradclip does only off the CPU (the fused fold, no host reads) runs here too."""
     import gradclip

@@ -54,11 +54,6 @@ class OrderDependentOps(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.fixture
-def accelerator_path(monkeypatch):
-    """Make gradclip treat CPU tensors as if they lived on an accelerator."""
-    monkeypatch.setattr(_foreach, "is_host_device", lambda device: False)
-
 
 def test_the_detector_sees_index_add():
     with OrderDependentOps() as mode:

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import gradclip
-from gradclip import _foreach
 from gradclip.records import decode_line, flat_record
 
 
@@ -87,10 +86,9 @@ def test_the_loss_reaches_the_detector() -> None:
     assert [r["spike"] for r in records] == [i == 25 for i in range(30)]
 
 
-def test_on_accelerators_the_log_names_the_layers_from_the_device(monkeypatch) -> None:
+def test_on_accelerators_the_log_names_the_layers_from_the_device(accelerator_path) -> None:
     """No host read of the decision: the record's forensics are the detector's top layers,
     written on the device; max-abs and non-finite layers need the host and are left out."""
-    monkeypatch.setattr(_foreach, "is_host_device", lambda device: False)
     records: list[dict] = []
     with gradclip.GradMonitor(gradclip.NormClip(10.0, spikes=gradclip.SpikeDetector(warmup=20)),
                               _model(), sinks=records.append, every=50) as mon:

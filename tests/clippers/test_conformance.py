@@ -264,7 +264,7 @@ def test_skip_leaves_parameters_and_optimizer_untouched(
     assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
 
 
-def test_fused_fold_equals_clip_then_step(entry: Entry, as_accelerator: None) -> None:
+def test_fused_fold_equals_clip_then_step(entry: Entry, accelerator_path: None) -> None:
     """The fold (used on accelerators; here forced onto CPU tensors) steps like clip then step."""
     if not entry.scales_globally:
         pytest.skip("only a single global coefficient folds into grad_scale")

@@ -2,7 +2,7 @@
 optimizer holding part of the model left the rest unclipped while ClipStats said clipped).
 
 gradclip folds on accelerators only (on the CPU the fused kernel given a ``grad_scale`` costs
-more than the multiply it saves); the tests of the fold's rules take the ``as_accelerator``
+more than the multiply it saves); the tests of the fold's rules take the ``accelerator_path``
 fixture, which runs that path on CPU tensors. Tests taking the ``device`` fixture
 (conftest.py) run on the CPU and, with a GPU, on CUDA: there the fold hands its coefficient
 to torch's CUDA fused kernels.
@@ -64,7 +64,7 @@ def _total(model: torch.nn.Module) -> float:
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), FUSED, ids=lambda v: getattr(v, "__name__", str(v)))
-def test_fold_equals_clip_then_step_from_the_first_step(cls, kwargs, device, as_accelerator) -> None:
+def test_fold_equals_clip_then_step_from_the_first_step(cls, kwargs, device, accelerator_path) -> None:
     """Lazily created optimizer state (momentum buffers, Adam moments) comes out the same."""
     _skip_without_kernel(cls, device)
     folded, plain = _model(device), _model(device)
@@ -89,7 +89,7 @@ def test_fold_equals_clip_then_step_from_the_first_step(cls, kwargs, device, as_
 
 
 @pytest.mark.parametrize("part", ["first layer", "last layer", "one tensor"])
-def test_an_optimizer_holding_part_of_the_model_gets_every_gradient_clipped(part, device, as_accelerator) -> None:
+def test_an_optimizer_holding_part_of_the_model_gets_every_gradient_clipped(part, device, accelerator_path) -> None:
     model, reference = _model(device), _model(device)
     params = list(model.parameters())
     held = {"first layer": params[:2], "last layer": params[2:], "one tensor": params[1:2]}[part]
@@ -109,7 +109,7 @@ def test_an_optimizer_holding_part_of_the_model_gets_every_gradient_clipped(part
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_an_optimizer_holding_more_than_the_clipper_measured_is_not_folded(as_accelerator) -> None:
+def test_an_optimizer_holding_more_than_the_clipper_measured_is_not_folded(accelerator_path) -> None:
     model, extra = _model(), torch.nn.Linear(4, 4)
     opt = torch.optim.Adam([*model.parameters(), *extra.parameters()], lr=1e-2, fused=True)
     _backward(model, 0)
@@ -121,7 +121,7 @@ def test_an_optimizer_holding_more_than_the_clipper_measured_is_not_folded(as_ac
     assert torch.equal(extra.weight.grad, before)  # not the clipper's: untouched
 
 
-def test_a_grad_scale_of_someone_else_is_never_overwritten(as_accelerator) -> None:
+def test_a_grad_scale_of_someone_else_is_never_overwritten(accelerator_path) -> None:
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
     _backward(model, 0)
@@ -131,7 +131,7 @@ def test_a_grad_scale_of_someone_else_is_never_overwritten(as_accelerator) -> No
     del opt.grad_scale
 
 
-def test_fused_cpu_sgd_on_half_precision_is_folded_only_where_torch_is_fixed(as_accelerator) -> None:
+def test_fused_cpu_sgd_on_half_precision_is_folded_only_where_torch_is_fixed(accelerator_path) -> None:
     """torch < 2.14: fused CPU SGD/Adagrad skip most fp16/bf16 updates (pytorch#191763)."""
     p = torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
     p.grad = torch.ones(1000, dtype=torch.bfloat16)

@@ -326,7 +326,7 @@ def test_host_reads_of_a_skip_on_accelerators(kind: str, reads: int, monkeypatch
             assert len(calls) == 29 and calls[0] is None
 
 
-def test_the_fold_arms_found_inf_alone_for_per_row_clippers(as_accelerator) -> None:
+def test_the_fold_arms_found_inf_alone_for_per_row_clippers(accelerator_path) -> None:
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     seen = {}
@@ -394,8 +394,7 @@ class _FakeEvent:
         return True
 
 
-def test_on_accelerators_the_cap_is_watched_without_waiting(monkeypatch) -> None:
-    monkeypatch.setattr(_foreach, "is_host_device", lambda device: False)
+def test_on_accelerators_the_cap_is_watched_without_waiting(monkeypatch, accelerator_path) -> None:
     monkeypatch.setattr(torch, "Event", _FakeEvent)
     clipper = gradclip.NormClip(1.0, spikes=gradclip.SpikeDetector(warmup=20, max_skips=2))
     for n in _norms(25):
@@ -407,9 +406,8 @@ def test_on_accelerators_the_cap_is_watched_without_waiting(monkeypatch) -> None
     assert info.value.report.step == 26 and info.value.report.layers[0].name == "w"
 
 
-def test_the_watch_reads_no_device_value(monkeypatch) -> None:
+def test_the_watch_reads_no_device_value(monkeypatch, accelerator_path) -> None:
     """Posting a step's copy reads nothing; reading an arrived copy is a read of host memory."""
-    monkeypatch.setattr(_foreach, "is_host_device", lambda device: False)
     waiting = _FakeEvent()
     waiting.query = lambda: False
     monkeypatch.setattr(torch, "Event", lambda device=None: waiting)

@@ -49,7 +49,7 @@ def test_fp16_scaler_with_accumulation_clips_once_per_step_on_true_gradients() -
     assert opt.seen == pytest.approx([MAX_NORM] * 3, rel=RTOL)
 
 
-def test_bf16_autocast_fused_step_sees_clipped_gradients(as_accelerator) -> None:
+def test_bf16_autocast_fused_step_sees_clipped_gradients(accelerator_path) -> None:
     model = _model()
     opt = recording(torch.optim.AdamW)(model.parameters(), lr=1e-2, fused=True)
     clipper = gradclip.AutoClip(percentile=50.0)
