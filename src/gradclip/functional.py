@@ -66,7 +66,7 @@ def _params_list(parameters: TensorOrTensors, *, warn_empty_generator: bool) -> 
 
 def _unique_grads(params: list[Tensor]) -> list[Tensor]:
     """The distinct gradients of the distinct parameters (see :func:`_foreach.distinct`)."""
-    grads = (p.grad for p in _foreach.distinct(params, lasting=True) if p.grad is not None)
+    grads = [p.grad for p in _foreach.distinct(params, lasting=True) if p.grad is not None]
     return _foreach.distinct(grads, lasting=False)
 
 

@@ -32,6 +32,7 @@ How the pass runs, per (device, dtype) group:
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -205,6 +206,11 @@ def result_dtype(groups: _foreach.Groups) -> torch.dtype:
     return out
 
 
+_PLAIN, _STRIDED = {Tensor}, {torch.strided}
+# C-level passes, no Python frame per tensor (host only: dynamo cannot trace attrgetter)
+_LAYOUT = operator.attrgetter("layout")
+
+
 def _group_norms(
     group: list[Tensor], device: torch.device, dtype: torch.dtype, p: float, foreach: bool | None
 ) -> Tensor:
@@ -215,7 +221,8 @@ def _group_norms(
         _on_host(device)
         and dtype in FAST_DTYPES
         and p > 0  # False for nan too
-        and all(type(t) is Tensor and t.layout == torch.strided for t in group)
+        and set(map(type, group)) == _PLAIN
+        and set(map(_LAYOUT, group)) == _STRIDED
     ):
         if _host.few(group, dtype):
             return _host.few_norms(group, p)

@@ -10,6 +10,7 @@ call; the inf norm of a large tensor uses ``aminmax``.
 from __future__ import annotations
 
 import math
+import operator
 import threading
 from dataclasses import dataclass, field
 
@@ -111,12 +112,13 @@ class _Plan:
 
 
 _plans: LRU[tuple, _Plan] = LRU(16)
+_SHAPE = operator.attrgetter("shape")
 _buffers = threading.local()
 
 
 def _plan_for(group: list[Tensor], dtype: torch.dtype) -> _Plan:
     """How to measure a group of these shapes; cached, since the gradients' shapes rarely change."""
-    shapes = tuple(t.shape for t in group)
+    shapes = tuple(map(_SHAPE, group))
     return _plans.get_or_build((dtype, shapes), lambda: _build_plan(shapes, dtype))
 
 
