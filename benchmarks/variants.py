@@ -1,0 +1,135 @@
+"""A variant of the default against a saved acceptance sweep: minutes, not the 40 of a full run.
+
+Issue 18's default (``AdaptiveClip(optimizer=...)``) is judged against the best fixed
+threshold of the sweep that :mod:`acceptance` saves. A variant (keyword arguments of
+:class:`gradclip.AdaptiveClip`, as JSON) needs only its own runs: the sweep's runs do not
+depend on it. This script trains the variant on each task and seed (``jobs`` processes of
+one torch thread each, the tasks' calibration) and prints, per task, its median metric over
+the seeds and its ratio to the best fixed threshold of the saved sweep, beside the saved
+default's, and every seed's metric (the RNN tasks are a seed lottery: read the seeds).
+
+``{"plain": true}`` drops ``optimizer=`` (the median rule whatever the optimizer).
+
+Example:
+    python benchmarks/variants.py '{"warmup_growth": 0.05}' --tasks cnn-digits/sgd lstm-text
+    python benchmarks/variants.py '{"plain": true}' --tasks cnn-digits/adamw adam-spikes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gradclip
+from acceptance import FIXED, _optimizer
+from bench_quality import ratio
+from gradclip.demo.runner import run
+from gradclip.demo.search import SEARCHABLE
+
+__all__ = ["Row", "compare", "main", "render", "train"]
+
+SAVED = Path(__file__).resolve().parent / "results" / "acceptance-2026-12-04-2.json"
+"""The sweep compared against by default."""
+
+
+def train(job: tuple[dict[str, Any], str, int]) -> tuple[str, int, float]:
+    """One run of the variant: (task, seed, metric; ``inf`` when it diverged)."""
+    options, task, seed = job
+    options = dict(options)
+    plain = options.pop("plain", False)
+    clipper = gradclip.AdaptiveClip(**options) if plain else gradclip.AdaptiveClip(
+        optimizer=_optimizer(task), **options)  # fmt: skip
+    result = run(task, clipper, seed=seed)
+    return task, seed, math.inf if result.diverged else result.metric
+
+
+@dataclass(frozen=True)
+class Row:
+    """One task: the variant's and the saved default's median metric, as ratios to the best."""
+
+    task: str
+    best: str
+    variant: float
+    variant_ratio: float
+    default: float
+    default_ratio: float
+    seeds: tuple[float, ...]
+
+
+def _median(runs: list[dict[str, Any]], strategy: str, seeds: int) -> float:
+    """The median metric of ``strategy``'s runs (NaN unless there is one per seed)."""
+    values = [math.inf if r["diverged"] else r["metric"] for r in runs if r["strategy"] == strategy]
+    return statistics.median(values) if len(values) == seeds else math.nan
+
+
+def compare(results: list[tuple[str, int, float]], saved: dict[str, Any]) -> list[Row]:
+    """Rows for the variant's ``results`` against a saved acceptance result (its ``runs``)."""
+    sweep = {f"fixed {c:g}" for c in FIXED}
+    rows = []
+    for task in dict.fromkeys(t for t, _, _ in results):
+        mine = sorted((seed, m) for t, seed, m in results if t == task)
+        seeds = {seed for seed, _ in mine}
+        runs = [r for r in saved["runs"] if r["task"] == task and r["seed"] in seeds]
+        fixed = {s: _median(runs, s, len(seeds)) for s in sorted(sweep)}
+        fixed = {s: v for s, v in fixed.items() if not math.isnan(v)}
+        if not fixed:
+            raise ValueError(f"the saved result has no sweep for {task} on seeds {sorted(seeds)}")
+        best = min(fixed, key=fixed.__getitem__)
+        variant = statistics.median(m for _, m in mine)
+        default = _median(runs, "default", len(seeds))
+        rows.append(Row(task, best, variant, ratio(variant, fixed[best]), default,
+                        ratio(default, fixed[best]), tuple(m for _, m in mine)))  # fmt: skip
+    return rows
+
+
+def render(rows: list[Row], options: dict[str, Any]) -> str:
+    """The table: per task, the variant and the saved default against the best fixed threshold."""
+    lines = [f"variant {json.dumps(options)}: median over seeds (ratio to the best fixed)"]
+    for r in rows:
+        seeds = " ".join(f"{m:.3g}" for m in r.seeds)
+        lines.append(f"  {r.task:22}  variant {r.variant:.4g} ({r.variant_ratio:.2f}x)  "
+                     f"default {r.default:.4g} ({r.default_ratio:.2f}x)  best {r.best}  "
+                     f"seeds: {seeds}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("options", help='AdaptiveClip keyword arguments as JSON, e.g. \'{"window": 64}\'')
+    parser.add_argument("--tasks", nargs="+", choices=list(SEARCHABLE),
+                        help="default: the tasks of the saved result")
+    parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--against", type=Path, default=SAVED, help="a saved acceptance JSON")
+    args = parser.parse_args(argv)
+    try:
+        options = json.loads(args.options)
+        if not isinstance(options, dict):
+            raise ValueError("not an object")
+        gradclip.AdaptiveClip(**{k: v for k, v in options.items() if k != "plain"})
+    except (ValueError, TypeError) as exc:
+        parser.error(f"options: {exc}; pass a JSON object of AdaptiveClip keyword arguments")
+    saved = json.loads(args.against.read_text())
+    tasks = args.tasks or list(dict.fromkeys(r["task"] for r in saved["runs"]))
+    work = [(options, task, seed) for task in tasks for seed in range(args.seeds)]
+    torch.set_num_threads(1)  # the tasks' calibration, in every worker too
+    if args.jobs > 1:
+        with get_context("spawn").Pool(args.jobs, torch.set_num_threads, (1,)) as pool:
+            results = pool.map(train, work, chunksize=1)
+    else:
+        results = [train(job) for job in work]
+    print(render(compare(results, saved), options))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""benchmarks/variants.py: a default variant against a saved sweep.
+
+The comparison is checked against medians computed by hand from made-up runs; an empty
+variant trains exactly as the acceptance script's default does (the baseline it claims).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import acceptance
+import variants
+
+
+def _saved(task: str, metrics: dict[str, list[float]]) -> dict:
+    return {"runs": [{"task": task, "strategy": s, "seed": k, "metric": m, "diverged": m > 1}
+                     for s, ms in metrics.items() for k, m in enumerate(ms)]}  # fmt: skip
+
+
+def test_the_variant_and_the_saved_default_against_the_best_fixed_threshold():
+    saved = _saved("t", {"fixed 0.1": [0.4, 0.5, 0.6], "fixed 1": [0.2, 0.3, 0.1],
+                         "fixed 2.5": [0.01, 0.01, 0.01],  # a pick's run, not the sweep
+                         "default": [0.3, 0.9, 2.0]})  # fmt: skip
+    (row,) = variants.compare([("t", 0, 0.25), ("t", 1, 0.1), ("t", 2, 5.0)], saved)
+    assert row.best == "fixed 1"  # median 0.2, the sweep's best
+    assert row.variant == 0.25 and row.variant_ratio == pytest.approx(0.25 / 0.2)
+    assert row.default == 0.9 and row.default_ratio == pytest.approx(0.9 / 0.2)
+    assert row.seeds == (0.25, 0.1, 5.0)
+    text = variants.render([row], {"window": 64})
+    assert '{"window": 64}' in text and "(1.25x)" in text and "(4.50x)" in text
+
+
+def test_a_diverged_run_counts_as_inf_and_a_missing_sweep_is_refused():
+    saved = _saved("t", {"fixed 1": [0.2, 3.0, 0.1], "default": [0.3, 0.9, 0.5]})
+    (row,) = variants.compare([("t", 0, 0.25), ("t", 1, 0.1), ("t", 2, 0.3)], saved)
+    assert row.best == "fixed 1" and row.variant_ratio == pytest.approx(0.25 / 0.2)
+    with pytest.raises(ValueError, match="no sweep for u"):
+        variants.compare([("u", 0, 0.2)], saved)
+
+
+@pytest.mark.parametrize("options", ['{"bogus": 1}', "[1, 2]", "not json"])
+def test_bad_options_exit_2_naming_them(options, capsys):
+    with pytest.raises(SystemExit) as exc:
+        variants.main([options])
+    assert exc.value.code == 2 and "options:" in capsys.readouterr().err
+
+
+def test_no_options_train_the_acceptance_default():
+    task, seed = "sgd-heavy-tail", 0
+    record, _ = acceptance.run_strategy(task, "default", seed)
+    assert variants.train(({}, task, seed)) == (task, seed, record.metric)
+
+
+def test_the_saved_sweep_it_compares_against_is_in_the_repository():
+    saved = json.loads(variants.SAVED.read_text())
+    assert {r["strategy"] for r in saved["runs"]} >= {"default", "fixed 0.1", "fixed 100"}
