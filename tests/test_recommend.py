@@ -106,6 +106,32 @@ def test_spikes_are_left_out_of_the_threshold():
     assert gradclip.recommend_max_norm(bigger.tolist()).max_norm == rec.max_norm
 
 
+def test_the_start_of_training_is_neither_typical_nor_a_spike():
+    # a run that settles: steps falling from 1000x the settled level to it, then spiky norms
+    settled, spikes = spiky_norms(n=1000)
+    start = 1e3 * np.median(settled) * 1e-3 ** (np.arange(60) / 60)
+    start = start[start > 5 * np.median(settled)]  # clearly above any spike cut of the rest
+    norms = np.concatenate([start, settled])
+    rec = gradclip.recommend_max_norm(torch.tensor(norms))
+    alone = gradclip.recommend_max_norm(torch.tensor(settled))
+    assert len(start) >= 40 and rec.start_steps >= len(start)
+    assert rec.max_norm == alone.max_norm  # the threshold is the settled run's
+    assert rec.spike_count == len(spikes)  # the isolated spikes, not the start
+    assert all(s >= len(start) for s, _ in rec.spikes)
+    (w,) = [w for w in rec.warnings if "start of training" in w]
+    assert f"first {rec.start_steps} steps" in w and "AdaptiveClip" in w
+    assert "steps of the start" in rec.rule
+
+
+@pytest.mark.parametrize("first", [1, 4])
+def test_a_few_large_first_steps_are_spikes(first):
+    settled, spikes = spiky_norms(n=500)
+    norms = np.concatenate([[1e3 * settled.max()] * first, settled])
+    rec = gradclip.recommend_max_norm(norms.tolist())
+    assert rec.start_steps == 0 and rec.spike_count == len(spikes) + first
+    assert not any("start of training" in w for w in rec.warnings)
+
+
 def test_threshold_is_just_above_the_typical_quantile():
     norms = [2.0, 2.2, 1.8, 2.1] * 25
     rec = gradclip.recommend_max_norm(norms)

@@ -57,6 +57,10 @@ FROZEN_COEF = 1e-3
 """A step scaled by less than this barely moves the weights: its update is frozen."""
 MIN_STEPS = 50
 """Fewer finite steps than this make a rough recommendation (a warning says so)."""
+START_STEPS = 5
+"""When at least this many of the first steps in a row lie above the spike cut, they are the
+start of training (norms far above those the run settles at), not spikes: they are listed
+apart, and a warning says that the threshold, set from the settled norms, would hold them back."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class Recommendation:
         min_coef: smallest clip coefficient recorded; ``frozen_steps``: steps below 1e-3.
         nonfinite_steps: steps whose gradients held NaN/inf.
         warnings: plain-language findings, most serious first.
+        start_steps: the first steps, in a row, above the spike cut (at least ``START_STEPS``,
+            else 0): the start of training, neither typical norms nor spikes.
     """
 
     max_norm: float | None
@@ -95,6 +101,7 @@ class Recommendation:
     frozen_steps: int
     nonfinite_steps: int
     warnings: tuple[str, ...]
+    start_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (non-finite floats as strings)."""
@@ -171,6 +178,9 @@ def recommend_max_norm(
     typical = norms[norms <= spike_cut]
     max_norm = _round_up(float(torch.quantile(typical, QUANTILE)))
     spike_mask = norms > spike_cut
+    start = _leading(spike_mask)
+    start = start if start >= START_STEPS else 0
+    spike_mask[:start] = False
     order = norms[spike_mask].argsort(descending=True)[:top_spikes]
     spikes = tuple(
         (int(s), float(v))
@@ -182,7 +192,8 @@ def recommend_max_norm(
     median = quantiles["p50"]
     rule = (
         f"just above the {QUANTILE:.0%} quantile of the {typical.numel()} typical pre-clip norms (the "
-        f"{int(spike_mask.sum())} spikes above {spike_cut:.4g}, i.e. more than {SPIKE_Z} robust "
+        + (f"{start} steps of the start and the " if start else "")
+        + f"{int(spike_mask.sum())} spikes above {spike_cut:.4g}, i.e. more than {SPIKE_Z} robust "
         "standard deviations of log-norm above the median, left out)"
     )
 
@@ -217,6 +228,15 @@ def recommend_max_norm(
             f"{spikes[0][1]:.4g}, {spikes[0][1] / median:.3g}x the median): the threshold "
             f"{recorded_thr:.4g} is above them"
         )
+    if start:
+        peak = float(norms[:start].max())
+        warnings.append(
+            f"the first {start} steps (to step {int(at[start - 1])}) had norms up to {peak:.4g}, "
+            f"{peak / median:.3g}x the median: the start of training, not spikes. From the first "
+            f"step, max_norm={max_norm:.4g} would clip every one of them and hold the start back: "
+            "apply it once the norms have settled, or use gradclip.AdaptiveClip, whose warm-up "
+            "follows the start"
+        )
     warnings += _nonfinite_warning(h, nonfinite)
     drift = _drift(norms)
     if drift is not None and (drift > 10 or drift < 0.1):
@@ -246,6 +266,7 @@ def recommend_max_norm(
         frozen_steps=frozen,
         nonfinite_steps=nonfinite,
         warnings=tuple(warnings),
+        start_steps=start,
     )
 
 
@@ -304,6 +325,12 @@ def _nonfinite_warning(h: History, count: int) -> tuple[str, ...]:
         else "with nonfinite='propagate' they reach the weights: use nonfinite='skip'"
     )
     return (f"{count} step(s) had NaN/inf gradients (first at step {first}); {fix}",)
+
+
+def _leading(mask: Tensor) -> int:
+    """How many entries of the 1-D boolean ``mask`` are True before its first False."""
+    falses = (~mask).nonzero()
+    return int(falses[0]) if falses.numel() else mask.numel()
 
 
 def _drift(norms: Tensor) -> float | None:
