@@ -53,6 +53,12 @@ def assert_per_tensor(result, grads, p, rtol=None):
         )
 
 
+def with_plan(grads):
+    """``grads`` and enough tiny tensors after them for a plan (fewer go to ``few_norms``)."""
+    pad = [make_grad((9 + i % 3,), torch.float32, seed=900 + i) for i in range(norms.MIN_CONCAT)]
+    return grads + pad
+
+
 def assert_total_is_norm_of_per_tensor(result, p):
     expected = torch.linalg.vector_norm(result.per_tensor.double(), p).item()
     assert math.isclose(result.total.item(), expected, rel_tol=1e-6, abs_tol=1e-300)
@@ -202,6 +208,18 @@ def test_non_contiguous_large_tensor_as_accurate_as_contiguous():
         assert abs(norm - exact) / exact <= 1e-6, f"strides {g.stride()}: {norm!r} vs {exact!r}"
 
 
+@pytest.mark.parametrize("planned", [False, True])
+@pytest.mark.parametrize("p", [2.0, INF, 1.0, 0.5])
+def test_large_tensors_with_or_without_a_plan(p, planned):
+    """Fewer than MIN_CONCAT float32 tensors skip the plan (few_norms); either way a large
+    tensor, contiguous or not, is measured as accurately (the max norm by aminmax)."""
+    large = make_grad((norms.ROWS_NUMEL // 512 + 1, 1024), torch.float32, seed=3, scale=7.0)
+    grads = [make_grad((5, 7), torch.float32, seed=1), large, large.t(), large[:, ::2]]
+    grads = with_plan(grads) if planned else grads
+    assert norms.few(grads, torch.float32) is not planned
+    assert_per_tensor(gradclip.grad_norms(params_with_grads(grads), p), grads, p)
+
+
 @pytest.mark.parametrize("p", [2.0, INF, 1.0])
 def test_many_tensors_span_several_chunks(p):
     sizes = [1 + (i * 7919) % 20_000 for i in range(60)]  # ~600k elements, several chunks
@@ -214,21 +232,22 @@ def test_many_tensors_span_several_chunks(p):
 
 @pytest.mark.parametrize("p", [2.0, INF, 0.5])
 def test_mixed_1d_and_nd_small_tensors_in_one_chunk(p):
-    shapes = [(12,), (3, 4), (2, 2, 3), (12,), (5,), (1, 5), (40,), (8, 5), (), (1,)]
+    shapes = [(12,), (3, 4), (2, 2, 3), (12,), (5,), (1, 5), (40,), (8, 5), (), (1,)] * 3
+    assert len(shapes) >= norms.MIN_CONCAT  # else nothing is concatenated
     grads = [make_grad(s, torch.float32, seed=i, scale=i + 1) for i, s in enumerate(shapes)]
     assert_per_tensor(gradclip.grad_norms(params_with_grads(grads), p), grads, p)
 
 
 def test_equal_sizes_become_rows_of_one_view():
-    grads = [make_grad((64,), torch.float32, seed=i, scale=10.0**i) for i in range(8)]
-    grads += [make_grad((8, 8), torch.float32, seed=20 + i) for i in range(3)]
+    grads = [make_grad((64,), torch.float32, seed=i, scale=10.0 ** (i % 8)) for i in range(norms.MIN_CONCAT)]
+    grads += [make_grad((8, 8), torch.float32, seed=50 + i) for i in range(3)]
     assert_per_tensor(gradclip.grad_norms(params_with_grads(grads)), grads, 2.0)
 
 
 def test_plan_cache_same_shapes_new_values():
     shapes = [(30,), (5, 6), (norms.SMALL_NUMEL + 100,), (17,)]
     for seed in range(3):
-        grads = [make_grad(s, torch.float32, seed=seed * 10 + i) for i, s in enumerate(shapes)]
+        grads = with_plan([make_grad(s, torch.float32, seed=seed * 10 + i) for i, s in enumerate(shapes)])
         assert_per_tensor(gradclip.grad_norms(params_with_grads(grads)), grads, 2.0)
 
 
@@ -242,25 +261,21 @@ def test_plan_cache_invalidated_by_changed_shapes():
         [(100,), (200,), (norms.SMALL_NUMEL + 1,)],  # one becomes large
     ]
     for run in runs * 2:
-        grads = [
-            make_grad(s, torch.float32, seed=len(run) + i, scale=i + 1) for i, s in enumerate(run)
-        ]
+        grads = with_plan(
+            [make_grad(s, torch.float32, seed=len(run) + i, scale=i + 1) for i, s in enumerate(run)]
+        )
         assert_per_tensor(gradclip.grad_norms(params_with_grads(grads)), grads, 2.0)
 
 
 def test_results_do_not_alias_scratch_buffers():
-    first = [make_grad((50,), torch.float32, seed=1), make_grad((70,), torch.float32, seed=2)]
-    result = gradclip.grad_norms(params_with_grads(first))
-    kept = (result.per_tensor.clone(), result.total.clone())
-    gradclip.grad_norms(
-        params_with_grads(
-            [
-                make_grad((50,), torch.float32, seed=3) * 100,
-                make_grad((70,), torch.float32, seed=4) * 100,
-            ]
-        )
-    )
-    assert torch.equal(result.per_tensor, kept[0]) and torch.equal(result.total, kept[1])
+    shapes = [(50,), (70,), (norms.ROWS_NUMEL + 7,)]
+    for planned in (True, False):  # the plan's buffers, then a few tensors' (no plan)
+        grads = [make_grad(s, torch.float32, seed=i) for i, s in enumerate(shapes)]
+        result = gradclip.grad_norms(params_with_grads(with_plan(grads) if planned else grads))
+        kept = (result.per_tensor.clone(), result.total.clone())
+        again = [make_grad(s, torch.float32, seed=10 + i) * 100 for i, s in enumerate(shapes)]
+        gradclip.grad_norms(params_with_grads(with_plan(again) if planned else again))
+        assert torch.equal(result.per_tensor, kept[0]) and torch.equal(result.total, kept[1])
 
 
 @pytest.mark.parametrize("p", [2.0, 3.0, 1.0])
@@ -315,7 +330,7 @@ def test_threads_measuring_the_same_shapes_keep_their_own_row_buffers():
     import concurrent.futures
     import sys
 
-    shapes = [(norms.ROWS_NUMEL + 3,), (600, 700), *[(40 + i,) for i in range(norms.FEW_TENSORS)]]
+    shapes = [(norms.ROWS_NUMEL + 3,), (600, 700), *[(40 + i,) for i in range(norms.MIN_CONCAT)]]
     sets = [[make_grad(s, torch.float32, seed=10 * k + i, scale=10.0**k) for i, s in enumerate(shapes)]
             for k in range(2)]
     expected = [gradclip.grad_norms(params_with_grads(grads)).per_tensor.clone() for grads in sets]
