@@ -92,7 +92,7 @@ class GradNorms:
 
     def result(self) -> Tensor:
         """The total norm as ``torch.nn.utils.get_total_norm`` types it (value, dtype, device)."""
-        return self.total if self.total.dtype == self.dtype else self.total.to(self.dtype)
+        return _host.as_dtype(self.total, self.dtype)
 
 
 def empty_norms(p: float) -> GradNorms:

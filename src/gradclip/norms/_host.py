@@ -30,6 +30,7 @@ __all__ = [
     "SMALL_NUMEL",
     "TINY_NUMEL",
     "accumulation_dtype",
+    "as_dtype",
     "few",
     "norms",
 ]
@@ -248,25 +249,11 @@ def _row_slots(plan: _Plan, dtype: torch.dtype) -> tuple[Tensor, list[tuple[Tens
 
 
 def _large_rows(group: list[Tensor], plan: _Plan, p: float, acc: torch.dtype) -> list[Tensor]:
-    """Per large tensor, a 1-D tensor whose ``p``-norm is the tensor's: its row norms (one
-    kernel each; rows run on every core, each over a short run), or its norm alone."""
+    """Per large tensor (finite ``p``), its :func:`_row_norms`, written into this thread's
+    row-norm buffer for ``plan``."""
     row_norms, views = _row_slots(plan, group[0].dtype)
-    out: list[Tensor] = []
-    for item, (body_out, tail_out, whole) in zip(plan.large, views, strict=True):
-        t = group[item.index]
-        if not item.tail and t.is_contiguous():
-            torch.linalg.vector_norm(t.view(item.rows, item.length), p, dim=1, out=body_out)
-            out.append(whole)
-            continue
-        flat = _flat_view(t)
-        if flat is None:  # gaps between elements: measured on its own
-            out.append(_strided_norm(t, p, acc).reshape(1))
-            continue
-        body = item.rows * item.length
-        torch.linalg.vector_norm(flat[:body].view(item.rows, item.length), p, dim=1, out=body_out)
-        if item.tail:
-            torch.linalg.vector_norm(flat[body:], p, dim=0, keepdim=True, out=tail_out)
-        out.append(whole)
+    out = [_row_norms(group[item.index], p, acc, item.length, outs)
+           for item, outs in zip(plan.large, views, strict=True)]  # fmt: skip
     if row_norms.dtype == torch.float16 and bool(row_norms.isinf().any()):
         # float16 row norms overflow at 65504 although every element is finite: measure
         # again with float32 results (slower kernels, paid only on this rare step).
@@ -292,29 +279,39 @@ def few_norms(group: list[Tensor], p: float) -> Tensor:
     """Per-tensor norms of a few float32/float64 tensors in their own dtype: one
     ``_foreach_norm`` over the small ones and, for each large one, its row norms (as
     accurate as the plan's rows) or, for the max norm, ``aminmax``."""
-    large = rows_numel(group[0].dtype)
-    listed = [t if t.numel() < large else _row_norms(t, p) for t in group]
+    dtype = group[0].dtype
+    large = rows_numel(dtype)
+    listed = [t if t.numel() < large else _row_norms(t, p, dtype, _row_length(t.shape, dtype))
+              for t in group]  # fmt: skip
     return torch.stack(_foreach.foreach_norm(listed, p, None))
 
 
-def _row_norms(t: Tensor, p: float) -> Tensor:
-    """1-D row norms of one large float32/float64 tensor, whose norm is the tensor's (its max
-    norm alone for ``p = inf``: ``aminmax`` is ~20x faster than ``vector_norm(ord=inf)``)."""
+def _row_norms(
+    t: Tensor, p: float, acc: torch.dtype, length: int,
+    outs: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> Tensor:
+    """A 1-D tensor whose ``p``-norm is the large tensor ``t``'s: the norms of its rows of
+    ``length`` elements and of its tail (one kernel each; rows run on every core, each over a
+    short run), written into ``outs`` (rows, tail, both) when given; its norm alone (``acc``)
+    when its elements have gaps; its max-abs for ``p = inf`` (``aminmax``: ~20x faster than
+    ``vector_norm(ord=inf)``)."""
     flat = _flat_view(t)
     if math.isinf(p):
         low, high = torch.aminmax(t if flat is None else flat)
         return torch.maximum(high, low.neg()).reshape(1)
     if flat is None:  # gaps between elements
-        return _strided_norm(t, p, t.dtype).reshape(1)
-    length = _row_length(t.shape, t.dtype)
-    rows, tail = divmod(t.numel(), length)
-    row_norms = torch.linalg.vector_norm(flat[: rows * length].view(rows, length), p, dim=1)
+        return _strided_norm(t, p, acc).reshape(1)
+    body_out, tail_out, whole = (None, None, None) if outs is None else outs
+    rows, tail = divmod(flat.numel(), length)
+    body = flat.view(rows, length) if not tail else flat[: rows * length].view(rows, length)
+    row_norms = torch.linalg.vector_norm(body, p, dim=1, out=body_out)
     if not tail:
         return row_norms
-    return torch.cat([row_norms, torch.linalg.vector_norm(flat[rows * length :], p, dim=0, keepdim=True)])
+    end = torch.linalg.vector_norm(flat[rows * length :], p, dim=0, keepdim=True, out=tail_out)
+    return whole if whole is not None else torch.cat([row_norms, end])
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)`` without the call when it is already that dtype (~1 µs a call)."""
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -324,7 +321,7 @@ def norms(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype) -
     plan = _plan_for(group, dtype)
     norm_dtype = acc if dtype in LOW_PRECISION else None
     if plan.plain:
-        return _as(torch.stack(_foreach.foreach_norm(group, p, norm_dtype)), acc)
+        return as_dtype(torch.stack(_foreach.foreach_norm(group, p, norm_dtype)), acc)
     pieces: list[Tensor] = []
     for chunk in plan.chunks:
         tensors = [group[i] for i in chunk.members]
@@ -339,7 +336,7 @@ def norms(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype) -
     if plan.large and not math.isinf(p):
         listed += _large_rows(group, plan, p, acc)
     if listed:  # mid tensors, then large ones by their rows: one multi-tensor call
-        pieces.append(_as(torch.stack(_foreach.foreach_norm(listed, p, norm_dtype)), acc))
+        pieces.append(as_dtype(torch.stack(_foreach.foreach_norm(listed, p, norm_dtype)), acc))
     if plan.large and math.isinf(p):
         pieces.append(_large_inf_norms(group, plan, acc))
     pieces.extend(
