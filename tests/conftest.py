@@ -309,7 +309,6 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
-
 @pytest.fixture
 def accelerator_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The accelerator code path on CPU tensors (``_foreach.is_host_device`` answers False):
@@ -317,6 +316,7 @@ def accelerator_path(monkeypatch: pytest.MonkeyPatch) -> None:
     import gradclip
 
     monkeypatch.setattr(gradclip._foreach, "is_host_device", lambda device: False)
+
 
 def on_device(params: Sequence[Tensor], device: torch.device | str) -> list[Tensor]:
     """``params`` (with their gradients) on ``device``, keeping the aliasing structure (see

@@ -226,7 +226,6 @@ def test_a_threshold_schedule_neither_recompiles_nor_is_ignored(name):
         setattr(compiled, attr, -1.0)
 
 
-
 def test_the_capture_query_is_not_asked_while_compiling(monkeypatch):
     """Where CUDA is present, the CUDA-graph capture query (a torch function returning a bool,
     which dynamo cannot trace: "torch.* op returned non-Tensor", seen on an H200) is not asked

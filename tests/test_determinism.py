@@ -54,7 +54,6 @@ class OrderDependentOps(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-
 def test_the_detector_sees_index_add():
     with OrderDependentOps() as mode:
         torch.zeros(3).index_add_(0, torch.tensor([0, 0]), torch.ones(2))

@@ -147,7 +147,6 @@ def test_flushes_every_n_steps_and_on_close(tmp_path):
         mon.record(torch.tensor(1.0))
 
 
-
 @pytest.mark.parametrize("p", [2.0, math.inf])
 def test_no_host_read_except_the_flush(accelerator_path, p):
     model = Net()

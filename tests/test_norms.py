@@ -149,7 +149,6 @@ def test_does_not_modify_or_track_grads():
 # internal paths, through the public function
 
 
-
 @pytest.mark.parametrize("offset", [0.0, 1e-3])  # centred, and all of one sign (a worse case)
 @pytest.mark.parametrize("numel", [norms.ROWS_NUMEL - 1, norms.ROWS_NUMEL, 4 * norms.ROWS_NUMEL + 5])
 def test_float32_norms_are_never_less_accurate_than_torch(numel, offset):

@@ -63,14 +63,13 @@ def test_clip_writes_nothing_when_the_coefficient_is_one():
         0.25, torch.tensor(0.5)), rtol=0, atol=0)
 
 
-def test_on_accelerators_bfloat16_gets_the_coefficient_in_its_dtype(monkeypatch):
+def test_on_accelerators_bfloat16_gets_the_coefficient_in_its_dtype(monkeypatch, accelerator_path):
     """torch's multi-tensor multiply takes a 0-dim scale only in the tensors' own dtype (CUDA
     falls back to one kernel per tensor otherwise: 2x slower for bfloat16 on an H200). So on
     the accelerator path bfloat16 groups get the float32 coefficient cast once (float32's
     exponent range: one rounding of the scale, no underflow); float16 ones are multiplied
     apart, by a float32 scale with a dimension (CUDA rounds a 0-dim one to float16: below
     6e-5 it loses its digits, below 6e-8 it is 0)."""
-    monkeypatch.setattr(_foreach, "is_host_device", lambda device: False)
     seen: dict[torch.dtype, torch.dtype] = {}
     real = _foreach.foreach_mul_
 

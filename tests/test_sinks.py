@@ -135,7 +135,6 @@ def test_a_partial_last_line_of_another_writer_stays_alone(tmp_path):
     assert h.steps.tolist() == [0, 2, 3] and len(h.problems) == 1 and ":2:" in h.problems[0]
 
 
-
 def test_a_line_still_being_written_gets_no_blank_line(tmp_path, monkeypatch):
     """A writer without the lock (``echo >>``) seen mid-write: its line ends while the sink
     waits, so no newline is added before ours (CI once caught echo's line half published)."""

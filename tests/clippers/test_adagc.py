@@ -310,9 +310,6 @@ def test_bad_arguments_name_the_argument(kwargs: dict, name: str) -> None:
         AdaGC(**kwargs)
 
 
-
-
-
 def test_no_host_sync_in_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_foreach, "is_host_device", lambda device: False)
     model, clipper = _model(), AdaGC(warmup_steps=3, nonfinite="skip")

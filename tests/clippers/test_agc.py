@@ -334,9 +334,6 @@ def test_state_dict_round_trip_through_torch_save() -> None:
     assert "clipping=0.01" in repr(AGC()) and "LAST_LINEAR" in repr(AGC())
 
 
-
-
-
 @pytest.mark.parametrize("nonfinite", ["propagate", "skip"])
 def test_no_host_sync_on_accelerators(nonfinite: str, accelerator_path) -> None:
     net = _net_with_grads()

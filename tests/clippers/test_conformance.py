@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import gradclip
-from gradclip import _foreach
 from host_reads import HostReadDetector
 
 from .registry import ENTRIES, Entry
@@ -237,12 +236,12 @@ def test_low_precision_gradients(entry: Entry, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("optimizer", ["fused", "fused, accelerator path", "foreach"])
 def test_skip_leaves_parameters_and_optimizer_untouched(
-    entry: Entry, optimizer: str, monkeypatch: pytest.MonkeyPatch
+    entry: Entry, optimizer: str, request: pytest.FixtureRequest
 ) -> None:
     """On an accelerator a fused optimizer gets the skip through ``found_inf``; elsewhere
     the step is not called."""
     if optimizer.endswith("accelerator path"):
-        monkeypatch.setattr(_foreach, "is_host_device", lambda device: False)
+        request.getfixturevalue("accelerator_path")
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **{optimizer.split(",")[0]: True})
     clipper = entry.make(nonfinite="skip")
@@ -282,14 +281,10 @@ def test_fused_fold_equals_clip_then_step(entry: Entry, accelerator_path: None) 
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-
-
-
-def test_no_host_sync_on_accelerators(entry: Entry, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_host_sync_on_accelerators(entry: Entry, accelerator_path: None) -> None:
     """No device value read on the host, the first call included; after the first call no
     tensor built from host data either (a host-to-device copy: what a CUDA graph cannot
     capture). Index tensors and constants are built once, on the first call."""
-    monkeypatch.setattr(_foreach, "is_host_device", lambda device: False)
     clipper = entry.make()
     model = _model()
     steps = _scales(entry.warmup + 10)

@@ -970,7 +970,6 @@ def _fsdp_tp_model(mesh, world: int) -> tuple[nn.Module, nn.Module]:
     return model, unsharded
 
 
-
 def _fsdp_tp_grads(world: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The FSDP2 x TP model on a (dp=2, tp=2) mesh after a backward pass on its data-parallel
     slice of the batch, and the unsharded reference's gradients on the whole batch, by name."""
@@ -983,6 +982,7 @@ def _fsdp_tp_grads(world: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]
     loss_of(model, x[dp::2], y[dp::2]).backward()
     loss_of(ref_model, x, y).backward()
     return model, {n: q.grad.detach().clone() for n, q in ref_model.named_parameters()}
+
 
 def fsdp_tp_case(rank: int, world: int, rec: list[dict]) -> None:
     """FSDP2 x TP on a (dp=2, tp=2) mesh, plus a layer FSDP-sharded on a 1-D world mesh."""

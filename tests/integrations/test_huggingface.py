@@ -184,7 +184,7 @@ def test_monitor_records_each_optimizer_step(tmp_path) -> None:
     monitor.close()
 
 
-def test_the_step_reads_nothing_on_the_host_and_a_log_reads_once(tmp_path, monkeypatch) -> None:
+def test_the_step_reads_nothing_on_the_host_and_a_log_reads_once(tmp_path, accelerator_path) -> None:
     reads: dict[str, list[list[str]]] = {"step": [], "log": []}
 
     class Detecting(GradClipCallback):
@@ -198,7 +198,6 @@ def test_the_step_reads_nothing_on_the_host_and_a_log_reads_once(tmp_path, monke
                 super().on_log(*args, **kwargs)
             reads["log"].append(detector.reads)
 
-    monkeypatch.setattr(gradclip._foreach, "is_host_device", lambda device: False)
     model = Regressor()
     trainer = Trainer(
         model=model,

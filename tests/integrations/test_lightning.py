@@ -139,7 +139,7 @@ def test_clips_before_the_step_and_logs_what_it_did() -> None:
     assert logger.series("gradclip/nonfinite_steps") == [0.0] * 6
 
 
-def test_the_step_reads_nothing_on_the_host(monkeypatch) -> None:
+def test_the_step_reads_nothing_on_the_host(accelerator_path) -> None:
     """Clipping and logging in the hook leave every value on the device (accelerator path)."""
     reads: list[list[str]] = []
 
@@ -149,7 +149,6 @@ def test_the_step_reads_nothing_on_the_host(monkeypatch) -> None:
                 super().on_before_optimizer_step(trainer, pl_module, optimizer)
             reads.append(detector.reads)
 
-    monkeypatch.setattr(gradclip._foreach, "is_host_device", lambda device: False)
     records: list[dict] = []
     monitor = gradclip.GradMonitor(sinks=records.append)  # flushes every 100 steps
     callback = Detecting(gradclip.ZClip(warmup_steps=2), monitor=monitor)
