@@ -55,7 +55,9 @@ def assert_per_tensor(result, grads, p, rtol=None):
 
 def with_plan(grads):
     """``grads`` and enough tiny tensors after them for a plan (fewer go to ``few_norms``)."""
-    pad = [make_grad((9 + i % 3,), torch.float32, seed=900 + i) for i in range(norms.MIN_CONCAT)]
+    count = max(norms.MIN_CONCAT, math.ceil(sum(g.numel() for g in grads) / norms.CONCAT_SPAN) + 1)
+    pad = [make_grad((9 + i % 3,), torch.float32, seed=900 + i) for i in range(count)]
+    assert norms.concatenates(count, sum(g.numel() for g in grads + pad))
     return grads + pad
 
 
@@ -152,14 +154,15 @@ def test_does_not_modify_or_track_grads():
 @pytest.mark.parametrize("offset", [0.0, 1e-3])  # centred, and all of one sign (a worse case)
 @pytest.mark.parametrize("numel", [norms.ROWS_NUMEL - 1, norms.ROWS_NUMEL, 4 * norms.ROWS_NUMEL + 5])
 def test_float32_norms_are_never_less_accurate_than_torch(numel, offset):
-    """Under ROWS_NUMEL torch's own kernel measures a float32 tensor; from it on, short rows:
-    either way no worse than torch's ``vector_norm`` against float64, and within 2e-6."""
+    """Under ROWS_NUMEL torch's own kernel measures a float32 tensor (within 2e-5 there); from
+    it on, short rows (within 1e-6): either way no worse than torch's ``vector_norm`` against
+    float64."""
     grad = make_grad((numel,), torch.float32, scale=1e-3, seed=numel) + offset
     ours = gradclip.grad_norms(params_with_grads([grad, make_grad((7,), torch.float32)])).per_tensor[0]
     exact = f64_norm(grad, 2.0)
     error = abs(ours.item() - exact) / exact
     torch_error = abs(torch.linalg.vector_norm(grad).item() - exact) / exact
-    assert error <= max(torch_error, 1e-7) and error <= 2e-6, (error, torch_error)
+    assert error <= max(torch_error, 1e-7) and error <= 2e-5, (error, torch_error)
     if numel >= norms.ROWS_NUMEL:
         assert error <= 1e-6
 
@@ -217,6 +220,20 @@ def test_large_tensors_with_or_without_a_plan(p, planned):
     grads = with_plan(grads) if planned else grads
     assert norms.few(grads, torch.float32) is not planned
     assert_per_tensor(gradclip.grad_norms(params_with_grads(grads), p), grads, p)
+
+
+def test_tiny_tensors_are_concatenated_only_when_many_for_their_group():
+    """A plan concatenates at least MIN_CONCAT tiny tensors, and at least one per CONCAT_SPAN
+    elements of the group; other float32 groups skip the plan. The norms are the same."""
+    tiny = [make_grad((100 + i,), torch.float32, seed=i) for i in range(norms.MIN_CONCAT)]
+    bulk = norms.MIN_CONCAT * norms.CONCAT_SPAN
+    fits = [*tiny, make_grad((bulk - 3000,), torch.float32, seed=98)]
+    outweighs = [*tiny, make_grad((bulk,), torch.float32, seed=99)]
+    too_few = tiny[1:] + [make_grad((5000,), torch.float32, seed=97 - i) for i in range(3)]
+    assert not norms.few(tiny, torch.float32) and not norms.few(fits, torch.float32)
+    assert norms.few(outweighs, torch.float32) and norms.few(too_few, torch.float32)
+    for grads in (fits, outweighs):
+        assert_per_tensor(gradclip.grad_norms(params_with_grads(grads)), grads, 2.0)
 
 
 @pytest.mark.parametrize("p", [2.0, INF, 1.0])

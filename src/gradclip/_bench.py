@@ -2,8 +2,8 @@
 
 A few built-in gradient sets (:data:`CASES`, from the cost of a call to memory bandwidth),
 each clipped by :func:`gradclip.clip_grad_norm_` and by ``torch.nn.utils.clip_grad_norm_``
-on the *same* gradients, interleaved in one process: every repetition calls both, one after
-the other, and which goes first alternates between repetitions. A row reports the median
+on the *same* gradients, interleaved in one process: every repetition calls both in one
+order and then in the other, so neither always goes first. A row reports the median
 time per call of each and the median [min-max] of the per-repetition ratios gradclip/torch.
 Modes: ``noclip`` (``max_norm`` 10x the gradients' norm) and ``clip`` (0.98x, re-anchored
 after every call, so every call clips). :func:`render` prints a result with a one-line
@@ -171,16 +171,18 @@ def _measure(params: list[torch.nn.Parameter], p: float, mode: str, reps: int,
         return elapsed
 
     warm = [call(fn) for _ in range(3) for fn in fns]
-    calls = max(1, min(10_000, math.ceil(rep_seconds / max(warm[-1] + warm[-2], 1e-9))))
+    calls = max(1, min(10_000, math.ceil(rep_seconds / 2 / max(warm[-1] + warm[-2], 1e-9))))
     clipped.clear()
     times = []  # per repetition: (ours, theirs), mean seconds per call
-    for rep in range(reps):
-        order = (0, 1) if rep % 2 == 0 else (1, 0)  # which goes first alternates
+    for _ in range(reps):
         total = [0.0, 0.0]
-        for _ in range(calls):
-            for i in order:
-                total[i] += call(fns[i])
-        times.append((total[0] / calls, total[1] / calls))
+        # both orders in every repetition: whichever runs first finds the gradients colder,
+        # and alternating it between repetitions left that in the median of an odd number
+        for order in ((0, 1), (1, 0)):
+            for _ in range(calls):
+                for i in order:
+                    total[i] += call(fns[i])
+        times.append((total[0] / (2 * calls), total[1] / (2 * calls)))
     ratios = [ours / theirs for ours, theirs in times]
     return {"gradclip_s": statistics.median(t[0] for t in times), "reps": reps,
             "torch_s": statistics.median(t[1] for t in times), "ratio": statistics.median(ratios),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 from typing import TypeVar
 
 import torch
@@ -219,6 +220,8 @@ def tensor_list(items: Tensor | Iterable[Tensor], name: str) -> list[Tensor]:
             f"`{name}` must be a Tensor or an iterable of Tensors, got {shown} "
             f"{type(items).__name__} {items!r:.80}; pass e.g. `model.parameters()`"
         ) from None
+    if all(map(isinstance, out, repeat(Tensor))):  # the usual case: one C-level pass
+        return out
     for i, item in enumerate(out):
         if not isinstance(item, Tensor):
             if isinstance(item, tuple):

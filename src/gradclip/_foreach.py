@@ -164,8 +164,14 @@ def device_has_foreach(device: torch.device) -> bool:
 
 
 def has_foreach_support(tensors: Sequence[Tensor], device: torch.device) -> bool:
-    """torch's ``foreach=None`` rule: a supported device and only plain ``torch.Tensor``."""
-    return _foreach_utils._has_foreach_support(list(tensors), device)
+    """torch's ``foreach=None`` rule: a supported device and only plain ``torch.Tensor``
+    (outside compilation checked in one C-level pass, not torch's generator)."""
+    if is_compiling():
+        return _foreach_utils._has_foreach_support(list(tensors), device)
+    return _foreach_utils._device_has_foreach_support(device) and set(map(type, tensors)) <= _FOREACH_TYPES
+
+
+_FOREACH_TYPES = {type(None), *_foreach_utils._foreach_supported_types}
 
 
 def check_foreach(groups: Groups, foreach: bool | None) -> None:

@@ -65,9 +65,14 @@ def _params_list(parameters: TensorOrTensors, *, warn_empty_generator: bool) -> 
 
 
 def _unique_grads(params: list[Tensor]) -> list[Tensor]:
-    """The distinct gradients of the distinct parameters (see :func:`_foreach.distinct`)."""
-    grads = [p.grad for p in _foreach.distinct(params, lasting=True) if p.grad is not None]
-    return _foreach.distinct(grads, lasting=False)
+    """The distinct gradients of the distinct parameters (see :func:`_foreach.distinct`).
+
+    Eagerly the gradients alone are deduplicated: a parameter listed twice lists its gradient
+    twice. While compiling gradients are not (see there), so the parameters are."""
+    if _foreach.is_compiling():
+        grads = [p.grad for p in _foreach.distinct(params, lasting=True) if p.grad is not None]
+        return grads
+    return _foreach.distinct([g for p in params if (g := p.grad) is not None], lasting=False)
 
 
 def _raise_if_nonfinite(total: Tensor, norm_type: float) -> None:

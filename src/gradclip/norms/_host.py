@@ -21,7 +21,9 @@ from gradclip import _foreach
 from gradclip._cache import LRU
 
 __all__ = [
+    "AMINMAX_NUMEL",
     "CHUNK_NUMEL",
+    "CONCAT_SPAN",
     "FAST_DTYPES",
     "LOW_PRECISION",
     "LOW_PRECISION_ROW_LENGTH",
@@ -31,17 +33,20 @@ __all__ = [
     "TINY_NUMEL",
     "accumulation_dtype",
     "as_dtype",
+    "concatenates",
     "few",
     "norms",
 ]
 
 SMALL_NUMEL = 32768
 """float16/bfloat16 tensors below this many elements are not split into rows (CPU)."""
-ROWS_NUMEL = 1 << 18
+ROWS_NUMEL = 1 << 20
 """float32/float64 tensors below this many elements are not split into rows (CPU): torch's
-own kernel errs there by at most ~2e-6 relative on random data (1e-6 under 2^17; 3e-3 at
-GPT-2's 38.6M-element embedding), and one multi-tensor call over them is what torch pays,
-where rows cost a kernel call per tensor (bench_small: 1.1-1.4x torch with rows from 2^15)."""
+own kernel errs there by at most ~1.3e-5 relative on random data (2e-6 under 2^18; 3e-3 at
+GPT-2's 38.6M-element embedding), and one multi-tensor call over them is what torch pays.
+Rows cost a kernel call and a row-norm vector per tensor: at one thread, where they buy no
+parallelism, rows from 2^18 left a 5.3M-parameter model's clip at 1.05-1.12x torch's, from
+2^20 at 0.96-1.00x (bench_small, interleaved)."""
 TINY_NUMEL = 2048
 """Tensors below this many elements are concatenated before they are measured (CPU); those
 from here to ``SMALL_NUMEL`` go through one ``_foreach_norm`` call (copying them would cost
@@ -66,8 +71,16 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 
-def rows_numel(dtype: torch.dtype) -> int:
-    """Tensors of at least this many elements are measured by rows (CPU); see ``ROWS_NUMEL``."""
+AMINMAX_NUMEL = 1 << 15
+"""Tensors of at least this many elements take their max norm from ``aminmax`` (CPU): one
+vectorised pass at ~0.9x the read floor, where torch's ``vector_norm(ord=inf)`` costs 9-12x."""
+
+
+def large_numel(dtype: torch.dtype, p: float) -> int:
+    """Tensors of at least this many elements are measured apart (CPU): by rows for a finite
+    ``p`` (see ``ROWS_NUMEL``), by ``aminmax`` for the max norm."""
+    if math.isinf(p):
+        return AMINMAX_NUMEL
     return SMALL_NUMEL if dtype in LOW_PRECISION else ROWS_NUMEL
 
 
@@ -116,18 +129,18 @@ _SHAPE = operator.attrgetter("shape")
 _buffers = threading.local()
 
 
-def _plan_for(group: list[Tensor], dtype: torch.dtype) -> _Plan:
+def _plan_for(group: list[Tensor], dtype: torch.dtype, p: float) -> _Plan:
     """How to measure a group of these shapes; cached, since the gradients' shapes rarely change."""
     shapes = tuple(map(_SHAPE, group))
-    return _plans.get_or_build((dtype, shapes), lambda: _build_plan(shapes, dtype))
+    apart = large_numel(dtype, p)
+    return _plans.get_or_build((dtype, apart, shapes), lambda: _build_plan(shapes, dtype, apart))
 
 
-def _build_plan(shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> _Plan:
+def _build_plan(shapes: tuple[torch.Size, ...], dtype: torch.dtype, apart: int) -> _Plan:
     numels = [s.numel() for s in shapes]
     small = sorted((i for i, n in enumerate(numels) if 0 < n < TINY_NUMEL), key=numels.__getitem__)
-    large_numel = rows_numel(dtype)
-    mid = [i for i, n in enumerate(numels) if TINY_NUMEL <= n < large_numel]
-    if len(small) < MIN_CONCAT:  # too few to pay for concatenating them
+    mid = [i for i, n in enumerate(numels) if TINY_NUMEL <= n < apart]
+    if not concatenates(len(small), sum(numels)):
         mid, small = sorted(mid + small), []
     empty = [i for i, n in enumerate(numels) if n == 0]
     chunks: list[_Chunk] = []
@@ -144,7 +157,7 @@ def _build_plan(shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> _Plan:
     large: list[_Large] = []
     slots = 0
     for i, shape in enumerate(shapes):
-        if numels[i] >= large_numel:
+        if numels[i] >= apart:
             length = _row_length(shape, dtype)
             rows, tail = divmod(numels[i], length)
             large.append(_Large(i, rows, length, tail, slots))
@@ -265,14 +278,30 @@ MIN_CONCAT = 24
 """Tiny tensors are concatenated only when there are at least this many (each saves ~1.5 µs
 of per-tensor kernel overhead; the concatenation and reordering cost ~20-30 µs: one thread,
 18 tiny tensors beside 4 larger ones measured even, 24 a tenth faster, 48 twice as fast)."""
+CONCAT_SPAN = 1 << 16
+"""...and only when there is at least one per this many elements of the group. Past that the
+group no longer stays in cache between calls: each tiny tensor then saves under ~0.5 µs, and
+the plan's lookup by shapes and its reordering run cold (bench_small, one thread: 34 tiny
+tensors in a 5.3M-element group cost 5-10% of a call concatenated, 1,000-element ones saved
+30% of 2,000 tensors' call)."""
+
+
+def concatenates(tiny: int, numel: int) -> bool:
+    """Whether ``tiny`` tiny tensors in a group of ``numel`` elements are worth concatenating."""
+    return tiny >= MIN_CONCAT and tiny * CONCAT_SPAN >= numel
 
 
 def few(group: list[Tensor], dtype: torch.dtype) -> bool:
-    """Whether ``group`` is measured by :func:`few_norms` rather than a plan: float32/float64
-    groups of fewer than ``MIN_CONCAT`` tensors, which a plan would not concatenate, so its
-    fixed cost (the lookup by shapes, the reordering: ~10 µs, 2-5% of a call on models of
-    0.1-0.5M parameters) would buy nothing."""
-    return len(group) < MIN_CONCAT and dtype in (torch.float32, torch.float64)
+    """Whether float32/float64 ``group`` is measured by :func:`few_norms` rather than by a
+    plan: when it holds too few tiny tensors to concatenate (see :func:`concatenates`), the
+    plan's lookup by shapes and its reordering would buy nothing. Its sizes are read in one
+    C-level pass (~80 ns a tensor), and not at all under ``MIN_CONCAT`` tensors."""
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    if len(group) < MIN_CONCAT:
+        return True
+    numels = list(map(Tensor.numel, group))
+    return not concatenates(sum(map(TINY_NUMEL.__gt__, numels)), sum(numels))
 
 
 def few_norms(group: list[Tensor], p: float) -> Tensor:
@@ -280,7 +309,7 @@ def few_norms(group: list[Tensor], p: float) -> Tensor:
     ``_foreach_norm`` over the small ones and, for each large one, its row norms (as
     accurate as the plan's rows) or, for the max norm, ``aminmax``."""
     dtype = group[0].dtype
-    large = rows_numel(dtype)
+    large = large_numel(dtype, p)
     listed = [t if t.numel() < large else _row_norms(t, p, dtype, _row_length(t.shape, dtype))
               for t in group]  # fmt: skip
     return torch.stack(_foreach.foreach_norm(listed, p, None))
@@ -318,7 +347,7 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def norms(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype) -> Tensor:
     """1-D per-tensor norms (``acc`` dtype) of one CPU group of real floating tensors, p > 0."""
-    plan = _plan_for(group, dtype)
+    plan = _plan_for(group, dtype, p)
     norm_dtype = acc if dtype in LOW_PRECISION else None
     if plan.plain:
         return as_dtype(torch.stack(_foreach.foreach_norm(group, p, norm_dtype)), acc)
