@@ -61,6 +61,21 @@ def with_plan(grads):
     return grads + pad
 
 
+def planned(grads, p=2.0):
+    """Whether measuring ``grads`` goes through a plan (else ``few_norms``)."""
+    calls = []
+    real = norms.norms
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(norms, "norms", spy)
+        gradclip.grad_norms(params_with_grads(grads), p)
+    return bool(calls)
+
+
 def assert_total_is_norm_of_per_tensor(result, p):
     expected = torch.linalg.vector_norm(result.per_tensor.double(), p).item()
     assert math.isclose(result.total.item(), expected, rel_tol=1e-6, abs_tol=1e-300)
@@ -210,15 +225,15 @@ def test_non_contiguous_large_tensor_as_accurate_as_contiguous():
         assert abs(norm - exact) / exact <= 1e-6, f"strides {g.stride()}: {norm!r} vs {exact!r}"
 
 
-@pytest.mark.parametrize("planned", [False, True])
+@pytest.mark.parametrize("with_a_plan", [False, True])
 @pytest.mark.parametrize("p", [2.0, INF, 1.0, 0.5])
-def test_large_tensors_with_or_without_a_plan(p, planned):
+def test_large_tensors_with_or_without_a_plan(p, with_a_plan):
     """Fewer than MIN_CONCAT float32 tensors skip the plan (few_norms); either way a large
     tensor, contiguous or not, is measured as accurately (the max norm by aminmax)."""
     large = make_grad((norms.ROWS_NUMEL // 512 + 1, 1024), torch.float32, seed=3, scale=7.0)
     grads = [make_grad((5, 7), torch.float32, seed=1), large, large.t(), large[:, ::2]]
-    grads = with_plan(grads) if planned else grads
-    assert norms.few(grads, torch.float32) is not planned
+    grads = with_plan(grads) if with_a_plan else grads
+    assert planned(grads, p) is with_a_plan
     assert_per_tensor(gradclip.grad_norms(params_with_grads(grads), p), grads, p)
 
 
@@ -230,8 +245,8 @@ def test_tiny_tensors_are_concatenated_only_when_many_for_their_group():
     fits = [*tiny, make_grad((bulk - 3000,), torch.float32, seed=98)]
     outweighs = [*tiny, make_grad((bulk,), torch.float32, seed=99)]
     too_few = tiny[1:] + [make_grad((5000,), torch.float32, seed=97 - i) for i in range(3)]
-    assert not norms.few(tiny, torch.float32) and not norms.few(fits, torch.float32)
-    assert norms.few(outweighs, torch.float32) and norms.few(too_few, torch.float32)
+    assert planned(tiny) and planned(fits)
+    assert not planned(outweighs) and not planned(too_few)
     for grads in (fits, outweighs):
         assert_per_tensor(gradclip.grad_norms(params_with_grads(grads)), grads, 2.0)
 
@@ -285,12 +300,12 @@ def test_plan_cache_invalidated_by_changed_shapes():
 
 def test_results_do_not_alias_scratch_buffers():
     shapes = [(50,), (70,), (norms.ROWS_NUMEL + 7,)]
-    for planned in (True, False):  # the plan's buffers, then a few tensors' (no plan)
+    for with_a_plan in (True, False):  # the plan's buffers, then a few tensors' (no plan)
         grads = [make_grad(s, torch.float32, seed=i) for i, s in enumerate(shapes)]
-        result = gradclip.grad_norms(params_with_grads(with_plan(grads) if planned else grads))
+        result = gradclip.grad_norms(params_with_grads(with_plan(grads) if with_a_plan else grads))
         kept = (result.per_tensor.clone(), result.total.clone())
         again = [make_grad(s, torch.float32, seed=10 + i) * 100 for i, s in enumerate(shapes)]
-        gradclip.grad_norms(params_with_grads(with_plan(again) if planned else again))
+        gradclip.grad_norms(params_with_grads(with_plan(again) if with_a_plan else again))
         assert torch.equal(result.per_tensor, kept[0]) and torch.equal(result.total, kept[1])
 
 

@@ -110,7 +110,11 @@ def compute(tensors: list[Tensor], p: float, foreach: bool | None) -> GradNorms:
     groups = _foreach.group_by_device_dtype(tensors)
     _foreach.check_foreach(groups, foreach)
     first_device = tensors[0].device
-    vectors = [_group_norms(group, *key, p, foreach) for key, (group, _) in groups.items()]
+    # on the CPU outside compilation branching on a measured value is free
+    compiling = _foreach.is_compiling()
+    on_host = [not compiling and _foreach.is_host_device(device) for device, _ in groups]
+    vectors = [_group_norms(group, *key, p, foreach, host)
+               for (key, (group, _)), host in zip(groups.items(), on_host, strict=True)]  # fmt: skip
     dtype = result_dtype(groups)
     if len(vectors) == 1:
         per_tensor = vectors[0]
@@ -120,7 +124,7 @@ def compute(tensors: list[Tensor], p: float, foreach: bool | None) -> GradNorms:
         order = tuple(i for _, indices in groups.values() for i in indices)
         per_tensor = torch.empty_like(stacked)
         per_tensor[index_tensor(order, first_device)] = stacked
-    if not all(_on_host(device) for device, _ in groups):
+    if not all(on_host):
         return GradNorms(tensors, per_tensor, total_norm(per_tensor, p), p, dtype, groups)
     # On the CPU, reading the total is free: the float32 total, measured again (exactly)
     # only in the rare case of an overflow.
@@ -129,11 +133,6 @@ def compute(tensors: list[Tensor], p: float, foreach: bool | None) -> GradNorms:
         per_tensor = _rescue_overflow(tensors, per_tensor, p)
         total = total_norm(per_tensor, p)
     return GradNorms(tensors, per_tensor, total, p, dtype, groups)
-
-
-def _on_host(device: torch.device) -> bool:
-    """The CPU outside compilation: where branching on a measured value is free."""
-    return _foreach.is_host_device(device) and not _foreach.is_compiling()
 
 
 def total_norm(per_tensor: Tensor, p: float) -> Tensor:
@@ -214,21 +213,21 @@ _LAYOUT = operator.attrgetter("layout")
 
 
 def _group_norms(
-    group: list[Tensor], device: torch.device, dtype: torch.dtype, p: float, foreach: bool | None
+    group: list[Tensor], device: torch.device, dtype: torch.dtype, p: float, foreach: bool | None,
+    host: bool,
 ) -> Tensor:
-    """1-D per-tensor norms of one (device, dtype) group, in the group's order."""
+    """1-D per-tensor norms of one (device, dtype) group, in the group's order; ``host``: the
+    group is on the CPU, outside compilation (where the fast path may read values)."""
     acc = accumulation_dtype(dtype)
     # While compiling, the plain multi-tensor path: it traces into one graph.
     if (
-        _on_host(device)
+        host
         and dtype in FAST_DTYPES
         and p > 0  # False for nan too
         and set(map(type, group)) == _PLAIN
         and set(map(_LAYOUT, group)) == _STRIDED
     ):
-        if _host.few(group, dtype):
-            return _host.few_norms(group, p)
-        return _host.norms(group, dtype, p, acc)
+        return _host.measure(group, dtype, p, acc)
     use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
     norm_dtype = torch.float32 if dtype in LOW_PRECISION else None
     if use_foreach:
