@@ -343,6 +343,16 @@ def one_thread():
 
 
 @pytest.fixture
+def two_threads():
+    """Run a test with two intra-op threads (inside a ``one_thread`` module too), then restore
+    the setting: the CPU norm measures large float32 tensors by rows only with several."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def restore_default_dtype():
     before = torch.get_default_dtype()
     yield

@@ -168,16 +168,17 @@ def test_does_not_modify_or_track_grads():
 
 @pytest.mark.parametrize("offset", [0.0, 1e-3])  # centred, and all of one sign (a worse case)
 @pytest.mark.parametrize("numel", [norms.ROWS_NUMEL - 1, norms.ROWS_NUMEL, 4 * norms.ROWS_NUMEL + 5])
+@pytest.mark.usefixtures("two_threads")
 def test_float32_norms_are_never_less_accurate_than_torch(numel, offset):
-    """Under ROWS_NUMEL torch's own kernel measures a float32 tensor (within 2e-5 there); from
-    it on, short rows (within 1e-6): either way no worse than torch's ``vector_norm`` against
-    float64."""
+    """Under ROWS_NUMEL torch's own kernel measures a float32 tensor (within 2e-6 there); from
+    it on, with several threads, short rows (within 1e-6): either way no worse than torch's
+    ``vector_norm`` against float64."""
     grad = make_grad((numel,), torch.float32, scale=1e-3, seed=numel) + offset
     ours = gradclip.grad_norms(params_with_grads([grad, make_grad((7,), torch.float32)])).per_tensor[0]
     exact = f64_norm(grad, 2.0)
     error = abs(ours.item() - exact) / exact
     torch_error = abs(torch.linalg.vector_norm(grad).item() - exact) / exact
-    assert error <= max(torch_error, 1e-7) and error <= 2e-5, (error, torch_error)
+    assert error <= max(torch_error, 1e-7) and error <= 2e-6, (error, torch_error)
     if numel >= norms.ROWS_NUMEL:
         assert error <= 1e-6
 
@@ -217,6 +218,7 @@ def test_non_contiguous_grads(rows, dtype, p):
     assert_per_tensor(gradclip.grad_norms(params, p), grads, p)
 
 
+@pytest.mark.usefixtures("two_threads")
 def test_non_contiguous_large_tensor_as_accurate_as_contiguous():
     grad = torch.randn(1500, 1500, generator=torch.Generator().manual_seed(0)) * 1e-3
     for g in (grad, grad.t(), grad[:, ::2]):
@@ -227,6 +229,7 @@ def test_non_contiguous_large_tensor_as_accurate_as_contiguous():
 
 @pytest.mark.parametrize("with_a_plan", [False, True])
 @pytest.mark.parametrize("p", [2.0, INF, 1.0, 0.5])
+@pytest.mark.usefixtures("two_threads")
 def test_large_tensors_with_or_without_a_plan(p, with_a_plan):
     """Fewer than MIN_CONCAT float32 tensors skip the plan (few_norms); either way a large
     tensor, contiguous or not, is measured as accurately (the max norm by aminmax)."""
@@ -247,8 +250,19 @@ def test_tiny_tensors_are_concatenated_only_when_many_for_their_group():
     too_few = tiny[1:] + [make_grad((5000,), torch.float32, seed=97 - i) for i in range(3)]
     assert planned(tiny) and planned(fits)
     assert not planned(outweighs) and not planned(too_few)
-    for grads in (fits, outweighs):
-        assert_per_tensor(gradclip.grad_norms(params_with_grads(grads)), grads, 2.0)
+    for grads in (fits, outweighs):  # the 1.6M-element tensor: torch's kernel, at one thread
+        assert_per_tensor(gradclip.grad_norms(params_with_grads(grads)), grads, 2.0, rtol=3e-5)
+
+
+def test_one_thread_measures_float32_as_torch_does():
+    """At one thread rows buy no parallelism: every float32 tensor, large ones included, goes
+    through torch's own kernel, and the norms are torch's, bit for bit."""
+    grads = [make_grad(shape, torch.float32, seed=i) for i, shape in
+             enumerate([(3000, 700), (4 * norms.ROWS_NUMEL + 5,), (700, 3000), (64,), (5, 9)])]  # fmt: skip
+    assert torch.get_num_threads() == 1
+    result = gradclip.grad_norms(params_with_grads(grads))
+    assert torch.equal(result.per_tensor, torch.stack(torch._foreach_norm(grads, 2.0)))
+    assert torch.equal(gradclip.get_total_norm(grads), tnu.get_total_norm(grads))
 
 
 @pytest.mark.parametrize("p", [2.0, INF, 1.0])
@@ -344,6 +358,7 @@ def test_zero_entries_for_p_le_0(p):
 # accuracy
 
 
+@pytest.mark.usefixtures("two_threads")
 def test_accuracy_ten_million_float32():
     grad = torch.randn(10_000_000, generator=torch.Generator().manual_seed(0)) * 1e-3
     exact = f64_norm(grad, 2.0)

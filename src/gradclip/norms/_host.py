@@ -41,13 +41,15 @@ __all__ = [
 
 SMALL_NUMEL = 32768
 """float16/bfloat16 tensors below this many elements are not split into rows (CPU)."""
-ROWS_NUMEL = 1 << 20
-"""float32/float64 tensors below this many elements are not split into rows (CPU): torch's
-own kernel errs there by at most ~1.3e-5 relative on random data (2e-6 under 2^18; 3e-3 at
-GPT-2's 38.6M-element embedding), and one multi-tensor call over them is what torch pays.
-Rows cost a kernel call and a row-norm vector per tensor: at one thread, where they buy no
-parallelism, rows from 2^18 left a 5.3M-parameter model's clip at 1.05-1.12x torch's, from
-2^20 at 0.96-1.00x (bench_small, interleaved)."""
+ROWS_NUMEL = 1 << 18
+"""float32/float64 tensors from this many elements are measured by rows (CPU) when torch runs
+more than one intra-op thread: the rows run on every core, where torch's 2-norm of one
+tensor runs on one, and accumulate over short runs (below this size torch's kernel errs by
+at most ~2e-6 relative on random data; 3e-3 at GPT-2's 38.6M-element embedding). bench_small
+at two threads, clip: GPT-2 small 0.71x torch with rows, 1.01x without. At one thread rows
+buy no parallelism and cost a call or two per tensor (~14 µs each when it runs cold between
+streamed gradients): one thread, clip, GPT-2 small 1.01x with rows from 2^20, 0.98x
+without. There every float32/float64 tensor goes through torch's own kernel, as in torch."""
 TINY_NUMEL = 2048
 """Tensors below this many elements are concatenated before they are measured (CPU); those
 from here to ``SMALL_NUMEL`` go through one ``_foreach_norm`` call (copying them would cost
@@ -79,10 +81,16 @@ vectorised pass at ~0.9x the read floor, where torch's ``vector_norm(ord=inf)`` 
 
 def large_numel(dtype: torch.dtype, p: float) -> int:
     """Tensors of at least this many elements are measured apart (CPU): by rows for a finite
-    ``p`` (see ``ROWS_NUMEL``), by ``aminmax`` for the max norm."""
+    ``p`` (see ``ROWS_NUMEL``: float32/float64 only with several threads), by ``aminmax`` for
+    the max norm."""
     if math.isinf(p):
         return AMINMAX_NUMEL
-    return SMALL_NUMEL if dtype in LOW_PRECISION else ROWS_NUMEL
+    if dtype in LOW_PRECISION:
+        return SMALL_NUMEL
+    return ROWS_NUMEL if torch.get_num_threads() > 1 else _NO_ROWS
+
+
+_NO_ROWS = 1 << 62
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
