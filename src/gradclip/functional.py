@@ -70,8 +70,7 @@ def _unique_grads(params: list[Tensor]) -> list[Tensor]:
     Eagerly the gradients alone are deduplicated: a parameter listed twice lists its gradient
     twice. While compiling gradients are not (see there), so the parameters are."""
     if _foreach.is_compiling():
-        grads = [p.grad for p in _foreach.distinct(params, lasting=True) if p.grad is not None]
-        return grads
+        return [p.grad for p in _foreach.distinct(params, lasting=True) if p.grad is not None]
     return _foreach.distinct([g for p in params if (g := p.grad) is not None], lasting=False)
 
 

@@ -12,12 +12,14 @@ How the pass runs, per (device, dtype) group:
     cache, into one buffer; tensors of equal size then form the rows of one 2-D view whose
     row norms are a single kernel (per-tensor kernel overhead, ~2-3 µs, is what dominates
     small tensors);
-  - large tensors (float32/float64 from ``ROWS_NUMEL`` = 2^20 elements, float16/bfloat16
-    from ``SMALL_NUMEL`` = 2^15) are viewed as rows of up to ``ROW_LENGTH`` elements: the
-    row norms run on every core and accumulate over short runs, so they are far more
-    accurate than torch's single-accumulator kernel (GPT-2: 3e-8 instead of 9e-4 relative
-    error); below that size torch's kernel errs by about 1e-5 or less on gradients, and a
-    rows view costs more than it saves at one thread;
+  - large tensors (float32/float64 from ``ROWS_NUMEL`` = 2^18 elements where torch runs
+    several threads, float16/bfloat16 from ``SMALL_NUMEL`` = 2^15) are viewed as rows of up
+    to ``ROW_LENGTH`` elements: the row norms run on every core and accumulate over short
+    runs, so they are far more accurate than torch's single-accumulator kernel (GPT-2: 3e-8
+    instead of 9e-4 relative error); below that size torch's kernel errs by about 1e-6 or
+    less on gradients. At one thread the rows would buy no parallelism and cost more calls
+    than they save: float32/float64 tensors are then measured by torch's kernel, as torch
+    measures them;
   - every other tensor, and the row norms of the large ones (whose norm is the tensor's),
     go through one ``_foreach_norm`` call; the inf norm of a tensor from ``AMINMAX_NUMEL``
     = 2^15 elements uses ``aminmax``, one vectorised pass (about 10x faster than

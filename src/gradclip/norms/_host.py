@@ -332,15 +332,6 @@ def _row_norms(
     short run), written into ``outs`` (rows, tail, both) when given; its norm alone (``acc``)
     when its elements have gaps; its max-abs for ``p = inf`` (``aminmax``: ~20x faster than
     ``vector_norm(ord=inf)``)."""
-    if outs is None and not math.isinf(p):
-        # The usual case (contiguous, and ``length`` divides it) in two torch calls, not five:
-        # every distinct call costs ~14 µs when it runs cold between streamed gradients.
-        try:
-            rows = t.view(-1, length)
-        except RuntimeError:  # gaps between elements, or a tail: below
-            rows = None
-        if rows is not None:
-            return torch.linalg.vector_norm(rows, p, dim=1)
     flat = _flat_view(t)
     if math.isinf(p):
         low, high = torch.aminmax(t if flat is None else flat)
