@@ -111,7 +111,6 @@ def compute(tensors: list[Tensor], p: float, foreach: bool | None) -> GradNorms:
         return empty_norms(p)
     groups = _foreach.group_by_device_dtype(tensors)
     _foreach.check_foreach(groups, foreach)
-    first_device = tensors[0].device
     # on the CPU outside compilation branching on a measured value is free
     compiling = _foreach.is_compiling()
     on_host = [not compiling and _foreach.is_host_device(device) for device, _ in groups]
@@ -122,6 +121,7 @@ def compute(tensors: list[Tensor], p: float, foreach: bool | None) -> GradNorms:
         per_tensor = vectors[0]
     else:
         acc = accumulation_dtype(dtype)
+        first_device = tensors[0].device
         stacked = torch.cat([v.to(device=first_device, dtype=acc) for v in vectors])
         order = tuple(i for _, indices in groups.values() for i in indices)
         per_tensor = torch.empty_like(stacked)
