@@ -5,8 +5,8 @@ overhead rows (one tensor of one element: the cost of a call; 100 such tensors: 
 cost per tensor). For each model, norm type (2, inf), mode (``noclip``: ``max_norm`` 10x the
 norm; ``clip``: 0.98x, every call clips) and ``foreach`` (None, False, True: the argument is
 passed to both functions) the harness (:func:`harness.run_grad_set`) times both functions
-on the same gradients, interleaved in one process, in an order that alternates which goes
-first, with repetitions during foreign CPU load dropped. One thread
+on the same gradients, interleaved in one process, each repetition in one order and then the
+other, with repetitions during foreign CPU load dropped. One thread
 (``torch.set_num_threads(1)``) unless ``--threads`` says otherwise: small models are
 where the Python around the kernels shows, and one thread keeps the kernels comparable.
 
