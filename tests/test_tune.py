@@ -18,11 +18,14 @@ from torch import nn
 import gradclip
 from gradclip.tune import (
     Candidate,
+    Round,
     SnapshotError,
     StepError,
+    Trial,
     log_grid,
     render_text,
 )
+from gradclip.tune.scoring import decide, rank, score, settled
 
 torch.set_num_threads(1)
 
@@ -491,3 +494,45 @@ def test_log_grid_spans_the_norms_with_round_values() -> None:
         assert all(str(v).lstrip("0.").rstrip("0.e+-123456789")[:1] in "13" for v in g)
     with pytest.raises(ValueError, match="candidates"):
         log_grid([math.nan, 0.0, math.inf])
+
+
+# --- the decision on synthetic rounds ----------------------------------------------------
+
+
+def _trial(name: str, losses: list[float]) -> Trial:
+    kind = name if name in ("adaptive", "none") else "fixed"
+    candidate = Candidate(kind, float(name) if kind == "fixed" else None)  # type: ignore[arg-type]
+    clipped = (kind != "none",) * len(losses)
+    return Trial(candidate, tuple(losses), (1.0,) * len(losses), clipped, False,
+                 score(losses, len(losses)), 0.0)  # fmt: skip
+
+
+def _rounds(curve: list[float], adaptive_gap: float) -> list[Round]:
+    """Round 1: 1, 3 and none run the same (they never clip) along ``curve``; 0.3 is 20% worse;
+    the default ``adaptive_gap`` worse. Round 2 disagrees (3 best, 1 within noise): a tie."""
+    noise = random.Random(0)
+    wobble = [v * (1 + 0.01 * noise.uniform(-1, 1)) for v in curve]
+    first = [_trial("adaptive", [v * (1 + adaptive_gap) for v in wobble]), _trial("0.3", [v * 1.2 for v in wobble]),
+             _trial("1", wobble), _trial("3", wobble), _trial("none", wobble)]  # fmt: skip
+    later = [v * 0.8 for v in wobble]
+    second = [_trial("1", [v * 1.002 for v in later]), _trial("3", later), _trial("none", [v * 1.001 for v in later])]
+    return [Round(1, 0, len(curve), tuple(first), *rank(first)),
+            Round(2, len(curve), len(curve), tuple(second), *rank(second))]  # fmt: skip
+
+
+def test_a_default_beaten_on_steady_training_gives_way_to_the_gentlest_tied_candidate() -> None:
+    flat = [2.0] * 40
+    rounds = _rounds(flat, adaptive_gap=0.3)
+    assert "adaptive" not in rounds[0].tied and settled(rounds[0].trial(rounds[0].best))
+    choice, best_fixed, confidence, statement = decide(rounds, (0.3, 1.0, 3.0))
+    assert (choice.name, confidence) == ("none", "tie") and "steady training" in statement
+    assert best_fixed is not None and best_fixed.name == "3"
+
+
+@pytest.mark.parametrize(("curve", "gap"), [
+    ([8.0 * 0.965**i for i in range(40)], 0.3),  # the start of training: the loss falls 4x
+    ([2.0] * 40, 0.001),                          # the default ties the best
+])  # fmt: skip
+def test_the_default_is_kept_at_the_start_of_training_or_when_it_ties(curve, gap) -> None:
+    choice, _, confidence, _ = decide(_rounds(curve, adaptive_gap=gap), (0.3, 1.0, 3.0))
+    assert (choice.name, confidence) == ("adaptive", "tie")

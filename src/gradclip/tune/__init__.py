@@ -26,8 +26,12 @@ reverse). The finder therefore
    best candidate of the first round ended (later in training), among the best candidates
    of the first round; the pick must hold there too;
 3. keeps :class:`~gradclip.AdaptiveClip` (whose warm-up makes it slow in any short run,
-   by design) when no fixed threshold is clearly better than its neighbours in both rounds:
-   the finder changes the default only when the evidence says so, and says how sure it is.
+   by design) when no fixed threshold is clearly better than its neighbours in both rounds,
+   unless the default lost beyond noise in round 1 on steady training (the best candidate's
+   loss moved by less than ``SETTLED`` = 1.5x across the round, so the start of training,
+   where the warm-up costs most, is not what was seen): then the gentlest of round 1's best
+   candidates (:func:`~gradclip.tune.scoring.decide`). The finder changes the default only
+   when the evidence says so, and says how sure it is.
 
 Everything the finder touches is restored exactly (the model's parameters, buffers and
 gradients, the optimizer, scheduler and GradScaler, the RNGs and the data generators you
@@ -64,6 +68,7 @@ from gradclip.tune.scoring import (
     CONFIRM,
     CONFIRM_CANDIDATES,
     PER_DECADE,
+    SETTLED,
     TAIL,
     TOLERANCE,
     Z,
@@ -79,6 +84,7 @@ __all__ = [
     "CONFIRM",
     "CONFIRM_CANDIDATES",
     "PER_DECADE",
+    "SETTLED",
     "TAIL",
     "TOLERANCE",
     "Candidate",

@@ -28,6 +28,7 @@ __all__ = [
     "CONFIRM_CANDIDATES",
     "DEFAULT_GRID",
     "PER_DECADE",
+    "SETTLED",
     "TAIL",
     "TOLERANCE",
     "Z",
@@ -37,6 +38,7 @@ __all__ = [
     "margin",
     "rank",
     "score",
+    "settled",
     "warnings_for",
 ]
 
@@ -58,6 +60,12 @@ CONFIRM_CANDIDATES = 3
 """How many of the first round's best fixed thresholds the confirmation round runs."""
 DEFAULT_GRID = 6
 """The size of :func:`log_grid`'s grid (3 decades, two points each), for the budget."""
+SETTLED = 1.5
+"""A round saw steady training when its best candidate's mean loss over its first quarter and
+over its last differ by less than this factor, either way. On the quality benchmark's tasks
+(acceptance-2026-12-05): 1.03-1.26x where the loss is flat within the first round, 3.5-44x at
+the start of training, where a short run over-weighs the default's warm-up (0.25x: a loss
+rising under heavy-tailed noise)."""
 
 
 def log_grid(
@@ -85,6 +93,21 @@ def log_grid(
             if median / below <= value <= median * above:
                 values.append(value)
     return tuple(values)
+
+
+def settled(trial: Trial) -> bool:
+    """Whether ``trial``'s loss changed by less than ``SETTLED`` over its round (mean of the
+    first quarter against the last): steady training, not its start. Never for losses <= 0.
+
+    Example:
+        >>> from gradclip.tune.results import Candidate, Trial
+        >>> flat = Trial(Candidate("none"), (2.0, 2.1, 1.9, 2.0), (), (), False, 2.0, 0.0)
+        >>> settled(flat), settled(Trial(flat.candidate, (9.0, 5.0, 3.0, 1.0), (), (), False, 1.7, 0.0))
+        (True, False)
+    """
+    q = max(1, len(trial.losses) // 4)
+    head, end = statistics.fmean(trial.losses[:q]), statistics.fmean(trial.losses[-q:])
+    return head > 0 and end > 0 and 1 / SETTLED < head / end < SETTLED
 
 
 def _tail(values: Sequence[float]) -> Sequence[float]:
@@ -161,12 +184,19 @@ def decide(
                 f"{best.name} beat every other candidate beyond noise in "
                 f"{'both rounds' if len(rounds) > 1 else 'the round'}")  # fmt: skip
     tied = sorted({n for r in rounds for n in r.tied}, key=_order)
-    fallback = adaptive if adaptive is not None else best
     why = (
         f"{', '.join(tied)} tie within noise"
         if agree
         else f"the rounds disagree ({', '.join(f'round {r.index}: {r.best}' for r in rounds)})"
     )
+    if adaptive is not None and "adaptive" not in first.tied and settled(first.trial(first.best)):
+        # The default lost beyond noise on steady training, where its warm-up is no excuse:
+        # of the candidates tied with the best, the one that clips least.
+        gentlest = first.trial(max(first.tied, key=_order)).candidate
+        return (gentlest, best_fixed, "tie",
+                f"{why}, and the default lost to them on steady training: keep the gentlest of "
+                f"round 1's best, {gentlest.name}")  # fmt: skip
+    fallback = adaptive if adaptive is not None else best
     return (fallback, best_fixed, "tie",
             f"{why}: no threshold is clearly best, keep {fallback.name}")  # fmt: skip
 
