@@ -312,6 +312,7 @@ def test_plan_cache_invalidated_by_changed_shapes():
         assert_per_tensor(gradclip.grad_norms(params_with_grads(grads)), grads, 2.0)
 
 
+@pytest.mark.usefixtures("two_threads")  # large rows only with several threads
 def test_results_do_not_alias_scratch_buffers():
     shapes = [(50,), (70,), (norms.ROWS_NUMEL + 7,)]
     for with_a_plan in (True, False):  # the plan's buffers, then a few tensors' (no plan)
@@ -370,6 +371,7 @@ def test_accuracy_ten_million_float32():
     assert ours_err < theirs_err
 
 
+@pytest.mark.usefixtures("two_threads")  # large rows only with several threads
 def test_threads_measuring_the_same_shapes_keep_their_own_row_buffers():
     """The large tensors' row norms go to a buffer per plan and per thread: two threads
     measuring different gradients of the same shapes at once never see each other's rows."""
