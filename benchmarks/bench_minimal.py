@@ -25,9 +25,9 @@ from torch import Tensor
 
 import gradclip
 import harness
-from bench_small import LADDER, _commit, _free_prefix
+from bench_small import LADDER
 from cases import make_grad_set
-from render import table
+from render import free_prefix, table
 
 __all__ = ["PAIRS", "main", "minimal_clip", "run"]
 
@@ -91,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     env = harness.env()
     text = "\n".join([
         "the smallest clip (minimal), torch's and gradclip's clip_grad_norm_: p=2, every call clips",
-        f"gradclip {env['gradclip']} ({_commit()}), torch {env['torch']}, 1 thread, "
+        f"gradclip {env['gradclip']} ({harness.commit()}), torch {env['torch']}, 1 thread, "
         f"{env['cpus']} CPUs ({env['cpu']}), wall {time.perf_counter() - start:.0f} s",
         "",
         *table(["model", "params", "ratio", "first us", "second us", "ratio [min-max]", "reps"], rows),
     ])  # fmt: skip
     print(text)
     if args.out is not None:
-        prefix = _free_prefix(args.out, f"minimal-{datetime.date.today().isoformat()}")
+        prefix = free_prefix(args.out, f"minimal-{datetime.date.today().isoformat()}")
         Path(f"{prefix}.txt").write_text(text + "\n")
         print(f"wrote {prefix}.txt", file=sys.stderr)
     return 0

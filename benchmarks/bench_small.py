@@ -27,7 +27,6 @@ import datetime
 import functools
 import json
 import math
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +37,7 @@ import torch
 import gradclip
 import harness
 from cases import GradSet, NamedShapes, gpt2_shapes, make_grad_set, mlp_shapes
-from render import jsonable, table
+from render import free_prefix, jsonable, table
 
 __all__ = ["FOREACH", "LADDER", "Model", "SmallRecord", "main", "render", "run"]
 
@@ -195,29 +194,6 @@ def _variant(s: SmallRecord) -> str:
     return f"p={harness.fmt_p(s.record.norm_type)} {s.record.mode} foreach={s.foreach}"
 
 
-def _commit() -> str:
-    """The git commit the run measured (``+dirty`` with uncommitted changes), or "?"."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                              capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def _free_prefix(folder: Path, stem: str) -> Path:
-    """``folder/stem``, or ``stem-2``, ``stem-3``, ...: never an existing result file."""
-    n = 1
-    while True:
-        prefix = folder / (stem if n == 1 else f"{stem}-{n}")
-        if not any(Path(f"{prefix}{ext}").exists() for ext in (".txt", ".json")):
-            return prefix
-        n += 1
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=[m.name for m in LADDER], metavar="M",
@@ -248,11 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                               min_rep_seconds=args.rep_seconds, max_calls_per_rep=5000)  # fmt: skip
     start = time.perf_counter()
     records = run(models, foreach, cfg, lambda line: print(line, file=sys.stderr, flush=True))
-    env = {**harness.env(), "commit": _commit(), "wall": f"{time.perf_counter() - start:.0f}"}
+    env = {**harness.env(), "commit": harness.commit(), "wall": f"{time.perf_counter() - start:.0f}"}
     text = render(records, env, models)
     print(text)
     if args.out is not None:
-        prefix = _free_prefix(args.out, f"small-{datetime.date.today().isoformat()}")
+        prefix = free_prefix(args.out, f"small-{datetime.date.today().isoformat()}")
         Path(f"{prefix}.txt").write_text(text + "\n")
         described = [{"name": m.name, "description": m.description} for m in models]
         data = {"env": env, "config": asdict(cfg), "models": described,

@@ -34,8 +34,10 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -62,6 +64,7 @@ __all__ = [
     "ClipFn",
     "ForeignLoad",
     "Progress",
+    "commit",
     "config",
     "env",
     "fmt_p",
@@ -296,6 +299,19 @@ def run_grad_set(
             record, norm = _measure(gs, p, mode, norm, floor_buf, cfg, ours, theirs)
             records.append(record)
     return records, accuracy
+
+
+def commit() -> str:
+    """The git commit the run measured (``+dirty`` with uncommitted changes), or "?"."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                              capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def env() -> dict[str, str]:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 from records import BenchResult, fmt_p
 from targets import TARGETS, check_targets
 
-__all__ = ["jsonable", "render", "table", "to_dict", "to_json"]
+__all__ = ["free_prefix", "jsonable", "render", "table", "to_dict", "to_json"]
 
 
 def jsonable(value: object) -> object:
@@ -54,6 +55,16 @@ def to_dict(result: BenchResult) -> dict[str, object]:
 def to_json(result: BenchResult) -> str:
     """``result`` as an indented JSON document (see :func:`to_dict`)."""
     return json.dumps(to_dict(result), indent=2)
+
+
+def free_prefix(folder: Path, stem: str) -> Path:
+    """``folder/stem``, or ``stem-2``, ``stem-3``, ...: never an existing result file."""
+    n = 1
+    while True:
+        prefix = folder / (stem if n == 1 else f"{stem}-{n}")
+        if not any(Path(f"{prefix}{ext}").exists() for ext in (".txt", ".json")):
+            return prefix
+        n += 1
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
