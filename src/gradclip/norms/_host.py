@@ -2,9 +2,11 @@
 values on the host is free on the CPU, so a plan may branch on sizes and results.
 
 Many tiny tensors are concatenated in cache-resident chunks and measured as the rows of one
-matrix; large ones are viewed as rows whose norms run on every core and accumulate over
-short runs (accuracy); the rest, and those row norms, go through one ``_foreach_norm``
-call; the inf norm of a large tensor uses ``aminmax``.
+matrix (when they are many for their group); large ones are viewed as rows whose norms run
+on every core and accumulate over short runs (float32/float64 only when torch runs several
+threads); the rest, and those row norms, go through one ``_foreach_norm`` call; the inf norm
+of a large tensor uses ``aminmax``. Groups with nothing to concatenate skip the plan
+(:func:`measure`).
 """
 
 from __future__ import annotations
