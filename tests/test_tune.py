@@ -499,10 +499,10 @@ def test_log_grid_spans_the_norms_with_round_values() -> None:
 # --- the decision on synthetic rounds ----------------------------------------------------
 
 
-def _trial(name: str, losses: list[float]) -> Trial:
+def _trial(name: str, losses: list[float], clips: bool | None = None) -> Trial:
     kind = name if name in ("adaptive", "none") else "fixed"
     candidate = Candidate(kind, float(name) if kind == "fixed" else None)  # type: ignore[arg-type]
-    clipped = (kind != "none",) * len(losses)
+    clipped = (kind != "none" if clips is None else clips,) * len(losses)
     return Trial(candidate, tuple(losses), (1.0,) * len(losses), clipped, False,
                  score(losses, len(losses)), 0.0)  # fmt: skip
 
@@ -536,3 +536,37 @@ def test_a_default_beaten_on_steady_training_gives_way_to_the_gentlest_tied_cand
 def test_the_default_is_kept_at_the_start_of_training_or_when_it_ties(curve, gap) -> None:
     choice, _, confidence, _ = decide(_rounds(curve, adaptive_gap=gap), (0.3, 1.0, 3.0))
     assert (choice.name, confidence) == ("adaptive", "tie")
+
+
+def _all_tied(curve: list[float], quiet: tuple[str, ...]) -> list[Round]:
+    """Round 1: every candidate within 0.1% of the others; those in ``quiet`` clipped no step."""
+    noise = random.Random(1)
+    wobble = [v * (1 + 0.01 * noise.uniform(-1, 1)) for v in curve]
+    names = ("adaptive", "0.3", "1", "3", "none")
+    first = [_trial(n, [v * (1 + 0.001 * i) for v in wobble], clips=n not in quiet and n != "none")
+             for i, n in enumerate(names)]  # fmt: skip
+    return [Round(1, 0, len(curve), tuple(first), *rank(first))]
+
+
+@pytest.mark.parametrize(("quiet", "guard"), [(("1", "3"), "1"), (("3",), "3"), ((), "none")])
+def test_when_every_candidate_ties_on_steady_training_the_lowest_that_never_clipped_is_kept(
+    quiet, guard
+) -> None:
+    rounds = _all_tied([2.0] * 40, quiet)
+    assert len(rounds[0].tied) == len(rounds[0].trials)
+    choice, _, confidence, statement = decide(rounds, (0.3, 1.0, 3.0))
+    assert (choice.name, confidence) == (guard, "tie")
+    assert "every candidate tied" in statement and "clipped none" in statement
+
+
+def test_an_all_round_tie_at_the_start_of_training_keeps_the_default() -> None:
+    falling = [8.0 * 0.965**i for i in range(40)]
+    rounds = _all_tied(falling, ("1", "3"))
+    assert len(rounds[0].tied) == len(rounds[0].trials) and not settled(rounds[0].trial(rounds[0].best))
+    assert decide(rounds, (0.3, 1.0, 3.0))[0].name == "adaptive"
+
+
+def test_one_candidate_alone_is_not_a_tie_of_every_candidate() -> None:
+    only = [_trial("0.3", [2.0] * 40, clips=True)]
+    choice, _, confidence, _ = decide([Round(1, 0, 40, tuple(only), *rank(only))], (0.3,))
+    assert (choice.name, confidence) == ("0.3", "clear")

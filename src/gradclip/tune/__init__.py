@@ -30,8 +30,13 @@ reverse). The finder therefore
    unless the default lost beyond noise in round 1 on steady training (the best candidate's
    loss moved by less than ``SETTLED`` = 1.5x across the round, so the start of training,
    where the warm-up costs most, is not what was seen): then the gentlest of round 1's best
-   candidates (:func:`~gradclip.tune.scoring.decide`). The finder changes the default only
-   when the evidence says so, and says how sure it is.
+   candidates (:func:`~gradclip.tune.scoring.decide`);
+4. when every candidate of round 1 ties on steady training (the default and no clipping
+   included: within the horizon the threshold made no difference, as with AdamW on a
+   well-behaved model), keeps the lowest threshold that clipped none of its steps: it
+   changes nothing that was measured and still cuts a spike beyond the horizon.
+
+The finder changes the default only when the evidence says so, and says how sure it is.
 
 Everything the finder touches is restored exactly (the model's parameters, buffers and
 gradients, the optimizer, scheduler and GradScaler, the RNGs and the data generators you

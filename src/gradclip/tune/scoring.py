@@ -166,6 +166,14 @@ def rank(
 def decide(
     rounds: list[Round], grid: Sequence[float]
 ) -> tuple[Candidate, Candidate | None, Literal["clear", "tie", "diverged"], str]:
+    """The pick, the best fixed threshold of the last round, the confidence and a statement.
+
+    In order: every candidate diverged (the one that lasted longest); one candidate best
+    beyond noise in every round (it); every candidate of round 1 tied on steady training
+    (the lowest that clipped none of its steps); the default lost beyond noise on steady
+    training (the gentlest of round 1's best); otherwise the default (or the best, without
+    one). :mod:`gradclip.tune` explains each guard.
+    """
     first = rounds[0]
     usable = [t for t in first.trials if not t.diverged]
     adaptive = next((t.candidate for t in first.trials if t.candidate.kind == "adaptive"), None)
@@ -189,7 +197,18 @@ def decide(
         if agree
         else f"the rounds disagree ({', '.join(f'round {r.index}: {r.best}' for r in rounds)})"
     )
-    if adaptive is not None and "adaptive" not in first.tied and settled(first.trial(first.best)):
+    steady = settled(first.trial(first.best))
+    quiet = [t.candidate for t in first.trials if t.candidate.kind != "adaptive" and t.clip_rate == 0]
+    if steady and quiet and len(first.trials) > 1 and len(first.tied) == len(first.trials):
+        # Every candidate tied on steady training: within the horizon the threshold made no
+        # difference. Clip least, as no clipping would, yet keep a threshold that cuts a
+        # spike beyond the horizon: the lowest one that clipped none of its steps.
+        guard = min(quiet, key=lambda c: _order(c.name))
+        return (guard, best_fixed, "tie",
+                f"every candidate tied on steady training (clipping made no measurable "
+                f"difference): keep {guard.name}, the lowest that clipped none of the "
+                f"{first.steps} steps, a guard against spikes beyond them")  # fmt: skip
+    if adaptive is not None and "adaptive" not in first.tied and steady:
         # The default lost beyond noise on steady training, where its warm-up is no excuse:
         # of the candidates tied with the best, the one that clips least.
         gentlest = first.trial(max(first.tied, key=_order)).candidate
