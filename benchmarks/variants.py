@@ -30,10 +30,9 @@ from typing import Any
 import torch
 
 import gradclip
-from acceptance import FIXED, _optimizer
+from acceptance import FIXED, TASKS, _optimizer
 from bench_quality import ratio
 from gradclip.demo.runner import run
-from gradclip.demo.search import SEARCHABLE
 
 __all__ = ["Row", "compare", "main", "render", "train"]
 
@@ -105,7 +104,7 @@ def render(rows: list[Row], options: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("options", help='AdaptiveClip keyword arguments as JSON, e.g. \'{"window": 64}\'')
-    parser.add_argument("--tasks", nargs="+", choices=list(SEARCHABLE),
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS),
                         help="default: the tasks of the saved result")
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--jobs", type=int, default=2)

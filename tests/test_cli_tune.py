@@ -50,7 +50,6 @@ def test_tune_json(capsys):
         (["--budget", "2"], "expected a fraction in (0, 1]"),
         (["--horizon", "0"], "expected a positive integer"),
         (["--task", "nope"], "invalid choice"),
-        (["--task", "muon-adamw"], "invalid choice"),  # two optimizers: not the finder's
     ],
 )
 def test_bad_arguments_exit_2(args, message, capsys):

@@ -570,3 +570,89 @@ def test_one_candidate_alone_is_not_a_tie_of_every_candidate() -> None:
     only = [_trial("0.3", [2.0] * 40, clips=True)]
     choice, _, confidence, _ = decide([Round(1, 0, 40, tuple(only), *rank(only))], (0.3,))
     assert (choice.name, confidence) == ("0.3", "clear")
+
+
+# --- several optimizers (Muon for the matrices, AdamW for the rest) ----------------------
+
+
+def _muon_adamw(model: nn.Module):
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    rest = [p for p in model.parameters() if p.dim() != 2]
+    muon = torch.optim.Muon(matrices, lr=0.02)
+    adamw = torch.optim.AdamW(rest, lr=0.01)
+    scheds = [torch.optim.lr_scheduler.StepLR(muon, step_size=3, gamma=0.5),
+              torch.optim.lr_scheduler.ExponentialLR(adamw, gamma=0.9)]  # fmt: skip
+    return muon, adamw, scheds
+
+
+def _two_stepper(model, optimizers, scheds):
+    def train_step(batch, clip):
+        x, y = batch
+        for o in optimizers:
+            o.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        clip.step(model, optimizers)  # Muon's groups left out, AdamW's clipped; both stepped
+        for s in scheds:
+            s.step()
+        return loss
+
+    return train_step
+
+
+@pytest.mark.filterwarnings("ignore:.*out of the norm and the clip")
+def test_two_optimizers_and_their_schedulers_are_restored_and_replayed_as_torch() -> None:
+    model, _, _, batches = make()
+    muon, adamw, scheds = _muon_adamw(model)
+    step = _two_stepper(model, [muon, adamw], scheds)
+    for b in batches[:4]:  # real steps first: both optimizers and schedulers have state
+        step(b, gradclip.tune.TrialClip(gradclip.NormClip(1.0), Candidate("fixed", 1.0)))
+    start = (copy.deepcopy(model), copy.deepcopy(muon.state_dict()), copy.deepcopy(adamw.state_dict()),
+             [copy.deepcopy(s.state_dict()) for s in scheds], torch.get_rng_state())  # fmt: skip
+    search = gradclip.find_max_norm(model, [muon, adamw], step, batches, horizon=6,
+                                    candidates=[0.05, 1.0], scheduler=scheds)  # fmt: skip
+    assert _equal(muon.state_dict(), start[1]) and _equal(adamw.state_dict(), start[2])
+    assert [s.state_dict() for s in scheds] == start[3]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start[0].parameters(), strict=True))
+    assert search.adaptive["optimizer"] == [muon, adamw]
+    # each fixed candidate, replayed by hand: torch's clip on the AdamW parameters alone
+    for trial in search.rounds[0].trials:
+        if trial.candidate.kind != "fixed":
+            continue
+        m = copy.deepcopy(start[0])
+        mu, ad, ss = _muon_adamw(m)
+        mu.load_state_dict(copy.deepcopy(start[1]))
+        ad.load_state_dict(copy.deepcopy(start[2]))
+        for s, saved in zip(ss, start[3], strict=True):
+            s.load_state_dict(copy.deepcopy(saved))
+        torch.set_rng_state(start[4])
+        for (x, y), loss in zip(batches[:6], trial.losses, strict=True):
+            mu.zero_grad()
+            ad.zero_grad()
+            ref = nn.functional.mse_loss(m(x), y)
+            ref.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.dim() != 2],
+                                           trial.candidate.max_norm)  # fmt: skip
+            mu.step()
+            ad.step()
+            for s in ss:
+                s.step()
+            assert ref.item() == loss
+
+
+@pytest.mark.parametrize(("optimizers", "error", "match"), [
+    ([], TypeError, "an empty list"),
+    (["adam"], TypeError, "str"),
+    ("twice", ValueError, "twice"),
+])  # fmt: skip
+def test_a_bad_list_of_optimizers_is_refused_before_anything_runs(optimizers, error, match) -> None:
+    model, opt, sched, batches = make()
+    warm_up(model, opt, sched, batches)
+    before = state_of(model, opt, sched)
+    listed = [opt, opt] if optimizers == "twice" else optimizers
+    with pytest.raises(error, match=match):
+        gradclip.find_max_norm(model, listed, stepper(model, opt), batches, horizon=2)
+    with pytest.raises(TypeError, match="scheduler"):
+        gradclip.find_max_norm(model, [opt], stepper(model, opt), batches, horizon=2,
+                               scheduler=[sched, object()])  # fmt: skip
+    assert_same(state_of(model, opt, sched), before)

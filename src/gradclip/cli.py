@@ -317,10 +317,10 @@ def _fraction(text: str) -> float:
 
 
 def _tune_arguments(parser: argparse.ArgumentParser) -> None:
-    from gradclip.demo.search import SEARCHABLE  # every task with one optimizer
+    from gradclip.demo.tasks import TASKS
 
-    parser.add_argument("--task", default="rnn-addition/violent", choices=list(SEARCHABLE),
-                        metavar="TASK", help=f"one of {', '.join(SEARCHABLE)} (default: %(default)s)")
+    parser.add_argument("--task", default="rnn-addition/violent", choices=list(TASKS),
+                        metavar="TASK", help=f"one of {', '.join(TASKS)} (default: %(default)s)")
     parser.add_argument("--seed", type=_natural_int, default=0, help="run seed (default 0)")
     parser.add_argument("--budget", type=_fraction, default=0.2, metavar="F",
                         help="the search's cost, as a fraction of the task's training run "

@@ -1,17 +1,19 @@
-"""The finder on the embedded tasks: which tasks it runs on."""
+"""The finder on the embedded tasks, the one with two optimizers included."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from gradclip.demo.search import SEARCHABLE, search_task
-from gradclip.demo.tasks import TASKS
-
-
-def test_every_task_with_one_optimizer_is_searchable():
-    assert [k for k in TASKS if k not in SEARCHABLE] == ["muon-adamw"]
+from gradclip.demo.search import search_task
 
 
-def test_a_task_with_two_optimizers_is_refused_before_anything_runs():
-    with pytest.raises(ValueError, match=r"'muon-adamw' steps two optimizers.*one of rnn-addition"):
-        search_task("muon-adamw", horizon=2, candidates=[1.0])
+@pytest.mark.filterwarnings("ignore:.*out of the norm and the clip")
+def test_the_task_with_two_optimizers_is_searched_with_both():
+    search = search_task("muon-adamw", horizon=3, candidates=[0.1, 1.0])
+    assert [len(r.trials) for r in search.rounds] == [4, 3]   # round 2: the three fixed ones (none counts)
+    assert search.cost.steps == 4 * 3 + 3 * 2
+    muon, adamw = search.adaptive["optimizer"]
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert all(len(t.losses) == 3 and all(map(torch.isfinite, map(torch.tensor, t.losses)))
+               for t in search.rounds[0].trials)  # fmt: skip

@@ -19,22 +19,11 @@ from typing import Any
 
 import torch
 
-from gradclip.demo.problems import MuonConfig, build_problem
-from gradclip.demo.tasks import TASKS, Task, resolve
+from gradclip.demo.problems import MuonAdamW, build_problem
+from gradclip.demo.tasks import Task, resolve
 from gradclip.tune import CONFIRM, MaxNormSearch, TrialClip, find_max_norm
 
-__all__ = ["SEARCHABLE", "search_task"]
-
-
-def _one_optimizer(task: Task) -> bool:
-    """Whether ``task`` trains with one ``torch.optim.Optimizer``, as the finder needs:
-    ``muon-adamw`` steps two (Muon and AdamW, :class:`~gradclip.demo.problems.MuonAdamW`)."""
-    return not isinstance(task.config, MuonConfig)
-
-
-SEARCHABLE: tuple[str, ...] = tuple(key for key, task in TASKS.items() if _one_optimizer(task))
-"""The tasks :func:`search_task` runs: every task but ``muon-adamw``, whose two optimizers
-the finder's snapshot does not take (it restores one ``torch.optim.Optimizer``)."""
+__all__ = ["search_task"]
 
 
 def search_task(
@@ -60,30 +49,24 @@ def search_task(
         progress: called with one line per trial.
         options: passed on to :func:`gradclip.find_max_norm`.
 
-    Raises:
-        ValueError: ``task`` trains with more than one optimizer (``muon-adamw``; see
-            :data:`SEARCHABLE`).
+    ``muon-adamw`` steps Muon and AdamW as one (:class:`~gradclip.demo.problems.MuonAdamW`):
+    the finder gets the two optimizers, as a user passes ``[muon, adamw]``.
     """
     spec = resolve(task)
-    if not _one_optimizer(spec):
-        raise ValueError(
-            f"task {spec.key!r} steps two optimizers (Muon and AdamW); the finder takes one "
-            f"torch.optim.Optimizer: pick one of {', '.join(SEARCHABLE)}"
-        )
     problem = build_problem(spec.config, seed, spec.steps, torch.device(device))
     model, optimizer = problem.model, problem.optimizer
+    optimizers = list(optimizer.optimizers) if isinstance(optimizer, MuonAdamW) else optimizer
 
     def train_step(index: int, clip: TrialClip) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         loss = problem.loss(index)
         loss.backward()
-        clip(model)
-        optimizer.step()
+        clip.step(model, optimizer)  # clip, then step, as the runner trains (Muon's groups left out)
         problem.after_step(index)  # the learning-rate schedule, where the task has one
         return loss
 
     return find_max_norm(
-        model, optimizer, train_step, range(int(spec.steps * (1 + CONFIRM))),
+        model, optimizers, train_step, range(int(spec.steps * (1 + CONFIRM))),
         horizon=horizon, run_steps=spec.steps, budget=budget, candidates=candidates,
         scheduler=getattr(problem, "scheduler", None), generators=[problem.gen],
         progress=progress, **options,

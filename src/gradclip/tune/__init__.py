@@ -39,9 +39,9 @@ reverse). The finder therefore
 The finder changes the default only when the evidence says so, and says how sure it is.
 
 Everything the finder touches is restored exactly (the model's parameters, buffers and
-gradients, the optimizer, scheduler and GradScaler, the RNGs and the data generators you
-name): training continues as if the finder had never run, except for the batches an
-iterator gave it. See :mod:`gradclip.tune.snapshot`.
+gradients, the optimizers (several, as ``[muon, adamw]``), schedulers and GradScaler, the
+RNGs and the data generators you name): training continues as if the finder had never run,
+except for the batches an iterator gave it. See :mod:`gradclip.tune.snapshot`.
 
 Example:
     >>> import torch, gradclip

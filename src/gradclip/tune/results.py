@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from gradclip.clippers import AdaptiveClip, Clipper, NormClip
@@ -170,7 +170,8 @@ class MaxNormSearch:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (non-finite floats as strings)."""
-        data = asdict(self)
+        # without `adaptive` (the optimizers): asdict would deep-copy their state
+        data = asdict(replace(self, adaptive={}))
         data.pop("adaptive")
         return _json_ready(data)  # type: ignore[no-any-return]
 

@@ -178,7 +178,7 @@ def _check_candidates(candidates: object) -> tuple[Candidate, ...]:
 
 def find_max_norm(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     step: Callable[[Any, TrialClip], object],
     batches: Iterable[Any],
     *,
@@ -212,6 +212,9 @@ def find_max_norm(
 
     Args:
         model, optimizer: what is trained; both are restored exactly afterwards.
+            ``optimizer`` may be a list of the optimizers one step steps (``[muon, adamw]``):
+            each is restored, and the adaptive default fits them all (as
+            ``AdaptiveClip(optimizer=[muon, adamw])``).
         step: ``step(batch, clip) -> loss`` (a 0-dim tensor or float), one training step
             that calls ``clip(...)`` (a :class:`TrialClip`) once between ``backward()`` and
             ``optimizer.step()``.
@@ -228,7 +231,8 @@ def find_max_norm(
             seen under the adaptive default.
         include_none, include_adaptive: also try no clipping / the adaptive default.
         confirm: run the confirmation round (default True).
-        scheduler: an LR scheduler your step advances (restored with the optimizer).
+        scheduler: an LR scheduler your step advances, or a list of them (restored with
+            the optimizers).
         scaler: a ``torch.amp.GradScaler`` your step uses (restored).
         generators: ``torch.Generator`` objects your step draws data or noise from
             (restored before each trial, so each sees the same draws). The global RNGs
@@ -250,10 +254,15 @@ def find_max_norm(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
+    optimizers = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+    if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
+        got = ", ".join(type(o).__name__ for o in optimizers) or "an empty list"
         raise TypeError(
-            f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            f"`optimizer` must be a torch.optim.Optimizer or a list of them (the ones your "
+            f"step steps, e.g. [muon, adamw]), got {got}"
         )
+    if len({id(o) for o in optimizers}) != len(optimizers):
+        raise ValueError("`optimizer` lists one optimizer twice; list each once")
     if not callable(step):
         raise TypeError(f"`step` must be callable as step(batch, clip), got {type(step).__name__}")
     if isinstance(batches, str | bytes) or not isinstance(batches, Iterable):
@@ -286,8 +295,11 @@ def find_max_norm(
             raise ValueError(f"`snapshot` must be 'cpu', 'disk' or an existing folder, got {snapshot!r}")
     else:
         raise TypeError(f"`snapshot` must be 'cpu', 'disk' or a folder path, got {type(snapshot).__name__}")
-    for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
-        if obj is not None and not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+    schedulers = (list(scheduler) if isinstance(scheduler, list | tuple)
+                  else [] if scheduler is None else [scheduler])  # fmt: skip
+    scalers = [] if scaler is None else [scaler]
+    for name, obj in (*(("scheduler", s) for s in schedulers), *(("scaler", s) for s in scalers)):
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
             raise TypeError(f"`{name}` must have state_dict() and load_state_dict(), got "
                             f"{type(obj).__name__}")  # fmt: skip
     gens = tuple(generators)
@@ -296,9 +308,10 @@ def find_max_norm(
             raise TypeError(f"`generators` must hold torch.Generator objects, got {type(g).__name__}")
 
     started = time.perf_counter()
-    adaptive = {"optimizer": optimizer}  # the default, as it would train this optimizer
+    # the default, as it would train these optimizers
+    adaptive = {"optimizer": optimizers if len(optimizers) > 1 else optimizers[0]}
     stream = _Stream(batches)
-    origin = capture(model, optimizer, scheduler=scheduler, scaler=scaler, generators=gens,
+    origin = capture(model, optimizers, scheduler=schedulers, scaler=scaler, generators=gens,
                      disk=disk)  # fmt: skip
     leader: Snapshot | None = None
     trials1: list[Trial] = []
@@ -333,7 +346,7 @@ def find_max_norm(
                 if confirm:  # where the best candidate ended: the confirmation round's start
                     if leader is not None:
                         leader.close()
-                    leader = capture(model, optimizer, scheduler=scheduler, scaler=scaler,
+                    leader = capture(model, optimizers, scheduler=schedulers, scaler=scaler,
                                      generators=gens, disk=disk)  # fmt: skip
         if not norms:
             norms = trials1[0].norms

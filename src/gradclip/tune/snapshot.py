@@ -1,4 +1,4 @@
-"""A restorable copy of a training state: model, optimizer, scheduler, GradScaler and RNGs.
+"""A restorable copy of a training state: model, optimizers, schedulers, GradScaler and RNGs.
 
 :func:`gradclip.find_max_norm` trains the same model several times from the same state; this
 module takes that state once (:func:`capture`) and puts it back, bit for bit, as often as
@@ -10,11 +10,12 @@ Restored in place, so that every reference the user holds stays valid:
 
 * every parameter and buffer of the model (``copy_`` into the same tensor) and every
   ``.grad`` (the same gradient object when there was one, ``None`` when there was none);
-* the optimizer's ``state`` and ``param_groups`` (the same dict objects, refilled with
+* each optimizer's ``state`` and ``param_groups`` (the same dict objects, refilled with
   copies of the saved values, each on its own device and dtype: no cast, unlike
   ``Optimizer.load_state_dict``, which casts state to the parameter's dtype), and its plain
-  attributes (counters, flags);
-* the scheduler and the GradScaler through their ``state_dict`` / ``load_state_dict``;
+  attributes (counters, flags); several optimizers (Muon for the matrices, AdamW for the
+  rest) are each restored so;
+* the schedulers and the GradScaler through their ``state_dict`` / ``load_state_dict``;
 * the global RNGs (torch CPU and CUDA, ``random``, NumPy's when it is imported) and any
   ``torch.Generator`` the data is drawn from.
 
@@ -43,7 +44,7 @@ import os
 import random
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,21 +181,22 @@ class Snapshot:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
+        optimizers: tuple[torch.optim.Optimizer, ...],
+        schedulers: tuple[Any, ...],
         scaler: Any,
         generators: tuple[torch.Generator, ...],
         disk: str | os.PathLike[str] | bool,
     ):
-        self._model, self._optimizer = model, optimizer
-        self._scheduler, self._scaler, self._generators = scheduler, scaler, generators
+        self._model, self._optimizers = model, optimizers
+        self._schedulers, self._scaler, self._generators = schedulers, scaler, generators
         self._params = list(model.parameters())
         self._tensors = self._params + list(model.buffers())
         self._grad_objects = [p.grad for p in self._params]
-        self._opt_params = _params(optimizer)
-        opt_state = [dict(optimizer.state[p]) if p in optimizer.state else None
-                     for p in self._opt_params]  # fmt: skip
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        self._opt_params = [_params(opt) for opt in optimizers]
+        opt_state = [[dict(opt.state[p]) if p in opt.state else None for p in params]
+                     for opt, params in zip(optimizers, self._opt_params, strict=True)]  # fmt: skip
+        groups = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+                  for opt in optimizers]  # fmt: skip
         self._placement = {
             "tensors": [(t.device, t.dtype) for t in self._tensors],
             "grads": [None if g is None else (g.device, g.dtype) for g in self._grad_objects],
@@ -208,11 +210,9 @@ class Snapshot:
             "groups": _to_cpu(groups),
         }
         self.nbytes = sum(t.numel() * t.element_size() for t in _leaves(payload))
-        self._attrs = {k: copy.deepcopy(v) for k, v in vars(optimizer).items()
-                       if k not in _OPTIMIZER_OWN and _is_plain(v)}  # fmt: skip
-        self._scheduler_state = (
-            None if scheduler is None else copy.deepcopy(scheduler.state_dict())
-        )
+        self._attrs = [{k: copy.deepcopy(v) for k, v in vars(opt).items()
+                        if k not in _OPTIMIZER_OWN and _is_plain(v)} for opt in optimizers]  # fmt: skip
+        self._scheduler_states = [copy.deepcopy(s.state_dict()) for s in schedulers]
         self._scaler_state = (
             None if scaler is None or not scaler.is_enabled() else scaler.state_dict()
         )
@@ -251,29 +251,36 @@ class Snapshot:
                     p.grad = obj.copy_(saved)  # the same object: views into it stay views
                 else:  # resized behind our back: a fresh tensor with the saved values
                     p.grad = saved.to(device=where[0], dtype=where[1], copy=True)
-        opt = self._optimizer
-        opt.state.clear()
-        for p, saved, where in zip(self._opt_params, payload["opt_state"], place["opt_state"],
-                                   strict=True):  # fmt: skip
-            if saved is not None:
-                opt.state[p] = _back(saved, where)
-        for group, saved, where in zip(opt.param_groups, payload["groups"], place["groups"],
-                                       strict=True):  # fmt: skip
-            for key in [k for k in group if k != "params" and k not in saved]:
-                del group[key]
-            group.update(_back(saved, where))
-        for key in [k for k in vars(opt) if k not in _OPTIMIZER_OWN and _is_plain(vars(opt)[k])]:
-            if key not in self._attrs:
-                delattr(opt, key)
-        for key, value in self._attrs.items():
-            setattr(opt, key, copy.deepcopy(value))
-        if self._scheduler is not None:
-            self._scheduler.load_state_dict(copy.deepcopy(self._scheduler_state))
+        for i, opt in enumerate(self._optimizers):
+            self._restore_optimizer(opt, self._opt_params[i], payload["opt_state"][i],
+                                    place["opt_state"][i], payload["groups"][i],
+                                    place["groups"][i], self._attrs[i])  # fmt: skip
+        for scheduler, state in zip(self._schedulers, self._scheduler_states, strict=True):
+            scheduler.load_state_dict(copy.deepcopy(state))
         if self._scaler_state is not None:
             self._scaler.load_state_dict(dict(self._scaler_state))
         _set_rng_state(self._rng)
         for g, state in zip(self._generators, self._generator_states, strict=True):
             g.set_state(state)
+
+    @staticmethod
+    def _restore_optimizer(
+        opt: torch.optim.Optimizer, params: list[Tensor], state: list[Any], state_where: list[Any],
+        groups: list[dict[str, Any]], groups_where: list[Any], attrs: dict[str, Any],
+    ) -> None:
+        opt.state.clear()
+        for p, saved, where in zip(params, state, state_where, strict=True):
+            if saved is not None:
+                opt.state[p] = _back(saved, where)
+        for group, saved, where in zip(opt.param_groups, groups, groups_where, strict=True):
+            for key in [k for k in group if k != "params" and k not in saved]:
+                del group[key]
+            group.update(_back(saved, where))
+        for key in [k for k in vars(opt) if k not in _OPTIMIZER_OWN and _is_plain(vars(opt)[k])]:
+            if key not in attrs:
+                delattr(opt, key)
+        for key, value in attrs.items():
+            setattr(opt, key, copy.deepcopy(value))
 
     def close(self) -> None:
         """Free the saved tensors (and remove the file of a disk snapshot)."""
@@ -315,7 +322,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def capture(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     *,
     scheduler: Any = None,
     scaler: Any = None,
@@ -323,16 +330,22 @@ def capture(
     disk: str | os.PathLike[str] | bool = False,
 ) -> Snapshot:
     """Snapshot the training state (see the module doc); raises :class:`SnapshotError`,
-    before copying anything, when the optimizer holds state the snapshot cannot restore.
+    before copying anything, when an optimizer holds state the snapshot cannot restore.
 
     Args:
         model: its parameters, buffers and gradients are saved.
-        optimizer: its ``state``, ``param_groups`` and plain attributes are saved.
-        scheduler: an LR scheduler (anything with ``state_dict`` / ``load_state_dict``).
+        optimizer: an optimizer, or a list of them (``[muon, adamw]``): the ``state``,
+            ``param_groups`` and plain attributes of each are saved.
+        scheduler: an LR scheduler (anything with ``state_dict`` / ``load_state_dict``), or
+            a list of them (one per optimizer).
         scaler: a ``torch.amp.GradScaler``.
         generators: ``torch.Generator`` objects the data is drawn from.
         disk: False (default) keeps the copy in CPU memory; True writes it to a temporary
             file, a folder path writes it there.
     """
-    check_optimizer(optimizer)
-    return Snapshot(model, optimizer, scheduler, scaler, tuple(generators), disk)
+    optimizers = tuple(optimizer) if isinstance(optimizer, list | tuple) else (optimizer,)
+    schedulers = (() if scheduler is None else
+                  tuple(scheduler) if isinstance(scheduler, list | tuple) else (scheduler,))  # fmt: skip
+    for opt in optimizers:
+        check_optimizer(opt)
+    return Snapshot(model, optimizers, schedulers, scaler, tuple(generators), disk)
