@@ -11,7 +11,9 @@ at ``c*`` would see), and prints ``c*/m`` and the band of thresholds within 1.1x
 trained by one kind of optimizer (SGD-like, or one that normalises its update: the split
 ``AdaptiveClip(optimizer=...)`` makes) do not overlap, no multiple of the median norm passes
 both. (``m`` is measured under ``c*`` only: the norms under the other thresholds differ, so
-the band's ends are approximate; its centre is not.)
+the band's ends are approximate; its centre is not.) For SGD-like optimizers it also prints
+``lr·c*/‖θ₀‖``, the best threshold as the size of a clipped step against the initial weights:
+what a rule on the update size, rather than the norms, would have to hold constant.
 
 Example:
     python benchmarks/spread.py --against benchmarks/results/acceptance-2026-12-05-2.json
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -51,6 +54,15 @@ class Band:
     median_norm: float
     good: tuple[float, ...]
     kind: str
+    weights: float
+
+    @property
+    def step_ratio(self) -> float | None:
+        """``lr·c*/‖θ₀‖``: a clipped SGD step against the initial weights (momentum aside);
+        None for an optimizer that normalises its update, or weights initialised at zero."""
+        if self.kind != "SGD-like" or self.weights == 0:
+            return None
+        return self.lr * self.best / self.weights
 
     @property
     def multiple(self) -> float:
@@ -98,19 +110,23 @@ def bands(saved: dict[str, Any], tasks: list[str], seeds: int, jobs: int) -> lis
         optimizer = _optimizer(t)
         median = statistics.median(m for task, _, m in results if task == t)
         kind = "normalising (Adam family)" if normalises(optimizer) else "SGD-like"
+        weights = math.sqrt(math.fsum(float(p.detach().double().pow(2).sum())
+                                      for g in optimizer.param_groups for p in g["params"]))  # fmt: skip
         out.append(Band(t, type(optimizer).__name__, optimizer.param_groups[0]["lr"], best[t],
-                        median, judged[t][1], kind))  # fmt: skip
+                        median, judged[t][1], kind, weights))  # fmt: skip
     return out
 
 
 def render(rows: list[Band]) -> str:
     """One line per task, then, per optimizer, whether one multiple fits every band."""
     lines = ["task                    optimizer  lr        best c*  median norm m  c*/m    "
-             "within 1.1x, as multiples of m"]  # fmt: skip
+             "lr·c*/|θ0|  within 1.1x, as multiples of m"]  # fmt: skip
     for b in rows:
         band = f"{min(b.good) / b.median_norm:.3g} to {max(b.good) / b.median_norm:.3g}"
-        lines.append(f"{b.task:22}  {b.optimizer:9}  {b.lr:<8g}  {b.best:<7g}  {b.median_norm:<13.3g}"
-                     f"  {b.multiple:<6.3g}  {band}  ({len(b.good)} of {len(FIXED)} thresholds)")  # fmt: skip
+        ratio = "-" if b.step_ratio is None else f"{b.step_ratio:.3g}"
+        lines.append(f"{b.task:22}  {b.optimizer:9}  {b.lr:<8.3g}  {b.best:<7g}  {b.median_norm:<13.3g}"
+                     f"  {b.multiple:<6.3g}  {ratio:<10}  {band}  ({len(b.good)} of {len(FIXED)} "
+                     "thresholds)")  # fmt: skip
     for kind in dict.fromkeys(b.kind for b in rows):
         same = [b for b in rows if b.kind == kind]
         low = max(min(b.good) / b.median_norm for b in same)
@@ -119,6 +135,10 @@ def render(rows: list[Band]) -> str:
                    else f"no multiple fits all {len(same)} (the bands' highest floor {low:.3g} "
                         f"lies above their lowest ceiling {high:.3g})")  # fmt: skip
         lines.append(f"{kind}: {verdict}")
+    ratios = [b.step_ratio for b in rows if b.step_ratio is not None]
+    if ratios:
+        lines.append(f"lr·c*/|θ0| (SGD-like, weights not initialised at zero): {min(ratios):.3g} "
+                     f"to {max(ratios):.3g}, a factor {max(ratios) / min(ratios):.3g}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ def test_the_sweep_takes_only_complete_fixed_rows_of_the_task():
 
 
 def _band(task: str, kind: str, median: float, good: tuple[float, ...]) -> spread.Band:
-    return spread.Band(task, "SGD", 0.1, good[0], median, good, kind)
+    return spread.Band(task, "SGD", 0.1, good[0], median, good, kind, 2.0)
 
 
 def test_the_verdict_says_whether_one_multiple_fits_every_task_of_a_kind():
@@ -39,3 +39,12 @@ def test_the_verdict_says_whether_one_multiple_fits_every_task_of_a_kind():
     text = spread.render(apart)
     assert "SGD-like: no multiple fits all 3 (the bands' highest floor 10 lies above their lowest ceiling 1)" in text
     assert "normalising: one multiple fits all 1: 3 to 3" in text
+
+
+def test_the_step_ratio_is_for_sgd_like_optimizers_with_weights_only():
+    assert _band("a", "SGD-like", 1.0, (3.0,)).step_ratio == pytest.approx(0.1 * 3.0 / 2.0)
+    assert _band("b", "normalising", 1.0, (3.0,)).step_ratio is None
+    zero = spread.Band("c", "SGD", 0.1, 3.0, 1.0, (3.0,), "SGD-like", 0.0)
+    assert zero.step_ratio is None
+    text = spread.render([_band("a", "SGD-like", 1.0, (3.0,)), _band("d", "SGD-like", 1.0, (0.3,))])
+    assert "lr·c*/|θ0| (SGD-like, weights not initialised at zero): 0.015 to 0.15, a factor 10" in text
