@@ -626,13 +626,14 @@ def test_two_optimizers_and_their_schedulers_are_restored_and_replayed_as_torch(
         for s, saved in zip(ss, start[3], strict=True):
             s.load_state_dict(copy.deepcopy(saved))
         torch.set_rng_state(start[4])
-        for (x, y), loss in zip(batches[:6], trial.losses, strict=True):
+        for (x, y), loss, seen in zip(batches[:6], trial.losses, trial.norms, strict=True):
             mu.zero_grad()
             ad.zero_grad()
             ref = nn.functional.mse_loss(m(x), y)
             ref.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.dim() != 2],
-                                           trial.candidate.max_norm)  # fmt: skip
+            total = torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.dim() != 2],
+                                                   trial.candidate.max_norm)  # fmt: skip
+            assert seen == pytest.approx(total.item(), rel=1e-6)  # the norm the threshold met
             mu.step()
             ad.step()
             for s in ss:
