@@ -213,3 +213,32 @@ def test_report_shows_groups_updates_and_stalls(tmp_path: Path) -> None:
     assert {"updates", "groups"} <= set(files.images)
     page = files.html.read_text(encoding="utf-8")
     assert "Parameter groups" in page and "Updates" in page and "stalling" in page
+
+
+def test_a_recommendation_reads_the_norm_the_clip_met_when_muon_is_left_out(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    matrices = [q for q in model.parameters() if q.dim() == 2]
+    rest = [q for q in model.parameters() if q.dim() != 2]
+    muon, adamw = torch.optim.Muon(matrices, lr=0.02), torch.optim.AdamW(rest, lr=1e-2)
+    kept = []  # torch's norm of the gradients the clip compares with its threshold
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Muon's groups are left out, with a warning
+        with gradclip.GradMonitor(gradclip.NormClip(0.5), model, log=tmp_path / "log.jsonl") as mon:
+            for step in range(60):
+                _backward(model, step)
+                for q in matrices:
+                    q.grad.mul_(1e4)  # Muon's matrices dominate the total, as in raw-unit losses
+                kept.append(float(torch.nn.utils.get_total_norm([q.grad for q in rest])))
+                mon.step([muon, adamw])
+    h = gradclip.read_log(tmp_path / "log.jsonl")
+    thresholds = h.group_columns("threshold")
+    assert len(thresholds) == 2 and sum(bool(t.isnan().all()) for t in thresholds.values()) == 1
+    judged, left_out = h.clipped_norm()
+    assert judged.tolist() == pytest.approx(kept, rel=1e-5) and len(left_out) == 1
+    assert float(h.norm.median()) > 100 * max(kept)  # the total is on Muon's scale
+    rec = gradclip.recommend_max_norm(h)
+    assert rec.max_norm == gradclip.recommend_max_norm(kept).max_norm
+    assert f"({left_out[0]} left out)" in rec.rule
+    # without groups left out, the total is what the threshold met
+    assert gradclip.History.from_norms([1.0, 2.0]).clipped_norm()[1] == ()

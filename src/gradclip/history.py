@@ -276,11 +276,41 @@ class History:
         return out
 
     def group_columns(self, field: str) -> dict[str, Tensor]:
-        """Per parameter group, its ``field`` (``"norm"`` or ``"coef"``) over the steps
-        (from the extras :data:`GROUP_PREFIX`); empty when the run had no groups."""
+        """Per parameter group, its ``field`` (``"norm"``, ``"coef"`` or ``"threshold"``)
+        over the steps (from the extras :data:`GROUP_PREFIX`); empty when the run had no
+        groups."""
         suffix = f"/{field}"
         return {k[len(GROUP_PREFIX) : -len(suffix)]: v for k, v in self.extras.items()
                 if k.startswith(GROUP_PREFIX) and k.endswith(suffix)}
+
+    def clipped_norm(self) -> tuple[Tensor, tuple[str, ...]]:
+        """The norm the threshold was compared with at each step, and the groups left out of it.
+
+        That is :attr:`norm`, the total, unless the clip left groups out: a group whose
+        ``threshold`` column is NaN on every step (``Clipper.step`` leaves an orthogonalising
+        optimizer's groups, Muon's, out of the norm and the clip). Then it is the
+        ``norm_type``-norm of the other groups' norms (NaN where one of them is unknown).
+        Muon's matrices can dominate the total by orders of magnitude: a threshold read
+        from the total would be on their scale, not on the one it is applied to.
+
+        Example:
+            >>> import math, torch
+            >>> nan = math.nan
+            >>> h = History.from_norms([50.0, 50.0])
+            >>> h.extras.update({"group/muon/norm": torch.tensor([50.0, 50.0]),
+            ...                  "group/muon/threshold": torch.tensor([nan, nan]),
+            ...                  "group/adamw/norm": torch.tensor([3.0, 4.0]),
+            ...                  "group/adamw/threshold": torch.tensor([1.0, 1.0])})
+            >>> h.clipped_norm()
+            (tensor([3., 4.], dtype=torch.float64), ('muon',))
+        """
+        norms, thresholds = self.group_columns("norm"), self.group_columns("threshold")
+        out = tuple(g for g, t in thresholds.items() if g in norms and bool(t.isnan().all()))
+        kept = [v for g, v in norms.items() if g not in out]
+        if not out or not kept:
+            return self.norm, ()
+        combined = torch.linalg.vector_norm(torch.stack(kept).double(), self.norm_type, dim=0)
+        return combined.to(self.norm.dtype), out
 
     def update_ratios(self) -> dict[str, Tensor]:
         """Per layer (and ``"total"``), ``‖Δθ‖ / ‖θ‖`` over the steps (from the extras

@@ -333,8 +333,9 @@ class GradMonitor:
                 ``‖Δθ‖ / ‖θ‖`` are kept as the scalars ``update/<layer>`` and
                 ``update/total``.
             scalars: numbers or one-element tensors to keep with the step (loss, lr, ...).
-                A ClipStats of a clipper with groups adds ``group/<name>/norm`` and
-                ``group/<name>/coef``.
+                A ClipStats of a clipper with groups adds ``group/<name>/norm``,
+                ``group/<name>/coef`` and ``group/<name>/threshold`` (NaN for a group left
+                out of the clip, as Muon's by default).
 
         Every argument is checked before anything is stored: a call that raises records
         nothing. No device value is read, except by the flush of a full buffer (eager
@@ -353,6 +354,7 @@ class GradMonitor:
             for i, name in enumerate(groups.names):
                 extras[f"{GROUP_PREFIX}{name}/norm"] = groups.norm[i]
                 extras[f"{GROUP_PREFIX}{name}/coef"] = groups.coef[i]
+                extras[f"{GROUP_PREFIX}{name}/threshold"] = groups.threshold[i]
         if update is not None:
             extras.update(self._update_scalars(update))
         device = fields[0].device

@@ -18,8 +18,11 @@ The rule (:func:`recommend_max_norm`), and why:
   below the quantile): on the recorded run it would have clipped at most about 1% of the
   typical steps, and every spike.
 
-Only finite, non-skipped steps count. The norms a run records depend on how it was clipped;
-after changing ``max_norm``, record again and check.
+Only finite, non-skipped steps count. Where the clip left parameter groups out (an
+orthogonalising optimizer's, Muon's, by ``Clipper.step``), the norms are those of the groups
+it clipped (:meth:`~gradclip.History.clipped_norm`): the threshold is applied to them, not to
+the total. The norms a run records depend on how it was clipped; after changing ``max_norm``,
+record again and check.
 
 Example:
     >>> import gradclip
@@ -154,8 +157,9 @@ def recommend_max_norm(
     """
     h = _history(history)
     steps = len(h)
-    used = h.finite & ~h.skipped & (h.norm > 0)
-    norms, at = h.norm[used], h.steps[used]
+    judged, left_out = h.clipped_norm()  # the total, or the clipped groups' norm (Muon aside)
+    used = h.finite & ~h.skipped & (judged > 0) & torch.isfinite(judged)
+    norms, at = judged[used], h.steps[used]
     has_thr = torch.isfinite(h.threshold) & h.finite
     recorded_thr = float(h.threshold[has_thr].median()) if has_thr.any() else None
     recorded_rate = float(h.clipped.double().mean()) if steps else None
@@ -190,8 +194,9 @@ def recommend_max_norm(
     quantiles = {"p10": q[0], "p50": q[1], "p90": q[2], "p99": q[3], "max": float(norms.max())}
     projected = float((norms + TORCH_EPS > max_norm).double().mean())
     median = quantiles["p50"]
+    of = f" of the groups the clip compared with it ({', '.join(left_out)} left out)" if left_out else ""
     rule = (
-        f"just above the {QUANTILE:.0%} quantile of the {typical.numel()} typical pre-clip norms (the "
+        f"just above the {QUANTILE:.0%} quantile of the {typical.numel()} typical pre-clip norms{of} (the "
         + (f"{start} steps of the start and the " if start else "")
         + f"{int(spike_mask.sum())} spikes above {spike_cut:.4g}, i.e. more than {SPIKE_Z} robust "
         "standard deviations of log-norm above the median, left out)"
