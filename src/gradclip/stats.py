@@ -199,6 +199,29 @@ class ClipStats:
         if self.spike_bound is None:
             object.__setattr__(self, "spike_bound", _constant(math.inf, self.norm))
 
+    def clipped_norms(self) -> tuple[Tensor, Tensor]:
+        """``(norm, post_norm)`` of what the threshold was compared with: the totals, or,
+        where the clip left groups out (an orthogonalising optimizer's, Muon's, by
+        :meth:`~gradclip.Clipper.step`), the ``norm_type``-norms of the groups it clipped.
+        Muon's matrices can dominate the total by orders of magnitude.
+
+        Example:
+            >>> import torch, gradclip
+            >>> a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+            >>> a.grad, b.grad = torch.tensor([4.0]), torch.tensor([300.0])
+            >>> clip = gradclip.NormClip(1.0, groups={"a": [a], "b": [b]}, policy={"b": "exclude"})
+            >>> stats = clip({"a": a, "b": b})
+            >>> stats.norm, stats.clipped_norms()
+            (tensor(300.0267), (tensor(4.), tensor(1.0000)))
+        """
+        groups = self.groups
+        kept = [] if groups is None else [i for i, out in enumerate(groups.excluded) if not out]
+        if groups is None or not kept or len(kept) == len(groups.excluded):
+            return self.norm, self.post_norm
+        p = self.norms.norm_type
+        return (torch.linalg.vector_norm(groups.norm[kept], p).to(self.norm.dtype),
+                torch.linalg.vector_norm(groups.post_norm[kept], p).to(self.norm.dtype))
+
     def to_dict(self) -> dict[str, float | bool]:
         """The scalar fields as Python numbers (one host sync): for logging."""
         values = torch.stack([getattr(self, f.name).double() for f in STEP_FIELDS]).cpu().tolist()

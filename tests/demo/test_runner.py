@@ -160,3 +160,13 @@ def test_a_spike_detector_that_stops_the_run_ends_it_as_diverged():
     result = run("sgd-heavy-tail", stop_at_five, steps=20)
     assert result.steps == 5 and result.planned_steps == 20
     assert result.diverged and result.metric == math.inf
+
+
+@pytest.mark.filterwarnings("ignore:.*out of the norm and the clip")
+def test_the_norms_recorded_are_those_the_threshold_met_with_muon_left_out():
+    clipped = run("muon-adamw", gradclip.NormClip(1.0), steps=5)
+    plain = run("muon-adamw", None, steps=5)
+    # Muon's matrices dominate the total (~1e7); the clip compares 1.0 with the AdamW groups' norm
+    assert min(plain.pre_norms) > 1e5 and max(clipped.pre_norms) < 1e2
+    for pre, post, was in zip(clipped.pre_norms, clipped.post_norms, clipped.clipped, strict=True):
+        assert post == (pytest.approx(1.0, rel=1e-5) if was else pre)

@@ -17,3 +17,4 @@ def test_the_task_with_two_optimizers_is_searched_with_both():
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     assert all(len(t.losses) == 3 and all(map(torch.isfinite, map(torch.tensor, t.losses)))
                for t in search.rounds[0].trials)  # fmt: skip
+

@@ -29,6 +29,7 @@ from gradclip.clippers import GradientSpikeError
 from gradclip.demo.problems import build_problem
 from gradclip.demo.tasks import Task, resolve
 from gradclip.functional import grad_norms
+from gradclip.stats import ClipStats
 
 __all__ = ["ClipFn", "RunResult", "run"]
 
@@ -67,8 +68,10 @@ class RunResult:
         nonfinite_steps: steps whose loss, pre-clip gradient norm or update was NaN/inf
             (or that the clip function reported as not ``finite``).
         skipped_steps: steps where the clip function asked to skip the optimizer step.
-        pre_norms: total gradient 2-norm before clipping.
-        post_norms: total norm after clipping (``pre_norms`` without a clip function).
+        pre_norms: total gradient 2-norm before clipping; where the clip left parameter
+            groups out (Muon's), the norm of the groups it clipped, which its threshold met
+            (:meth:`gradclip.ClipStats.clipped_norms`).
+        post_norms: the same norm after clipping (``pre_norms`` without a clip function).
         thresholds: the clipping threshold (NaN without a clip function or when unreported).
         update_norms: ``||theta_after - theta_before||`` of the optimizer step (0 if skipped).
         clipped: whether the step was clipped (reported ``clipped``, else
@@ -212,8 +215,10 @@ def run(
         if isinstance(out, Tensor):
             norm = _as_float(out)
         elif out is not None:
-            norm = _as_float(getattr(out, "norm", None))
-            post = _as_float(getattr(out, "post_norm", None))
+            # a ClipStats: the norms its threshold met (with Muon's groups left out, the others')
+            pair = out.clipped_norms() if isinstance(out, ClipStats) else None
+            norm = _as_float(getattr(out, "norm", None) if pair is None else pair[0])
+            post = _as_float(getattr(out, "post_norm", None) if pair is None else pair[1])
             threshold = _as_float(getattr(out, "threshold", None))
             was_clipped = _as_bool(getattr(out, "clipped", None))
             finite = _as_bool(getattr(out, "finite", None))

@@ -115,17 +115,6 @@ def _loss_value(loss: object) -> float:
     )
 
 
-def _judged_norm(stats: ClipStats, p: float) -> float:
-    """The norm a threshold was compared with: the total, or, where groups were left out of
-    the clip (Muon's, by ``clip.step``), the norm of the groups that were clipped. The grid is
-    centred on it: Muon's matrices can dominate the total by orders of magnitude."""
-    groups = stats.groups
-    kept = [] if groups is None else [i for i, out in enumerate(groups.excluded) if not out]
-    if groups is None or not kept or len(kept) == len(groups.excluded):
-        return float(stats.norm)
-    return float(torch.linalg.vector_norm(groups.norm[kept], p))
-
-
 def run_trial(
     snapshot: Snapshot,
     candidate: Candidate,
@@ -161,7 +150,7 @@ def run_trial(
                 "optimizer.step(), e.g. `clip(model)`"
             )
         losses.append(value)
-        norms.append(_judged_norm(clip.last, norm_type))
+        norms.append(float(clip.last.clipped_norms()[0]))  # Muon's groups aside: see there
         clipped.append(bool(clip.last.clipped))
         if not math.isfinite(value):
             break
