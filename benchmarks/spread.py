@@ -73,7 +73,7 @@ class Band:
 def _median_norm(job: tuple[str, float, int]) -> tuple[str, int, float]:
     task, threshold, seed = job
     result = run(task, gradclip.NormClip(threshold), seed=seed)
-    finite = [n for n in result.pre_norms if n == n and n != float("inf")]
+    finite = [n for n in result.pre_norms if math.isfinite(n)]
     return task, seed, statistics.median(finite)
 
 
@@ -96,9 +96,8 @@ def good(sweep: dict[float, float]) -> tuple[float, tuple[float, ...]]:
 
 def bands(saved: dict[str, Any], tasks: list[str], seeds: int, jobs: int) -> list[Band]:
     """Per task: the best threshold, the median norm of its runs, the thresholds within 1.1x."""
-    judged = {t: good(_sweep(saved, t, seeds)) for t in tasks}
-    best = {t: b for t, (b, _) in judged.items()}
-    work = [(t, best[t], seed) for t in tasks for seed in range(seeds)]
+    judged = {t: good(_sweep(saved, t, seeds)) for t in tasks}  # task: (best, good ones)
+    work = [(t, judged[t][0], seed) for t in tasks for seed in range(seeds)]
     torch.set_num_threads(1)
     if jobs > 1:
         with get_context("spawn").Pool(jobs, torch.set_num_threads, (1,)) as pool:
@@ -112,7 +111,7 @@ def bands(saved: dict[str, Any], tasks: list[str], seeds: int, jobs: int) -> lis
         kind = "normalising (Adam family)" if normalises(optimizer) else "SGD-like"
         weights = math.sqrt(math.fsum(float(p.detach().double().pow(2).sum())
                                       for g in optimizer.param_groups for p in g["params"]))  # fmt: skip
-        out.append(Band(t, type(optimizer).__name__, optimizer.param_groups[0]["lr"], best[t],
+        out.append(Band(t, type(optimizer).__name__, optimizer.param_groups[0]["lr"], judged[t][0],
                         median, judged[t][1], kind, weights))  # fmt: skip
     return out
 

@@ -216,9 +216,9 @@ def run(
             norm = _as_float(out)
         elif out is not None:
             # a ClipStats: the norms its threshold met (with Muon's groups left out, the others')
-            pair = out.clipped_norms() if isinstance(out, ClipStats) else None
-            norm = _as_float(getattr(out, "norm", None) if pair is None else pair[0])
-            post = _as_float(getattr(out, "post_norm", None) if pair is None else pair[1])
+            pre_post = (out.clipped_norms() if isinstance(out, ClipStats)
+                        else (getattr(out, "norm", None), getattr(out, "post_norm", None)))  # fmt: skip
+            norm, post = _as_float(pre_post[0]), _as_float(pre_post[1])
             threshold = _as_float(getattr(out, "threshold", None))
             was_clipped = _as_bool(getattr(out, "clipped", None))
             finite = _as_bool(getattr(out, "finite", None))

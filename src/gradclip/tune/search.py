@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from gradclip._checks import check_count, check_real
 from gradclip.clippers import Clipper
+from gradclip.clippers.base import Optimizers
 from gradclip.stats import ClipStats
 from gradclip.tune.results import Candidate, Cost, MaxNormSearch, Round, Trial
 from gradclip.tune.scoring import (
@@ -178,7 +179,7 @@ def _check_candidates(candidates: object) -> tuple[Candidate, ...]:
 
 def find_max_norm(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    optimizer: Optimizers,
     step: Callable[[Any, TrialClip], object],
     batches: Iterable[Any],
     *,
@@ -297,8 +298,8 @@ def find_max_norm(
         raise TypeError(f"`snapshot` must be 'cpu', 'disk' or a folder path, got {type(snapshot).__name__}")
     schedulers = (list(scheduler) if isinstance(scheduler, list | tuple)
                   else [] if scheduler is None else [scheduler])  # fmt: skip
-    scalers = [] if scaler is None else [scaler]
-    for name, obj in (*(("scheduler", s) for s in schedulers), *(("scaler", s) for s in scalers)):
+    checked = [("scheduler", s) for s in schedulers] + ([] if scaler is None else [("scaler", scaler)])
+    for name, obj in checked:
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
             raise TypeError(f"`{name}` must have state_dict() and load_state_dict(), got "
                             f"{type(obj).__name__}")  # fmt: skip
@@ -308,8 +309,7 @@ def find_max_norm(
             raise TypeError(f"`generators` must hold torch.Generator objects, got {type(g).__name__}")
 
     started = time.perf_counter()
-    # the default, as it would train these optimizers
-    adaptive = {"optimizer": optimizers if len(optimizers) > 1 else optimizers[0]}
+    adaptive = {"optimizer": optimizers}  # the default, as it would train these optimizers
     stream = _Stream(batches)
     origin = capture(model, optimizers, scheduler=schedulers, scaler=scaler, generators=gens,
                      disk=disk)  # fmt: skip

@@ -44,12 +44,14 @@ import os
 import random
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from gradclip.clippers.base import Optimizers
 
 __all__ = ["Snapshot", "SnapshotError", "capture"]
 
@@ -322,7 +324,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def capture(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    optimizer: Optimizers,
     *,
     scheduler: Any = None,
     scaler: Any = None,
