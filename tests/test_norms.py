@@ -54,7 +54,7 @@ def assert_per_tensor(result, grads, p, rtol=None):
 
 
 def with_plan(grads):
-    """``grads`` and enough tiny tensors after them for a plan (fewer go to ``few_norms``)."""
+    """``grads`` and enough tiny tensors after them for a plan (fewer are measured without one)."""
     count = max(norms.MIN_CONCAT, math.ceil(sum(g.numel() for g in grads) / norms.CONCAT_SPAN) + 1)
     pad = [make_grad((9 + i % 3,), torch.float32, seed=900 + i) for i in range(count)]
     assert norms.concatenates(count, sum(g.numel() for g in grads + pad))
@@ -62,7 +62,7 @@ def with_plan(grads):
 
 
 def planned(grads, p=2.0):
-    """Whether measuring ``grads`` goes through a plan (else ``few_norms``)."""
+    """Whether measuring ``grads`` goes through a plan (else without one)."""
     calls = []
     real = norms.norms
 
@@ -231,7 +231,7 @@ def test_non_contiguous_large_tensor_as_accurate_as_contiguous():
 @pytest.mark.parametrize("p", [2.0, INF, 1.0, 0.5])
 @pytest.mark.usefixtures("two_threads")
 def test_large_tensors_with_or_without_a_plan(p, with_a_plan):
-    """Fewer than MIN_CONCAT float32 tensors skip the plan (few_norms); either way a large
+    """Fewer than MIN_CONCAT float32 tensors skip the plan; either way a large
     tensor, contiguous or not, is measured as accurately (the max norm by aminmax)."""
     large = make_grad((norms.ROWS_NUMEL // 512 + 1, 1024), torch.float32, seed=3, scale=7.0)
     grads = [make_grad((5, 7), torch.float32, seed=1), large, large.t(), large[:, ::2]]

@@ -90,6 +90,8 @@ def to_float(value: object, name: str, fix: str) -> float:
     """``value`` as a float: a real number (a ``bool`` too), a one-element tensor, or a string
     that parses as one (``"inf"``), as ``float()`` takes it in torch's own functions. Other
     types: ``TypeError``; a string that is no number: ``ValueError``."""
+    if type(value) is float:  # the usual case, before the ABC check below (slow when cold)
+        return value
     if isinstance(value, str):
         try:
             return float(value)

@@ -98,10 +98,11 @@ def is_host_device(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def is_compiling() -> bool:
-    """True while ``torch.compile`` (dynamo) traces the caller: value reads, locks and
-    caches must then be skipped, and tensors built as graph constants."""
-    return torch.compiler.is_compiling()
+is_compiling = torch.compiler.is_compiling
+"""True while ``torch.compile`` (dynamo) traces the caller: value reads, locks and caches
+must then be skipped, and tensors built as graph constants. torch's own function, not a
+wrapper: it is asked several times on every clip, mostly with cold caches, where each
+Python frame costs a few µs."""
 
 
 _REAL = {torch.complex32: torch.float16, torch.complex64: torch.float32,
@@ -130,7 +131,8 @@ def distinct(tensors: Iterable[Tensor], *, lasting: bool) -> list[Tensor]:
     """
     if not lasting and is_compiling():
         return list(tensors)
-    tensors = list(tensors)
+    if not isinstance(tensors, list):
+        tensors = list(tensors)
     if len(set(map(id, tensors))) == len(tensors):  # the usual case: one C-level pass
         return tensors
     return list({id(t): t for t in tensors}.values())
@@ -159,8 +161,16 @@ check_torch_version()
 
 
 def device_has_foreach(device: torch.device) -> bool:
-    """Whether torch has ``_foreach_*`` kernels for this device type (torch's own rule)."""
-    return _foreach_utils._device_has_foreach_support(device)
+    """Whether torch has ``_foreach_*`` kernels for this device type (torch's own rule,
+    remembered per device type: it is asked on every clip, after the gradients streamed
+    through the caches, where torch's three calls cost more than the lookup)."""
+    known = _FOREACH_DEVICE.get(device.type)
+    if known is None:
+        known = _FOREACH_DEVICE[device.type] = _foreach_utils._device_has_foreach_support(device)
+    return known
+
+
+_FOREACH_DEVICE: dict[str, bool] = {}
 
 
 def has_foreach_support(tensors: Sequence[Tensor], device: torch.device) -> bool:
@@ -168,7 +178,7 @@ def has_foreach_support(tensors: Sequence[Tensor], device: torch.device) -> bool
     (outside compilation checked in one C-level pass, not torch's generator)."""
     if is_compiling():
         return _foreach_utils._has_foreach_support(list(tensors), device)
-    return _foreach_utils._device_has_foreach_support(device) and set(map(type, tensors)) <= _FOREACH_TYPES
+    return device_has_foreach(device) and set(map(type, tensors)) <= _FOREACH_TYPES
 
 
 _FOREACH_TYPES = {type(None), *_foreach_utils._foreach_supported_types}
@@ -203,14 +213,16 @@ def group_by_device_dtype(tensors: list[Tensor]) -> Groups:
     # torch's C++ grouping without its Python wrapper's no_grad context (it creates no
     # graph): ~2 µs a call, more when the call runs cold between streamed gradients
     grouped = torch._C._group_tensors_by_device_and_dtype([tensors], True)
-    return {key: (lists[0], indices) for key, (lists, indices) in grouped.items()}
+    for key, (lists, indices) in grouped.items():  # in place: no comprehension frame
+        grouped[key] = (lists[0], indices)
+    return grouped
 
 
-def foreach_norm(tensors: list[Tensor], p: float, dtype: torch.dtype | None) -> list[Tensor]:
+def foreach_norm(tensors: list[Tensor], p: float, dtype: torch.dtype | None) -> Sequence[Tensor]:
     """Per-tensor p-norms in one multi-tensor call; ``dtype`` sets the accumulation/result dtype."""
     if dtype is None:
-        return list(torch._foreach_norm(tensors, p))
-    return list(torch._foreach_norm(tensors, p, dtype=dtype))
+        return torch._foreach_norm(tensors, p)
+    return torch._foreach_norm(tensors, p, dtype=dtype)
 
 
 def foreach_mul_(tensors: list[Tensor], scale: Tensor | list[Tensor] | float) -> None:

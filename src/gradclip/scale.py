@@ -46,10 +46,13 @@ def clip_coefficient(max_norm: float | Tensor, total: Tensor) -> Tensor:
     return torch.clamp((total + TORCH_EPS).reciprocal() * max_norm, max=1.0)
 
 
+_FLOAT32 = struct.Struct("f")
+
+
 def _f32(x: float) -> float:
     """``x`` rounded to float32 (round to nearest even; overflow to inf), as torch rounds."""
     try:
-        return struct.unpack("f", struct.pack("f", x))[0]
+        return _FLOAT32.unpack(_FLOAT32.pack(x))[0]
     except OverflowError:
         return math.copysign(math.inf, x)
 
@@ -92,12 +95,14 @@ def clip_(groups: _foreach.Groups, max_norm: float, total: Tensor, foreach: bool
         >>> g[0]
         tensor([0.6000, 0.8000])
     """
-    if not (
+    host = (
         _foreach.is_host_device(total.device)
         and not _foreach.is_compiling()
         and total.dtype in (torch.float32, torch.float64)
-        and all(_foreach.is_host_device(device) and dtype.is_floating_point for device, dtype in groups)
-    ):
+    )
+    for device, dtype in groups:  # a loop, not all(...): no generator frame on this hot path
+        host = host and _foreach.is_host_device(device) and dtype.is_floating_point
+    if not host:
         scale_(groups, clip_coefficient(max_norm, total), foreach)
         return
     _foreach.check_foreach(groups, foreach)

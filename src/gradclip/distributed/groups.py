@@ -45,13 +45,14 @@ __all__ = [
 GroupLike = Union["ProcessGroup", "DeviceMesh"]
 """What ``extra_groups`` accepts: process groups, or device meshes (all their dimensions)."""
 
-_SUM = dist.ReduceOp.SUM if dist.is_available() else None
-_MAX = dist.ReduceOp.MAX if dist.is_available() else None
+_AVAILABLE = dist.is_available()  # a property of the build (asked on every clip)
+_SUM = dist.ReduceOp.SUM if _AVAILABLE else None
+_MAX = dist.ReduceOp.MAX if _AVAILABLE else None
 
 
 def is_active() -> bool:
     """True when ``torch.distributed`` is available and a default process group exists."""
-    return dist.is_available() and dist.is_initialized()
+    return _AVAILABLE and dist.is_initialized()
 
 
 def applies(shard_group: object, extra_groups: object) -> bool:
@@ -103,7 +104,7 @@ def as_tuple(extra_groups: Iterable[GroupLike] | GroupLike) -> tuple:
     """``extra_groups`` as a tuple: one group or mesh, or an iterable of them (unchecked)."""
     mesh_type = getattr(sys.modules.get("torch.distributed.device_mesh"), "DeviceMesh", None)
     single = isinstance(extra_groups, (str, bytes)) or (
-        dist.is_available() and isinstance(extra_groups, dist.ProcessGroup)
+        _AVAILABLE and isinstance(extra_groups, dist.ProcessGroup)
     ) or (mesh_type is not None and isinstance(extra_groups, mesh_type))
     if single:
         return (extra_groups,)

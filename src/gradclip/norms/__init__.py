@@ -113,20 +113,24 @@ def compute(tensors: list[Tensor], p: float, foreach: bool | None) -> GradNorms:
     _foreach.check_foreach(groups, foreach)
     # on the CPU outside compilation branching on a measured value is free
     compiling = _foreach.is_compiling()
-    on_host = [not compiling and _foreach.is_host_device(device) for device, _ in groups]
-    vectors = [_group_norms(group, *key, p, foreach, host)
-               for (key, (group, _)), host in zip(groups.items(), on_host, strict=True)]  # fmt: skip
-    dtype = result_dtype(groups)
-    if len(vectors) == 1:
-        per_tensor = vectors[0]
+    if len(groups) == 1:  # the usual case: nothing to promote, gather or reorder
+        ((device, dtype), (group, _)), = groups.items()
+        on_host = not compiling and _foreach.is_host_device(device)
+        per_tensor = _group_norms(group, device, dtype, p, foreach, on_host)
+        dtype = _foreach.real_dtype(dtype)
     else:
+        host = [not compiling and _foreach.is_host_device(device) for device, _ in groups]
+        vectors = [_group_norms(group, *key, p, foreach, h)
+                   for (key, (group, _)), h in zip(groups.items(), host, strict=True)]  # fmt: skip
+        on_host = all(host)
+        dtype = result_dtype(groups)
         acc = accumulation_dtype(dtype)
         first_device = tensors[0].device
         stacked = torch.cat([v.to(device=first_device, dtype=acc) for v in vectors])
         order = tuple(i for _, indices in groups.values() for i in indices)
         per_tensor = torch.empty_like(stacked)
         per_tensor[index_tensor(order, first_device)] = stacked
-    if not all(on_host):
+    if not on_host:
         return GradNorms(tensors, per_tensor, total_norm(per_tensor, p), p, dtype, groups)
     # On the CPU, reading the total is free: the float32 total, measured again (exactly)
     # only in the rare case of an overflow.

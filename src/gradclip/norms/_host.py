@@ -36,7 +36,6 @@ __all__ = [
     "accumulation_dtype",
     "as_dtype",
     "concatenates",
-    "few_norms",
     "measure",
     "norms",
 ]
@@ -305,25 +304,24 @@ def concatenates(tiny: int, numel: int) -> bool:
 def measure(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype) -> Tensor:
     """1-D per-tensor norms (``acc`` dtype) of one CPU group of real floating tensors, p > 0:
     by a plan (:func:`norms`) where tiny tensors are concatenated (see :func:`concatenates`)
-    or the group is float16/bfloat16, else by :func:`few_norms`, which needs no lookup by
-    shapes and no reordering. The sizes are read once, in one C-level pass (~80 ns a tensor)."""
-    if dtype in (torch.float32, torch.float64):
-        numels = list(map(Tensor.numel, group))
-        tiny = sum(map(TINY_NUMEL.__gt__, numels)) - numels.count(0)  # as the plan counts them
-        if not concatenates(tiny, sum(numels)):
-            return few_norms(group, p, numels)
-    return norms(group, dtype, p, acc)
+    or the group is float16/bfloat16, else without a plan (no lookup by shapes, no
+    reordering): one ``_foreach_norm`` over the small tensors and, for each large one, its
+    row norms (as accurate as the plan's rows) or, for the max norm, ``aminmax``. The sizes
+    are read once, in one C-level pass (~80 ns a tensor).
 
-
-def few_norms(group: list[Tensor], p: float, numels: list[int]) -> Tensor:
-    """Per-tensor norms of float32/float64 tensors of these ``numels``, in their own dtype:
-    one ``_foreach_norm`` over the small ones and, for each large one, its row norms (as
-    accurate as the plan's rows) or, for the max norm, ``aminmax``."""
-    dtype = group[0].dtype
+    This runs cold on every clip (the gradients stream through the caches between calls):
+    each Python step here costs several times what it costs warm, hence one function."""
+    if dtype not in (torch.float32, torch.float64):
+        return norms(group, dtype, p, acc)
+    numels = list(map(Tensor.numel, group))
+    tiny = sum(map(TINY_NUMEL.__gt__, numels)) - numels.count(0)  # as the plan counts them
+    if concatenates(tiny, sum(numels)):
+        return norms(group, dtype, p, acc)
     large = large_numel(dtype, p)
-    listed = [t if n < large else _row_norms(t, p, dtype, _row_length(t.shape, dtype))
-              for t, n in zip(group, numels, strict=True)]  # fmt: skip
-    return torch.stack(_foreach.foreach_norm(listed, p, None))
+    if max(numels) >= large:
+        group = [t if n < large else _row_norms(t, p, dtype, _row_length(t.shape, dtype))
+                 for t, n in zip(group, numels, strict=True)]  # fmt: skip
+    return torch.stack(_foreach.foreach_norm(group, p, None))
 
 
 def _row_norms(
