@@ -11,7 +11,7 @@ from torch import Tensor
 from typing_extensions import Unpack
 
 from gradclip._checks import check_count, check_real, check_threshold
-from gradclip.clippers.base import Clipper, Step
+from gradclip.clippers.base import Clipper, Step, optimizer_list
 from gradclip.clippers.groups import GroupOptions
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
@@ -326,15 +326,10 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         self.max_norm = None if max_norm is None else check_threshold(max_norm, "max_norm")
         # several optimizers, as Clipper.step takes them ([muon, adamw]): hold when all
         # of them normalise their update
-        optimizers = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
-        if optimizer is not None and not (
-            optimizers and all(isinstance(o, torch.optim.Optimizer) for o in optimizers)
-        ):
-            raise TypeError(
-                f"`optimizer` must be a torch.optim.Optimizer or a list of them (the ones "
-                f"stepped after the clip), got {type(optimizer).__name__}"
-            )
-        if hold is None and optimizer is not None and all(normalises(o) for o in optimizers):
+        optimizers = [] if optimizer is None else optimizer_list(
+            optimizer, "the ones stepped after the clip"
+        )
+        if hold is None and optimizers and all(normalises(o) for o in optimizers):
             hold = HOLD
         self.hold = None if hold is None else check_real(
             hold, "hold", "finite and > 0 (or None)", lambda v: 0 < v < math.inf, "hold=0.25"

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
 """What :meth:`Clipper.step` steps: an optimizer, or several (Muon beside AdamW)."""
 
-__all__ = ["Clipper", "Optimizers", "Step", "as_optimizers"]
+__all__ = ["Clipper", "Optimizers", "Step", "as_optimizers", "optimizer_list"]
 
 S = TypeVar("S")
 StateDict = dict[str, Any]
@@ -414,6 +414,29 @@ class Clipper(Generic[S]):
             parameters, shard_group=self.shard_group, extra_groups=self.extra_groups,
             whole_tensors=type(self).__name__ if self.needs_whole_tensors else None,
         )
+
+
+def optimizer_list(optimizer: object, fix: str) -> list[torch.optim.Optimizer]:
+    """``optimizer`` (a ``torch.optim.Optimizer``, or a list or tuple of them such as
+    ``[muon, adamw]``) as a list, where the optimizers themselves are needed (their class
+    decides, or their state is copied): ``TypeError`` naming the argument with ``fix`` (what
+    they are for) otherwise, ``ValueError`` when one is listed twice. :func:`as_optimizers`
+    is the lenient reading that :meth:`Clipper.step` takes (anything that steps).
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> optimizer_list(opt, "the ones stepped after the clip") == [opt]
+        True
+    """
+    optimizers = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+    if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
+        got = ", ".join(type(o).__name__ for o in optimizers) or "an empty list"
+        raise TypeError(
+            f"`optimizer` must be a torch.optim.Optimizer or a list of them ({fix}), got {got}"
+        )
+    if len({id(o) for o in optimizers}) != len(optimizers):
+        raise ValueError("`optimizer` lists one optimizer twice; list each once")
+    return optimizers
 
 
 def as_optimizers(optimizer: object) -> list[Any]:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from gradclip._checks import check_count, check_real
 from gradclip.clippers import Clipper
-from gradclip.clippers.base import Optimizers
+from gradclip.clippers.base import Optimizers, optimizer_list
 from gradclip.stats import ClipStats
 from gradclip.tune.results import Candidate, Cost, MaxNormSearch, Round, Trial
 from gradclip.tune.scoring import (
@@ -255,15 +255,7 @@ def find_max_norm(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    optimizers = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
-    if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
-        got = ", ".join(type(o).__name__ for o in optimizers) or "an empty list"
-        raise TypeError(
-            f"`optimizer` must be a torch.optim.Optimizer or a list of them (the ones your "
-            f"step steps, e.g. [muon, adamw]), got {got}"
-        )
-    if len({id(o) for o in optimizers}) != len(optimizers):
-        raise ValueError("`optimizer` lists one optimizer twice; list each once")
+    optimizers = optimizer_list(optimizer, "the ones your step steps, e.g. [muon, adamw]")
     if not callable(step):
         raise TypeError(f"`step` must be callable as step(batch, clip), got {type(step).__name__}")
     if isinstance(batches, str | bytes) or not isinstance(batches, Iterable):

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradclip.clippers.base import Optimizers
+from gradclip.clippers.base import Optimizers, optimizer_list
 
 __all__ = ["Snapshot", "SnapshotError", "capture"]
 
@@ -345,7 +345,7 @@ def capture(
         disk: False (default) keeps the copy in CPU memory; True writes it to a temporary
             file, a folder path writes it there.
     """
-    optimizers = tuple(optimizer) if isinstance(optimizer, list | tuple) else (optimizer,)
+    optimizers = tuple(optimizer_list(optimizer, "the ones whose state is copied"))
     schedulers = (() if scheduler is None else
                   tuple(scheduler) if isinstance(scheduler, list | tuple) else (scheduler,))  # fmt: skip
     for opt in optimizers:
