@@ -10,14 +10,22 @@ other, with repetitions during foreign CPU load dropped. One thread
 (``torch.set_num_threads(1)``) unless ``--threads`` says otherwise: small models are
 where the Python around the kernels shows, and one thread keeps the kernels comparable.
 
+``--function`` times another drop-in the same way (:data:`FUNCTIONS`): ``get_total_norm``
+(of the gradients, at each norm type) or ``clip_grad_value_`` (at ``clip_value`` = the
+``max_norm`` of the row). Neither scales by a norm, so they run the ``noclip`` rows only; in
+those no gradient element is changed (``max_norm`` is 10x the total norm, which bounds every
+element), while both libraries still run their kernels over every gradient.
+
 Printed: per row the median time per call of each (µs) and gradclip/torch as median
 [min-max] over repetitions; then per model the worst and best ratio, and the per-call and
 per-tensor overhead from the two overhead rows. ``--out DIR`` also writes
-``DIR/small-<date>.txt`` and ``.json`` (a suffix ``-2``, ``-3``, ... when they exist).
+``DIR/small-<date>.txt`` and ``.json`` (``small-<function>-<date>`` for another function; a
+suffix ``-2``, ``-3``, ... when they exist).
 
 Example:
     python benchmarks/bench_small.py --out benchmarks/results          # ~5 min, one thread
     python benchmarks/bench_small.py --models mlp-4-4-1 mnist-mlp --foreach none --reps 5
+    python benchmarks/bench_small.py --function get_total_norm --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import json
 import math
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +48,7 @@ import harness
 from cases import GradSet, NamedShapes, gpt2_shapes, make_grad_set, mlp_shapes
 from render import free_prefix, jsonable, table
 
-__all__ = ["FOREACH", "LADDER", "Model", "SmallRecord", "main", "render", "run"]
+__all__ = ["FOREACH", "FUNCTIONS", "LADDER", "Model", "SmallRecord", "main", "render", "run"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,38 @@ class SmallRecord:
     record: harness.BenchRecord
 
 
+def _total_norm(module: types.ModuleType, params: list, max_norm: float, p: float,
+                foreach: bool | None = None) -> torch.Tensor:
+    """``get_total_norm`` of the gradients (``max_norm`` unused): the harness reads the norm."""
+    return module.get_total_norm([q.grad for q in params if q.grad is not None], p,
+                                 foreach=foreach)  # fmt: skip
+
+
+def _value_clip(module: types.ModuleType, params: list, max_norm: float, p: float,
+                foreach: bool | None = None, *, norm: torch.Tensor) -> torch.Tensor:
+    """``clip_grad_value_`` at ``clip_value=max_norm``; returns the gradients' norm, which a
+    noclip row leaves unchanged (the harness reads it)."""
+    module.clip_grad_value_(params, max_norm, foreach=foreach)
+    return norm
+
+
+FUNCTIONS = ("clip_grad_norm_", "get_total_norm", "clip_grad_value_")
+"""The drop-ins the ladder can time (``--function``)."""
+
+
+def _pair(function: str, gs: GradSet) -> tuple[harness.ClipFn, harness.ClipFn]:
+    """(gradclip's, torch's) ``function`` as the harness calls it: ``fn(params, max_norm, p,
+    foreach=...)`` returning the gradients' total norm before any clip."""
+    if function == "clip_grad_norm_":
+        return gradclip.clip_grad_norm_, torch.nn.utils.clip_grad_norm_
+    if function == "get_total_norm":
+        return (functools.partial(_total_norm, gradclip),
+                functools.partial(_total_norm, torch.nn.utils))  # fmt: skip
+    norm = torch.nn.utils.get_total_norm([q.grad for q in gs.params if q.grad is not None])
+    return (functools.partial(_value_clip, gradclip, norm=norm),
+            functools.partial(_value_clip, torch.nn.utils, norm=norm))  # fmt: skip
+
+
 def _with_foreach(fn: harness.ClipFn, foreach: bool | None) -> harness.ClipFn:
     return functools.partial(fn, foreach=foreach)
 
@@ -92,19 +133,19 @@ def _foreach_works(foreach: bool | None, gs: GradSet) -> bool:
 
 
 def run(models: list[Model], foreach: list[bool | None], cfg: harness.BenchConfig,
-        progress: harness.Progress) -> list[SmallRecord]:  # fmt: skip
-    """Every model x foreach x norm type x mode of ``cfg``, in that order."""
+        progress: harness.Progress, function: str = "clip_grad_norm_") -> list[SmallRecord]:  # fmt: skip
+    """Every model x foreach x norm type x mode of ``cfg``, in that order, for ``function``."""
     out = []
     for model in models:
         gs = make_grad_set(model.name, model.shapes, torch.float32)
+        ours, theirs = _pair(function, gs)
         for f in foreach:
             if not _foreach_works(f, gs):
                 progress(f"{model.name}: foreach={f} unsupported here, skipped")
                 continue
             records, _ = harness.run_grad_set(
                 gs, cfg, lambda line, f=f: progress(f"{line} foreach={f}"),
-                ours=_with_foreach(gradclip.clip_grad_norm_, f),
-                theirs=_with_foreach(torch.nn.utils.clip_grad_norm_, f),
+                ours=_with_foreach(ours, f), theirs=_with_foreach(theirs, f),
             )  # fmt: skip
             out += [SmallRecord(f, r) for r in records]
     return out
@@ -142,7 +183,8 @@ _HEADER = ["model", "p", "mode", "foreach", "tensors", "params", "torch us", "gr
            "gradclip/torch [min-max]", "reps"]  # fmt: skip
 
 
-def render(records: list[SmallRecord], env: dict[str, str], models: list[Model]) -> str:
+def render(records: list[SmallRecord], env: dict[str, str], models: list[Model],
+           function: str = "clip_grad_norm_") -> str:  # fmt: skip
     """The table of every row, a per-model summary and the overhead lines."""
     rows = []
     for s in records:
@@ -154,7 +196,7 @@ def render(records: list[SmallRecord], env: dict[str, str], models: list[Model])
             f"{r.reps_used}/{r.reps_run}" + ("" if r.quiet else " noisy"),
         ])  # fmt: skip
     out = [
-        "gradclip.clip_grad_norm_ vs torch.nn.utils.clip_grad_norm_ on small to GPT-2-small "
+        f"gradclip.{function} vs torch.nn.utils.{function} on small to GPT-2-small "
         "gradient sets (same gradients, interleaved)",
         f"gradclip {env['gradclip']} ({env.get('commit', '?')}), torch {env['torch']}, "
         f"{env['threads']} thread(s), {env['cpus']} CPUs ({env['cpu']}), wall {env['wall']} s",
@@ -196,6 +238,8 @@ def _variant(s: SmallRecord) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--function", choices=FUNCTIONS, default=FUNCTIONS[0],
+                        help="the drop-in to time (default clip_grad_norm_; the others: noclip rows)")
     parser.add_argument("--models", nargs="+", choices=[m.name for m in LADDER], metavar="M",
                         help=f"any of {', '.join(m.name for m in LADDER)} (default: all)")
     parser.add_argument("--foreach", nargs="+", choices=list(FOREACH), default=list(FOREACH),
@@ -216,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None and not args.out.is_dir():
         parser.error(f"--out {args.out}: not a folder; create it or pass another")
     torch.set_num_threads(args.threads)
+    if args.function != "clip_grad_norm_":
+        if args.modes != list(harness.MODES) and "clip" in args.modes:
+            parser.error(f"--function {args.function} does not clip by a norm: noclip rows only")
+        args.modes = ["noclip"]
+        if args.function == "clip_grad_value_":
+            args.norm_types = [2.0]  # no norm type: one row per model and foreach
     models = [m for m in LADDER if args.models is None or m.name in args.models]
     foreach = [FOREACH[f] for f in args.foreach]
     # short calls repeat until a repetition lasts --rep-seconds, so the load accounting sees it
@@ -223,15 +273,17 @@ def main(argv: list[str] | None = None) -> int:
                               modes=tuple(args.modes), reps=args.reps,
                               min_rep_seconds=args.rep_seconds, max_calls_per_rep=5000)  # fmt: skip
     start = time.perf_counter()
-    records = run(models, foreach, cfg, lambda line: print(line, file=sys.stderr, flush=True))
+    records = run(models, foreach, cfg, lambda line: print(line, file=sys.stderr, flush=True),
+                  args.function)  # fmt: skip
     env = {**harness.env(), "commit": harness.commit(), "wall": f"{time.perf_counter() - start:.0f}"}
-    text = render(records, env, models)
+    text = render(records, env, models, args.function)
     print(text)
     if args.out is not None:
-        prefix = free_prefix(args.out, f"small-{datetime.date.today().isoformat()}")
+        name = "small" if args.function == "clip_grad_norm_" else f"small-{args.function}"
+        prefix = free_prefix(args.out, f"{name}-{datetime.date.today().isoformat()}")
         Path(f"{prefix}.txt").write_text(text + "\n")
         described = [{"name": m.name, "description": m.description} for m in models]
-        data = {"env": env, "config": asdict(cfg), "models": described,
+        data = {"env": env, "function": args.function, "config": asdict(cfg), "models": described,
                 "records": [{"foreach": s.foreach, **asdict(s.record)} for s in records]}  # fmt: skip
         Path(f"{prefix}.json").write_text(json.dumps(jsonable(data), indent=1) + "\n")
         print(f"wrote {prefix}.txt and .json", file=sys.stderr)

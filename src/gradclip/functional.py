@@ -51,6 +51,16 @@ __all__ = [
 ]
 
 TensorOrTensors = Tensor | Iterable[Tensor]
+_STRIDED = {torch.strided}
+_LARGEST: dict[torch.dtype, float] = {}
+
+
+def _largest(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).max``, remembered (asked on every clip_grad_value_ call)."""
+    largest = _LARGEST.get(dtype)
+    if largest is None:
+        largest = _LARGEST[dtype] = torch.finfo(dtype).max
+    return largest
 
 
 def _params_list(parameters: TensorOrTensors, *, warn_empty_generator: bool) -> list[Tensor]:
@@ -473,25 +483,25 @@ def clip_grad_value_(
         grads = distributed.local_tensors(grads)
     groups = _foreach.group_by_device_dtype(grads)
     _foreach.check_foreach(groups, foreach)
-    if any(dtype.is_complex for _, dtype in groups):
-        raise NotImplementedError(
-            "clamp is not supported for complex types: clip_grad_value_ cannot clip complex "
-            "gradients; use clip_grad_norm_ (nothing was changed)"
-        )
-    if any(g.layout != torch.strided for g in grads):
-        raise NotImplementedError(
-            "clip_grad_value_ cannot clamp sparse gradients (torch cannot either); use "
-            "clip_grad_norm_ or dense gradients (nothing was changed)"
-        )
     for device, dtype in groups:
+        if dtype.is_complex:
+            raise NotImplementedError(
+                "clamp is not supported for complex types: clip_grad_value_ cannot clip complex "
+                "gradients; use clip_grad_norm_ (nothing was changed)"
+            )
         # torch's CPU clamp refuses a bound its dtype cannot hold; its CUDA kernels take the
         # bound in float32 (nothing exceeds it but inf, which stays inf): a no-op there
-        if device.type == "cpu" and math.isfinite(clip_value) and clip_value > torch.finfo(dtype).max:
+        if device.type == "cpu" and clip_value > _largest(dtype) and clip_value != math.inf:
             raise RuntimeError(
                 f"`clip_value`={clip_value} does not fit {dtype} gradients (max "
                 f"{torch.finfo(dtype).max}); torch raises here too on the CPU. Pass a smaller "
                 "value, or `inf` to disable clipping (nothing was changed)"
             )
+    if {g.layout for g in grads} != _STRIDED:  # one comprehension, not a generator resumed per tensor
+        raise NotImplementedError(
+            "clip_grad_value_ cannot clamp sparse gradients (torch cannot either); use "
+            "clip_grad_norm_ or dense gradients (nothing was changed)"
+        )
     for (device, _), (group, _) in groups.items():
         use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
         if use_foreach:

@@ -85,9 +85,35 @@ def test_a_run_measures_every_variant_and_writes_txt_and_json(tmp_path, capsys):
     assert json.loads((tmp_path / files[0]).read_text()) == data
 
 
+@pytest.mark.parametrize("function", ["get_total_norm", "clip_grad_value_"])
+def test_another_drop_in_runs_its_noclip_rows_and_names_its_files(function, tmp_path, capsys):
+    """Both libraries get the same gradients and return the same norm (the harness's
+    accuracy check reads it); value clipping runs one row per model and foreach, without
+    changing a gradient element (max_norm, 10x the total norm, bounds every element)."""
+    gs = bench_small.make_grad_set("g", [("w", (3, 4)), ("b", (4,))])
+    before = [q.grad.clone() for q in gs.params]
+    ours, theirs = bench_small._pair(function, gs)
+    assert torch.equal(ours(gs.params, 1e9, 2.0), theirs(gs.params, 1e9, 2.0))
+    assert all(torch.equal(q.grad, b) for q, b in zip(gs.params, before, strict=True))
+    assert small_run(tmp_path, "--function", function) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"gradclip.{function} vs torch.nn.utils.{function} ")
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert next(tmp_path.glob("*.json")).name.startswith(f"small-{function}-")
+    assert data["function"] == function
+    norm_types = {2.0} if function == "clip_grad_value_" else {2.0, "inf"}
+    assert {(r["mode"], r["norm_type"]) for r in data["records"]} == {
+        ("noclip", p) for p in norm_types
+    }
+    with pytest.raises(SystemExit) as exc:
+        bench_small.main(["--function", function, "--modes", "clip"])
+    assert exc.value.code == 2 and "noclip rows only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv",
-    [["--reps", "0"], ["--models", "resnet"], ["--foreach", "maybe"], ["--out", "no/such/dir"]],
+    [["--reps", "0"], ["--models", "resnet"], ["--foreach", "maybe"], ["--out", "no/such/dir"],
+     ["--function", "clip_grads_with_norm_"]],
 )
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:

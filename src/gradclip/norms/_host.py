@@ -314,9 +314,10 @@ def measure(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype)
     if dtype not in (torch.float32, torch.float64):
         return norms(group, dtype, p, acc)
     numels = list(map(Tensor.numel, group))
-    tiny = sum(map(TINY_NUMEL.__gt__, numels)) - numels.count(0)  # as the plan counts them
-    if concatenates(tiny, sum(numels)):
-        return norms(group, dtype, p, acc)
+    if len(group) >= MIN_CONCAT:  # fewer tensors cannot be concatenated (see concatenates)
+        tiny = sum(map(TINY_NUMEL.__gt__, numels)) - numels.count(0)  # as the plan counts them
+        if concatenates(tiny, sum(numels)):
+            return norms(group, dtype, p, acc)
     large = large_numel(dtype, p)
     if max(numels) >= large:
         group = [t if n < large else _row_norms(t, p, dtype, _row_length(t.shape, dtype))
