@@ -204,6 +204,9 @@ def check_choice(value: object, name: str, choices: Sequence[T], fix: str) -> T:
     return value  # type: ignore[return-value]
 
 
+_TENSOR_TYPES = {Tensor, torch.nn.Parameter}
+
+
 def tensor_list(items: Tensor | Iterable[Tensor], name: str) -> list[Tensor]:
     """A tensor or an iterable of tensors as a list (generators are consumed once).
 
@@ -223,7 +226,8 @@ def tensor_list(items: Tensor | Iterable[Tensor], name: str) -> list[Tensor]:
         ) from None
     # the usual case: one C-level pass over the types (isinstance on each Parameter costs
     # twice as much), then the few distinct types
-    if all(issubclass(t, Tensor) for t in set(map(type, out))):
+    types = set(map(type, out))
+    if types <= _TENSOR_TYPES or all(issubclass(t, Tensor) for t in types):
         return out
     for i, item in enumerate(out):
         if not isinstance(item, Tensor):

@@ -162,7 +162,7 @@ def grad_norms(
 
 
 
-@torch.no_grad()
+@_foreach.no_grad
 def get_total_norm(
     tensors: TensorOrTensors,
     norm_type: float | str = 2.0,
@@ -208,7 +208,7 @@ def get_total_norm(
     return result.result()
 
 
-@torch.no_grad()
+@_foreach.no_grad
 def clip_grads_with_norm_(
     parameters: TensorOrTensors,
     max_norm: float,
@@ -255,7 +255,7 @@ def clip_grads_with_norm_(
     clip_(groups, max_norm, total, foreach)
 
 
-@torch.no_grad()
+@_foreach.no_grad
 def clip_grad_norm_(
     parameters: TensorOrTensors,
     max_norm: float,
@@ -450,7 +450,7 @@ def clip_grad_norm(
     )
 
 
-@torch.no_grad()
+@_foreach.no_grad
 def clip_grad_value_(
     parameters: TensorOrTensors, clip_value: float, foreach: bool | None = None
 ) -> None:

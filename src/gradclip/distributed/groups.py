@@ -52,7 +52,7 @@ _MAX = dist.ReduceOp.MAX if _AVAILABLE else None
 
 def is_active() -> bool:
     """True when ``torch.distributed`` is available and a default process group exists."""
-    return _AVAILABLE and dist.is_initialized()
+    return _foreach.default_group_exists()
 
 
 def applies(shard_group: object, extra_groups: object) -> bool:

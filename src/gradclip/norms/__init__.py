@@ -36,7 +36,6 @@ How the pass runs, per (device, dtype) group:
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -213,9 +212,7 @@ def result_dtype(groups: _foreach.Groups) -> torch.dtype:
     return out
 
 
-_PLAIN, _STRIDED = {Tensor}, {torch.strided}
-# C-level passes, no Python frame per tensor (host only: dynamo cannot trace attrgetter)
-_LAYOUT = operator.attrgetter("layout")
+_PLAIN = {Tensor}
 
 
 def _group_norms(
@@ -226,14 +223,10 @@ def _group_norms(
     group is on the CPU, outside compilation (where the fast path may read values)."""
     acc = accumulation_dtype(dtype)
     # While compiling, the plain multi-tensor path: it traces into one graph.
-    if (
-        host
-        and dtype in FAST_DTYPES
-        and p > 0  # False for nan too
-        and set(map(type, group)) == _PLAIN
-        and set(map(_LAYOUT, group)) == _STRIDED
-    ):
-        return _host.measure(group, dtype, p, acc)
+    if host and dtype in FAST_DTYPES and p > 0 and set(map(type, group)) == _PLAIN:  # p: not nan
+        measured = _host.measure(group, dtype, p, acc)
+        if measured is not None:
+            return measured
     use_foreach = foreach if foreach is not None else _foreach.has_foreach_support(group, device)
     norm_dtype = torch.float32 if dtype in LOW_PRECISION else None
     if use_foreach:

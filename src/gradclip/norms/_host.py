@@ -301,28 +301,46 @@ def concatenates(tiny: int, numel: int) -> bool:
     return tiny >= MIN_CONCAT and tiny * CONCAT_SPAN >= numel
 
 
-def measure(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype) -> Tensor:
-    """1-D per-tensor norms (``acc`` dtype) of one CPU group of real floating tensors, p > 0:
-    by a plan (:func:`norms`) where tiny tensors are concatenated (see :func:`concatenates`)
-    or the group is float16/bfloat16, else without a plan (no lookup by shapes, no
-    reordering): one ``_foreach_norm`` over the small tensors and, for each large one, its
-    row norms (as accurate as the plan's rows) or, for the max norm, ``aminmax``. The sizes
-    are read once, in one C-level pass (~80 ns a tensor).
+def measure(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype) -> Tensor | None:
+    """1-D per-tensor norms (``acc`` dtype) of one CPU group of plain real floating tensors,
+    p > 0: by a plan (:func:`norms`) where tiny tensors are concatenated (see
+    :func:`concatenates`) or the group is float16/bfloat16, else without a plan (no lookup by
+    shapes, no reordering): one ``_foreach_norm`` over the small tensors and, for each large
+    one, its row norms (as accurate as the plan's rows) or, for the max norm, ``aminmax``.
+    The sizes are read once, in one C-level pass (~80 ns a tensor). None where tensors would
+    be viewed or concatenated but one is not strided (sparse): torch's kernels measure those.
 
     This runs cold on every clip (the gradients stream through the caches between calls):
-    each Python step here costs several times what it costs warm, hence one function."""
+    each Python step here costs several times what it costs warm, hence one function, and
+    the layouts are read only where a view or a concatenation needs them."""
     if dtype not in (torch.float32, torch.float64):
-        return norms(group, dtype, p, acc)
-    numels = list(map(Tensor.numel, group))
-    if len(group) >= MIN_CONCAT:  # fewer tensors cannot be concatenated (see concatenates)
-        tiny = sum(map(TINY_NUMEL.__gt__, numels)) - numels.count(0)  # as the plan counts them
-        if concatenates(tiny, sum(numels)):
-            return norms(group, dtype, p, acc)
+        return norms(group, dtype, p, acc) if _strided(group) else None
     large = large_numel(dtype, p)
+    # concatenating needs MIN_CONCAT tiny tensors, one per CONCAT_SPAN elements: the sizes
+    # are read only where that, or a tensor measured apart, is possible
+    if len(group) < MIN_CONCAT and large == _NO_ROWS:
+        return torch.stack(_foreach.foreach_norm(group, p, None))
+    numels = list(map(Tensor.numel, group))
+    total = sum(numels)
+    if len(group) >= MIN_CONCAT and len(group) * CONCAT_SPAN >= total:
+        tiny = sum(map(TINY_NUMEL.__gt__, numels)) - numels.count(0)  # as the plan counts them
+        if concatenates(tiny, total):
+            return norms(group, dtype, p, acc) if _strided(group) else None
     if max(numels) >= large:
+        if not _strided(group):
+            return None
         group = [t if n < large else _row_norms(t, p, dtype, _row_length(t.shape, dtype))
                  for t, n in zip(group, numels, strict=True)]  # fmt: skip
     return torch.stack(_foreach.foreach_norm(group, p, None))
+
+
+_LAYOUT = operator.attrgetter("layout")
+_STRIDED = {torch.strided}
+
+
+def _strided(group: list[Tensor]) -> bool:
+    """Every tensor of ``group`` is dense (strided): it can be viewed and concatenated."""
+    return set(map(_LAYOUT, group)) == _STRIDED
 
 
 def _row_norms(
