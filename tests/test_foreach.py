@@ -141,3 +141,43 @@ def test_importing_gradclip_warns_once_under_an_untested_torch() -> None:
     (warning,) = _import_gradclip_under("2.5.1")
     assert f"gradclip supports torch{_range_text()}" in warning and "2.5.1" in warning
     assert _import_gradclip_under("2.13.0") == []
+
+
+# ---------------------------------------------------------------------------------------
+# no_grad: torch.no_grad() without its Python objects
+
+
+@_foreach.no_grad
+def _double(t: torch.Tensor, fail: bool = False) -> torch.Tensor:
+    if fail:
+        raise ValueError("fail")
+    return t * 2
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_no_grad_restores_the_grad_mode_it_found(enabled: bool) -> None:
+    x = torch.ones(2, requires_grad=True)
+    with torch.set_grad_enabled(enabled):
+        y = _double(x)
+        assert not y.requires_grad and y.grad_fn is None
+        assert torch.is_grad_enabled() is enabled
+        with pytest.raises(ValueError, match="fail"):
+            _double(x, fail=True)
+        assert torch.is_grad_enabled() is enabled  # restored on the way out of an error too
+    assert _double.__name__ == "_double" and _double.__wrapped__ is not None
+
+
+def test_default_group_exists_follows_torch_distributed() -> None:
+    """The private record read by default_group_exists agrees with torch's public query,
+    before, during and after a (one-process, gloo) process group."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("no torch.distributed")
+    assert _foreach.default_group_exists() is dist.is_initialized() is False
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert _foreach.default_group_exists() is dist.is_initialized() is True
+    finally:
+        dist.destroy_process_group()
+    assert _foreach.default_group_exists() is dist.is_initialized() is False

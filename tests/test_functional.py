@@ -41,6 +41,7 @@ from conftest import (
     run_both,
     well_conditioned,
 )
+from gradclip import _foreach
 
 INF = math.inf
 FOREACH = [None, True, False]
@@ -754,8 +755,13 @@ VALUE_GRADS = [[-3.0, -0.5, 0.0, -0.0, 0.25, 2.0, math.nan, INF, -INF], [1e30, -
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_clip_grad_value_matches_torch_bitwise(dtype, clip_value, foreach, device):
+    # a tensor from ONE_PASS_NUMEL elements is clamped in one pass on the CPU: the same bits
+    big = make_grad((200, 200), dtype, scale=2)
+    assert big.numel() >= _foreach.ONE_PASS_NUMEL
+    big.view(-1)[: len(VALUE_GRADS[0])] = torch.tensor(VALUE_GRADS[0], dtype=dtype)
     params = params_with_grads([torch.tensor(g, dtype=dtype) for g in VALUE_GRADS])
     params.append(params_with_grads([make_grad((40, 30), dtype, scale=2)])[0])
+    params.append(params_with_grads([big])[0])
     params = on_device(params, device)
     mine, ref = clone_params(params), clone_params(params)
     try:
