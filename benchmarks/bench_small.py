@@ -168,7 +168,8 @@ def _overheads(records: list[SmallRecord]) -> list[str]:
     lines = [
         f"Per call (1 tensor of 1 element, p=2, no clip, foreach=None): torch "
         f"{_us(one.torch_ms)} us, gradclip {_us(one.ours_ms)} us "
-        f"({_us(one.ours_ms - one.torch_ms)} us more)."
+        f"({_us(abs(one.ours_ms - one.torch_ms))} us "
+        f"{'more' if one.ours_ms > one.torch_ms else 'less'})."
     ]
     if many is not None:
         per = [(m - o) / 99 for m, o in ((many.torch_ms, one.torch_ms), (many.ours_ms, one.ours_ms))]
