@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["clip"]
 
 
-@torch.no_grad()
+@_foreach.no_grad
 def clip(clipper: Clipper, target: Target, fold: Fold | None,
          grouped: GroupedCall | None = None, loss: Tensor | float | None = None) -> ClipStats:
     """Clip ``target``'s gradients with ``clipper`` (see the module doc); with ``fold``, a
