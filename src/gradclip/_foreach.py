@@ -25,6 +25,7 @@ __all__ = [
     "SUPPORTED_TORCH",
     "TORCH_VERSION",
     "UntestedTorchWarning",
+    "all_strided",
     "capturing",
     "check_foreach",
     "check_torch_version",
@@ -203,16 +204,15 @@ def default_group_exists() -> bool:
     """``torch.distributed.is_initialized()`` (False where torch has no distributed package),
     read from torch's private record of the default process group: one attribute instead of
     four Python frames, asked on every clip. torch's function where that record moved."""
-    world = _DIST_WORLD
-    if world is not None and hasattr(world, "_default_pg"):
-        return world._default_pg is not None
+    if _DIST_WORLD is not None:
+        return _DIST_WORLD._default_pg is not None
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-_DIST_WORLD = (
-    getattr(torch.distributed.distributed_c10d, "_world", None)
-    if torch.distributed.is_available() else None
-)
+# torch's record of the default process group, where this torch keeps it (else None)
+_DIST_WORLD = getattr(torch.distributed.distributed_c10d, "_world", None) if torch.distributed.is_available() else None
+if not hasattr(_DIST_WORLD, "_default_pg"):
+    _DIST_WORLD = None
 
 
 def device_has_foreach(device: torch.device) -> bool:
@@ -298,14 +298,15 @@ def foreach_clamp_(tensors: list[Tensor], low: float | Tensor, high: float | Ten
         torch._foreach_clamp_min_(tensors, [low] * len(tensors))
         torch._foreach_clamp_max_(tensors, [high] * len(tensors))
         return
-    numels = list(map(Tensor.numel, tensors))
-    if max(numels, default=0) >= ONE_PASS_NUMEL and is_host_device(tensors[0].device) and not is_compiling():
-        large = list(map(ONE_PASS_NUMEL.__le__, numels))
-        for t in compress(tensors, large):
-            t.clamp_(low, high)
-        tensors = list(compress(tensors, map(operator.not_, large)))
-        if not tensors:
-            return
+    if tensors and is_host_device(tensors[0].device) and not is_compiling():
+        numels = list(map(Tensor.numel, tensors))
+        if max(numels) >= ONE_PASS_NUMEL:
+            large = list(map(ONE_PASS_NUMEL.__le__, numels))
+            for t in compress(tensors, large):
+                t.clamp_(low, high)
+            tensors = list(compress(tensors, map(operator.not_, large)))
+            if not tensors:
+                return
     torch._foreach_clamp_min_(tensors, low)
     torch._foreach_clamp_max_(tensors, high)
 
@@ -314,6 +315,15 @@ ONE_PASS_NUMEL = 1 << 15
 """CPU tensors from this many elements are clamped in one pass (:func:`foreach_clamp_`):
 below it a tensor stays in cache between torch's two passes, and one more kernel call
 (~1.5 µs) would cost more than the second pass."""
+
+
+def all_strided(tensors: Iterable[Tensor]) -> bool:
+    """Every tensor is dense (strided, not sparse): it can be viewed, concatenated, and
+    clamped without a sparse kernel failing half-way through a list."""
+    return {t.layout for t in tensors} <= _STRIDED
+
+
+_STRIDED = {torch.strided}
 
 
 def flatten(tensors: list[Tensor]) -> Tensor:

@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 TensorOrTensors = Tensor | Iterable[Tensor]
-_STRIDED = {torch.strided}
 _LARGEST: dict[torch.dtype, float] = {}
 
 
@@ -494,10 +493,10 @@ def clip_grad_value_(
         if device.type == "cpu" and clip_value > _largest(dtype) and clip_value != math.inf:
             raise RuntimeError(
                 f"`clip_value`={clip_value} does not fit {dtype} gradients (max "
-                f"{torch.finfo(dtype).max}); torch raises here too on the CPU. Pass a smaller "
+                f"{_largest(dtype)}); torch raises here too on the CPU. Pass a smaller "
                 "value, or `inf` to disable clipping (nothing was changed)"
             )
-    if {g.layout for g in grads} != _STRIDED:  # one comprehension, not a generator resumed per tensor
+    if not _foreach.all_strided(grads):
         raise NotImplementedError(
             "clip_grad_value_ cannot clamp sparse gradients (torch cannot either); use "
             "clip_grad_norm_ or dense gradients (nothing was changed)"

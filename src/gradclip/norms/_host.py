@@ -314,7 +314,7 @@ def measure(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype)
     each Python step here costs several times what it costs warm, hence one function, and
     the layouts are read only where a view or a concatenation needs them."""
     if dtype not in (torch.float32, torch.float64):
-        return norms(group, dtype, p, acc) if _strided(group) else None
+        return norms(group, dtype, p, acc) if _foreach.all_strided(group) else None
     large = large_numel(dtype, p)
     # concatenating needs MIN_CONCAT tiny tensors, one per CONCAT_SPAN elements: the sizes
     # are read only where that, or a tensor measured apart, is possible
@@ -325,22 +325,13 @@ def measure(group: list[Tensor], dtype: torch.dtype, p: float, acc: torch.dtype)
     if len(group) >= MIN_CONCAT and len(group) * CONCAT_SPAN >= total:
         tiny = sum(map(TINY_NUMEL.__gt__, numels)) - numels.count(0)  # as the plan counts them
         if concatenates(tiny, total):
-            return norms(group, dtype, p, acc) if _strided(group) else None
+            return norms(group, dtype, p, acc) if _foreach.all_strided(group) else None
     if max(numels) >= large:
-        if not _strided(group):
+        if not _foreach.all_strided(group):
             return None
         group = [t if n < large else _row_norms(t, p, dtype, _row_length(t.shape, dtype))
                  for t, n in zip(group, numels, strict=True)]  # fmt: skip
     return torch.stack(_foreach.foreach_norm(group, p, None))
-
-
-_LAYOUT = operator.attrgetter("layout")
-_STRIDED = {torch.strided}
-
-
-def _strided(group: list[Tensor]) -> bool:
-    """Every tensor of ``group`` is dense (strided): it can be viewed and concatenated."""
-    return set(map(_LAYOUT, group)) == _STRIDED
 
 
 def _row_norms(
