@@ -119,6 +119,7 @@ def _measure(
 # the drop-ins
 
 
+@_foreach.no_grad
 def grad_norms(
     parameters: Tensor | Iterable[Tensor],
     norm_type: float | str = 2.0,
@@ -156,8 +157,7 @@ def grad_norms(
     """
     p = check_norm_type(norm_type)
     params = tensor_list(parameters, "parameters")
-    with torch.no_grad():
-        return _measure(_unique_grads(params), p, None, shard_group, extra_groups, params, True)
+    return _measure(_unique_grads(params), p, None, shard_group, extra_groups, params, True)
 
 
 

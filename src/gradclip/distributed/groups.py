@@ -264,7 +264,7 @@ def sum_over(values: Tensor, plan: Schedule, is_max: bool = False) -> Tensor:
     return values
 
 
-@torch.no_grad()  # see plan
+@_foreach.no_grad  # see plan
 def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
     """``tensors`` with each DTensor replaced by its local shard (to scale or clamp in place).
 
