@@ -657,3 +657,17 @@ def test_a_bad_list_of_optimizers_is_refused_before_anything_runs(optimizers, er
         gradclip.find_max_norm(model, [opt], stepper(model, opt), batches, horizon=2,
                                scheduler=[sched, object()])  # fmt: skip
     assert_same(state_of(model, opt, sched), before)
+
+
+def test_trial_clip_hands_the_loss_to_the_clipper() -> None:
+    """The default candidate's growth follows the loss (AdaptiveClip, follow_loss) in the
+    trials as in training: clip(model, loss=...) and clip.step(..., loss=...) pass it on."""
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    clipper = gradclip.AdaptiveClip()
+    clip = gradclip.tune.TrialClip(clipper, Candidate("adaptive", None))
+    for call in (lambda loss: clip(model, loss=loss), lambda loss: clip.step(model, optimizer, loss=loss)):
+        loss = model(torch.ones(2, 3)).pow(2).mean()
+        loss.backward()
+        call(loss.detach())
+    assert int(clipper.state.loss_count) == 2

@@ -10,7 +10,14 @@ import statistics
 import pytest
 import torch
 
-from gradclip.clippers.adaptive import AdaptiveClip
+from gradclip.clippers.adaptive import (
+    LOSS_BLOCK,
+    LOSS_CUT,
+    LOSS_GROWTH,
+    LOSS_WINDOW,
+    LOSS_Z,
+    AdaptiveClip,
+)
 from gradclip.demo.runner import run
 
 DEFAULTS = {
@@ -28,27 +35,40 @@ DEFAULTS = {
 }
 
 
-def reference(norms: list[float], **overrides: float | None) -> list[float]:
-    """The documented formulas in plain Python: the threshold applied at each step."""
+def reference(norms: list[float], losses: list[float] | None = None,
+              **overrides: float | None) -> list[float]:
+    """The documented formulas in plain Python: the threshold applied at each step, given
+    the step's loss from ``losses`` when there are any (the loss gate)."""
     cfg = {**DEFAULTS, **overrides}
     history: list[float] = []  # recorded norms, oldest first
     c: float | None = None  # threshold after the last recorded step
     k = cfg["relative"]  # the ceiling, as a multiple of the median
     warm = True
+    seen: list[float] = []  # recorded losses, oldest first
+    best, mode = math.inf, 0
     out = []
-    for g in norms:
+    for i, g in enumerate(norms):
         recorded = math.isfinite(g) and g > 0
         recent = history[-cfg["window"] :]
         m = statistics.median_low(recent) if recent else math.inf
-        if c is None:
+        rates = (cfg["warmup_growth"], cfg["growth"], cfg["recovery"])
+        gate = None
+        if losses is not None:
+            gate = _gate(seen, losses[i], best, mode)  # (cut, best, mode) after this loss
+            if gate[2] == 1:
+                rates = (max(LOSS_GROWTH, rates[0]), LOSS_GROWTH, max(LOSS_GROWTH, rates[2]))
+            elif gate[2] == 2:
+                rates = (0.0, 0.0, rates[2])
+        previous = None if c is None else c * (gate[0] if gate else 1.0)
+        if previous is None:
             t = cfg["warmup_start"] * g if recorded else math.inf
             still_warm = True
         else:
-            grown = c * (1 + (cfg["warmup_growth"] if warm else cfg["growth"]))
+            grown = previous * (1 + (rates[0] if warm else rates[1]))
             cap = (min(k, cfg["warmup_relative"]) if warm else k) * m
             t = min(grown, cap)
             still_warm = warm and grown < cap
-        new_k = min(k * (1 + cfg["recovery"]), cfg["relative"])
+        new_k = min(k * (1 + rates[2]), cfg["relative"])
         full = len(history) >= cfg["window"]
         if cfg["spike"] is not None and recorded and full and g > cfg["spike"] * m:
             t = min(t, max(cfg["backoff"] * t, cfg["min_relative"] * m))
@@ -57,7 +77,37 @@ def reference(norms: list[float], **overrides: float | None) -> list[float]:
         if recorded:
             history.append(g)
             c, warm, k = t, still_warm, new_k
+            if gate is not None:
+                if math.isfinite(losses[i]):
+                    seen.append(losses[i])
+                best, mode = gate[1], gate[2]
     return out
+
+
+def _gate(seen: list[float], loss: float, best: float, mode: int) -> tuple[float, float, int]:
+    """The loss gate's (factor on the previous threshold, lowest block mean, mode) after
+    ``loss`` joins the recorded ``seen`` (not modified)."""
+    if not math.isfinite(loss):
+        return 1.0, best, mode
+    values = [*seen, loss]
+    if len(values) % LOSS_BLOCK or len(values) < 2 * LOSS_BLOCK:
+        return 1.0, best, mode
+    last, before = values[-LOSS_BLOCK:], values[-2 * LOSS_BLOCK : -LOSS_BLOCK]
+    mean = statistics.fmean(last)
+    error = math.sqrt((statistics.variance(last) + statistics.variance(before)) / LOSS_BLOCK)
+    if mean > statistics.fmean(before) + LOSS_Z * error:
+        return LOSS_CUT, min(best, mean), 2
+    falls = False
+    if len(values) >= 3 * LOSS_BLOCK:
+        ys = values[-LOSS_WINDOW:]
+        fit = statistics.linear_regression(range(len(ys)), ys)
+        xs = range(len(ys))
+        xm = statistics.fmean(xs)
+        sxx = sum((x - xm) ** 2 for x in xs)
+        residual = sum((y - fit.intercept - fit.slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
+        t = fit.slope / math.sqrt(residual / (len(ys) - 2) / sxx)
+        falls = t < -LOSS_Z and mean < best
+    return 1.0, min(best, mean), 1 if falls else 0
 
 
 def f32(x: float) -> float:
@@ -76,13 +126,16 @@ def norm_sequence(steps: int, seed: int = 0, bad: bool = True) -> list[float]:
     return out
 
 
-def clip_sequence(clipper: AdaptiveClip, norms: list[float]) -> tuple[list[float], list[float]]:
-    """Feed one-element gradients with these norms; return (thresholds, clipped norms)."""
+def clip_sequence(clipper: AdaptiveClip, norms: list[float],
+                  losses: list[float] | None = None) -> tuple[list[float], list[float]]:
+    """Feed one-element gradients with these norms (and losses, as 0-dim tensors); return
+    (thresholds, clipped norms)."""
     p = torch.nn.Parameter(torch.zeros(1))
     thresholds, clipped = [], []
-    for g in norms:
+    for i, g in enumerate(norms):
         p.grad = torch.tensor([g], dtype=torch.float32)
-        stats = clipper({"w": p})
+        loss = None if losses is None else torch.tensor(losses[i])
+        stats = clipper({"w": p}, loss=loss)
         thresholds.append(float(stats.threshold))
         clipped.append(float(p.grad[0]))
     return thresholds, clipped
@@ -104,6 +157,102 @@ def test_thresholds_match_the_reference(overrides: dict) -> None:
     got, _ = clip_sequence(AdaptiveClip(**overrides), norms)
     want = reference(norms, **overrides)
     assert got == pytest.approx(want, rel=1e-4)
+
+
+def loss_sequence(steps: int, seed: int = 0) -> list[float]:
+    """A training loss that falls, plateaus, jumps up twice, recovers and falls again, with
+    noise (float32 values), and a NaN and an inf among them."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(steps):
+        trend = 2.0 * math.exp(-i / 80) if i < 200 else 0.05 + (0.5 if 260 <= i < 330 else 0.0)
+        if 400 <= i < 440:
+            trend += 1.5
+        if i >= 450:
+            trend = 0.05 * math.exp(-(i - 450) / 100)
+        value = trend * math.exp(rng.gauss(0.0, 0.1))
+        out.append(f32(value) if i not in (100, 301) else (math.nan if i == 100 else math.inf))
+    return out
+
+
+LOSS_CONFIGS = [{}, {"window": 16}, {"window": 8, "spike": 3.0, "recovery": 0.05},
+                {"warmup_start": math.inf, "growth": 0.0}]
+
+
+@pytest.mark.parametrize("overrides", LOSS_CONFIGS, ids=[str(c) for c in LOSS_CONFIGS])
+def test_loss_gate_matches_the_reference(overrides: dict) -> None:
+    norms, losses = norm_sequence(600, seed=5), loss_sequence(600)
+    got, _ = clip_sequence(AdaptiveClip(**overrides), norms, losses)
+    want = reference(norms, losses, **overrides)
+    assert got == pytest.approx(want, rel=1e-4)
+    assert got != pytest.approx(reference(norms, **overrides), rel=1e-4)  # the gate acted
+
+
+def test_a_falling_loss_lets_the_threshold_grow_fast_and_a_rise_cuts_it() -> None:
+    norms = [1.0] * 400
+    falling = [f32(3.0 * math.exp(-i / 80) * (1 + 0.02 * math.sin(i))) for i in range(400)]
+    slow, _ = clip_sequence(AdaptiveClip(window=16), norms)
+    fast, _ = clip_sequence(AdaptiveClip(window=16), norms, falling)
+    assert slow[-1] < 0.6 and fast[-1] == pytest.approx(2.0)  # the ceiling: 2x the median
+    assert fast[150] > 2 * slow[150]
+    # the loss jumps x5 at step 200: the block of steps 200-219 is decided at step 219
+    rising = falling[:200] + [f32(falling[199] * (5 + 0.01 * (i % 3))) for i in range(200)]
+    cut, _ = clip_sequence(AdaptiveClip(window=16), norms, rising)
+    assert cut[218] == pytest.approx(fast[218]) and cut[218] < 1.0
+    assert cut[219] == pytest.approx(cut[218] * LOSS_CUT)
+    assert cut[219:239] == pytest.approx([cut[219]] * 20)  # no growth until the next block
+
+
+def test_loss_is_ignored_with_follow_loss_false_and_with_hold() -> None:
+    norms, losses = norm_sequence(300, seed=2), loss_sequence(300)
+    plain, _ = clip_sequence(AdaptiveClip(window=16), norms)
+    assert clip_sequence(AdaptiveClip(window=16, follow_loss=False), norms, losses)[0] == plain
+    held, _ = clip_sequence(AdaptiveClip(hold=0.25), norms)
+    assert clip_sequence(AdaptiveClip(hold=0.25), norms, losses)[0] == held
+    with pytest.raises(TypeError, match="follow_loss"):
+        AdaptiveClip(follow_loss="yes")  # type: ignore[arg-type]
+
+
+def test_loss_gate_reads_nothing_on_the_host(accelerator_path: None) -> None:
+    from host_reads import HostReadDetector
+
+    clipper = AdaptiveClip(window=16)
+    p = torch.nn.Parameter(torch.zeros(3))
+    for i, (g, loss) in enumerate(zip(norm_sequence(80, bad=False), loss_sequence(80), strict=True)):
+        p.grad = torch.full((3,), g)
+        value = torch.tensor(loss)
+        with HostReadDetector() as detector:
+            clipper({"w": p}, loss=value)
+        assert detector.reads == [] and (i == 0 or detector.copies == []), (i, detector.reads)
+
+
+def test_checkpoints_before_the_loss_gate_load_and_its_state_is_checked() -> None:
+    norms, losses = norm_sequence(120, seed=4, bad=False), loss_sequence(120)
+    clipper = AdaptiveClip(window=16)
+    clip_sequence(clipper, norms, losses)
+    saved = clipper.state_dict()
+    assert int(saved["state"]["loss_count"]) == 119  # the loss at step 100 is NaN
+    old = {**saved, "state": {k: v for k, v in saved["state"].items() if not k.startswith("loss")}}
+    resumed = AdaptiveClip(window=16)
+    resumed.load_state_dict(old)  # written before the gate: its state starts fresh
+    assert torch.equal(resumed.state.history, clipper.state.history)
+    assert int(resumed.state.loss_count) == 0 and float(resumed.state.loss_best) == math.inf
+    again = AdaptiveClip(window=16)
+    again.load_state_dict(saved)
+    assert torch.equal(again.state.losses, clipper.state.losses)
+    for key, value, match in [("loss_mode", torch.tensor(7), "loss_mode=7"),
+                              ("losses", torch.full((LOSS_WINDOW,), math.inf), "non-finite"),
+                              ("losses", torch.zeros(3), "shape")]:
+        bad = {**saved, "state": {**saved["state"], key: value}}
+        with pytest.raises(ValueError, match=match):
+            AdaptiveClip(window=16).load_state_dict(bad)
+    ignoring = AdaptiveClip(window=16, follow_loss=False)
+    clip_sequence(ignoring, norms[:5])
+    assert ignoring.state_dict()["config"]["follow_loss"] is False
+    with pytest.raises(ValueError, match=r"follow_loss=False \(here True\)"):
+        AdaptiveClip(window=16).load_state_dict(ignoring.state_dict())
+    with pytest.raises(ValueError, match="follow_loss"):
+        AdaptiveClip(window=16, follow_loss=False).load_state_dict(saved)
 
 
 def test_gradients_are_scaled_by_torchs_coefficient() -> None:

@@ -25,10 +25,32 @@ if TYPE_CHECKING:
     from gradclip.clippers.spikes import SpikeDetector, SpikePolicy
     from gradclip.distributed import GroupLike
 
-__all__ = ["HOLD", "AdaptiveClip", "AdaptiveClipState", "normalises"]
+__all__ = [
+    "HOLD",
+    "LOSS_BLOCK",
+    "LOSS_CUT",
+    "LOSS_GROWTH",
+    "LOSS_WINDOW",
+    "LOSS_Z",
+    "AdaptiveClip",
+    "AdaptiveClipState",
+    "normalises",
+]
 
 HOLD = 1 / 32
 """``AdaptiveClip(optimizer=...)``'s ``hold`` for an optimizer that normalises its update."""
+LOSS_BLOCK = 20
+"""The loss gate (``follow_loss``) decides every this many recorded losses, from the mean of
+the last block against the one before."""
+LOSS_WINDOW = 100
+"""...and from the trend (least-squares slope) of the last this many recorded losses."""
+LOSS_Z = 2.0
+"""A rise or a fall counts when it exceeds this many standard errors."""
+LOSS_GROWTH = 0.02
+"""While the loss falls to new lows, the threshold (and the ceiling after a back-off) may
+grow by this much a step: x1.5 per block, ~40x the slow ``growth``."""
+LOSS_CUT = 0.7
+"""A significant rise of the loss multiplies the threshold by this (the median rule only)."""
 
 # Optimizers whose update size is set by the learning rate, not by the gradient's scale:
 # per-coordinate second moments (Adam and its kin, RMSprop, Adagrad, Adadelta, Adafactor),
@@ -73,6 +95,15 @@ class AdaptiveClipState(NamedTuple):
             (``inf`` before the first).
         warm: bool, 0-dim, True until the warm-up ramp has reached its cap.
         multiple: float32, 0-dim, the ceiling ``k`` for the next step.
+        losses: float32, shape ``(LOSS_WINDOW,)``, the recorded losses in ring order (the
+            loss gate; 0 in slots not yet written).
+        loss_count: int64, 0-dim, the number of losses ever recorded.
+        loss_best: float32, 0-dim, the lowest block mean of the losses (``inf`` before one).
+        loss_mode: int64, 0-dim, the gate's last decision: 0 none, 1 the loss falls to new
+            lows (fast growth), 2 it rises (no growth).
+
+    A checkpoint written before the loss gate (without the four ``loss*`` entries) loads
+    with them as in a fresh state.
     """
 
     history: Tensor
@@ -80,6 +111,13 @@ class AdaptiveClipState(NamedTuple):
     threshold: Tensor
     warm: Tensor
     multiple: Tensor
+    losses: Tensor
+    loss_count: Tensor
+    loss_best: Tensor
+    loss_mode: Tensor
+
+
+_UP, _DOWN = 1, 2  # loss_mode values (0: no decision)
 
 
 class AdaptiveClip(Clipper[AdaptiveClipState]):
@@ -100,6 +138,16 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         otherwise:   k = min(k · (1 + recovery), relative)                 (from the next step)
         threshold  = min(c, max_norm)
         g         ← g · min(1, threshold / (‖g‖ + 1e-6))                   torch's coefficient
+
+    Given the step's loss (``loss=loss`` to :meth:`step` or the call; ``follow_loss``), every
+    20 recorded losses the gate compares the last 20 with the 20 before and looks at the
+    trend of the last 100::
+
+        the mean rose by > 2 standard errors:     c ← 0.7 · c, then no growth      (mode 2)
+        the trend falls (slope < -2 standard
+        errors) to a new lowest block mean:       growth, warmup_growth and
+                                                  recovery become 0.02 a step      (mode 1)
+        otherwise:                                the rates above                  (mode 0)
 
     A step is judged against the norms before it; its own norm is recorded afterwards. With
     the defaults: the threshold starts at 1% of the first norm and ramps up by at most 1% a
@@ -144,6 +192,17 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
       clipped SGD does well under such noise (Zhang et al., 2020). That floor keeps the
       back-off from freezing training, as AGC at λ = 0.01 freezes an RNN. Spikes are looked
       for once the window is full.
+    * **The loss decides how fast** (``follow_loss``, when the loss is passed). The
+      threshold grows slowly because a norm statistic cannot tell a run that needs clipping
+      from one that is slowed by it: an image classifier's norms grow 8x while it learns,
+      and a slow ramp then clips every step of a 600-step run (2.9x the best fixed
+      threshold). The loss can: while it falls to new lows, the threshold and the ceiling
+      grow 40x faster; when it rises beyond its noise, the threshold drops by 0.7 and stops
+      growing, as a learning rate is cut when the loss rises ("bold driver"). A loss that
+      recovers from a rise is no new low and grows nothing: an exploding RNN otherwise
+      climbs back into its explosions. Both tests compare against the loss's own noise (20-
+      and 100-step statistics), so heavy-tailed losses rarely trigger them. Not with
+      ``hold``: Adam's update ignores a constant threshold.
     * **The optimizer's normalisation** (``optimizer``, ``hold``). Adam and its kin divide
       each step by a running estimate of the gradient's scale, so their update's size is set
       by the learning rate, not by the gradient norm: clipping typical steps costs them
@@ -174,7 +233,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
     State: :class:`AdaptiveClipState` (``clipper.state``, and in :meth:`state_dict`).
 
     A step sorts ``window`` floats and does about 40 operations on 0-dim tensors (0.1 ms on
-    a CPU), with no host sync. :class:`~gradclip.ClipStats` ``threshold`` is the threshold applied; on a step whose
+    a CPU), with no host sync; given a loss, about 40 more, on 100 floats. :class:`~gradclip.ClipStats` ``threshold`` is the threshold applied; on a step whose
     norm is not recorded (NaN, inf or 0) it is the one the state gives without that norm
     (``inf`` before the first recorded norm).
 
@@ -210,6 +269,10 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             them do; :func:`normalises`: Adam, AdamW, RMSprop, Adagrad, Muon, ...) and
             ``hold`` is None, ``hold`` becomes :data:`HOLD` (1/32). Only its kind is read;
             no reference is kept.
+        follow_loss: when a loss is passed to :meth:`step` or the call, let it set how fast
+            the threshold grows and cut it when the loss rises (default True; see above). A
+            NaN or infinite loss is not recorded. Pass the loss tensor: a Python number is
+            copied to the device each step.
         norm_type: p of the norms (default 2).
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
@@ -271,6 +334,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         max_norm: float | None = None,
         hold: float | None = None,
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        follow_loss: bool = True,
         norm_type: float | str = 2.0,
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
@@ -334,6 +398,12 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         self.hold = None if hold is None else check_real(
             hold, "hold", "finite and > 0 (or None)", lambda v: 0 < v < math.inf, "hold=0.25"
         )
+        if not isinstance(follow_loss, bool):
+            raise TypeError(
+                f"`follow_loss` must be True or False, got {type(follow_loss).__name__} "
+                f"{follow_loss!r:.60}; pass follow_loss=False to ignore the loss"
+            )
+        self.follow_loss = follow_loss
         self._constants: _Constants | None = None
         super().__init__(
             norm_type=norm_type,
@@ -357,25 +427,30 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             "min_relative": self.min_relative,
             "recovery": self.recovery,
             "max_norm": self.max_norm,
-            # only when set: a checkpoint written before `hold` existed loads unchanged
-            **({} if self.hold is None else {"hold": self.hold}),
+            # only when not the default: a checkpoint written before they existed loads
+            **{k: getattr(self, k) for k, default in _LATER_ARGS.items() if getattr(self, k) != default},
             **super().config(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        # `hold` is in config() only when set (so that older checkpoints load), and the
-        # protocol compares this clipper's keys: a hold checkpoint would load unnoticed into a
-        # median-rule clipper. Refuse it, as any other differing argument.
+        # `hold` and `follow_loss` are in config() only when not the default (so that older
+        # checkpoints load), and the protocol compares this clipper's keys: a checkpoint saved
+        # with one would load unnoticed into a clipper without it. Refuse it, as any other
+        # differing argument.
         theirs = state_dict.get("config") if isinstance(state_dict, Mapping) else None
-        if isinstance(theirs, Mapping) and theirs.get("hold") is not None and self.hold is None:
-            raise ValueError(
-                f"the AdaptiveClip state dict was saved with different arguments: "
-                f"hold={theirs['hold']!r} (here None); build the clipper as "
-                "gradclip.AdaptiveClip(**state_dict['config'])"
-            )
+        if isinstance(theirs, Mapping):
+            for key, default in _LATER_ARGS.items():
+                if theirs.get(key, default) != default and getattr(self, key) == default:
+                    raise ValueError(
+                        f"the AdaptiveClip state dict was saved with different arguments: "
+                        f"{key}={theirs[key]!r} (here {default!r}); build the clipper as "
+                        "gradclip.AdaptiveClip(**state_dict['config'])"
+                    )
         super().load_state_dict(state_dict)
 
     State = AdaptiveClipState
+    reads_loss = True
+    _optional_fields = ("losses", "loss_count", "loss_best", "loss_mode")
 
     def _init_state(self, tensors: int) -> AdaptiveClipState:
         return AdaptiveClipState(
@@ -384,6 +459,10 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             threshold=torch.full((), math.inf, dtype=torch.float32),
             warm=torch.ones((), dtype=torch.bool),
             multiple=torch.full((), self.relative, dtype=torch.float32),
+            losses=torch.zeros(LOSS_WINDOW, dtype=torch.float32),
+            loss_count=torch.zeros((), dtype=torch.long),
+            loss_best=torch.full((), math.inf, dtype=torch.float32),
+            loss_mode=torch.zeros((), dtype=torch.long),
         )
 
     def _check_state(self, state: AdaptiveClipState) -> None:
@@ -392,6 +471,12 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             raise ValueError(
                 f"AdaptiveClip state dict holds multiple={multiple} (must be in (0, "
                 f"relative={self.relative:g}]) or a recorded norm <= 0; the checkpoint is corrupt"
+            )
+        mode = int(state.loss_mode)
+        if mode not in (0, _UP, _DOWN) or not bool(torch.isfinite(state.losses).all()):
+            raise ValueError(
+                f"AdaptiveClip state dict holds loss_mode={mode} (must be 0, 1 or 2) or a "
+                "non-finite recorded loss; the checkpoint is corrupt"
             )
 
     def _constants_on(self, device: torch.device) -> _Constants:
@@ -425,18 +510,38 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
                 backoff=f32(self.backoff),
                 min_relative=f32(self.min_relative),
                 hold=f32(math.inf if self.hold is None else self.hold),
+                one=f32(1.0),
+                loss_rate=f32(1 + LOSS_GROWTH),
+                loss_cut=f32(LOSS_CUT),
+                loss_slots=torch.arange(LOSS_WINDOW, device=device),
+                loss_x=torch.arange(LOSS_WINDOW, device=device, dtype=torch.float32),
             )
         return constants
 
-    def _step(self, norms: GradNorms, state: AdaptiveClipState) -> Step:
+    def _step(
+        self, norms: GradNorms, state: AdaptiveClipState, loss: Tensor | float | None = None
+    ) -> Step:
         """This step's threshold and the state after it (see the class doc); pure."""
         if self.hold is not None:
             return self._hold_step(norms.total, state)
         total = norms.total
-        history, count, previous, warm, multiple = state
+        history, count, previous, warm, multiple = state[:5]
         k = self._constants_on(history.device)
         norm = total.float()
         recorded = (norm > k.zero) & (norm < k.inf)  # False for NaN, inf and a zero gradient
+        rate, warmup_rate, recovery_rate = k.rate, k.warmup_rate, k.recovery_rate
+        loss_state = state[5:]
+        unchanged = previous
+        if loss is not None and self.follow_loss:
+            cut, loss_state = _follow(state, loss, k)
+            mode = loss_state[-1]
+            up, down = mode == _UP, mode == _DOWN
+            rate = torch.where(up, k.loss_rate, torch.where(down, k.one, rate))
+            warmup_rate = torch.where(
+                up, torch.maximum(k.loss_rate, warmup_rate), torch.where(down, k.one, warmup_rate)
+            )
+            recovery_rate = torch.where(up, torch.maximum(k.loss_rate, recovery_rate), recovery_rate)
+            previous = previous * cut
         # Unwritten slots hold +inf and sort last: the lower median of the recorded norms,
         # and inf while there is none.
         # gather, not take: no host read, and it traces under torch.compile
@@ -444,13 +549,13 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         median = history.sort().values.gather(0, middle).reshape(())
 
         first = count == 0
-        grown = previous * torch.where(warm, k.warmup_rate, k.rate)
+        grown = previous * torch.where(warm, warmup_rate, rate)
         cap = torch.where(warm, torch.minimum(multiple, k.warmup_relative), multiple) * median
         # An unrecorded first norm (NaN, inf, 0) gives no threshold yet: inf.
         start = k.warmup_start * torch.where(recorded, norm, k.inf)
         threshold = torch.where(first, start, torch.minimum(grown, cap))
         still_warm = warm & (first | (grown < cap))
-        new_multiple = torch.minimum(multiple * k.recovery_rate, k.relative)
+        new_multiple = torch.minimum(multiple * recovery_rate, k.relative)
         # Never a spike with spike=None (k.spike is inf) or before the window is full.
         spiked = (norm > k.spike * median) & (count >= k.window) & recorded
         backed_off = torch.maximum(k.backoff * threshold, k.min_relative * median)
@@ -460,11 +565,12 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         )
         write = (k.slots == torch.remainder(count, k.window)) & recorded
         new_state = AdaptiveClipState(  # every entry masked by `recorded` (a finite norm)
-            history=torch.where(write, norm, history),
-            count=count + recorded,
-            threshold=torch.where(recorded, threshold, previous),
-            warm=torch.where(recorded, still_warm, warm),
-            multiple=torch.where(recorded, new_multiple, multiple),
+            torch.where(write, norm, history),
+            count + recorded,
+            torch.where(recorded, threshold, unchanged),
+            torch.where(recorded, still_warm, warm),
+            torch.where(recorded, new_multiple, multiple),
+            *(torch.where(recorded, new, old) for new, old in zip(loss_state, state[5:], strict=True)),
         )
         applied = threshold if self.max_norm is None else torch.clamp(threshold, max=self.max_norm)
         applied = applied.to(total.dtype)
@@ -473,23 +579,66 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
 
     def _hold_step(self, total: Tensor, state: AdaptiveClipState) -> Step:
         """``hold`` mode: ``hold`` x the first recorded norm, held for good."""
-        history, count, previous, warm, multiple = state
+        history, count, previous, warm = state[:4]
         k = self._constants_on(history.device)
         norm = total.float()
         recorded = (norm > k.zero) & (norm < k.inf)
         first = count == 0
         threshold = torch.where(first, k.hold * torch.where(recorded, norm, k.inf), previous)
         write = (k.slots == torch.remainder(count, k.window)) & recorded
-        new_state = AdaptiveClipState(  # the norms are still recorded: the state reads the same
+        new_state = state._replace(  # the norms are still recorded: the state reads the same
             history=torch.where(write, norm, history),
             count=count + recorded,
             threshold=torch.where(recorded, threshold, previous),
             warm=warm & ~recorded,
-            multiple=multiple,
         )
         applied = threshold if self.max_norm is None else torch.clamp(threshold, max=self.max_norm)
         applied = applied.to(total.dtype)
         return Step(applied, clip_coefficient(applied, total), new_state)
+
+
+def _follow(state: AdaptiveClipState, loss: Tensor | float, k: _Constants) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The loss gate (see :class:`AdaptiveClip`, ``follow_loss``): this step's factor on the
+    previous threshold and the new ``losses``, ``loss_count``, ``loss_best``, ``loss_mode``.
+
+    Every ``LOSS_BLOCK`` recorded losses (from two blocks on): a rise of the last block's mean
+    over the one before by more than ``LOSS_Z`` standard errors sets mode 2 and the factor
+    ``LOSS_CUT``; else a least-squares slope of the last (up to ``LOSS_WINDOW``, from three
+    blocks on) losses below ``-LOSS_Z`` standard errors, with the block's mean a new low, sets
+    mode 1; else mode 0. Non-finite losses are not recorded. Tensor operations only: no host
+    read."""
+    value = torch.as_tensor(loss, device=k.one.device).float().reshape(())
+    ok = torch.isfinite(value)
+    losses = torch.where((k.loss_slots == torch.remainder(state.loss_count, LOSS_WINDOW)) & ok,
+                         value, state.losses)  # fmt: skip
+    count = state.loss_count + ok
+    # the ring in recording order, the newest last; the first LOSS_WINDOW - count unwritten
+    ring = losses.gather(0, torch.remainder(count + k.loss_slots, LOSS_WINDOW))
+    last, before = ring[-LOSS_BLOCK:], ring[-2 * LOSS_BLOCK : -LOSS_BLOCK]
+    mean = last.mean()
+    decide = ok & (torch.remainder(count, LOSS_BLOCK) == 0) & (count >= 2 * LOSS_BLOCK)
+    error = ((last.var() + before.var()) / LOSS_BLOCK).sqrt()
+    rise = decide & (mean > before.mean() + LOSS_Z * error)
+    # the slope's t statistic over the written slots
+    seen = torch.clamp(count, max=LOSS_WINDOW)
+    written = (k.loss_slots >= LOSS_WINDOW - seen).float()
+    n = seen.float()
+    dx = (k.loss_x - (k.loss_x * written).sum() / n) * written
+    dy = (ring - (ring * written).sum() / n) * written
+    sxx = dx.square().sum()
+    slope = (dx * dy).sum() / sxx
+    residual = (dy - slope * dx).square().sum()
+    t = slope / (residual / (n - 2) / sxx).sqrt()
+    fall = decide & ~rise & (count >= 3 * LOSS_BLOCK) & (t < -LOSS_Z) & (mean < state.loss_best)
+    mode = torch.where(decide, torch.where(rise, _DOWN, torch.where(fall, _UP, 0)), state.loss_mode)
+    best = torch.where(decide, torch.minimum(state.loss_best, mean), state.loss_best)
+    cut = torch.where(rise, k.loss_cut, k.one)
+    return cut, (losses, count, best, mode)
+
+
+_LATER_ARGS: dict[str, Any] = {"hold": None, "follow_loss": True}
+"""Arguments added after the first checkpoints, and their defaults: in ``config()`` only when
+set otherwise."""
 
 
 class _Constants(NamedTuple):
@@ -508,3 +657,8 @@ class _Constants(NamedTuple):
     backoff: Tensor
     min_relative: Tensor
     hold: Tensor  # inf when hold=None
+    one: Tensor
+    loss_rate: Tensor  # 1 + LOSS_GROWTH
+    loss_cut: Tensor
+    loss_slots: Tensor  # arange(LOSS_WINDOW)
+    loss_x: Tensor  # the same, float32: the slope's abscissae

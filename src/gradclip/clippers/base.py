@@ -115,7 +115,13 @@ class Clipper(Generic[S]):
     threshold_arg: ClassVar[str | None] = None
     """The constructor argument that is the clipper's one threshold (``max_norm``), if any:
     a number as a group's policy builds the clipper at that threshold."""
+    reads_loss: ClassVar[bool] = False
+    """:meth:`_step` takes the call's ``loss=`` (a 0-dim tensor, a number or None) as a third
+    argument (AdaptiveClip's growth follows it)."""
     _growable_fields: tuple[str, ...] = ()
+    _optional_fields: tuple[str, ...] = ()
+    """``State`` fields a checkpoint may lack (written before they existed): a fresh
+    state's values fill them on load."""
 
     def __init__(
         self,
@@ -158,6 +164,10 @@ class Clipper(Generic[S]):
     def _step(self, norms: norms.GradNorms, state: S) -> Step:
         """This step's threshold, coefficient and new state; a pure tensor function."""
         raise NotImplementedError
+
+    def _run_step(self, norms: norms.GradNorms, state: S, loss: Tensor | float | None) -> Step:
+        """:meth:`_step`, given the loss where the clipper reads it (:attr:`reads_loss`)."""
+        return self._step(norms, state, loss) if self.reads_loss else self._step(norms, state)  # type: ignore[call-arg]
 
     def _prepare(self, state: S, calls: int) -> S:
         """The state before a step, given the number of earlier calls (a host count): a

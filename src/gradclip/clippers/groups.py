@@ -334,9 +334,10 @@ class GroupedCall:
 
     # -- the step ---------------------------------------------------------------------------
 
-    def step(self, measured: GradNorms) -> tuple[Tensor, Tensor, list]:
+    def step(self, measured: GradNorms, loss: Tensor | float | None = None) -> tuple[Tensor, Tensor, list]:
         """This step's threshold, its coefficients (one per row, or the clipper's own when
-        :attr:`passive`) and what :meth:`commit` writes."""
+        :attr:`passive`) and what :meth:`commit` writes; ``loss`` goes to each group's rule
+        that reads it."""
         clipper, plan = self.clipper, self.plan
         per_tensor = measured.per_tensor
         device, p = per_tensor.device, clipper.norm_type
@@ -345,7 +346,7 @@ class GroupedCall:
         if self.passive:
             store = clipper._store
             state = store.prepare(self.target.names)
-            step = clipper._step(measured, state)
+            step = clipper._run_step(measured, state, loss)
             self.domain_thresholds = step.threshold.reshape(1).expand(len(plan.domains))
             return step.threshold, step.coef, [(store, state, step.state)]
         n_domains = len(plan.domains)
@@ -364,7 +365,7 @@ class GroupedCall:
                 groups={},
             )
             state = store.prepare(tuple(names[r] for r in domain.rows))
-            step = rule._step(view, state)
+            step = rule._run_step(view, state, loss)
             coef = step.coef.to(coefs.dtype)
             coefs = coefs.index_copy(0, rows, coef.expand(len(domain.rows)))
             thresholds.append(step.threshold.to(per_tensor.dtype).reshape(()))

@@ -45,7 +45,8 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None,
     """Clip ``target``'s gradients with ``clipper`` (see the module doc); with ``fold``, a
     global coefficient (and the skip decision) is armed into the fused optimizer instead of
     multiplied; with ``grouped``, steps 4, 6 and 7 are per parameter group
-    (:mod:`gradclip.clippers.groups`). ``loss`` goes to the clipper's spike detector, if any."""
+    (:mod:`gradclip.clippers.groups`). ``loss`` goes to the clipper's spike detector, if any,
+    and to its step where it reads it (AdaptiveClip)."""
     measured = clipper._measure(target)
     total, names = measured.total, target.names
     if not target.grads and not target.communicates:  # nothing to clip, nobody to wait for
@@ -69,11 +70,11 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None,
     verdict = spikes.judge(measured, loss, names) if spikes is not None else None
     if grouped is None:
         state = store.prepare(names)
-        step = clipper._step(measured, state)
+        step = clipper._run_step(measured, state, loss)
         threshold, coef = step.threshold, step.coef
         pending: list[tuple[Any, Any, Any]] = [(store, state, step.state)]
     else:
-        threshold, coef, pending = grouped.step(measured)
+        threshold, coef, pending = grouped.step(measured, loss)
     if clipper.nonfinite == "skip":
         coef = torch.where(finite, coef, torch.ones_like(coef))
         skipped = ~finite

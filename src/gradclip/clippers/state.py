@@ -162,14 +162,17 @@ class StateStore:
         clipper = self.clipper
         own = type(clipper).__name__
         expected = dict(StateStore(clipper).values)
-        if not isinstance(state, Mapping) or set(state) != set(expected):
+        optional = set(getattr(clipper, "_optional_fields", ()))  # a SpikeDetector has none
+        if not isinstance(state, Mapping) or not set(expected) - optional <= set(state) <= set(expected):
             got = set(state) if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(
                 f"{own} state dict does not match: expected the entries {sorted(expected)}, "
                 f"got {sorted(got) if isinstance(got, set) else got}; pass the value of "
                 f"`{own}.state_dict()`"
             )
-        values = {k: _checked(own, k, state[k], expected[k], clipper) for k in expected}
+        # a field newer than the checkpoint starts as in a fresh state
+        values = {k: _checked(own, k, state[k], expected[k], clipper) if k in state else expected[k]
+                  for k in expected}  # fmt: skip
         per_name: dict[str, dict[str, Tensor]] = {}
         if not isinstance(param_state, Mapping):
             raise ValueError(f"{own} state dict: `param_state` must be a mapping, got "
@@ -180,13 +183,14 @@ class StateStore:
         if param_state:
             row = {f: v[0] for f, v in clipper._init_state(1)._asdict().items()}
             for name, entry in param_state.items():
-                if not isinstance(entry, Mapping) or set(entry) != set(row):
+                if not isinstance(entry, Mapping) or not set(row) - optional <= set(entry) <= set(row):
                     raise ValueError(
                         f"{own} state dict does not match: param_state entry {name!r} must hold "
                         f"exactly {sorted(row)}; pass the value of `{own}.state_dict()`"
                     )
                 per_name[str(name)] = {
                     f: _checked(own, f"param_state[{name!r}][{f!r}]", entry[f], row[f], clipper)
+                    if f in entry else row[f]
                     for f in row
                 }
         if self.device is not None:

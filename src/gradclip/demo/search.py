@@ -61,7 +61,8 @@ def search_task(
         optimizer.zero_grad(set_to_none=True)
         loss = problem.loss(index)
         loss.backward()
-        clip.step(model, optimizer)  # clip, then step, as the runner trains (Muon's groups left out)
+        # clip, then step, as the runner trains (Muon's groups left out, the loss followed)
+        clip.step(model, optimizer, loss=loss.detach())
         problem.after_step(index)  # the learning-rate schedule, where the task has one
         return loss
 

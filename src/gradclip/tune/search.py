@@ -63,19 +63,21 @@ class TrialClip:
     returns the :class:`~gradclip.ClipStats`; ``clip.step(model, optimizer)`` clips, then
     steps the optimizer. Call it once per step, between ``backward()`` (and
     ``scaler.unscale_(optimizer)`` under AMP) and ``optimizer.step()``; the finder records
-    the last call of each step.
+    the last call of each step. Pass ``loss=loss`` as you would to the clipper: the default
+    candidate's growth follows it (:class:`~gradclip.AdaptiveClip`, ``follow_loss``).
     """
 
     def __init__(self, clipper: Clipper, candidate: Candidate):
         self.clipper, self.candidate = clipper, candidate
         self.last: ClipStats | None = None
 
-    def __call__(self, parameters: Any) -> ClipStats:
-        self.last = self.clipper(parameters)
+    def __call__(self, parameters: Any, *, loss: Tensor | float | None = None) -> ClipStats:
+        self.last = self.clipper(parameters, loss=loss)
         return self.last
 
-    def step(self, parameters: Any, optimizer: torch.optim.Optimizer) -> ClipStats:
-        self.last = self.clipper.step(parameters, optimizer)
+    def step(self, parameters: Any, optimizer: torch.optim.Optimizer, *,
+             loss: Tensor | float | None = None) -> ClipStats:
+        self.last = self.clipper.step(parameters, optimizer, loss=loss)
         return self.last
 
 
