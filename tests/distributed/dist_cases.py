@@ -935,11 +935,35 @@ def spike_cases(rank: int, world: int, rec: list[dict]) -> None:
                                  for v in torch.as_tensor(v).double().flatten().tolist()]})  # fmt: skip
 
 
+GATE_STEPS = 80  # the loss gate decides at 40, 60 and 80 recorded losses
+
+
+def adaptive_loss_cases(rank: int, world: int, rec: list[dict]) -> None:
+    """AdaptiveClip's loss gate under DDP: each rank passes its own loss (rank 0's falls, the
+    others' stay flat); every rank must decide from their mean, the same on every rank."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(mlp())
+    clipper = gradclip.AdaptiveClip(window=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    out: dict[str, list] = {"threshold": [], "norm": [], "loss": []}
+    for step in range(GATE_STEPS):
+        x, y = data(step=step)
+        opt.zero_grad()
+        loss_of(model, x[rank::world], y[rank::world]).backward()
+        reported = 10.0 * math.exp(-step / 15) if rank == 0 else 1.0 + 0.01 * (step % 3)
+        stats = clipper.step(model, opt, loss=torch.tensor(reported))
+        out["threshold"].append(stats.threshold.item())
+        out["norm"].append(stats.norm.item())
+        out["loss"].append(reported)
+    rec.append({"case": "adaptive_loss", **out, "state": _state_values(clipper)})
+
+
 def suite_two(rank: int, world: int, rec: list[dict]) -> None:
     """Everything that runs on 2 ranks, in one launch."""
     for case in (ddp_case, fsdp1_cases, fsdp2_cases, tp_case, mixed_case, pp_case, nan_case,
                  bad_input_cases, host_read_cases, adaptive_cases, adagc_cases, agc_cases,
-                 more_clipper_cases, group_cases, spike_cases):
+                 more_clipper_cases, group_cases, spike_cases, adaptive_loss_cases):
         case(rank, world, rec)
 
 

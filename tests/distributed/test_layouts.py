@@ -432,6 +432,29 @@ def test_per_group_norms_under_fsdp_x_tp(four):
     assert_groups_exact(four, "groups_fsdp_tp")
 
 
+def test_loss_gate_decides_the_same_on_every_rank(two):
+    """Each rank passed its own loss; AdaptiveClip's gate read their mean: the same thresholds
+    and state on every rank, equal to one process fed the global norm and the mean loss."""
+    import torch
+
+    import gradclip
+
+    per_rank = records(two, "adaptive_loss")
+    for entries in zip(*per_rank, strict=True):
+        for key in ("threshold", "norm", "state"):
+            values = [e[key] for e in entries]
+            assert all(v == values[0] for v in values), f"ranks disagree on {key}"
+        reference = gradclip.AdaptiveClip(window=8)
+        p = torch.nn.Parameter(torch.zeros(1))
+        want = []
+        for step, norm in enumerate(entries[0]["norm"]):
+            p.grad = torch.tensor([norm])
+            mean = sum(e["loss"][step] for e in entries) / len(entries)
+            want.append(float(reference({"w": p}, loss=torch.tensor(mean)).threshold))
+        assert entries[0]["threshold"] == pytest.approx(want, rel=1e-5)
+        assert int(reference.state.loss_mode) == 1  # the mean loss falls: the gate acted
+
+
 def test_spike_decisions_are_identical_on_every_rank(two):
     """Each rank passed its own loss; the detector decided from the loss averaged over ranks
     and the global norm: the same decisions and state on every rank, equal to one process

@@ -233,9 +233,11 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
     State: :class:`AdaptiveClipState` (``clipper.state``, and in :meth:`state_dict`).
 
     A step sorts ``window`` floats and does about 40 operations on 0-dim tensors (0.1 ms on
-    a CPU), with no host sync; given a loss, about 40 more, on 100 floats. :class:`~gradclip.ClipStats` ``threshold`` is the threshold applied; on a step whose
-    norm is not recorded (NaN, inf or 0) it is the one the state gives without that norm
-    (``inf`` before the first recorded norm).
+    a CPU), with no host sync; given a loss, about 40 more, on 100 floats (and, under
+    ``torch.distributed``, one all-reduce of the loss). :class:`~gradclip.ClipStats`
+    ``threshold`` is the threshold applied; on a step whose norm is not recorded (NaN, inf
+    or 0) it is the one the state gives without that norm (``inf`` before the first recorded
+    norm), and its loss is not recorded either.
 
     Args:
         relative: the largest threshold, as a multiple of the median recent norm (> 0,
@@ -272,7 +274,11 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         follow_loss: when a loss is passed to :meth:`step` or the call, let it set how fast
             the threshold grows and cut it when the loss rises (default True; see above). A
             NaN or infinite loss is not recorded. Pass the loss tensor: a Python number is
-            copied to the device each step.
+            copied to the device each step. Under ``torch.distributed`` the loss is averaged
+            over ``loss_group`` first (one all-reduce), so every rank decides the same: every
+            rank must then pass its loss on every step.
+        loss_group: the process group the loss is averaged over (default: the default
+            process group, when ``torch.distributed`` is initialised).
         norm_type: p of the norms (default 2).
         nonfinite: ``"propagate"`` (torch's behaviour), ``"error"`` or ``"skip"``.
         shard_group, extra_groups: distributed training (FSDP1/ZeRO shards, pipeline
@@ -335,6 +341,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         hold: float | None = None,
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         follow_loss: bool = True,
+        loss_group: ProcessGroup | None = None,
         norm_type: float | str = 2.0,
         nonfinite: NonFinitePolicy = "propagate",
         shard_group: ProcessGroup | None = None,
@@ -404,6 +411,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
                 f"{follow_loss!r:.60}; pass follow_loss=False to ignore the loss"
             )
         self.follow_loss = follow_loss
+        self.loss_group = loss_group  # not in config(): process groups are not comparable
         self._constants: _Constants | None = None
         super().__init__(
             norm_type=norm_type,

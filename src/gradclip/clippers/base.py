@@ -116,8 +116,11 @@ class Clipper(Generic[S]):
     """The constructor argument that is the clipper's one threshold (``max_norm``), if any:
     a number as a group's policy builds the clipper at that threshold."""
     reads_loss: ClassVar[bool] = False
-    """:meth:`_step` takes the call's ``loss=`` (a 0-dim tensor, a number or None) as a third
-    argument (AdaptiveClip's growth follows it)."""
+    """:meth:`_step` takes the call's ``loss=`` as a third argument (AdaptiveClip's growth
+    follows it): a float32 0-dim tensor, averaged over the ranks of :attr:`loss_group`, or None."""
+    loss_group: ProcessGroup | None = None
+    """Where :attr:`reads_loss`, the process group the loss is averaged over (None: the default
+    group, when ``torch.distributed`` is initialised)."""
     _growable_fields: tuple[str, ...] = ()
     _optional_fields: tuple[str, ...] = ()
     """``State`` fields a checkpoint may lack (written before they existed): a fresh

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradclip import _foreach
+from gradclip.clippers.spikes import rank_mean
 from gradclip.nonfinite import raise_nonfinite
 from gradclip.norms import total_norm
 from gradclip.scale import clip_coefficient, scale_, scale_each_
@@ -68,6 +69,8 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None,
         raise_nonfinite(total, measured.per_tensor, names)
     spikes = clipper.spikes
     verdict = spikes.judge(measured, loss, names) if spikes is not None else None
+    if clipper.reads_loss and loss is not None:  # every rank must decide the same
+        loss = rank_mean(loss, total.device, clipper.loss_group)
     if grouped is None:
         state = store.prepare(names)
         step = clipper._run_step(measured, state, loss)

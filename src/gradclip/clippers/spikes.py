@@ -198,6 +198,25 @@ def check_loss(loss: object) -> Tensor | float | None:
     return float(loss)
 
 
+def rank_mean(loss: Tensor | float, device: torch.device, group: ProcessGroup | None) -> Tensor:
+    """``loss`` as a float32 0-dim tensor on ``device``, averaged over the ranks of ``group``
+    (the default process group when None) under ``torch.distributed``: one all-reduce, so
+    that every rank decides from the same value.
+
+    Example:
+        >>> rank_mean(2.5, torch.device("cpu"), None)
+        tensor(2.5000)
+    """
+    value = torch.as_tensor(loss, dtype=torch.float32).to(device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        size = torch.distributed.get_world_size(group)
+        if size > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value, group=group)  # SUM: gloo has no AVG
+            value = value / size
+    return value
+
+
 class SpikeMedians:
     """The per-parameter part of a detector, in the shape :class:`StateStore` keeps."""
 
@@ -388,17 +407,7 @@ class SpikeDetector:
         return consts
 
     def _reduced_loss(self, loss: Tensor | float | None, device: torch.device) -> Tensor | None:
-        if loss is None:
-            return None
-        value = torch.as_tensor(loss, dtype=torch.float32).to(device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            group = self.loss_group
-            size = torch.distributed.get_world_size(group)
-            if size > 1:
-                value = value.clone()
-                torch.distributed.all_reduce(value, group=group)  # SUM: gloo has no AVG
-                value = value / size
-        return value
+        return None if loss is None else rank_mean(loss, device, self.loss_group)
 
     def judge(self, norms: GradNorms, loss: Tensor | float | None, names: tuple[str, ...]) -> Verdict:
         """The verdict on this step (pure tensor ops and, with a loss under

@@ -109,7 +109,8 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
 
     **Spike detection** (``clipper = gradclip.AdaptiveClip(spikes="skip")``): the Trainer
     hands its callbacks no loss before the optimizer step, so the detector judges the
-    gradient norm alone (a loss spike shows in the gradient). ``gradclip/spikes`` and
+    gradient norm alone (a loss spike shows in the gradient), and :class:`~gradclip.AdaptiveClip`'s
+    growth follows the norms alone (its loss gate needs the loss). ``gradclip/spikes`` and
     ``gradclip/spike_score`` join the logged figures. In a plain Accelerate loop,
     :func:`clip_gradients` takes the loss.
 

@@ -105,7 +105,8 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
     passes to ``on_before_backward`` since the last step (the accumulated micro-batches'
     mean; unscaled under fp16), with one optimizer; with several the detector judges the
     gradient norm alone. It also logs ``gradclip/spikes`` (spikes so far) and
-    ``gradclip/spike_score``.
+    ``gradclip/spike_score``. The same loss feeds :class:`~gradclip.AdaptiveClip`'s loss
+    gate (``follow_loss``), with or without a detector.
 
     Args:
         clipper: a :class:`~gradclip.Clipper`, or one per optimizer.
