@@ -83,6 +83,7 @@ __all__ = [
     "Verdict",
     "as_detector",
     "check_loss",
+    "rank_mean",
 ]
 
 SpikePolicy = Literal["skip", "clip", "off"]
