@@ -243,3 +243,28 @@ def test_the_capture_query_is_not_asked_while_compiling(monkeypatch):
     monkeypatch.setattr(_foreach, "is_compiling", lambda: False)
     with pytest.raises(AssertionError, match="asked"):
         _foreach.capturing()
+
+
+def test_adaptive_clip_given_the_loss_compiles_once_to_the_eager_result():
+    """AdaptiveClip's loss gate is tensor operations only: the clip given a loss tensor is one
+    graph, compiled once, and gives the eager thresholds through the gate's decisions."""
+    runs = []
+    for compiled in (False, True):
+        clipper, model = gradclip.AdaptiveClip(window=8), _model()
+        loss = torch.zeros(())
+        _backward(model, 99, 1.0)
+        clipper(model, loss=loss)  # warm-up in eager mode, as above
+        counter = CompileCounterWithBackend("aot_eager")
+        def clip(c=clipper, m=model, value=loss):
+            return c(m, loss=value)
+
+        call = torch.compile(clip, backend=counter, fullgraph=True) if compiled else clip
+        thresholds = []
+        for step in range(70):  # the gate decides at 40 and 60 recorded losses
+            _backward(model, step, 1.0)
+            loss.fill_(5.0 * math.exp(-step / 20) * (1 + 0.01 * (step % 3)))
+            thresholds.append(float(call().threshold))
+        runs.append((thresholds, int(clipper.state.loss_mode), counter.frame_count))
+    (eager, mode, _), (got, compiled_mode, frames) = runs
+    assert frames == 1 and mode == compiled_mode == 1  # the falling loss set fast growth
+    assert got == pytest.approx(eager, rel=2e-6)

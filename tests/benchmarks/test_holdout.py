@@ -15,15 +15,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import holdout
-
-
-def _saved(task: str, metrics: dict[str, list[float]]) -> dict:
-    return {"runs": [{"task": task, "strategy": s, "seed": k, "metric": m, "diverged": m > 1}
-                     for s, ms in metrics.items() for k, m in enumerate(ms)]}  # fmt: skip
+from saved_runs import saved_runs
 
 
 def test_best_fixed_is_the_sweeps_lowest_median():
-    saved = _saved("t", {"fixed 0.1": [0.4, 0.5, 0.6], "fixed 1": [0.2, 3.0, 0.1],
+    saved = saved_runs("t", {"fixed 0.1": [0.4, 0.5, 0.6], "fixed 1": [0.2, 3.0, 0.1],
                          "fixed 3": [0.3, 0.25, 0.35], "default": [0.01, 0.01, 0.01],
                          "fixed 2.5": [0.01, 0.01, 0.01]})  # a finder pick's run, not the sweep
     assert holdout.best_fixed(saved) == {"t": 1.0}  # median 0.2; 3.0 diverged, counts as inf
@@ -32,7 +28,7 @@ def test_best_fixed_is_the_sweeps_lowest_median():
 
 
 def test_a_short_run_prints_every_strategy_and_the_pass_count(tmp_path: Path, capsys):
-    saved = _saved("sgd-label-noise", {"fixed 0.01": [0.5], "fixed 0.1": [0.6]})
+    saved = saved_runs("sgd-label-noise", {"fixed 0.01": [0.5], "fixed 0.1": [0.6]})
     path = tmp_path / "saved.json"
     path.write_text(json.dumps(saved))
     assert holdout.main(["--seeds", "3", "4", "--tasks", "sgd-label-noise", "--steps", "30",
@@ -46,7 +42,7 @@ def test_a_short_run_prints_every_strategy_and_the_pass_count(tmp_path: Path, ca
 
 def test_bad_arguments_are_refused(tmp_path: Path):
     path = tmp_path / "saved.json"
-    path.write_text(json.dumps(_saved("sgd-label-noise", {"fixed 1": [0.5]})))
+    path.write_text(json.dumps(saved_runs("sgd-label-noise", {"fixed 1": [0.5]})))
     with pytest.raises(SystemExit):
         holdout.main(["--seeds", "5", "5", "--against", str(path)])
     with pytest.raises(SystemExit):

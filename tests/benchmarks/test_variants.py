@@ -15,15 +15,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import acceptance
 import variants
-
-
-def _saved(task: str, metrics: dict[str, list[float]]) -> dict:
-    return {"runs": [{"task": task, "strategy": s, "seed": k, "metric": m, "diverged": m > 1}
-                     for s, ms in metrics.items() for k, m in enumerate(ms)]}  # fmt: skip
+from saved_runs import saved_runs
 
 
 def test_the_variant_and_the_saved_default_against_the_best_fixed_threshold():
-    saved = _saved("t", {"fixed 0.1": [0.4, 0.5, 0.6], "fixed 1": [0.2, 0.3, 0.1],
+    saved = saved_runs("t", {"fixed 0.1": [0.4, 0.5, 0.6], "fixed 1": [0.2, 0.3, 0.1],
                          "fixed 2.5": [0.01, 0.01, 0.01],  # a pick's run, not the sweep
                          "default": [0.3, 0.9, 2.0]})  # fmt: skip
     (row,) = variants.compare([("t", 0, 0.25), ("t", 1, 0.1), ("t", 2, 5.0)], saved)
@@ -36,7 +32,7 @@ def test_the_variant_and_the_saved_default_against_the_best_fixed_threshold():
 
 
 def test_a_diverged_run_counts_as_inf_and_a_missing_sweep_is_refused():
-    saved = _saved("t", {"fixed 1": [0.2, 3.0, 0.1], "default": [0.3, 0.9, 0.5]})
+    saved = saved_runs("t", {"fixed 1": [0.2, 3.0, 0.1], "default": [0.3, 0.9, 0.5]})
     (row,) = variants.compare([("t", 0, 0.25), ("t", 1, 0.1), ("t", 2, 0.3)], saved)
     assert row.best == "fixed 1" and row.variant_ratio == pytest.approx(0.25 / 0.2)
     with pytest.raises(ValueError, match="no sweep for u"):
