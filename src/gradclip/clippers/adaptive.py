@@ -415,6 +415,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
                 f"{follow_loss!r:.60}; pass follow_loss=False to ignore the loss"
             )
         self.follow_loss = follow_loss
+        self.reads_loss = follow_loss and self.hold is None  # `hold` ignores the loss
         self.loss_group = loss_group  # not in config(): process groups are not comparable
         self._constants: _Constants | None = None
         super().__init__(
@@ -461,7 +462,6 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         super().load_state_dict(state_dict)
 
     State = AdaptiveClipState
-    reads_loss = True
     _optional_fields = ("losses", "loss_count", "loss_best", "loss_mode")
 
     def _init_state(self, tensors: int) -> AdaptiveClipState:
@@ -530,9 +530,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             )
         return constants
 
-    def _step(
-        self, norms: GradNorms, state: AdaptiveClipState, loss: Tensor | float | None = None
-    ) -> Step:
+    def _step(self, norms: GradNorms, state: AdaptiveClipState, loss: Tensor | None = None) -> Step:
         """This step's threshold and the state after it (see the class doc); pure."""
         if self.hold is not None:
             return self._hold_step(norms.total, state)
@@ -544,7 +542,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         rate, warmup_rate, recovery_rate = k.rate, k.warmup_rate, k.recovery_rate
         loss_state = state[5:]
         unchanged = previous
-        if loss is not None and self.follow_loss:
+        if loss is not None:  # given only where follow_loss (reads_loss)
             cut, loss_state = _follow(state, loss, k)
             mode = loss_state[-1]
             up, down = mode == _UP, mode == _DOWN
@@ -609,7 +607,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         return Step(applied, clip_coefficient(applied, total), new_state)
 
 
-def _follow(state: AdaptiveClipState, loss: Tensor | float, k: _Constants) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _follow(state: AdaptiveClipState, loss: Tensor, k: _Constants) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The loss gate (see :class:`AdaptiveClip`, ``follow_loss``): this step's factor on the
     previous threshold and the new ``losses``, ``loss_count``, ``loss_best``, ``loss_mode``.
 
@@ -619,17 +617,16 @@ def _follow(state: AdaptiveClipState, loss: Tensor | float, k: _Constants) -> tu
     blocks on) losses below ``-LOSS_Z`` standard errors, with the block's mean a new low, sets
     mode 1; else mode 0. Non-finite losses are not recorded. Tensor operations only, no host
     read, except on the CPU outside compilation, where the steps that decide nothing skip the
-    statistics."""
-    value = torch.as_tensor(loss, device=k.one.device).float().reshape(())
-    ok = torch.isfinite(value)
+    statistics. ``loss``: float32, 0-dim, on the state's device (``StepLoss.over``)."""
+    ok = torch.isfinite(loss)
     losses = torch.where((k.loss_slots == torch.remainder(state.loss_count, LOSS_WINDOW)) & ok,
-                         value, state.losses)  # fmt: skip
+                         loss, state.losses)  # fmt: skip
     count = state.loss_count + ok
-    # the ring in recording order, the newest last; the first LOSS_WINDOW - count unwritten
     decide = ok & (torch.remainder(count, LOSS_BLOCK) == 0) & (count >= 2 * LOSS_BLOCK)
     if _foreach.is_host_device(decide.device) and not _foreach.is_compiling() and not decide:
         # on the CPU reading is free: the statistics only on the steps that decide (1 in 20)
         return k.one, (losses, count, state.loss_best, state.loss_mode)
+    # the ring in recording order, the newest last; the first LOSS_WINDOW - count unwritten
     ring = losses.gather(0, torch.remainder(count + k.loss_slots, LOSS_WINDOW))
     last, before = ring[-LOSS_BLOCK:], ring[-2 * LOSS_BLOCK : -LOSS_BLOCK]
     mean = last.mean()

@@ -32,7 +32,7 @@ from gradclip import _foreach, distributed, norms
 from gradclip._checks import check_norm_type
 from gradclip.clippers import fold, pipeline
 from gradclip.clippers.groups import Grouping
-from gradclip.clippers.spikes import SpikeDetector, SpikePolicy, as_detector, check_loss
+from gradclip.clippers.spikes import SpikeDetector, SpikePolicy, StepLoss, as_detector, check_loss
 from gradclip.clippers.state import StateStore
 from gradclip.clippers.targets import Parameters, Target, resolve
 from gradclip.nonfinite import NonFinitePolicy, check_policy
@@ -115,9 +115,10 @@ class Clipper(Generic[S]):
     threshold_arg: ClassVar[str | None] = None
     """The constructor argument that is the clipper's one threshold (``max_norm``), if any:
     a number as a group's policy builds the clipper at that threshold."""
-    reads_loss: ClassVar[bool] = False
+    reads_loss: bool = False
     """:meth:`_step` takes the call's ``loss=`` as a third argument (AdaptiveClip's growth
-    follows it): a float32 0-dim tensor, averaged over the ranks of :attr:`loss_group`, or None."""
+    follows it): a float32 0-dim tensor, averaged over the ranks of :attr:`loss_group`, or None.
+    Where False, no loss is averaged for the clipper (no all-reduce)."""
     loss_group: ProcessGroup | None = None
     """Where :attr:`reads_loss`, the process group the loss is averaged over (None: the default
     group, when ``torch.distributed`` is initialised)."""
@@ -168,9 +169,12 @@ class Clipper(Generic[S]):
         """This step's threshold, coefficient and new state; a pure tensor function."""
         raise NotImplementedError
 
-    def _run_step(self, norms: norms.GradNorms, state: S, loss: Tensor | float | None) -> Step:
-        """:meth:`_step`, given the loss where the clipper reads it (:attr:`reads_loss`)."""
-        return self._step(norms, state, loss) if self.reads_loss else self._step(norms, state)  # type: ignore[call-arg]
+    def _run_step(self, norms: norms.GradNorms, state: S, loss: StepLoss | None) -> Step:
+        """:meth:`_step`, given the call's loss averaged over :attr:`loss_group` where the
+        clipper reads it (:attr:`reads_loss`)."""
+        if not self.reads_loss or loss is None:
+            return self._step(norms, state)
+        return self._step(norms, state, loss.over(self.loss_group))  # type: ignore[call-arg]
 
     def _prepare(self, state: S, calls: int) -> S:
         """The state before a step, given the number of earlier calls (a host count): a

@@ -46,6 +46,7 @@ from gradclip.stats import GroupStats
 
 if TYPE_CHECKING:
     from gradclip.clippers.base import Clipper
+    from gradclip.clippers.spikes import StepLoss
     from gradclip.clippers.targets import Target
 
 __all__ = ["UNGROUPED", "GroupOptions", "GroupedCall", "Grouping"]
@@ -334,7 +335,7 @@ class GroupedCall:
 
     # -- the step ---------------------------------------------------------------------------
 
-    def step(self, measured: GradNorms, loss: Tensor | float | None = None) -> tuple[Tensor, Tensor, list]:
+    def step(self, measured: GradNorms, loss: StepLoss | None = None) -> tuple[Tensor, Tensor, list]:
         """This step's threshold, its coefficients (one per row, or the clipper's own when
         :attr:`passive`) and what :meth:`commit` writes; ``loss`` goes to each group's rule
         that reads it."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradclip import _foreach
-from gradclip.clippers.spikes import rank_mean
+from gradclip.clippers.spikes import StepLoss
 from gradclip.nonfinite import raise_nonfinite
 from gradclip.norms import total_norm
 from gradclip.scale import clip_coefficient, scale_, scale_each_
@@ -68,16 +68,15 @@ def clip(clipper: Clipper, target: Target, fold: Fold | None,
     if clipper.nonfinite == "error":
         raise_nonfinite(total, measured.per_tensor, names)
     spikes = clipper.spikes
-    verdict = spikes.judge(measured, loss, names) if spikes is not None else None
-    if clipper.reads_loss and loss is not None:  # every rank must decide the same
-        loss = rank_mean(loss, total.device, clipper.loss_group)
+    step_loss = StepLoss(loss, total.device)  # averaged over ranks: every rank decides the same
+    verdict = spikes.judge(measured, step_loss.over(spikes.loss_group), names) if spikes is not None else None
     if grouped is None:
         state = store.prepare(names)
-        step = clipper._run_step(measured, state, loss)
+        step = clipper._run_step(measured, state, step_loss)
         threshold, coef = step.threshold, step.coef
         pending: list[tuple[Any, Any, Any]] = [(store, state, step.state)]
     else:
-        threshold, coef, pending = grouped.step(measured, loss)
+        threshold, coef, pending = grouped.step(measured, step_loss)
     if clipper.nonfinite == "skip":
         coef = torch.where(finite, coef, torch.ones_like(coef))
         skipped = ~finite

@@ -79,6 +79,7 @@ __all__ = [
     "SpikeDetector",
     "SpikePolicy",
     "SpikeState",
+    "StepLoss",
     "TensorMedians",
     "Verdict",
     "as_detector",
@@ -209,13 +210,33 @@ def rank_mean(loss: Tensor | float, device: torch.device, group: ProcessGroup | 
         tensor(2.5000)
     """
     value = torch.as_tensor(loss, dtype=torch.float32).to(device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _foreach.default_group_exists():
         size = torch.distributed.get_world_size(group)
         if size > 1:
             value = value.clone()
             torch.distributed.all_reduce(value, group=group)  # SUM: gloo has no AVG
             value = value / size
     return value
+
+
+class StepLoss:
+    """One call's ``loss=`` for whatever reads it (the spike detector, a clipper's rules):
+    :func:`rank_mean` over a process group, computed once per group and call, so that a
+    detector and a clipper averaging over the same ranks share one all-reduce."""
+
+    def __init__(self, loss: Tensor | float | None, device: torch.device):
+        self.loss, self.device = loss, device
+        self._means: dict[ProcessGroup | None, Tensor] = {}
+
+    def over(self, group: ProcessGroup | None) -> Tensor | None:
+        """The loss averaged over ``group`` (float32, 0-dim, on the step's device); None
+        when the call passed none."""
+        if self.loss is None:
+            return None
+        mean = self._means.get(group)
+        if mean is None:
+            mean = self._means[group] = rank_mean(self.loss, self.device, group)
+        return mean
 
 
 class SpikeMedians:
@@ -407,12 +428,10 @@ class SpikeDetector:
             )
         return consts
 
-    def _reduced_loss(self, loss: Tensor | float | None, device: torch.device) -> Tensor | None:
-        return None if loss is None else rank_mean(loss, device, self.loss_group)
-
-    def judge(self, norms: GradNorms, loss: Tensor | float | None, names: tuple[str, ...]) -> Verdict:
-        """The verdict on this step (pure tensor ops and, with a loss under
-        ``torch.distributed``, one all-reduce); nothing is changed until :meth:`commit`."""
+    def judge(self, norms: GradNorms, loss: Tensor | None, names: tuple[str, ...]) -> Verdict:
+        """The verdict on this step (pure tensor ops); nothing is changed until :meth:`commit`.
+        ``loss``: the step's loss averaged over :attr:`loss_group` (``StepLoss.over``; a 0-dim
+        tensor), or None."""
         total = norms.total
         device = total.device
         self._store.to(device)
@@ -432,7 +451,7 @@ class SpikeDetector:
         bound = torch.where(norm_ready, torch.exp(log_bound), k.inf).to(total.dtype)
 
         # the loss, averaged over ranks, the same way (no log: a loss may be negative)
-        value = self._reduced_loss(loss, device)
+        value = None if loss is None else loss.float().to(device)
         losses, loss_count = state.losses, state.loss_count
         if value is None:
             loss_out, loss_bound = k.nan, k.inf
