@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 import gradclip
-from acceptance import SWEEP, TASKS, _optimizer
+import variants
+from acceptance import TASKS, _optimizer
 from bench_quality import ratio
 from gradclip.demo.runner import run
 
@@ -41,19 +42,14 @@ STRATEGIES = ("default", "without loss", "best fixed")
 
 def best_fixed(saved: dict[str, Any]) -> dict[str, float]:
     """Per task, the fixed threshold of the saved sweep with the lowest median metric
-    (a diverged run counts as ``inf``); tasks without a complete sweep are left out."""
+    (:func:`variants.best_fixed`: a diverged run counts as ``inf``); tasks without a complete
+    sweep are left out."""
     out = {}
     for task in dict.fromkeys(r["task"] for r in saved["runs"]):
-        medians = {}
-        for strategy in SWEEP:
-            if not strategy.startswith("fixed "):
-                continue
-            values = [math.inf if r["diverged"] else r["metric"] for r in saved["runs"]
-                      if r["task"] == task and r["strategy"] == strategy]  # fmt: skip
-            if values:
-                medians[float(strategy.split()[1])] = statistics.median(values)
-        if medians:
-            out[task] = min(medians, key=medians.__getitem__)
+        runs = [r for r in saved["runs"] if r["task"] == task]
+        found = variants.best_fixed(runs, len({r["seed"] for r in runs}))
+        if found is not None:
+            out[task] = float(found[0].split()[1])
     return out
 
 

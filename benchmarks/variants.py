@@ -34,7 +34,7 @@ from acceptance import FIXED, TASKS, _optimizer
 from bench_quality import ratio
 from gradclip.demo.runner import run
 
-__all__ = ["Row", "compare", "main", "render", "train"]
+__all__ = ["Row", "best_fixed", "compare", "main", "render", "train"]
 
 SAVED = Path(__file__).resolve().parent / "results" / "acceptance-2026-12-05-3.json"
 """The sweep compared against by default."""
@@ -70,23 +70,32 @@ def _median(runs: list[dict[str, Any]], strategy: str, seeds: int) -> float:
     return statistics.median(values) if len(values) == seeds else math.nan
 
 
+def best_fixed(runs: list[dict[str, Any]], seeds: int) -> tuple[str, float] | None:
+    """Of one task's ``runs``, the sweep's fixed threshold with the lowest median over its
+    ``seeds`` runs, and that median; None without a complete sweep."""
+    fixed = {s: _median(runs, s, seeds) for s in sorted(f"fixed {c:g}" for c in FIXED)}
+    fixed = {s: v for s, v in fixed.items() if not math.isnan(v)}
+    if not fixed:
+        return None
+    best = min(fixed, key=fixed.__getitem__)
+    return best, fixed[best]
+
+
 def compare(results: list[tuple[str, int, float]], saved: dict[str, Any]) -> list[Row]:
     """Rows for the variant's ``results`` against a saved acceptance result (its ``runs``)."""
-    sweep = {f"fixed {c:g}" for c in FIXED}
     rows = []
     for task in dict.fromkeys(t for t, _, _ in results):
         mine = sorted((seed, m) for t, seed, m in results if t == task)
         seeds = {seed for seed, _ in mine}
         runs = [r for r in saved["runs"] if r["task"] == task and r["seed"] in seeds]
-        fixed = {s: _median(runs, s, len(seeds)) for s in sorted(sweep)}
-        fixed = {s: v for s, v in fixed.items() if not math.isnan(v)}
-        if not fixed:
+        found = best_fixed(runs, len(seeds))
+        if found is None:
             raise ValueError(f"the saved result has no sweep for {task} on seeds {sorted(seeds)}")
-        best = min(fixed, key=fixed.__getitem__)
+        best, reference = found
         variant = statistics.median(m for _, m in mine)
         default = _median(runs, "default", len(seeds))
-        rows.append(Row(task, best, variant, ratio(variant, fixed[best]), default,
-                        ratio(default, fixed[best]), tuple(m for _, m in mine)))  # fmt: skip
+        rows.append(Row(task, best, variant, ratio(variant, reference), default,
+                        ratio(default, reference), tuple(m for _, m in mine)))  # fmt: skip
     return rows
 
 
