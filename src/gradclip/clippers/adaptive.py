@@ -238,7 +238,8 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
     floats to the steps that decide (1 in 20) and about 20 to the others; on an accelerator,
     where branching would cost a sync, all 100 run every step (on six 128x128 layers at one
     CPU thread: 0.39 ms a step instead of 0.30, 0.53 with all of them every step). Under
-    ``torch.distributed`` it adds one all-reduce of the loss. :class:`~gradclip.ClipStats`
+    ``torch.distributed`` it adds one all-reduce of the loss (none where a spike detector
+    averages it over the same ranks: they share it). :class:`~gradclip.ClipStats`
     ``threshold`` is the threshold applied; on a step whose norm is not recorded (NaN, inf
     or 0) it is the one the state gives without that norm (``inf`` before the first recorded
     norm), and its loss is not recorded either.
@@ -277,10 +278,11 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             no reference is kept.
         follow_loss: when a loss is passed to :meth:`step` or the call, let it set how fast
             the threshold grows and cut it when the loss rises (default True; see above). A
-            NaN or infinite loss is not recorded. Pass the loss tensor: a Python number is
-            copied to the device each step. Under ``torch.distributed`` the loss is averaged
-            over ``loss_group`` first (one all-reduce), so every rank decides the same: every
-            rank must then pass its loss on every step.
+            NaN or infinite loss is not recorded; with ``hold`` the loss is not read. Pass
+            the loss tensor: a Python number is copied to the device each step. Under
+            ``torch.distributed`` the loss is averaged over ``loss_group`` first (one
+            all-reduce), so every rank decides the same: every rank must then pass its loss
+            on every step.
         loss_group: the process group the loss is averaged over (default: the default
             process group, when ``torch.distributed`` is initialised).
         norm_type: p of the norms (default 2).
