@@ -35,7 +35,7 @@ from gradclip.demo.runner import run
 
 __all__ = ["STRATEGIES", "best_fixed", "main", "render", "train"]
 
-SAVED = Path(__file__).resolve().parent / "results" / "acceptance-2026-12-05-3.json"
+SAVED = Path(__file__).resolve().parent / "results" / "acceptance-2026-12-05-4.json"
 """The sweep whose best thresholds are re-run."""
 STRATEGIES = ("default", "without loss", "best fixed")
 

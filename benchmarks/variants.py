@@ -36,7 +36,7 @@ from gradclip.demo.runner import run
 
 __all__ = ["Row", "best_fixed", "compare", "main", "render", "train"]
 
-SAVED = Path(__file__).resolve().parent / "results" / "acceptance-2026-12-05-3.json"
+SAVED = Path(__file__).resolve().parent / "results" / "acceptance-2026-12-05-4.json"
 """The sweep compared against by default."""
 
 

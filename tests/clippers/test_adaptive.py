@@ -203,12 +203,12 @@ def test_a_falling_loss_lets_the_threshold_grow_fast_and_a_rise_cuts_it() -> Non
     assert cut[219:239] == pytest.approx([cut[219]] * 20)  # no growth until the next block
 
 
-def test_loss_is_ignored_with_follow_loss_false_and_with_hold() -> None:
+def test_loss_is_ignored_with_follow_loss_false() -> None:
     norms, losses = norm_sequence(300, seed=2), loss_sequence(300)
     plain, _ = clip_sequence(AdaptiveClip(window=16), norms)
     assert clip_sequence(AdaptiveClip(window=16, follow_loss=False), norms, losses)[0] == plain
     held, _ = clip_sequence(AdaptiveClip(hold=0.25), norms)
-    assert clip_sequence(AdaptiveClip(hold=0.25), norms, losses)[0] == held
+    assert clip_sequence(AdaptiveClip(hold=0.25, follow_loss=False), norms, losses)[0] == held
     with pytest.raises(TypeError, match="follow_loss"):
         AdaptiveClip(follow_loss="yes")  # type: ignore[arg-type]
 
@@ -448,6 +448,20 @@ def test_hold_clips_every_step_to_a_fraction_of_the_first_norm() -> None:
             assert float(stats.threshold) == 2.0
             assert float(p.grad) == pytest.approx(min(g, 2.0 * g / (g + 1e-6)), rel=1e-6)
     assert int(clipper.state.count) == 5  # the norms are still recorded
+
+
+def test_hold_is_the_rule_for_steps_without_a_loss() -> None:
+    """Given the loss, a ``hold`` clipper (Adam's, from ``optimizer=``) follows the median rule
+    and its loss gate, as one without ``hold``; without it, it holds."""
+    norms, losses = norm_sequence(300, seed=4), loss_sequence(300)
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    followed, _ = clip_sequence(AdaptiveClip(window=16), norms, losses)
+    assert clip_sequence(AdaptiveClip(window=16, optimizer=adam), norms, losses)[0] == followed
+    assert clip_sequence(AdaptiveClip(window=16, hold=0.25), norms, losses)[0] == followed
+    held, _ = clip_sequence(AdaptiveClip(window=16, hold=0.25), norms)
+    assert held == pytest.approx([0.25 * norms[0]] * len(norms))
+    assert AdaptiveClip(optimizer=adam).reads_loss and not AdaptiveClip(
+        optimizer=adam, follow_loss=False).reads_loss  # fmt: skip
 
 
 def test_hold_waits_for_a_recorded_first_norm() -> None:

@@ -82,7 +82,8 @@ def _args(tmp_path, **kwargs: Any) -> TrainingArguments:
 
 
 def _train(
-    tmp_path, clipper, *, probe=None, resume=None, model=None, dataset=None, monitor=None, **kwargs
+    tmp_path, clipper, *, probe=None, resume=None, model=None, dataset=None, monitor=None,
+    eval_dataset=None, **kwargs,
 ):
     model = Regressor() if model is None else model
     optimizer = recording(torch.optim.AdamW)(model.parameters(), lr=1e-2)
@@ -91,6 +92,7 @@ def _train(
         model=model,
         args=_args(tmp_path, **kwargs),
         train_dataset=_dataset() if dataset is None else dataset,
+        eval_dataset=eval_dataset,
         callbacks=[cb for cb in (probe, callback) if cb is not None],
         optimizers=(optimizer, None),
     )
@@ -147,6 +149,43 @@ def test_gradient_accumulation_clips_once_per_optimizer_step(tmp_path) -> None:
     )
     assert len(optimizer.seen) == len(probe.pre) == 2
     assert int(clipper.steps) == 2
+
+
+class LossRecorder(Regressor):
+    """A Regressor that keeps the loss of every forward pass, and whether it trained."""
+
+    def __init__(self):
+        super().__init__()
+        self.passes: list[tuple[bool, float]] = []
+
+    def forward(self, x, labels=None):
+        out = super().forward(x, labels)
+        self.passes.append((self.training and torch.is_grad_enabled(), float(out["loss"].detach())))
+        return out
+
+
+class LossSeen(gradclip.NormClip):
+    """NormClip that keeps the loss each call is handed."""
+
+    def __init__(self, max_norm: float):
+        super().__init__(max_norm)
+        self.losses: list[float | None] = []
+
+    def __call__(self, parameters, *, loss=None):
+        self.losses.append(None if loss is None else float(loss))
+        return super().__call__(parameters, loss=loss)
+
+
+def test_the_clipper_gets_the_mean_training_loss_of_each_optimizer_step(tmp_path) -> None:
+    model, clipper = LossRecorder(), LossSeen(1e3)
+    _train(tmp_path, clipper, model=model, dataset=_dataset(12), max_steps=2,
+           gradient_accumulation_steps=3, per_device_train_batch_size=2,
+           eval_dataset=_dataset(8), eval_strategy="steps", eval_steps=1)  # fmt: skip
+    trained = [loss for training, loss in model.passes if training]
+    assert len(trained) == 6 and len(model.passes) > 6  # evaluation passes ran too
+    expected = [sum(trained[:3]) / 3, sum(trained[3:]) / 3]
+    assert clipper.losses == pytest.approx(expected, rel=1e-6)
+    assert not model._forward_hooks  # the callback's hook is gone after training
 
 
 class LayerProbe(Probe):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -107,12 +108,19 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
     learning-rate scheduler steps (the Trainer holds the scheduler back only for a step its
     fp16 ``GradScaler`` skipped), see :mod:`gradclip.integrations._common`.
 
-    **Spike detection** (``clipper = gradclip.AdaptiveClip(spikes="skip")``): the Trainer
-    hands its callbacks no loss before the optimizer step, so the detector judges the
-    gradient norm alone (a loss spike shows in the gradient), and :class:`~gradclip.AdaptiveClip`'s
-    growth follows the norms alone (its loss gate needs the loss). ``gradclip/spikes`` and
-    ``gradclip/spike_score`` join the logged figures. In a plain Accelerate loop,
+    **The loss**: the Trainer hands its callbacks no loss, so the callback reads it where
+    the Trainer does, from the model's output (``outputs["loss"]``, through a forward hook
+    on the model while it trains with gradients enabled: evaluation passes are not read),
+    and hands the clipper the mean over the optimizer step's micro-batches, a device tensor
+    (no host read). :class:`~gradclip.AdaptiveClip`'s loss gate and a spike detector use
+    it. A loss computed outside the model (``compute_loss_func``, label smoothing, a
+    ``compute_loss`` override) is not seen: those steps get no loss, and AdaptiveClip follows
+    the norms alone (with AdamW, its ``hold``). In a plain Accelerate loop,
     :func:`clip_gradients` takes the loss.
+
+    **Spike detection** (``clipper = gradclip.AdaptiveClip(spikes="skip")``): the detector
+    judges the loss and the gradient norm; ``gradclip/spikes`` and ``gradclip/spike_score``
+    join the logged figures.
 
     Args:
         clipper: the :class:`~gradclip.Clipper` to clip with.
@@ -137,6 +145,9 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
         self.monitor = check_monitor(monitor)
         self._log = ClipLog(clipper, self.monitor)
         self._loaded_from: str | None = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._loss_sum: torch.Tensor | None = None  # this optimizer step's micro-batch losses
+        self._losses = 0
 
     # -- checks and resume ------------------------------------------------------------------
 
@@ -156,6 +167,26 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
             _check_distributed("FSDP")
         if state.global_step > 0 and self._loaded_from is None:
             self._resume(args, state)
+        model = kwargs.get("model")
+        if self._hook is None and isinstance(model, torch.nn.Module):
+            self._hook = model.register_forward_hook(self._read_loss)
+
+    def _read_loss(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        """Forward hook: add a training pass's ``output["loss"]`` to the step's sum."""
+        if not (module.training and torch.is_grad_enabled()):
+            return  # an evaluation or prediction pass
+        loss = output.get("loss") if isinstance(output, Mapping) else None
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            loss = loss.detach().float().reshape(())
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._losses += 1
+
+    def _step_loss(self) -> torch.Tensor | None:
+        """The mean loss of the micro-batches since the last optimizer step (None: none seen);
+        starts the next step's sum."""
+        total, count = self._loss_sum, self._losses
+        self._loss_sum, self._losses = None, 0
+        return None if total is None else total / count
 
     def _resume(self, args: Any, state: Any) -> None:
         folders = [os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
@@ -218,12 +249,16 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
         if scaler is not None and inner is not None:
             unscale_once(scaler, inner)
         target = clip_target(model, inner)
-        stats = self.clipper(target)
+        stats = self.clipper(target, loss=self._step_loss())
         self._log.record(stats, step=state.global_step, main=state.is_world_process_zero)
         drop_grads_if_skipped(self.clipper, stats, target)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._loaded_from = None  # a later trainer.train() looks for its own checkpoint
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._step_loss()  # a step the Trainer ended before its optimizer step
         if self.monitor is not None:
             self.monitor.flush()
 
