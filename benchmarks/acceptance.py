@@ -16,7 +16,9 @@ each, the median over seeds of:
   full run with the recommended threshold.
 
 Acceptance (per task): finder and default within 1.1x of the best fixed threshold, the
-recommendation within 1.15x, the finder's cost at most 20% of a run.
+recommendation within 1.15x, the finder's cost at most 20% of a run. Each verdict comes with
+a 90% interval of its ratio (:func:`interval`: the seeds resampled), which says whether a
+pass or a fail is more than the seeds' luck.
 
 Results are appended to the JSON file after every job, and ``--resume`` skips the jobs a
 file already holds, so a long evaluation can be stopped and continued.
@@ -32,6 +34,7 @@ import argparse
 import functools
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -229,6 +232,28 @@ def reuse(path: Path, tasks: Iterable[str], seeds: int) -> list[Run]:
     ]
 
 
+RESAMPLES = 2000
+"""Bootstrap resamples behind a ratio's interval."""
+
+
+def interval(pairs: list[tuple[float, float]], resamples: int = RESAMPLES) -> tuple[float, float]:
+    """A 90% paired-bootstrap interval of ``median(a) / median(b)`` over seeds.
+
+    ``pairs`` holds one ``(a, b)`` per seed: a strategy's metric and the best fixed
+    threshold's on the same seed. A resample draws as many seeds with replacement and keeps
+    each seed's pair together (a seed sets the data and the initialisation of both); the
+    interval is the 5th and 95th percentiles of the resampled ratios. Seeded: the same pairs
+    give the same interval."""
+    rng = random.Random(0)
+    n = len(pairs)
+    ratios = []
+    for _ in range(resamples):
+        drawn = [pairs[rng.randrange(n)] for _ in range(n)]
+        ratios.append(ratio(statistics.median(a for a, _ in drawn), statistics.median(b for _, b in drawn)))
+    ratios.sort()
+    return ratios[int(0.05 * resamples)], ratios[math.ceil(0.95 * resamples) - 1]
+
+
 def _describe(item: dict[str, Any]) -> str:
     if "metric" in item:
         return f"{item['strategy']} {item['metric']:.4g} ({item['wall_time_s']:.1f} s)"
@@ -249,6 +274,7 @@ class TaskVerdict:
     finder_choices: dict[str, int]
     recommend_choices: dict[str, int]
     passes: dict[str, bool]
+    intervals: dict[str, tuple[float, float]]
 
 
 def summarize(runs: list[Run], picks: list[Pick]) -> list[TaskVerdict]:
@@ -266,11 +292,13 @@ def summarize(runs: list[Run], picks: list[Pick]) -> list[TaskVerdict]:
                 diverged[s] = sum(r.diverged for r in values)
         mine = [p for p in picks if p.task == task]
         counts: dict[str, dict[str, int]] = {"finder": {}, "recommend": {}}
+        per_seed = {"default": {k: by[("default", k)] for k in seeds if ("default", k) in by}}
         for method in ("finder", "recommend"):
-            chosen = [by.get((p.strategy, p.seed)) for p in mine if p.method == method]
-            if chosen and all(c is not None for c in chosen):
-                medians[method] = statistics.median(c.metric for c in chosen)  # type: ignore[union-attr]
-                diverged[method] = sum(c.diverged for c in chosen)  # type: ignore[union-attr]
+            chosen = {p.seed: by.get((p.strategy, p.seed)) for p in mine if p.method == method}
+            if chosen and all(c is not None for c in chosen.values()):
+                per_seed[method] = chosen  # type: ignore[assignment]
+                medians[method] = statistics.median(c.metric for c in chosen.values())  # type: ignore[union-attr]
+                diverged[method] = sum(c.diverged for c in chosen.values())  # type: ignore[union-attr]
             for p in mine:
                 if p.method == method:
                     counts[method][p.strategy] = counts[method].get(p.strategy, 0) + 1
@@ -282,11 +310,13 @@ def summarize(runs: list[Run], picks: list[Pick]) -> list[TaskVerdict]:
         walls = [p.seconds / by[("default", p.seed)].wall_time_s for p in finder
                  if ("default", p.seed) in by]  # fmt: skip
         passes = {m: ratios[m] <= LIMITS[m] for m in LIMITS if m in ratios}
+        intervals = {m: interval([(run.metric, by[(best, k)].metric) for k, run in per_seed[m].items()])
+                     for m in passes if all((best, k) in by for k in per_seed[m])}  # fmt: skip
         if "finder" in passes:
             passes["finder cost"] = fraction <= BUDGET + 1e-9
         out.append(TaskVerdict(task, task not in TUNED_ON, best, medians, ratios, diverged,
                                len(seeds), fraction, statistics.median(walls) if walls else math.nan,
-                               counts["finder"], counts["recommend"], passes))  # fmt: skip
+                               counts["finder"], counts["recommend"], passes, intervals))  # fmt: skip
     return out
 
 
@@ -298,6 +328,13 @@ def _cell(v: TaskVerdict, s: str) -> str:
     if v.diverged.get(s):
         text += f" d{v.diverged[s]}/{v.seeds}"
     return text
+
+
+def _bracket(bounds: tuple[float, float] | None) -> str:
+    if bounds is None:
+        return ""
+    return " [" + "-".join("inf" if math.isinf(b) else f"{b:.2f}" if b < 100 else f"{b:.1e}"
+                           for b in bounds) + "x]"  # fmt: skip
 
 
 def render(verdicts: list[TaskVerdict], meta: str = "") -> str:
@@ -320,8 +357,10 @@ def render(verdicts: list[TaskVerdict], meta: str = "") -> str:
     lines.append("")
     limits = ", ".join(f"{m} <= {x}x" for m, x in LIMITS.items())
     lines.append(f"acceptance ({limits} the best fixed; finder cost <= {BUDGET:.0%} of a run):")
+    lines.append("  (in brackets: a 90% interval of the ratio, the seeds resampled)")
     for v in verdicts:
-        marks = "  ".join(f"{k} {'PASS' if ok else 'FAIL'}" for k, ok in v.passes.items())
+        marks = "  ".join(f"{k} {'PASS' if ok else 'FAIL'}{_bracket(v.intervals.get(k))}"
+                          for k, ok in v.passes.items())  # fmt: skip
         lines.append(f"  {v.task}: {marks}")
     for m in (*LIMITS, "finder cost"):
         verdict = [v.passes[m] for v in verdicts if m in v.passes]

@@ -56,8 +56,27 @@ def test_summary_medians_ratios_and_verdicts():
                         "recommend": 0.4 / best <= 1.15, "finder cost": True}  # fmt: skip
     assert v.finder_fraction == 0.19 and v.finder_wall == pytest.approx(0.5)
     assert not v.judge
+    assert set(v.intervals) == {"finder", "default", "recommend"}
+    # the finder's seeds against fixed 0.3's, pair by pair: (0.2, 0.2), (0.27, 0.25), (0.25, 0.3)
+    assert v.intervals["finder"] == acceptance.interval([(0.2, 0.2), (0.27, 0.25), (0.25, 0.3)])
     text = acceptance.render([v])
     assert "rnn-addition/violent" in text and "finder chose fixed 0.3 x1, default x1, fixed 1 x1" in text
+    low, high = v.intervals["default"]
+    assert f"default {'PASS' if v.passes['default'] else 'FAIL'} [{low:.2f}-{high:.2f}x]" in text
+
+
+def test_the_interval_of_two_seeds_spans_the_ratios_of_their_resamples():
+    """Two seeds give four equally likely resamples: each seed twice (a1/b1, a2/b2) and both
+    (the medians of two values are their means: (a1+a2)/(b1+b2), drawn half the time). The
+    5th and 95th percentiles of 2000 resamples are the smallest and the largest of them."""
+    (a1, b1), (a2, b2) = pairs = [(0.3, 0.2), (0.5, 0.6)]
+    exact = [a1 / b1, a2 / b2, (a1 + a2) / (b1 + b2)]
+    assert acceptance.interval(pairs) == pytest.approx((min(exact), max(exact)))
+    assert acceptance.interval([(0.4, 0.4)] * 5) == (1.0, 1.0)
+    assert acceptance.interval([(2 * b, b) for b in (0.1, 0.3, 0.2, 0.7)]) == pytest.approx((2.0, 2.0))
+    # a diverged seed (inf) against a finite best: the 26% of resamples that draw it twice or
+    # more have an infinite median
+    assert acceptance.interval([(math.inf, 0.1), (0.1, 0.1), (0.1, 0.1)])[1] == math.inf
 
 
 def test_a_judge_task_is_marked_and_a_missing_pick_run_leaves_no_verdict():
