@@ -286,10 +286,9 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             the threshold grows and cut it when the loss rises (default True; see above). A
             NaN or infinite loss is not recorded; a step given a loss follows the median
             rule and this gate, with ``hold`` too. Pass the loss tensor: a Python number is
-            copied to the device each step. Under
-            ``torch.distributed`` the loss is averaged over ``loss_group`` first (one
-            all-reduce), so every rank decides the same: every rank must then pass its loss
-            on every step.
+            copied to the device each step. Under ``torch.distributed`` the loss is averaged
+            over ``loss_group`` first (one all-reduce), so every rank decides the same: every
+            rank must then pass its loss on every step.
         loss_group: the process group the loss is averaged over (default: the default
             process group, when ``torch.distributed`` is initialised).
         norm_type: p of the norms (default 2).
