@@ -499,11 +499,11 @@ def test_log_grid_spans_the_norms_with_round_values() -> None:
 # --- the decision on synthetic rounds ----------------------------------------------------
 
 
-def _trial(name: str, losses: list[float], clips: bool | None = None) -> Trial:
+def _trial(name: str, losses: list[float], clips: bool | None = None, norm: float = 1.0) -> Trial:
     kind = name if name in ("adaptive", "none") else "fixed"
     candidate = Candidate(kind, float(name) if kind == "fixed" else None)  # type: ignore[arg-type]
     clipped = (kind != "none" if clips is None else clips,) * len(losses)
-    return Trial(candidate, tuple(losses), (1.0,) * len(losses), clipped, False,
+    return Trial(candidate, tuple(losses), (norm,) * len(losses), clipped, False,
                  score(losses, len(losses)), 0.0)  # fmt: skip
 
 
@@ -538,25 +538,34 @@ def test_the_default_is_kept_at_the_start_of_training_or_when_it_ties(curve, gap
     assert (choice.name, confidence) == ("adaptive", "tie")
 
 
-def _all_tied(curve: list[float], quiet: tuple[str, ...]) -> list[Round]:
-    """Round 1: every candidate within 0.1% of the others; those in ``quiet`` clipped no step."""
+def _all_tied(curve: list[float], quiet: tuple[str, ...], norm: float = 1.0) -> list[Round]:
+    """Round 1: every candidate within 0.1% of the others; those in ``quiet`` clipped no step;
+    every step's norm ``norm``."""
     noise = random.Random(1)
     wobble = [v * (1 + 0.01 * noise.uniform(-1, 1)) for v in curve]
     names = ("adaptive", "0.3", "1", "3", "none")
-    first = [_trial(n, [v * (1 + 0.001 * i) for v in wobble], clips=n not in quiet and n != "none")
-             for i, n in enumerate(names)]  # fmt: skip
+    first = [_trial(n, [v * (1 + 0.001 * i) for v in wobble], clips=n not in quiet and n != "none",
+                    norm=norm) for i, n in enumerate(names)]  # fmt: skip
     return [Round(1, 0, len(curve), tuple(first), *rank(first))]
 
 
-@pytest.mark.parametrize(("quiet", "guard"), [(("1", "3"), "1"), (("3",), "3"), ((), "none")])
-def test_when_every_candidate_ties_on_steady_training_the_lowest_that_never_clipped_is_kept(
-    quiet, guard
+@pytest.mark.parametrize(("quiet", "norm", "guard"), [
+    (("1", "3"), 0.9, "3"),   # 1 lies within HEADROOM (3x) of the norms seen, 3 does not
+    (("1", "3"), 0.3, "1"),   # 1 is 3.3x the norms seen
+    (("0.3", "1", "3"), 0.2, "1"),
+    (("1",), 0.9, "1"),       # none with the headroom: the highest that never clipped
+    (("3",), 0.9, "3"),
+    ((), 0.9, "none"),
+])  # fmt: skip
+def test_when_every_candidate_ties_on_steady_training_the_lowest_quiet_one_with_headroom_is_kept(
+    quiet, norm, guard
 ) -> None:
-    rounds = _all_tied([2.0] * 40, quiet)
+    rounds = _all_tied([2.0] * 40, quiet, norm)
     assert len(rounds[0].tied) == len(rounds[0].trials)
     choice, _, confidence, statement = decide(rounds, (0.3, 1.0, 3.0))
     assert (choice.name, confidence) == (guard, "tie")
     assert "every candidate tied" in statement and "clipped none" in statement
+    assert f"3x headroom over the largest norm seen ({norm:.3g})" in statement or guard == "none"
 
 
 def test_an_all_round_tie_at_the_start_of_training_keeps_the_default() -> None:

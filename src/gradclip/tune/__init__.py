@@ -33,8 +33,10 @@ reverse). The finder therefore
    candidates (:func:`~gradclip.tune.scoring.decide`);
 4. when every candidate of round 1 ties on steady training (the default and no clipping
    included: within the horizon the threshold made no difference, as with AdamW on a
-   well-behaved model), keeps the lowest threshold that clipped none of its steps: it
-   changes nothing that was measured and still cuts a spike beyond the horizon.
+   well-behaved model), keeps the lowest threshold that clipped none of its steps and lies
+   at least ``HEADROOM`` = 3x above the largest norm seen (a run's first norms are often not
+   its largest: they rise with a learning-rate warm-up): it changes nothing that was
+   measured and still cuts a spike beyond the horizon.
 
 The finder changes the default only when the evidence says so, and says how sure it is.
 

@@ -27,6 +27,7 @@ __all__ = [
     "CONFIRM",
     "CONFIRM_CANDIDATES",
     "DEFAULT_GRID",
+    "HEADROOM",
     "PER_DECADE",
     "SETTLED",
     "TAIL",
@@ -66,6 +67,15 @@ over its last differ by less than this factor, either way. On the quality benchm
 (acceptance-2026-12-05): 1.03-1.26x where the loss is flat within the first round, 3.5-44x at
 the start of training, where a short run over-weighs the default's warm-up (0.25x: a loss
 rising under heavy-tailed noise)."""
+
+
+HEADROOM = 3.0
+"""When every candidate ties on steady training, the guard kept is the lowest quiet threshold
+at least this many times the largest norm seen: a run's first norms are often not its largest
+(they rise with a learning-rate warm-up, and while a network learns: 2-7x within the AdamW
+CNN's first 60 steps, 8x over the SGD CNN's run), and a threshold at their edge clips the first
+larger ones (the AdamW CNN: 1 at the edge is 1.16x the best fixed threshold over 12 seeds, 3 is
+the best). One step of the grid (1 and 3 x 10^k)."""
 
 
 def log_grid(
@@ -170,7 +180,7 @@ def decide(
 
     In order: every candidate diverged (the one that lasted longest); one candidate best
     beyond noise in every round (it); every candidate of round 1 tied on steady training
-    (the lowest that clipped none of its steps); the default lost beyond noise on steady
+    (the lowest that clipped none of its steps, with HEADROOM); the default lost beyond noise on steady
     training (the gentlest of round 1's best); otherwise the default (or the best, without
     one). :mod:`gradclip.tune` explains each guard.
     """
@@ -202,12 +212,18 @@ def decide(
     if steady and quiet and len(first.trials) > 1 and len(first.tied) == len(first.trials):
         # Every candidate tied on steady training: within the horizon the threshold made no
         # difference. Clip least, as no clipping would, yet keep a threshold that cuts a
-        # spike beyond the horizon: the lowest one that clipped none of its steps.
-        guard = min(quiet, key=lambda c: _order(c.name))
+        # spike beyond the horizon: the lowest one that clipped none of its steps, with
+        # HEADROOM over the norms seen (later norms may be larger), else the highest.
+        seen = max((n for t in first.trials if t.candidate in quiet for n in t.norms
+                    if math.isfinite(n)), default=0.0)  # fmt: skip
+        fixed = sorted((c for c in quiet if c.kind == "fixed"), key=lambda c: _order(c.name))
+        roomy = [c for c in fixed if c.max_norm >= HEADROOM * seen]  # type: ignore[operator]
+        guard = roomy[0] if roomy else fixed[-1] if fixed else quiet[0]
         return (guard, best_fixed, "tie",
                 f"every candidate tied on steady training (clipping made no measurable "
                 f"difference): keep {guard.name}, the lowest that clipped none of the "
-                f"{first.steps} steps, a guard against spikes beyond them")  # fmt: skip
+                f"{first.steps} steps with {HEADROOM:g}x headroom over the largest norm seen "
+                f"({seen:.3g}), a guard against spikes beyond them")  # fmt: skip
     if adaptive is not None and "adaptive" not in first.tied and steady:
         # The default lost beyond noise on steady training, where its warm-up is no excuse:
         # of the candidates tied with the best, the one that clips least.
