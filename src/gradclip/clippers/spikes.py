@@ -451,13 +451,12 @@ class SpikeDetector:
         bound = torch.where(norm_ready, torch.exp(log_bound), k.inf).to(total.dtype)
 
         # the loss, averaged over ranks, the same way (no log: a loss may be negative)
-        value = None if loss is None else loss.float().to(device)
         losses, loss_count = state.losses, state.loss_count
-        if value is None:
+        if loss is None:
             loss_out, loss_bound = k.nan, k.inf
         else:
             wide = _foreach.wide_dtype(device)  # a huge finite loss squared overflows float32
-            ring, lvalue = state.losses.to(wide), value.to(wide)
+            ring, lvalue = state.losses.to(wide), loss.to(wide)
             lmean, lstd = _moments(ring, loss_count, k.slots, window)
             raw_bound = lmean + self.sigma * torch.maximum(lstd, MIN_LOSS_STD * lmean.abs() + 1e-12)
             # While every loss is positive, judged in log space as the norm is: a heavy-tailed
@@ -471,7 +470,7 @@ class SpikeDetector:
             loss_ready = loss_count >= self.warmup
             loss_bound = torch.where(loss_ready, lbound, math.inf).float()
             spike = spike | ~torch.isfinite(lvalue) | (loss_ready & (lvalue > lbound))
-            loss_out = value
+            loss_out = loss
         accept = ~spike
 
         # the windows: written by accepted steps only (never a zero gradient's log)
@@ -479,10 +478,10 @@ class SpikeDetector:
         log_norms = torch.where((k.slots == torch.remainder(state.norm_count, window)) & write,
                                 x, state.log_norms)  # fmt: skip
         norm_count = state.norm_count + write
-        if value is not None:  # every finite loss of a step whose gradient did not spike
-            learn = ~norm_spike & torch.isfinite(value)
+        if loss is not None:  # every finite loss of a step whose gradient did not spike
+            learn = ~norm_spike & torch.isfinite(loss)
             at = k.slots == torch.remainder(loss_count, window)
-            losses = torch.where(at & learn, value.clamp(-_F32_MAX, _F32_MAX), losses)
+            losses = torch.where(at & learn, loss.clamp(-_F32_MAX, _F32_MAX), losses)
             loss_count = loss_count + learn
         # the SpikeScore ring and the run of spikes: every step
         at = k.score_slots == torch.remainder(state.judged, self.score_window)
