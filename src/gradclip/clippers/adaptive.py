@@ -591,10 +591,15 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             torch.where(recorded, new_multiple, multiple),
             *(torch.where(recorded, new, old) for new, old in zip(loss_state, state[5:], strict=True)),
         )
+        return self._applied(threshold, total, new_state)
+
+
+    def _applied(self, threshold: Tensor, total: Tensor, new_state: AdaptiveClipState) -> Step:
+        """The step for ``threshold``: under ``max_norm``, in the norm's dtype, and its
+        coefficient."""
         applied = threshold if self.max_norm is None else torch.clamp(threshold, max=self.max_norm)
         applied = applied.to(total.dtype)
         return Step(applied, clip_coefficient(applied, total), new_state)
-
 
     def _hold_step(self, total: Tensor, state: AdaptiveClipState) -> Step:
         """``hold`` mode, for a step given no loss: ``hold`` x the first recorded norm, held
@@ -612,9 +617,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             threshold=torch.where(recorded, threshold, previous),
             warm=warm & ~recorded,
         )
-        applied = threshold if self.max_norm is None else torch.clamp(threshold, max=self.max_norm)
-        applied = applied.to(total.dtype)
-        return Step(applied, clip_coefficient(applied, total), new_state)
+        return self._applied(threshold, total, new_state)
 
 
 def _follow(state: AdaptiveClipState, loss: Tensor, k: _Constants) -> tuple[Tensor, tuple[Tensor, ...]]:
