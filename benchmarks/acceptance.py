@@ -38,8 +38,9 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,17 @@ class Pick:
     steps: int
     fraction: float
     seconds: float
+
+
+def map_jobs(fn: Callable[[Any], Any], work: Sequence[Any], jobs: int) -> list[Any]:
+    """``[fn(job) for job in work]`` in ``jobs`` spawned processes (in order), each and this
+    one at one torch thread: the tasks' calibration (:mod:`gradclip.demo.tasks`). ``fn``
+    must be picklable (a module-level function)."""
+    torch.set_num_threads(1)
+    if jobs <= 1:
+        return [fn(job) for job in work]
+    with get_context("spawn").Pool(jobs, torch.set_num_threads, (1,)) as pool:
+        return pool.map(fn, work, chunksize=1)
 
 
 @functools.cache

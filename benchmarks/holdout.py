@@ -21,7 +21,6 @@ import math
 import statistics
 import sys
 import time
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 
 import gradclip
 import variants
-from acceptance import TASKS, _optimizer
+from acceptance import TASKS, _optimizer, map_jobs
 from bench_quality import ratio
 from gradclip.demo.runner import run
 
@@ -105,13 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.against} holds no sweep for {missing}")
     work = [(s, t, seed, thresholds[t], args.steps)
             for t in args.tasks for seed in seeds for s in STRATEGIES]  # fmt: skip
-    torch.set_num_threads(1)  # the tasks' calibration, in every worker too
     start = time.perf_counter()
-    if args.jobs > 1:
-        with get_context("spawn").Pool(args.jobs, torch.set_num_threads, (1,)) as pool:
-            results = pool.map(train, work, chunksize=1)
-    else:
-        results = [train(job) for job in work]
+    results = map_jobs(train, work, args.jobs)
     print(f"gradclip {gradclip.__version__}, torch {torch.__version__}, against {args.against.name}, "
           f"wall {time.perf_counter() - start:.0f} s")  # fmt: skip
     print(render(results, thresholds, seeds))

@@ -27,14 +27,13 @@ import math
 import statistics
 import sys
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import gradclip
-from acceptance import FIXED, LIMITS, _optimizer
+from acceptance import FIXED, LIMITS, _optimizer, map_jobs
 from gradclip.clippers.adaptive import normalises
 from gradclip.demo.runner import run
 
@@ -98,12 +97,7 @@ def bands(saved: dict[str, Any], tasks: list[str], seeds: int, jobs: int) -> lis
     """Per task: the best threshold, the median norm of its runs, the thresholds within 1.1x."""
     judged = {t: good(_sweep(saved, t, seeds)) for t in tasks}  # task: (best, good ones)
     work = [(t, judged[t][0], seed) for t in tasks for seed in range(seeds)]
-    torch.set_num_threads(1)
-    if jobs > 1:
-        with get_context("spawn").Pool(jobs, torch.set_num_threads, (1,)) as pool:
-            results = pool.map(_median_norm, work, chunksize=1)
-    else:
-        results = [_median_norm(job) for job in work]
+    results = map_jobs(_median_norm, work, jobs)
     out = []
     for t in tasks:
         optimizer = _optimizer(t)

@@ -23,14 +23,11 @@ import math
 import statistics
 import sys
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import gradclip
-from acceptance import FIXED, TASKS, _optimizer
+from acceptance import FIXED, TASKS, _optimizer, map_jobs
 from bench_quality import ratio
 from gradclip.demo.runner import run
 
@@ -130,12 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = json.loads(args.against.read_text())
     tasks = args.tasks or list(dict.fromkeys(r["task"] for r in saved["runs"]))
     work = [(options, task, seed) for task in tasks for seed in range(args.seeds)]
-    torch.set_num_threads(1)  # the tasks' calibration, in every worker too
-    if args.jobs > 1:
-        with get_context("spawn").Pool(args.jobs, torch.set_num_threads, (1,)) as pool:
-            results = pool.map(train, work, chunksize=1)
-    else:
-        results = [train(job) for job in work]
+    results = map_jobs(train, work, args.jobs)
     print(render(compare(results, saved), options))
     return 0
 

@@ -99,3 +99,15 @@ def test_reuse_keeps_the_sweep_only(tmp_path):
     kept = acceptance.reuse(path, ["adam-spikes", "sgd-heavy-tail"], seeds=2)
     assert sorted({(r.strategy, r.seed) for r in kept}) == [
         ("fixed 0.1", 0), ("fixed 0.1", 1), ("none", 0), ("none", 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_map_jobs_returns_each_result_in_order_at_one_thread(jobs):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert acceptance.map_jobs(abs, [-3, 1, -2], jobs) == [3, 1, 2]
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
