@@ -104,7 +104,7 @@ def _too_short(result: Comparison) -> str | None:
     return (f"Caution: {result.steps} steps are too few to judge the clippers (the full run "
             f"is {task.steps}): on this task one seed's short run can rank the strategies "
             "quite differently from a full one. Run `gradclip demo` without --quick, and see "
-            "the README's quality table (6 seeds, full length) before choosing.")  # fmt: skip
+            "the README's quality tables (6 and 12 seeds, full length) before choosing.")  # fmt: skip
 
 
 def verdicts(result: Comparison) -> list[str]:
