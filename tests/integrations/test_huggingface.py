@@ -188,6 +188,82 @@ def test_the_clipper_gets_the_mean_training_loss_of_each_optimizer_step(tmp_path
     assert not model._forward_hooks  # the callback's hook is gone after training
 
 
+class OwnLoss(Regressor):
+    """The model of a ``compute_loss`` override: its output holds no loss."""
+
+    def forward(self, x, labels=None):
+        return {"logits": self.net(x)}
+
+
+class OwnLossTrainer(Trainer):
+    """Computes the loss outside the model (a Huber loss), and hands it over when asked."""
+
+    callback: GradClipCallback | None = None
+    losses: list[float]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(x=inputs["x"])
+        loss = torch.nn.functional.huber_loss(outputs["logits"].float(), inputs["labels"])
+        self.losses.append(float(loss.detach()))
+        if self.callback is not None:
+            self.callback.add_loss(loss)
+        return (loss, outputs) if return_outputs else loss
+
+
+def _train_own_loss(tmp_path, clipper, *, hand_over: bool) -> tuple[OwnLossTrainer, list[warnings.WarningMessage]]:
+    model = OwnLoss()
+    callback = GradClipCallback(clipper)
+    trainer = OwnLossTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=2, gradient_accumulation_steps=3, per_device_train_batch_size=2),
+        train_dataset=_dataset(12),
+        callbacks=[callback],
+        optimizers=(torch.optim.AdamW(model.parameters(), lr=1e-2), None),
+    )
+    trainer.losses = []
+    trainer.callback = callback if hand_over else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    return trainer, [w for w in caught if "no training loss" in str(w.message)]
+
+
+def test_a_loss_computed_outside_the_model_is_handed_over_with_add_loss(tmp_path) -> None:
+    clipper = LossSeen(1e3)
+    trainer, warned = _train_own_loss(tmp_path, clipper, hand_over=True)
+    expected = [sum(trainer.losses[:3]) / 3, sum(trainer.losses[3:]) / 3]
+    assert len(trainer.losses) == 6 and clipper.losses == pytest.approx(expected, rel=1e-6)
+    assert not warned
+
+
+def test_a_step_without_a_loss_warns_once_when_the_clipper_reads_it(tmp_path) -> None:
+    _, warned = _train_own_loss(tmp_path, gradclip.AdaptiveClip(), hand_over=False)
+    assert len(warned) == 1  # two optimizer steps, one warning
+    assert "callback.add_loss(loss)" in str(warned[0].message)
+    assert "step 1" in str(warned[0].message)
+    _, warned = _train_own_loss(tmp_path, gradclip.NormClip(1.0), hand_over=False)
+    assert not warned  # NormClip reads no loss
+
+
+def test_add_loss_replaces_what_the_hook_read_and_refuses_a_vector() -> None:
+    callback = GradClipCallback(LossSeen(1.0))
+    model = LossRecorder().train()
+    callback.on_train_begin(_args_stub(), TrainerState(), None, model=model)
+    with torch.enable_grad():
+        model(torch.zeros(2, 4), labels=torch.ones(2, 1))  # the hook reads this loss
+    callback.add_loss(torch.tensor(7.0))  # from now on only what is handed over counts
+    model(torch.zeros(2, 4), labels=torch.ones(2, 1))
+    callback.add_loss(3.0)
+    assert float(callback._step_loss()) == 5.0
+    with pytest.raises(ValueError, match="`loss` must be one real number"):
+        callback.add_loss(torch.ones(3))
+    callback.on_train_end(_args_stub(), TrainerState(), None)
+
+
+def _args_stub() -> types.SimpleNamespace:
+    return types.SimpleNamespace(max_grad_norm=0.0, deepspeed=None, fsdp=None)
+
+
 class LayerProbe(Probe):
     """Also the float64 pre-clip norm of each of the Regressor's two linear layers."""
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from gradclip.clippers.base import Clipper
+from gradclip.clippers.spikes import check_loss
 from gradclip.integrations._common import (
     ClipLog,
     check_monitor,
@@ -114,9 +115,11 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
     and hands the clipper the mean over the optimizer step's micro-batches, a device tensor
     (no host read). :class:`~gradclip.AdaptiveClip`'s loss gate and a spike detector use
     it. A loss computed outside the model (``compute_loss_func``, label smoothing, a
-    ``compute_loss`` override) is not seen: those steps get no loss, and AdaptiveClip follows
-    the norms alone (with AdamW, its ``hold``). In a plain Accelerate loop,
-    :func:`clip_gradients` takes the loss.
+    ``compute_loss`` override) is not in that output: hand it over with :meth:`add_loss`
+    from your override. A step that gets no loss while the clipper would read it warns once
+    (AdaptiveClip then follows the norms alone, with AdamW its ``hold``, and a spike
+    detector judges the norm alone). In a plain Accelerate loop, :func:`clip_gradients`
+    takes the loss.
 
     **Spike detection** (``clipper = gradclip.AdaptiveClip(spikes="skip")``): the detector
     judges the loss and the gradient norm; ``gradclip/spikes`` and ``gradclip/spike_score``
@@ -148,6 +151,8 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._loss_sum: torch.Tensor | None = None  # this optimizer step's micro-batch losses
         self._losses = 0
+        self._added = False  # add_loss was called: the forward hook reads no more
+        self._warned_no_loss = False
 
     # -- checks and resume ------------------------------------------------------------------
 
@@ -171,15 +176,50 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
         if self._hook is None and isinstance(model, torch.nn.Module):
             self._hook = model.register_forward_hook(self._read_loss)
 
+    def add_loss(self, loss: torch.Tensor | float) -> None:
+        """Count one micro-batch's training loss toward the current optimizer step.
+
+        For a loss the model's output does not hold: call it from a ``compute_loss``
+        override (or a ``compute_loss_func``) with the loss it returns. From the first call
+        on, the forward hook no longer reads the model's output (what it read for the current
+        step is dropped), so every micro-batch's loss must come through here. The clipper
+        gets the mean over the step's micro-batches; a tensor stays on its device (no host
+        read).
+
+        Args:
+            loss: the micro-batch's loss, a 0-dim (or one-element) tensor or a number.
+
+        In a ``Trainer`` subclass::
+
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                outputs = model(**inputs)
+                loss = my_loss(outputs, inputs)
+                callback.add_loss(loss)          # the GradClipCallback in callbacks=[...]
+                return (loss, outputs) if return_outputs else loss
+
+        Example:
+            >>> import torch, gradclip
+            >>> from gradclip.integrations.huggingface import GradClipCallback
+            >>> callback = GradClipCallback(gradclip.AdaptiveClip())
+            >>> callback.add_loss(torch.tensor(2.0))
+        """
+        value = torch.as_tensor(check_loss(loss), dtype=torch.float32)
+        if not self._added:
+            self._added = True
+            self._loss_sum, self._losses = None, 0  # the hook's reading of this step
+        self._add(value)
+
+    def _add(self, loss: torch.Tensor) -> None:
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._losses += 1
+
     def _read_loss(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         """Forward hook: add a training pass's ``output["loss"]`` to the step's sum."""
-        if not (module.training and torch.is_grad_enabled()):
-            return  # an evaluation or prediction pass
+        if self._added or not (module.training and torch.is_grad_enabled()):
+            return  # add_loss hands the loss, or an evaluation or prediction pass
         loss = output.get("loss") if isinstance(output, Mapping) else None
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            loss = loss.detach().float().reshape(())
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-            self._losses += 1
+            self._add(loss.detach().float().reshape(()))
 
     def _step_loss(self) -> torch.Tensor | None:
         """The mean loss of the micro-batches since the last optimizer step (None: none seen);
@@ -249,9 +289,26 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
         if scaler is not None and inner is not None:
             unscale_once(scaler, inner)
         target = clip_target(model, inner)
-        stats = self.clipper(target, loss=self._step_loss())
+        loss = self._step_loss()
+        if loss is None:
+            self._warn_no_loss(state.global_step)
+        stats = self.clipper(target, loss=loss)
         self._log.record(stats, step=state.global_step, main=state.is_world_process_zero)
         drop_grads_if_skipped(self.clipper, stats, target)
+
+    def _warn_no_loss(self, step: int) -> None:
+        """Once: the clipper would read the loss, and this optimizer step got none."""
+        if self._warned_no_loss or not (self.clipper.reads_loss or self.clipper.spikes is not None):
+            return
+        self._warned_no_loss = True
+        warnings.warn(
+            f"GradClipCallback got no training loss for optimizer step {step + 1}: the model's "
+            'output holds no "loss" (a compute_loss override, compute_loss_func or label '
+            f"smoothing computes it outside the model), so {type(self.clipper).__name__} "
+            "follows the gradient norms alone. Call callback.add_loss(loss) where your "
+            "loss is computed",
+            stacklevel=3,
+        )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._loaded_from = None  # a later trainer.train() looks for its own checkpoint
