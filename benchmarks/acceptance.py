@@ -13,7 +13,10 @@ each, the median over seeds of:
   (a fixed threshold, no clipping, or the default); its cost is the search's steps over the
   run's, and its wall time over that of the default's run;
 * ``recommend``: ``gradclip.recommend_max_norm`` on the log of the ``fixed 1`` run, then a
-  full run with the recommended threshold.
+  full run with the recommended threshold, applied as the recommendation says
+  (``Recommendation.threshold_at``): where it found a start of training (norms far above the
+  settled ones), from the step after it, and at the recorded run's 1 before
+  (``fixed 1 then C from N``).
 
 Acceptance (per task): finder and default within 1.1x of the best fixed threshold, the
 recommendation within 1.15x, the finder's cost at most 20% of a run. Each verdict comes with
@@ -119,14 +122,31 @@ def _optimizer(task: str) -> torch.optim.Optimizer:
     return build_problem(spec.config, 0, spec.steps, torch.device("cpu")).optimizer
 
 
-def clipper(task: str, strategy: str) -> gradclip.Clipper | None:
-    """A fresh clipper for a strategy name."""
+class Switched:
+    """``NormClip(before)`` for the first ``until`` steps, then ``after``: a recommendation
+    applied as :meth:`gradclip.Recommendation.threshold_at` says."""
+
+    def __init__(self, before: float, after: float, until: int):
+        self.clip, self.after, self.until, self.steps = gradclip.NormClip(before), after, until, 0
+
+    def __call__(self, model: torch.nn.Module) -> gradclip.ClipStats:
+        self.steps += 1
+        if self.steps > self.until:
+            self.clip.max_norm = self.after
+        return self.clip(model)
+
+
+def clipper(task: str, strategy: str) -> gradclip.Clipper | Switched | None:
+    """A fresh clipper for a strategy name (``fixed B then C from N``: :class:`Switched`)."""
     if strategy == "none":
         return None
     if strategy == "default":
         return gradclip.AdaptiveClip(optimizer=_optimizer(task))
-    if strategy.startswith("fixed "):
-        return gradclip.NormClip(float(strategy.split()[1]))
+    words = strategy.split()
+    if words[0] == "fixed" and len(words) == 2:
+        return gradclip.NormClip(float(words[1]))
+    if words[0] == "fixed" and words[2::2] == ["then", "from"]:
+        return Switched(float(words[1]), float(words[3]), int(words[5]))
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
@@ -157,7 +177,10 @@ def recommend(task: str, seed: int) -> tuple[Run, Pick]:
     if rec.max_norm is None:
         pick = Pick(task, seed, "recommend", "fixed 1", None, "none", 0, 0.0, 0.0)
     else:
-        pick = Pick(task, seed, "recommend", _fixed(rec.max_norm), rec.max_norm, "-", 0, 0.0, 0.0)
+        strategy = _fixed(rec.max_norm)
+        if rec.settled_step:  # the threshold from the step after the start (threshold_at)
+            strategy = f"{_fixed(rec.threshold_at(0))} then {rec.max_norm:g} from {rec.settled_step}"
+        pick = Pick(task, seed, "recommend", strategy, rec.max_norm, "-", 0, 0.0, 0.0)
     return record, pick
 
 

@@ -6,6 +6,7 @@ torch's clip rule), never copied from gradclip's output.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -120,7 +121,24 @@ def test_the_start_of_training_is_neither_typical_nor_a_spike():
     assert all(s >= len(start) for s, _ in rec.spikes)
     (w,) = [w for w in rec.warnings if "start of training" in w]
     assert f"first {rec.start_steps} steps" in w and "AdaptiveClip" in w
+    assert f"from step {rec.start_steps} on" in w and "threshold_at" in w
     assert "steps of the start" in rec.rule
+    # applied as advised: no clipping during the start (the run recorded none), then max_norm
+    assert rec.settled_step == rec.start_steps
+    assert [rec.threshold_at(i) for i in (0, rec.settled_step - 1)] == [None, None]
+    assert rec.threshold_at(rec.settled_step) == rec.threshold_at(10**6) == rec.max_norm
+    assert alone.settled_step == 0 and alone.threshold_at(0) == alone.max_norm
+
+
+def test_the_start_is_clipped_as_the_recorded_run_was_and_its_steps_are_the_logs():
+    settled, _ = spiky_norms(n=300)
+    start = [1e3 * float(np.median(settled))] * 8
+    h = gradclip.History.from_norms(np.concatenate([start, settled]).tolist(), threshold=5.0)
+    h = dataclasses.replace(h, steps=h.steps + 100)  # a log that began at step 100
+    rec = gradclip.recommend_max_norm(h)
+    assert (rec.start_steps, rec.settled_step) == (8, 108)
+    assert rec.threshold_at(107) == 5.0 and rec.threshold_at(108) == rec.max_norm
+    assert "from step 108 on" in " ".join(rec.warnings)
 
 
 @pytest.mark.parametrize("first", [1, 4])

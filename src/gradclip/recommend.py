@@ -86,6 +86,8 @@ class Recommendation:
         warnings: plain-language findings, most serious first.
         start_steps: the first steps, in a row, above the spike cut (at least ``START_STEPS``,
             else 0): the start of training, neither typical norms nor spikes.
+        settled_step: the recorded step after the start (0 without one): from there on the
+            norms had settled and ``max_norm`` applies (:meth:`threshold_at`).
     """
 
     max_norm: float | None
@@ -105,6 +107,28 @@ class Recommendation:
     nonfinite_steps: int
     warnings: tuple[str, ...]
     start_steps: int = 0
+    settled_step: int = 0
+
+    def threshold_at(self, step: int) -> float | None:
+        """The threshold for training step ``step`` of a run like the recorded one.
+
+        ``max_norm`` once the norms have settled (from :attr:`settled_step`); during the
+        start before it, the threshold the recorded run used (``recorded_threshold``; None:
+        it did not clip, nor should this). ``max_norm`` is set from the settled norms and
+        would clip every step of the start, whose norms lie far above them, and hold it back.
+        Set it on a :class:`~gradclip.NormClip` before each step (``clipper.max_norm = ...``:
+        no recompilation, see its doc).
+
+        Example:
+            >>> import gradclip
+            >>> norms = [60.0, 50.0, 40.0, 30.0, 20.0] + [1.0, 1.1, 0.9, 1.2] * 25
+            >>> rec = gradclip.recommend_max_norm(gradclip.History.from_norms(norms, threshold=100.0))
+            >>> rec.start_steps, rec.threshold_at(0), rec.threshold_at(5), rec.max_norm
+            (5, 100.0, 1.3, 1.3)
+        """
+        if step < self.settled_step:
+            return self.recorded_threshold
+        return self.max_norm
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (non-finite floats as strings)."""
@@ -239,8 +263,9 @@ def recommend_max_norm(
             f"the first {start} steps (to step {int(at[start - 1])}) had norms up to {peak:.4g}, "
             f"{peak / median:.3g}x the median: the start of training, not spikes. From the first "
             f"step, max_norm={max_norm:.4g} would clip every one of them and hold the start back: "
-            "apply it once the norms have settled, or use gradclip.AdaptiveClip, whose warm-up "
-            "follows the start"
+            f"apply it from step {int(at[start - 1]) + 1} on, once the norms have settled "
+            "(Recommendation.threshold_at(step) gives each step's threshold), or use "
+            "gradclip.AdaptiveClip, whose warm-up follows the start"
         )
     warnings += _nonfinite_warning(h, nonfinite)
     drift = _drift(norms)
@@ -272,6 +297,7 @@ def recommend_max_norm(
         nonfinite_steps=nonfinite,
         warnings=tuple(warnings),
         start_steps=start,
+        settled_step=int(at[start - 1]) + 1 if start else 0,
     )
 
 

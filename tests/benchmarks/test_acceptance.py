@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import acceptance
+import gradclip
 from acceptance import Pick, Run
 
 
@@ -111,3 +113,22 @@ def test_map_jobs_returns_each_result_in_order_at_one_thread(jobs):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_recommendation_with_a_start_is_applied_after_it():
+    # "fixed 1 then 0.5 from 3": torch's clip at 1 on steps 0-2, at 0.5 from step 3 on
+    clip = acceptance.clipper("sgd-heavy-tail", "fixed 1 then 0.5 from 3")
+    model = torch.nn.Linear(3, 1)
+    for step in range(6):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 2.0)
+        reference = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+        for r, p in zip(reference, model.parameters(), strict=True):
+            r.grad = p.grad.clone()
+        torch.nn.utils.clip_grad_norm_(reference, 1.0 if step < 3 else 0.5)
+        clip(model)
+        for p, r in zip(model.parameters(), reference, strict=True):
+            torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=0)
+    assert isinstance(acceptance.clipper("sgd-heavy-tail", "fixed 0.5"), gradclip.NormClip)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        acceptance.clipper("sgd-heavy-tail", "fixed 1 after 0.5 from 3")
