@@ -128,6 +128,9 @@ def test_the_start_of_training_is_neither_typical_nor_a_spike():
     assert [rec.threshold_at(i) for i in (0, rec.settled_step - 1)] == [None, None]
     assert rec.threshold_at(rec.settled_step) == rec.threshold_at(10**6) == rec.max_norm
     assert alone.settled_step == 0 and alone.threshold_at(0) == alone.max_norm
+    head = render_text(rec).splitlines()[0]
+    assert head.endswith(f"from step {rec.settled_step} on; before it, no clipping")
+    assert render_text(alone).splitlines()[0].endswith("(norm_type 2)")
 
 
 def test_the_start_is_clipped_as_the_recorded_run_was_and_its_steps_are_the_logs():
@@ -139,6 +142,7 @@ def test_the_start_is_clipped_as_the_recorded_run_was_and_its_steps_are_the_logs
     assert (rec.start_steps, rec.settled_step) == (8, 108)
     assert rec.threshold_at(107) == 5.0 and rec.threshold_at(108) == rec.max_norm
     assert "from step 108 on" in " ".join(rec.warnings)
+    assert render_text(rec).splitlines()[0].endswith("from step 108 on; before it, 5 as recorded")
 
 
 @pytest.mark.parametrize("first", [1, 4])

@@ -384,6 +384,11 @@ def render_text(rec: Recommendation) -> str:
         lines = ["no recommendation: " + rec.rule]
     else:
         lines = [f"recommended max_norm: {rec.max_norm:.4g} (norm_type {rec.norm_type:g})"]
+        if rec.settled_step:
+            before = rec.threshold_at(0)
+            lines[0] += f" from step {rec.settled_step} on; before it, " + (
+                "no clipping" if before is None else f"{before:.4g} as recorded"
+            )
         lines.append(f"  rule: {rec.rule}")
         q = ", ".join(f"{k} {v:.4g}" for k, v in rec.quantiles.items())
         lines.append(f"  pre-clip norms over {rec.finite_steps} of {rec.steps} steps: {q}")
