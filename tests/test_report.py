@@ -99,7 +99,8 @@ def test_report_data_from_a_log(tmp_path):
     assert report.heatmap[row, 50].item() == pytest.approx(np.max(matrix[150:153, col]))
     assert math.isinf(report.heatmap[report.heatmap_layers.index("blocks.2.mlp"), 50])
     assert [(e.step, e.layers) for e in report.nonfinite_events] == [(150, ("blocks.2.mlp",))]
-    assert report.recommendation.max_norm >= 5 * 0.1
+    rec = report.recommendation  # 10x too low a threshold: raised by one 3x step, said so
+    assert rec.max_norm == pytest.approx(3 * 0.1) and any("cannot tell" in w for w in rec.warnings)
 
 
 @pytest.fixture(scope="module")

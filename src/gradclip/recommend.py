@@ -17,6 +17,11 @@ The rule (:func:`recommend_max_norm`), and why:
   ``QUANTILE`` (99th percentile) of the non-spike norms (a value people can type, never
   below the quantile): on the recorded run it would have clipped at most about 1% of the
   typical steps, and every spike.
+* The norms of a clipped run show how it trains at its own threshold, not far above it: its
+  clipping shaped them (an exploding RNN clipped at 1 records norms of 10-100 and would
+  diverge at them). So the recommendation stays within ``RAISE`` (3x, one step of the 1, 3,
+  10 grid) of the largest norm the run applied after clipping; when the norms ask for more,
+  it says so: record a run at the new threshold and ask again, a step at a time.
 
 Only finite, non-skipped steps count. Where the clip left parameter groups out (an
 orthogonalising optimizer's, Muon's, by ``Clipper.step``), the norms are those of the groups
@@ -26,7 +31,7 @@ record again and check.
 
 Example:
     >>> import gradclip
-    >>> h = gradclip.History.from_norms([1.0, 1.1, 0.9, 1.2, 1.0, 50.0] * 10, threshold=0.1)
+    >>> h = gradclip.History.from_norms([1.0, 1.1, 0.9, 1.2, 1.0, 50.0] * 10, threshold=10.0)
     >>> rec = gradclip.recommend_max_norm(h)
     >>> rec.max_norm, rec.spike_count, rec.projected_clip_rate
     (1.3, 10, 0.16666666666666666)
@@ -48,7 +53,7 @@ from gradclip.monitor import GradMonitor
 from gradclip.readlog import read_log
 from gradclip.scale import TORCH_EPS
 
-__all__ = ["QUANTILE", "SPIKE_Z", "Recommendation", "recommend_max_norm", "render_text"]
+__all__ = ["QUANTILE", "RAISE", "SPIKE_Z", "Recommendation", "recommend_max_norm", "render_text"]
 
 QUANTILE = 0.99
 """Quantile of the typical (non-spike) pre-clip norms that becomes the threshold."""
@@ -58,6 +63,9 @@ MIN_LOG_SPREAD = 0.1
 """Floor of the robust standard deviation of log-norms (a spike is then > 1.42x the median)."""
 FROZEN_COEF = 1e-3
 """A step scaled by less than this barely moves the weights: its update is frozen."""
+RAISE = 3.0
+"""The recommendation is at most this many times the largest norm the recorded run applied
+(after its clipping): above it, the log cannot tell whether training stays stable."""
 MIN_STEPS = 50
 """Fewer finite steps than this make a rough recommendation (a warning says so)."""
 START_STEPS = 5
@@ -205,6 +213,9 @@ def recommend_max_norm(
     spike_cut = _exp(float(med) + SPIKE_Z * spread)
     typical = norms[norms <= spike_cut]
     max_norm = _round_up(float(torch.quantile(typical, QUANTILE)))
+    # the largest norm the run applied: the clipped steps' threshold, the others' own norm
+    applied = float((norms * h.coef[used].nan_to_num(nan=1.0).clamp(max=1.0)).max())
+    suggested, max_norm = max_norm, min(max_norm, _round_sig(RAISE * applied))
     spike_mask = norms > spike_cut
     start = _leading(spike_mask)
     start = start if start >= START_STEPS else 0
@@ -224,6 +235,8 @@ def recommend_max_norm(
         + (f"{start} steps of the start and the " if start else "")
         + f"{int(spike_mask.sum())} spikes above {spike_cut:.4g}, i.e. more than {SPIKE_Z} robust "
         "standard deviations of log-norm above the median, left out)"
+        + (f", held to {RAISE:g}x the largest norm the run applied ({applied:.4g})"
+           if max_norm < suggested else "")
     )
 
     warnings: list[str] = []
@@ -239,6 +252,13 @@ def recommend_max_norm(
             f"clipped; the threshold ({recorded_thr:.4g}) is near or below the typical norm, "
             f"so it acts as a learning-rate cut on most steps (median factor "
             f"{_median_factor(h.coef):.2g} where it clipped)"
+        )
+    if max_norm < suggested:
+        warnings.append(
+            f"the typical norms ask for max_norm={suggested:.4g}, but this run applied norms up "
+            f"to {applied:.4g} (it clipped them): above {RAISE:g}x that, this log cannot tell "
+            f"whether training stays stable, so {max_norm:.4g} is recommended. Record a run "
+            "at it and ask again, raising a step at a time"
         )
     warnings += _group_cuts(h)
     if recorded_thr is not None and recorded_thr > 0 and median / recorded_thr >= 2:
@@ -335,6 +355,11 @@ def _round_up(value: float) -> float:
     digits = math.floor(value / unit + 1e-9)  # 1.2 / 0.1 is 11.999...: it has two digits
     rounded = round((digits + 1) * unit, max(0, -exponent))
     return rounded if math.isfinite(rounded) and rounded > value else value
+
+
+def _round_sig(value: float) -> float:
+    """``value`` > 0 to the nearest number with two significant digits."""
+    return float(f"{value:.2g}")
 
 
 def _exp(x: float) -> float:
