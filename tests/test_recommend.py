@@ -92,6 +92,9 @@ def test_threshold_10x_below_the_median_is_flagged_and_raised(tmp_path):
     # recorded where it did not clip, the same norms get the whole step
     free = gradclip.recommend_max_norm(gradclip.History.from_norms(norms.tolist(), threshold=1e3))
     assert free.max_norm == asked and not any("cannot tell" in w for w in free.warnings)
+    # ...and so do those of a run that never moved its weights (every step frozen)
+    frozen = gradclip.recommend_max_norm(gradclip.History.from_norms(norms.tolist(), threshold=1e-6))
+    assert frozen.max_norm == asked and frozen.frozen_steps == len(norms)
 
 
 def spiky_norms(n=2000, spike_every=50, factor=100.0, seed=0):

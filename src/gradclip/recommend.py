@@ -213,12 +213,16 @@ def recommend_max_norm(
     spike_cut = _exp(float(med) + SPIKE_Z * spread)
     typical = norms[norms <= spike_cut]
     max_norm = _round_up(float(torch.quantile(typical, QUANTILE)))
-    # the largest norm the run applied: the clipped steps' threshold, the others' own norm
-    applied = float((norms * h.coef[used].nan_to_num(nan=1.0).clamp(max=1.0)).max())
+    # The largest norm the run applied on a step that moved the weights (the clipped steps'
+    # threshold, the others' own norm): a frozen step shows nothing of how training goes.
+    coef = h.coef[used].nan_to_num(nan=1.0).clamp(max=1.0)
+    moved = coef >= FROZEN_COEF
+    applied = float((norms * coef)[moved].max()) if bool(moved.any()) else math.inf
     suggested, max_norm = max_norm, min(max_norm, _round_sig(RAISE * applied))
     spike_mask = norms > spike_cut
     start = _leading(spike_mask)
     start = start if start >= START_STEPS else 0
+    settled = int(at[start - 1]) + 1 if start else 0  # the step after the start
     spike_mask[:start] = False
     order = norms[spike_mask].argsort(descending=True)[:top_spikes]
     spikes = tuple(
@@ -280,10 +284,10 @@ def recommend_max_norm(
     if start:
         peak = float(norms[:start].max())
         warnings.append(
-            f"the first {start} steps (to step {int(at[start - 1])}) had norms up to {peak:.4g}, "
+            f"the first {start} steps (to step {settled - 1}) had norms up to {peak:.4g}, "
             f"{peak / median:.3g}x the median: the start of training, not spikes. From the first "
             f"step, max_norm={max_norm:.4g} would clip every one of them and hold the start back: "
-            f"apply it from step {int(at[start - 1]) + 1} on, once the norms have settled "
+            f"apply it from step {settled} on, once the norms have settled "
             "(Recommendation.threshold_at(step) gives each step's threshold), or use "
             "gradclip.AdaptiveClip, whose warm-up follows the start"
         )
@@ -317,7 +321,7 @@ def recommend_max_norm(
         nonfinite_steps=nonfinite,
         warnings=tuple(warnings),
         start_steps=start,
-        settled_step=int(at[start - 1]) + 1 if start else 0,
+        settled_step=settled,
     )
 
 
