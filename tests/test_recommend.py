@@ -136,9 +136,13 @@ def test_the_start_of_training_is_neither_typical_nor_a_spike():
     assert f"first {rec.start_steps} steps" in w and "AdaptiveClip" in w
     assert f"from step {rec.start_steps} on" in w and "threshold_at" in w
     assert "steps of the start" in rec.rule
-    # applied as advised: no clipping during the start (the run recorded none), then max_norm
+    # applied as advised: no clipping (inf) during the start (the run recorded none), then
+    # max_norm; a NormClip takes both
+    clipper = gradclip.NormClip(rec.threshold_at(0))
+    clipper.max_norm = rec.threshold_at(rec.settled_step)
+    assert clipper.max_norm == rec.max_norm
     assert rec.settled_step == rec.start_steps
-    assert [rec.threshold_at(i) for i in (0, rec.settled_step - 1)] == [None, None]
+    assert [rec.threshold_at(i) for i in (0, rec.settled_step - 1)] == [math.inf, math.inf]
     assert rec.threshold_at(rec.settled_step) == rec.threshold_at(10**6) == rec.max_norm
     assert alone.settled_step == 0 and alone.threshold_at(0) == alone.max_norm
     head = render_text(rec).splitlines()[0]

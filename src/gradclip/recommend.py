@@ -121,11 +121,12 @@ class Recommendation:
         """The threshold for training step ``step`` of a run like the recorded one.
 
         ``max_norm`` once the norms have settled (from :attr:`settled_step`); during the
-        start before it, the threshold the recorded run used (``recorded_threshold``; None:
-        it did not clip, nor should this). ``max_norm`` is set from the settled norms and
+        start before it, the threshold the recorded run used (``recorded_threshold``; ``inf``,
+        no clipping, where it did not clip). ``max_norm`` is set from the settled norms and
         would clip every step of the start, whose norms lie far above them, and hold it back.
-        Set it on a :class:`~gradclip.NormClip` before each step (``clipper.max_norm = ...``:
-        no recompilation, see its doc).
+        Set it on a :class:`~gradclip.NormClip` before each step (``clipper.max_norm =
+        rec.threshold_at(step)``: no recompilation, see its doc). None only where there is no
+        recommendation (``max_norm`` is None).
 
         Example:
             >>> import gradclip
@@ -135,7 +136,7 @@ class Recommendation:
             (5, 100.0, 1.3, 1.3)
         """
         if step < self.settled_step:
-            return self.recorded_threshold
+            return math.inf if self.recorded_threshold is None else self.recorded_threshold
         return self.max_norm
 
     def to_dict(self) -> dict[str, Any]:
@@ -416,7 +417,7 @@ def render_text(rec: Recommendation) -> str:
         if rec.settled_step:
             before = rec.threshold_at(0)
             lines[0] += f" from step {rec.settled_step} on; before it, " + (
-                "no clipping" if before is None else f"{before:.4g} as recorded"
+                "no clipping" if before == math.inf else f"{before:.4g} as recorded"
             )
         lines.append(f"  rule: {rec.rule}")
         q = ", ".join(f"{k} {v:.4g}" for k, v in rec.quantiles.items())
