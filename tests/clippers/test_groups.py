@@ -493,3 +493,20 @@ def test_a_spike_skipped_with_groups_changes_nothing_and_resumes_exactly() -> No
         for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
             _close(a.grad, b.grad)
         torch.testing.assert_close(got.groups.threshold, want.groups.threshold, equal_nan=True)
+
+
+def test_uses_loss_sees_the_rule_the_detector_and_every_groups_own_clipper() -> None:
+    w = torch.nn.Parameter(torch.zeros(2))
+    assert not gradclip.NormClip(1.0).uses_loss
+    assert gradclip.AdaptiveClip().uses_loss and not gradclip.AdaptiveClip(follow_loss=False).uses_loss
+    assert gradclip.NormClip(1.0, spikes="skip").uses_loss
+    assert gradclip.NormClip(1.0, policy={"g": gradclip.AdaptiveClip()}).uses_loss
+    assert not gradclip.NormClip(1.0, policy={"g": gradclip.AutoClip()}).uses_loss
+    group = {"params": [w], "name": "g", "clip": gradclip.AdaptiveClip()}
+    assert gradclip.NormClip(1.0, groups=[group]).uses_loss
+    # the optimizer's live param_groups, as a step reads them: a policy set after the build
+    opt = torch.optim.SGD([{"params": [w], "name": "g"}], lr=0.1)
+    clipper = gradclip.NormClip(1.0, groups=opt.param_groups)
+    assert not clipper.uses_loss
+    opt.param_groups[0]["clip"] = gradclip.AdaptiveClip()
+    assert clipper.uses_loss

@@ -121,6 +121,15 @@ class Grouping:
             return list(policy)
         return [] if policy is None else [policy]
 
+    def reads_loss(self) -> bool:
+        """Whether a group's own clipper reads the loss: one named by the ``policy``
+        argument or by a group's ``"clip"`` entry (of the live groups, as a step reads them)."""
+        rules = self._values(self.policy)
+        if self.configured:
+            groups = as_groups(self.raw) if _live(self.raw) else self.parsed
+            rules += [p.value for p in self.explicit.policies(groups)[0]]  # type: ignore[arg-type]
+        return any(getattr(rule, "reads_loss", False) for rule in rules)
+
     @property
     def configured(self) -> bool:
         """Whether the clipper was given groups (else only ``step`` with an optimizer groups)."""

@@ -298,7 +298,7 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
 
     def _warn_no_loss(self, step: int) -> None:
         """Once: the clipper would read the loss, and this optimizer step got none."""
-        if self._warned_no_loss or not (self.clipper.reads_loss or self.clipper.spikes is not None):
+        if self._warned_no_loss or not self.clipper.uses_loss:
             return
         self._warned_no_loss = True
         warnings.warn(
