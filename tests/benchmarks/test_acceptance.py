@@ -105,8 +105,6 @@ def test_reuse_keeps_the_sweep_only(tmp_path):
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_map_jobs_returns_each_result_in_order_at_one_thread(jobs):
-    import torch
-
     threads = torch.get_num_threads()
     try:
         assert acceptance.map_jobs(abs, [-3, 1, -2], jobs) == [3, 1, 2]

@@ -593,7 +593,6 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         )
         return self._applied(threshold, total, new_state)
 
-
     def _applied(self, threshold: Tensor, total: Tensor, new_state: AdaptiveClipState) -> Step:
         """The step for ``threshold``: under ``max_norm``, in the norm's dtype, and its
         coefficient."""
