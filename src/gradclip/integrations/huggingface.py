@@ -152,7 +152,7 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
         self._loss_sum: torch.Tensor | None = None  # this optimizer step's micro-batch losses
         self._losses = 0
         self._added = False  # add_loss was called: the forward hook reads no more
-        self._warned_no_loss = False
+        self._no_loss_checked = False  # the first step without a loss decides the warning
 
     # -- checks and resume ------------------------------------------------------------------
 
@@ -297,10 +297,13 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
         drop_grads_if_skipped(self.clipper, stats, target)
 
     def _warn_no_loss(self, step: int) -> None:
-        """Once: the clipper would read the loss, and this optimizer step got none."""
-        if self._warned_no_loss or not self.clipper.uses_loss:
+        """At the first optimizer step without a loss (one check, not one per step): warn if
+        the clipper would read it."""
+        if self._no_loss_checked:
             return
-        self._warned_no_loss = True
+        self._no_loss_checked = True
+        if not self.clipper.uses_loss:
+            return
         warnings.warn(
             f"GradClipCallback got no training loss for optimizer step {step + 1}: the model's "
             'output holds no "loss" (a compute_loss override, compute_loss_func or label '
