@@ -32,9 +32,13 @@ from typing import Any
 from gradclip.report import plots
 from gradclip.report.html import Section, page
 from gradclip.report.render import ReportFiles
-from gradclip.tune import TAIL, MaxNormSearch, Round, render_text
+from gradclip.tune import TAIL, MaxNormSearch, Round, Trial, render_text
 
-__all__ = ["render_search", "search_figure", "smooth"]
+__all__ = ["OFF_SCALE", "render_search", "search_figure", "smooth"]
+
+OFF_SCALE = 10.0
+"""The loss plot's y axis covers the candidates scored within this factor of a round's best;
+the curves of the others (and of those that diverged) run off it, marked in the legend."""
 
 
 def smooth(values: Sequence[float], span: int) -> list[float]:
@@ -69,20 +73,69 @@ def _threshold_axis(r: Round) -> dict[str, float]:
     return place
 
 
+def _on_scale(r: Round) -> list[Trial]:
+    """The trials the loss plot's y axis is fitted to: those that did not diverge and whose
+    score is within ``OFF_SCALE`` times the round's best (with every loss positive; all that
+    did not diverge otherwise). One diverging candidate would otherwise squash every other
+    curve into a flat line at the bottom (a loss of 1e36 against 0.1)."""
+    usable = [t for t in r.trials if not t.diverged and math.isfinite(t.score)]
+    if not usable or not r.relative:
+        return usable
+    best = min(t.score for t in usable)
+    return [t for t in usable if t.score <= OFF_SCALE * best]
+
+
+def _fit_loss_axis(ax: Any, curves: Sequence[Sequence[float]], relative: bool) -> None:
+    """Fit the y axis to ``curves`` (a log axis when the losses are positive: candidates'
+    losses differ by ratios); other curves run off the axis."""
+    values = [v for curve in curves for v in curve if math.isfinite(v)]
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    if relative and lo > 0:
+        _log_axis(ax.yaxis, ax.set_yscale)
+        ax.set_ylim(lo / 1.1, hi * 1.1)
+    else:
+        pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 1.0
+        ax.set_ylim(lo - pad, hi + pad)
+
+
+def _log_axis(axis: Any, set_scale: Any) -> None:
+    """A log axis labelled with plain numbers (0.2, 0.3 rather than 2x10^-1) and, where it
+    spans under two decades (a search's losses and thresholds often span less than one, and
+    then carry no major label or one), its minor ticks at 2, 3 and 5 x 10^k."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(value: float, _: object) -> str:
+        lo, hi = axis.get_view_interval()
+        if value <= 0 or lo <= 0 or hi / lo > 100:
+            return ""
+        mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+        return f"{value:g}" if any(abs(mantissa - m) < 1e-6 for m in (2, 3, 5)) else ""
+
+    set_scale("log")
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
 def search_figure(search: MaxNormSearch) -> Any:
-    """A matplotlib Figure: per round, the candidates' smoothed loss curves (left) and how far
-    each candidate's score is above the round's best, against its threshold (right; error
-    bars: two standard errors)."""
+    """A matplotlib Figure: per round, the candidates' smoothed loss curves (left; the y axis
+    fitted to those within ``OFF_SCALE`` of the best, on a log scale when every loss is
+    positive) and how far each candidate's score is above the round's best, against its
+    threshold (right; error bars: two standard errors)."""
     rounds = search.rounds
     fig, axes = plots.new_figure(len(rounds), 2, width=5.6, height=3.3, squeeze=False)
     for row, r in zip(axes, rounds, strict=True):
         loss_ax, score_ax = row
         span = max(1, r.steps // 10)
+        shown = _on_scale(r)
         for t in r.trials:
             name = t.candidate.name
             width = 2.2 if name == search.choice.name else 1.0
+            note = " (diverged)" if t.diverged else "" if t in shown else " (off scale)"
             loss_ax.plot(range(r.first_batch, r.first_batch + len(t.losses)),
-                         smooth(t.losses, span), lw=width, label=name)  # fmt: skip
+                         smooth(t.losses, span), lw=width, label=name + note)  # fmt: skip
+        _fit_loss_axis(loss_ax, [smooth(t.losses, span) for t in shown], r.relative)
         start = r.first_batch + r.steps - max(1, round(TAIL * r.steps))
         loss_ax.axvspan(start, r.first_batch + r.steps, color="#eeeeee", zorder=0,
                         label="scored")  # fmt: skip
@@ -100,7 +153,7 @@ def search_figure(search: MaxNormSearch) -> Any:
             score_ax.errorbar([place[name]], [y], yerr=[err], fmt="o", color=color, capsize=3)
             score_ax.annotate(name, (place[name], y), fontsize=7, xytext=(3, 3),
                               textcoords="offset points")  # fmt: skip
-        score_ax.set_xscale("log")
+        _log_axis(score_ax.xaxis, score_ax.set_xscale)
         ylabel = "% loss above the best" if r.relative else "loss above the best"
         plots._finish(score_ax, f"round {r.index}: vs the best (red: the choice)",
                       "max_norm (adaptive left, none right)", ylabel, None)  # fmt: skip
