@@ -77,13 +77,22 @@ def test_threshold_10x_below_the_median_is_flagged_and_raised(tmp_path):
     (w,) = [w for w in rec.warnings if "this log cannot tell" in w]
     asked = float(w.split("max_norm=")[1].split(",")[0])
     assert wanted < asked <= 1.1 * wanted and asked >= 5 * threshold
-    assert f"applied norms up to {threshold:.4g}" in w and "ask again" in w
+    assert f"applied norms up to {threshold:.4g}" in w
+    # ...and it clipped to the end: which way to go, one log cannot tell, and it says so
+    # instead of "ask again, raising a step at a time" (the norms are noise around a solution:
+    # a lower threshold, a smaller step, may well be better)
+    quarter = len(norms) // 4
+    assert rec.late_clip_rate == pytest.approx(clipped_by(norms[-quarter:], threshold)) == 1.0
+    (b,) = [w for w in rec.warnings if "a single log cannot tell" in w]
+    assert "still clipped 100% of the last quarter" in b and "find_max_norm" in b
+    assert "ask again" not in w and "raise it" not in " ".join(rec.warnings)
     assert "held to 3x the largest norm the run applied" in rec.rule
     assert rec.recorded_threshold == pytest.approx(threshold)
     assert rec.recorded_clip_rate == 1.0
     assert any("clipping fired on 100% of steps" in w and "below the typical norm" in w
                for w in rec.warnings)  # fmt: skip
     assert any("below the median pre-clip norm" in w for w in rec.warnings)
+    assert "100% of its last quarter" in render_text(rec)
     # the evidence, against NumPy on the logged norms
     for key, q in (("p10", 10), ("p50", 50), ("p90", 90), ("p99", 99)):
         assert rec.quantiles[key] == pytest.approx(np.percentile(norms, q), rel=1e-9)
@@ -95,6 +104,26 @@ def test_threshold_10x_below_the_median_is_flagged_and_raised(tmp_path):
     # ...and so do those of a run that never moved its weights (every step frozen)
     frozen = gradclip.recommend_max_norm(gradclip.History.from_norms(norms.tolist(), threshold=1e-6))
     assert frozen.max_norm == asked and frozen.frozen_steps == len(norms)
+
+
+def test_a_run_whose_clipping_fades_is_told_to_raise_a_step_and_ask_again():
+    # clipped at 1 while the norms were 5 (most of the run: no "start"), then not at all once
+    # they fell to 0.5: the log shows training at 1 early, nothing of the threshold late
+    norms = [5.0 + 0.1 * (i % 7) for i in range(240)] + [0.5 + 0.01 * (i % 5) for i in range(160)]
+    rec = gradclip.recommend_max_norm(gradclip.History.from_norms(norms, threshold=1.0))
+    assert rec.late_clip_rate == clipped_by(norms[-100:], 1.0) == 0.0
+    assert rec.max_norm == 3.0  # held to 3x the largest norm applied (1)
+    (w,) = [w for w in rec.warnings if "this log cannot tell" in w]
+    assert "ask again, raising a step at a time" in w
+    assert not any("a single log cannot tell" in w for w in rec.warnings)
+    # the same norms, clipped at 0.1 to the end: the warning, and no "ask again"
+    low = gradclip.recommend_max_norm(gradclip.History.from_norms(norms, threshold=0.1))
+    assert low.late_clip_rate == clipped_by(norms[-100:], 0.1) == 1.0
+    assert any("a single log cannot tell" in w for w in low.warnings)
+    assert not any("ask again" in w for w in low.warnings)
+    # without a recorded threshold there is no late clip rate, and no such warning
+    free = gradclip.recommend_max_norm(norms)
+    assert free.late_clip_rate is None and not any("single log" in w for w in free.warnings)
 
 
 def spiky_norms(n=2000, spike_every=50, factor=100.0, seed=0):

@@ -22,6 +22,15 @@ The rule (:func:`recommend_max_norm`), and why:
   diverge at them). So the recommendation stays within ``RAISE`` (3x, one step of the 1, 3,
   10 grid) of the largest norm the run applied after clipping; when the norms ask for more,
   it says so: record a run at the new threshold and ask again, a step at a time.
+* A run whose threshold still clipped at least half of its last quarter (``BINDING``) trained
+  at that threshold's update size to the end, as at a learning rate: one log cannot tell on
+  which side of the best threshold it stands, and a warning says so. Measured on logs at
+  every threshold of the quality benchmark's grid (``benchmarks/recommend_grid.py``),
+  following the norms up is right below the best threshold and wrong above it (the violent
+  RNN and heavy-tailed SGD clipped at 1 to the end train best at 0.3 and 0.1; at 3 the RNN
+  diverged on 4 of 12 seeds), and lowering the threshold when the loss has levelled off, the
+  learning-rate rule, is right above it and wrong below: neither wins everywhere, so the rule
+  stays with the norms, and two runs' losses, or :func:`gradclip.find_max_norm`, decide.
 
 Only finite, non-skipped steps count. Where the clip left parameter groups out (an
 orthogonalising optimizer's, Muon's, by ``Clipper.step``), the norms are those of the groups
@@ -53,7 +62,15 @@ from gradclip.monitor import GradMonitor
 from gradclip.readlog import read_log
 from gradclip.scale import TORCH_EPS
 
-__all__ = ["QUANTILE", "RAISE", "SPIKE_Z", "Recommendation", "recommend_max_norm", "render_text"]
+__all__ = [
+    "BINDING",
+    "QUANTILE",
+    "RAISE",
+    "SPIKE_Z",
+    "Recommendation",
+    "recommend_max_norm",
+    "render_text",
+]
 
 QUANTILE = 0.99
 """Quantile of the typical (non-spike) pre-clip norms that becomes the threshold."""
@@ -66,6 +83,10 @@ FROZEN_COEF = 1e-3
 RAISE = 3.0
 """The recommendation is at most this many times the largest norm the recorded run applied
 (after its clipping): above it, the log cannot tell whether training stays stable."""
+BINDING = 0.5
+"""When the recorded threshold still clipped at least this share of the last quarter of the
+run's settled steps, it set the size of the updates to the end (a warning says what that
+means for the recommendation)."""
 MIN_STEPS = 50
 """Fewer finite steps than this make a rough recommendation (a warning says so)."""
 START_STEPS = 5
@@ -96,6 +117,10 @@ class Recommendation:
             else 0): the start of training, neither typical norms nor spikes.
         settled_step: the recorded step after the start (0 without one): from there on the
             norms had settled and ``max_norm`` applies (:meth:`threshold_at`).
+        late_clip_rate: the share of the last quarter of the settled steps that the recorded
+            run clipped (None where no threshold was recorded): from ``BINDING`` (1/2) on, its
+            threshold set the update size to the end, and a warning says what a single log
+            cannot tell.
     """
 
     max_norm: float | None
@@ -116,6 +141,7 @@ class Recommendation:
     warnings: tuple[str, ...]
     start_steps: int = 0
     settled_step: int = 0
+    late_clip_rate: float | None = None
 
     def threshold_at(self, step: int) -> float | None:
         """The threshold for training step ``step`` of a run like the recorded one.
@@ -225,6 +251,7 @@ def recommend_max_norm(
     start = start if start >= START_STEPS else 0
     settled = int(at[start - 1]) + 1 if start else 0  # the step after the start
     spike_mask[:start] = False
+    late = _late_clip_rate(h.clipped[used][start:]) if recorded_thr is not None else None
     order = norms[spike_mask].argsort(descending=True)[:top_spikes]
     spikes = tuple(
         (int(s), float(v))
@@ -258,18 +285,30 @@ def recommend_max_norm(
             f"so it acts as a learning-rate cut on most steps (median factor "
             f"{_median_factor(h.coef):.2g} where it clipped)"
         )
+    binding = late is not None and late >= BINDING
     if max_norm < suggested:
         warnings.append(
             f"the typical norms ask for max_norm={suggested:.4g}, but this run applied norms up "
             f"to {applied:.4g} (it clipped them): above {RAISE:g}x that, this log cannot tell "
-            f"whether training stays stable, so {max_norm:.4g} is recommended. Record a run "
-            "at it and ask again, raising a step at a time"
+            f"whether training stays stable, so {max_norm:.4g} is recommended"
+            + ("" if binding else ". Record a run at it and ask again, raising a step at a time")
+        )
+    if binding:
+        warnings.append(
+            f"the threshold {recorded_thr:.4g} still clipped {late:.0%} of the last quarter's "
+            "steps: it set the size of the updates to the end of the run, as a learning rate "
+            "does, and a single log cannot tell whether a higher or a lower threshold trains better. "
+            "If the loss was still falling, a higher one may train faster (the recommendation "
+            "follows the norms up); if it had levelled off, a lower one may end lower, as a "
+            "learning-rate decay does. Compare two runs' losses, or measure with "
+            "gradclip.find_max_norm"
         )
     warnings += _group_cuts(h)
     if recorded_thr is not None and recorded_thr > 0 and median / recorded_thr >= 2:
         warnings.append(
             f"the threshold {recorded_thr:.4g} is {median / recorded_thr:.3g}x below the median "
-            f"pre-clip norm {median:.4g}: raise it to about {max_norm:.4g}"
+            f"pre-clip norm {median:.4g}"
+            + ("" if binding else f": raise it to about {max_norm:.4g}")
         )
     if frozen:
         warnings.append(
@@ -323,6 +362,7 @@ def recommend_max_norm(
         warnings=tuple(warnings),
         start_steps=start,
         settled_step=settled,
+        late_clip_rate=late,
     )
 
 
@@ -388,6 +428,13 @@ def _nonfinite_warning(h: History, count: int) -> tuple[str, ...]:
     return (f"{count} step(s) had NaN/inf gradients (first at step {first}); {fix}",)
 
 
+def _late_clip_rate(clipped: Tensor) -> float | None:
+    """The share of True in the last quarter of ``clipped`` (None when it is empty)."""
+    if clipped.numel() == 0:
+        return None
+    return float(clipped[-max(1, clipped.numel() // 4):].double().mean())
+
+
 def _leading(mask: Tensor) -> int:
     """How many entries of the 1-D boolean ``mask`` are True before its first False."""
     falses = (~mask).nonzero()
@@ -426,7 +473,10 @@ def render_text(rec: Recommendation) -> str:
             f"  it would have clipped {rec.projected_clip_rate:.1%} of those steps"
             + (
                 f" (the recorded run: {rec.recorded_clip_rate:.1%} at threshold "
-                f"{rec.recorded_threshold:.4g})"
+                f"{rec.recorded_threshold:.4g}"
+                + (f", {rec.late_clip_rate:.0%} of its last quarter"
+                   if rec.late_clip_rate is not None else "")
+                + ")"
                 if rec.recorded_threshold is not None and rec.recorded_clip_rate is not None
                 else ""
             )
