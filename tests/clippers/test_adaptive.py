@@ -14,6 +14,7 @@ from gradclip.clippers.adaptive import (
     LOSS_BLOCK,
     LOSS_CUT,
     LOSS_GROWTH,
+    LOSS_PATIENCE,
     LOSS_WINDOW,
     LOSS_Z,
     AdaptiveClip,
@@ -45,7 +46,7 @@ def reference(norms: list[float], losses: list[float] | None = None,
     k = cfg["relative"]  # the ceiling, as a multiple of the median
     warm = True
     seen: list[float] = []  # recorded losses, oldest first
-    best, mode = math.inf, 0
+    best, mode, stall = math.inf, 0, 0
     out = []
     for i, g in enumerate(norms):
         recorded = math.isfinite(g) and g > 0
@@ -54,12 +55,14 @@ def reference(norms: list[float], losses: list[float] | None = None,
         rates = (cfg["warmup_growth"], cfg["growth"], cfg["recovery"])
         gate = None
         if losses is not None:
-            gate = _gate(seen, losses[i], best, mode)  # (cut, best, mode) after this loss
+            gate = _gate(seen, losses[i], best, mode, stall)  # after this loss
             if gate[2] == 1:
                 rates = (max(LOSS_GROWTH, rates[0]), LOSS_GROWTH, max(LOSS_GROWTH, rates[2]))
             elif gate[2] == 2:
                 rates = (0.0, 0.0, rates[2])
         previous = None if c is None else c * (gate[0] if gate else 1.0)
+        if gate is not None and gate[4] and previous is not None:  # a plateau: floored
+            previous = max(LOSS_CUT * c, min(c, cfg["min_relative"] * m))
         if previous is None:
             t = cfg["warmup_start"] * g if recorded else math.inf
             still_warm = True
@@ -80,23 +83,25 @@ def reference(norms: list[float], losses: list[float] | None = None,
             if gate is not None:
                 if math.isfinite(losses[i]):
                     seen.append(losses[i])
-                best, mode = gate[1], gate[2]
+                best, mode, stall = gate[1], gate[2], gate[3]
     return out
 
 
-def _gate(seen: list[float], loss: float, best: float, mode: int) -> tuple[float, float, int]:
-    """The loss gate's (factor on the previous threshold, lowest block mean, mode) after
-    ``loss`` joins the recorded ``seen`` (not modified)."""
+def _gate(
+    seen: list[float], loss: float, best: float, mode: int, stall: int
+) -> tuple[float, float, int, int, bool]:
+    """The loss gate's (factor on the previous threshold, lowest block mean, mode, decisions
+    without a new low, plateau) after ``loss`` joins the recorded ``seen`` (not modified)."""
     if not math.isfinite(loss):
-        return 1.0, best, mode
+        return 1.0, best, mode, stall, False
     values = [*seen, loss]
     if len(values) % LOSS_BLOCK or len(values) < 2 * LOSS_BLOCK:
-        return 1.0, best, mode
+        return 1.0, best, mode, stall, False
     last, before = values[-LOSS_BLOCK:], values[-2 * LOSS_BLOCK : -LOSS_BLOCK]
     mean = statistics.fmean(last)
     error = math.sqrt((statistics.variance(last) + statistics.variance(before)) / LOSS_BLOCK)
     if mean > statistics.fmean(before) + LOSS_Z * error:
-        return LOSS_CUT, min(best, mean), 2
+        return LOSS_CUT, min(best, mean), 2, 0, False
     falls = False
     if len(values) >= 3 * LOSS_BLOCK:
         ys = values[-LOSS_WINDOW:]
@@ -107,7 +112,9 @@ def _gate(seen: list[float], loss: float, best: float, mode: int) -> tuple[float
         residual = sum((y - fit.intercept - fit.slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
         t = fit.slope / math.sqrt(residual / (len(ys) - 2) / sxx)
         falls = t < -LOSS_Z and mean < best
-    return 1.0, min(best, mean), 1 if falls else 0
+    stall = 0 if mean < best else stall + 1
+    plateau = stall >= LOSS_PATIENCE
+    return 1.0, min(best, mean), 1 if falls else 0, 0 if plateau else stall, plateau
 
 
 def f32(x: float) -> float:
@@ -203,6 +210,34 @@ def test_a_falling_loss_lets_the_threshold_grow_fast_and_a_rise_cuts_it() -> Non
     assert cut[219:239] == pytest.approx([cut[219]] * 20)  # no growth until the next block
 
 
+def test_a_plateau_of_the_loss_cuts_the_threshold_down_to_the_floor() -> None:
+    # the loss falls for 200 steps, then stays flat (noise only) for 2800: every
+    # LOSS_PATIENCE decisions (of 20 losses) without a new low cut the threshold by LOSS_CUT,
+    # never below min_relative x the median (1 here)
+    rng = random.Random(7)
+    steps = 3000
+    norms = [1.0] * steps
+    losses = [f32(3.0 * math.exp(-min(i, 200) / 40) * math.exp(rng.gauss(0.0, 0.05)))
+              for i in range(steps)]  # fmt: skip
+    got, _ = clip_sequence(AdaptiveClip(window=16), norms, losses)
+    assert got == pytest.approx(reference(norms, losses, window=16), rel=1e-4)
+    falls = [i for i in range(1, steps) if got[i] < 0.9 * got[i - 1]]
+    assert len(falls) >= 10 and all(i % LOSS_BLOCK == LOSS_BLOCK - 1 for i in falls)
+    # mostly 100 steps apart (a block mean that happens to be a new low restarts the count)
+    gaps = [b - a for a, b in itertools.pairwise(falls)]
+    assert gaps.count(LOSS_PATIENCE * LOSS_BLOCK) >= 8 and min(gaps) % LOSS_BLOCK == 0
+    for i in falls[:8]:  # a cut of the previous threshold (then the slow growth of mode 0)
+        assert got[i] == pytest.approx(got[i - 1] * LOSS_CUT, rel=1e-3)
+    # the floor is reached and held; only a rise (its own cut, unfloored) goes below it, once
+    floor = 1 / 48
+    assert LOSS_CUT * floor * (1 - 1e-3) <= min(got[200:]) < 1.01 * floor
+    assert all(got[i] >= floor * (1 - 1e-3) for i in falls if got[i - 1] >= floor / LOSS_CUT)
+    assert 0.7 * floor < statistics.median(got[2000:]) < 1.2 * floor
+    # without the loss, nothing of it: the threshold ramps up and creeps on
+    plain, _ = clip_sequence(AdaptiveClip(window=16), norms)
+    assert plain[-1] > 0.5 and min(plain[1000:]) == plain[1000]
+
+
 def test_loss_is_ignored_with_follow_loss_false() -> None:
     norms, losses = norm_sequence(300, seed=2), loss_sequence(300)
     plain, _ = clip_sequence(AdaptiveClip(window=16), norms)
@@ -240,7 +275,13 @@ def test_checkpoints_before_the_loss_gate_load_and_its_state_is_checked() -> Non
     again = AdaptiveClip(window=16)
     again.load_state_dict(saved)
     assert torch.equal(again.state.losses, clipper.state.losses)
+    without_stall = {**saved, "state": {k: v for k, v in saved["state"].items() if k != "loss_stall"}}
+    before_plateau = AdaptiveClip(window=16)
+    before_plateau.load_state_dict(without_stall)  # written before the plateau cut
+    assert torch.equal(before_plateau.state.losses, clipper.state.losses)
+    assert int(before_plateau.state.loss_stall) == 0
     for key, value, match in [("loss_mode", torch.tensor(7), "loss_mode=7"),
+                              ("loss_stall", torch.tensor(LOSS_PATIENCE), "loss_stall=5"),
                               ("losses", torch.full((LOSS_WINDOW,), math.inf), "non-finite"),
                               ("losses", torch.zeros(3), "shape")]:
         bad = {**saved, "state": {**saved["state"], key: value}}

@@ -31,6 +31,7 @@ __all__ = [
     "LOSS_BLOCK",
     "LOSS_CUT",
     "LOSS_GROWTH",
+    "LOSS_PATIENCE",
     "LOSS_WINDOW",
     "LOSS_Z",
     "AdaptiveClip",
@@ -53,6 +54,11 @@ LOSS_GROWTH = 0.02
 grow by this much a step: x1.5 per block, ~40x the slow ``growth``."""
 LOSS_CUT = 0.7
 """A significant rise of the loss multiplies the threshold by this (the median rule only)."""
+LOSS_PATIENCE = 5
+"""After this many decisions in a row without a new lowest block mean of the loss (100 losses),
+the threshold is cut by ``LOSS_CUT`` too, down to ``min_relative`` times the median at most: a
+plateau, where a clip that sets the step size acts as a learning rate that is too high
+(``torch.optim.lr_scheduler.ReduceLROnPlateau``'s patience)."""
 
 # Optimizers whose update size is set by the learning rate, not by the gradient's scale:
 # per-coordinate second moments (Adam and its kin, RMSprop, Adagrad, Adadelta, Adafactor),
@@ -103,9 +109,10 @@ class AdaptiveClipState(NamedTuple):
         loss_best: float32, 0-dim, the lowest block mean of the losses (``inf`` before one).
         loss_mode: int64, 0-dim, the gate's last decision: 0 none, 1 the loss falls to new
             lows (fast growth), 2 it rises (no growth).
+        loss_stall: int64, 0-dim, the decisions since the last new low, rise or plateau cut.
 
-    A checkpoint written before the loss gate (without the four ``loss*`` entries) loads
-    with them as in a fresh state.
+    A checkpoint written before the loss gate (without the ``loss*`` entries), or before the
+    plateau cut (without ``loss_stall``), loads with them as in a fresh state.
     """
 
     history: Tensor
@@ -117,6 +124,7 @@ class AdaptiveClipState(NamedTuple):
     loss_count: Tensor
     loss_best: Tensor
     loss_mode: Tensor
+    loss_stall: Tensor
 
 
 _UP, _DOWN = 1, 2  # loss_mode values (0: no decision)
@@ -150,6 +158,8 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         errors) to a new lowest block mean:       growth, warmup_growth and
                                                   recovery become 0.02 a step      (mode 1)
         otherwise:                                the rates above                  (mode 0)
+        5 decisions in a row without a new low
+        (a plateau):                              c ← max(0.7 · c, min(c, min_relative · m))
 
     A step is judged against the norms before it; its own norm is recorded afterwards. With
     the defaults: the threshold starts at 1% of the first norm and ramps up by at most 1% a
@@ -203,7 +213,13 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
       growing, as a learning rate is cut when the loss rises ("bold driver"). A loss that
       recovers from a rise is no new low and grows nothing: an exploding RNN otherwise
       climbs back into its explosions. Both tests compare against the loss's own noise (20-
-      and 100-step statistics), so heavy-tailed losses rarely trigger them. With ``hold``
+      and 100-step statistics), so heavy-tailed losses rarely trigger them. And when the
+      loss makes no new low for 100 losses (``LOSS_PATIENCE`` decisions), the threshold is
+      cut by 0.7 as well, down to the back-off's floor: where the clip sets the step size,
+      a plateau says that step is too large, as ``ReduceLROnPlateau`` reads it of a learning
+      rate (on the quality benchmark's violent RNN, stuck at a threshold near its median
+      norm for a thousand steps, it makes the default 0.65x the best fixed threshold, from
+      1.20x; where the clip does not bind it changes nothing the run feels). With ``hold``
       too (below).
     * **The optimizer's normalisation** (``optimizer``, ``hold``). Adam and its kin divide
       each step by a running estimate of the gradient's scale, so their update's size is set
@@ -471,7 +487,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         super().load_state_dict(state_dict)
 
     State = AdaptiveClipState
-    _optional_fields = ("losses", "loss_count", "loss_best", "loss_mode")
+    _optional_fields = ("losses", "loss_count", "loss_best", "loss_mode", "loss_stall")
 
     def _init_state(self, tensors: int) -> AdaptiveClipState:
         return AdaptiveClipState(
@@ -484,6 +500,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             loss_count=torch.zeros((), dtype=torch.long),
             loss_best=torch.full((), math.inf, dtype=torch.float32),
             loss_mode=torch.zeros((), dtype=torch.long),
+            loss_stall=torch.zeros((), dtype=torch.long),
         )
 
     def _check_state(self, state: AdaptiveClipState) -> None:
@@ -493,11 +510,13 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
                 f"AdaptiveClip state dict holds multiple={multiple} (must be in (0, "
                 f"relative={self.relative:g}]) or a recorded norm <= 0; the checkpoint is corrupt"
             )
-        mode = int(state.loss_mode)
-        if mode not in (0, _UP, _DOWN) or not bool(torch.isfinite(state.losses).all()):
+        mode, stall = int(state.loss_mode), int(state.loss_stall)
+        if mode not in (0, _UP, _DOWN) or not 0 <= stall < LOSS_PATIENCE \
+                or not bool(torch.isfinite(state.losses).all()):  # fmt: skip
             raise ValueError(
-                f"AdaptiveClip state dict holds loss_mode={mode} (must be 0, 1 or 2) or a "
-                "non-finite recorded loss; the checkpoint is corrupt"
+                f"AdaptiveClip state dict holds loss_mode={mode} (must be 0, 1 or 2), "
+                f"loss_stall={stall} (must be in [0, {LOSS_PATIENCE})) or a non-finite "
+                "recorded loss; the checkpoint is corrupt"
             )
 
     def _constants_on(self, device: torch.device) -> _Constants:
@@ -532,6 +551,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
                 min_relative=f32(self.min_relative),
                 hold=f32(math.inf if self.hold is None else self.hold),
                 one=f32(1.0),
+                no=torch.zeros((), dtype=torch.bool, device=device),
                 loss_rate=f32(1 + LOSS_GROWTH),
                 loss_cut=f32(LOSS_CUT),
                 loss_slots=torch.arange(LOSS_WINDOW, device=device),
@@ -551,21 +571,23 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         rate, warmup_rate, recovery_rate = k.rate, k.warmup_rate, k.recovery_rate
         loss_state = state[5:]
         unchanged = previous
+        # Unwritten slots hold +inf and sort last: the lower median of the recorded norms,
+        # and inf while there is none.
+        # gather, not take: no host read, and it traces under torch.compile
+        middle = k.middle.gather(0, torch.minimum(count, k.window).reshape(1))
+        median = history.sort().values.gather(0, middle).reshape(())
         if loss is not None:  # given only where follow_loss (reads_loss)
-            cut, loss_state = _follow(state, loss, k)
-            mode = loss_state[-1]
+            cut, plateau, loss_state = _follow(state, loss, k)
+            mode = loss_state[3]
             up, down = mode == _UP, mode == _DOWN
             rate = torch.where(up, k.loss_rate, torch.where(down, k.one, rate))
             warmup_rate = torch.where(
                 up, torch.maximum(k.loss_rate, warmup_rate), torch.where(down, k.one, warmup_rate)
             )
             recovery_rate = torch.where(up, torch.maximum(k.loss_rate, recovery_rate), recovery_rate)
-            previous = previous * cut
-        # Unwritten slots hold +inf and sort last: the lower median of the recorded norms,
-        # and inf while there is none.
-        # gather, not take: no host read, and it traces under torch.compile
-        middle = k.middle.gather(0, torch.minimum(count, k.window).reshape(1))
-        median = history.sort().values.gather(0, middle).reshape(())
+            # a plateau cuts as a rise does, but not below the back-off's floor
+            floor = torch.minimum(previous, k.min_relative * median)
+            previous = torch.where(plateau, torch.maximum(previous * k.loss_cut, floor), previous * cut)
 
         first = count == 0
         grown = previous * torch.where(warm, warmup_rate, rate)
@@ -619,17 +641,22 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         return self._applied(threshold, total, new_state)
 
 
-def _follow(state: AdaptiveClipState, loss: Tensor, k: _Constants) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _follow(
+    state: AdaptiveClipState, loss: Tensor, k: _Constants
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """The loss gate (see :class:`AdaptiveClip`, ``follow_loss``): this step's factor on the
-    previous threshold and the new ``losses``, ``loss_count``, ``loss_best``, ``loss_mode``.
+    previous threshold, whether it is a plateau cut (which the caller floors), and the new
+    ``losses``, ``loss_count``, ``loss_best``, ``loss_mode``, ``loss_stall``.
 
     Every ``LOSS_BLOCK`` recorded losses (from two blocks on): a rise of the last block's mean
     over the one before by more than ``LOSS_Z`` standard errors sets mode 2 and the factor
     ``LOSS_CUT``; else a least-squares slope of the last (up to ``LOSS_WINDOW``, from three
     blocks on) losses below ``-LOSS_Z`` standard errors, with the block's mean a new low, sets
-    mode 1; else mode 0. Non-finite losses are not recorded. Tensor operations only, no host
-    read, except on the CPU outside compilation, where the steps that decide nothing skip the
-    statistics. ``loss``: float32, 0-dim, on the state's device (``StepLoss.over``)."""
+    mode 1; else mode 0. A decision that is neither a rise nor a new low counts towards
+    ``LOSS_PATIENCE``; the one that reaches it is a plateau (and the count restarts). Non-finite
+    losses are not recorded. Tensor operations only, no host read, except on the CPU outside
+    compilation, where the steps that decide nothing skip the statistics. ``loss``: float32,
+    0-dim, on the state's device (``StepLoss.over``)."""
     ok = torch.isfinite(loss)
     losses = torch.where((k.loss_slots == torch.remainder(state.loss_count, LOSS_WINDOW)) & ok,
                          loss, state.losses)  # fmt: skip
@@ -637,7 +664,7 @@ def _follow(state: AdaptiveClipState, loss: Tensor, k: _Constants) -> tuple[Tens
     decide = ok & (torch.remainder(count, LOSS_BLOCK) == 0) & (count >= 2 * LOSS_BLOCK)
     if _foreach.is_host_device(decide.device) and not _foreach.is_compiling() and not decide:
         # on the CPU reading is free: the statistics only on the steps that decide (1 in 20)
-        return k.one, (losses, count, state.loss_best, state.loss_mode)
+        return k.one, k.no, (losses, count, state.loss_best, state.loss_mode, state.loss_stall)
     # the ring in recording order, the newest last; the first LOSS_WINDOW - count unwritten
     ring = losses.gather(0, torch.remainder(count + k.loss_slots, LOSS_WINDOW))
     last, before = ring[-LOSS_BLOCK:], ring[-2 * LOSS_BLOCK : -LOSS_BLOCK]
@@ -658,7 +685,10 @@ def _follow(state: AdaptiveClipState, loss: Tensor, k: _Constants) -> tuple[Tens
     mode = torch.where(decide, torch.where(rise, _DOWN, torch.where(fall, _UP, 0)), state.loss_mode)
     best = torch.where(decide, torch.minimum(state.loss_best, mean), state.loss_best)
     cut = torch.where(rise, k.loss_cut, k.one)
-    return cut, (losses, count, best, mode)
+    stalled = decide & ~rise & (mean >= state.loss_best)
+    stall = torch.where(decide, torch.where(stalled, state.loss_stall + 1, 0), state.loss_stall)
+    plateau = stall >= LOSS_PATIENCE
+    return cut, plateau, (losses, count, best, mode, torch.where(plateau, 0, stall))
 
 
 _LATER_ARGS: dict[str, Any] = {"hold": None, "follow_loss": True}
@@ -683,6 +713,7 @@ class _Constants(NamedTuple):
     min_relative: Tensor
     hold: Tensor  # inf when hold=None
     one: Tensor
+    no: Tensor  # bool 0-dim False
     loss_rate: Tensor  # 1 + LOSS_GROWTH
     loss_cut: Tensor
     loss_slots: Tensor  # arange(LOSS_WINDOW)
