@@ -110,7 +110,9 @@ def _gate(
         xm = statistics.fmean(xs)
         sxx = sum((x - xm) ** 2 for x in xs)
         residual = sum((y - fit.intercept - fit.slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
-        t = fit.slope / math.sqrt(residual / (len(ys) - 2) / sxx)
+        spread = math.sqrt(residual / (len(ys) - 2) / sxx)
+        # a perfectly straight run: x/0 as the tensors compute it (inf, or NaN for 0/0)
+        t = fit.slope / spread if spread else math.copysign(math.inf, fit.slope) if fit.slope else math.nan
         falls = t < -LOSS_Z and mean < best
     stall = 0 if mean < best else stall + 1
     plateau = stall >= LOSS_PATIENCE
@@ -211,28 +213,26 @@ def test_a_falling_loss_lets_the_threshold_grow_fast_and_a_rise_cuts_it() -> Non
 
 
 def test_a_plateau_of_the_loss_cuts_the_threshold_down_to_the_floor() -> None:
-    # the loss falls for 200 steps, then stays flat (noise only) for 2800: every
-    # LOSS_PATIENCE decisions (of 20 losses) without a new low cut the threshold by LOSS_CUT,
-    # never below min_relative x the median (1 here)
-    rng = random.Random(7)
-    steps = 3000
+    # the loss falls for 200 steps, then stays flat (no noise: no rise, no new low) for 4800:
+    # every LOSS_PATIENCE decisions (of LOSS_BLOCK losses) cut the threshold by LOSS_CUT, never
+    # below min_relative x the median (1 here)
+    steps = 5000
     norms = [1.0] * steps
-    losses = [f32(3.0 * math.exp(-min(i, 200) / 40) * math.exp(rng.gauss(0.0, 0.05)))
-              for i in range(steps)]  # fmt: skip
+    losses = [f32(3.0 * math.exp(-min(i, 200) / 40)) for i in range(steps)]
     got, _ = clip_sequence(AdaptiveClip(window=16), norms, losses)
-    assert got == pytest.approx(reference(norms, losses, window=16), rel=1e-4)
+    # float32 against float64 over 5000 steps of growth
+    assert got == pytest.approx(reference(norms, losses, window=16), rel=1e-3)
     falls = [i for i in range(1, steps) if got[i] < 0.9 * got[i - 1]]
-    assert len(falls) >= 10 and all(i % LOSS_BLOCK == LOSS_BLOCK - 1 for i in falls)
-    # mostly 100 steps apart (a block mean that happens to be a new low restarts the count)
-    gaps = [b - a for a, b in itertools.pairwise(falls)]
-    assert gaps.count(LOSS_PATIENCE * LOSS_BLOCK) >= 8 and min(gaps) % LOSS_BLOCK == 0
-    for i in falls[:8]:  # a cut of the previous threshold (then the slow growth of mode 0)
-        assert got[i] == pytest.approx(got[i - 1] * LOSS_CUT, rel=1e-3)
-    # the floor is reached and held; only a rise (its own cut, unfloored) goes below it, once
+    period = LOSS_PATIENCE * LOSS_BLOCK
+    assert len(falls) >= 10 and all(b - a == period for a, b in itertools.pairwise(falls))
+    assert falls[0] % LOSS_BLOCK == LOSS_BLOCK - 1  # a deciding step
     floor = 1 / 48
-    assert LOSS_CUT * floor * (1 - 1e-3) <= min(got[200:]) < 1.01 * floor
-    assert all(got[i] >= floor * (1 - 1e-3) for i in falls if got[i - 1] >= floor / LOSS_CUT)
-    assert 0.7 * floor < statistics.median(got[2000:]) < 1.2 * floor
+    for i in falls:  # a cut of the previous threshold, floored (then the growth of mode 0)
+        cut = max(got[i - 1] * LOSS_CUT, min(got[i - 1], floor))
+        assert got[i] == pytest.approx(cut * (1 + 5e-4), rel=1e-5)
+    assert any(got[i - 1] * LOSS_CUT < floor for i in falls)  # the floor was hit
+    assert floor * (1 - 1e-6) <= min(got[200:]) < 1.01 * floor  # reached, not passed
+    assert got[-1] < (1 + 5e-4) ** period * floor * 1.01  # and held
     # without the loss, nothing of it: the threshold ramps up and creeps on
     plain, _ = clip_sequence(AdaptiveClip(window=16), norms)
     assert plain[-1] > 0.5 and min(plain[1000:]) == plain[1000]
@@ -281,7 +281,7 @@ def test_checkpoints_before_the_loss_gate_load_and_its_state_is_checked() -> Non
     assert torch.equal(before_plateau.state.losses, clipper.state.losses)
     assert int(before_plateau.state.loss_stall) == 0
     for key, value, match in [("loss_mode", torch.tensor(7), "loss_mode=7"),
-                              ("loss_stall", torch.tensor(LOSS_PATIENCE), "loss_stall=5"),
+                              ("loss_stall", torch.tensor(LOSS_PATIENCE), f"loss_stall={LOSS_PATIENCE}"),
                               ("losses", torch.full((LOSS_WINDOW,), math.inf), "non-finite"),
                               ("losses", torch.zeros(3), "shape")]:
         bad = {**saved, "state": {**saved["state"], key: value}}
