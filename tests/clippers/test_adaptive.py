@@ -36,10 +36,11 @@ DEFAULTS = {
 }
 
 
-def reference(norms: list[float], losses: list[float] | None = None,
+def reference(norms: list[float], losses: list[float] | None = None, plateau: bool = True,
               **overrides: float | None) -> list[float]:
     """The documented formulas in plain Python: the threshold applied at each step, given
-    the step's loss from ``losses`` when there are any (the loss gate)."""
+    the step's loss from ``losses`` when there are any (the loss gate; its plateau cut
+    when ``plateau``)."""
     cfg = {**DEFAULTS, **overrides}
     history: list[float] = []  # recorded norms, oldest first
     c: float | None = None  # threshold after the last recorded step
@@ -61,7 +62,7 @@ def reference(norms: list[float], losses: list[float] | None = None,
             elif gate[2] == 2:
                 rates = (0.0, 0.0, rates[2])
         previous = None if c is None else c * (gate[0] if gate else 1.0)
-        if gate is not None and gate[4] and previous is not None:  # a plateau: floored
+        if plateau and gate is not None and gate[4] and previous is not None:  # floored
             previous = max(LOSS_CUT * c, min(c, cfg["min_relative"] * m))
         if previous is None:
             t = cfg["warmup_start"] * g if recorded else math.inf
@@ -236,6 +237,20 @@ def test_a_plateau_of_the_loss_cuts_the_threshold_down_to_the_floor() -> None:
     # without the loss, nothing of it: the threshold ramps up and creeps on
     plain, _ = clip_sequence(AdaptiveClip(window=16), norms)
     assert plain[-1] > 0.5 and min(plain[1000:]) == plain[1000]
+    # nor with plateau=False, or an optimizer that normalises its update (given the loss, it
+    # follows the median rule and the rest of the gate)
+    without = reference(norms, losses, plateau=False, window=16)
+    assert min(without[1000:]) > 0.5
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    for clipper in (AdaptiveClip(window=16, plateau=False),
+                    AdaptiveClip(window=16, optimizer=torch.optim.AdamW(p))):  # fmt: skip
+        assert clipper.plateau is False
+        got_off, _ = clip_sequence(clipper, norms, losses)
+        assert got_off == pytest.approx(without, rel=1e-3)
+    assert AdaptiveClip(optimizer=torch.optim.SGD(p, lr=0.1)).plateau is True
+    assert AdaptiveClip(optimizer=torch.optim.AdamW(p), plateau=True).plateau is True
+    with pytest.raises(TypeError, match="plateau"):
+        AdaptiveClip(plateau="no")  # type: ignore[arg-type]
 
 
 def test_loss_is_ignored_with_follow_loss_false() -> None:
@@ -586,6 +601,14 @@ def test_checkpoints_without_hold_still_load_and_hold_is_checked() -> None:
     assert float(again.state.threshold) == 0.25
     with pytest.raises(ValueError, match=r"hold=0.25 \(here None\)"):  # nor the other way
         AdaptiveClip().load_state_dict(held.state_dict())
+    # `plateau`, likewise: in the config only when off, and a mismatch is refused
+    assert "plateau" not in saved["config"]
+    calm = AdaptiveClip(plateau=False)
+    calm({"w": p})
+    assert calm.state_dict()["config"]["plateau"] is False
+    AdaptiveClip(**calm.state_dict()["config"]).load_state_dict(calm.state_dict())
+    with pytest.raises(ValueError, match=r"plateau=False \(here True\)"):
+        AdaptiveClip().load_state_dict(calm.state_dict())
 
 
 # -- optimizer= with main's per-group clipping and several optimizers ---------------------

@@ -159,7 +159,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
                                                   recovery become 0.02 a step      (mode 1)
         otherwise:                                the rates above                  (mode 0)
         10 decisions in a row without a new low
-        (a plateau):                              c ← max(0.7 · c, min(c, min_relative · m))
+        (a plateau; ``plateau``):                 c ← max(0.7 · c, min(c, min_relative · m))
 
     A step is judged against the norms before it; its own norm is recorded afterwards. With
     the defaults: the threshold starts at 1% of the first norm and ramps up by at most 1% a
@@ -220,8 +220,9 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
       rate (on the quality benchmark's label-noise task, 0.18x the best fixed threshold
       from 0.28x; on the violent RNN, whose loss can sit on a plateau for a thousand steps at
       a threshold near the median norm, 0.92x from 1.20x over 12 seeds, unchanged on six
-      held-out seeds; where the clip does not bind it changes nothing the run feels). With
-      ``hold`` too (below).
+      held-out seeds; where the clip does not bind it changes nothing the run feels). Not
+      where ``optimizer`` normalises its update (``plateau``): there the learning rate sets
+      the step size. With ``hold`` too (below).
     * **The optimizer's normalisation** (``optimizer``, ``hold``). Adam and its kin divide
       each step by a running estimate of the gradient's scale, so their update's size is set
       by the learning rate, not by the gradient norm. Given such an optimizer (see
@@ -298,7 +299,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             adamw]``, as :meth:`step` takes them). When it normalises its update (all of
             them do; :func:`normalises`: Adam, AdamW, RMSprop, Adagrad, Muon, ...) and
             ``hold`` is None, ``hold`` becomes :data:`HOLD` (1/32) for the steps given no
-            loss. Only its kind is read; no reference is kept.
+            loss, and ``plateau`` False. Only its kind is read; no reference is kept.
         follow_loss: when a loss is passed to :meth:`step` or the call, let it set how fast
             the threshold grows and cut it when the loss rises (default True; see above). A
             NaN or infinite loss is not recorded; a step given a loss follows the median
@@ -306,6 +307,11 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             copied to the device each step. Under ``torch.distributed`` the loss is averaged
             over ``loss_group`` first (one all-reduce), so every rank decides the same: every
             rank must then pass its loss on every step.
+        plateau: given the loss, cut the threshold by 0.7 after ``LOSS_PATIENCE`` gate
+            decisions without a new low of the loss (see above). None (default): unless
+            ``optimizer`` normalises its update, where the step size is set by the learning
+            rate, not by the clip, and a long run's plateaus would walk the threshold down to
+            its floor for nothing.
         loss_group: the process group the loss is averaged over (default: the default
             process group, when ``torch.distributed`` is initialised).
         norm_type: p of the norms (default 2).
@@ -371,6 +377,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         hold: float | None = None,
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         follow_loss: bool = True,
+        plateau: bool | None = None,
         loss_group: ProcessGroup | None = None,
         norm_type: float | str = 2.0,
         nonfinite: NonFinitePolicy = "propagate",
@@ -430,7 +437,8 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         optimizers = [] if optimizer is None else optimizer_list(
             optimizer, "the ones stepped after the clip"
         )
-        if hold is None and optimizers and all(normalises(o) for o in optimizers):
+        normalising = bool(optimizers) and all(normalises(o) for o in optimizers)
+        if hold is None and normalising:
             hold = HOLD
         self.hold = None if hold is None else check_real(
             hold, "hold", "finite and > 0 (or None)", lambda v: 0 < v < math.inf, "hold=0.25"
@@ -442,6 +450,14 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             )
         self.follow_loss = follow_loss
         self.reads_loss = follow_loss  # with `hold` too: a step given a loss follows it
+        if plateau is None:  # the clip sets the step size unless the optimizer normalises it
+            plateau = not normalising
+        if not isinstance(plateau, bool):
+            raise TypeError(
+                f"`plateau` must be True, False or None, got {type(plateau).__name__} "
+                f"{plateau!r:.60}; pass plateau=False to never cut on a plateau of the loss"
+            )
+        self.plateau = plateau
         self.loss_group = loss_group  # not in config(): process groups are not comparable
         self._constants: _Constants | None = None
         super().__init__(
@@ -586,9 +602,11 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
                 up, torch.maximum(k.loss_rate, warmup_rate), torch.where(down, k.one, warmup_rate)
             )
             recovery_rate = torch.where(up, torch.maximum(k.loss_rate, recovery_rate), recovery_rate)
-            # a plateau cuts as a rise does, but not below the back-off's floor
-            floor = torch.minimum(previous, k.min_relative * median)
-            previous = torch.where(plateau, torch.maximum(previous * k.loss_cut, floor), previous * cut)
+            if self.plateau:  # a plateau cuts as a rise does, but not below the back-off's floor
+                floor = torch.minimum(previous, k.min_relative * median)
+                previous = torch.where(plateau, torch.maximum(previous * k.loss_cut, floor), previous * cut)
+            else:
+                previous = previous * cut
 
         first = count == 0
         grown = previous * torch.where(warm, warmup_rate, rate)
@@ -692,7 +710,7 @@ def _follow(
     return cut, plateau, (losses, count, best, mode, torch.where(plateau, 0, stall))
 
 
-_LATER_ARGS: dict[str, Any] = {"hold": None, "follow_loss": True}
+_LATER_ARGS: dict[str, Any] = {"hold": None, "follow_loss": True, "plateau": True}
 """Arguments added after the first checkpoints, and their defaults: in ``config()`` only when
 set otherwise."""
 
