@@ -233,10 +233,7 @@ class Clipper(Generic[S]):
         """Whether a call's ``loss=`` is read: by this clipper's rule (:attr:`reads_loss`), by
         a parameter group's own clipper, or by the spike detector. An integration that cannot
         find the loss warns where this is True."""
-        grouping = getattr(self, "_grouping", None)
-        return self.reads_loss or self.spikes is not None or (
-            grouping is not None and grouping.reads_loss()
-        )
+        return self.reads_loss or self.spikes is not None or self._grouping.reads_loss()
 
     @property
     def steps(self) -> Tensor:

@@ -126,9 +126,13 @@ class Grouping:
         argument or by a group's ``"clip"`` entry (of the live groups, as a step reads them)."""
         rules = self._values(self.policy)
         if self.configured:
-            groups = as_groups(self.raw) if _live(self.raw) else self.parsed
-            rules += [p.value for p in self.explicit.policies(groups)[0]]  # type: ignore[arg-type]
+            rules += [p.value for p in self.explicit.policies(self._groups())[0]]
         return any(getattr(rule, "reads_loss", False) for rule in rules)
+
+    def _groups(self) -> list[ParamGroup]:
+        """The configured groups as a step reads them: re-parsed when they are live (an
+        optimizer's ``param_groups``, which may change), else as parsed at construction."""
+        return as_groups(self.raw) if _live(self.raw) else self.parsed  # type: ignore[return-value]
 
     @property
     def configured(self) -> bool:
@@ -191,7 +195,7 @@ class Grouping:
         layout = target.layout
         stages = layout is not None and bool(layout.extra)
         if self.configured:
-            groups = as_groups(self.raw) if _live(self.raw) else self.parsed  # type: ignore[assignment]
+            groups = self._groups()
             if optimizers:
                 _check_in_optimizers(groups, optimizers)
             plan = self.explicit.plan(groups, target.params, target.names, allow_empty=stages)
