@@ -93,18 +93,21 @@ def _fit_loss_axis(ax: Any, curves: Sequence[Sequence[float]], relative: bool) -
         return
     lo, hi = min(values), max(values)
     if relative and lo > 0:
-        _log_axis(ax.yaxis, ax.set_yscale)
+        _log_axis(ax, "y")
         ax.set_ylim(lo / 1.1, hi * 1.1)
     else:
         pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 1.0
         ax.set_ylim(lo - pad, hi + pad)
 
 
-def _log_axis(axis: Any, set_scale: Any) -> None:
+def _log_axis(ax: Any, which: str) -> None:
     """A log axis labelled with plain numbers (0.2, 0.3 rather than 2x10^-1) and, where it
     spans under two decades (a search's losses and thresholds often span less than one, and
-    then carry no major label or one), its minor ticks at 2, 3 and 5 x 10^k."""
+    then carry no major label or one), its minor ticks at 2, 3 and 5 x 10^k. ``which``:
+    ``"x"`` or ``"y"``."""
     from matplotlib.ticker import FuncFormatter
+
+    axis = getattr(ax, f"{which}axis")
 
     def minor(value: float, _: object) -> str:
         lo, hi = axis.get_view_interval()
@@ -113,7 +116,7 @@ def _log_axis(axis: Any, set_scale: Any) -> None:
         mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
         return f"{value:g}" if any(abs(mantissa - m) < 1e-6 for m in (2, 3, 5)) else ""
 
-    set_scale("log")
+    getattr(ax, f"set_{which}scale")("log")
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(FuncFormatter(minor))
 
@@ -128,14 +131,18 @@ def search_figure(search: MaxNormSearch) -> Any:
     for row, r in zip(axes, rounds, strict=True):
         loss_ax, score_ax = row
         span = max(1, r.steps // 10)
-        shown = _on_scale(r)
+        shown = {id(t) for t in _on_scale(r)}
+        curves = []
         for t in r.trials:
             name = t.candidate.name
             width = 2.2 if name == search.choice.name else 1.0
-            note = " (diverged)" if t.diverged else "" if t in shown else " (off scale)"
-            loss_ax.plot(range(r.first_batch, r.first_batch + len(t.losses)),
-                         smooth(t.losses, span), lw=width, label=name + note)  # fmt: skip
-        _fit_loss_axis(loss_ax, [smooth(t.losses, span) for t in shown], r.relative)
+            note = " (diverged)" if t.diverged else "" if id(t) in shown else " (off scale)"
+            curve = smooth(t.losses, span)
+            loss_ax.plot(range(r.first_batch, r.first_batch + len(t.losses)), curve, lw=width,
+                         label=name + note)  # fmt: skip
+            if id(t) in shown:
+                curves.append(curve)
+        _fit_loss_axis(loss_ax, curves, r.relative)
         start = r.first_batch + r.steps - max(1, round(TAIL * r.steps))
         loss_ax.axvspan(start, r.first_batch + r.steps, color="#eeeeee", zorder=0,
                         label="scored")  # fmt: skip
@@ -153,7 +160,7 @@ def search_figure(search: MaxNormSearch) -> Any:
             score_ax.errorbar([place[name]], [y], yerr=[err], fmt="o", color=color, capsize=3)
             score_ax.annotate(name, (place[name], y), fontsize=7, xytext=(3, 3),
                               textcoords="offset points")  # fmt: skip
-        _log_axis(score_ax.xaxis, score_ax.set_xscale)
+        _log_axis(score_ax, "x")
         ylabel = "% loss above the best" if r.relative else "loss above the best"
         plots._finish(score_ax, f"round {r.index}: vs the best (red: the choice)",
                       "max_norm (adaptive left, none right)", ylabel, None)  # fmt: skip
