@@ -60,12 +60,10 @@ def falling(losses: list[float], z: float = 2.0) -> bool:
     values = [math.log(v) for v in tail] if all(v > 0 for v in tail) else tail
     n = len(values)
     means = [statistics.fmean(values[i * n // BLOCKS:(i + 1) * n // BLOCKS]) for i in range(BLOCKS)]
-    x_mean, y_mean = (BLOCKS - 1) / 2, statistics.fmean(means)
-    sxx = sum((x - x_mean) ** 2 for x in range(BLOCKS))
-    slope = sum((x - x_mean) * (y - y_mean) for x, y in enumerate(means)) / sxx
-    residuals = [y - y_mean - slope * (x - x_mean) for x, y in enumerate(means)]
-    se = math.sqrt(sum(r * r for r in residuals) / (BLOCKS - 2) / sxx)
-    return slope < -z * se
+    slope, intercept = statistics.linear_regression(range(BLOCKS), means)
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in enumerate(means))
+    sxx = sum((x - (BLOCKS - 1) / 2) ** 2 for x in range(BLOCKS))
+    return slope < -z * math.sqrt(residual / (BLOCKS - 2) / sxx)
 
 
 def recommend(rule: str, norms: list[float], losses: list[float], threshold: float) -> float | None:

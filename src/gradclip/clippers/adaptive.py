@@ -595,7 +595,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         median = history.sort().values.gather(0, middle).reshape(())
         if loss is not None:  # given only where follow_loss (reads_loss)
             cut, plateau, loss_state = _follow(state, loss, k)
-            mode = loss_state[3]
+            mode = loss_state[3]  # (losses, count, best, mode, stall)
             up, down = mode == _UP, mode == _DOWN
             rate = torch.where(up, k.loss_rate, torch.where(down, k.one, rate))
             warmup_rate = torch.where(
