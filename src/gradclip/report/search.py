@@ -196,7 +196,7 @@ def render_search(search: MaxNormSearch, folder: str | os.PathLike[str]) -> Repo
             "is within two standard errors. Round 2 starts where round 1's best ended, on the next batches, among "
             "round 1's best thresholds: a pick must hold there too. The adaptive default "
             "starts with a warm-up and is slow in any short run by design; it is kept when no "
-            "threshold is clearly better.",
+            "threshold is clearly better on steady training.",
             f"cost: {search.cost.steps} steps, {search.cost.seconds:.1f} s",
         ]),
     ]

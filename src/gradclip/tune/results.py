@@ -137,7 +137,8 @@ class MaxNormSearch:
             default when no threshold is clearly better).
         best_fixed: the best fixed threshold found (None when no fixed threshold ran, or
             no clipping was best).
-        confidence: ``"clear"`` (the pick beat its neighbours beyond noise in both rounds),
+        confidence: ``"clear"`` (the pick beat its neighbours beyond noise in both rounds, on
+            steady training where the default ran),
             ``"tie"`` (candidates tie within noise; ``statement`` names them) or
             ``"diverged"`` (every candidate's loss became non-finite).
         statement: the decision in one sentence.

@@ -179,14 +179,17 @@ def decide(
     """The pick, the best fixed threshold of the last round, the confidence and a statement.
 
     In order: every candidate diverged (the one that lasted longest); one candidate best
-    beyond noise in every round (it); every candidate of round 1 tied on steady training
-    (the lowest that clipped none of its steps, with HEADROOM); the default lost beyond noise on steady
-    training (the gentlest of round 1's best); otherwise the default (or the best, without
-    one). :mod:`gradclip.tune` explains each guard.
+    beyond noise in every round, on steady training or without a default to keep (it); every
+    candidate of round 1 tied on steady training (the lowest that clipped none of its steps,
+    with HEADROOM); the default lost beyond noise on steady training (the gentlest of round
+    1's best); otherwise the default (or the best, without one or where it diverged).
+    :mod:`gradclip.tune` explains each guard.
     """
     first = rounds[0]
     usable = [t for t in first.trials if not t.diverged]
-    adaptive = next((t.candidate for t in first.trials if t.candidate.kind == "adaptive"), None)
+    # a default whose loss became non-finite is no fallback
+    adaptive = next((t.candidate for t in first.trials if t.candidate.kind == "adaptive" and not t.diverged),
+                    None)  # fmt: skip
     if not usable:
         latest = max(first.trials, key=lambda t: len(t.losses))
         return (latest.candidate, None, "diverged",
@@ -197,17 +200,20 @@ def decide(
     best_fixed = best if best.kind == "fixed" else None
     agree = all(r.best == best.name for r in rounds)
     alone = all(r.tied == (r.best,) for r in rounds)
-    if agree and alone:
-        return (best, best_fixed, "clear",
-                f"{best.name} beat every other candidate beyond noise in "
-                f"{'both rounds' if len(rounds) > 1 else 'the round'}")  # fmt: skip
-    tied = sorted({n for r in rounds for n in r.tied}, key=_order)
-    why = (
-        f"{', '.join(tied)} tie within noise"
-        if agree
-        else f"the rounds disagree ({', '.join(f'round {r.index}: {r.best}' for r in rounds)})"
-    )
     steady = settled(first.trial(first.best))
+    won = f"{best.name} beat every other candidate beyond noise in {'both rounds' if len(rounds) > 1 else 'the round'}"
+    if agree and alone and (steady or adaptive is None):
+        return (best, best_fixed, "clear", won)
+    tied = sorted({n for r in rounds for n in r.tied}, key=_order)
+    if agree and alone:
+        # Short-horizon bias: at the start of training the candidate that gains fastest
+        # first leads (a lower threshold, a smaller step, can lead for hundreds of steps and
+        # lose after); a win there does not displace the default.
+        why = f"{won}, but only at the start of training, where a short run favours what gains fastest first"
+    elif agree:
+        why = f"{', '.join(tied)} tie within noise"
+    else:
+        why = f"the rounds disagree ({', '.join(f'round {r.index}: {r.best}' for r in rounds)})"
     quiet = [t.candidate for t in first.trials if t.candidate.kind != "adaptive" and t.clip_rate == 0]
     if steady and quiet and len(first.trials) > 1 and len(first.tied) == len(first.trials):
         # Every candidate tied on steady training: within the horizon the threshold made no
