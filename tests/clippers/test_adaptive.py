@@ -61,9 +61,10 @@ def reference(norms: list[float], losses: list[float] | None = None, plateau: bo
                 rates = (max(LOSS_GROWTH, rates[0]), LOSS_GROWTH, max(LOSS_GROWTH, rates[2]))
             elif gate[2] == 2:
                 rates = (0.0, 0.0, rates[2])
-        previous = None if c is None else c * (gate[0] if gate else 1.0)
-        if plateau and gate is not None and gate[4] and previous is not None:  # floored
-            previous = max(LOSS_CUT * c, min(c, cfg["min_relative"] * m))
+        previous = None
+        if c is not None:  # a rise, or a plateau, cuts; never below the back-off's floor
+            cut = LOSS_CUT if plateau and gate is not None and gate[4] else gate[0] if gate else 1.0
+            previous = max(cut * c, min(c, cfg["min_relative"] * m))
         if previous is None:
             t = cfg["warmup_start"] * g if recorded else math.inf
             still_warm = True
@@ -198,19 +199,35 @@ def test_loss_gate_matches_the_reference(overrides: dict) -> None:
     assert got != pytest.approx(reference(norms, **overrides), rel=1e-4)  # the gate acted
 
 
+def _falling_then_rising() -> tuple[list[float], list[float]]:
+    """A loss that falls for 400 steps, and the same loss jumping x5 at step 200."""
+    falling = [f32(3.0 * math.exp(-i / 80) * (1 + 0.02 * math.sin(i))) for i in range(400)]
+    return falling, falling[:200] + [f32(falling[199] * (5 + 0.01 * (i % 3))) for i in range(200)]
+
+
 def test_a_falling_loss_lets_the_threshold_grow_fast_and_a_rise_cuts_it() -> None:
     norms = [1.0] * 400
-    falling = [f32(3.0 * math.exp(-i / 80) * (1 + 0.02 * math.sin(i))) for i in range(400)]
+    falling, rising = _falling_then_rising()
     slow, _ = clip_sequence(AdaptiveClip(window=16), norms)
     fast, _ = clip_sequence(AdaptiveClip(window=16), norms, falling)
     assert slow[-1] < 0.6 and fast[-1] == pytest.approx(2.0)  # the ceiling: 2x the median
     assert fast[150] > 2 * slow[150]
     # the loss jumps x5 at step 200: the block of steps 200-219 is decided at step 219
-    rising = falling[:200] + [f32(falling[199] * (5 + 0.01 * (i % 3))) for i in range(200)]
     cut, _ = clip_sequence(AdaptiveClip(window=16), norms, rising)
     assert cut[218] == pytest.approx(fast[218]) and cut[218] < 1.0
     assert cut[219] == pytest.approx(cut[218] * LOSS_CUT)
     assert cut[219:239] == pytest.approx([cut[219]] * 20)  # no growth until the next block
+
+
+def test_a_rise_cuts_the_threshold_down_to_the_floor_and_no_lower() -> None:
+    # the back-off's floor (min_relative x the median, 1 here) bounds every cut
+    norms = [1.0] * 400
+    falling, rising = _falling_then_rising()
+    fast, _ = clip_sequence(AdaptiveClip(window=16), norms, falling)
+    floor = f32(0.8 * fast[218])  # between the threshold and its 0.7 cut
+    cut, _ = clip_sequence(AdaptiveClip(window=16, min_relative=floor), norms, rising)
+    assert cut[218] == pytest.approx(fast[218])
+    assert cut[219] == pytest.approx(floor) and cut[219:239] == pytest.approx([floor] * 20)
 
 
 def test_a_plateau_of_the_loss_cuts_the_threshold_down_to_the_floor() -> None:
