@@ -575,12 +575,12 @@ def test_an_all_round_tie_at_the_start_of_training_keeps_the_default() -> None:
     assert decide(rounds, (0.3, 1.0, 3.0))[0].name == "adaptive"
 
 
-def _clear_win(curve: list[float], adaptive: list[float] | None = None) -> list[Round]:
+def _clear_win(curve: list[float]) -> list[Round]:
     """0.3 beats 1, 3 and none by 20% in both rounds (round 2: the next batches, 0.8x the
-    loss); the default runs 10% above 1, or along ``adaptive``."""
+    loss); the default runs 10% above 1."""
     noise = random.Random(2)
     wobble = [v * (1 + 0.01 * noise.uniform(-1, 1)) for v in curve]
-    first = [_trial("adaptive", adaptive if adaptive is not None else [v * 1.1 for v in wobble]),
+    first = [_trial("adaptive", [v * 1.1 for v in wobble]),
              _trial("0.3", [v / 1.2 for v in wobble]), _trial("1", wobble),
              _trial("3", [v * 1.01 for v in wobble]), _trial("none", [v * 1.02 for v in wobble])]  # fmt: skip
     later = [v * 0.8 for v in wobble]

@@ -213,8 +213,9 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
       grow 40x faster; when it rises beyond its noise, the threshold drops by 0.7 (not below
       the back-off's floor) and stops growing, as a learning rate is cut when the loss rises
       ("bold driver"). A loss that recovers from a rise is no new low and grows nothing: an
-      exploding RNN otherwise climbs back into its explosions. Both tests compare against the loss's own noise (20-
-      and 100-step statistics), so heavy-tailed losses rarely trigger them. And when the
+      exploding RNN otherwise climbs back into its explosions. Both tests compare against the
+      loss's own noise (20- and 100-step statistics), so heavy-tailed losses rarely trigger
+      them. And when the
       loss makes no new low for 200 losses (``LOSS_PATIENCE`` decisions), the threshold is
       cut by 0.7 as well, down to the back-off's floor: where the clip sets the step size,
       a plateau says that step is too large, as ``ReduceLROnPlateau`` reads it of a learning
