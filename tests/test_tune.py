@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import random
+import statistics
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from gradclip.tune import (
     log_grid,
     render_text,
 )
-from gradclip.tune.scoring import decide, rank, score, settled
+from gradclip.tune.scoring import decide, rank, score, settled, warnings_for
 
 torch.set_num_threads(1)
 
@@ -623,6 +624,23 @@ def test_a_default_that_diverged_is_never_kept() -> None:
     first = (blown, *tie[0].trials[1:])
     tie[0] = Round(1, 0, 40, first, *rank(first))
     assert decide(tie, (0.3, 1.0, 3.0))[:3:2] == (Candidate("fixed", 3.0), "tie")
+
+
+def test_warnings_name_the_grid_edge_divergence_and_a_start_of_training() -> None:
+    steady = _clear_win([2.0] * 40)
+    assert warnings_for(steady, (0.3, 1.0, 3.0), Candidate("fixed", 1.0)) == ()
+    assert warnings_for(steady, (0.3, 1.0, 3.0), Candidate("fixed", 0.3)) == (
+        "the pick 0.3 is the lowest candidate: a lower threshold may be better still; pass lower `candidates=`",)
+    assert "the pick 3 is the highest candidate" in warnings_for(steady, (0.3, 1.0, 3.0), Candidate("fixed", 3.0))[0]
+    falling = _clear_win([8.0 * 0.965**i for i in range(40)])
+    fell = statistics.fmean(falling[0].trial("0.3").losses[:10]) / statistics.fmean(falling[0].trial("0.3").losses[-10:])
+    (start,) = warnings_for(falling, (0.3, 1.0, 3.0), Candidate("adaptive"))
+    assert start.startswith(f"round 1 saw the start of training, not steady training (the loss of 0.3 fell {fell:.3g}x")
+    assert "after the warm-up or from a checkpoint" in start
+    blown = Trial(Candidate("fixed", 3.0), (2.0,) * 25, (1.0,) * 25, (True,) * 25, True, math.inf, 0.0)
+    first = (*steady[0].trials[:3], blown)
+    steady[0] = Round(1, 0, 40, first, *rank(first))
+    assert warnings_for(steady, (0.3, 1.0, 3.0), Candidate("fixed", 1.0)) == ("diverged within the horizon: 3",)
 
 
 def test_one_candidate_alone_is_not_a_tie_of_every_candidate() -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "Z",
     "confirmation_set",
     "decide",
+    "drift",
     "log_grid",
     "margin",
     "rank",
@@ -105,9 +106,18 @@ def log_grid(
     return tuple(values)
 
 
+def drift(trial: Trial) -> float:
+    """The mean loss of ``trial``'s first quarter over that of its last (9.0: the loss fell 9x
+    within the round); NaN where a mean is <= 0."""
+    q = max(1, len(trial.losses) // 4)
+    head, end = statistics.fmean(trial.losses[:q]), statistics.fmean(trial.losses[-q:])
+    return head / end if head > 0 and end > 0 else math.nan
+
+
 def settled(trial: Trial) -> bool:
     """Whether ``trial``'s loss changed by less than ``SETTLED`` over its round (mean of the
-    first quarter against the last): steady training, not its start. Never for losses <= 0.
+    first quarter against the last, :func:`drift`): steady training, not its start. Never for
+    losses <= 0.
 
     Example:
         >>> from gradclip.tune.results import Candidate, Trial
@@ -115,9 +125,7 @@ def settled(trial: Trial) -> bool:
         >>> settled(flat), settled(Trial(flat.candidate, (9.0, 5.0, 3.0, 1.0), (), (), False, 1.7, 0.0))
         (True, False)
     """
-    q = max(1, len(trial.losses) // 4)
-    head, end = statistics.fmean(trial.losses[:q]), statistics.fmean(trial.losses[-q:])
-    return head > 0 and end > 0 and 1 / SETTLED < head / end < SETTLED
+    return 1 / SETTLED < drift(trial) < SETTLED
 
 
 def _tail(values: Sequence[float]) -> Sequence[float]:
@@ -254,6 +262,8 @@ def confirmation_set(trials: Sequence[Trial]) -> list[Candidate]:
 
 
 def warnings_for(rounds: Sequence[Round], grid: Sequence[float], choice: Candidate) -> tuple[str, ...]:
+    """Plain-language findings: a pick at the grid's edge, candidates that diverged, and a
+    first round that saw the start of training rather than steady training."""
     out = []
     first = rounds[0]
     if grid and choice.kind == "fixed":
@@ -266,4 +276,13 @@ def warnings_for(rounds: Sequence[Round], grid: Sequence[float], choice: Candida
     diverged = [t.candidate.name for t in first.trials if t.diverged]
     if diverged:
         out.append(f"diverged within the horizon: {', '.join(diverged)}")
+    best = first.trial(first.best)
+    if not best.diverged and not settled(best):
+        moved = drift(best)
+        how = ("could not be compared (a mean loss <= 0)" if math.isnan(moved)
+               else f"fell {moved:.3g}x" if moved > 1 else f"rose {1 / moved:.3g}x")  # fmt: skip
+        out.append(f"round 1 saw the start of training, not steady training (the loss of {best.candidate.name} "
+                   f"{how} from its first quarter to its last): a short run there ranks what gains "
+                   "fastest first, not what trains best over a run; run the finder after the warm-up "
+                   "or from a checkpoint, or give it more `budget`")  # fmt: skip
     return tuple(out)
