@@ -576,16 +576,15 @@ def test_an_all_round_tie_at_the_start_of_training_keeps_the_default() -> None:
     assert decide(rounds, (0.3, 1.0, 3.0))[0].name == "adaptive"
 
 
-def _clear_win(curve: list[float]) -> list[Round]:
+def _clear_win(curve: list[float], shift: float = 0.0) -> list[Round]:
     """0.3 beats 1, 3 and none by 20% in both rounds (round 2: the next batches, 0.8x the
-    loss); the default runs 10% above 1."""
+    loss); the default runs 10% above 1. Every loss then moves by ``shift``."""
     noise = random.Random(2)
     wobble = [v * (1 + 0.01 * noise.uniform(-1, 1)) for v in curve]
-    first = [_trial("adaptive", [v * 1.1 for v in wobble]),
-             _trial("0.3", [v / 1.2 for v in wobble]), _trial("1", wobble),
-             _trial("3", [v * 1.01 for v in wobble]), _trial("none", [v * 1.02 for v in wobble])]  # fmt: skip
     later = [v * 0.8 for v in wobble]
-    second = [_trial("0.3", [v / 1.2 for v in later]), _trial("1", later), _trial("3", [v * 1.01 for v in later])]
+    factors = {"adaptive": 1.1, "0.3": 1 / 1.2, "1": 1.0, "3": 1.01, "none": 1.02}
+    first = [_trial(n, [v * f + shift for v in wobble]) for n, f in factors.items()]
+    second = [_trial(n, [v * factors[n] + shift for v in later]) for n in ("0.3", "1", "3")]
     return [Round(1, 0, len(curve), tuple(first), *rank(first)),
             Round(2, len(curve), len(curve), tuple(second), *rank(second))]  # fmt: skip
 
@@ -637,6 +636,11 @@ def test_warnings_name_the_grid_edge_divergence_and_a_start_of_training() -> Non
     (start,) = warnings_for(falling, (0.3, 1.0, 3.0), Candidate("adaptive"))
     assert start.startswith(f"round 1 saw the start of training, not steady training (the loss of 0.3 fell {fell:.3g}x")
     assert "after the warm-up or from a checkpoint" in start
+    below = _clear_win([2.0] * 40, shift=-10.0)  # a loss <= 0: steadiness cannot be told
+    (sign,) = warnings_for(below, (0.3, 1.0, 3.0), Candidate("adaptive"))
+    assert sign.startswith("a mean loss <= 0") and "return a loss that stays positive" in sign
+    assert decide(below, (0.3, 1.0, 3.0))[3].endswith("cannot tell steady training from its start: "
+                                                      "no threshold is clearly best, keep adaptive")
     blown = Trial(Candidate("fixed", 3.0), (2.0,) * 25, (1.0,) * 25, (True,) * 25, True, math.inf, 0.0)
     first = (*steady[0].trials[:3], blown)
     steady[0] = Round(1, 0, 40, first, *rank(first))

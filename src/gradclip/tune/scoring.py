@@ -217,7 +217,9 @@ def decide(
         # Short-horizon bias: at the start of training the candidate that gains fastest
         # first leads (a lower threshold, a smaller step, can lead for hundreds of steps and
         # lose after); a win there does not displace the default.
-        why = f"{won}, but only at the start of training, where a short run favours what gains fastest first"
+        why = (f"{won}, but only at the start of training, where a short run favours what gains fastest first"
+               if not math.isnan(drift(first.trial(first.best)))
+               else f"{won}, but a mean loss <= 0 cannot tell steady training from its start")  # fmt: skip
     elif agree:
         why = f"{', '.join(tied)} tie within noise"
     else:
@@ -277,12 +279,17 @@ def warnings_for(rounds: Sequence[Round], grid: Sequence[float], choice: Candida
     if diverged:
         out.append(f"diverged within the horizon: {', '.join(diverged)}")
     best = first.trial(first.best)
-    if not best.diverged and not settled(best):
-        moved = drift(best)
-        how = ("could not be compared (a mean loss <= 0)" if math.isnan(moved)
-               else f"fell {moved:.3g}x" if moved > 1 else f"rose {1 / moved:.3g}x")  # fmt: skip
-        out.append(f"round 1 saw the start of training, not steady training (the loss of {best.candidate.name} "
-                   f"{how} from its first quarter to its last): a short run there ranks what gains "
-                   "fastest first, not what trains best over a run; run the finder after the warm-up "
-                   "or from a checkpoint, or give it more `budget`")  # fmt: skip
+    moved = drift(best)
+    if best.diverged or settled(best):
+        return tuple(out)
+    if math.isnan(moved):
+        out.append("a mean loss <= 0: the finder compares losses as ratios and cannot tell steady "
+                   "training from its start, so a win in round 1 does not displace the default; "
+                   "return a loss that stays positive from your step (e.g. not shifted below 0)")  # fmt: skip
+    else:
+        out.append(f"round 1 saw the start of training, not steady training (the loss of "
+                   f"{best.candidate.name} {f'fell {moved:.3g}x' if moved > 1 else f'rose {1 / moved:.3g}x'} "
+                   "from its first quarter to its last): a short run there ranks what gains fastest "
+                   "first, not what trains best over a run; run the finder after the warm-up or from "
+                   "a checkpoint, or give it more `budget`")  # fmt: skip
     return tuple(out)
