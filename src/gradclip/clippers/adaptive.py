@@ -595,6 +595,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         # gather, not take: no host read, and it traces under torch.compile
         middle = k.middle.gather(0, torch.minimum(count, k.window).reshape(1))
         median = history.sort().values.gather(0, middle).reshape(())
+        floor = k.min_relative * median  # the back-off's floor, which bounds every cut too
         if loss is not None:  # given only where follow_loss (reads_loss)
             cut, plateau, loss_state = _follow(state, loss, k)
             mode = loss_state[3]  # (losses, count, best, mode, stall)
@@ -606,8 +607,8 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             recovery_rate = torch.where(up, torch.maximum(k.loss_rate, recovery_rate), recovery_rate)
             if self.plateau:  # a plateau cuts as a rise does
                 cut = torch.where(plateau, k.loss_cut, cut)
-            # never below the back-off's floor (nor lower where a threshold already sits below it)
-            previous = torch.maximum(previous * cut, torch.minimum(previous, k.min_relative * median))
+            # never below the floor (nor lower where a threshold already sits below it)
+            previous = torch.maximum(previous * cut, torch.minimum(previous, floor))
 
         first = count == 0
         grown = previous * torch.where(warm, warmup_rate, rate)
@@ -619,7 +620,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         new_multiple = torch.minimum(multiple * recovery_rate, k.relative)
         # Never a spike with spike=None (k.spike is inf) or before the window is full.
         spiked = (norm > k.spike * median) & (count >= k.window) & recorded
-        backed_off = torch.maximum(k.backoff * threshold, k.min_relative * median)
+        backed_off = torch.maximum(k.backoff * threshold, floor)
         threshold = torch.where(spiked, torch.minimum(threshold, backed_off), threshold)
         new_multiple = torch.where(
             spiked, torch.maximum(threshold / median, k.min_relative), new_multiple

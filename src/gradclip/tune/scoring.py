@@ -195,9 +195,9 @@ def decide(
     """
     first = rounds[0]
     usable = [t for t in first.trials if not t.diverged]
+    default = next((t for t in first.trials if t.candidate.kind == "adaptive"), None)
     # a default whose loss became non-finite is no fallback
-    adaptive = next((t.candidate for t in first.trials if t.candidate.kind == "adaptive" and not t.diverged),
-                    None)  # fmt: skip
+    adaptive = None if default is None or default.diverged else default.candidate
     if not usable:
         latest = max(first.trials, key=lambda t: len(t.losses))
         return (latest.candidate, None, "diverged",
@@ -208,7 +208,8 @@ def decide(
     best_fixed = best if best.kind == "fixed" else None
     agree = all(r.best == best.name for r in rounds)
     alone = all(r.tied == (r.best,) for r in rounds)
-    steady = settled(first.trial(first.best))
+    lead = first.trial(first.best)
+    steady = settled(lead)
     won = f"{best.name} beat every other candidate beyond noise in {'both rounds' if len(rounds) > 1 else 'the round'}"
     if agree and alone and (steady or adaptive is None):
         return (best, best_fixed, "clear", won)
@@ -218,7 +219,7 @@ def decide(
         # first leads (a lower threshold, a smaller step, can lead for hundreds of steps and
         # lose after); a win there does not displace the default.
         why = (f"{won}, but only at the start of training, where a short run favours what gains fastest first"
-               if not math.isnan(drift(first.trial(first.best)))
+               if not math.isnan(drift(lead))
                else f"{won}, but a mean loss <= 0 cannot tell steady training from its start")  # fmt: skip
     elif agree:
         why = f"{', '.join(tied)} tie within noise"
