@@ -11,6 +11,7 @@ import json
 import math
 import random
 import statistics
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -508,17 +509,35 @@ def _trial(name: str, losses: list[float], clips: bool | None = None, norm: floa
                  score(losses, len(losses)), 0.0)  # fmt: skip
 
 
+FALLING = [8.0 * 0.965**i for i in range(40)]
+"""The start of training: the loss falls 4x over a 40-step round."""
+
+
+def _two_rounds(curve: list[float], first: dict[str, float], second: dict[str, float], seed: int,
+                shift: float = 0.0) -> list[Round]:  # fmt: skip
+    """Round 1 along ``curve`` (1% noise from ``seed``), round 2 on the next batches (0.8x the
+    loss): each candidate's loss is the curve times its factor in ``first`` / ``second``, moved
+    by ``shift``."""
+    noise = random.Random(seed)
+    wobble = [v * (1 + 0.01 * noise.uniform(-1, 1)) for v in curve]
+    later = [v * 0.8 for v in wobble]
+    one, two = ([_trial(n, [v * f + shift for v in base]) for n, f in factors.items()]
+                for base, factors in ((wobble, first), (later, second)))  # fmt: skip
+    return [Round(1, 0, len(curve), tuple(one), *rank(one)),
+            Round(2, len(curve), len(curve), tuple(two), *rank(two))]  # fmt: skip
+
+
+def _with_first(rounds: list[Round], trials: Sequence[Trial]) -> list[Round]:
+    """``rounds`` with round 1's trials replaced by ``trials`` (ranked again)."""
+    r = rounds[0]
+    return [Round(r.index, r.first_batch, r.steps, tuple(trials), *rank(trials)), *rounds[1:]]
+
+
 def _rounds(curve: list[float], adaptive_gap: float) -> list[Round]:
     """Round 1: 1, 3 and none run the same (they never clip) along ``curve``; 0.3 is 20% worse;
     the default ``adaptive_gap`` worse. Round 2 disagrees (3 best, 1 within noise): a tie."""
-    noise = random.Random(0)
-    wobble = [v * (1 + 0.01 * noise.uniform(-1, 1)) for v in curve]
-    first = [_trial("adaptive", [v * (1 + adaptive_gap) for v in wobble]), _trial("0.3", [v * 1.2 for v in wobble]),
-             _trial("1", wobble), _trial("3", wobble), _trial("none", wobble)]  # fmt: skip
-    later = [v * 0.8 for v in wobble]
-    second = [_trial("1", [v * 1.002 for v in later]), _trial("3", later), _trial("none", [v * 1.001 for v in later])]
-    return [Round(1, 0, len(curve), tuple(first), *rank(first)),
-            Round(2, len(curve), len(curve), tuple(second), *rank(second))]  # fmt: skip
+    return _two_rounds(curve, {"adaptive": 1 + adaptive_gap, "0.3": 1.2, "1": 1.0, "3": 1.0, "none": 1.0},
+                       {"1": 1.002, "3": 1.0, "none": 1.001}, seed=0)  # fmt: skip
 
 
 def test_a_default_beaten_on_steady_training_gives_way_to_the_gentlest_tied_candidate() -> None:
@@ -531,7 +550,7 @@ def test_a_default_beaten_on_steady_training_gives_way_to_the_gentlest_tied_cand
 
 
 @pytest.mark.parametrize(("curve", "gap"), [
-    ([8.0 * 0.965**i for i in range(40)], 0.3),  # the start of training: the loss falls 4x
+    (FALLING, 0.3),  # the start of training: the loss falls 4x
     ([2.0] * 40, 0.001),                          # the default ties the best
 ])  # fmt: skip
 def test_the_default_is_kept_at_the_start_of_training_or_when_it_ties(curve, gap) -> None:
@@ -570,8 +589,7 @@ def test_when_every_candidate_ties_on_steady_training_the_lowest_quiet_one_with_
 
 
 def test_an_all_round_tie_at_the_start_of_training_keeps_the_default() -> None:
-    falling = [8.0 * 0.965**i for i in range(40)]
-    rounds = _all_tied(falling, ("1", "3"))
+    rounds = _all_tied(FALLING, ("1", "3"))
     assert len(rounds[0].tied) == len(rounds[0].trials) and not settled(rounds[0].trial(rounds[0].best))
     assert decide(rounds, (0.3, 1.0, 3.0))[0].name == "adaptive"
 
@@ -579,14 +597,8 @@ def test_an_all_round_tie_at_the_start_of_training_keeps_the_default() -> None:
 def _clear_win(curve: list[float], shift: float = 0.0) -> list[Round]:
     """0.3 beats 1, 3 and none by 20% in both rounds (round 2: the next batches, 0.8x the
     loss); the default runs 10% above 1. Every loss then moves by ``shift``."""
-    noise = random.Random(2)
-    wobble = [v * (1 + 0.01 * noise.uniform(-1, 1)) for v in curve]
-    later = [v * 0.8 for v in wobble]
-    factors = {"adaptive": 1.1, "0.3": 1 / 1.2, "1": 1.0, "3": 1.01, "none": 1.02}
-    first = [_trial(n, [v * f + shift for v in wobble]) for n, f in factors.items()]
-    second = [_trial(n, [v * factors[n] + shift for v in later]) for n in ("0.3", "1", "3")]
-    return [Round(1, 0, len(curve), tuple(first), *rank(first)),
-            Round(2, len(curve), len(curve), tuple(second), *rank(second))]  # fmt: skip
+    win = {"0.3": 1 / 1.2, "1": 1.0, "3": 1.01}
+    return _two_rounds(curve, {"adaptive": 1.1, **win, "none": 1.02}, win, seed=2, shift=shift)
 
 
 def test_a_clear_win_counts_on_steady_training_or_without_a_default() -> None:
@@ -595,7 +607,7 @@ def test_a_clear_win_counts_on_steady_training_or_without_a_default() -> None:
     choice, best_fixed, confidence, statement = decide(rounds, (0.3, 1.0, 3.0))
     assert (choice.name, confidence, best_fixed) == ("0.3", "clear", Candidate("fixed", 0.3))
     assert statement == "0.3 beat every other candidate beyond noise in both rounds"
-    falling = _clear_win([8.0 * 0.965**i for i in range(40)])
+    falling = _clear_win(FALLING)
     without = [Round(r.index, r.first_batch, r.steps, rest, *rank(rest))
                for r in falling for rest in [tuple(t for t in r.trials if t.candidate.kind != "adaptive")]]  # fmt: skip
     assert decide(without, (0.3, 1.0, 3.0))[:3] == (Candidate("fixed", 0.3), Candidate("fixed", 0.3), "clear")
@@ -604,7 +616,7 @@ def test_a_clear_win_counts_on_steady_training_or_without_a_default() -> None:
 def test_a_clear_win_at_the_start_of_training_keeps_the_default() -> None:
     # Short-horizon bias: the violent RNN's 0.1 wins both rounds over its first 20% and
     # loses to the default over the run (acceptance-2026-12-05-12seeds-4, seeds 1 and 7).
-    rounds = _clear_win([8.0 * 0.965**i for i in range(40)])
+    rounds = _clear_win(FALLING)
     assert all(r.tied == ("0.3",) for r in rounds) and not settled(rounds[0].trial("0.3"))
     choice, best_fixed, confidence, statement = decide(rounds, (0.3, 1.0, 3.0))
     assert (choice.name, confidence, best_fixed) == ("adaptive", "tie", Candidate("fixed", 0.3))
@@ -612,16 +624,13 @@ def test_a_clear_win_at_the_start_of_training_keeps_the_default() -> None:
 
 
 def test_a_default_that_diverged_is_never_kept() -> None:
-    falling = [8.0 * 0.965**i for i in range(40)]
-    blown = Trial(Candidate("adaptive"), tuple(falling[:25]), (1.0,) * 25, (True,) * 25, True, math.inf, 0.0)
-    rounds = _clear_win(falling)
-    first = (blown, *rounds[0].trials[1:])
-    rounds[0] = Round(1, 0, 40, first, *rank(first))
+    blown = Trial(Candidate("adaptive"), tuple(FALLING[:25]), (1.0,) * 25, (True,) * 25, True, math.inf, 0.0)
+    rounds = _clear_win(FALLING)
+    rounds = _with_first(rounds, (blown, *rounds[0].trials[1:]))
     choice, _, confidence, statement = decide(rounds, (0.3, 1.0, 3.0))
     assert (choice.name, confidence) == ("0.3", "clear"), statement
-    tie = _rounds([8.0 * 0.965**i for i in range(40)], adaptive_gap=0.3)  # the rounds disagree
-    first = (blown, *tie[0].trials[1:])
-    tie[0] = Round(1, 0, 40, first, *rank(first))
+    tie = _rounds(FALLING, adaptive_gap=0.3)  # the rounds disagree
+    tie = _with_first(tie, (blown, *tie[0].trials[1:]))
     assert decide(tie, (0.3, 1.0, 3.0))[:3:2] == (Candidate("fixed", 3.0), "tie")
 
 
@@ -631,7 +640,7 @@ def test_warnings_name_the_grid_edge_divergence_and_a_start_of_training() -> Non
     assert warnings_for(steady, (0.3, 1.0, 3.0), Candidate("fixed", 0.3)) == (
         "the pick 0.3 is the lowest candidate: a lower threshold may be better still; pass lower `candidates=`",)
     assert "the pick 3 is the highest candidate" in warnings_for(steady, (0.3, 1.0, 3.0), Candidate("fixed", 3.0))[0]
-    falling = _clear_win([8.0 * 0.965**i for i in range(40)])
+    falling = _clear_win(FALLING)
     fell = statistics.fmean(falling[0].trial("0.3").losses[:10]) / statistics.fmean(falling[0].trial("0.3").losses[-10:])
     (start,) = warnings_for(falling, (0.3, 1.0, 3.0), Candidate("adaptive"))
     assert start.startswith(f"round 1 saw the start of training, not steady training (the loss of 0.3 fell {fell:.3g}x")
@@ -642,8 +651,7 @@ def test_warnings_name_the_grid_edge_divergence_and_a_start_of_training() -> Non
     assert decide(below, (0.3, 1.0, 3.0))[3].endswith("cannot tell steady training from its start: "
                                                       "no threshold is clearly best, keep adaptive")
     blown = Trial(Candidate("fixed", 3.0), (2.0,) * 25, (1.0,) * 25, (True,) * 25, True, math.inf, 0.0)
-    first = (*steady[0].trials[:3], blown)
-    steady[0] = Round(1, 0, 40, first, *rank(first))
+    steady = _with_first(steady, (*steady[0].trials[:3], blown))
     assert warnings_for(steady, (0.3, 1.0, 3.0), Candidate("fixed", 1.0)) == ("diverged within the horizon: 3",)
 
 
