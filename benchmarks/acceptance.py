@@ -70,6 +70,8 @@ TUNED_ON: tuple[str, ...] = (
 """The tasks the defaults were chosen on; every other task only judges them."""
 BUDGET = 0.2
 LIMITS = {"finder": 1.1, "default": 1.1, "recommend": 1.15}
+SPLITS = 200
+"""Random halves of the seeds for :func:`halves`."""
 SWEEP = ("none", *(f"fixed {c:g}" for c in FIXED))
 
 
@@ -289,6 +291,39 @@ def interval(pairs: list[tuple[float, float]], resamples: int = RESAMPLES) -> tu
     return ratios[int(0.05 * resamples)], ratios[math.ceil(0.95 * resamples) - 1]
 
 
+def halves(
+    fixed: dict[str, dict[int, float]], methods: dict[str, dict[int, float]], splits: int = SPLITS
+) -> dict[str, float]:
+    """The sweep's best as a user would find it: tuned on half of the seeds, judged on the rest.
+
+    ``fixed`` and ``methods`` map a strategy to its metric per seed. Over ``splits`` random
+    halves of the seeds that every fixed threshold ran (seeded; the larger half is judged when
+    their number is odd), the fixed threshold with the lowest median on one half is *tuned*;
+    on the other half, ``"tuned"`` is its median over the best median there (>= 1: how much
+    of the best of the full sweep is the seeds' luck, the winner's curse), and each method's
+    entry its median over the tuned threshold's, on the seeds it ran. Each value is the median
+    over the splits; none without two seeds."""
+    seeds = sorted(set.intersection(*(set(v) for v in fixed.values())))
+    if len(seeds) < 2:
+        return {}
+    rng = random.Random(0)
+    found: dict[str, list[float]] = {"tuned": [], **{m: [] for m in methods}}
+    for _ in range(splits):
+        drawn = rng.sample(seeds, len(seeds))
+        tune, judge = drawn[: len(seeds) // 2], drawn[len(seeds) // 2 :]
+
+        def med(metric: dict[int, float], on: list[int]) -> float:
+            return statistics.median(metric[k] for k in on)
+
+        tuned = min(fixed, key=lambda s: med(fixed[s], tune))
+        found["tuned"].append(ratio(med(fixed[tuned], judge), min(med(f, judge) for f in fixed.values())))
+        for m, metric in methods.items():
+            on = [k for k in judge if k in metric]
+            if on:
+                found[m].append(ratio(med(metric, on), med(fixed[tuned], on)))
+    return {m: statistics.median(v) for m, v in found.items() if v}
+
+
 def _describe(item: dict[str, Any]) -> str:
     if "metric" in item:
         return f"{item['strategy']} {item['metric']:.4g} ({item['wall_time_s']:.1f} s)"
@@ -310,6 +345,7 @@ class TaskVerdict:
     recommend_choices: dict[str, int]
     passes: dict[str, bool]
     intervals: dict[str, tuple[float, float]]
+    tuned: dict[str, float]
 
 
 def summarize(runs: list[Run], picks: list[Pick]) -> list[TaskVerdict]:
@@ -349,9 +385,11 @@ def summarize(runs: list[Run], picks: list[Pick]) -> list[TaskVerdict]:
                      for m in passes if all((best, k) in by for k in per_seed[m])}  # fmt: skip
         if "finder" in passes:
             passes["finder cost"] = fraction <= BUDGET + 1e-9
+        tuned = halves({s: {k: by[(s, k)].metric for k in seeds if (s, k) in by} for s in fixed},
+                       {m: {k: r.metric for k, r in runs_.items()} for m, runs_ in per_seed.items()})  # fmt: skip
         out.append(TaskVerdict(task, task not in TUNED_ON, best, medians, ratios, diverged,
                                len(seeds), fraction, statistics.median(walls) if walls else math.nan,
-                               counts["finder"], counts["recommend"], passes, intervals))  # fmt: skip
+                               counts["finder"], counts["recommend"], passes, intervals, tuned))  # fmt: skip
     return out
 
 
@@ -401,6 +439,13 @@ def render(verdicts: list[TaskVerdict], meta: str = "") -> str:
         verdict = [v.passes[m] for v in verdicts if m in v.passes]
         if verdict:
             lines.append(f"  {m}: {sum(verdict)}/{len(verdict)} tasks pass")
+    if any(v.tuned for v in verdicts):
+        lines += ["", f"tuned on half of the seeds, judged on the other half (median over {SPLITS} random halves):",
+                  "  the fixed threshold best on one half, over the best on the other; each method over it"]  # fmt: skip
+        for v in verdicts:
+            if v.tuned:
+                rest = ", ".join(f"{m} {x:.2f}x" for m, x in v.tuned.items() if m != "tuned")
+                lines.append(f"  {v.task}: tuned {v.tuned['tuned']:.2f}x; {rest}")
     return "\n".join(lines)
 
 

@@ -59,6 +59,7 @@ def test_summary_medians_ratios_and_verdicts():
     assert v.finder_fraction == 0.19 and v.finder_wall == pytest.approx(0.5)
     assert not v.judge
     assert set(v.intervals) == {"finder", "default", "recommend"}
+    assert set(v.tuned) == {"tuned", "finder", "default", "recommend"}
     # the finder's seeds against fixed 0.3's, pair by pair: (0.2, 0.2), (0.27, 0.25), (0.25, 0.3)
     assert v.intervals["finder"] == acceptance.interval([(0.2, 0.2), (0.27, 0.25), (0.25, 0.3)])
     text = acceptance.render([v])
@@ -79,6 +80,31 @@ def test_the_interval_of_two_seeds_spans_the_ratios_of_their_resamples():
     # a diverged seed (inf) against a finite best: the 26% of resamples that draw it twice or
     # more have an infinite median
     assert acceptance.interval([(math.inf, 0.1), (0.1, 0.1), (0.1, 0.1)])[1] == math.inf
+
+
+def test_a_threshold_best_on_every_seed_is_tuned_on_any_half():
+    fixed = {"fixed 0.1": {k: 0.5 for k in range(6)}, "fixed 1": {k: 0.2 + 0.01 * k for k in range(6)}}
+    default = {k: 2 * fixed["fixed 1"][k] for k in range(6)}
+    assert acceptance.halves(fixed, {"default": default}) == pytest.approx({"tuned": 1.0, "default": 2.0})
+    assert acceptance.halves({"fixed 1": {0: 0.2}}, {"default": {0: 0.4}}) == {}
+
+
+def test_the_halves_show_the_winners_curse():
+    """Seven seeds, three on which ``a`` is bad (9) and four on which it is good (1); ``b`` is 2
+    everywhere, the default 3. A split tunes on three seeds and judges on four; with ``k`` of
+    the bad seeds among the three tuned on (probability C(3,k) C(4,3-k) / 35):
+
+    * k=0 (4/35): ``a`` tuned; judged on 3 bad + 1 good: ``a``'s median 9 over ``b``'s 2: 4.5;
+    * k=1 (18/35): ``a`` tuned; judged on 2 + 2: median 5 over 2: 2.5;
+    * k=2, 3 (13/35): ``b`` tuned; judged on at most one bad seed: 2 over ``a``'s 1: 2.0.
+
+    The median of that distribution is 2.5 (the tuned threshold over the judged half's best);
+    the default over the tuned threshold: 3/9 (4/35), 3/5 (18/35), 3/2 (13/35): median 0.6.
+    """
+    a = {k: 9.0 if k < 3 else 1.0 for k in range(7)}
+    fixed = {"a": a, "b": dict.fromkeys(range(7), 2.0)}
+    got = acceptance.halves(fixed, {"default": dict.fromkeys(range(7), 3.0)})
+    assert got == pytest.approx({"tuned": 2.5, "default": 0.6})
 
 
 def test_a_judge_task_is_marked_and_a_missing_pick_run_leaves_no_verdict():
