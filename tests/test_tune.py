@@ -639,7 +639,17 @@ def test_warnings_name_the_grid_edge_divergence_and_a_start_of_training() -> Non
     assert warnings_for(steady, (0.3, 1.0, 3.0), Candidate("fixed", 1.0)) == ()
     assert warnings_for(steady, (0.3, 1.0, 3.0), Candidate("fixed", 0.3)) == (
         "the pick 0.3 is the lowest candidate: a lower threshold may be better still; pass lower `candidates=`",)
-    assert "the pick 3 is the highest candidate" in warnings_for(steady, (0.3, 1.0, 3.0), Candidate("fixed", 3.0))[0]
+    high = {"adaptive": 1.1, "0.3": 1.2, "1": 1.1, "3": 1 / 1.2}
+    highest = _two_rounds([2.0] * 40, {**high, "none": 1.02}, high, seed=2)
+    assert "the pick 3 is the highest candidate" in warnings_for(highest, (0.3, 1.0, 3.0), Candidate("fixed", 3.0))[0]
+    # no edge to point past: no clipping did as well as the highest; every candidate tied
+    as_none = _two_rounds([2.0] * 40, {**high, "none": 1 / 1.2}, high, seed=2)
+    assert set(as_none[0].tied) == {"3", "none"}
+    alike = dict.fromkeys(("adaptive", "0.3", "1", "3", "none"), 1.0)
+    tied = _two_rounds([2.0] * 40, alike, alike, seed=2)
+    assert len(tied[0].tied) == len(tied[0].trials)
+    for rounds, pick in ((as_none, 3.0), (tied, 3.0), (tied, 0.3), (steady, 3.0)):
+        assert warnings_for(rounds, (0.3, 1.0, 3.0), Candidate("fixed", pick)) == ()
     falling = _clear_win(FALLING)
     fell = statistics.fmean(falling[0].trial("0.3").losses[:10]) / statistics.fmean(falling[0].trial("0.3").losses[-10:])
     (start,) = warnings_for(falling, (0.3, 1.0, 3.0), Candidate("adaptive"))

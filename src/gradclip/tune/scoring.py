@@ -265,15 +265,18 @@ def confirmation_set(trials: Sequence[Trial]) -> list[Candidate]:
 
 
 def warnings_for(rounds: Sequence[Round], grid: Sequence[float], choice: Candidate) -> tuple[str, ...]:
-    """Plain-language findings: a pick at the grid's edge, candidates that diverged, and a
-    first round that saw the start of training rather than steady training."""
+    """Plain-language findings: a pick at the grid's edge that beat the candidates beside it,
+    candidates that diverged, and a first round that saw the start of training rather than
+    steady training."""
     out = []
     first = rounds[0]
-    if grid and choice.kind == "fixed":
+    # Only a pick among round 1's best says which way the best threshold lies: not a guard
+    # kept where every candidate tied, nor the highest where no clipping did as well.
+    if grid and choice.kind == "fixed" and choice.name in first.tied and len(first.tied) < len(first.trials):
         if choice.max_norm == min(grid):
             out.append(f"the pick {choice.name} is the lowest candidate: a lower threshold may "
                        "be better still; pass lower `candidates=`")  # fmt: skip
-        elif choice.max_norm == max(grid):
+        elif choice.max_norm == max(grid) and "none" not in first.tied:
             out.append(f"the pick {choice.name} is the highest candidate: a higher threshold "
                        "may be better; pass higher `candidates=`")  # fmt: skip
     diverged = [t.candidate.name for t in first.trials if t.diverged]
