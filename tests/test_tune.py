@@ -655,6 +655,13 @@ def test_warnings_name_the_grid_edge_divergence_and_a_start_of_training() -> Non
     (start,) = warnings_for(falling, (0.3, 1.0, 3.0), Candidate("adaptive"))
     assert start.startswith(f"round 1 saw the start of training, not steady training (the loss of 0.3 fell {fell:.3g}x")
     assert "after the warm-up or from a checkpoint" in start
+    rising = _clear_win(FALLING[::-1])  # e.g. heavy-tailed SGD's first steps: no start to speak of
+    assert decide(rising, (0.3, 1.0, 3.0))[3] == ("0.3 beat every other candidate beyond noise in both rounds, but "
+                                                  "only while the loss rose, not on steady training: no threshold "
+                                                  "is clearly best, keep adaptive")  # fmt: skip
+    rose = statistics.fmean(rising[0].trial("0.3").losses[-10:]) / statistics.fmean(rising[0].trial("0.3").losses[:10])
+    (up,) = warnings_for(rising, (0.3, 1.0, 3.0), Candidate("adaptive"))
+    assert up.startswith(f"round 1 saw no steady training (the loss of 0.3 rose {rose:.3g}x") and "a passing rise" in up
     below = _clear_win([2.0] * 40, shift=-10.0)  # a loss <= 0: steadiness cannot be told
     (sign,) = warnings_for(below, (0.3, 1.0, 3.0), Candidate("adaptive"))
     assert sign.startswith("a mean loss <= 0") and "return a loss that stays positive" in sign

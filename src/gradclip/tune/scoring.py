@@ -218,9 +218,10 @@ def decide(
         # Short-horizon bias: at the start of training the candidate that gains fastest
         # first leads (a lower threshold, a smaller step, can lead for hundreds of steps and
         # lose after); a win there does not displace the default.
-        why = (f"{won}, but only at the start of training, where a short run favours what gains fastest first"
-               if not math.isnan(drift(lead))
-               else f"{won}, but a mean loss <= 0 cannot tell steady training from its start")  # fmt: skip
+        moved = drift(lead)
+        why = (f"{won}, but a mean loss <= 0 cannot tell steady training from its start" if math.isnan(moved)
+               else f"{won}, but only at the start of training, where a short run favours what gains fastest first"
+               if moved > 1 else f"{won}, but only while the loss rose, not on steady training")  # fmt: skip
     elif agree:
         why = f"{', '.join(tied)} tie within noise"
     else:
@@ -291,9 +292,11 @@ def warnings_for(rounds: Sequence[Round], grid: Sequence[float], choice: Candida
                    "training from its start, so a win in round 1 does not displace the default; "
                    "return a loss that stays positive from your step (e.g. not shifted below 0)")  # fmt: skip
     else:
-        out.append(f"round 1 saw the start of training, not steady training (the loss of "
-                   f"{best.candidate.name} {f'fell {moved:.3g}x' if moved > 1 else f'rose {1 / moved:.3g}x'} "
-                   "from its first quarter to its last): a short run there ranks what gains fastest "
-                   "first, not what trains best over a run; run the finder after the warm-up or from "
-                   "a checkpoint, or give it more `budget`")  # fmt: skip
+        seen = (f"saw the start of training, not steady training (the loss of {best.candidate.name} "
+                f"fell {moved:.3g}x from its first quarter to its last): a short run there ranks what "
+                "gains fastest first" if moved > 1 else
+                f"saw no steady training (the loss of {best.candidate.name} rose {1 / moved:.3g}x from "
+                "its first quarter to its last): a short run there ranks a passing rise")  # fmt: skip
+        out.append(f"round 1 {seen}, not what trains best over a run; run the finder after the "
+                   "warm-up or from a checkpoint, or give it more `budget`")  # fmt: skip
     return tuple(out)
