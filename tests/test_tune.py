@@ -175,6 +175,24 @@ def test_state_is_restored_bit_for_bit() -> None:
     )
 
 
+@pytest.mark.parametrize("start", [0.0, 0.1])
+def test_a_learning_rate_warm_up_within_round_1_is_named(start: float) -> None:
+    model, opt, _, batches = make(adam=True)
+    ramp = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, start + (1 - start) * i / 30))
+    search = gradclip.find_max_norm(model, opt, stepper(model, opt, ramp), batches, horizon=10,
+                                    candidates=[0.3, 3.0], scheduler=ramp)  # fmt: skip
+    # torch's own schedule: the factor after round 1's 10 steps over the one before them
+    grew = "from 0" if start == 0 else f"{(start + (1 - start) * 10 / 30) / start:.3g}x"
+    (warm,) = [w for w in search.warnings if w.startswith("the learning rate grew")]
+    assert warm.startswith(f"the learning rate grew {grew} over round 1 (a warm-up)")
+    assert ramp.last_epoch == 0 and opt.param_groups[0]["lr"] == pytest.approx(ramp.base_lrs[0] * start)  # restored
+    # a decaying schedule (make's StepLR) is no warm-up
+    model, opt, sched, batches = make(adam=True)
+    search = gradclip.find_max_norm(model, opt, stepper(model, opt, sched), batches, horizon=10,
+                                    candidates=[0.3, 3.0], scheduler=sched)  # fmt: skip
+    assert not any("learning rate" in w for w in search.warnings)
+
+
 def test_candidates_see_the_same_batches_and_random_numbers() -> None:
     model, opt, _, _batches = make()
     data = torch.Generator().manual_seed(7)

@@ -42,7 +42,9 @@ reverse). The finder therefore
    its largest: they rise with a learning-rate warm-up): it changes nothing that was
    measured and still cuts a spike beyond the horizon.
 
-The finder changes the default only when the evidence says so, and says how sure it is.
+The finder changes the default only when the evidence says so, and says how sure it is; a
+warning says when round 1 saw the start of training, or ran within a learning-rate warm-up
+(a learning rate grew ``WARMING`` = 1.5x or more over it), where it is no guide to the run.
 
 Everything the finder touches is restored exactly (the model's parameters, buffers and
 gradients, the optimizers (several, as ``[muon, adamw]``), schedulers and GradScaler, the

@@ -32,6 +32,7 @@ __all__ = [
     "SETTLED",
     "TAIL",
     "TOLERANCE",
+    "WARMING",
     "Z",
     "confirmation_set",
     "decide",
@@ -68,6 +69,10 @@ over its last differ by less than this factor, either way. On the quality benchm
 (acceptance-2026-12-05): 1.03-1.26x where the loss is flat within the first round, 3.5-44x at
 the start of training, where a short run over-weighs the default's warm-up (0.25x: a loss
 rising under heavy-tailed noise)."""
+
+
+WARMING = 1.5
+"""A learning rate that grew by this factor or more over round 1 was still warming up."""
 
 
 HEADROOM = 3.0
@@ -265,9 +270,12 @@ def confirmation_set(trials: Sequence[Trial]) -> list[Candidate]:
     return [t.candidate for t in ranked[:CONFIRM_CANDIDATES]]
 
 
-def warnings_for(rounds: Sequence[Round], grid: Sequence[float], choice: Candidate) -> tuple[str, ...]:
+def warnings_for(
+    rounds: Sequence[Round], grid: Sequence[float], choice: Candidate, *, lr_rise: float = 1.0
+) -> tuple[str, ...]:
     """Plain-language findings: a pick at the grid's edge that beat the candidates beside it,
-    candidates that diverged, and a first round that saw the start of training rather than
+    candidates that diverged, a first round run within a learning-rate warm-up (a learning
+    rate grew ``lr_rise`` times over it), and one that saw the start of training rather than
     steady training."""
     out = []
     first = rounds[0]
@@ -283,6 +291,12 @@ def warnings_for(rounds: Sequence[Round], grid: Sequence[float], choice: Candida
     diverged = [t.candidate.name for t in first.trials if t.diverged]
     if diverged:
         out.append(f"diverged within the horizon: {', '.join(diverged)}")
+    if lr_rise >= WARMING:
+        grew = "from 0" if math.isinf(lr_rise) else f"{lr_rise:.3g}x"
+        out.append(f"the learning rate grew {grew} over round 1 (a warm-up): the candidates were "
+                   "compared at smaller learning rates than the run trains at, where the threshold "
+                   "matters less (a flat loss there is the warm-up's); run the finder after the "
+                   "warm-up, from a checkpoint")  # fmt: skip
     best = first.trial(first.best)
     moved = drift(best)
     if best.diverged or settled(best):

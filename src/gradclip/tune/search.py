@@ -118,6 +118,16 @@ def _loss_value(loss: object) -> float:
     )
 
 
+def _learning_rates(optimizers: Sequence[torch.optim.Optimizer]) -> list[float]:
+    return [float(g["lr"]) for o in optimizers for g in o.param_groups if "lr" in g]
+
+
+def _rise(before: Sequence[float], after: Sequence[float]) -> float:
+    """The largest factor by which a learning rate grew (inf: from 0; 1.0: none grew)."""
+    return max((b / a if a > 0 else math.inf for a, b in zip(before, after, strict=False) if b > a),
+               default=1.0)  # fmt: skip
+
+
 def run_trial(
     snapshot: Snapshot,
     candidate: Candidate,
@@ -324,10 +334,13 @@ def find_max_norm(
         grid = tuple(c.max_norm for c in fixed or ())  # type: ignore[misc]
         norms: tuple[float, ...] = ()
         best_score = math.inf
+        lr_start, lr_rise = _learning_rates(optimizers), 1.0
         while queue:
             candidate = queue.pop(0)
             trial = run_trial(origin, candidate, step, stream, 0, steps1, norm_type=norm_type,
                               adaptive=adaptive)  # fmt: skip
+            if not trials1:  # the schedule, the same for every candidate
+                lr_rise = _rise(lr_start, _learning_rates(optimizers))
             trials1.append(trial)
             note(trial, 1)
             if candidate.kind == "adaptive":
@@ -363,7 +376,7 @@ def find_max_norm(
     total_steps = sum(len(t.losses) for r in rounds for t in r.trials)
     cost = Cost(total_steps, time.perf_counter() - started, origin.nbytes, runs,
                 None if runs is None else total_steps / runs)  # fmt: skip
-    warnings = warnings_for(rounds, grid, choice)
+    warnings = warnings_for(rounds, grid, choice, lr_rise=lr_rise)
     return MaxNormSearch(choice, best_fixed, confidence, statement, tuple(rounds), norms, cost,
                          warnings, adaptive)  # fmt: skip
 
