@@ -306,15 +306,15 @@ def halves(
     seeds = sorted(set.intersection(*(set(v) for v in fixed.values())))
     if len(seeds) < 2:
         return {}
+
+    def med(metric: dict[int, float], on: list[int]) -> float:
+        return statistics.median(metric[k] for k in on)
+
     rng = random.Random(0)
     found: dict[str, list[float]] = {"tuned": [], **{m: [] for m in methods}}
     for _ in range(splits):
         drawn = rng.sample(seeds, len(seeds))
         tune, judge = drawn[: len(seeds) // 2], drawn[len(seeds) // 2 :]
-
-        def med(metric: dict[int, float], on: list[int]) -> float:
-            return statistics.median(metric[k] for k in on)
-
         tuned = min(fixed, key=lambda s: med(fixed[s], tune))
         found["tuned"].append(ratio(med(fixed[tuned], judge), min(med(f, judge) for f in fixed.values())))
         for m, metric in methods.items():
