@@ -133,6 +133,12 @@ def settled(trial: Trial) -> bool:
     return 1 / SETTLED < drift(trial) < SETTLED
 
 
+def _unsteady(moved: float) -> Literal["sign", "start", "rise"]:
+    """What a round whose loss was not steady saw, from its :func:`drift` ``moved``: a mean
+    loss <= 0 (steadiness cannot be told), the start of training (the loss fell) or a rise."""
+    return "sign" if math.isnan(moved) else "start" if moved > 1 else "rise"
+
+
 def _tail(values: Sequence[float]) -> Sequence[float]:
     return values[len(values) - max(1, round(TAIL * len(values))):]
 
@@ -223,10 +229,11 @@ def decide(
         # Short-horizon bias: at the start of training the candidate that gains fastest
         # first leads (a lower threshold, a smaller step, can lead for hundreds of steps and
         # lose after); a win there does not displace the default.
-        moved = drift(lead)
-        why = (f"{won}, but a mean loss <= 0 cannot tell steady training from its start" if math.isnan(moved)
-               else f"{won}, but only at the start of training, where a short run favours what gains fastest first"
-               if moved > 1 else f"{won}, but only while the loss rose, not on steady training")  # fmt: skip
+        why = won + {
+            "sign": ", but a mean loss <= 0 cannot tell steady training from its start",
+            "start": ", but only at the start of training, where a short run favours what gains fastest first",
+            "rise": ", but only while the loss rose, not on steady training",
+        }[_unsteady(drift(lead))]
     elif agree:
         why = f"{', '.join(tied)} tie within noise"
     else:
@@ -301,16 +308,17 @@ def warnings_for(
     moved = drift(best)
     if best.diverged or settled(best):
         return tuple(out)
-    if math.isnan(moved):
+    seen = _unsteady(moved)
+    if seen == "sign":
         out.append("a mean loss <= 0: the finder compares losses as ratios and cannot tell steady "
                    "training from its start, so a win in round 1 does not displace the default; "
                    "return a loss that stays positive from your step (e.g. not shifted below 0)")  # fmt: skip
-    else:
-        seen = (f"saw the start of training, not steady training (the loss of {best.candidate.name} "
-                f"fell {moved:.3g}x from its first quarter to its last): a short run there ranks what "
-                "gains fastest first" if moved > 1 else
-                f"saw no steady training (the loss of {best.candidate.name} rose {1 / moved:.3g}x from "
-                "its first quarter to its last): a short run there ranks a passing rise")  # fmt: skip
-        out.append(f"round 1 {seen}, not what trains best over a run; run the finder after the "
-                   "warm-up or from a checkpoint, or give it more `budget`")  # fmt: skip
+        return tuple(out)
+    what = (f"saw the start of training, not steady training (the loss of {best.candidate.name} "
+            f"fell {moved:.3g}x from its first quarter to its last): a short run there ranks what "
+            "gains fastest first" if seen == "start" else
+            f"saw no steady training (the loss of {best.candidate.name} rose {1 / moved:.3g}x from "
+            "its first quarter to its last): a short run there ranks a passing rise")  # fmt: skip
+    out.append(f"round 1 {what}, not what trains best over a run; run the finder after the "
+               "warm-up or from a checkpoint, or give it more `budget`")  # fmt: skip
     return tuple(out)
