@@ -24,11 +24,15 @@ a 90% interval of its ratio (:func:`interval`: the seeds resampled), which says 
 pass or a fail is more than the seeds' luck.
 
 Results are appended to the JSON file after every job, and ``--resume`` skips the jobs a
-file already holds, so a long evaluation can be stopped and continued.
+file already holds, so a long evaluation can be stopped and continued. ``--first-seed`` and
+``--methods`` run more seeds of a part of it (new seeds of one verdict, in processes side by
+side), and ``--render`` reads several files as one.
 
 Example:
     python benchmarks/bench_quality.py --acceptance --seeds 6 --json benchmarks/results/acceptance-DATE.json
     python benchmarks/bench_quality.py --acceptance --render benchmarks/results/acceptance-DATE.json
+    python benchmarks/acceptance.py --tasks cnn-digits/adamw --methods default --first-seed 24 --seeds 60 --json more.json
+    python benchmarks/acceptance.py --render more.json others.json --tasks cnn-digits/adamw
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -73,6 +77,8 @@ LIMITS = {"finder": 1.1, "default": 1.1, "recommend": 1.15}
 SPLITS = 200
 """Random halves of the seeds for :func:`halves`."""
 SWEEP = ("none", *(f"fixed {c:g}" for c in FIXED))
+METHODS = ("default", "finder", "recommend")
+"""What is judged against the sweep (``--methods`` runs a part of them, and the sweep)."""
 
 
 @dataclass(frozen=True)
@@ -212,9 +218,12 @@ def evaluate(
     path: Path | None = None,
     resume: bool = False,
     progress: Callable[[str], None] | None = None,
+    first: int = 0,
+    methods: Sequence[str] = METHODS,
 ) -> tuple[list[Run], list[Pick]]:
-    """Every job, in two phases: the sweep, the default, the searches and the recommendations;
-    then the runs of chosen thresholds the sweep does not hold."""
+    """Every job of seeds ``first`` to ``first + seeds - 1``, in two phases: the sweep and the
+    ``methods`` (the default, the searches, the recommendations); then the runs of chosen
+    thresholds the sweep does not hold."""
     runs: list[Run] = []
     picks: list[Pick] = []
     started = time.perf_counter()
@@ -222,8 +231,9 @@ def evaluate(
         saved = json.loads(path.read_text())
         runs = [Run(**r) for r in saved["runs"]]
         picks = [Pick(**p) for p in saved["picks"]]
-    meta = {"seeds": seeds, "budget": BUDGET, "fixed": list(FIXED), "limits": LIMITS,
-            "torch": torch.__version__, "tuned_on": list(TUNED_ON)}  # fmt: skip
+    meta = {"seeds": seeds, "first_seed": first, "methods": list(methods), "budget": BUDGET,
+            "fixed": list(FIXED), "limits": LIMITS, "torch": torch.__version__,
+            "tuned_on": list(TUNED_ON)}  # fmt: skip
     if resume and path is not None and path.exists():
         meta = {**json.loads(path.read_text())["meta"], **meta}
     tasks = list(tasks)
@@ -247,14 +257,17 @@ def evaluate(
                 progress(f"[{i + 1}/{len(todo)}] {job[1]} {job[0]} seed {job[2]}: "
                          + "; ".join(_describe(x) for x in (*out.get("runs", ()), *out.get("picks", ()))))  # fmt: skip
 
-    sweep = [s for s in SWEEP if s != "fixed 1"]
-    go([(kind, t, seed) for t in tasks for seed in range(seeds)
-        for kind in ("recommend", *sweep, "default", "search")])  # fmt: skip
-    go([(p.strategy, p.task, p.seed) for p in picks if p.task in tasks and p.seed < seeds])
+    seed_range = range(first, first + seeds)
+    method = {"recommend": "recommend", "default": "default", "search": "finder"}  # job kind -> method
+    # the recommendation runs fixed 1 itself: its log is what it reads
+    sweep = [s for s in SWEEP if s != "fixed 1" or "recommend" not in methods]
+    kinds = [k for k in ("recommend", *sweep, "default", "search") if k not in method or method[k] in methods]
+    go([(kind, t, seed) for t in tasks for seed in seed_range for kind in kinds])
+    go([(p.strategy, p.task, p.seed) for p in picks if p.task in tasks and p.seed in seed_range])
     return runs, picks
 
 
-def reuse(path: Path, tasks: Iterable[str], seeds: int) -> list[Run]:
+def reuse(path: Path, tasks: Iterable[str], seeds: int, first: int = 0) -> list[Run]:
     """The sweep's runs (no clipping and the fixed thresholds) from a result of
     ``bench_quality.py --json``: the same runner, tasks and seeds give the same numbers, so
     they need not run again (checked: ``fixed 1`` runs again here, inside ``recommend``)."""
@@ -265,7 +278,7 @@ def reuse(path: Path, tasks: Iterable[str], seeds: int) -> list[Run]:
             r["wall_time_s"])
         for r in saved["records"]
         if r["task"] in wanted and r["strategy"] in SWEEP and r["strategy"] != "fixed 1"
-        and r["seed"] < seeds
+        and first <= r["seed"] < first + seeds
     ]
 
 
@@ -346,6 +359,8 @@ class TaskVerdict:
     passes: dict[str, bool]
     intervals: dict[str, tuple[float, float]]
     tuned: dict[str, float]
+    ran: dict[str, int] = field(default_factory=dict)
+    """Seeds a method ran where fewer than the sweep's (its ratio is on those seeds)."""
 
 
 def summarize(runs: list[Run], picks: list[Pick]) -> list[TaskVerdict]:
@@ -376,6 +391,12 @@ def summarize(runs: list[Run], picks: list[Pick]) -> list[TaskVerdict]:
         fixed = [s for s in medians if s.startswith("fixed ")]
         best = min(fixed, key=lambda s: medians[s])
         ratios = {s: ratio(m, medians[best]) for s, m in medians.items()}
+        # a method that ran on fewer seeds than the sweep (more seeds added for another):
+        # its ratio is to the best fixed threshold's median on the same seeds
+        ran = {m: len(r) for m, r in per_seed.items() if 0 < len(r) < len(seeds)}
+        for m in ran:
+            if m in medians and all((best, k) in by for k in per_seed[m]):
+                ratios[m] = ratio(medians[m], statistics.median(by[(best, k)].metric for k in per_seed[m]))
         finder = [p for p in mine if p.method == "finder"]
         fraction = statistics.median(p.fraction for p in finder) if finder else math.nan
         walls = [p.seconds / by[("default", p.seed)].wall_time_s for p in finder
@@ -389,7 +410,7 @@ def summarize(runs: list[Run], picks: list[Pick]) -> list[TaskVerdict]:
                        {m: {k: r.metric for k, r in runs_.items()} for m, runs_ in per_seed.items()})  # fmt: skip
         out.append(TaskVerdict(task, task not in TUNED_ON, best, medians, ratios, diverged,
                                len(seeds), fraction, statistics.median(walls) if walls else math.nan,
-                               counts["finder"], counts["recommend"], passes, intervals, tuned))  # fmt: skip
+                               counts["finder"], counts["recommend"], passes, intervals, tuned, ran))  # fmt: skip
     return out
 
 
@@ -399,7 +420,9 @@ def _cell(v: TaskVerdict, s: str) -> str:
     m, r = v.medians[s], v.ratios[s]
     text = "inf" if math.isinf(m) else f"{m:.3g} ({r:.2f}x)" if r < 100 else f"{m:.3g} ({r:.1e}x)"
     if v.diverged.get(s):
-        text += f" d{v.diverged[s]}/{v.seeds}"
+        text += f" d{v.diverged[s]}/{v.ran.get(s, v.seeds)}"
+    if s in v.ran:
+        text += f" ({v.ran[s]} of {v.seeds} seeds)"
     return text
 
 
@@ -413,21 +436,24 @@ def _bracket(bounds: tuple[float, float] | None) -> str:
 def render(verdicts: list[TaskVerdict], meta: str = "") -> str:
     """The table (median metric and ratio to the best fixed), the picks, the verdicts."""
     rows = ["none", "fixed 1", "default", "finder", "recommend", *(s for s in SWEEP if s not in ("none", "fixed 1"))]
+    searched = any(v.finder_choices for v in verdicts)
     grid = [["", *(v.task + (" *" if v.judge else "") for v in verdicts)]]
-    grid += [[s, *(_cell(v, s) for v in verdicts)] for s in rows]
+    grid += [[s, *(_cell(v, s) for v in verdicts)] for s in rows if any(s in v.medians for v in verdicts)]
     grid.append(["best fixed", *(v.best for v in verdicts)])
-    grid.append(["finder cost", *(f"{v.finder_fraction:.0%} steps, {v.finder_wall:.0%} time" for v in verdicts)])
+    if searched:
+        grid.append(["finder cost", *(f"{v.finder_fraction:.0%} steps, {v.finder_wall:.0%} time" for v in verdicts)])
     widths = [max(len(r[i]) for r in grid) + 2 for i in range(len(grid[0]))]
     lines = [meta] if meta else []
     lines.append("median metric over seeds (lower is better), ratio to the best fixed threshold; "
                  "* = a judge task (not used to choose defaults)")  # fmt: skip
     lines += ["".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in grid]
     lines.append("")
-    for v in verdicts:
-        f = ", ".join(f"{k} x{n}" for k, n in v.finder_choices.items())
-        r = ", ".join(f"{k} x{n}" for k, n in v.recommend_choices.items())
-        lines.append(f"{v.task}: finder chose {f or '-'}; recommend chose {r or '-'}")
-    lines.append("")
+    if searched or any(v.recommend_choices for v in verdicts):
+        for v in verdicts:
+            f = ", ".join(f"{k} x{n}" for k, n in v.finder_choices.items())
+            r = ", ".join(f"{k} x{n}" for k, n in v.recommend_choices.items())
+            lines.append(f"{v.task}: finder chose {f or '-'}; recommend chose {r or '-'}")
+        lines.append("")
     limits = ", ".join(f"{m} <= {x}x" for m, x in LIMITS.items())
     lines.append(f"acceptance ({limits} the best fixed; finder cost <= {BUDGET:.0%} of a run):")
     lines.append("  (in brackets: a 90% interval of the ratio, the seeds resampled)")
@@ -452,20 +478,25 @@ def render(verdicts: list[TaskVerdict], meta: str = "") -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds FIRST to FIRST+SEEDS-1")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="what to judge against the sweep (which always runs)")
     parser.add_argument("--tasks", nargs="+", choices=list(ALL_TASKS), default=list(TASKS))
     parser.add_argument("--json", type=Path, metavar="PATH", help="results (appended as it runs)")
     parser.add_argument("--resume", action="store_true", help="skip the jobs --json holds")
-    parser.add_argument("--render", type=Path, metavar="PATH", help="print a saved result")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="PATH",
+                        help="print a saved result (several: their runs together, e.g. two halves of the seeds)")
     parser.add_argument("--reuse", type=Path, metavar="PATH",
                         help="take the sweep's runs from a bench_quality.py --json result")
     args = parser.parse_args(argv)
     if args.render is not None:
-        saved = json.loads(args.render.read_text())
-        runs = [Run(**r) for r in saved["runs"]]
-        picks = [Pick(**p) for p in saved["picks"]]
-        meta = saved["meta"]
-        head = (f"{args.render.name}: seeds 0-{meta['seeds'] - 1}, torch {meta['torch']}, "
-                f"wall time {meta.get('wall_time_s', 0):.0f} s")  # fmt: skip
+        saved = [json.loads(path.read_text()) for path in args.render]
+        runs = [Run(**r) for one in saved for r in one["runs"] if r["task"] in args.tasks]
+        picks = [Pick(**p) for one in saved for p in one["picks"] if p["task"] in args.tasks]
+        seeds = sorted({r.seed for r in runs})
+        head = (f"{', '.join(path.name for path in args.render)}: {len(seeds)} seeds "
+                f"({seeds[0]}-{seeds[-1]}), torch {', '.join(sorted({one['meta']['torch'] for one in saved}))}, "
+                f"wall time {sum(one['meta'].get('wall_time_s', 0) for one in saved):.0f} s")  # fmt: skip
         print(render(summarize(runs, picks), head))
         return 0
     torch.set_num_threads(1)  # the tasks' calibration
@@ -474,14 +505,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--reuse needs --json (the reused runs are saved there)")
         saved = json.loads(args.json.read_text()) if args.json.exists() else {"runs": [], "picks": []}
         have = {(r["task"], r["strategy"], r["seed"]) for r in saved["runs"]}
-        extra = [r for r in reuse(args.reuse, args.tasks, args.seeds)
+        extra = [r for r in reuse(args.reuse, args.tasks, args.seeds, args.first_seed)
                  if (r.task, r.strategy, r.seed) not in have]  # fmt: skip
         meta = {**saved.get("meta", {}), "reused": f"{args.reuse.name}: {len(extra)} sweep runs"}
         _save(args.json, meta, [*(Run(**r) for r in saved["runs"]), *extra],
               [Pick(**p) for p in saved["picks"]])
         args.resume = True
     runs, picks = evaluate(args.tasks, args.seeds, args.json, args.resume,
-                           progress=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+                           progress=lambda line: print(line, file=sys.stderr, flush=True),
+                           first=args.first_seed, methods=args.methods)  # fmt: skip
     print(render(summarize(runs, picks), f"gradclip {gradclip.__version__}, torch {torch.__version__}"))
     return 0
 

@@ -115,6 +115,17 @@ def test_a_judge_task_is_marked_and_a_missing_pick_run_leaves_no_verdict():
     assert math.isnan(v.finder_fraction)
 
 
+def test_a_method_on_fewer_seeds_is_compared_on_its_own_seeds():
+    # the sweep on four seeds (two added later), the finder's picks on the first two only
+    runs = _runs("adam-spikes", {"fixed 0.1": [0.2, 0.2, 0.9, 0.9], "fixed 1": [0.5, 0.5, 0.3, 0.3]})
+    picks = [Pick("adam-spikes", k, "finder", "fixed 1", 1.0, "tie", 10, 0.2, 1.0) for k in (0, 1)]
+    (v,) = acceptance.summarize(runs, picks)
+    # best over four seeds: fixed 1 (median 0.4 against 0.55); on the finder's seeds 0.5
+    assert v.best == "fixed 1" and v.ran == {"finder": 2}
+    assert v.ratios["finder"] == pytest.approx(1.0) and v.passes["finder"]
+    assert "0.5 (1.00x) (2 of 4 seeds)" in acceptance.render([v])
+
+
 def test_reuse_keeps_the_sweep_only(tmp_path):
     saved = {"records": [
         {"task": "adam-spikes", "strategy": s, "seed": seed, "metric": 0.1, "diverged": False,
@@ -127,6 +138,55 @@ def test_reuse_keeps_the_sweep_only(tmp_path):
     kept = acceptance.reuse(path, ["adam-spikes", "sgd-heavy-tail"], seeds=2)
     assert sorted({(r.strategy, r.seed) for r in kept}) == [
         ("fixed 0.1", 0), ("fixed 0.1", 1), ("none", 0), ("none", 1)]  # fmt: skip
+    later = acceptance.reuse(path, ["adam-spikes"], seeds=1, first=2)
+    assert sorted({(r.strategy, r.seed) for r in later}) == [("fixed 0.1", 2), ("none", 2)]
+
+
+def _fake_job(seen):
+    def job(job):
+        seen.append(job)
+        kind, task, seed = job
+        run = {"task": task, "strategy": "fixed 1" if kind == "recommend" else kind, "seed": seed,
+               "metric": 0.5, "diverged": False, "clip_rate": 0.0, "wall_time_s": 1.0}
+        if kind == "recommend":
+            return {"runs": [run], "picks": [{"task": task, "seed": seed, "method": "recommend",
+                    "strategy": "fixed 1", "threshold": 1.0, "confidence": "-", "steps": 0,
+                    "fraction": 0.0, "seconds": 0.0}]}  # fmt: skip
+        return {"runs": [run]}
+
+    return job
+
+
+def test_evaluate_runs_the_chosen_methods_on_the_chosen_seeds(monkeypatch, tmp_path):
+    seen: list[tuple[str, str, int]] = []
+    monkeypatch.setattr(acceptance, "_job", _fake_job(seen))
+    path = tmp_path / "part.json"
+    acceptance.evaluate(["adam-spikes"], 2, path, first=5, methods=["default"])
+    # the sweep always runs, fixed 1 too (no recommendation runs it here)
+    assert seen == [(k, "adam-spikes", seed) for seed in (5, 6) for k in (*acceptance.SWEEP, "default")]
+    meta = json.loads(path.read_text())["meta"]
+    assert (meta["seeds"], meta["first_seed"], meta["methods"]) == (2, 5, ["default"])
+    seen.clear()
+    acceptance.evaluate(["adam-spikes"], 1, methods=["recommend"])
+    sweep = [s for s in acceptance.SWEEP if s != "fixed 1"]
+    assert seen == [(k, "adam-spikes", 0) for k in ("recommend", *sweep)]
+
+
+def test_render_reads_several_results_as_one(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(acceptance, "_job", _fake_job([]))
+    parts = [tmp_path / "a.json", tmp_path / "b.json"]
+    acceptance.evaluate(["adam-spikes"], 2, parts[0], methods=["default"])
+    acceptance.evaluate(["adam-spikes"], 3, parts[1], first=2, methods=["default"])
+    assert acceptance.main(["--render", *map(str, parts)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("a.json, b.json: 5 seeds (0-4),")
+    assert "default: 1/1 tasks pass" in out
+    # no finder and no recommendation ran: no rows, costs or choices for them
+    assert "finder" not in out.split("acceptance (")[0] and "recommend chose" not in out
+    acceptance.evaluate(["lstm-text"], 1, parts[1], first=5, resume=True, methods=["default"])
+    assert acceptance.main(["--render", *map(str, parts), "--tasks", "adam-spikes"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("a.json, b.json: 5 seeds (0-4),") and "lstm-text" not in out
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
