@@ -13,6 +13,8 @@ default's, and every seed's metric (the RNN tasks are a seed lottery: read the s
 Example:
     python benchmarks/variants.py '{"warmup_growth": 0.05}' --tasks cnn-digits/sgd lstm-text --seeds 12
     python benchmarks/variants.py '{"plain": true}' --tasks cnn-digits/adamw adam-spikes
+    python benchmarks/variants.py '{"spike": null}' --tasks cnn-digits/adamw --seeds 144 --against \
+        results/acceptance-2026-12-05-24seeds.json results/acceptance-2026-12-06-adamw-seeds-*.json
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: the tasks of the saved result")
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--against", type=Path, default=SAVED, help="a saved acceptance JSON")
+    parser.add_argument("--against", type=Path, nargs="+", default=[SAVED],
+                        help="saved acceptance JSON (several: their runs together, e.g. added seeds)")
     args = parser.parse_args(argv)
     try:
         options = json.loads(args.options)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         gradclip.AdaptiveClip(**{k: v for k, v in options.items() if k != "plain"})
     except (ValueError, TypeError) as exc:
         parser.error(f"options: {exc}; pass a JSON object of AdaptiveClip keyword arguments")
-    saved = json.loads(args.against.read_text())
+    saved = {"runs": [r for path in args.against for r in json.loads(path.read_text())["runs"]]}
     tasks = args.tasks or list(dict.fromkeys(r["task"] for r in saved["runs"]))
     work = [(options, task, seed) for task in tasks for seed in range(args.seeds)]
     results = map_jobs(train, work, args.jobs)

@@ -55,3 +55,15 @@ def test_no_options_train_the_acceptance_default():
 def test_the_saved_sweep_it_compares_against_is_in_the_repository():
     saved = json.loads(variants.SAVED.read_text())
     assert {r["strategy"] for r in saved["runs"]} >= {"default", "fixed 0.1", "fixed 100"}
+
+
+def test_several_saved_results_are_read_as_one(tmp_path, monkeypatch, capsys):
+    # seeds 0-1 in one file, seed 2 in another (seeds added later): the sweep over all three
+    runs = saved_runs("t", {"fixed 1": [0.2, 0.3, 0.1], "default": [0.3, 0.9, 0.5]})["runs"]
+    parts = [tmp_path / "a.json", tmp_path / "b.json"]
+    parts[0].write_text(json.dumps({"runs": [r for r in runs if r["seed"] < 2]}))
+    parts[1].write_text(json.dumps({"runs": [r for r in runs if r["seed"] == 2]}))
+    monkeypatch.setattr(variants, "TASKS", {"t": None})
+    monkeypatch.setattr(variants, "map_jobs", lambda fn, work, jobs: [(t, k, 0.4) for _, t, k in work])
+    assert variants.main(["{}", "--seeds", "3", "--against", *map(str, parts)]) == 0
+    assert "variant 0.4 (2.00x)  default 0.5 (2.50x)  best fixed 1" in capsys.readouterr().out
