@@ -258,10 +258,10 @@ def evaluate(
                          + "; ".join(_describe(x) for x in (*out.get("runs", ()), *out.get("picks", ()))))  # fmt: skip
 
     seed_range = range(first, first + seeds)
-    method = {"recommend": "recommend", "default": "default", "search": "finder"}  # job kind -> method
+    method_of = {"recommend": "recommend", "default": "default", "search": "finder"}  # job kinds
     # the recommendation runs fixed 1 itself: its log is what it reads
     sweep = [s for s in SWEEP if s != "fixed 1" or "recommend" not in methods]
-    kinds = [k for k in ("recommend", *sweep, "default", "search") if k not in method or method[k] in methods]
+    kinds = [k for k in ("recommend", *sweep, "default", "search") if k not in method_of or method_of[k] in methods]
     go([(kind, t, seed) for t in tasks for seed in seed_range for kind in kinds])
     go([(p.strategy, p.task, p.seed) for p in picks if p.task in tasks and p.seed in seed_range])
     return runs, picks
