@@ -390,13 +390,12 @@ def summarize(runs: list[Run], picks: list[Pick]) -> list[TaskVerdict]:
                     counts[method][p.strategy] = counts[method].get(p.strategy, 0) + 1
         fixed = [s for s in medians if s.startswith("fixed ")]
         best = min(fixed, key=lambda s: medians[s])
-        ratios = {s: ratio(m, medians[best]) for s, m in medians.items()}
-        # a method that ran on fewer seeds than the sweep (more seeds added for another):
-        # its ratio is to the best fixed threshold's median on the same seeds
+        # a method is compared on the seeds it ran (fewer than the sweep's where more seeds
+        # were added for another): the best fixed threshold's median on those seeds
+        best_on = {m: [by[(best, k)].metric for k in r if (best, k) in by] for m, r in per_seed.items()}
+        ratios = {s: ratio(m, statistics.median(best_on[s]) if best_on.get(s) else medians[best])
+                  for s, m in medians.items()}  # fmt: skip
         ran = {m: len(r) for m, r in per_seed.items() if 0 < len(r) < len(seeds)}
-        for m in ran:
-            if m in medians and all((best, k) in by for k in per_seed[m]):
-                ratios[m] = ratio(medians[m], statistics.median(by[(best, k)].metric for k in per_seed[m]))
         finder = [p for p in mine if p.method == "finder"]
         fraction = statistics.median(p.fraction for p in finder) if finder else math.nan
         walls = [p.seconds / by[("default", p.seed)].wall_time_s for p in finder
@@ -494,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [Run(**r) for one in saved for r in one["runs"] if r["task"] in args.tasks]
         picks = [Pick(**p) for one in saved for p in one["picks"] if p["task"] in args.tasks]
         seeds = sorted({r.seed for r in runs})
+        if not seeds:
+            parser.error(f"--render: no run of the tasks {' '.join(args.tasks)} in the files given")
         head = (f"{', '.join(path.name for path in args.render)}: {len(seeds)} seeds "
                 f"({seeds[0]}-{seeds[-1]}), torch {', '.join(sorted({one['meta']['torch'] for one in saved}))}, "
                 f"wall time {sum(one['meta'].get('wall_time_s', 0) for one in saved):.0f} s")  # fmt: skip

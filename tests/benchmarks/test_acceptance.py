@@ -187,6 +187,9 @@ def test_render_reads_several_results_as_one(monkeypatch, tmp_path, capsys):
     assert acceptance.main(["--render", *map(str, parts), "--tasks", "adam-spikes"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("a.json, b.json: 5 seeds (0-4),") and "lstm-text" not in out
+    with pytest.raises(SystemExit) as exc:
+        acceptance.main(["--render", *map(str, parts), "--tasks", "muon-adamw"])
+    assert exc.value.code == 2 and "no run of the tasks muon-adamw" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
