@@ -12,7 +12,8 @@ each, the median over seeds of:
   training run (:func:`gradclip.demo.search.search_task`), then a full run with its choice
   (a fixed threshold, no clipping, or the default); its cost is the search's steps over the
   run's, and its wall time over that of the default's run;
-* ``recommend``: ``gradclip.recommend_max_norm`` on the log of the ``fixed 1`` run, then a
+* ``recommend``: ``gradclip.recommend_max_norm`` on the log of the ``fixed 1`` run, given the
+  task's optimizer (``optimizer=``: only its kind is read, as a user names it), then a
   full run with the recommended threshold, applied as the recommendation says
   (``Recommendation.threshold_at``): where it found a start of training (norms far above the
   settled ones), from the step after it, and at the recorded run's 1 before
@@ -181,7 +182,7 @@ def recommend(task: str, seed: int) -> tuple[Run, Pick]:
     """The ``fixed 1`` run, and the threshold recommended from its log."""
     record, result = run_strategy(task, "fixed 1", seed)
     history = gradclip.History.from_norms(result.pre_norms, threshold=1.0)
-    rec = gradclip.recommend_max_norm(history)
+    rec = gradclip.recommend_max_norm(history, optimizer=_optimizer(task))
     if rec.max_norm is None:
         pick = Pick(task, seed, "recommend", "fixed 1", None, "none", 0, 0.0, 0.0)
     else:
@@ -269,14 +270,15 @@ def evaluate(
 
 def reuse(path: Path, tasks: Iterable[str], seeds: int, first: int = 0) -> list[Run]:
     """The sweep's runs (no clipping and the fixed thresholds) from a result of
-    ``bench_quality.py --json``: the same runner, tasks and seeds give the same numbers, so
-    they need not run again (checked: ``fixed 1`` runs again here, inside ``recommend``)."""
+    ``bench_quality.py --json`` or of this script: the same runner, tasks and seeds give the
+    same numbers, so they need not run again (checked: ``fixed 1`` runs again here, inside
+    ``recommend``), and a method can be judged again after its rule changed."""
     saved = json.loads(path.read_text())
     wanted = set(tasks)
     return [
         Run(r["task"], r["strategy"], r["seed"], r["metric"], r["diverged"], r["clip_rate"],
             r["wall_time_s"])
-        for r in saved["records"]
+        for r in saved["records" if "records" in saved else "runs"]
         if r["task"] in wanted and r["strategy"] in SWEEP and r["strategy"] != "fixed 1"
         and first <= r["seed"] < first + seeds
     ]
@@ -486,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", type=Path, nargs="+", metavar="PATH",
                         help="print a saved result (several: their runs together, e.g. two halves of the seeds)")
     parser.add_argument("--reuse", type=Path, metavar="PATH",
-                        help="take the sweep's runs from a bench_quality.py --json result")
+                        help="take the sweep's runs from a bench_quality.py --json result, or this script's")
     args = parser.parse_args(argv)
     if args.render is not None:
         saved = [json.loads(path.read_text()) for path in args.render]

@@ -9,12 +9,14 @@ scores it by the saved sweep's run at the grid threshold nearest to it (same see
 a map of directions, not the acceptance's figure, and a start of training is not treated
 apart). Two rules, side by side:
 
-* ``norms``: :func:`gradclip.recommend_max_norm` (the 99th percentile of the typical norms,
-  at most ``RAISE`` = 3x the largest norm applied);
+* ``norms``: :func:`gradclip.recommend_max_norm`, given the task's optimizer (the 99th
+  percentile of the typical norms, at most ``RAISE`` = 3x the largest norm applied; under
+  Adam with steady norms just below their 1st percentile);
 * ``plateau``: the learning-rate rule (as ``torch.optim.lr_scheduler.ReduceLROnPlateau``): where
-  the threshold still clipped at least half of the last quarter (``BINDING``) and the loss did
-  not fall there beyond two standard errors (a least-squares trend of eight block means of the
-  log-loss), one step lower (1/3); otherwise as ``norms``.
+  the optimizer does not normalise its update, the threshold still clipped at least half of the
+  last quarter (``BINDING``) and the loss did not fall there beyond two standard errors (a
+  least-squares trend of eight block means of the log-loss), one step lower (1/3); otherwise
+  as ``norms``.
 
 The table: per task, one row per rule, one column per recorded threshold; each cell is the
 median over the seeds of the recommended threshold's metric, over the best fixed threshold's
@@ -35,8 +37,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import gradclip
-from acceptance import FIXED, TASKS, clipper, map_jobs
+from acceptance import FIXED, TASKS, _optimizer, clipper, map_jobs
 from bench_quality import ratio
 from gradclip.demo.runner import run
 from gradclip.recommend import BINDING
@@ -66,11 +70,14 @@ def falling(losses: list[float], z: float = 2.0) -> bool:
     return slope < -z * math.sqrt(residual / (BLOCKS - 2) / sxx)
 
 
-def recommend(rule: str, norms: list[float], losses: list[float], threshold: float) -> float | None:
-    """The threshold ``rule`` recommends from a log clipped at ``threshold``."""
-    rec = gradclip.recommend_max_norm(gradclip.History.from_norms(norms, threshold=threshold))
-    if rule == "plateau" and rec.late_clip_rate is not None and rec.late_clip_rate >= BINDING \
-            and not falling(losses):  # fmt: skip
+def recommend(rule: str, norms: list[float], losses: list[float], threshold: float,
+              optimizer: torch.optim.Optimizer | None = None) -> float | None:
+    """The threshold ``rule`` recommends from a log clipped at ``threshold`` (in a run that
+    stepped ``optimizer``; None: not given)."""
+    history = gradclip.History.from_norms(norms, threshold=threshold)
+    rec = gradclip.recommend_max_norm(history, optimizer=optimizer)
+    if rule == "plateau" and not rec.normalising and rec.late_clip_rate is not None \
+            and rec.late_clip_rate >= BINDING and not falling(losses):  # fmt: skip
         return threshold / 3
     return rec.max_norm
 
@@ -89,7 +96,8 @@ def record(job: tuple[str, float, int]) -> dict[str, Any]:
     task, threshold, seed = job
     result = run(task, clipper(task, f"fixed {threshold:g}"), seed=seed)
     norms, losses = list(result.pre_norms), list(result.losses)
-    picks = {rule: nearest(recommend(rule, norms, losses, threshold)) for rule in RULES}
+    optimizer = _optimizer(task)
+    picks = {rule: nearest(recommend(rule, norms, losses, threshold, optimizer)) for rule in RULES}
     return {"task": task, "threshold": threshold, "seed": seed, "picks": picks}
 
 

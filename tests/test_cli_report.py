@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+import gradclip
 from gradclip import cli
 from output_cases import CASES, read_only_folder, run_gradclip, snapshot
 from test_report import synthetic_records, write_log
@@ -42,6 +43,25 @@ def test_recommend_json(log, capsys):
     data = json.loads(out)
     assert status == 0 and data["max_norm"] == pytest.approx(0.3) and data["steps"] == 120
     assert any("cannot tell" in w for w in data["warnings"])  # the norms asked for ~10x
+
+
+def test_recommend_for_an_optimizer(log, capsys):
+    status, out, _ = run(["recommend", log, "--json", "--optimizer", "adamw"], capsys)
+    data = json.loads(out)
+    assert status == 0 and data["normalising"] is True and "every typical step" in data["rule"]
+    # the norms are the ones the Python API reads from the same log
+    want = gradclip.recommend_max_norm(gradclip.read_log(log), optimizer="AdamW")
+    assert data["max_norm"] == want.max_norm < data["quantiles"]["p10"]
+    pytest.importorskip("matplotlib")
+    page = log.parent / "page"
+    assert run(["report", log, "-o", page, "--optimizer", "AdamW"], capsys)[0] == 0
+    assert "every typical step" in (page / "report.html").read_text()
+    for command in (["recommend", log], ["report", log, "-o", log.parent / "out"]):
+        with pytest.raises(SystemExit) as exit_:  # a usage mistake: argparse's exit, before any work
+            cli.main([str(a) for a in [*command, "--optimizer", "Lion"]])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "argument --optimizer: `optimizer`='Lion' names no" in err
+    assert not (log.parent / "out").exists()
 
 
 def test_report_writes_the_page(log, tmp_path, capsys):

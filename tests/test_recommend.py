@@ -208,6 +208,88 @@ def test_threshold_is_just_above_the_typical_quantile():
     assert rec.projected_clip_rate == 0.0 and rec.spike_count == 0
 
 
+def lower_median(x):
+    """torch's median: the lower of the two middle values of an even count."""
+    return np.sort(x)[(len(x) - 1) // 2]
+
+
+def adam():
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+
+
+@pytest.mark.parametrize("optimizer", [adam, lambda: "AdamW", lambda: "rmsprop", lambda: [adam(), adam()]])
+def test_under_a_normalising_optimizer_steady_norms_are_all_clipped(optimizer):
+    # Adam's step size is its learning rate's: a threshold below the typical norms costs it
+    # none, and a spike then reaches its moments as one ordinary step
+    norms, spikes = spiky_norms()
+    typical = np.delete(norms, spikes)
+    rec = gradclip.recommend_max_norm(torch.tensor(norms), optimizer=optimizer())
+    q01 = np.percentile(typical, 1)
+    assert q01 / 1.1 <= rec.max_norm < q01  # just below it: two significant digits
+    assert rec.projected_clip_rate == pytest.approx(clipped_by(norms, rec.max_norm))
+    assert rec.projected_clip_rate >= 0.99 and rec.normalising is True
+    assert rec.spike_count == len(spikes)  # the evidence is the same as without it
+    assert rec.drift == pytest.approx(lower_median(norms[-200:]) / lower_median(norms[:200]))
+    assert "just below the 1% quantile" in rec.rule and "every typical step" in rec.rule
+    # SGD's step is proportional to the gradient: the threshold stays above the typical norms
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    for other in (gradclip.recommend_max_norm(norms.tolist(), optimizer=sgd),
+                  gradclip.recommend_max_norm(norms.tolist(), optimizer=[sgd, adam()]),
+                  gradclip.recommend_max_norm(norms.tolist())):  # fmt: skip
+        assert np.percentile(typical, 99) <= other.max_norm < norms[spikes].min()
+    assert other.normalising is None and gradclip.recommend_max_norm(norms, optimizer="sgd").normalising is False
+
+
+def test_under_a_normalising_optimizer_drifting_norms_keep_the_typical_rule():
+    # norms that fall 1000x over the run: Adam's second moment lags them and its steps shrink,
+    # which clipping every step would undo
+    rng = np.random.default_rng(1)
+    norms = np.exp(np.linspace(0, np.log(1e-3), 1000) + rng.normal(0.0, 0.3, 1000))
+    rec = gradclip.recommend_max_norm(norms, optimizer=adam())
+    assert rec.max_norm == gradclip.recommend_max_norm(norms).max_norm
+    drift = lower_median(norms[-100:]) / lower_median(norms[:100])
+    assert drift < 1 / gradclip.recommend.DRIFT and rec.drift == pytest.approx(drift)
+    assert f"changed {drift:.3g}x over the run" in rec.rule and "just above" in rec.rule
+    assert any(f"changed {drift:.3g}x from the first" in w for w in rec.warnings)
+    # too few steps to tell whether the norms are steady
+    few = gradclip.recommend_max_norm([1.0, 1.1, 0.9] * 10, optimizer="adam")
+    assert few.drift is None and "too few settled steps" in few.rule and few.max_norm > 1.1
+
+
+def test_under_a_normalising_optimizer_the_start_is_not_drift():
+    settled, _ = spiky_norms(n=500)
+    start = 1e3 * np.median(settled) * 1e-2 ** (np.arange(30) / 30)  # far above, falling 100x
+    norms = np.concatenate([start, settled])
+    rec = gradclip.recommend_max_norm(norms, optimizer=adam())
+    alone = gradclip.recommend_max_norm(settled, optimizer=adam())
+    assert rec.start_steps == len(start) and rec.max_norm == alone.max_norm < np.median(settled)
+    assert rec.drift == pytest.approx(lower_median(settled[-50:]) / lower_median(settled[:50]))
+    # clipped from the first step: under Adam that costs the start no step size, where a start
+    # clipped less would fill its second moment with large norms
+    assert rec.settled_step == 0 and rec.threshold_at(0) == rec.max_norm
+    assert "from the first step" in rec.rule and not any("start of training" in w for w in rec.warnings)
+    assert gradclip.recommend_max_norm(norms, optimizer="SGD").settled_step == len(start)
+
+
+def test_under_a_normalising_optimizer_clipping_is_no_learning_rate_cut():
+    # a run clipped on every step to its end: with SGD a smaller learning rate, and a single
+    # log cannot tell which way is better; with Adam neither holds
+    h = gradclip.History.from_norms(spiky_norms(n=400)[0].tolist(), threshold=0.1)
+    sgd, adamw = (gradclip.recommend_max_norm(h, optimizer=o) for o in ("SGD", "AdamW"))
+    assert any("smaller learning rate" in w for w in sgd.warnings)
+    assert any("single log cannot tell" in w for w in sgd.warnings)
+    assert not any("learning rate" in w or "raise it" in w for w in adamw.warnings)
+    assert adamw.late_clip_rate == sgd.late_clip_rate == 1.0
+
+
+def test_the_optimizer_argument_is_checked():
+    with pytest.raises(ValueError, match=r"`optimizer`='Lion' names no torch.optim optimizer.*AdamW.*'Adam' for Lion"):
+        gradclip.recommend_max_norm([1.0] * 60, optimizer="Lion")
+    for bad in (torch.optim.Adam, 3, []):
+        with pytest.raises(TypeError, match="optimizer"):
+            gradclip.recommend_max_norm([1.0] * 60, optimizer=bad)
+
+
 def test_frozen_updates_are_flagged():
     h = gradclip.History.from_norms([1.0, 2.0, 1.5] * 40, threshold=1e-4)
     rec = gradclip.recommend_max_norm(h)

@@ -11,6 +11,7 @@ output is kept in the staging folder the message names).
 
 Example:
     $ gradclip recommend run.jsonl
+    $ gradclip recommend run.jsonl --optimizer AdamW
     $ gradclip report run.jsonl               # into run-report/, beside the log
     $ gradclip report run.jsonl -o report/
     $ gradclip demo --quick
@@ -144,6 +145,26 @@ def _problems(command: str, history: gradclip.History) -> int:
 def _recommend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("log", type=Path, help="a log written by gradclip.GradMonitor (JSON lines or CSV)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    _optimizer_argument(parser)
+
+
+def _optimizer_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--optimizer", metavar="NAME", type=_optimizer_name,
+        help="the optimizer the run stepped, by its torch.optim class (AdamW, SGD, ...): under one "
+        "that normalises its update (Adam's kin) and steady norms, the recommended threshold "
+        "clips every typical step",
+    )  # fmt: skip
+
+
+def _optimizer_name(name: str) -> str:
+    from gradclip.recommend import optimizer_class
+
+    try:
+        optimizer_class(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
 
 
 def _run_recommend(args: argparse.Namespace) -> int:
@@ -153,7 +174,7 @@ def _run_recommend(args: argparse.Namespace) -> int:
         history = gradclip.read_log(args.log, layers=False)  # the totals are all it needs
     except gradclip.LogError as exc:
         return _error("recommend", str(exc))
-    rec = gradclip.recommend_max_norm(history)
+    rec = gradclip.recommend_max_norm(history, optimizer=args.optimizer)
     print(json.dumps(rec.to_dict(), indent=2) if args.json else render_text(rec))
     return _problems("recommend", history)
 
@@ -167,6 +188,7 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
         "anything else",
     )  # fmt: skip
     parser.add_argument("--title", help="page title (default: from the log's name)")
+    _optimizer_argument(parser)
 
 
 def _failed(command: str, message: str) -> int:
@@ -205,7 +227,7 @@ def _run_report(args: argparse.Namespace) -> int:
         return _error("report", f"cannot write to {out}: {exc.strerror or exc}")
     with folder:  # an exception removes the unfinished folder
         try:
-            data = report.build_report(args.log, title=args.title)
+            data = report.build_report(args.log, title=args.title, optimizer=args.optimizer)
         except gradclip.LogError as exc:
             folder.discard()
             return _error("report", str(exc))

@@ -126,8 +126,9 @@ def test_a_method_on_fewer_seeds_is_compared_on_its_own_seeds():
     assert "0.5 (1.00x) (2 of 4 seeds)" in acceptance.render([v])
 
 
-def test_reuse_keeps_the_sweep_only(tmp_path):
-    saved = {"records": [
+@pytest.mark.parametrize("key", ["records", "runs"])  # bench_quality's result, or this script's
+def test_reuse_keeps_the_sweep_only(tmp_path, key):
+    saved = {key: [
         {"task": "adam-spikes", "strategy": s, "seed": seed, "metric": 0.1, "diverged": False,
          "steps": 3, "nonfinite_steps": 0, "clip_rate": 0.0, "median_threshold": 1.0,
          "wall_time_s": 1.0}

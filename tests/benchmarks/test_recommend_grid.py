@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import gradclip
@@ -67,6 +68,13 @@ def test_the_rules_on_a_log_clipped_to_the_end():
     assert recommend_grid.recommend("norms", norms, flat, 1.0) == by_norms.max_norm == 3.0
     assert recommend_grid.recommend("plateau", norms, flat, 1.0) == pytest.approx(1 / 3)
     assert recommend_grid.recommend("plateau", norms, fall, 1.0) == 3.0  # still falling
+    # under Adam clipping is no learning-rate cut: both rules clip every step (norms steady)
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    under_adam = gradclip.recommend_max_norm(gradclip.History.from_norms(norms, threshold=1.0),
+                                             optimizer=adam).max_norm  # fmt: skip
+    assert under_adam < min(norms) * 1.1
+    for rule in recommend_grid.RULES:
+        assert recommend_grid.recommend(rule, norms, flat, 1.0, adam) == under_adam
     # where the threshold stopped clipping, both rules follow the norms
     assert recommend_grid.recommend("plateau", norms, flat, 100.0) == \
         recommend_grid.recommend("norms", norms, flat, 100.0)  # fmt: skip

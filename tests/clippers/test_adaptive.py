@@ -567,7 +567,7 @@ def test_optimizer_selects_hold_for_normalising_optimizers(make, normalising: bo
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     optimizer = make(params)
-    assert normalises(optimizer) is normalising
+    assert normalises(optimizer) is normalising and normalises(type(optimizer)) is normalising
     clipper = AdaptiveClip(optimizer=optimizer)
     assert clipper.hold == (HOLD if normalising else None)
     assert AdaptiveClip(optimizer=optimizer, hold=0.5).hold == 0.5  # an explicit hold wins
@@ -586,6 +586,7 @@ def test_an_unknown_optimizer_with_betas_normalises() -> None:
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     assert normalises(Lion(params)) and not normalises(Plain(params))
+    assert normalises(Lion) and not normalises(Plain)  # of a class: the arguments it takes
 
 
 def test_hold_and_optimizer_arguments_are_checked() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -71,24 +72,30 @@ _NORMALISING = tuple(
 )
 
 
-def normalises(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer``'s update ignores the gradient's overall scale.
+def normalises(optimizer: torch.optim.Optimizer | type[torch.optim.Optimizer]) -> bool:
+    """Whether ``optimizer`` (an optimizer, or its class)'s update ignores the gradient's
+    overall scale.
 
     True for torch's Adam family, RMSprop, Adagrad, Adadelta, Adafactor, Rprop and Muon, and
-    for any optimizer with ``betas`` among its defaults (Lion, 8-bit and fused Adams);
-    False for SGD (with or without momentum), ASGD and LBFGS, whose step is proportional to
-    the gradient.
+    for any optimizer with ``betas`` among its defaults (Lion, 8-bit and fused Adams; of a
+    class: among the arguments it takes); False for SGD (with or without momentum), ASGD and
+    LBFGS, whose step is proportional to the gradient.
 
     Example:
         >>> import torch
         >>> p = [torch.nn.Parameter(torch.zeros(1))]
         >>> normalises(torch.optim.AdamW(p)), normalises(torch.optim.SGD(p, lr=0.1))
         (True, False)
+        >>> normalises(torch.optim.RMSprop)
+        True
     """
-    if isinstance(optimizer, _NORMALISING):
+    kind = optimizer if isinstance(optimizer, type) else type(optimizer)
+    if issubclass(kind, _NORMALISING):
         return True
-    if isinstance(optimizer, (torch.optim.SGD, torch.optim.ASGD, torch.optim.LBFGS)):
+    if issubclass(kind, (torch.optim.SGD, torch.optim.ASGD, torch.optim.LBFGS)):
         return False
+    if isinstance(optimizer, type):
+        return "betas" in inspect.signature(kind).parameters
     return "betas" in getattr(optimizer, "defaults", {})
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -113,6 +114,7 @@ def build_report(
     max_layers: int = 40,
     max_columns: int = 800,
     stall_steps: int = STALL_STEPS,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | str | None = None,
 ) -> Report:
     """Everything a report shows, from a run's :class:`~gradclip.History` or its log path.
 
@@ -125,6 +127,8 @@ def build_report(
             norm of each), so a spike on one step stays visible.
         stall_steps: steps below the stall floor that make a stall (see
             :class:`gradclip.stalls.StallDetector`).
+        optimizer: the run's optimizer, for the recommendation (see
+            :func:`gradclip.recommend_max_norm`).
 
     Raises:
         gradclip.LogError: the log cannot be used at all (see :func:`gradclip.read_log`).
@@ -156,7 +160,7 @@ def build_report(
         title=title,
         history=h,
         summary=h.summary(),
-        recommendation=recommend_max_norm(h),
+        recommendation=recommend_max_norm(h, optimizer=optimizer),
         clip_rate=rolling_mean(h.clipped, window) if n else torch.zeros(0, dtype=torch.float64),
         clip_rate_window=window,
         heatmap_steps=h.steps[starts] if n else h.steps,
