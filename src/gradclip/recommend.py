@@ -331,21 +331,21 @@ def recommend_max_norm(
 
     warnings: list[str] = []
     # Clipping as a learning-rate cut: not where the optimizer normalises its update
-    learning_rate = recorded_rate is not None and recorded_thr is not None and not normalising
-    if learning_rate and recorded_rate >= 0.99:
+    lr_cut = recorded_rate is not None and recorded_thr is not None and not normalising
+    if lr_cut and recorded_rate >= 0.99:
         warnings.append(
             f"clipping fired on {recorded_rate:.0%} of steps: the threshold ({recorded_thr:.4g}) "
             f"is below the typical norm (median {median:.4g}), updates are being shrunk every "
             "step (clipping acts as a smaller learning rate)"
         )
-    elif learning_rate and recorded_rate >= 0.5:
+    elif lr_cut and recorded_rate >= 0.5:
         warnings.append(
             f"clipping fired on {recorded_rate:.0%} of steps: more than spikes are being "
             f"clipped; the threshold ({recorded_thr:.4g}) is near or below the typical norm, "
             f"so it acts as a learning-rate cut on most steps (median factor "
             f"{_median_factor(h.coef):.2g} where it clipped)"
         )
-    binding = learning_rate and late is not None and late >= BINDING
+    binding = lr_cut and late is not None and late >= BINDING
     if max_norm < suggested:
         warnings.append(
             f"the typical norms ask for max_norm={suggested:.4g}, but this run applied norms up "
@@ -495,7 +495,7 @@ def _kinds(optimizer: object) -> list[Any]:
     """``recommend_max_norm``'s ``optimizer``: its optimizers, or the class its name names."""
     if isinstance(optimizer, str):
         return [optimizer_class(optimizer)]
-    return list(optimizer_list(optimizer, "the one the recorded run stepped, or its name"))
+    return optimizer_list(optimizer, "the one the recorded run stepped, or its name")
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
