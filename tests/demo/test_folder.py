@@ -52,6 +52,15 @@ def test_the_diagnostics_name_the_log_where_it_will_be(folder):
     assert str(out) not in page
 
 
+@pytest.mark.parametrize("task", ["adam-spikes", "muon-adamw"])
+def test_the_diagnostics_recommend_for_the_tasks_optimizer(folder, tmp_path, task):
+    # Adam (and Muon with AdamW) normalise their update: the recommendation's rule says so,
+    # SGD's (the heavy-tailed task) does not
+    write_demo(tmp_path, task, ["adaptive"], steps=120)
+    assert "the optimizer normalises its update" in (tmp_path / DIAGNOSTICS / "report.html").read_text()
+    assert "normalises" not in (folder[0] / DIAGNOSTICS / "report.html").read_text()
+
+
 def test_the_demo_page_loads_in_headless_chromium(folder, chromium, tmp_path):
     out, _ = folder
     for page in (out / "index.html", out / DIAGNOSTICS / "report.html"):

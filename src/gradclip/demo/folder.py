@@ -27,9 +27,12 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
 import gradclip
 from gradclip.demo import compare, render
 from gradclip.demo.compare import STRATEGIES, Comparison
+from gradclip.demo.problems import build_problem
 from gradclip.demo.tasks import Task
 
 __all__ = ["DIAGNOSTICS", "PRODUCER", "RUNS", "write_demo"]
@@ -97,7 +100,11 @@ def write_demo(
         history = gradclip.read_log(log)
         # the page names the log as it will be found in the published folder
         history = dataclasses.replace(history, source=f"{RUNS}/adaptive.jsonl")
-        report = build_report(history, title="gradclip demo: diagnostics of the AdaptiveClip run")
+        # the recommendation's rule depends on the optimizer's kind (only that is read)
+        optimizer = build_problem(result.task.config, seed, 1, torch.device("cpu")).optimizer
+        optimizer = getattr(optimizer, "optimizers", optimizer)  # the demo's Muon + AdamW: both
+        report = build_report(history, title="gradclip demo: diagnostics of the AdaptiveClip run",
+                              optimizer=optimizer)  # fmt: skip
         (out / DIAGNOSTICS).mkdir()
         write_report(report, out / DIAGNOSTICS)
         diagnostics = DIAGNOSTICS
