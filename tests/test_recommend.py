@@ -295,6 +295,8 @@ def test_frozen_updates_are_flagged():
     rec = gradclip.recommend_max_norm(h)
     assert rec.frozen_steps == 120 and rec.min_coef < 1e-3
     assert any("coefficient below 0.001" in w and "frozen" in w for w in rec.warnings)
+    # with momentum the weights still move on those steps, by the earlier steps'
+    assert any("momentum only" in w for w in rec.warnings)
 
 
 def test_clipping_that_never_fires_through_spikes_is_flagged():

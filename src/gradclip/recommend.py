@@ -373,7 +373,8 @@ def recommend_max_norm(
     if frozen:
         warnings.append(
             f"coefficient below {FROZEN_COEF:g} on {frozen} step(s) (smallest {min_coef:.2g}): "
-            "updates are frozen on those steps"
+            "those steps' gradients are all but dropped; without momentum the updates are frozen "
+            "there, with it (SGD's or Adam's) the weights move by the earlier steps' momentum only"
         )
     if recorded_thr is not None and recorded_rate == 0 and spikes:
         warnings.append(
