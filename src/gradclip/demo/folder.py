@@ -32,7 +32,7 @@ import torch
 import gradclip
 from gradclip.demo import compare, render
 from gradclip.demo.compare import STRATEGIES, Comparison
-from gradclip.demo.problems import build_problem
+from gradclip.demo.problems import as_passed, build_problem
 from gradclip.demo.tasks import Task
 
 __all__ = ["DIAGNOSTICS", "PRODUCER", "RUNS", "write_demo"]
@@ -102,9 +102,8 @@ def write_demo(
         history = dataclasses.replace(history, source=f"{RUNS}/adaptive.jsonl")
         # the recommendation's rule depends on the optimizer's kind (only that is read)
         optimizer = build_problem(result.task.config, seed, 1, torch.device("cpu")).optimizer
-        optimizer = getattr(optimizer, "optimizers", optimizer)  # the demo's Muon + AdamW: both
         report = build_report(history, title="gradclip demo: diagnostics of the AdaptiveClip run",
-                              optimizer=optimizer)  # fmt: skip
+                              optimizer=as_passed(optimizer))  # fmt: skip
         (out / DIAGNOSTICS).mkdir()
         write_report(report, out / DIAGNOSTICS)
         diagnostics = DIAGNOSTICS

@@ -66,6 +66,7 @@ __all__ = [
     "Problem",
     "SpikesConfig",
     "TaskConfig",
+    "as_passed",
     "build_problem",
 ]
 
@@ -419,6 +420,21 @@ _PROBLEMS: dict[type, Callable[[TaskConfig, int, int, torch.device], Problem]] =
     LabelNoiseConfig: _LabelNoiseProblem,
     **REAL_PROBLEMS,
 }
+
+
+def as_passed(
+    optimizer: torch.optim.Optimizer | MuonAdamW,
+) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+    """A problem's optimizer as a user passes it to gradclip: :class:`MuonAdamW` as its two,
+    ``[muon, adamw]`` (the finder and the recommendation read each one's kind).
+
+    Example:
+        >>> w, b = torch.nn.Parameter(torch.zeros(3, 3)), torch.nn.Parameter(torch.zeros(3))
+        >>> muon, adamw = torch.optim.Muon([w]), torch.optim.AdamW([b])
+        >>> as_passed(MuonAdamW(muon, adamw)) == [muon, adamw], as_passed(adamw) is adamw
+        (True, True)
+    """
+    return list(optimizer.optimizers) if isinstance(optimizer, MuonAdamW) else optimizer
 
 
 def build_problem(config: TaskConfig, seed: int, steps: int, device: torch.device) -> Problem:

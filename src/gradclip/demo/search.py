@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gradclip.demo.problems import MuonAdamW, build_problem
+from gradclip.demo.problems import as_passed, build_problem
 from gradclip.demo.tasks import Task, resolve
 from gradclip.tune import CONFIRM, MaxNormSearch, TrialClip, find_max_norm
 
@@ -55,7 +55,6 @@ def search_task(
     spec = resolve(task)
     problem = build_problem(spec.config, seed, spec.steps, torch.device(device))
     model, optimizer = problem.model, problem.optimizer
-    optimizers = list(optimizer.optimizers) if isinstance(optimizer, MuonAdamW) else optimizer
 
     def train_step(index: int, clip: TrialClip) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -67,7 +66,7 @@ def search_task(
         return loss
 
     return find_max_norm(
-        model, optimizers, train_step, range(int(spec.steps * (1 + CONFIRM))),
+        model, as_passed(optimizer), train_step, range(int(spec.steps * (1 + CONFIRM))),
         horizon=horizon, run_steps=spec.steps, budget=budget, candidates=candidates,
         scheduler=getattr(problem, "scheduler", None), generators=[problem.gen],
         progress=progress, **options,
