@@ -56,7 +56,7 @@ import torch
 
 import gradclip
 from bench_quality import ratio
-from gradclip.demo.problems import build_problem
+from gradclip.demo.problems import optimizer_of
 from gradclip.demo.runner import run
 from gradclip.demo.search import search_task
 from gradclip.demo.tasks import TASKS as ALL_TASKS
@@ -125,10 +125,9 @@ def map_jobs(fn: Callable[[Any], Any], work: Sequence[Any], jobs: int) -> list[A
 
 
 @functools.cache
-def _optimizer(task: str) -> torch.optim.Optimizer:
+def _optimizer(task: str) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
     """The task's optimizer (built once; only its kind is read)."""
-    spec = resolve(task)
-    return build_problem(spec.config, 0, spec.steps, torch.device("cpu")).optimizer
+    return optimizer_of(resolve(task).config)
 
 
 class Switched:

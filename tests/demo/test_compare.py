@@ -117,3 +117,22 @@ def test_the_demo_steps_clippers_through_the_optimizer():
     compare("muon-adamw", ["fixed-good", "adaptive"], steps=3, record=record)
     assert [name for name, _ in seen] == ["fixed-good"] * 3 + ["adaptive"] * 3
     assert all(groups is not None and groups.excluded == (True, False) for _, groups in seen)
+
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [("adam-spikes", torch.optim.Adam), ("sgd-heavy-tail", torch.optim.SGD),
+     ("cnn-digits/adamw", torch.optim.AdamW), ("muon-adamw", torch.optim.AdamW)],
+)
+@pytest.mark.parametrize("name", ["adaptive", "adaptive-skip"])
+def test_the_demo_builds_adaptive_clip_given_the_task_s_optimizer(key, kind, name):
+    """The demo shows the recommended default, ``AdaptiveClip(optimizer=...)`` given the
+    optimizer the task trains with (Muon + AdamW: both normalise), not the SGD rule."""
+    built = []
+    compare(key, [name], steps=1, record=lambda strategy, clipper: built.append(clipper) or (lambda s: s))
+    options = {"spikes": "skip"} if name == "adaptive-skip" else {}
+    p = torch.nn.Parameter(torch.zeros(2))
+    expected = gradclip.AdaptiveClip(optimizer=kind([p], lr=0.1), **options)
+    assert built[0].config() == expected.config()
+    assert built[0].plateau is (kind is torch.optim.SGD)

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 
 import gradclip
+from gradclip.demo.problems import optimizer_of
 from gradclip.demo.runner import RunResult, run
 from gradclip.demo.tasks import Task, resolve
 
@@ -77,6 +78,14 @@ def _clipper(
                     threshold=threshold)  # fmt: skip
 
 
+def _adaptive(name: str, label: str, **options: object) -> Strategy:
+    # the recommended default is given the optimizer stepped after the clip: its rule follows
+    # the optimizer's kind (gradclip.AdaptiveClip's doc)
+    return Strategy(name=name, describe=lambda task: label,
+                    build=lambda task: gradclip.AdaptiveClip(optimizer=optimizer_of(task.config),
+                                                             **options))  # fmt: skip
+
+
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
@@ -88,17 +97,16 @@ STRATEGIES: dict[str, Strategy] = {
         _clipper("zclip", "ZClip", gradclip.ZClip),
         _clipper("agc", "AGC (0.01)", gradclip.AGC, threshold="ratio"),
         _clipper("adagc", "AdaGC", gradclip.AdaGC),
-        _clipper("adaptive", "AdaptiveClip (default)", gradclip.AdaptiveClip),
+        _adaptive("adaptive", "AdaptiveClip (default)"),
         _clipper("skip", "skip spikes (no clipping)",
                  lambda: gradclip.NormClip(math.inf, spikes="skip")),
-        _clipper("adaptive-skip", "AdaptiveClip + skip spikes",
-                 lambda: gradclip.AdaptiveClip(spikes="skip")),
+        _adaptive("adaptive-skip", "AdaptiveClip + skip spikes", spikes="skip"),
     )
 }
 """Every strategy of the demo by name, in table order. The fixed thresholds are the task's
 own (:attr:`Task.fixed`): the best of a sweep, one 10x lower and one far higher (too low or
-too high for SGD; Adam, which normalises its updates, hardly minds a low one). The last two
-skip the steps a :class:`gradclip.SpikeDetector` (its defaults) calls spikes, judging each
+too high for SGD; Adam, which normalises its updates, hardly minds a low one). ``AdaptiveClip``
+is built as recommended, given the task's optimizer (``optimizer=``). The last two skip the steps a :class:`gradclip.SpikeDetector` (its defaults) calls spikes, judging each
 step's gradient norm and loss: alone, and on top of ``AdaptiveClip``."""
 
 

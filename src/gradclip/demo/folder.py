@@ -27,12 +27,10 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
 import gradclip
 from gradclip.demo import compare, render
 from gradclip.demo.compare import STRATEGIES, Comparison
-from gradclip.demo.problems import as_passed, build_problem
+from gradclip.demo.problems import optimizer_of
 from gradclip.demo.tasks import Task
 
 __all__ = ["DIAGNOSTICS", "PRODUCER", "RUNS", "write_demo"]
@@ -101,9 +99,8 @@ def write_demo(
         # the page names the log as it will be found in the published folder
         history = dataclasses.replace(history, source=f"{RUNS}/adaptive.jsonl")
         # the recommendation's rule depends on the optimizer's kind (only that is read)
-        optimizer = build_problem(result.task.config, seed, 1, torch.device("cpu")).optimizer
         report = build_report(history, title="gradclip demo: diagnostics of the AdaptiveClip run",
-                              optimizer=as_passed(optimizer))  # fmt: skip
+                              optimizer=optimizer_of(result.task.config))  # fmt: skip
         (out / DIAGNOSTICS).mkdir()
         write_report(report, out / DIAGNOSTICS)
         diagnostics = DIAGNOSTICS

@@ -68,6 +68,7 @@ __all__ = [
     "TaskConfig",
     "as_passed",
     "build_problem",
+    "optimizer_of",
 ]
 
 
@@ -435,6 +436,18 @@ def as_passed(
         (True, True)
     """
     return list(optimizer.optimizers) if isinstance(optimizer, MuonAdamW) else optimizer
+
+
+def optimizer_of(config: TaskConfig) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+    """The optimizer a task of ``config`` trains with, as a user passes it to gradclip
+    (:func:`as_passed`), on a throw-away one-step problem: for what reads only its kind, such
+    as ``AdaptiveClip(optimizer=...)``'s rule or the recommendation's.
+
+    Example:
+        >>> type(optimizer_of(SpikesConfig())).__name__
+        'Adam'
+    """
+    return as_passed(build_problem(config, 0, 1, torch.device("cpu")).optimizer)
 
 
 def build_problem(config: TaskConfig, seed: int, steps: int, device: torch.device) -> Problem:
