@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import gradclip
 from gradclip import cli
@@ -62,6 +63,27 @@ def test_recommend_for_an_optimizer(log, capsys):
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and "argument --optimizer: `optimizer`='Lion' names no" in err
     assert not (log.parent / "out").exists()
+
+
+def test_recommend_follows_the_optimizer_the_log_names(tmp_path, capsys):
+    # a log recorded by GradMonitor.step under Adam: `gradclip recommend` needs no --optimizer
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    path = tmp_path / "adam.jsonl"
+    with gradclip.GradMonitor(gradclip.NormClip(10.0), model, log=path) as monitor:
+        for _ in range(120):
+            adam.zero_grad()
+            model(torch.randn(32, 8)).pow(2).mean().backward()
+            monitor.step(adam)
+    status, out, _ = run(["recommend", path, "--json"], capsys)
+    data = json.loads(out)
+    want = gradclip.recommend_max_norm(gradclip.read_log(path), optimizer="Adam")
+    assert status == 0 and (data["normalising"], data["optimizer"]) == (True, "Adam")
+    assert data["max_norm"] == want.max_norm and "as the log names it" in data["rule"]
+    # --optimizer still wins
+    data = json.loads(run(["recommend", path, "--json", "--optimizer", "SGD"], capsys)[1])
+    assert (data["normalising"], data["optimizer"]) == (False, "SGD")
 
 
 def test_report_writes_the_page(log, tmp_path, capsys):

@@ -77,6 +77,10 @@ CRAFTED = {
     "flag as 1": (base(clipped="1"), "'clipped' should be true or false"),
     "schema as a string": (base(schema='"1"'), "not a gradclip monitor record"),
     "norm_type NaN": (base(norm_type="NaN"), "'norm_type' should be >= 0"),
+    "optimizer as a number": (base(optimizer="3"), "'optimizer' should be a class name"),
+    "optimizer too long": (base(optimizer=json.dumps("A" * 201)), "'optimizer' should be a class name"),
+    "lone surrogate optimizer": (base(optimizer='"\\ud800"'), "not valid Unicode"),
+    "normalising as 1": (base(normalising="1"), "'normalising' should be true or false"),
 }
 AT = 31  # the crafted line's number in its log
 
@@ -273,6 +277,22 @@ def test_history_columns_follow_the_schema():
         column = getattr(h, f.name)
         assert column.dtype == (torch.bool if f.kind is bool else torch.float64)
     assert h.norm.tolist() == [2.0, 0.5] and h.clipped.tolist() == [True, False]
+
+
+def test_the_optimizer_the_records_name():
+    # absent: not said; one: the history's; several (two runs in one log): a problem, and
+    # the normalisation only where they share it
+    assert (History.from_records([record(0)]).optimizer, History.from_records([record(0)]).normalising) == (None, None)
+    adam = [record(i, optimizer="Adam", normalising=True) for i in range(3)]
+    h = History.from_records([record(0), *adam])
+    assert (h.optimizer, h.normalising, h.problems) == ("Adam", True, ())
+    kin = History.from_records([*adam, record(3, optimizer="AdamW", normalising=True)])
+    assert (kin.optimizer, kin.normalising) == (None, True)
+    (problem,) = kin.problems
+    assert "the records name 2 optimizers (Adam, AdamW)" in problem and "what they share" in problem
+    mixed = History.from_records([*adam, record(3, optimizer="SGD", normalising=False)])
+    assert (mixed.optimizer, mixed.normalising) == (None, None)
+    assert "none of them: pass the one to judge (optimizer=)" in mixed.problems[0]
 
 
 def test_history_builder_refuses_a_bad_record_without_a_partial_row():

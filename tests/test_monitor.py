@@ -353,6 +353,71 @@ def test_step_clips_records_and_steps_the_optimizer():
     assert (s.steps, s.clipped_steps, s.skipped_steps) == (2, 1, 1)
 
 
+def test_the_log_names_the_optimizer_the_monitor_steps(tmp_path):
+    """``step`` writes the optimizer's kind to the records, in both formats, so that a
+    recommendation read from the log follows it; ``optimizer=`` and ``record`` say it too."""
+    model = Net()
+    jsonl, csvp = tmp_path / "run.jsonl", tmp_path / "run.csv"
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with gradclip.GradMonitor(gradclip.NormClip(0.1), model, log=jsonl, sinks=[csvp], every=2) as mon:
+        for step in range(3):
+            backward(model, step)
+            mon.step(adamw, loss=1.0)
+    written = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert {(r["optimizer"], r["normalising"]) for r in written} == {("AdamW", True)}
+    for path in (jsonl, csvp):
+        h = read_log(path)
+        assert (h.optimizer, h.normalising, h.problems) == ("AdamW", True, ())
+    assert mon.history().optimizer == "AdamW"
+    # given at construction (record() users), and changed by record(optimizer=...)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    mon = gradclip.GradMonitor(gradclip.NormClip(0.1), model, sinks=records.append,
+                               optimizer=[sgd, adamw], every=1)  # fmt: skip
+    backward(model, 0)
+    mon()
+    backward(model, 1)
+    mon.record(gradclip.NormClip(0.1)(model), optimizer=adamw)
+    mon.close()
+    assert [(r["optimizer"], r["normalising"]) for r in records] == [("SGD+AdamW", False), ("AdamW", True)]
+    # not said: no field, and the history says None
+    records.clear()
+    with gradclip.GradMonitor(gradclip.NormClip(0.1), model, sinks=records.append) as mon:
+        backward(model, 2)
+        mon()
+    assert "optimizer" not in records[0] and mon.history().optimizer is None
+
+
+def test_a_stepped_wrapper_of_unknown_kind_is_not_named():
+    model = Net()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    class Stepper:  # steps an optimizer, as a framework's wrapper does; not a torch.optim one
+        param_groups = inner.param_groups
+
+        def step(self):
+            inner.step()
+
+    records = []
+    with gradclip.GradMonitor(gradclip.NormClip(0.1), model, sinks=records.append) as mon:
+        backward(model, 0)
+        mon.step(Stepper())
+    assert len(records) == 1 and "optimizer" not in records[0]
+
+
+def test_a_bad_optimizer_is_named_and_records_nothing():
+    model = Net()
+    with pytest.raises(TypeError, match=r"`optimizer` must be a torch.optim.Optimizer.*got str"):
+        gradclip.GradMonitor(gradclip.NormClip(0.1), model, optimizer="AdamW")
+    records = []
+    with gradclip.GradMonitor(gradclip.NormClip(0.1), model, sinks=records.append) as mon:
+        backward(model, 0)
+        stats = gradclip.NormClip(0.1)(model)
+        with pytest.raises(TypeError, match="`optimizer` must be"):
+            mon.record(stats, optimizer=3)
+    assert records == []
+
+
 def test_empty_summary():
     s = gradclip.GradMonitor().summary()
     assert (s.steps, s.clip_rate, s.norm_percentiles, s.top_layers) == (0, 0.0, {}, ())

@@ -282,6 +282,20 @@ def test_under_a_normalising_optimizer_clipping_is_no_learning_rate_cut():
     assert adamw.late_clip_rate == sgd.late_clip_rate == 1.0
 
 
+def test_the_optimizer_the_log_names_is_followed():
+    # a monitor that stepped Adam names it in the log: no optimizer= needed; one given wins
+    norms = spiky_norms()[0].tolist()
+    named = dataclasses.replace(gradclip.History.from_norms(norms), optimizer="AdamW", normalising=True)
+    rec = gradclip.recommend_max_norm(named)
+    given = gradclip.recommend_max_norm(norms, optimizer="AdamW")
+    assert (rec.max_norm, rec.normalising, rec.optimizer) == (given.max_norm, True, "AdamW")
+    assert "the optimizer (AdamW, as the log names it) normalises its update" in rec.rule
+    assert "the optimizer (AdamW) normalises its update" in given.rule
+    sgd = gradclip.recommend_max_norm(named, optimizer="sgd")
+    assert (sgd.max_norm, sgd.normalising, sgd.optimizer) == (gradclip.recommend_max_norm(norms).max_norm, False, "SGD")
+    assert gradclip.recommend_max_norm(norms).optimizer is None
+
+
 def test_the_optimizer_argument_is_checked():
     with pytest.raises(ValueError, match=r"`optimizer`='Lion' names no torch.optim optimizer.*AdamW.*'Adam' for Lion"):
         gradclip.recommend_max_norm([1.0] * 60, optimizer="Lion")

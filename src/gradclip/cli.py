@@ -153,7 +153,8 @@ def _optimizer_argument(parser: argparse.ArgumentParser) -> None:
         "--optimizer", metavar="NAME", type=_optimizer_name,
         help="the optimizer the run stepped, by its torch.optim class (AdamW, SGD, ...): under one "
         "that normalises its update (Adam's kin) and steady norms, the recommended threshold "
-        "clips every typical step",
+        "clips every typical step (default: the one the log names; a GradMonitor records the "
+        "optimizer it steps)",
     )  # fmt: skip
 
 

@@ -201,6 +201,10 @@ class History:
         source: the log file it was read from, if any.
         problems: what was wrong with the log ("file:line: ..."), empty when nothing was.
         forensics: row -> the ``"forensics"`` object of that step's record (spike steps).
+        optimizer: the optimizer the records name (``"AdamW"``; several: ``"Muon+AdamW"``),
+            None where none is named, or the records name different ones (a problem then).
+        normalising: whether that optimizer normalises its update (None: not said, or the
+            records disagree).
 
     Example:
         >>> h = History.from_norms([1.0, 2.0, 50.0], threshold=4.0)
@@ -226,6 +230,8 @@ class History:
     source: str | None = None
     problems: tuple[str, ...] = ()
     forensics: dict[int, dict[str, Any]] = field(default_factory=dict)
+    optimizer: str | None = None
+    normalising: bool | None = None
 
     def __post_init__(self) -> None:
         if self.layers.numel() == 0 and self.layers.shape != (len(self), 0):
@@ -404,6 +410,7 @@ class HistoryBuilder:
         self._forensics: dict[int, dict[str, Any]] = {}
         self._norm_type: float | None = None
         self._mixed = False
+        self._optimizers: dict[str, bool | None] = {}  # named optimizer -> normalising
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -417,6 +424,8 @@ class HistoryBuilder:
         groups = {g: {str(k): float(v) for k, v in record.get(g, {}).items()} for g in self._groups}
         p = float(record.get("norm_type", 2.0))
         forensics = record.get("forensics")
+        if "optimizer" in record:
+            self._optimizers[str(record["optimizer"])] = record.get("normalising")
         row = len(self._steps)
         if isinstance(forensics, Mapping):
             self._forensics[row] = dict(forensics)
@@ -468,6 +477,15 @@ class HistoryBuilder:
         layer_names, layers = self._dense("layers", notes)
         extra_names, extras = self._dense("extra", notes)
         norm_type = 2.0 if self._norm_type is None else self._norm_type
+        named = self._optimizers
+        kinds = set(named.values())
+        if len(named) > 1:
+            notes.append(
+                f"the records name {len(named)} optimizers ({', '.join(named)}): more than one "
+                "run in one log? The recommendation follows "
+                + ("none of them: pass the one to judge (optimizer=)" if len(kinds) > 1 else
+                   "what they share")
+            )
         return History(
             steps=_column(self._steps, torch.int64),
             **{k: _column(v, torch.float64) for k, v in self._scalars.items()},
@@ -479,4 +497,6 @@ class HistoryBuilder:
             source=source,
             problems=tuple(notes),
             forensics=dict(self._forensics),
+            optimizer=next(iter(named)) if len(named) == 1 else None,
+            normalising=next(iter(kinds)) if len(kinds) == 1 else None,
         )

@@ -40,7 +40,7 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -48,6 +48,8 @@ from torch import Tensor
 from gradclip._cache import LRU
 from gradclip._checks import ArgumentTypeError, check_count, check_real
 from gradclip.clippers import Clipper, Parameters, Snapshot, SpikeReport, UpdateNorms
+from gradclip.clippers.adaptive import normalises
+from gradclip.clippers.base import as_optimizers, optimizer_list
 from gradclip.history import History, HistoryBuilder, LayerStat, MonitorSummary, NonFiniteEvent
 from gradclip.recorder import Scalar, StepRecorder, layer_name
 from gradclip.records import Record
@@ -108,6 +110,14 @@ def _from_total(total: Tensor, max_norm: float | None) -> tuple[list[Tensor], li
     no = torch.zeros_like(finite)  # no spike detector: nothing is a spike
     bound, score = torch.full_like(total, math.inf), torch.zeros_like(total)
     return [total, total * coef, threshold, coef, bound, score], [coef < 1, finite, no, no]
+
+
+def _run_fields(optimizer: object, fix: str) -> dict[str, str | bool]:
+    """The records' :data:`~gradclip.records.RUN_FIELDS` naming ``optimizer`` (an optimizer
+    or a list of them; ``TypeError`` naming the argument with ``fix`` otherwise)."""
+    optimizers = optimizer_list(optimizer, fix)
+    return {"optimizer": "+".join(type(o).__name__ for o in optimizers),
+            "normalising": all(normalises(o) for o in optimizers)}  # fmt: skip
 
 
 def _add_report(record: Record, report: SpikeReport, depth: int | None) -> None:
@@ -201,6 +211,11 @@ class GradMonitor:
             the parameters taken before the step (:class:`gradclip.clippers.Snapshot`: one
             copy of the parameters in memory). ``True``: every step; an int ``n``: every
             ``n``-th step (the others record none); ``False`` (default): never.
+        optimizer: the optimizer stepped after the clip, or a list of them (``[muon,
+            adamw]``): its kind is written to every record (``optimizer``, ``normalising``), so
+            that :func:`gradclip.recommend_max_norm` and ``gradclip recommend`` read from the
+            log the rule that fits it. :meth:`step` sets it from the optimizer it steps, and
+            :meth:`record` takes one too; None (default): not said, unless they are used.
         stall_floor, stall_steps: the stall detector: when the clip coefficient of every
             gradient, or of a parameter group (the clipper's ``groups=``), stays below
             ``stall_floor`` for ``stall_steps`` consecutive steps while its norm grows, the
@@ -227,6 +242,7 @@ class GradMonitor:
         every: int = 100,
         depth: int | None = None,
         updates: bool | int = False,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         stall_floor: float = STALL_FLOOR,
         stall_steps: int | None = STALL_STEPS,
     ):
@@ -240,6 +256,10 @@ class GradMonitor:
                            "stall_floor=1e-3")
         stall = check_count(stall_steps, "stall_steps", 1, "stall_steps=50", none="no detector")
         self._stall = None if stall is None else StallDetector(floor, stall)
+        # what the records say of the optimizer (records.RUN_FIELDS); empty: not said
+        self._run: dict[str, str | bool] = {} if optimizer is None else _run_fields(
+            optimizer, "the one stepped after the clip, or None"
+        )
         self.stalls: list[Stall] = []
         self._warned_stalls: set[str] = set()
         self._snapshot = Snapshot()
@@ -296,7 +316,11 @@ class GradMonitor:
         if measure:
             self._snapshot.take(params)
         stats = clipper.step(params, optimizer, loss=scalars.get("loss"))
-        self.record(stats, update=self._snapshot.measure() if measure else None, **scalars)
+        # the log names it where it is torch.optim's kind (a wrapper's kind is not known)
+        stepped = list(dict.fromkeys(as_optimizers(optimizer)))
+        known = stepped if all(isinstance(o, torch.optim.Optimizer) for o in stepped) else None
+        self.record(stats, update=self._snapshot.measure() if measure else None,
+                    optimizer=known, **scalars)  # fmt: skip
         return stats
 
     def _clipper_and_params(self, parameters: Parameters | None) -> tuple[Clipper, Parameters]:
@@ -316,6 +340,7 @@ class GradMonitor:
         norm_type: float = 2.0,
         step: int | Tensor | None = None,
         update: UpdateNorms | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         **scalars: float | Tensor,
     ) -> None:
         """Store one step: a :class:`~gradclip.ClipStats`, or a total norm from a drop-in.
@@ -332,6 +357,8 @@ class GradMonitor:
                 (:meth:`gradclip.clippers.Snapshot.measure`): its per-layer ratios
                 ``‖Δθ‖ / ‖θ‖`` are kept as the scalars ``update/<layer>`` and
                 ``update/total``.
+            optimizer: the optimizer stepped after this clip (or a list): the records name
+                its kind from the next flush on, as with the monitor's ``optimizer=``.
             scalars: numbers or one-element tensors to keep with the step (loss, lr, ...).
                 A ClipStats of a clipper with groups adds ``group/<name>/norm``,
                 ``group/<name>/coef`` and ``group/<name>/threshold`` (NaN for a group left
@@ -348,6 +375,7 @@ class GradMonitor:
         if update is not None and not isinstance(update, UpdateNorms):
             raise TypeError(f"`update` must be the UpdateNorms of Snapshot.measure(), got "
                             f"{type(update).__name__}")
+        run = None if optimizer is None else _run_fields(optimizer, "the one stepped after this clip, or None")
         extras = {name: _check_scalar(name, value) for name, value in scalars.items()}
         groups = stats.groups if isinstance(stats, ClipStats) else None
         if groups is not None:
@@ -373,6 +401,8 @@ class GradMonitor:
             top = (stats.spike_top, stats.spike_ratios)
         self._steps.write(index, fields, flags, per_tensor, step, by_column,
                           math.nan if tracing else time.time(), top)  # no clock in a graph
+        if run is not None:
+            self._run = run
         if not tracing:
             report = stats.spike_report if isinstance(stats, ClipStats) else None
             if report is not None:  # read on the host already: it joins the step's record
@@ -442,6 +472,8 @@ class GradMonitor:
             return
         written, records, layer_names, aggregates = self._steps.read()
         self._pending = 0
+        for r in records:  # the steps since the last flush: one run, one optimizer
+            r.update(self._run)
         reports, self._reports = self._reports, {}
         if written <= self.every:  # (else the oldest were overwritten: positions moved)
             for position, report in reports.items():

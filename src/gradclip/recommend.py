@@ -31,7 +31,8 @@ The rule (:func:`recommend_max_norm`), and why:
   diverged on 4 of 12 seeds), and lowering the threshold when the loss has levelled off, the
   learning-rate rule, is right above it and wrong below: neither wins everywhere, so the rule
   stays with the norms, and two runs' losses, or :func:`gradclip.find_max_norm`, decide.
-* Given the optimizer (``optimizer=``), and where it normalises its update (Adam and its kin,
+* Given the optimizer (``optimizer=``, or named by the log: a monitor records the one it
+  steps), and where it normalises its update (Adam and its kin,
   :func:`~gradclip.clippers.adaptive.normalises`), the threshold does not set the step size:
   the learning rate does. There a threshold just below the typical norms (their 1% quantile)
   gives every step the same gradient norm, and a spike then reaches the optimizer's moment
@@ -152,7 +153,10 @@ class Recommendation:
             cannot tell.
         drift: the median of the last tenth of the settled norms over that of the first tenth
             (None: fewer than 50 settled steps).
-        normalising: whether the optimizer given normalises its update (None: none given).
+        normalising: whether the optimizer normalises its update (None: none given, and the
+            log names none).
+        optimizer: the optimizer the rule followed: the one given (``optimizer=``), else the
+            one the log names (:attr:`gradclip.History.optimizer`); None: neither.
     """
 
     max_norm: float | None
@@ -176,6 +180,7 @@ class Recommendation:
     late_clip_rate: float | None = None
     drift: float | None = None
     normalising: bool | None = None
+    optimizer: str | None = None
 
     def threshold_at(self, step: int) -> float | None:
         """The threshold for training step ``step`` of a run like the recorded one.
@@ -241,7 +246,9 @@ def recommend_max_norm(
             (``[muon, adamw]``), or the name of its ``torch.optim`` class (``"AdamW"``, any
             case). Where it normalises its update and the norms are steady, the threshold
             clips every typical step (see the module doc). Only its kind is read. None
-            (default): the rule for any optimizer, which sits above the typical norms.
+            (default): the one the log names (a :class:`~gradclip.GradMonitor` records the
+            optimizer it steps, or is given), else the rule for any optimizer, which sits
+            above the typical norms.
         top_spikes: how many of the largest spikes to list.
 
     Returns:
@@ -256,8 +263,14 @@ def recommend_max_norm(
         >>> gradclip.recommend_max_norm([2.0, 2.2, 1.8, 2.1] * 25, optimizer="AdamW").max_norm
         1.7
     """
-    normalising = None if optimizer is None else all(normalises(o) for o in _kinds(optimizer))
+    kinds = None if optimizer is None else _kinds(optimizer)
     h = _history(history)
+    if kinds is None:  # the one the log names (GradMonitor.step records it), if any
+        named, normalising = h.optimizer, h.normalising
+        whose = "" if named is None else f"{named}, as the log names it"
+    else:
+        named = "+".join((k if isinstance(k, type) else type(k)).__name__ for k in kinds)
+        normalising, whose = all(normalises(o) for o in kinds), named
     steps = len(h)
     judged, left_out = h.clipped_norm()  # the total, or the clipped groups' norm (Muon aside)
     used = h.finite & ~h.skipped & (judged > 0) & torch.isfinite(judged)
@@ -275,6 +288,7 @@ def recommend_max_norm(
             (), recorded_thr, recorded_rate, None, min_coef, frozen, nonfinite,
             ("no finite, non-skipped step with a non-zero norm was recorded: nothing to "
              "recommend from", *_nonfinite_warning(h, nonfinite)), normalising=normalising,
+            optimizer=named,
         )  # fmt: skip
 
     logs = norms.log()
@@ -317,13 +331,13 @@ def recommend_max_norm(
         "standard deviations of log-norm above the median, left out)"
         + (f", held to {RAISE:g}x the largest norm the run applied ({applied:.4g})"
            if max_norm < suggested else "")
-        + (f": every typical step clipped to one norm, as the optimizer normalises its update "
+        + (f": every typical step clipped to one norm, as the optimizer ({whose}) normalises its update "
            f"(its learning rate sets the step size) and the settled norms changed only "
            f"{drift:.3g}x over the run" if below else "")
         + (", from the first step: clipping the start costs no step size either, and keeps the "
            "optimizer's second moment from remembering its large norms" if below and start else "")
         + ("" if not normalising or below else
-           "; the optimizer normalises its update, but "
+           f"; the optimizer ({whose}) normalises its update, but "
            + (f"the settled norms changed {drift:.3g}x over the run: clipping every step would "
               "undo the shrinking of its steps as they fall" if drift is not None else
               "too few settled steps tell whether its norms are steady"))
@@ -425,6 +439,7 @@ def recommend_max_norm(
         late_clip_rate=late,
         drift=drift,
         normalising=normalising,
+        optimizer=named,
     )
 
 

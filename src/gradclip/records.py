@@ -24,7 +24,15 @@ A *step record* is a plain dict, one per recorded step, with the fields of
      "forensics": {...}}      # on a spike step only, when they were read: below
 
 Fields added after a log was written (``spike_bound``, ``spike_score``, ``spike``) read as
-their default (:data:`gradclip.stats.STEP_FIELDS`): inf, 0, false. A spike step's record
+their default (:data:`gradclip.stats.STEP_FIELDS`): inf, 0, false. Two optional fields
+(:data:`RUN_FIELDS`) say which optimizer the run stepped after the clip, where the monitor
+was told (``GradMonitor.step``, or its ``optimizer=``), so that a recommendation read from the
+log follows it; a log without them reads as "not said"::
+
+     "optimizer": "AdamW",    # its class name; several: joined by "+" ("Muon+AdamW")
+     "normalising": true,     # whether all of them normalise their update (Adam and its kin:
+                              # gradclip.clippers.adaptive.normalises)
+ A spike step's record
 may end with a ``"forensics"`` object (:class:`gradclip.SpikeReport`)::
 
     "forensics": {"layers": {"h.3.mlp.weight": 812.0, ...},  # norm / its running median
@@ -57,6 +65,7 @@ __all__ = [
     "MAX_ABS",
     "MAX_STEP",
     "RECORD_FIELDS",
+    "RUN_FIELDS",
     "SCHEMA_VERSION",
     "LogError",
     "Record",
@@ -74,6 +83,12 @@ SCHEMA_VERSION = 1
 RECORD_FIELDS: tuple[str, ...] = ("schema", "step", "time", "norm_type", *SCALAR_FIELDS, *FLAG_FIELDS)
 """The top-level fields of a step record, in order (then ``layers`` and ``extra``); also the
 first columns of a CSV log."""
+
+RUN_FIELDS: tuple[str, ...] = ("optimizer", "normalising")
+"""The optional fields about the run rather than the step (see the module doc): a string and
+a flag, written after :data:`RECORD_FIELDS` where the monitor knew the optimizer."""
+MAX_OPTIMIZER = 200
+"""Longest ``optimizer`` string a record may hold (class names, "+"-joined)."""
 
 MAX_STEP = 2**63
 """Steps are int64: a record's step must be in ``[0, MAX_STEP)``."""
@@ -210,6 +225,17 @@ def decode_record(obj: Any, *, check_names: bool = True) -> Record:
         out[name] = value
     for group in ("layers", "extra"):
         out[group] = _names_to_floats(obj.get(group, {}), group, check_names)
+    if "optimizer" in obj:
+        name = obj["optimizer"]
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_OPTIMIZER:
+            raise ValueError(
+                f"field 'optimizer' should be a class name of 1-{MAX_OPTIMIZER} characters, got {_short(name)}"
+            )
+        out["optimizer"] = _check_name(name, "optimizer") if check_names else name
+    if "normalising" in obj:
+        if not isinstance(obj["normalising"], bool):
+            raise ValueError(f"field 'normalising' should be true or false, got {_short(obj['normalising'])}")
+        out["normalising"] = obj["normalising"]
     if "forensics" in obj:
         out["forensics"] = _forensics(obj["forensics"], check_names)
     return out
@@ -326,7 +352,9 @@ def decode_csv_row(columns: Sequence[str], cells: Sequence[str]) -> Record:
                 raise ValueError(f"field 'forensics' is not a JSON object ({exc.msg})") from None
         elif column in ("schema", "step"):
             obj[column] = _csv_int(cell, column)
-        elif column in FLAG_FIELDS:
+        elif column == "optimizer":
+            obj[column] = cell
+        elif column in FLAG_FIELDS or column == "normalising":
             if cell.lower() not in _CSV_FLAGS:
                 raise ValueError(f"field {column!r} should be true or false, got {_short(cell)}")
             obj[column] = _CSV_FLAGS[cell.lower()]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import gradclip
 from browser import chromium_or_skip, load_in_chromium
 from gradclip.demo.folder import DIAGNOSTICS, RUNS, write_demo
 
@@ -52,12 +53,16 @@ def test_the_diagnostics_name_the_log_where_it_will_be(folder):
     assert str(out) not in page
 
 
-@pytest.mark.parametrize("task", ["adam-spikes", "muon-adamw"])
-def test_the_diagnostics_recommend_for_the_tasks_optimizer(folder, tmp_path, task):
-    # Adam (and Muon with AdamW) normalise their update: the recommendation's rule says so,
-    # SGD's (the heavy-tailed task) does not
+@pytest.mark.parametrize(("task", "named"), [("adam-spikes", "Adam"), ("muon-adamw", "Muon+AdamW")])
+def test_the_diagnostics_recommend_for_the_tasks_optimizer(folder, tmp_path, task, named):
+    # Adam (and Muon with AdamW) normalise their update: the logs name the optimizer, and the
+    # recommendation's rule, read from the log, says so; SGD's (the heavy-tailed task) does not
     write_demo(tmp_path, task, ["adaptive"], steps=120)
-    assert "the optimizer normalises its update" in (tmp_path / DIAGNOSTICS / "report.html").read_text()
+    history = gradclip.read_log(tmp_path / RUNS / "adaptive.jsonl")
+    assert (history.optimizer, history.normalising) == (named, True)
+    page = (tmp_path / DIAGNOSTICS / "report.html").read_text()
+    assert f"the optimizer ({named}, as the log names it) normalises its update" in page
+    assert gradclip.read_log(folder[0] / RUNS / "adaptive.jsonl").normalising is False
     assert "normalises" not in (folder[0] / DIAGNOSTICS / "report.html").read_text()
 
 

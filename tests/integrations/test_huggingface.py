@@ -296,6 +296,7 @@ def test_monitor_records_each_optimizer_step(tmp_path) -> None:
     assert log.layer_names == ("net.0", "net.2")
     for row, expected in zip(log.layers.tolist(), probe.layers, strict=True):
         assert row == pytest.approx(expected, rel=RTOL)
+    assert (log.optimizer, log.normalising) == ("RecordingAdamW", True)  # the one stepped
     monitor.close()
 
 
@@ -447,6 +448,7 @@ def test_accelerate_loop_clips_once_per_optimizer_step() -> None:
     assert [s is not None for s in results] == [False, True] * 3
     steps = [s for s in results if s is not None]
     assert [r["norm"] for r in records] == [float(s.norm) for s in steps]  # one per step
+    assert {(r["optimizer"], r["normalising"]) for r in records} == {("RecordingSGD", False)}
     seen = optimizer.optimizer.seen
     assert len(seen) == 3
     for stats, post in zip([s for s in results if s is not None], seen, strict=True):

@@ -190,6 +190,7 @@ def test_monitor_records_each_optimizer_step(tmp_path) -> None:
     assert log.layer_names == ("net.0", "net.2")
     for row, expected in zip(log.layers.tolist(), probe.layers, strict=True):
         assert row == pytest.approx(list(expected.values()), rel=RTOL)
+    assert (log.optimizer, log.normalising) == ("RecordingSGD", False)  # the one stepped
     assert monitor.summary().steps == 3
     monitor.close()
 

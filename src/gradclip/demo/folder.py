@@ -31,7 +31,7 @@ import gradclip
 from gradclip.demo import compare, render
 from gradclip.demo.compare import STRATEGIES, Comparison
 from gradclip.demo.problems import optimizer_of
-from gradclip.demo.tasks import Task
+from gradclip.demo.tasks import Task, resolve
 
 __all__ = ["DIAGNOSTICS", "PRODUCER", "RUNS", "write_demo"]
 
@@ -72,12 +72,15 @@ def write_demo(
 
     out = Path(folder)
     monitors: dict[str, gradclip.GradMonitor] = {}
+    # the logs name the task's optimizer: `gradclip recommend` on one follows its kind
+    optimizer = optimizer_of(resolve(task).config)
 
     def record(name: str, clipper: gradclip.Clipper | None) -> Callable[[object], object]:
         if clipper is None:
             return lambda stats: stats
         (out / RUNS).mkdir(exist_ok=True)
-        monitor = monitors[name] = gradclip.GradMonitor(log=out / RUNS / f"{name}.jsonl")
+        monitor = monitors[name] = gradclip.GradMonitor(log=out / RUNS / f"{name}.jsonl",
+                                                        optimizer=optimizer)  # fmt: skip
 
         def keep(stats: object) -> object:
             monitor.record(stats)  # type: ignore[arg-type]
@@ -98,9 +101,8 @@ def write_demo(
         history = gradclip.read_log(log)
         # the page names the log as it will be found in the published folder
         history = dataclasses.replace(history, source=f"{RUNS}/adaptive.jsonl")
-        # the recommendation's rule depends on the optimizer's kind (only that is read)
-        report = build_report(history, title="gradclip demo: diagnostics of the AdaptiveClip run",
-                              optimizer=optimizer_of(result.task.config))  # fmt: skip
+        # the recommendation follows the optimizer the log names
+        report = build_report(history, title="gradclip demo: diagnostics of the AdaptiveClip run")
         (out / DIAGNOSTICS).mkdir()
         write_report(report, out / DIAGNOSTICS)
         diagnostics = DIAGNOSTICS

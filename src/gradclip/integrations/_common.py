@@ -127,12 +127,17 @@ def check_monitor(monitor: object) -> GradMonitor | None:
     return monitor
 
 
-def record_step(monitor: GradMonitor | None, stats: ClipStats, step: int | None = None) -> None:
+def record_step(
+    monitor: GradMonitor | None, stats: ClipStats, step: int | None = None, optimizer: object = None
+) -> None:
     """Hand one optimizer step's ClipStats to ``monitor`` (per-tensor norms included: no
-    second pass, and no host read outside the monitor's own flushes). Nothing when there is
-    no monitor, or when no parameter had a gradient."""
+    second pass, and no host read outside the monitor's own flushes), with the optimizer the
+    framework steps after it where that is a ``torch.optim.Optimizer`` (the log names its
+    kind; a wrapper's is not known). Nothing when there is no monitor, or when no parameter
+    had a gradient."""
     if monitor is not None and stats.norms.tensors:
-        monitor.record(stats, step=step)
+        known = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+        monitor.record(stats, step=step, optimizer=known)
 
 
 class ClipLog:
@@ -148,10 +153,12 @@ class ClipLog:
         self.clipped = torch.zeros((), dtype=torch.long)
         self.spikes = torch.zeros((), dtype=torch.long)
 
-    def record(self, stats: ClipStats, *, step: int | None = None, main: bool = True) -> None:
+    def record(self, stats: ClipStats, *, step: int | None = None, main: bool = True,
+               optimizer: object = None) -> None:  # fmt: skip
         """Count one optimizer step (nothing when no parameter had a gradient), and record it
         in the monitor as training step ``step`` on the main process (``main``) only: every
-        rank sees the same norms, and one log needs one writer."""
+        rank sees the same norms, and one log needs one writer. ``optimizer``: the one
+        stepped after it (:func:`record_step`)."""
         if not stats.norms.tensors:
             return
         device = stats.clipped.device
@@ -160,7 +167,7 @@ class ClipLog:
         self.spikes = self.spikes.to(device) + stats.spike.long()
         self.last = stats
         if main:
-            record_step(self.monitor, stats, step)
+            record_step(self.monitor, stats, step, optimizer)
 
     def tensors(self) -> dict[str, Tensor]:
         """The figures as 0-dim device tensors (empty before the first clipped step)."""

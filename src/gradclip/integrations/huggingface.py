@@ -293,7 +293,8 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
         if loss is None:
             self._warn_no_loss(state.global_step)
         stats = self.clipper(target, loss=loss)
-        self._log.record(stats, step=state.global_step, main=state.is_world_process_zero)
+        self._log.record(stats, step=state.global_step, main=state.is_world_process_zero,
+                         optimizer=inner)  # fmt: skip
         drop_grads_if_skipped(self.clipper, stats, target)
 
     def _warn_no_loss(self, step: int) -> None:
@@ -405,6 +406,6 @@ def clip_gradients(
     target = clip_target(unwrapped, inner[0] if optimizer is not None else None)
     stats = clipper(target, loss=loss)
     if accelerator.is_main_process:
-        record_step(monitor, stats)
+        record_step(monitor, stats, optimizer=inner[0] if len(inner) == 1 else None)
     drop_grads_if_skipped(clipper, stats, target)
     return stats

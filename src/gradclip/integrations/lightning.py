@@ -241,7 +241,7 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
         target = clip_target(pl_module, optimizer)
         loss, self._loss = (self._loss if len(optimizers) <= 1 else None), None
         stats = entry.clipper(target, loss=loss)
-        entry.record(stats, step=trainer.global_step, main=trainer.is_global_zero)
+        entry.record(stats, step=trainer.global_step, main=trainer.is_global_zero, optimizer=raw)
         drop_grads_if_skipped(entry.clipper, stats, target)
         if self._log and entry.last is not None:
             prefix = "gradclip/" if len(optimizers) <= 1 else f"gradclip/opt{index}/"
