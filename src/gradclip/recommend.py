@@ -575,6 +575,9 @@ def render_text(rec: Recommendation) -> str:
                 "no clipping" if before == math.inf else f"{before:.4g} as recorded"
             )
         lines.append(f"  rule: {rec.rule}")
+        if rec.optimizer is not None:
+            does = "normalises" if rec.normalising else "does not normalise"
+            lines.append(f"  optimizer: {rec.optimizer} ({does} its update)")
         q = ", ".join(f"{k} {v:.4g}" for k, v in rec.quantiles.items())
         lines.append(f"  pre-clip norms over {rec.finite_steps} of {rec.steps} steps: {q}")
         lines.append(

@@ -62,6 +62,7 @@ def test_the_diagnostics_recommend_for_the_tasks_optimizer(folder, tmp_path, tas
     assert (history.optimizer, history.normalising) == (named, True)
     page = (tmp_path / DIAGNOSTICS / "report.html").read_text()
     assert f"the optimizer ({named}, as the log names it) normalises its update" in page
+    assert f"; optimizer: {named}</p>" in page  # the summary says which the log names
     assert gradclip.read_log(folder[0] / RUNS / "adaptive.jsonl").normalising is False
     assert "normalises" not in (folder[0] / DIAGNOSTICS / "report.html").read_text()
 

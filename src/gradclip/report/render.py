@@ -160,7 +160,8 @@ def write_report(report: Report, folder: str | os.PathLike[str]) -> ReportFiles:
         [summ.steps, summ.clipped_steps, f"{summ.clip_rate:.1%}", summ.nonfinite_steps,
          summ.skipped_steps, _fmt(summ.threshold), *(_fmt(pct.get(k)) for k in
          ("p50", "p90", "p99", "max"))],
-    ], paragraphs=[f"source: {h.source or '-'}; norm type: {h.norm_type:g}"]))  # fmt: skip
+    ], paragraphs=[f"source: {h.source or '-'}; norm type: {h.norm_type:g}"
+                   + (f"; optimizer: {h.optimizer}" if h.optimizer else "")]))  # fmt: skip
     sections.append(Section("Recommended max_norm", warnings=rec.warnings,
                             preformatted=render_text(rec).split("\nwarning:")[0]))  # fmt: skip
     sections.append(Section("Total norm over time", images=[("total norm", pngs["norms"])]))
