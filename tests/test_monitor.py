@@ -407,8 +407,15 @@ def test_a_stepped_wrapper_of_unknown_kind_is_not_named():
 
 def test_a_bad_optimizer_is_named_and_records_nothing():
     model = Net()
-    with pytest.raises(TypeError, match=r"`optimizer` must be a torch.optim.Optimizer.*got str"):
-        gradclip.GradMonitor(gradclip.NormClip(0.1), model, optimizer="AdamW")
+    with pytest.raises(TypeError, match=r"`optimizer` must be a torch.optim.Optimizer.*got int"):
+        gradclip.GradMonitor(gradclip.NormClip(0.1), model, optimizer=3)
+    with pytest.raises(ValueError, match=r"`optimizer`='Lion' names no torch.optim optimizer"):
+        gradclip.GradMonitor(gradclip.NormClip(0.1), model, optimizer="Lion")
+    named = gradclip.GradMonitor(gradclip.NormClip(0.1), model, optimizer="adamw", sinks=lambda r: None)
+    backward(model, 0)
+    named()
+    named.close()
+    assert (named.history().optimizer, named.history().normalising) == ("AdamW", True)
     records = []
     with gradclip.GradMonitor(gradclip.NormClip(0.1), model, sinks=records.append) as mon:
         backward(model, 0)

@@ -303,9 +303,12 @@ def test_the_optimizer_the_log_names_is_followed():
 def test_the_optimizer_argument_is_checked():
     with pytest.raises(ValueError, match=r"`optimizer`='Lion' names no torch.optim optimizer.*AdamW.*'Adam' for Lion"):
         gradclip.recommend_max_norm([1.0] * 60, optimizer="Lion")
-    for bad in (torch.optim.Adam, 3, []):
+    for bad in (int, 3, []):
         with pytest.raises(TypeError, match="optimizer"):
             gradclip.recommend_max_norm([1.0] * 60, optimizer=bad)
+    # a class reads as its name
+    by_class = gradclip.recommend_max_norm([1.0, 1.1, 0.9] * 30, optimizer=torch.optim.Adam)
+    assert by_class == gradclip.recommend_max_norm([1.0, 1.1, 0.9] * 30, optimizer="adam")
 
 
 def test_frozen_updates_are_flagged():

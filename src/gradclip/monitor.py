@@ -40,7 +40,7 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -48,8 +48,8 @@ from torch import Tensor
 from gradclip._cache import LRU
 from gradclip._checks import ArgumentTypeError, check_count, check_real
 from gradclip.clippers import Clipper, Parameters, Snapshot, SpikeReport, UpdateNorms
-from gradclip.clippers.adaptive import normalises
-from gradclip.clippers.base import as_optimizers, optimizer_list
+from gradclip.clippers.adaptive import OptimizerKinds, kind_name, normalises, optimizer_kinds
+from gradclip.clippers.base import as_optimizers
 from gradclip.history import History, HistoryBuilder, LayerStat, MonitorSummary, NonFiniteEvent
 from gradclip.recorder import Scalar, StepRecorder, layer_name
 from gradclip.records import Record
@@ -113,11 +113,12 @@ def _from_total(total: Tensor, max_norm: float | None) -> tuple[list[Tensor], li
 
 
 def _run_fields(optimizer: object, fix: str) -> dict[str, str | bool]:
-    """The records' :data:`~gradclip.records.RUN_FIELDS` naming ``optimizer`` (an optimizer
-    or a list of them; ``TypeError`` naming the argument with ``fix`` otherwise)."""
-    optimizers = optimizer_list(optimizer, fix)
-    return {"optimizer": "+".join(type(o).__name__ for o in optimizers),
-            "normalising": all(normalises(o) for o in optimizers)}  # fmt: skip
+    """The records' :data:`~gradclip.records.RUN_FIELDS` naming ``optimizer``
+    (:data:`~gradclip.clippers.adaptive.OptimizerKinds`; ``TypeError`` naming the argument
+    with ``fix`` otherwise)."""
+    kinds = optimizer_kinds(optimizer, fix)
+    return {"optimizer": "+".join(kind_name(k) for k in kinds),
+            "normalising": all(normalises(k) for k in kinds)}  # fmt: skip
 
 
 def _add_report(record: Record, report: SpikeReport, depth: int | None) -> None:
@@ -211,8 +212,8 @@ class GradMonitor:
             the parameters taken before the step (:class:`gradclip.clippers.Snapshot`: one
             copy of the parameters in memory). ``True``: every step; an int ``n``: every
             ``n``-th step (the others record none); ``False`` (default): never.
-        optimizer: the optimizer stepped after the clip, or a list of them (``[muon,
-            adamw]``): its kind is written to every record (``optimizer``, ``normalising``), so
+        optimizer: the optimizer stepped after the clip, its class or ``torch.optim`` name
+            (``"AdamW"``), or a list of them (``[muon, adamw]``): its kind is written to every record (``optimizer``, ``normalising``), so
             that :func:`gradclip.recommend_max_norm` and ``gradclip recommend`` read from the
             log the rule that fits it. :meth:`step` sets it from the optimizer it steps, and
             :meth:`record` takes one too; None (default): not said, unless they are used.
@@ -242,7 +243,7 @@ class GradMonitor:
         every: int = 100,
         depth: int | None = None,
         updates: bool | int = False,
-        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        optimizer: OptimizerKinds | None = None,
         stall_floor: float = STALL_FLOOR,
         stall_steps: int | None = STALL_STEPS,
     ):
@@ -340,7 +341,7 @@ class GradMonitor:
         norm_type: float = 2.0,
         step: int | Tensor | None = None,
         update: UpdateNorms | None = None,
-        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        optimizer: OptimizerKinds | None = None,
         **scalars: float | Tensor,
     ) -> None:
         """Store one step: a :class:`~gradclip.ClipStats`, or a total norm from a drop-in.

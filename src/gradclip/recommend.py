@@ -75,8 +75,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradclip.clippers.adaptive import normalises
-from gradclip.clippers.base import optimizer_list
+from gradclip.clippers.adaptive import (
+    OptimizerKinds,
+    kind_name,
+    normalises,
+    optimizer_class,
+    optimizer_kinds,
+)
 from gradclip.history import History
 from gradclip.monitor import GradMonitor
 from gradclip.readlog import read_log
@@ -233,7 +238,7 @@ def _history(history: History | GradMonitor | Sequence[float] | Tensor | str | o
 def recommend_max_norm(
     history: History | GradMonitor | Sequence[float] | Tensor | str | os.PathLike[str],
     *,
-    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | str | None = None,
+    optimizer: OptimizerKinds | None = None,
     top_spikes: int = 5,
 ) -> Recommendation:
     """Recommend a fixed ``max_norm`` from a recorded run (see the module doc for the rule).
@@ -243,8 +248,8 @@ def recommend_max_norm(
             :class:`~gradclip.GradMonitor`, the path of a monitor log, or the pre-clip
             total norms of each step (a sequence or 1-D tensor).
         optimizer: the optimizer the recorded run stepped after the clip, a list of them
-            (``[muon, adamw]``), or the name of its ``torch.optim`` class (``"AdamW"``, any
-            case). Where it normalises its update and the norms are steady, the threshold
+            (``[muon, adamw]``), its class, or the name of its ``torch.optim`` class
+            (``"AdamW"``, any case). Where it normalises its update and the norms are steady, the threshold
             clips every typical step (see the module doc). Only its kind is read. None
             (default): the one the log names (a :class:`~gradclip.GradMonitor` records the
             optimizer it steps, or is given), else the rule for any optimizer, which sits
@@ -263,13 +268,13 @@ def recommend_max_norm(
         >>> gradclip.recommend_max_norm([2.0, 2.2, 1.8, 2.1] * 25, optimizer="AdamW").max_norm
         1.7
     """
-    kinds = None if optimizer is None else _kinds(optimizer)
+    kinds = None if optimizer is None else optimizer_kinds(optimizer, "the one the recorded run stepped")
     h = _history(history)
     if kinds is None:  # the one the log names (GradMonitor.step records it), if any
         named, normalising = h.optimizer, h.normalising
         whose = "" if named is None else f"{named}, as the log names it"
     else:
-        named = "+".join((k if isinstance(k, type) else type(k)).__name__ for k in kinds)
+        named = "+".join(kind_name(k) for k in kinds)
         normalising, whose = all(normalises(o) for o in kinds), named
     steps = len(h)
     judged, left_out = h.clipped_norm()  # the total, or the clipped groups' norm (Muon aside)
@@ -505,35 +510,6 @@ def _nonfinite_warning(h: History, count: int) -> tuple[str, ...]:
         else "with nonfinite='propagate' they reach the weights: use nonfinite='skip'"
     )
     return (f"{count} step(s) had NaN/inf gradients (first at step {first}); {fix}",)
-
-
-def _kinds(optimizer: object) -> list[Any]:
-    """``recommend_max_norm``'s ``optimizer``: its optimizers, or the class its name names."""
-    if isinstance(optimizer, str):
-        return [optimizer_class(optimizer)]
-    return optimizer_list(optimizer, "the one the recorded run stepped, or its name")
-
-
-def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """The ``torch.optim`` optimizer class called ``name``, in any case (``ValueError`` naming
-    the known ones otherwise): how ``gradclip recommend --optimizer`` names one.
-
-    Example:
-        >>> optimizer_class("adamw").__name__
-        'AdamW'
-    """
-    classes = {
-        key.lower(): cls for key, cls in vars(torch.optim).items()
-        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer
-    }  # fmt: skip
-    if name.lower() not in classes:
-        raise ValueError(
-            f"`optimizer`={name!r} names no torch.optim optimizer; name one of "
-            f"{', '.join(sorted(c.__name__ for c in classes.values()))} (for one from another "
-            "package, the torch.optim kin it follows: 'Adam' for Lion or an 8-bit Adam, 'SGD' "
-            "for a momentum SGD), or pass the optimizer itself"
-        )
-    return classes[name.lower()]
 
 
 def _late_clip_rate(clipped: Tensor) -> float | None:

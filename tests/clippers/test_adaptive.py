@@ -595,8 +595,54 @@ def test_hold_and_optimizer_arguments_are_checked() -> None:
             AdaptiveClip(hold=bad)
     with pytest.raises(TypeError, match="hold"):
         AdaptiveClip(hold="0.1")
-    with pytest.raises(TypeError, match="optimizer"):
-        AdaptiveClip(optimizer=torch.optim.Adam)
+    for bad in (3, [], int, [torch.optim.Adam, "adam", None]):
+        with pytest.raises(TypeError, match=r"`optimizer` must be a torch.optim.Optimizer, its class or its name"):
+            AdaptiveClip(optimizer=bad)
+    with pytest.raises(ValueError, match=r"`optimizer`='Lion' names no torch.optim optimizer"):
+        AdaptiveClip(optimizer="Lion")
+
+
+@pytest.mark.parametrize("kind", [torch.optim.AdamW, "AdamW", "adamw", [torch.optim.RMSprop, "AdamW"]])
+def test_the_optimizer_may_be_named_before_it_exists(kind) -> None:
+    # a framework (the Hugging Face Trainer, Lightning) builds the optimizer after the clipper:
+    # its class or name gives the same rule as the optimizer itself
+    p = [torch.nn.Parameter(torch.zeros(2, 2))]
+    built = AdaptiveClip(optimizer=torch.optim.AdamW(p))
+    assert AdaptiveClip(optimizer=kind).config() == built.config() != AdaptiveClip().config()
+    assert AdaptiveClip(optimizer="SGD").config() == AdaptiveClip().config()
+
+
+def step_twice(clipper, optimizer):
+    p = optimizer.param_groups[0]["params"][0]
+    for _ in range(2):
+        p.grad = torch.ones_like(p)
+        clipper.step([p], optimizer)
+
+
+@pytest.mark.parametrize(
+    ("built", "stepped", "says"),
+    [
+        ({}, torch.optim.AdamW, "built without `optimizer`, and it steps AdamW, which normalises"),
+        ({"optimizer": "adam"}, torch.optim.SGD, "built for Adam, and it steps SGD, which does not normalise"),
+        ({"optimizer": "SGD"}, torch.optim.RMSprop, "built for SGD, and it steps RMSprop, which normalises"),
+    ],
+)
+def test_stepping_another_kind_of_optimizer_warns_once(built, stepped, says) -> None:
+    p = torch.nn.Parameter(torch.zeros(2))
+    optimizer = stepped([p], lr=0.1)
+    with pytest.warns(UserWarning, match=says) as seen:
+        step_twice(AdaptiveClip(**built), optimizer)
+    assert len(seen) == 1 and "AdaptiveClip(optimizer=optimizer)" in str(seen[0].message)
+
+
+@pytest.mark.parametrize(
+    ("built", "stepped"),
+    [({}, torch.optim.SGD), ({"optimizer": "AdamW"}, torch.optim.Adam), ({"plateau": True}, torch.optim.Adam),
+     ({"hold": 0.1}, torch.optim.SGD), ({"optimizer": [torch.optim.RMSprop, "AdamW"]}, torch.optim.AdamW)],
+)
+def test_the_kind_it_was_built_for_or_a_rule_picked_by_hand_is_silent(built, stepped, recwarn) -> None:
+    step_twice(AdaptiveClip(**built), stepped([torch.nn.Parameter(torch.zeros(2))], lr=0.1))
+    assert not [w for w in recwarn if "AdaptiveClip was built" in str(w.message)]
 
 
 def test_checkpoints_without_hold_still_load_and_hold_is_checked() -> None:
@@ -645,7 +691,10 @@ def test_optimizer_takes_a_list_as_step_does() -> None:
     assert AdaptiveClip(optimizer=[muon, adamw]).hold == HOLD
     assert AdaptiveClip(optimizer=(adamw,)).hold == HOLD
     assert AdaptiveClip(optimizer=[muon, torch.optim.SGD([b], lr=0.1)]).hold is None
-    for bad in ([], [adamw, "sgd"], [torch.optim.Adam]):
+    # kinds may be mixed: optimizers, classes, names
+    assert AdaptiveClip(optimizer=[muon, "adamw"]).hold == AdaptiveClip(optimizer=[torch.optim.Adam]).hold == HOLD
+    assert AdaptiveClip(optimizer=[adamw, "sgd"]).hold is None
+    for bad in ([], [adamw, 3]):
         with pytest.raises(TypeError, match="optimizer"):
             AdaptiveClip(optimizer=bad)
 

@@ -281,7 +281,7 @@ def _same(a, b) -> None:
 def test_a_skipped_step_leaves_everything_bit_identical(kind: str, opt_name: str, clipper_name: str) -> None:
     model = _model()
     opt = OPTIMIZERS[opt_name](model.parameters(), **{kind: True})
-    kwargs = {"NormClip": {"max_norm": 1.0}, "AdaptiveClip": {"window": 8},
+    kwargs = {"NormClip": {"max_norm": 1.0}, "AdaptiveClip": {"window": 8, "optimizer": opt},
               "AdaGC": {"warmup_steps": 3}}[clipper_name]  # fmt: skip
     clipper = getattr(gradclip, clipper_name)(**kwargs, spikes=gradclip.SpikeDetector(warmup=20))
     scales = _norms(26)

@@ -558,3 +558,13 @@ def test_the_accelerate_helper_hands_the_loss_to_the_detector() -> None:
         optimizer.step()
         optimizer.zero_grad()
     assert flags == [i == 10 for i in range(12)]
+
+
+def test_an_adaptive_clip_built_for_another_optimizer_warns_once(tmp_path) -> None:
+    # the Trainer steps an AdamW: AdaptiveClip() follows SGD's rule, and says so once
+    with pytest.warns(UserWarning, match="built without `optimizer`, and it steps RecordingAdamW") as seen:
+        _train(tmp_path / "a", gradclip.AdaptiveClip(), max_steps=3)
+    assert len([w for w in seen if "AdaptiveClip was built" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="AdaptiveClip was built")
+        _train(tmp_path / "b", gradclip.AdaptiveClip(optimizer="AdamW"), max_steps=3)

@@ -534,3 +534,14 @@ def test_the_loss_reaches_the_detector_unscaled(accumulate: int) -> None:
         ring[j % len(ring)] = mean
     assert clipper.spikes.state.losses.tolist() == pytest.approx(ring, rel=1e-3)
     assert logger.series("gradclip/spikes")[-1] == 1.0
+
+
+def test_an_adaptive_clip_built_for_another_optimizer_warns_once() -> None:
+    # Lightning builds the optimizer: AdaptiveClip() under its AdamW follows SGD's rule, and
+    # says so once; AdaptiveClip(optimizer="AdamW") is silent
+    with pytest.warns(UserWarning, match="built without `optimizer`, and it steps RecordingAdamW") as seen:
+        _trainer([GradClipCallback(gradclip.AdaptiveClip())]).fit(Net(torch.optim.AdamW), _loader())
+    assert len([w for w in seen if "AdaptiveClip was built" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="AdaptiveClip was built")
+        _trainer([GradClipCallback(gradclip.AdaptiveClip(optimizer="AdamW"))]).fit(Net(torch.optim.AdamW), _loader())

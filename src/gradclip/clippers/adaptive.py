@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -13,14 +14,14 @@ from typing_extensions import Unpack
 
 from gradclip import _foreach
 from gradclip._checks import check_count, check_real, check_threshold
-from gradclip.clippers.base import Clipper, Step, optimizer_list
+from gradclip.clippers.base import Clipper, Step
 from gradclip.clippers.groups import GroupOptions
 from gradclip.nonfinite import NonFinitePolicy
 from gradclip.norms import GradNorms
 from gradclip.scale import clip_coefficient
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable
 
     from torch.distributed import ProcessGroup
 
@@ -37,7 +38,11 @@ __all__ = [
     "LOSS_Z",
     "AdaptiveClip",
     "AdaptiveClipState",
+    "OptimizerKinds",
+    "kind_name",
     "normalises",
+    "optimizer_class",
+    "optimizer_kinds",
 ]
 
 HOLD = 1 / 32
@@ -97,6 +102,62 @@ def normalises(optimizer: torch.optim.Optimizer | type[torch.optim.Optimizer]) -
     if isinstance(optimizer, type):
         return "betas" in inspect.signature(kind).parameters
     return "betas" in getattr(optimizer, "defaults", {})
+
+
+OptimizerKind = torch.optim.Optimizer | type[torch.optim.Optimizer] | str
+OptimizerKinds = OptimizerKind | Sequence[OptimizerKind]
+"""What tells an optimizer's kind: the optimizer, its class, or its ``torch.optim`` name
+(``"AdamW"``, any case); or a list of them (``[muon, adamw]``)."""
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The ``torch.optim`` optimizer class called ``name``, in any case (``ValueError`` naming
+    the known ones otherwise): how ``gradclip recommend --optimizer`` names one.
+
+    Example:
+        >>> optimizer_class("adamw").__name__
+        'AdamW'
+    """
+    classes = {
+        key.lower(): cls for key, cls in vars(torch.optim).items()
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer
+    }  # fmt: skip
+    if name.lower() not in classes:
+        raise ValueError(
+            f"`optimizer`={name!r} names no torch.optim optimizer; name one of "
+            f"{', '.join(sorted(c.__name__ for c in classes.values()))} (for one from another "
+            "package, the torch.optim kin it follows: 'Adam' for Lion or an 8-bit Adam, 'SGD' "
+            "for a momentum SGD), or pass the optimizer itself"
+        )
+    return classes[name.lower()]
+
+
+def optimizer_kinds(optimizer: object, fix: str) -> list[Any]:
+    """``optimizer`` (:data:`OptimizerKinds`) as a list of optimizers and classes, a name as
+    its class: what :func:`normalises` and :func:`kind_name` read. ``TypeError`` naming the
+    argument with ``fix`` (what it is for) otherwise; ``ValueError`` for an unknown name.
+
+    Example:
+        >>> p = [torch.nn.Parameter(torch.zeros(1))]
+        >>> [kind_name(k) for k in optimizer_kinds([torch.optim.SGD(p), "adamw"], "the one stepped")]
+        ['SGD', 'AdamW']
+    """
+    items = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+    kinds = [optimizer_class(o) if isinstance(o, str) else o for o in items]
+    valid = [isinstance(k, torch.optim.Optimizer)
+             or (isinstance(k, type) and issubclass(k, torch.optim.Optimizer)) for k in kinds]  # fmt: skip
+    if not kinds or not all(valid):
+        got = ", ".join(k.__name__ if isinstance(k, type) else type(k).__name__ for k in kinds)
+        raise TypeError(
+            f"`optimizer` must be a torch.optim.Optimizer, its class or its name, or a list of "
+            f"them ({fix}), got {got or 'an empty list'}"
+        )
+    return kinds
+
+
+def kind_name(kind: torch.optim.Optimizer | type[torch.optim.Optimizer]) -> str:
+    """The class name of an optimizer or optimizer class (``"AdamW"``)."""
+    return (kind if isinstance(kind, type) else type(kind)).__name__
 
 
 class AdaptiveClipState(NamedTuple):
@@ -305,10 +366,12 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             checkpoint format is the same. Pass the loss on every step or on none: a run
             that mixes them switches rules from step to step.
         optimizer: the optimizer stepped after the clip, or a list of them (``[muon,
-            adamw]``, as :meth:`step` takes them). When it normalises its update (all of
-            them do; :func:`normalises`: Adam, AdamW, RMSprop, Adagrad, Muon, ...) and
-            ``hold`` is None, ``hold`` becomes :data:`HOLD` (1/32) for the steps given no
-            loss, and ``plateau`` False. Only its kind is read; no reference is kept.
+            adamw]``, as :meth:`step` takes them); or, where the optimizer does not exist yet
+            (a framework builds it), its class or ``torch.optim`` name (``"AdamW"``). When it
+            normalises its update (all of them do; :func:`normalises`: Adam, AdamW, RMSprop,
+            Adagrad, Muon, ...) and ``hold`` is None, ``hold`` becomes :data:`HOLD` (1/32) for
+            the steps given no loss, and ``plateau`` False. Only its kind is read; no reference
+            is kept.
         follow_loss: when a loss is passed to :meth:`step` or the call, let it set how fast
             the threshold grows and cut it when the loss rises (default True; see above). A
             NaN or infinite loss is not recorded; a step given a loss follows the median
@@ -384,7 +447,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         recovery: float = 1e-3,
         max_norm: float | None = None,
         hold: float | None = None,
-        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        optimizer: OptimizerKinds | None = None,
         follow_loss: bool = True,
         plateau: bool | None = None,
         loss_group: ProcessGroup | None = None,
@@ -443,10 +506,11 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         self.max_norm = None if max_norm is None else check_threshold(max_norm, "max_norm")
         # several optimizers, as Clipper.step takes them ([muon, adamw]): hold when all
         # of them normalise their update
-        optimizers = [] if optimizer is None else optimizer_list(
+        optimizers = [] if optimizer is None else optimizer_kinds(
             optimizer, "the ones stepped after the clip"
         )
         normalising = bool(optimizers) and all(normalises(o) for o in optimizers)
+        chosen = hold if hold is not None else plateau  # a rule the caller picked, if any
         if hold is None and normalising:
             hold = HOLD
         self.hold = None if hold is None else check_real(
@@ -467,6 +531,14 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
                 f"{plateau!r:.60}; pass plateau=False to never cut on a plateau of the loss"
             )
         self.plateau = plateau
+        # whether it was built for an optimizer that normalises its update, to warn once when
+        # it steps another kind (check_optimizer); None where the caller picked a rule
+        # (`hold`, `plateau`) without naming the optimizer
+        self._built_for = (
+            (normalising, f"for {'+'.join(kind_name(k) for k in optimizers)}") if optimizers
+            else (False, "without `optimizer`") if chosen is None else None
+        )  # fmt: skip
+        self._checked = False
         self.loss_group = loss_group  # not in config(): process groups are not comparable
         self._constants: _Constants | None = None
         super().__init__(
@@ -476,6 +548,34 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             extra_groups=extra_groups,
             spikes=spikes,
             **grouping,
+        )
+
+    def check_optimizer(self, optimizer: object) -> None:
+        """Warn once when the optimizer stepped after the clip is not of the kind this
+        clipper was built for (``optimizer=``): one that normalises its update (Adam and its
+        kin) where it was built without one, or the other way round. Silent for an optimizer
+        whose kind is not known (a wrapper that steps others), and where ``hold`` or
+        ``plateau`` was given without ``optimizer`` (a rule picked by hand)."""
+        if self._checked or self._built_for is None or _foreach.is_compiling():
+            return
+        self._checked = True
+        stepped = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+        if not stepped or not all(isinstance(o, torch.optim.Optimizer) for o in stepped):
+            return
+        normalising = all(normalises(o) for o in stepped)
+        built_normalising, built = self._built_for
+        if normalising == built_normalising:
+            return
+        names = "+".join(kind_name(o) for o in stepped)
+        warnings.warn(
+            f"AdaptiveClip was built {built}, and it steps {names}, which "
+            f"{'normalises' if normalising else 'does not normalise'} its update: its rule "
+            + ("is SGD's (a plateau of the loss cuts the threshold, as a learning-rate decay "
+               "would; Adam's step size is its learning rate's, not the clip's)"
+               if normalising else "is Adam's, which clips every step given no loss")
+            + f". Build it as AdaptiveClip(optimizer=optimizer), or AdaptiveClip(optimizer="
+            f"'{names.split('+')[0]}') where a framework builds the optimizer",
+            stacklevel=3,
         )
 
     def config(self) -> dict[str, Any]:

@@ -337,6 +337,12 @@ class Clipper(Generic[S]):
 
     # -- the step -------------------------------------------------------------------------
 
+    def check_optimizer(self, optimizer: Optimizers) -> None:
+        """Called with the optimizer(s) stepped after this clip: by :meth:`step`, and by the
+        integrations, whose framework steps them. A clipper whose rule depends on the
+        optimizer's kind (:class:`~gradclip.AdaptiveClip`) warns here, once, when it was
+        built for another kind; the others do nothing."""
+
     @property
     def skips(self) -> bool:
         """Whether a step may be skipped (``nonfinite="skip"``, or a detector's ``"skip"``):
@@ -399,6 +405,7 @@ class Clipper(Generic[S]):
         """
         loss = check_loss(loss)
         optimizers = as_optimizers(optimizer)
+        self.check_optimizer(optimizers)
         target = self._resolve(parameters)
         grouped = self._grouping.bind(target, optimizers)
         folded = None

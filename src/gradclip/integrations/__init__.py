@@ -11,7 +11,7 @@ Plain PyTorch, with or without ``torch.amp``, needs no integration: see the READ
 Example:
     >>> import gradclip
     >>> from gradclip.integrations.lightning import GradClipCallback  # needs lightning
-    >>> callback = GradClipCallback(gradclip.AdaptiveClip())
+    >>> callback = GradClipCallback(gradclip.AdaptiveClip(optimizer="AdamW"))  # the one it builds
 """
 
 __all__: list[str] = []

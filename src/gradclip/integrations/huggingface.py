@@ -200,7 +200,7 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
         Example:
             >>> import torch, gradclip
             >>> from gradclip.integrations.huggingface import GradClipCallback
-            >>> callback = GradClipCallback(gradclip.AdaptiveClip())
+            >>> callback = GradClipCallback(gradclip.AdaptiveClip(optimizer="AdamW"))
             >>> callback.add_loss(torch.tensor(2.0))
         """
         value = torch.as_tensor(check_loss(loss), dtype=torch.float32)
@@ -289,6 +289,8 @@ class GradClipCallback(_transformers.TrainerCallback):  # type: ignore[misc,name
         if scaler is not None and inner is not None:
             unscale_once(scaler, inner)
         target = clip_target(model, inner)
+        if inner is not None:
+            self.clipper.check_optimizer(inner)
         loss = self._step_loss()
         if loss is None:
             self._warn_no_loss(state.global_step)
@@ -404,6 +406,8 @@ def clip_gradients(
             unscale_once(scaler, opt)
     unwrapped = accelerator.unwrap_model(model)
     target = clip_target(unwrapped, inner[0] if optimizer is not None else None)
+    if inner:
+        clipper.check_optimizer(inner)
     stats = clipper(target, loss=loss)
     if accelerator.is_main_process:
         record_step(monitor, stats, optimizer=inner[0] if len(inner) == 1 else None)

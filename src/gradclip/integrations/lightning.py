@@ -239,6 +239,7 @@ class GradClipCallback(_pl.Callback):  # type: ignore[misc,name-defined]
         ):
             unscale_once(scaler, optimizer)  # Lightning does not unscale for fused optimizers
         target = clip_target(pl_module, optimizer)
+        entry.clipper.check_optimizer(raw)
         loss, self._loss = (self._loss if len(optimizers) <= 1 else None), None
         stats = entry.clipper(target, loss=loss)
         entry.record(stats, step=trainer.global_step, main=trainer.is_global_zero, optimizer=raw)

@@ -398,7 +398,8 @@ def render_text(search: MaxNormSearch) -> str:
         True
     """
     c = search.choice
-    what = {"none": "no clipping", "adaptive": "gradclip.AdaptiveClip() (the default)"}.get(
+    what = {"none": "no clipping",
+            "adaptive": "gradclip.AdaptiveClip(optimizer=optimizer) (the default)"}.get(
         c.kind, f"max_norm={c.name}"
     )
     lines = [f"use: {what}", f"  {search.confidence}: {search.statement}"]
