@@ -144,6 +144,7 @@ def test_clippers_compile_with_inductor(entry):
 
 @pytest.mark.parametrize("entry", [e for e in ENTRIES if e.name in ("NormClip", "AdaGC", "AdaptiveClip")],
                          ids=lambda e: e.label or e.name)
+@pytest.mark.filterwarnings("ignore:AdaptiveClip was built:UserWarning")  # at its defaults, under AdamW
 def test_step_with_fused_adamw_compiles_breaking_only_in_torch_s_optimizer(entry):
     """``clipper.step(model, optimizer)``: one graph for the clip (compiled once), then torch's
     ``optimizer.step()``, which breaks the graph on purpose (torch/optim/optimizer.py)."""

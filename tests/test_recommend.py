@@ -294,6 +294,9 @@ def test_the_optimizer_the_log_names_is_followed():
     sgd = gradclip.recommend_max_norm(named, optimizer="sgd")
     assert (sgd.max_norm, sgd.normalising, sgd.optimizer) == (gradclip.recommend_max_norm(norms).max_norm, False, "SGD")
     assert gradclip.recommend_max_norm(norms).optimizer is None
+    # two runs in one log, Adam and AdamW: no one name, but the kind they share
+    kin = dataclasses.replace(named, optimizer=None)
+    assert "the optimizer (each the log names) normalises" in gradclip.recommend_max_norm(kin).rule
     text = gradclip.recommend.render_text(rec).splitlines()
     assert "  optimizer: AdamW (normalises its update)" in text
     assert "  optimizer: SGD (does not normalise its update)" in gradclip.recommend.render_text(sgd)

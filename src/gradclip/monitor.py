@@ -213,9 +213,10 @@ class GradMonitor:
             copy of the parameters in memory). ``True``: every step; an int ``n``: every
             ``n``-th step (the others record none); ``False`` (default): never.
         optimizer: the optimizer stepped after the clip, its class or ``torch.optim`` name
-            (``"AdamW"``), or a list of them (``[muon, adamw]``): its kind is written to every record (``optimizer``, ``normalising``), so
-            that :func:`gradclip.recommend_max_norm` and ``gradclip recommend`` read from the
-            log the rule that fits it. :meth:`step` sets it from the optimizer it steps, and
+            (``"AdamW"``), or a list of them (``[muon, adamw]``): its kind is written to every
+            record (``optimizer``, ``normalising``), so that
+            :func:`gradclip.recommend_max_norm` and ``gradclip recommend`` read from the log
+            the rule that fits it. :meth:`step` sets it from the optimizer it steps, and
             :meth:`record` takes one too; None (default): not said, unless they are used.
         stall_floor, stall_steps: the stall detector: when the clip coefficient of every
             gradient, or of a parameter group (the clipper's ``groups=``), stays below
@@ -376,7 +377,9 @@ class GradMonitor:
         if update is not None and not isinstance(update, UpdateNorms):
             raise TypeError(f"`update` must be the UpdateNorms of Snapshot.measure(), got "
                             f"{type(update).__name__}")
-        run = None if optimizer is None else _run_fields(optimizer, "the one stepped after this clip, or None")
+        run = None if optimizer is None else _run_fields(
+            optimizer, "the one stepped after this clip, or None"
+        )
         extras = {name: _check_scalar(name, value) for name, value in scalars.items()}
         groups = stats.groups if isinstance(stats, ClipStats) else None
         if groups is not None:

@@ -249,8 +249,9 @@ def recommend_max_norm(
             total norms of each step (a sequence or 1-D tensor).
         optimizer: the optimizer the recorded run stepped after the clip, a list of them
             (``[muon, adamw]``), its class, or the name of its ``torch.optim`` class
-            (``"AdamW"``, any case). Where it normalises its update and the norms are steady, the threshold
-            clips every typical step (see the module doc). Only its kind is read. None
+            (``"AdamW"``, any case). Where it normalises its update and the norms are steady,
+            the threshold clips every typical step (see the module doc). Only its kind is
+            read. None
             (default): the one the log names (a :class:`~gradclip.GradMonitor` records the
             optimizer it steps, or is given), else the rule for any optimizer, which sits
             above the typical norms.
@@ -272,7 +273,7 @@ def recommend_max_norm(
     h = _history(history)
     if kinds is None:  # the one the log names (GradMonitor.step records it), if any
         named, normalising = h.optimizer, h.normalising
-        whose = "" if named is None else f"{named}, as the log names it"
+        whose = "each the log names" if named is None else f"{named}, as the log names it"
     else:
         named = "+".join(kind_name(k) for k in kinds)
         normalising, whose = all(normalises(o) for o in kinds), named

@@ -612,6 +612,9 @@ def test_the_optimizer_may_be_named_before_it_exists(kind) -> None:
     assert AdaptiveClip(optimizer="SGD").config() == AdaptiveClip().config()
 
 
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon: torch>=2.9")
+
+
 def step_twice(clipper, optimizer):
     p = optimizer.param_groups[0]["params"][0]
     for _ in range(2):
@@ -633,6 +636,17 @@ def test_stepping_another_kind_of_optimizer_warns_once(built, stepped, says) -> 
     with pytest.warns(UserWarning, match=says) as seen:
         step_twice(AdaptiveClip(**built), optimizer)
     assert len(seen) == 1 and "AdaptiveClip(optimizer=optimizer)" in str(seen[0].message)
+    assert f"or AdaptiveClip(optimizer={stepped.__name__!r}) where a framework" in str(seen[0].message)
+
+
+@needs_muon
+@pytest.mark.filterwarnings("ignore:AdaptiveClip leaves the parameter group")  # Muon's: expected
+def test_stepping_muon_and_adamw_unsaid_names_both() -> None:
+    w, b = torch.nn.Parameter(torch.zeros(3, 3)), torch.nn.Parameter(torch.zeros(3))
+    optimizers = [torch.optim.Muon([w]), torch.optim.AdamW([b])]
+    w.grad, b.grad = torch.ones(3, 3), torch.ones(3)
+    with pytest.warns(UserWarning, match=r"steps Muon\+AdamW, which normalises.*optimizer=\['Muon', 'AdamW'\]\)"):
+        AdaptiveClip().step([w, b], optimizers)
 
 
 @pytest.mark.parametrize(
@@ -676,9 +690,6 @@ def test_checkpoints_without_hold_still_load_and_hold_is_checked() -> None:
 
 
 # -- optimizer= with main's per-group clipping and several optimizers ---------------------
-
-needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon: torch>=2.9")
-
 
 @needs_muon
 def test_optimizer_takes_a_list_as_step_does() -> None:

@@ -566,7 +566,8 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         built_normalising, built = self._built_for
         if normalising == built_normalising:
             return
-        names = "+".join(kind_name(o) for o in stepped)
+        named = [kind_name(o) for o in stepped]
+        names, suggested = "+".join(named), repr(named[0] if len(named) == 1 else named)
         warnings.warn(
             f"AdaptiveClip was built {built}, and it steps {names}, which "
             f"{'normalises' if normalising else 'does not normalise'} its update: its rule "
@@ -574,7 +575,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
                "would; Adam's step size is its learning rate's, not the clip's)"
                if normalising else "is Adam's, which clips every step given no loss")
             + f". Build it as AdaptiveClip(optimizer=optimizer), or AdaptiveClip(optimizer="
-            f"'{names.split('+')[0]}') where a framework builds the optimizer",
+            f"{suggested}) where a framework builds the optimizer",
             stacklevel=3,
         )
 

@@ -106,8 +106,9 @@ STRATEGIES: dict[str, Strategy] = {
 """Every strategy of the demo by name, in table order. The fixed thresholds are the task's
 own (:attr:`Task.fixed`): the best of a sweep, one 10x lower and one far higher (too low or
 too high for SGD; Adam, which normalises its updates, hardly minds a low one). ``AdaptiveClip``
-is built as recommended, given the task's optimizer (``optimizer=``). The last two skip the steps a :class:`gradclip.SpikeDetector` (its defaults) calls spikes, judging each
-step's gradient norm and loss: alone, and on top of ``AdaptiveClip``."""
+is built as recommended, given the task's optimizer (``optimizer=``). The last two skip the
+steps a :class:`gradclip.SpikeDetector` (its defaults) calls spikes, judging each step's
+gradient norm and loss: alone, and on top of ``AdaptiveClip``."""
 
 
 @dataclass(frozen=True)
