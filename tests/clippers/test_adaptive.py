@@ -259,11 +259,13 @@ def test_a_plateau_of_the_loss_cuts_the_threshold_down_to_the_floor() -> None:
     without = reference(norms, losses, plateau=False, window=16)
     assert min(without[1000:]) > 0.5
     p = [torch.nn.Parameter(torch.zeros(1))]
-    for clipper in (AdaptiveClip(window=16, plateau=False),
-                    AdaptiveClip(window=16, optimizer=torch.optim.AdamW(p))):  # fmt: skip
+    # (and its faster warm-up ramp: NORMALISING_WARMUP_GROWTH)
+    adamw = reference(norms, losses, plateau=False, window=16, warmup_growth=0.05)
+    for clipper, want in ((AdaptiveClip(window=16, plateau=False), without),
+                          (AdaptiveClip(window=16, optimizer=torch.optim.AdamW(p)), adamw)):  # fmt: skip
         assert clipper.plateau is False
         got_off, _ = clip_sequence(clipper, norms, losses)
-        assert got_off == pytest.approx(without, rel=1e-3)
+        assert got_off == pytest.approx(want, rel=1e-3)
     assert AdaptiveClip(optimizer=torch.optim.SGD(p, lr=0.1)).plateau is True
     assert AdaptiveClip(optimizer=torch.optim.AdamW(p), plateau=True).plateau is True
     with pytest.raises(TypeError, match="plateau"):
@@ -529,7 +531,9 @@ def test_hold_is_the_rule_for_steps_without_a_loss() -> None:
     norms, losses = norm_sequence(300, seed=4), loss_sequence(300)
     adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
     followed, _ = clip_sequence(AdaptiveClip(window=16), norms, losses)
-    assert clip_sequence(AdaptiveClip(window=16, optimizer=adam), norms, losses)[0] == followed
+    # (with Adam's faster warm-up ramp, NORMALISING_WARMUP_GROWTH)
+    fast, _ = clip_sequence(AdaptiveClip(window=16, warmup_growth=0.05), norms, losses)
+    assert clip_sequence(AdaptiveClip(window=16, optimizer=adam), norms, losses)[0] == fast != followed
     assert clip_sequence(AdaptiveClip(window=16, hold=0.25), norms, losses)[0] == followed
     held, _ = clip_sequence(AdaptiveClip(window=16, hold=0.25), norms)
     assert held == pytest.approx([0.25 * norms[0]] * len(norms))
@@ -753,3 +757,15 @@ def test_optimizer_with_muon_leaves_muon_out_and_holds_the_adamw_groups() -> Non
     assert float(stats.threshold) == pytest.approx(2 / 32)
     assert torch.equal(w.grad, torch.full((3, 3), 100.0))  # Muon's gradients untouched
     assert float(b.grad.norm()) == pytest.approx(2 / 32)
+
+
+def test_the_warm_up_ramp_is_faster_under_a_normalising_optimizer() -> None:
+    from gradclip.clippers.adaptive import NORMALISING_WARMUP_GROWTH, WARMUP_GROWTH
+
+    assert AdaptiveClip().warmup_growth == AdaptiveClip(optimizer="SGD").warmup_growth == WARMUP_GROWTH == 0.01
+    assert AdaptiveClip(optimizer="AdamW").warmup_growth == NORMALISING_WARMUP_GROWTH == 0.05
+    assert AdaptiveClip(optimizer="AdamW", warmup_growth=0.01).warmup_growth == 0.01  # given: kept
+    # a checkpoint of the earlier default under Adam names the difference instead of loading
+    old = AdaptiveClip(optimizer="AdamW", warmup_growth=0.01).state_dict()
+    with pytest.raises(ValueError, match="warmup_growth"):
+        AdaptiveClip(optimizer="AdamW").load_state_dict(old)

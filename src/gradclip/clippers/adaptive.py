@@ -36,6 +36,8 @@ __all__ = [
     "LOSS_PATIENCE",
     "LOSS_WINDOW",
     "LOSS_Z",
+    "NORMALISING_WARMUP_GROWTH",
+    "WARMUP_GROWTH",
     "AdaptiveClip",
     "AdaptiveClipState",
     "OptimizerKinds",
@@ -45,6 +47,18 @@ __all__ = [
     "optimizer_kinds",
 ]
 
+WARMUP_GROWTH = 0.01
+"""``warmup_growth``'s default: the warm-up ramp grows the threshold by at most 1% a step."""
+NORMALISING_WARMUP_GROWTH = 0.05
+"""``warmup_growth``'s default where ``optimizer`` normalises its update (Adam and its kin): 5%
+a step. While the ramp clips every step to a growing threshold, the gradients Adam sees grow
+faster than its second moment follows, and its steps grow with them: a learning rate raised
+for the length of the ramp (for a 50-fold ramp of one gradient direction under
+``torch.optim.Adam``, the step reaches 2.4 times the learning rate after 390 steps at 1%, 1.9
+times after 78 steps at 5%), which a faster ramp keeps short and lower. On a
+generated AdamW classifier (``benchmarks/adamw_mlp.py``, 16 seeds) the default scored 1.22x
+the best fixed threshold with 1% and 1.05x with 5%; the Adam task with corrupted batches, which
+wants its start clipped, 1.01x and 1.04x (12 seeds)."""
 HOLD = 1 / 32
 """``AdaptiveClip(optimizer=...)``'s ``hold`` for an optimizer that normalises its update (the
 rule for the steps given no loss)."""
@@ -260,7 +274,9 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
       norm), and a statistic of them is meaningless. As a learning-rate warm-up does, the
       threshold starts at a small fraction of the first norm and ramps up; the ramp stops at
       half the median, below the typical norm, and the slow ``growth`` takes over from
-      there. AdaGC's warm-up needs an absolute threshold (1.0) instead.
+      there. Given an optimizer that normalises its update, the ramp is five times faster
+      (:data:`NORMALISING_WARMUP_GROWTH`): there a growing clip acts as a raised learning
+      rate while it lasts. AdaGC's warm-up needs an absolute threshold (1.0) instead.
     * **Spike back-off** (``spike``, ``backoff``, ``min_relative``, ``recovery``), as the
       dynamic loss scaling of ``torch.amp.GradScaler`` backs off on an overflow: a norm
       above ``spike`` times the median (ZClip's spike idea, against a robust reference)
@@ -345,7 +361,9 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         warmup_start: the first threshold, as a fraction of the first recorded norm (> 0,
             default 0.01; ``inf`` skips the ramp: the first steps go unclipped and the
             threshold then starts at ``warmup_relative · m``).
-        warmup_growth: the per-step growth bound of the warm-up ramp (>= 0, default 0.01).
+        warmup_growth: the per-step growth bound of the warm-up ramp (>= 0; default
+            :data:`WARMUP_GROWTH`, 0.01, and :data:`NORMALISING_WARMUP_GROWTH`, 0.05, where
+            ``optimizer`` normalises its update).
         warmup_relative: where the ramp ends, as a multiple of the median (in
             (0, relative], default 0.5).
         spike: a norm above ``spike`` times the median is a spike (> 1, default 6; None
@@ -439,7 +457,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         *,
         growth: float = 5e-4,
         warmup_start: float = 1e-2,
-        warmup_growth: float = 1e-2,
+        warmup_growth: float | None = None,
         warmup_relative: float = 0.5,
         spike: float | None = 6.0,
         backoff: float = 0.5,
@@ -467,13 +485,6 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         )
         self.warmup_start = check_real(
             warmup_start, "warmup_start", "> 0 (inf: no ramp)", lambda v: v > 0, "warmup_start=0.01"
-        )
-        self.warmup_growth = check_real(
-            warmup_growth,
-            "warmup_growth",
-            "finite and >= 0",
-            lambda v: 0 <= v < math.inf,
-            "warmup_growth=0.01",
         )
         within = f"in (0, relative={self.relative:g}]"
         self.warmup_relative = check_real(
@@ -510,6 +521,15 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             optimizer, "the ones stepped after the clip"
         )
         normalising = bool(optimizers) and all(normalises(o) for o in optimizers)
+        if warmup_growth is None:
+            warmup_growth = NORMALISING_WARMUP_GROWTH if normalising else WARMUP_GROWTH
+        self.warmup_growth = check_real(
+            warmup_growth,
+            "warmup_growth",
+            "finite and >= 0",
+            lambda v: 0 <= v < math.inf,
+            "warmup_growth=0.01",
+        )
         chosen = hold if hold is not None else plateau  # a rule the caller picked, if any
         if hold is None and normalising:
             hold = HOLD
