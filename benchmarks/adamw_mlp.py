@@ -1,7 +1,7 @@
 """The default under AdamW on a generated classifier: a candidate tuning task, not yet a demo task.
 
 The AdamW CNN on the digits (a judge of issue 18) is where the default fails (1.16x the best
-fixed threshold over 144 seeds; 1.14x with the ramp chosen here). Tuning on it would leave it
+fixed threshold over 144 seeds; 1.14x re-run here, with either ramp). Tuning on it would leave it
 judging nothing, so this script
 builds a task of the same kind from generated data: a 3-layer MLP (32-128-128-10, ReLU)
 classifying ten Gaussian clusters (centres N(0, 1) in 32 dimensions, fixed; noise 1.5),
