@@ -48,8 +48,7 @@ from torch import Tensor
 from gradclip._cache import LRU
 from gradclip._checks import ArgumentTypeError, check_count, check_real
 from gradclip.clippers import Clipper, Parameters, Snapshot, SpikeReport, UpdateNorms
-from gradclip.clippers.adaptive import OptimizerKinds, kind_name, normalises, optimizer_kinds
-from gradclip.clippers.base import as_optimizers
+from gradclip.clippers.adaptive import OptimizerKinds, known_optimizers, optimizer_kind
 from gradclip.history import History, HistoryBuilder, LayerStat, MonitorSummary, NonFiniteEvent
 from gradclip.recorder import Scalar, StepRecorder, layer_name
 from gradclip.records import Record
@@ -116,9 +115,8 @@ def _run_fields(optimizer: object, fix: str) -> dict[str, str | bool]:
     """The records' :data:`~gradclip.records.RUN_FIELDS` naming ``optimizer``
     (:data:`~gradclip.clippers.adaptive.OptimizerKinds`; ``TypeError`` naming the argument
     with ``fix`` otherwise)."""
-    kinds = optimizer_kinds(optimizer, fix)
-    return {"optimizer": "+".join(kind_name(k) for k in kinds),
-            "normalising": all(normalises(k) for k in kinds)}  # fmt: skip
+    name, normalising = optimizer_kind(optimizer, fix)
+    return {"optimizer": name, "normalising": normalising}
 
 
 def _add_report(record: Record, report: SpikeReport, depth: int | None) -> None:
@@ -319,10 +317,8 @@ class GradMonitor:
             self._snapshot.take(params)
         stats = clipper.step(params, optimizer, loss=scalars.get("loss"))
         # the log names it where it is torch.optim's kind (a wrapper's kind is not known)
-        stepped = list(dict.fromkeys(as_optimizers(optimizer)))
-        known = stepped if all(isinstance(o, torch.optim.Optimizer) for o in stepped) else None
         self.record(stats, update=self._snapshot.measure() if measure else None,
-                    optimizer=known, **scalars)  # fmt: skip
+                    optimizer=known_optimizers(optimizer), **scalars)  # fmt: skip
         return stats
 
     def _clipper_and_params(self, parameters: Parameters | None) -> tuple[Clipper, Parameters]:

@@ -75,13 +75,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradclip.clippers.adaptive import (
-    OptimizerKinds,
-    kind_name,
-    normalises,
-    optimizer_class,
-    optimizer_kinds,
-)
+from gradclip.clippers.adaptive import OptimizerKinds, optimizer_class, optimizer_kind
 from gradclip.history import History
 from gradclip.monitor import GradMonitor
 from gradclip.readlog import read_log
@@ -251,8 +245,7 @@ def recommend_max_norm(
             (``[muon, adamw]``), its class, or the name of its ``torch.optim`` class
             (``"AdamW"``, any case). Where it normalises its update and the norms are steady,
             the threshold clips every typical step (see the module doc). Only its kind is
-            read. None
-            (default): the one the log names (a :class:`~gradclip.GradMonitor` records the
+            read. None (default): the one the log names (a :class:`~gradclip.GradMonitor` records the
             optimizer it steps, or is given), else the rule for any optimizer, which sits
             above the typical norms.
         top_spikes: how many of the largest spikes to list.
@@ -269,14 +262,13 @@ def recommend_max_norm(
         >>> gradclip.recommend_max_norm([2.0, 2.2, 1.8, 2.1] * 25, optimizer="AdamW").max_norm
         1.7
     """
-    kinds = None if optimizer is None else optimizer_kinds(optimizer, "the one the recorded run stepped")
+    given = None if optimizer is None else optimizer_kind(optimizer, "the one the recorded run stepped")
     h = _history(history)
-    if kinds is None:  # the one the log names (GradMonitor.step records it), if any
+    if given is None:  # the one the log names (GradMonitor.step records it), if any
         named, normalising = h.optimizer, h.normalising
         whose = "each the log names" if named is None else f"{named}, as the log names it"
     else:
-        named = "+".join(kind_name(k) for k in kinds)
-        normalising, whose = all(normalises(o) for o in kinds), named
+        (named, normalising), whose = given, given[0]
     steps = len(h)
     judged, left_out = h.clipped_norm()  # the total, or the clipped groups' norm (Muon aside)
     used = h.finite & ~h.skipped & (judged > 0) & torch.isfinite(judged)

@@ -32,8 +32,8 @@ log follows it; a log without them reads as "not said"::
      "optimizer": "AdamW",    # its class name; several: joined by "+" ("Muon+AdamW")
      "normalising": true,     # whether all of them normalise their update (Adam and its kin:
                               # gradclip.clippers.adaptive.normalises)
- A spike step's record
-may end with a ``"forensics"`` object (:class:`gradclip.SpikeReport`)::
+
+A spike step's record may end with a ``"forensics"`` object (:class:`gradclip.SpikeReport`)::
 
     "forensics": {"layers": {"h.3.mlp.weight": 812.0, ...},  # norm / its running median
                   "max_abs": {"h.3.mlp.weight": 14.2, ...},  # their largest |gradient|

@@ -41,10 +41,10 @@ __all__ = [
     "AdaptiveClip",
     "AdaptiveClipState",
     "OptimizerKinds",
-    "kind_name",
+    "known_optimizers",
     "normalises",
     "optimizer_class",
-    "optimizer_kinds",
+    "optimizer_kind",
 ]
 
 WARMUP_GROWTH = 0.01
@@ -146,32 +146,42 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     return classes[name.lower()]
 
 
-def optimizer_kinds(optimizer: object, fix: str) -> list[Any]:
-    """``optimizer`` (:data:`OptimizerKinds`) as a list of optimizers and classes, a name as
-    its class: what :func:`normalises` and :func:`kind_name` read. ``TypeError`` naming the
-    argument with ``fix`` (what it is for) otherwise; ``ValueError`` for an unknown name.
+def optimizer_kind(optimizer: object, fix: str) -> tuple[str, bool]:
+    """The kind of ``optimizer`` (:data:`OptimizerKinds`; a name read as its ``torch.optim``
+    class): its class names, "+"-joined, and whether all of them normalise their update
+    (:func:`normalises`). ``TypeError`` naming the argument with ``fix`` (what it is for)
+    otherwise; ``ValueError`` for an unknown name.
 
     Example:
         >>> p = [torch.nn.Parameter(torch.zeros(1))]
-        >>> [kind_name(k) for k in optimizer_kinds([torch.optim.SGD(p), "adamw"], "the one stepped")]
-        ['SGD', 'AdamW']
+        >>> optimizer_kind([torch.optim.SGD(p), "adamw"], "the one stepped")
+        ('SGD+AdamW', False)
     """
     items = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
     kinds = [optimizer_class(o) if isinstance(o, str) else o for o in items]
-    valid = [isinstance(k, torch.optim.Optimizer)
-             or (isinstance(k, type) and issubclass(k, torch.optim.Optimizer)) for k in kinds]  # fmt: skip
-    if not kinds or not all(valid):
-        got = ", ".join(k.__name__ if isinstance(k, type) else type(k).__name__ for k in kinds)
+    classes = [k if isinstance(k, type) else type(k) for k in kinds]
+    if not kinds or not all(issubclass(c, torch.optim.Optimizer) for c in classes):
         raise TypeError(
             f"`optimizer` must be a torch.optim.Optimizer, its class or its name, or a list of "
-            f"them ({fix}), got {got or 'an empty list'}"
+            f"them ({fix}), got {', '.join(c.__name__ for c in classes) or 'an empty list'}"
         )
-    return kinds
+    return "+".join(c.__name__ for c in classes), all(normalises(k) for k in kinds)
 
 
-def kind_name(kind: torch.optim.Optimizer | type[torch.optim.Optimizer]) -> str:
-    """The class name of an optimizer or optimizer class (``"AdamW"``)."""
-    return (kind if isinstance(kind, type) else type(kind)).__name__
+def known_optimizers(optimizer: object) -> list[torch.optim.Optimizer] | None:
+    """What a step stepped (an optimizer or a list of them, as :meth:`Clipper.step` takes
+    them) where each is a ``torch.optim.Optimizer``, whose kind can be read; None otherwise
+    (a wrapper that steps others) and for None.
+
+    Example:
+        >>> sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> known_optimizers(sgd) == [sgd], known_optimizers(object())
+        (True, None)
+    """
+    stepped = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+    if not stepped or not all(isinstance(o, torch.optim.Optimizer) for o in stepped):
+        return None
+    return list(dict.fromkeys(stepped))  # each once
 
 
 class AdaptiveClipState(NamedTuple):
@@ -517,10 +527,8 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         self.max_norm = None if max_norm is None else check_threshold(max_norm, "max_norm")
         # several optimizers, as Clipper.step takes them ([muon, adamw]): hold when all
         # of them normalise their update
-        optimizers = [] if optimizer is None else optimizer_kinds(
-            optimizer, "the ones stepped after the clip"
-        )
-        normalising = bool(optimizers) and all(normalises(o) for o in optimizers)
+        kind = None if optimizer is None else optimizer_kind(optimizer, "the ones stepped after the clip")
+        normalising = kind is not None and kind[1]
         if warmup_growth is None:
             warmup_growth = NORMALISING_WARMUP_GROWTH if normalising else WARMUP_GROWTH
         self.warmup_growth = check_real(
@@ -555,7 +563,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         # it steps another kind (check_optimizer); None where the caller picked a rule
         # (`hold`, `plateau`) without naming the optimizer
         self._built_for = (
-            (normalising, f"for {'+'.join(kind_name(k) for k in optimizers)}") if optimizers
+            (normalising, f"for {kind[0]}") if kind is not None
             else (False, "without `optimizer`") if chosen is None else None
         )  # fmt: skip
         self._checked = False
@@ -579,15 +587,15 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         if self._checked or self._built_for is None or _foreach.is_compiling():
             return
         self._checked = True
-        stepped = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
-        if not stepped or not all(isinstance(o, torch.optim.Optimizer) for o in stepped):
+        stepped = known_optimizers(optimizer)
+        if stepped is None:
             return
-        normalising = all(normalises(o) for o in stepped)
+        names, normalising = optimizer_kind(stepped, "the ones stepped after the clip")
         built_normalising, built = self._built_for
         if normalising == built_normalising:
             return
-        named = [kind_name(o) for o in stepped]
-        names, suggested = "+".join(named), repr(named[0] if len(named) == 1 else named)
+        named = names.split("+")
+        suggested = repr(named[0] if len(named) == 1 else named)
         warnings.warn(
             f"AdaptiveClip was built {built}, and it steps {names}, which "
             f"{'normalises' if normalising else 'does not normalise'} its update: its rule "

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from gradclip import _foreach
 from gradclip.clippers import Clipper, Parameters
+from gradclip.clippers.adaptive import known_optimizers
 from gradclip.monitor import GradMonitor
 from gradclip.stats import ClipStats
 
@@ -136,8 +137,7 @@ def record_step(
     kind; a wrapper's is not known). Nothing when there is no monitor, or when no parameter
     had a gradient."""
     if monitor is not None and stats.norms.tensors:
-        known = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
-        monitor.record(stats, step=step, optimizer=known)
+        monitor.record(stats, step=step, optimizer=known_optimizers(optimizer))
 
 
 class ClipLog:
