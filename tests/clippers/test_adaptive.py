@@ -33,6 +33,7 @@ DEFAULTS = {
     "min_relative": 1 / 48,
     "recovery": 1e-3,
     "max_norm": None,
+    "second_moment": None,
 }
 
 
@@ -48,11 +49,14 @@ def reference(norms: list[float], losses: list[float] | None = None, plateau: bo
     warm = True
     seen: list[float] = []  # recorded losses, oldest first
     best, mode, stall = math.inf, 0, 0
+    beta, moment = cfg["second_moment"], 0.0  # Adam's exp_avg_sq, of the clipped norms
     out = []
     for i, g in enumerate(norms):
         recorded = math.isfinite(g) and g > 0
         recent = history[-cfg["window"] :]
         m = statistics.median_low(recent) if recent else math.inf
+        if beta and history:  # the larger of the median and the optimizer's second moment
+            m = max(m, math.sqrt(moment / (1 - beta ** len(history))))
         rates = (cfg["warmup_growth"], cfg["growth"], cfg["recovery"])
         gate = None
         if losses is not None:
@@ -80,6 +84,8 @@ def reference(norms: list[float], losses: list[float] | None = None, plateau: bo
             new_k = max(t / m, cfg["min_relative"])
         out.append(t if cfg["max_norm"] is None else min(t, cfg["max_norm"]))
         if recorded:
+            if beta:
+                moment = beta * moment + (1 - beta) * (g * min(1.0, out[-1] / (g + 1e-6))) ** 2
             history.append(g)
             c, warm, k = t, still_warm, new_k
             if gate is not None:
@@ -159,6 +165,8 @@ CONFIGS = [
     {"window": 8, "relative": 1.0, "warmup_relative": 1.0, "spike": None},
     {"window": 8, "warmup_start": math.inf, "backoff": 0.25, "min_relative": 0.1, "spike": 3.0},
     {"window": 8, "spike": 2.0, "recovery": 0.05},
+    {"window": 16, "second_moment": 0.99},
+    {"window": 8, "second_moment": 0.9, "max_norm": 0.8, "spike": 3.0},
 ]
 
 
@@ -769,3 +777,82 @@ def test_the_warm_up_ramp_is_faster_under_a_normalising_optimizer() -> None:
     old = AdaptiveClip(optimizer="AdamW", warmup_growth=0.01).state_dict()
     with pytest.raises(ValueError, match="warmup_growth"):
         AdaptiveClip(optimizer="AdamW").load_state_dict(old)
+
+
+def _falling_heavy_tailed(steps: int = 700, seed: int = 3) -> list[float]:
+    """Norms that fall 1000x over the run, as a classifier's fitting its training set, with
+    tails that grow as they fall (1 step in 10 up to 2x its neighbours at first, 63x at the
+    end: the few examples still misfit, each a fixed size)."""
+    rng = random.Random(seed)
+    return [f32(1000 ** (-i / steps) * math.exp(rng.gauss(0, 0.3))
+                * (rng.uniform(1, 2 * 1000 ** (i / steps / 2)) if rng.random() < 0.1 else 1.0))
+            for i in range(steps)]  # fmt: skip
+
+
+def test_under_adam_the_tails_of_falling_norms_are_no_spikes() -> None:
+    # Adam's second moment still holds the earlier, larger norms: a step 10-60x the recent
+    # median is within it. The median alone backs off to its floor and clips every step
+    norms = _falling_heavy_tailed()
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    adam, _ = clip_sequence(AdaptiveClip(optimizer=torch.optim.Adam(p)), norms, [1.0] * len(norms))
+    assert adam == pytest.approx(reference(norms, [1.0] * len(norms), plateau=False,
+                                           warmup_growth=0.05, second_moment=0.999), rel=1e-4)  # fmt: skip
+    median_only, _ = clip_sequence(AdaptiveClip(optimizer=torch.optim.Adam(p), second_moment=0),
+                                   norms, [1.0] * len(norms))  # fmt: skip
+    late = range(400, len(norms))
+    clipped = [sum(norms[i] > t[i] for i in late) / len(late) for t in (adam, median_only)]
+    assert clipped[1] > 0.5 and clipped[0] < 0.05, clipped
+
+
+@pytest.mark.parametrize("with_loss", [True, False], ids=["median rule", "hold"])
+def test_the_second_moment_is_adams(with_loss: bool) -> None:
+    # over a model's parameters, Adam's exp_avg_sq sums to the running mean of the squared
+    # clipped norm: the state's `moment`, for Adam's own beta2
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    clipper = AdaptiveClip(optimizer=adam, window=8, second_moment=0.99)
+    clipped = 0
+    for step in range(60):
+        x = torch.randn(16, 4) * (30.0 if step in (20, 41) else 1.0)  # two spikes
+        model.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        stats = clipper.step(model, adam, loss=loss.detach() if with_loss else None)
+        clipped += bool(stats.clipped)
+        held = sum(float(adam.state[q]["exp_avg_sq"].sum()) for q in model.parameters())
+        assert float(clipper.state.moment) == pytest.approx(held, rel=1e-4)
+    assert int(clipper.state.count) == 60 and clipped > 10  # Adam was given clipped gradients
+
+
+def test_second_moment_defaults_to_a_long_memory_under_adam() -> None:
+    from gradclip.clippers.adaptive import SECOND_MOMENT
+
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    assert AdaptiveClip().second_moment is None and AdaptiveClip(optimizer="SGD").second_moment is None
+    assert AdaptiveClip(optimizer="AdamW").second_moment == SECOND_MOMENT == 0.999
+    # the same long memory whatever the optimizer's own beta2 (or none: RMSprop)
+    assert AdaptiveClip(optimizer=torch.optim.AdamW(p, betas=(0.9, 0.95))).second_moment == 0.999
+    assert AdaptiveClip(optimizer=torch.optim.RMSprop(p)).second_moment == SECOND_MOMENT
+    assert AdaptiveClip(optimizer=[torch.optim.SGD(p, lr=0.1), "Adam"]).second_moment is None
+    assert AdaptiveClip(optimizer="AdamW", second_moment=0).second_moment is None  # 0: none
+    assert AdaptiveClip(second_moment=0.9).second_moment == 0.9  # given, for any optimizer
+    for bad in (1.0, -0.1, math.nan):
+        with pytest.raises(ValueError, match="second_moment"):
+            AdaptiveClip(second_moment=bad)
+    with pytest.raises(TypeError, match="second_moment"):
+        AdaptiveClip(second_moment="0.999")  # type: ignore[arg-type]
+    # a checkpoint of the earlier default under Adam names the difference instead of loading
+    old = AdaptiveClip(optimizer="AdamW", second_moment=0)
+    clip_sequence(old, [1.0, 2.0])
+    with pytest.raises(ValueError, match="second_moment"):
+        AdaptiveClip(optimizer="AdamW").load_state_dict(old.state_dict())
+    # and loads where it is built as it was; a state without `moment` starts it at 0
+    saved = old.state_dict()
+    AdaptiveClip(optimizer="AdamW", second_moment=0).load_state_dict(saved)
+    new = AdaptiveClip(optimizer="AdamW")
+    clip_sequence(new, [1.0, 2.0])
+    state = {k: v for k, v in new.state_dict()["state"].items() if k != "moment"}
+    resumed = AdaptiveClip(optimizer="AdamW")
+    resumed.load_state_dict({**new.state_dict(), "state": state})
+    assert float(resumed.state.moment) == 0.0 and int(resumed.state.count) == 2
