@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import gradclip
-from acceptance import FIXED, TASKS, _optimizer, map_jobs
+from acceptance import FIXED, TASKS, _optimizer, interval, map_jobs
 from bench_quality import ratio
 from gradclip.demo.runner import run
 
@@ -62,6 +62,8 @@ class Row:
     default: float
     default_ratio: float
     seeds: tuple[float, ...]
+    interval: tuple[float, float]
+    """A 90% interval of the variant's ratio, the seeds resampled (:func:`acceptance.interval`)."""
 
 
 def _median(runs: list[dict[str, Any]], strategy: str, seeds: int) -> float:
@@ -94,8 +96,10 @@ def compare(results: list[tuple[str, int, float]], saved: dict[str, Any]) -> lis
         best, reference = found
         variant = statistics.median(m for _, m in mine)
         default = _median(runs, "default", len(seeds))
+        theirs = {r["seed"]: math.inf if r["diverged"] else r["metric"] for r in runs if r["strategy"] == best}
         rows.append(Row(task, best, variant, ratio(variant, reference), default,
-                        ratio(default, reference), tuple(m for _, m in mine)))  # fmt: skip
+                        ratio(default, reference), tuple(m for _, m in mine),
+                        interval([(m, theirs[seed]) for seed, m in mine])))  # fmt: skip
     return rows
 
 
@@ -104,7 +108,9 @@ def render(rows: list[Row], options: dict[str, Any]) -> str:
     lines = [f"variant {json.dumps(options)}: median over seeds (ratio to the best fixed)"]
     for r in rows:
         seeds = " ".join(f"{m:.3g}" for m in r.seeds)
-        lines.append(f"  {r.task:22}  variant {r.variant:.4g} ({r.variant_ratio:.2f}x)  "
+        low, high = r.interval
+        lines.append(f"  {r.task:22}  variant {r.variant:.4g} ({r.variant_ratio:.2f}x "
+                     f"[{low:.2f}-{high:.2f}])  "
                      f"default {r.default:.4g} ({r.default_ratio:.2f}x)  best {r.best}  "
                      f"seeds: {seeds}")  # fmt: skip
     return "\n".join(lines)

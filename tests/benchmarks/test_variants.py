@@ -27,8 +27,11 @@ def test_the_variant_and_the_saved_default_against_the_best_fixed_threshold():
     assert row.variant == 0.25 and row.variant_ratio == pytest.approx(0.25 / 0.2)
     assert row.default == 0.9 and row.default_ratio == pytest.approx(0.9 / 0.2)
     assert row.seeds == (0.25, 0.1, 5.0)
+    # each seed's pair: the variant's and the best threshold's run of that seed
+    assert row.interval == acceptance.interval([(0.25, 0.2), (0.1, 0.3), (5.0, 0.1)])
     text = variants.render([row], {"window": 64})
-    assert '{"window": 64}' in text and "(1.25x)" in text and "(4.50x)" in text
+    low, high = row.interval
+    assert '{"window": 64}' in text and f"(1.25x [{low:.2f}-{high:.2f}])" in text and "(4.50x)" in text
 
 
 def test_a_diverged_run_counts_as_inf_and_a_missing_sweep_is_refused():
@@ -66,4 +69,6 @@ def test_several_saved_results_are_read_as_one(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(variants, "TASKS", {"t": None})
     monkeypatch.setattr(variants, "map_jobs", lambda fn, work, jobs: [(t, k, 0.4) for _, t, k in work])
     assert variants.main(["{}", "--seeds", "3", "--against", *map(str, parts)]) == 0
-    assert "variant 0.4 (2.00x)  default 0.5 (2.50x)  best fixed 1" in capsys.readouterr().out
+    # a resample's median of the best's three seeds is 0.1 or 0.3 with chance 7/27 each: 0.4
+    # over them bounds the interval
+    assert "variant 0.4 (2.00x [1.33-4.00])  default 0.5 (2.50x)  best fixed 1" in capsys.readouterr().out
