@@ -290,10 +290,11 @@ def test_loss_is_ignored_with_follow_loss_false() -> None:
         AdaptiveClip(follow_loss="yes")  # type: ignore[arg-type]
 
 
-def test_loss_gate_reads_nothing_on_the_host(accelerator_path: None) -> None:
+@pytest.mark.parametrize("second_moment", [None, 0.999])
+def test_loss_gate_reads_nothing_on_the_host(accelerator_path: None, second_moment: float | None) -> None:
     from host_reads import HostReadDetector
 
-    clipper = AdaptiveClip(window=16)
+    clipper = AdaptiveClip(window=16, second_moment=second_moment)
     p = torch.nn.Parameter(torch.zeros(3))
     for i, (g, loss) in enumerate(zip(norm_sequence(80, bad=False), loss_sequence(80), strict=True)):
         p.grad = torch.full((3,), g)
