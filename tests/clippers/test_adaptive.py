@@ -857,3 +857,17 @@ def test_second_moment_defaults_to_a_long_memory_under_adam() -> None:
     resumed = AdaptiveClip(optimizer="AdamW")
     resumed.load_state_dict({**new.state_dict(), "state": state})
     assert float(resumed.state.moment) == 0.0 and int(resumed.state.count) == 2
+    for bad in (-1.0, math.inf, math.nan):
+        corrupt = {**new.state_dict(), "state": {**new.state_dict()["state"], "moment": torch.tensor(bad)}}
+        with pytest.raises(ValueError, match="moment"):
+            AdaptiveClip(optimizer="AdamW").load_state_dict(corrupt)
+
+
+def test_a_norm_whose_square_overflows_leaves_the_second_moment_as_it_was() -> None:
+    # 1e30 clipped to 1% on its first step is 1e28, whose square is inf in float32: the
+    # reference would be inf, and nothing clipped for good. It is left out instead
+    clipper = AdaptiveClip(second_moment=0.999, window=4)
+    thresholds, _ = clip_sequence(clipper, [1e30, 1.0, 1.0, 1.0, 1.0, 1.0])
+    # the five unit norms (some clipped) only: the first left out
+    assert 0 < float(clipper.state.moment) <= 1 - 0.999**5
+    assert int(clipper.state.count) == 6 and all(math.isfinite(t) for t in thresholds)

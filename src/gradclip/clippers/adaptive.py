@@ -212,8 +212,9 @@ class AdaptiveClipState(NamedTuple):
             ``second_moment`` a step and not bias-corrected (0 before the first; 0 throughout
             with ``second_moment=None``).
 
-    A checkpoint written before the loss gate (without the ``loss*`` entries), or before the
-    plateau cut (without ``loss_stall``), loads with them as in a fresh state.
+    A checkpoint written before the loss gate (without the ``loss*`` entries), before the
+    plateau cut (without ``loss_stall``) or before the second moment (without ``moment``),
+    loads with them as in a fresh state.
     """
 
     history: Tensor
@@ -713,6 +714,12 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
                 f"loss_stall={stall} (must be in [0, {LOSS_PATIENCE})) or a non-finite "
                 "recorded loss; the checkpoint is corrupt"
             )
+        moment = float(state.moment)
+        if not 0 <= moment < math.inf:
+            raise ValueError(
+                f"AdaptiveClip state dict holds moment={moment} (must be finite and >= 0); the "
+                "checkpoint is corrupt"
+            )
 
     def _constants_on(self, device: torch.device) -> _Constants:
         """The step's constants as device tensors, built once per device: an operation on a
@@ -775,6 +782,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         if self.second_moment is not None:
             # the norm the optimizer's second moment holds (bias-corrected as Adam does; 0
             # before the first recorded norm): the rule's reference where it is the larger
+            # (named `median` from here on, as everything below is a multiple of it)
             held = state.moment / (k.one - k.decay.pow(count.float()))
             median = torch.maximum(median, torch.where(count > 0, held.sqrt(), k.zero))
         floor = k.min_relative * median  # the back-off's floor, which bounds every cut too
@@ -827,7 +835,10 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         if self.second_moment is None:
             return moment
         clipped = norm * coefficient.float()
-        return torch.where(recorded, k.decay * moment + (k.one - k.decay) * clipped.square(), moment)
+        new = k.decay * moment + (k.one - k.decay) * clipped.square()
+        # a clipped norm above ~1e19 squares to inf in float32: left out, as a NaN norm is,
+        # rather than hold the reference at inf (no clipping) for good
+        return torch.where(recorded & torch.isfinite(new), new, moment)
 
     def _applied(self, threshold: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
         """The threshold applied (``threshold`` under ``max_norm``, in the norm's dtype) and
