@@ -45,7 +45,7 @@ def test_memorising_draws_from_the_fixed_set(monkeypatch) -> None:
     assert seen == [adamw_mlp.MEMORISE, 4000]  # the training set and the held-out points
     seen.clear()
     adamw_mlp.train(0, lambda o: None, memorise=False)
-    assert seen == [adamw_mlp.MEMORISE, *[adamw_mlp.BATCH] * 20, 4000]
+    assert seen == [*[adamw_mlp.BATCH] * 20, 4000]
 
 
 def test_spikes_with_a_warm_up_train_the_demo_task_under_its_schedule(monkeypatch) -> None:
