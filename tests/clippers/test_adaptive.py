@@ -792,7 +792,7 @@ def _falling_heavy_tailed(steps: int = 700, seed: int = 3) -> list[float]:
 
 def test_under_adam_the_tails_of_falling_norms_are_no_spikes() -> None:
     # Adam's second moment still holds the earlier, larger norms: a step 10-60x the recent
-    # median is within it. The median alone backs off to its floor and clips every step
+    # median is within it. The median alone backs off to its floor and clips most steps
     norms = _falling_heavy_tailed()
     p = [torch.nn.Parameter(torch.zeros(1))]
     adam, _ = clip_sequence(AdaptiveClip(optimizer=torch.optim.Adam(p)), norms, [1.0] * len(norms))
