@@ -246,12 +246,14 @@ def test_the_capture_query_is_not_asked_while_compiling(monkeypatch):
         _foreach.capturing()
 
 
-def test_adaptive_clip_given_the_loss_compiles_once_to_the_eager_result():
-    """AdaptiveClip's loss gate is tensor operations only: the clip given a loss tensor is one
-    graph, compiled once, and gives the eager thresholds through the gate's decisions."""
+@pytest.mark.parametrize("second_moment", [None, 0.999])
+def test_adaptive_clip_given_the_loss_compiles_once_to_the_eager_result(second_moment):
+    """AdaptiveClip's loss gate (and its second moment, Adam's rule) is tensor operations only:
+    the clip given a loss tensor is one graph, compiled once, and gives the eager thresholds
+    through the gate's decisions."""
     runs = []
     for compiled in (False, True):
-        clipper, model = gradclip.AdaptiveClip(window=8), _model()
+        clipper, model = gradclip.AdaptiveClip(window=8, second_moment=second_moment), _model()
         loss = torch.zeros(())
         _backward(model, 99, 1.0)
         clipper(model, loss=loss)  # warm-up in eager mode, as above
@@ -266,6 +268,8 @@ def test_adaptive_clip_given_the_loss_compiles_once_to_the_eager_result():
             loss.fill_(5.0 * math.exp(-step / 20) * (1 + 0.01 * (step % 3)))
             thresholds.append(float(call().threshold))
         runs.append((thresholds, int(clipper.state.loss_mode), counter.frame_count))
+        if second_moment is not None:
+            assert float(clipper.state.moment) > 0
     (eager, mode, _), (got, compiled_mode, frames) = runs
     assert frames == 1 and mode == compiled_mode == 1  # the falling loss set fast growth
     assert got == pytest.approx(eager, rel=2e-6)

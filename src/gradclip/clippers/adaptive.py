@@ -753,6 +753,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
                 min_relative=f32(self.min_relative),
                 hold=f32(math.inf if self.hold is None else self.hold),
                 decay=f32(0.0 if self.second_moment is None else self.second_moment),
+                rest=f32(1.0 - (self.second_moment or 0.0)),
                 one=f32(1.0),
                 no=torch.zeros((), dtype=torch.bool, device=device),
                 loss_rate=f32(1 + LOSS_GROWTH),
@@ -783,8 +784,8 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             # the norm the optimizer's second moment holds (bias-corrected as Adam does; 0
             # before the first recorded norm): the rule's reference where it is the larger
             # (named `median` from here on, as everything below is a multiple of it)
-            held = state.moment / (k.one - k.decay.pow(count.float()))
-            median = torch.maximum(median, torch.where(count > 0, held.sqrt(), k.zero))
+            held = state.moment / (k.one - torch.pow(k.decay, count))  # 0/0 before the first
+            median = torch.fmax(median, held.sqrt())  # fmax: NaN never wins
         floor = k.min_relative * median  # the back-off's floor, which bounds every cut too
         if loss is not None:  # given only where follow_loss (reads_loss)
             cut, plateau, loss_state = _follow(state, loss, k)
@@ -835,7 +836,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         if self.second_moment is None:
             return moment
         clipped = norm * coefficient.float()
-        new = k.decay * moment + (k.one - k.decay) * clipped.square()
+        new = k.decay * moment + k.rest * clipped.square()
         # a clipped norm above ~1e19 squares to inf in float32: left out, as a NaN norm is,
         # rather than hold the reference at inf (no clipping) for good
         return torch.where(recorded & torch.isfinite(new), new, moment)
@@ -942,6 +943,7 @@ class _Constants(NamedTuple):
     min_relative: Tensor
     hold: Tensor  # inf when hold=None
     decay: Tensor  # second_moment (0 when None)
+    rest: Tensor  # 1 - decay
     one: Tensor
     no: Tensor  # bool 0-dim False
     loss_rate: Tensor  # 1 + LOSS_GROWTH
