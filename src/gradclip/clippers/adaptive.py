@@ -753,8 +753,8 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
                 min_relative=f32(self.min_relative),
                 hold=f32(math.inf if self.hold is None else self.hold),
                 decay=f32(self.second_moment or 0.0),
-                # 1 - decay as float32 computes it (exact: Sterbenz), not 1 - 0.999 rounded
-                rest=f32(1.0 - float(f32(self.second_moment or 0.0))),
+                # 1 - decay as float32 computes it, not 1 - 0.999 rounded: on the device
+                rest=f32(1.0) - f32(self.second_moment or 0.0),
                 one=f32(1.0),
                 no=torch.zeros((), dtype=torch.bool, device=device),
                 loss_rate=f32(1 + LOSS_GROWTH),
