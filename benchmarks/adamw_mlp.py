@@ -81,12 +81,12 @@ def train(seed: int, build: Build, memorise: bool = False, beta2: float = 0.999)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine) if memorise else None
     clipper = build(optimizer)
     gen = torch.Generator().manual_seed(1000 + seed)
-    points, labels = _draw(MEMORISE, torch.Generator().manual_seed(7), noise) if memorise else (None, None)
+    fixed = _draw(MEMORISE, torch.Generator().manual_seed(7), noise) if memorise else None
     norms = []
     for _ in range(STEPS):
-        if points is not None and labels is not None:
+        if fixed is not None:
             index = torch.randint(0, MEMORISE, (batch,), generator=gen)
-            x, y = points[index], labels[index]
+            x, y = fixed[0][index], fixed[1][index]
         else:
             x, y = _draw(batch, gen, noise)
         loss = torch.nn.functional.cross_entropy(model(x), y)

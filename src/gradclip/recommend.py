@@ -245,9 +245,9 @@ def recommend_max_norm(
             (``[muon, adamw]``), its class, or the name of its ``torch.optim`` class
             (``"AdamW"``, any case). Where it normalises its update and the norms are steady,
             the threshold clips every typical step (see the module doc). Only its kind is
-            read. None (default): the one the log names (a :class:`~gradclip.GradMonitor` records the
-            optimizer it steps, or is given), else the rule for any optimizer, which sits
-            above the typical norms.
+            read. None (default): the one the log names (a :class:`~gradclip.GradMonitor`
+            records the optimizer it steps, or is given), else the rule for any optimizer,
+            which sits above the typical norms.
         top_spikes: how many of the largest spikes to list.
 
     Returns:

@@ -231,6 +231,8 @@ class AdaptiveClipState(NamedTuple):
 
 
 _UP, _DOWN = 1, 2  # loss_mode values (0: no decision)
+_LOSS_FIELDS = ("losses", "loss_count", "loss_best", "loss_mode", "loss_stall")
+"""The loss gate's part of :class:`AdaptiveClipState`, in the order :func:`_follow` returns it."""
 
 
 class AdaptiveClip(Clipper[AdaptiveClipState]):
@@ -682,7 +684,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         super().load_state_dict(state_dict)
 
     State = AdaptiveClipState
-    _optional_fields = ("losses", "loss_count", "loss_best", "loss_mode", "loss_stall", "moment")
+    _optional_fields = (*_LOSS_FIELDS, "moment")
 
     def _init_state(self, tensors: int) -> AdaptiveClipState:
         return AdaptiveClipState(
@@ -735,6 +737,8 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             def f32(value: float) -> Tensor:
                 return torch.full((), value, dtype=torch.float32, device=device)
 
+            one, decay = f32(1.0), f32(self.second_moment or 0.0)
+
             constants = self._constants = _Constants(
                 slots=torch.arange(window, device=device),
                 window=torch.full((), window, dtype=torch.long, device=device),
@@ -752,10 +756,9 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
                 backoff=f32(self.backoff),
                 min_relative=f32(self.min_relative),
                 hold=f32(math.inf if self.hold is None else self.hold),
-                decay=f32(self.second_moment or 0.0),
-                # 1 - decay as float32 computes it, not 1 - 0.999 rounded: on the device
-                rest=f32(1.0) - f32(self.second_moment or 0.0),
-                one=f32(1.0),
+                decay=decay,
+                rest=one - decay,  # as float32 computes it, not 1 - 0.999 rounded
+                one=one,
                 no=torch.zeros((), dtype=torch.bool, device=device),
                 loss_rate=f32(1 + LOSS_GROWTH),
                 loss_cut=f32(LOSS_CUT),
@@ -774,7 +777,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         norm = total.float()
         recorded = (norm > k.zero) & (norm < k.inf)  # False for NaN, inf and a zero gradient
         rate, warmup_rate, recovery_rate = k.rate, k.warmup_rate, k.recovery_rate
-        loss_state = state[5:10]
+        loss_state = tuple(getattr(state, name) for name in _LOSS_FIELDS)
         unchanged = previous
         # Unwritten slots hold +inf and sort last: the lower median of the recorded norms,
         # and inf while there is none.
@@ -819,14 +822,16 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         )
         write = (k.slots == torch.remainder(count, k.window)) & recorded
         applied, coefficient = self._applied(threshold, total)
+        gate = {name: torch.where(recorded, new, getattr(state, name))
+                for name, new in zip(_LOSS_FIELDS, loss_state, strict=True)}  # fmt: skip
         new_state = AdaptiveClipState(  # every entry masked by `recorded` (a finite norm)
-            torch.where(write, norm, history),
-            count + recorded,
-            torch.where(recorded, threshold, unchanged),
-            torch.where(recorded, still_warm, warm),
-            torch.where(recorded, new_multiple, multiple),
-            *(torch.where(recorded, new, old) for new, old in zip(loss_state, state[5:10], strict=True)),
-            self._moment(state.moment, norm, coefficient, recorded, k),
+            history=torch.where(write, norm, history),
+            count=count + recorded,
+            threshold=torch.where(recorded, threshold, unchanged),
+            warm=torch.where(recorded, still_warm, warm),
+            multiple=torch.where(recorded, new_multiple, multiple),
+            moment=self._moment(state.moment, norm, coefficient, recorded, k),
+            **gate,
         )
         return Step(applied, coefficient, new_state)
 
