@@ -79,7 +79,10 @@ def reference(norms: list[float], losses: list[float] | None = None, plateau: bo
             still_warm = warm and grown < cap
         new_k = min(k * (1 + rates[2]), cfg["relative"])
         full = len(history) >= cfg["window"]
-        if cfg["spike"] is not None and recorded and full and g > cfg["spike"] * m:
+        # given the loss: a batch whose loss is no higher than the recent median is no spike
+        learning = (losses is not None and len(seen) >= LOSS_WINDOW
+                    and losses[i] <= statistics.median_low(seen[-LOSS_WINDOW:]))
+        if cfg["spike"] is not None and recorded and full and g > cfg["spike"] * m and not learning:
             t = min(t, max(cfg["backoff"] * t, cfg["min_relative"] * m))
             new_k = max(t / m, cfg["min_relative"])
         out.append(t if cfg["max_norm"] is None else min(t, cfg["max_norm"]))
@@ -443,6 +446,30 @@ def test_spikes_wait_for_a_full_window() -> None:
     assert thresholds[-1] == pytest.approx(0.5)  # no back-off: 8 < 16 norms recorded
 
 
+def test_a_large_norm_on_a_batch_of_typical_loss_is_no_spike() -> None:
+    # norms of 1 and a steady loss; x20 norms at steps 50 (before 100 losses are recorded),
+    # 200 (its loss the median of the last 100), 250 (its loss 10x) and 300 (a NaN loss).
+    # Without the ramp and with fast growth the threshold sits at the ceiling, 2x the median,
+    # regrown within 15 steps of a back-off
+    norms, losses = [1.0] * 320, [f32(1.0 + 0.01 * math.sin(i)) for i in range(320)]
+    for step in (50, 200, 250, 300):
+        norms[step] = 20.0
+    losses[200] = statistics.median_low(losses[100:200])
+    losses[250], losses[300] = 10.0, math.nan
+    options = {"window": 16, "warmup_start": math.inf, "growth": 0.05, "recovery": 0.05,
+               "plateau": False}
+    got, _ = clip_sequence(AdaptiveClip(**options), norms, losses)
+    assert got == pytest.approx(reference(norms, losses, **options), rel=1e-5)
+    before = [got[step - 1] for step in (50, 200, 250, 300)]
+    assert before == pytest.approx([2.0] * 4)
+    assert got[50] == pytest.approx(1.0)  # fewer than 100 losses: a spike
+    assert got[200] == pytest.approx(2.0)  # the network learning: no back-off
+    assert got[250] == pytest.approx(1.0) and got[300] == pytest.approx(1.0)  # spikes
+    # without the loss, all four are spikes
+    plain, _ = clip_sequence(AdaptiveClip(**options), norms)
+    assert [plain[step] for step in (50, 200, 250, 300)] == pytest.approx([1.0] * 4)
+
+
 def test_a_spike_never_raises_the_threshold() -> None:
     # In the warm-up the threshold can sit below the floor; a spike must leave it there.
     clipper = AdaptiveClip(window=8)
@@ -792,14 +819,17 @@ def _falling_heavy_tailed(steps: int = 700, seed: int = 3) -> list[float]:
 
 def test_under_adam_the_tails_of_falling_norms_are_no_spikes() -> None:
     # Adam's second moment still holds the earlier, larger norms: a step 10-60x the recent
-    # median is within it. The median alone backs off to its floor and clips most steps
+    # median is within it. The median alone backs off to its floor and clips most steps (the
+    # misfit examples' loss is as far above the median loss as their norm: they are spikes
+    # to the median, not a batch of typical loss)
     norms = _falling_heavy_tailed()
+    losses = [f32(n ** 2) for n in norms]
     p = [torch.nn.Parameter(torch.zeros(1))]
-    adam, _ = clip_sequence(AdaptiveClip(optimizer=torch.optim.Adam(p)), norms, [1.0] * len(norms))
-    assert adam == pytest.approx(reference(norms, [1.0] * len(norms), plateau=False,
-                                           warmup_growth=0.05, second_moment=0.999), rel=1e-4)  # fmt: skip
+    adam, _ = clip_sequence(AdaptiveClip(optimizer=torch.optim.Adam(p)), norms, losses)
+    assert adam == pytest.approx(reference(norms, losses, plateau=False, warmup_growth=0.05,
+                                           second_moment=0.999), rel=1e-4)  # fmt: skip
     median_only, _ = clip_sequence(AdaptiveClip(optimizer=torch.optim.Adam(p), second_moment=0),
-                                   norms, [1.0] * len(norms))  # fmt: skip
+                                   norms, losses)  # fmt: skip
     late = range(400, len(norms))
     clipped = [sum(norms[i] > t[i] for i in late) / len(late) for t in (adam, median_only)]
     assert clipped[1] > 0.5 and clipped[0] < 0.05, clipped
