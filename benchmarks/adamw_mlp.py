@@ -66,7 +66,9 @@ def _warmup_cosine(step: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - ramp) / (STEPS - ramp)))
 
 
-def train(seed: int, build: Build, memorise: bool = False, beta2: float = 0.999) -> tuple[float, float]:
+def train(
+    seed: int, build: Build, memorise: bool = False, beta2: float = 0.999
+) -> tuple[float, float]:
     """One run: its held-out cross-entropy, and the drift of its pre-clip norms (median of the
     last tenth over the first). ``memorise``: batches of 32 from a fixed training set of
     :data:`MEMORISE` points under a warm-up and cosine schedule, instead of fresh draws of

@@ -80,9 +80,9 @@ def reference(norms: list[float], losses: list[float] | None = None, plateau: bo
         new_k = min(k * (1 + rates[2]), cfg["relative"])
         full = len(history) >= cfg["window"]
         # given the loss: a batch whose loss is no higher than the recent median is no spike
-        learning = (losses is not None and len(seen) >= LOSS_WINDOW
+        typical = (losses is not None and len(seen) >= LOSS_WINDOW
                     and losses[i] <= statistics.median_low(seen[-LOSS_WINDOW:]))
-        if cfg["spike"] is not None and recorded and full and g > cfg["spike"] * m and not learning:
+        if cfg["spike"] is not None and recorded and full and g > cfg["spike"] * m and not typical:
             t = min(t, max(cfg["backoff"] * t, cfg["min_relative"] * m))
             new_k = max(t / m, cfg["min_relative"])
         out.append(t if cfg["max_norm"] is None else min(t, cfg["max_norm"]))

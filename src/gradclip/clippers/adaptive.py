@@ -321,9 +321,10 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
       plateau, while its loss falls (the digits CNN under SGD, steps ~170-230: the step's
       loss 0.4-1.0x the median), and one back-off there holds a 600-step run below its
       typical norm to its end, the ceiling regrowing 0.1% a step (1.11x the best fixed
-      threshold over 144 seeds; 1.02x with this test). The spikes that harm raise the loss with the norm: a corrupted batch (10^7x
-      the median loss on the benchmark's Adam task), heavy-tailed noise (mostly 35x and more),
-      an RNN's cliffs; those tasks run as before (bit-identical but one RNN seed of 24).
+      threshold over 144 seeds; 1.02x with this test). The spikes that harm raise the loss
+      with the norm: a corrupted batch (10^7x the median loss on the benchmark's Adam task),
+      heavy-tailed noise (mostly 35x and more), an RNN's cliffs; those tasks run as before
+      (bit-identical but one RNN seed of 24).
     * **The loss decides how fast** (``follow_loss``, when the loss is passed). The
       threshold grows slowly because a norm statistic cannot tell a run that needs clipping
       from one that is slowed by it: an image classifier's norms grow 8x while it learns,
@@ -391,17 +392,17 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
 
     State: :class:`AdaptiveClipState` (``clipper.state``, and in :meth:`state_dict`).
 
-    A step sorts ``window`` floats and does about 40 operations on 0-dim tensors (0.1 ms on
-    a CPU), with no host sync. Given a loss, the gate adds about 80 operations on up to 100
-    floats to the steps that decide (1 in 20) and about 20 to the others (the spike test's
-    count of the losses at least as high as this one among them: +0.015 ms a step); on an accelerator,
-    where branching would cost a sync, all 100 run every step (on six 128x128 layers at one
-    CPU thread: 0.39 ms a step instead of 0.30, 0.53 with all of them every step). Under
+    A step sorts ``window`` floats and does about 40 operations on 0-dim tensors (0.1 ms on a
+    CPU), with no host sync. Given a loss, the gate adds about 80 operations on up to 100 floats
+    to the steps that decide (1 in 20) and about 20 to the others (the spike test's count of the
+    losses at least as high as this one among them: +0.015 ms a step); on an accelerator, where
+    branching would cost a sync, all 100 run every step (on six 128x128 layers at one CPU
+    thread: 0.39 ms a step instead of 0.30, 0.53 with all of them every step). Under
     ``torch.distributed`` it adds one all-reduce of the loss (none where a spike detector
-    averages it over the same ranks: they share it). :class:`~gradclip.ClipStats`
-    ``threshold`` is the threshold applied; on a step whose norm is not recorded (NaN, inf
-    or 0) it is the one the state gives without that norm (``inf`` before the first recorded
-    norm), and its loss is not recorded either.
+    averages it over the same ranks: they share it). :class:`~gradclip.ClipStats` ``threshold``
+    is the threshold applied; on a step whose norm is not recorded (NaN, inf or 0) it is the one
+    the state gives without that norm (``inf`` before the first recorded norm), and its loss is
+    not recorded either.
 
     Args:
         relative: the largest threshold, as a multiple of the median recent norm (> 0,
@@ -803,14 +804,9 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
             held = state.moment / (k.one - torch.pow(k.decay, count))  # 0/0 before the first
             median = torch.fmax(median, held.sqrt())  # fmax: NaN never wins
         floor = k.min_relative * median  # the back-off's floor, which bounds every cut too
-        learning = k.no  # a large norm on a batch of typical loss: no spike
+        typical = k.no  # a large norm on a batch of typical loss is no spike
         if loss is not None:  # given only where follow_loss (reads_loss)
-            # no higher than the lower median of the last LOSS_WINDOW losses (before this one):
-            # more than half of them are at least as high; counted, not sorted (a NaN loss
-            # counts none: a spike)
-            higher = (state.losses >= loss).sum()
-            learning = (state.loss_count >= LOSS_WINDOW) & (higher > LOSS_WINDOW // 2)
-            cut, plateau, loss_state = _follow(state, loss, k)
+            cut, plateau, typical, loss_state = _follow(state, loss, k)
             mode = loss_state[3]  # (losses, count, best, mode, stall)
             up, down = mode == _UP, mode == _DOWN
             rate = torch.where(up, k.loss_rate, torch.where(down, k.one, rate))
@@ -832,7 +828,7 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         still_warm = warm & (first | (grown < cap))
         new_multiple = torch.minimum(multiple * recovery_rate, k.relative)
         # Never a spike with spike=None (k.spike is inf) or before the window is full.
-        spiked = (norm > k.spike * median) & (count >= k.window) & recorded & ~learning
+        spiked = (norm > k.spike * median) & (count >= k.window) & recorded & ~typical
         backed_off = torch.maximum(k.backoff * threshold, floor)
         threshold = torch.where(spiked, torch.minimum(threshold, backed_off), threshold)
         new_multiple = torch.where(
@@ -853,8 +849,9 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
         )
         return Step(applied, coefficient, new_state)
 
-    def _moment(self, moment: Tensor, norm: Tensor, coefficient: Tensor, recorded: Tensor,
-                k: _Constants) -> Tensor:
+    def _moment(
+        self, moment: Tensor, norm: Tensor, coefficient: Tensor, recorded: Tensor, k: _Constants
+    ) -> Tensor:
         """The running mean of the squared clipped norms after a step (``moment`` where
         ``second_moment`` is None or the norm is not recorded): Adam's ``exp_avg_sq``, summed."""
         if self.second_moment is None:
@@ -895,10 +892,15 @@ class AdaptiveClip(Clipper[AdaptiveClipState]):
 
 def _follow(
     state: AdaptiveClipState, loss: Tensor, k: _Constants
-) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
     """The loss gate (see :class:`AdaptiveClip`, ``follow_loss``): this step's factor on the
-    previous threshold, whether it is a plateau cut (which the caller floors), and the new
-    ``losses``, ``loss_count``, ``loss_best``, ``loss_mode``, ``loss_stall``.
+    previous threshold, whether it is a plateau cut (which the caller floors), whether the
+    loss is typical (no spike, whatever the norm), and the new ``losses``, ``loss_count``,
+    ``loss_best``, ``loss_mode``, ``loss_stall``.
+
+    Typical: once ``LOSS_WINDOW`` losses are recorded, no higher than their lower median,
+    i.e. more than half of them at least as high (counted, not sorted; a NaN loss counts
+    none).
 
     Every ``LOSS_BLOCK`` recorded losses (from two blocks on): a rise of the last block's mean
     over the one before by more than ``LOSS_Z`` standard errors sets mode 2 and the factor
@@ -910,13 +912,16 @@ def _follow(
     compilation, where the steps that decide nothing skip the statistics. ``loss``: float32,
     0-dim, on the state's device (``StepLoss.over``)."""
     ok = torch.isfinite(loss)
+    higher = (state.losses >= loss).sum()
+    typical = (state.loss_count >= LOSS_WINDOW) & (higher > LOSS_WINDOW // 2)
     losses = torch.where((k.loss_slots == torch.remainder(state.loss_count, LOSS_WINDOW)) & ok,
                          loss, state.losses)  # fmt: skip
     count = state.loss_count + ok
     decide = ok & (torch.remainder(count, LOSS_BLOCK) == 0) & (count >= 2 * LOSS_BLOCK)
     if _foreach.is_host_device(decide.device) and not _foreach.is_compiling() and not decide:
         # on the CPU reading is free: the statistics only on the steps that decide (1 in 20)
-        return k.one, k.no, (losses, count, state.loss_best, state.loss_mode, state.loss_stall)
+        gate = (losses, count, state.loss_best, state.loss_mode, state.loss_stall)
+        return k.one, k.no, typical, gate
     # the ring in recording order, the newest last; the first LOSS_WINDOW - count unwritten
     ring = losses.gather(0, torch.remainder(count + k.loss_slots, LOSS_WINDOW))
     last, before = ring[-LOSS_BLOCK:], ring[-2 * LOSS_BLOCK : -LOSS_BLOCK]
@@ -940,7 +945,7 @@ def _follow(
     stalled = decide & ~rise & (mean >= state.loss_best)
     stall = torch.where(decide, torch.where(stalled, state.loss_stall + 1, 0), state.loss_stall)
     plateau = stall >= LOSS_PATIENCE
-    return cut, plateau, (losses, count, best, mode, torch.where(plateau, 0, stall))
+    return cut, plateau, typical, (losses, count, best, mode, torch.where(plateau, 0, stall))
 
 
 _LATER_ARGS: dict[str, Any] = {
